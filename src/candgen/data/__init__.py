@@ -1,0 +1,1 @@
+"""Data: real interaction sets, the synthetic ads marketplace, and their common schema."""

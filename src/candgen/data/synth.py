@@ -1,0 +1,900 @@
+"""The synthetic ads marketplace: users, advertisers, campaigns, ads, organic items, three
+surfaces and an event log of organic engagements, ad impressions, clicks and attributed
+conversions, with the ground truth that produced them.
+
+The generator streams users in chunks (``chunk_users``), so memory is bounded by the chunk and by
+the ad/item catalogues, not by the number of users. It is deterministic for a given config: each
+random stream is seeded from ``(seed, stream, chunk)``.
+
+Output layout (all parquet)::
+
+    manifest.json          config, row counts, and the snapshot hash of every file
+    users.parquet          visible user attributes
+    advertisers.parquet    campaigns.parquet    ads.parquet    items.parquet    surfaces.parquet
+    events/part-NNNNN.parquet
+    truth/users.parquet    long-term interest mixture and activity rate
+    truth/ads.parquet      latent vector and quality   truth/items.parquet
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from candgen.data.synth_text import (
+    ADJECTIVES,
+    AUDIENCES,
+    BENEFITS,
+    CATEGORIES,
+    CATEGORY_NOUNS,
+    brand_name,
+)
+from candgen.errors import ConfigError
+
+SURFACES: Final = ("home", "search", "related")
+AD_ID_OFFSET: Final = 1_000_000_000
+"""Ad ids are ``AD_ID_OFFSET + k``; item ids are ``1 + k``: one id space, never colliding."""
+
+ORGANIC_ACTIONS: Final = ("view", "like", "save")
+ORGANIC_ACTION_PROBS: Final = (0.75, 0.2, 0.05)
+AGE_BUCKETS: Final = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
+COUNTRIES: Final = ("US", "GB", "DE", "FR", "JP", "BR", "IN", "CA")
+DEVICES: Final = ("ios", "android", "web")
+_SURFACE_CLICK_OFFSET: Final = np.array([0.0, 0.6, 0.3])  # search shows intent; related, context
+_SECONDS_PER_DAY: Final = 86_400
+_US_PER_SECOND: Final = 1_000_000
+_MAX_USERS: Final = 100_000_000
+_MAX_ADS: Final = 2_000_000_000 - 1
+
+
+def _stream(seed: int, name: str, *extra: int) -> np.random.Generator:
+    # A stable integer per stream name keeps streams independent and reproducible.
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return np.random.default_rng([seed, key, *extra])
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Sizes and behaviour of the synthetic marketplace. CLI flags map 1:1 onto these fields.
+
+    Args:
+        users: number of users.
+        ads: number of ads.
+        days: number of simulated days of events.
+        seed: random seed; the same config writes the same files.
+        items: number of organic items (0: as many as ``ads``).
+        advertisers: number of advertisers (0: one per 20 ads, at least 1).
+        categories: number of product categories (1 to 24).
+        latent_dim: dimension of the hidden taste space.
+        start_date: first simulated day, ISO date, UTC.
+        sessions_per_user_day: mean sessions per user per day.
+        organic_per_session: mean organic engagements per session.
+        impressions_per_session: mean ad impressions per session.
+        surface_mix: probabilities of home, search and related for a session.
+        ctr_min, ctr_max: every impression's true click probability lies in this range.
+        cvr_min, cvr_max: every click's true conversion probability lies in this range.
+        attribution_window_days: a conversion later than this after its click is not attributed.
+        conversion_delay_hours: mean delay from click to conversion.
+        report_delay_hours: mean delay from a conversion to its arrival in the log.
+        intent_stay_prob: probability that a session keeps the previous session's intent.
+        intent_explore_prob: probability that a new intent is outside the user's long-term mix.
+        paused_campaign_fraction: fraction of campaigns paused at some day of the simulation.
+        chunk_users: users generated and written per chunk (bounds memory).
+    """
+
+    users: int = 2_000
+    ads: int = 5_000
+    days: int = 14
+    seed: int = 0
+    items: int = 0
+    advertisers: int = 0
+    categories: int = 24
+    latent_dim: int = 16
+    start_date: str = "2026-01-01"
+    sessions_per_user_day: float = 1.0
+    organic_per_session: float = 3.0
+    impressions_per_session: float = 3.0
+    surface_mix: tuple[float, float, float] = (0.5, 0.3, 0.2)
+    ctr_min: float = 0.002
+    ctr_max: float = 0.2
+    cvr_min: float = 0.01
+    cvr_max: float = 0.3
+    attribution_window_days: float = 7.0
+    conversion_delay_hours: float = 24.0
+    report_delay_hours: float = 6.0
+    intent_stay_prob: float = 0.6
+    intent_explore_prob: float = 0.15
+    paused_campaign_fraction: float = 0.1
+    chunk_users: int = 5_000
+
+    def __post_init__(self) -> None:
+        def whole(name: str, lo: int, hi: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(name, f"must be a whole number, got {v!r}")
+            if not lo <= v <= hi:
+                raise ConfigError(name, f"must be between {lo:,} and {hi:,}, got {v:,}")
+
+        def prob(name: str) -> None:
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and 0.0 <= v <= 1.0):
+                raise ConfigError(name, f"must be a probability in [0, 1], got {v!r}")
+
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
+                raise ConfigError(name, f"must be a positive number, got {v!r}")
+
+        whole("users", 1, _MAX_USERS)
+        whole("ads", 1, _MAX_ADS)
+        whole("days", 1, 3_650)
+        whole("seed", 0, 2**32 - 1)
+        whole("items", 0, _MAX_ADS)
+        whole("advertisers", 0, _MAX_ADS)
+        whole("categories", 1, len(CATEGORY_NOUNS))
+        whole("latent_dim", 2, 1_024)
+        whole("chunk_users", 1, 10_000_000)
+        try:
+            datetime.fromisoformat(self.start_date)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                "start_date", f"must be an ISO date like 2026-01-01, got {self.start_date!r}"
+            ) from None
+        for name in (
+            "sessions_per_user_day",
+            "organic_per_session",
+            "impressions_per_session",
+            "attribution_window_days",
+            "conversion_delay_hours",
+            "report_delay_hours",
+        ):
+            positive(name)
+        for name in (
+            "ctr_min",
+            "ctr_max",
+            "cvr_min",
+            "cvr_max",
+            "intent_stay_prob",
+            "intent_explore_prob",
+            "paused_campaign_fraction",
+        ):
+            prob(name)
+        if not self.ctr_min < self.ctr_max:
+            raise ConfigError("ctr_min", f"must be below ctr_max ({self.ctr_max})")
+        if not self.cvr_min < self.cvr_max:
+            raise ConfigError("cvr_min", f"must be below cvr_max ({self.cvr_max})")
+        mix = self.surface_mix
+        if (
+            len(mix) != len(SURFACES)
+            or any(not isinstance(p, int | float) or p < 0 for p in mix)
+            or abs(sum(mix) - 1.0) > 1e-6
+        ):
+            raise ConfigError(
+                "surface_mix", f"must be 3 non-negative probabilities summing to 1, got {mix!r}"
+            )
+
+    @property
+    def n_items(self) -> int:
+        return self.items or self.ads
+
+    @property
+    def n_advertisers(self) -> int:
+        return self.advertisers or max(1, self.ads // 20)
+
+    @property
+    def start(self) -> datetime:
+        d = datetime.fromisoformat(self.start_date)
+        return d.replace(tzinfo=UTC) if d.tzinfo is None else d.astimezone(UTC)
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(days=self.days)
+
+
+@dataclass
+class SynthSummary:
+    """What a generation wrote: row counts per table and per event type, and the snapshot hash."""
+
+    out_dir: Path
+    rows: dict[str, int] = field(default_factory=dict)
+    events_by_type: dict[str, int] = field(default_factory=dict)
+    snapshot: str = ""
+
+
+@dataclass(frozen=True)
+class _Catalog:
+    """Ads or items held in memory for sampling, sorted by (category, created_day)."""
+
+    category: np.ndarray  # int16 per entry
+    latent: np.ndarray  # float32 [n, d], unit norm
+    weight: np.ndarray  # float64 sampling weight of the incumbent delivery system
+    created_day: np.ndarray  # int32, may be negative (before the simulation)
+    segment_start: np.ndarray  # int64 [C+1] offsets of each category in the sorted order
+    order: np.ndarray  # int64 sorted position -> original index
+    cum_weight: np.ndarray  # float64 cumulative weight in sorted order
+    created_sorted: np.ndarray  # created_day in sorted order
+
+    @classmethod
+    def build(
+        cls,
+        category: np.ndarray,
+        latent: np.ndarray,
+        weight: np.ndarray,
+        created_day: np.ndarray,
+        n_categories: int,
+    ) -> _Catalog:
+        order = np.lexsort((created_day, category))
+        seg = np.searchsorted(category[order], np.arange(n_categories + 1), side="left")
+        return cls(
+            category,
+            latent,
+            weight,
+            created_day,
+            seg,
+            order,
+            np.cumsum(weight[order]),
+            created_day[order],
+        )
+
+    def sample(self, rng: np.random.Generator, categories: np.ndarray, day: int) -> np.ndarray:
+        """Samples one entry per requested category among those created by ``day``.
+
+        Returns original indices, or -1 where a category has nothing eligible yet.
+        """
+        start = self.segment_start[categories]
+        # Entries are sorted by created_day inside each category: eligible ones form a prefix.
+        stop = np.empty_like(start)
+        for c in np.unique(categories):
+            lo, hi = self.segment_start[c], self.segment_start[c + 1]
+            stop[categories == c] = lo + np.searchsorted(self.created_sorted[lo:hi], day, "right")
+        empty = stop <= start
+        before = np.where(start > 0, self.cum_weight[np.maximum(start - 1, 0)], 0.0)
+        upto = self.cum_weight[np.maximum(stop - 1, 0)]
+        u = before + rng.random(len(categories)) * (upto - before)
+        pos = np.searchsorted(self.cum_weight, u, side="right")
+        pos = np.clip(pos, start, np.maximum(stop - 1, start))
+        out = self.order[np.minimum(pos, len(self.order) - 1)]
+        return np.where(empty, -1, out)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _ts(base_us: int, seconds: np.ndarray) -> pa.Array:
+    us = base_us + np.round(seconds * _US_PER_SECOND).astype(np.int64)
+    return pa.array(us, type=pa.timestamp("us", tz="UTC"))
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression="zstd")
+
+
+class MarketplaceGenerator:
+    """Generates one marketplace. Use :func:`generate`; this class holds the shared state."""
+
+    def __init__(self, config: SynthConfig) -> None:
+        self.cfg = config
+        c = config
+        rng = _stream(c.seed, "world")
+        self.centroids = _unit(rng.normal(size=(c.categories, c.latent_dim)))
+        self.start_us = int(c.start.timestamp() * _US_PER_SECOND)
+        self.end_seconds = c.days * _SECONDS_PER_DAY
+
+    # -- catalogues ---------------------------------------------------------------------------
+
+    def advertisers(self) -> pa.Table:
+        c = self.cfg
+        rng = _stream(c.seed, "advertisers")
+        n = c.n_advertisers
+        ids = np.arange(1, n + 1, dtype=np.int64)
+        self.adv_vertical = rng.integers(0, c.categories, n).astype(np.int16)
+        self.adv_paused = rng.random(n) < 0.03
+        budget = np.round(rng.lognormal(6.0, 1.0, n), 2)
+        return pa.table(
+            {
+                "advertiser_id": ids,
+                "name": [brand_name(int(i)) for i in ids],
+                "vertical": pa.array([CATEGORIES[v] for v in self.adv_vertical]),
+                "daily_budget": budget,
+                "status": np.where(self.adv_paused, "paused", "active"),
+                "created_ts": _ts(self.start_us, -rng.uniform(30, 720, n) * _SECONDS_PER_DAY),
+            }
+        )
+
+    def campaigns(self) -> pa.Table:
+        c = self.cfg
+        rng = _stream(c.seed, "campaigns")
+        n = max(1, c.ads // 5)
+        advertiser = rng.integers(0, c.n_advertisers, n)
+        start_day = rng.integers(-30, max(1, c.days // 2), n).astype(np.int32)
+        paused = rng.random(n) < c.paused_campaign_fraction
+        pause_day = np.where(paused, rng.integers(0, c.days, n), np.iinfo(np.int32).max)
+        # An advertiser paused account pauses every one of its campaigns from the start.
+        pause_day = np.where(self.adv_paused[advertiser], start_day, pause_day).astype(np.int32)
+        self.camp_advertiser = advertiser
+        self.camp_start_day = start_day
+        self.camp_pause_day = pause_day
+        total_budget = np.round(rng.lognormal(8.0, 1.0, n), 2)
+        cpc = np.round(rng.uniform(0.2, 3.0, n), 2)
+        self.camp_cpc = cpc
+        objective = np.where(rng.random(n) < 0.5, "clicks", "conversions")
+        status = np.where(pause_day < c.days, "paused", "active")
+        return pa.table(
+            {
+                "campaign_id": np.arange(1, n + 1, dtype=np.int64),
+                "advertiser_id": (advertiser + 1).astype(np.int64),
+                "objective": objective,
+                "total_budget": total_budget,
+                "cpc_bid": cpc,
+                "start_ts": _ts(self.start_us, start_day * float(_SECONDS_PER_DAY)),
+                "paused_ts": pa.array(
+                    np.where(
+                        pause_day < c.days,
+                        self.start_us + pause_day.astype(np.int64) * _SECONDS_PER_DAY * 10**6,
+                        0,
+                    ),
+                    type=pa.timestamp("us", tz="UTC"),
+                    mask=pause_day >= c.days,
+                ),
+                "status": status,
+            }
+        )
+
+    def ads(self, out_dir: Path) -> int:
+        """Builds the ad catalogue in memory and writes ads.parquet and truth/ads.parquet."""
+        c = self.cfg
+        rng = _stream(c.seed, "ads")
+        n = c.ads
+        n_camp = len(self.camp_advertiser)
+        campaign = rng.integers(0, n_camp, n)
+        advertiser = self.camp_advertiser[campaign]
+        vertical = self.adv_vertical[advertiser]
+        category = np.where(rng.random(n) < 0.8, vertical, rng.integers(0, c.categories, n)).astype(
+            np.int16
+        )
+        latent = _unit(self.centroids[category] + 0.5 * rng.normal(size=(n, c.latent_dim)))
+        quality = rng.normal(0.0, 0.5, n).astype(np.float32)
+        created = np.maximum(self.camp_start_day[campaign], rng.integers(-60, c.days, n)).astype(
+            np.int32
+        )
+        price = np.round(rng.lognormal(3.0 + 0.05 * category, 0.6), 2)
+        weight = np.exp(quality) * self.camp_cpc[campaign]
+        self.ad_campaign = campaign
+        self.ad_pause_day = self.camp_pause_day[campaign]
+        self.ad_quality = quality
+        self.ad_catalog = _Catalog.build(category, latent, weight, created, c.categories)
+        ids = AD_ID_OFFSET + np.arange(1, n + 1, dtype=np.int64)
+        adj = rng.integers(0, len(ADJECTIVES), n)
+        noun = rng.integers(0, 4, n)
+        aud = rng.integers(0, len(AUDIENCES), n)
+        ben = rng.integers(0, len(BENEFITS), n)
+        names = [brand_name(int(a) + 1) for a in range(c.n_advertisers)]
+        titles = [
+            f"{names[a]} {ADJECTIVES[j]} {CATEGORY_NOUNS[k][1][m]}"
+            for a, j, k, m in zip(advertiser, adj, category, noun, strict=True)
+        ]
+        descriptions = [
+            f"{ADJECTIVES[j].capitalize()} {CATEGORY_NOUNS[k][1][m]} for {AUDIENCES[u]}. "
+            f"{BENEFITS[b]}."
+            for j, k, m, u, b in zip(adj, category, noun, aud, ben, strict=True)
+        ]
+        pause_ts = self.start_us + self.ad_pause_day.astype(np.int64) * _SECONDS_PER_DAY * 10**6
+        never = self.ad_pause_day >= c.days
+        _write(
+            pa.table(
+                {
+                    "ad_id": ids,
+                    "campaign_id": (campaign + 1).astype(np.int64),
+                    "advertiser_id": (advertiser + 1).astype(np.int64),
+                    "category": pa.array([CATEGORIES[k] for k in category]),
+                    "price": price,
+                    "title": titles,
+                    "description": descriptions,
+                    "created_ts": _ts(self.start_us, created * float(_SECONDS_PER_DAY)),
+                    "paused_ts": pa.array(
+                        np.where(never, 0, pause_ts),
+                        type=pa.timestamp("us", tz="UTC"),
+                        mask=never,
+                    ),
+                    "status": np.where(never, "active", "paused"),
+                }
+            ),
+            out_dir / "ads.parquet",
+        )
+        _write(
+            pa.table(
+                {
+                    "ad_id": ids,
+                    "category_index": category,
+                    "quality": quality,
+                    "latent": pa.FixedSizeListArray.from_arrays(
+                        pa.array(latent.ravel()), c.latent_dim
+                    ),
+                }
+            ),
+            out_dir / "truth" / "ads.parquet",
+        )
+        return n
+
+    def items(self, out_dir: Path) -> int:
+        c = self.cfg
+        rng = _stream(c.seed, "items")
+        n = c.n_items
+        category = rng.integers(0, c.categories, n).astype(np.int16)
+        latent = _unit(self.centroids[category] + 0.5 * rng.normal(size=(n, c.latent_dim)))
+        popularity = rng.zipf(1.6, n).astype(np.float64).clip(max=10_000)
+        created = rng.integers(-365, c.days, n).astype(np.int32)
+        self.item_catalog = _Catalog.build(category, latent, popularity, created, c.categories)
+        ids = np.arange(1, n + 1, dtype=np.int64)
+        noun = rng.integers(0, 4, n)
+        _write(
+            pa.table(
+                {
+                    "item_id": ids,
+                    "category": pa.array([CATEGORIES[k] for k in category]),
+                    "title": [
+                        f"{CATEGORY_NOUNS[k][1][m]} #{i}"
+                        for k, m, i in zip(category, noun, ids, strict=True)
+                    ],
+                    "created_ts": _ts(self.start_us, created * float(_SECONDS_PER_DAY)),
+                }
+            ),
+            out_dir / "items.parquet",
+        )
+        _write(
+            pa.table(
+                {
+                    "item_id": ids,
+                    "category_index": category,
+                    "popularity": popularity,
+                    "latent": pa.FixedSizeListArray.from_arrays(
+                        pa.array(latent.ravel()), c.latent_dim
+                    ),
+                }
+            ),
+            out_dir / "truth" / "items.parquet",
+        )
+        return n
+
+    # -- users and events ---------------------------------------------------------------------
+
+    def user_chunk(self, chunk: int, lo: int, hi: int) -> tuple[pa.Table, pa.Table, dict]:
+        """Returns (users, truth users, per-chunk state) for user indices [lo, hi)."""
+        c = self.cfg
+        rng = _stream(c.seed, "users", chunk)
+        n = hi - lo
+        mixture = rng.gamma(0.3, 1.0, size=(n, c.categories)) + 1e-9
+        mixture /= mixture.sum(axis=1, keepdims=True)
+        activity = c.sessions_per_user_day * rng.lognormal(-0.125, 0.5, n)
+        ids = np.arange(lo + 1, hi + 1, dtype=np.int64)
+        users = pa.table(
+            {
+                "user_id": ids,
+                "age_bucket": pa.array(np.array(AGE_BUCKETS)[rng.integers(0, 6, n)]),
+                "country": pa.array(np.array(COUNTRIES)[rng.integers(0, len(COUNTRIES), n)]),
+                "device": pa.array(np.array(DEVICES)[rng.integers(0, 3, n)]),
+                "signup_ts": _ts(self.start_us, -rng.uniform(1, 720, n) * _SECONDS_PER_DAY),
+            }
+        )
+        truth = pa.table(
+            {
+                "user_id": ids,
+                "activity": activity,
+                "interest": pa.FixedSizeListArray.from_arrays(
+                    pa.array(mixture.astype(np.float32).ravel()), c.categories
+                ),
+            }
+        )
+        return users, truth, {"mixture": mixture, "activity": activity, "ids": ids}
+
+    def _sample_category(self, rng: np.random.Generator, mixture: np.ndarray) -> np.ndarray:
+        cum = np.cumsum(mixture, axis=1)
+        u = rng.random(len(mixture))[:, None] * cum[:, -1:]
+        return np.minimum((cum < u).sum(axis=1), mixture.shape[1] - 1).astype(np.int16)
+
+    def events_chunk(self, chunk: int, state: dict) -> pa.Table:
+        """Simulates every day for the chunk's users and returns their events, sorted."""
+        c = self.cfg
+        rng = _stream(c.seed, "events", chunk)
+        mixture, activity, user_ids = state["mixture"], state["activity"], state["ids"]
+        n = len(user_ids)
+        long_vec = _unit(mixture @ self.centroids)
+        intent = self._sample_category(rng, mixture)
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in _EVENT_COLUMNS}
+        session_counter = 0
+
+        def emit(**kw: np.ndarray) -> None:
+            m = len(kw["user"])
+            for k in _EVENT_COLUMNS:
+                cols[k].append(kw[k] if k in kw else np.full(m, -1, dtype=_EVENT_COLUMNS[k]))
+
+        for day in range(c.days):
+            n_sess = rng.poisson(activity)
+            s_user = np.repeat(np.arange(n), n_sess)
+            if len(s_user) == 0:
+                continue
+            s_time = rng.uniform(0, _SECONDS_PER_DAY - 3_600, len(s_user))
+            order = np.lexsort((s_time, s_user))
+            s_user, s_time = s_user[order], s_time[order]
+            first = np.r_[True, s_user[1:] != s_user[:-1]]
+            rank = np.arange(len(s_user)) - np.maximum.accumulate(
+                np.where(first, np.arange(len(s_user)), 0)
+            )
+            s_intent = np.empty(len(s_user), dtype=np.int16)
+            for k in range(int(rank.max()) + 1):
+                at = np.flatnonzero(rank == k)
+                users_k = s_user[at]
+                stay = rng.random(len(at)) < c.intent_stay_prob
+                explore = rng.random(len(at)) < c.intent_explore_prob
+                fresh = np.where(
+                    explore,
+                    rng.integers(0, c.categories, len(at)),
+                    self._sample_category(rng, mixture[users_k]),
+                )
+                intent[users_k] = np.where(stay, intent[users_k], fresh)
+                s_intent[at] = intent[users_k]
+            n_s = len(s_user)
+            s_id = (np.int64(chunk) << 36) + session_counter + np.arange(n_s, dtype=np.int64)
+            session_counter += n_s
+            s_surface = rng.choice(len(SURFACES), n_s, p=np.asarray(c.surface_mix))
+            day_base = day * _SECONDS_PER_DAY
+
+            # Organic engagements: items from the session intent, sometimes the long-term mix.
+            n_org = rng.poisson(c.organic_per_session, n_s)
+            o_sess = np.repeat(np.arange(n_s), n_org)
+            o_cat = np.where(
+                rng.random(len(o_sess)) < 0.85,
+                s_intent[o_sess],
+                self._sample_category(rng, mixture[s_user[o_sess]]),
+            ).astype(np.int64)
+            o_item = self.item_catalog.sample(rng, o_cat, day)
+            keep = o_item >= 0
+            o_sess, o_item = o_sess[keep], o_item[keep]
+            o_offset = _within_session_offsets(rng, o_sess, 40.0)
+            o_action = rng.choice(len(ORGANIC_ACTIONS), len(o_sess), p=ORGANIC_ACTION_PROBS)
+            emit(
+                user=s_user[o_sess],
+                session=s_id[o_sess],
+                t=day_base + s_time[o_sess] + o_offset,
+                arrival=day_base + s_time[o_sess] + o_offset,
+                surface=s_surface[o_sess],
+                kind=np.full(len(o_sess), _KIND["engage"], np.int8),
+                action=o_action.astype(np.int8),
+                item=o_item.astype(np.int64) + 1,
+                intent=s_intent[o_sess],
+            )
+            # The context item on the related surface is the first organic item of the session.
+            ctx = np.full(n_s, -1, np.int64)
+            if len(o_sess):
+                first_o = np.r_[True, o_sess[1:] != o_sess[:-1]]
+                ctx[o_sess[first_o]] = o_item[first_o] + 1
+            ctx = np.where(s_surface == SURFACES.index("related"), ctx, -1)
+            query = np.where(s_surface == SURFACES.index("search"), s_intent, -1)
+
+            # Ad impressions by the incumbent system: half on intent, half anywhere.
+            n_imp = rng.poisson(c.impressions_per_session, n_s)
+            i_sess = np.repeat(np.arange(n_s), n_imp)
+            i_cat = np.where(
+                rng.random(len(i_sess)) < 0.5,
+                s_intent[i_sess],
+                rng.integers(0, c.categories, len(i_sess)),
+            ).astype(np.int64)
+            i_ad = self.ad_catalog.sample(rng, i_cat, day)
+            live = i_ad >= 0
+            live[live] &= self.ad_pause_day[i_ad[live]] > day
+            i_sess, i_ad = i_sess[live], i_ad[live]
+            m = len(i_sess)
+            i_offset = _within_session_offsets(rng, i_sess, 50.0)
+            i_user = s_user[i_sess]
+            taste = _unit(long_vec[i_user] + self.centroids[s_intent[i_sess]])
+            affinity = np.einsum("nd,nd->n", taste, self.ad_catalog.latent[i_ad])
+            quality = self.ad_quality[i_ad]
+            surf = s_surface[i_sess]
+            p_click = c.ctr_min + (c.ctr_max - c.ctr_min) * _sigmoid(
+                5.0 * affinity + quality + _SURFACE_CLICK_OFFSET[surf] - 5.0
+            )
+            p_conv = c.cvr_min + (c.cvr_max - c.cvr_min) * _sigmoid(
+                3.0 * affinity + quality + 0.5 * (surf == 1) - 2.5
+            )
+            t_imp = day_base + s_time[i_sess] + i_offset
+            ad_ids = AD_ID_OFFSET + 1 + i_ad.astype(np.int64)
+            camp = self.ad_campaign[i_ad].astype(np.int64)
+            adv = self.camp_advertiser[camp].astype(np.int64) + 1
+            common = dict(
+                session=s_id[i_sess],
+                surface=surf,
+                ad=ad_ids,
+                campaign=camp + 1,
+                advertiser=adv,
+                p_click=p_click.astype(np.float32),
+                p_conv=p_conv.astype(np.float32),
+                intent=s_intent[i_sess],
+                query=query[i_sess],
+                context=ctx[i_sess],
+            )
+            # ad_key ties an impression, its click and its conversion together within the chunk.
+            imp_ref = (np.int64(day) << 32) + np.arange(m, dtype=np.int64)
+            emit(
+                user=i_user,
+                t=t_imp,
+                arrival=t_imp,
+                kind=np.full(m, _KIND["impression"], np.int8),
+                action=np.full(m, _ACTION["impression"], np.int8),
+                ad_key=imp_ref,
+                **common,
+            )
+            clicked = rng.random(m) < p_click
+            t_click = t_imp + rng.exponential(5.0, m) + 1.0
+            sel = lambda d, mask: {k: v[mask] for k, v in d.items()}  # noqa: E731
+            emit(
+                user=i_user[clicked],
+                t=t_click[clicked],
+                arrival=t_click[clicked],
+                kind=np.full(int(clicked.sum()), _KIND["click"], np.int8),
+                action=np.full(int(clicked.sum()), _ACTION["click"], np.int8),
+                ad_key=imp_ref[clicked],
+                **sel(common, clicked),
+            )
+            delay = rng.exponential(c.conversion_delay_hours * 3_600.0, m)
+            t_conv = t_click + delay
+            converted = (
+                clicked
+                & (rng.random(m) < p_conv)
+                & (delay <= c.attribution_window_days * _SECONDS_PER_DAY)
+                & (t_conv < self.end_seconds)  # not yet happened when the log ends
+            )
+            arrival = t_conv + rng.exponential(c.report_delay_hours * 3_600.0, m)
+            emit(
+                user=i_user[converted],
+                t=t_conv[converted],
+                arrival=arrival[converted],
+                kind=np.full(int(converted.sum()), _KIND["conversion"], np.int8),
+                action=np.full(int(converted.sum()), _ACTION["conversion"], np.int8),
+                ad_key=imp_ref[converted],
+                **sel(common, converted),
+            )
+        return self._events_table(chunk, cols, user_ids)
+
+    def _events_table(
+        self, chunk: int, cols: dict[str, list[np.ndarray]], user_ids: np.ndarray
+    ) -> pa.Table:
+        cat = {
+            k: np.concatenate(v) if v else np.empty(0, _EVENT_COLUMNS[k]) for k, v in cols.items()
+        }
+        order = np.lexsort((cat["kind"], cat["t"], cat["user"]))
+        cat = {k: v[order] for k, v in cat.items()}
+        n = len(order)
+        event_id = (np.int64(chunk) << 36) + np.arange(n, dtype=np.int64)
+        # The impression an ad event belongs to, by its shared key; clicks and conversions
+        # point at the event that caused them (click -> impression, conversion -> click).
+        key = cat["ad_key"]
+        cause = np.full(n, -1, np.int64)
+        for child, parent in (("click", "impression"), ("conversion", "click")):
+            p_idx = np.flatnonzero(cat["kind"] == _KIND[parent])
+            c_idx = np.flatnonzero(cat["kind"] == _KIND[child])
+            p_key, c_key = key[p_idx], key[c_idx]
+            srt = np.argsort(p_key, kind="stable")
+            pos = srt[np.searchsorted(p_key[srt], c_key)]
+            cause[c_idx] = event_id[p_idx[pos]]
+        day = np.floor(cat["t"] / _SECONDS_PER_DAY).astype(np.int16)
+
+        def nullable(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+            return pa.array(values, type=typ, mask=values < 0)
+
+        kinds = np.array(list(_KIND))
+        actions = np.array(list(_ACTION))
+        return pa.table(
+            {
+                "event_id": event_id,
+                "user_id": user_ids[cat["user"]],
+                "session_id": cat["session"],
+                "event_ts": _ts(self.start_us, cat["t"]),
+                "arrival_ts": _ts(self.start_us, cat["arrival"]),
+                "day": day,
+                "surface": pa.array(np.array(SURFACES)[cat["surface"]]),
+                "event_type": pa.array(kinds[cat["kind"]]),
+                "action_type": pa.array(actions[cat["action"]]),
+                "item_id": nullable(cat["item"], pa.int64()),
+                "ad_id": nullable(cat["ad"], pa.int64()),
+                "campaign_id": nullable(cat["campaign"], pa.int64()),
+                "advertiser_id": nullable(cat["advertiser"], pa.int64()),
+                "caused_by_event_id": nullable(cause, pa.int64()),
+                "query_category": pa.array(
+                    np.array(CATEGORIES, dtype=object)[np.maximum(cat["query"], 0)],
+                    type=pa.string(),
+                    mask=cat["query"] < 0,
+                ),
+                "context_item_id": nullable(cat["context"], pa.int64()),
+                "true_intent_category": pa.array(
+                    np.array(CATEGORIES, dtype=object)[cat["intent"]], type=pa.string()
+                ),
+                "true_p_click": pa.array(cat["p_click"], mask=cat["p_click"] < 0),
+                "true_p_conversion": pa.array(cat["p_conv"], mask=cat["p_conv"] < 0),
+            }
+        )
+
+
+_KIND: Final = {"engage": 0, "impression": 1, "click": 2, "conversion": 3}
+_ACTION: Final = {
+    **{a: i for i, a in enumerate(ORGANIC_ACTIONS)},
+    "impression": 3,
+    "click": 4,
+    "conversion": 5,
+}
+_EVENT_COLUMNS: Final = {
+    "user": np.int64,
+    "session": np.int64,
+    "t": np.float64,
+    "arrival": np.float64,
+    "surface": np.int64,
+    "kind": np.int8,
+    "action": np.int8,
+    "item": np.int64,
+    "ad": np.int64,
+    "campaign": np.int64,
+    "advertiser": np.int64,
+    "p_click": np.float32,
+    "p_conv": np.float32,
+    "intent": np.int16,
+    "query": np.int64,
+    "context": np.int64,
+    "ad_key": np.int64,
+}
+
+
+def _within_session_offsets(
+    rng: np.random.Generator, sess: np.ndarray, mean_gap: float
+) -> np.ndarray:
+    """Increasing offsets (seconds) for events grouped by session (``sess`` sorted)."""
+    if len(sess) == 0:
+        return np.zeros(0)
+    gaps = rng.exponential(mean_gap, len(sess)) + 1.0
+    total = np.cumsum(gaps)
+    first = np.r_[True, sess[1:] != sess[:-1]]
+    return total - np.maximum.accumulate(np.where(first, total - gaps, 0.0))
+
+
+def surfaces_table() -> pa.Table:
+    """The three surfaces a request can come from."""
+    return pa.table(
+        {
+            "surface_id": np.arange(len(SURFACES), dtype=np.int16),
+            "surface": list(SURFACES),
+            "description": [
+                "home feed: no query, the user's interests alone",
+                "search results: a query names the intent",
+                "related items: a context item the user is looking at",
+            ],
+        }
+    )
+
+
+def snapshot_hash(root: Path) -> str:
+    """A content hash of every parquet file under ``root`` (path and bytes), in path order."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.parquet")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def generate(
+    config: SynthConfig, out_dir: Path | str, overwrite: bool = False, progress: bool = True
+) -> SynthSummary:
+    """Writes a whole marketplace to ``out_dir``.
+
+    The files are written into a temporary sibling folder that replaces ``out_dir`` only when
+    generation has finished, so an interrupted run never leaves a half-written data set.
+
+    Args:
+        config: sizes and behaviour.
+        out_dir: the folder to create.
+        overwrite: replace ``out_dir`` if it already holds files.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        Row counts and the snapshot hash.
+
+    Raises:
+        ConfigError: ``out_dir`` is not empty and ``overwrite`` is false.
+    """
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError("out", f"{out_dir} exists and is not empty; pass --overwrite to replace")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        summary = _generate_into(config, tmp, progress)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary.out_dir = out_dir
+    return summary
+
+
+def _generate_into(config: SynthConfig, out: Path, progress: bool) -> SynthSummary:
+    gen = MarketplaceGenerator(config)
+    summary = SynthSummary(out_dir=out)
+    advertisers = gen.advertisers()
+    campaigns = gen.campaigns()
+    _write(advertisers, out / "advertisers.parquet")
+    _write(campaigns, out / "campaigns.parquet")
+    _write(surfaces_table(), out / "surfaces.parquet")
+    summary.rows["advertisers"] = advertisers.num_rows
+    summary.rows["campaigns"] = campaigns.num_rows
+    summary.rows["ads"] = gen.ads(out)
+    summary.rows["items"] = gen.items(out)
+    summary.rows["surfaces"] = len(SURFACES)
+
+    n_chunks = math.ceil(config.users / config.chunk_users)
+    users_writer = truth_writer = None
+    events = 0
+    by_type: dict[str, int] = dict.fromkeys(_KIND, 0)
+    (out / "events").mkdir()
+    (out / "truth").mkdir(exist_ok=True)
+    bar = tqdm(total=config.users, desc="synth users", unit="user", disable=not progress)
+    try:
+        for chunk in range(n_chunks):
+            lo = chunk * config.chunk_users
+            hi = min(config.users, lo + config.chunk_users)
+            users, truth, state = gen.user_chunk(chunk, lo, hi)
+            if users_writer is None:
+                users_writer = pq.ParquetWriter(out / "users.parquet", users.schema)
+                truth_writer = pq.ParquetWriter(out / "truth" / "users.parquet", truth.schema)
+            users_writer.write_table(users)
+            assert truth_writer is not None
+            truth_writer.write_table(truth)
+            table = gen.events_chunk(chunk, state)
+            pq.write_table(table, out / "events" / f"part-{chunk:05d}.parquet", compression="zstd")
+            events += table.num_rows
+            types, counts = np.unique(
+                table.column("event_type").to_numpy(zero_copy_only=False), return_counts=True
+            )
+            for t, k in zip(types, counts, strict=True):
+                by_type[str(t)] += int(k)
+            bar.update(hi - lo)
+            bar.set_postfix(events=f"{events:,}")
+    finally:
+        bar.close()
+        for w in (users_writer, truth_writer):
+            if w is not None:
+                w.close()
+    summary.rows["users"] = config.users
+    summary.rows["events"] = events
+    summary.events_by_type = by_type
+    summary.snapshot = snapshot_hash(out)
+    manifest = {
+        "kind": "candgen.synthetic_marketplace",
+        "config": dataclasses.asdict(config),
+        "rows": summary.rows,
+        "events_by_type": by_type,
+        "snapshot": summary.snapshot,
+        "ad_id_offset": AD_ID_OFFSET,
+        "surfaces": list(SURFACES),
+        "categories": list(CATEGORIES[: config.categories]),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return summary
