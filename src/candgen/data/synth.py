@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -786,10 +787,16 @@ def surfaces_table() -> pa.Table:
     )
 
 
-def snapshot_hash(root: Path) -> str:
-    """A content hash of every parquet file under ``root`` (path and bytes), in path order."""
+def snapshot_hash(root: Path, tables: Iterable[str] | None = None) -> str:
+    """A content hash of parquet files under ``root`` (path and bytes), in path order.
+
+    Args:
+        root: the folder.
+        tables: hash only ``root/<name>.parquet`` for these names (default: every parquet file).
+    """
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.parquet")):
+    paths = root.rglob("*.parquet") if tables is None else (root / f"{t}.parquet" for t in tables)
+    for path in sorted(paths):
         h.update(str(path.relative_to(root)).encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()

@@ -1,0 +1,24 @@
+"""Entities: the join keys of every feature view."""
+
+from feast import Entity, ValueType
+
+user = Entity(
+    name="user",
+    join_keys=["user_id"],
+    value_type=ValueType.INT64,
+    description="A person who sees ads on a surface.",
+)
+
+ad = Entity(
+    name="ad",
+    join_keys=["ad_id"],
+    value_type=ValueType.INT64,
+    description="An ad creative; ids start at 1,000,000,001 so they never collide with items.",
+)
+
+advertiser = Entity(
+    name="advertiser",
+    join_keys=["advertiser_id"],
+    value_type=ValueType.INT64,
+    description="The account that owns campaigns and ads.",
+)

@@ -1,0 +1,41 @@
+"""Versioned feature services. A model records the service version it was trained on; a change
+to a service's features is a new version (_v2), never an edit of _v1."""
+
+from feast import FeatureService
+from features import (
+    ad_attributes,
+    ad_delivery,
+    advertiser_profile,
+    user_long_term,
+    user_profile,
+    user_short_term,
+)
+
+user_features_v1 = FeatureService(
+    name="user_features_v1",
+    features=[user_profile, user_short_term, user_long_term],
+    description="What the user encoder reads at request time.",
+)
+
+ad_features_v1 = FeatureService(
+    name="ad_features_v1",
+    features=[ad_attributes, ad_delivery],
+    description="What the ad tower and the eligibility filters read.",
+)
+
+advertiser_features_v1 = FeatureService(
+    name="advertiser_features_v1",
+    features=[advertiser_profile],
+)
+
+training_v1 = FeatureService(
+    name="training_v1",
+    features=[
+        user_profile,
+        user_short_term,
+        user_long_term,
+        ad_attributes[["advertiser_id", "campaign_id", "category", "price", "text_embedding"]],
+        ad_delivery[["ctr_7d", "cvr_7d"]],
+    ],
+    description="Point-in-time training rows: (user, ad, timestamp, label) joined to features.",
+)

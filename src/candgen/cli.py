@@ -1,0 +1,287 @@
+"""The ``candgen`` command line. Each config dataclass's fields become flags one to one
+(``chunk_users`` -> ``--chunk-users``), so the CLI, the library and pipeline parameters agree."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from candgen.errors import CandgenError, ConfigError
+
+DEFAULT_MARKETPLACE = Path("data/marketplace")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds one flag per field of the dataclass ``cls``; defaults stay in the dataclass."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (defaults in the dataclass)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"default: {default!r}"
+        if tp is bool:
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )  # fmt: skip
+        elif typing.get_origin(tp) is tuple:
+            inner = typing.get_args(tp)[0]
+            group.add_argument(
+                flag, dest=f.name, type=inner, nargs=len(typing.get_args(tp)), default=None,
+                help=help_text,
+            )  # fmt: skip
+        else:
+            group.add_argument(flag, dest=f.name, type=tp, default=None, help=help_text)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Builds ``cls`` from the flags that were given; the rest keep the dataclass defaults."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+    for name, value in given.items():
+        if isinstance(value, list):
+            given[name] = tuple(value)
+    return cls(**given)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from candgen.data.synth import SynthConfig, generate
+
+    cfg = config_from_args(SynthConfig, args)
+    summary = generate(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    _print_json(
+        {
+            "out": str(summary.out_dir),
+            "rows": summary.rows,
+            "events_by_type": summary.events_by_type,
+            "snapshot": summary.snapshot,
+        }
+    )
+    return 0
+
+
+def cmd_data_real(args: argparse.Namespace) -> int:
+    from candgen.data.amazon import DATASETS
+    from candgen.data.interactions import leave_one_out, summarize
+
+    df = DATASETS[args.dataset](args.data_dir)
+    split = leave_one_out(df)
+    _print_json(
+        {
+            "dataset": args.dataset,
+            **summarize(df),
+            "split": {
+                "train": len(split.train),
+                "valid": len(split.valid),
+                "test": len(split.test),
+            },
+        }
+    )
+    return 0
+
+
+def cmd_features_build(args: argparse.Namespace) -> int:
+    from candgen.features.build import FeatureBuildConfig, build_features
+
+    cfg = config_from_args(FeatureBuildConfig, args)
+    store_cfg = _store_config(args)
+    manifest = build_features(args.data, store_cfg.features_path, cfg, progress=not args.quiet)
+    _print_json({"features_dir": str(store_cfg.features_path), **manifest})
+    return 0
+
+
+def _store_config(args: argparse.Namespace) -> Any:
+    from candgen.features.store import StoreConfig
+
+    return config_from_args(StoreConfig, args)
+
+
+def cmd_features_apply(args: argparse.Namespace) -> int:
+    from candgen.features.store import apply
+
+    _print_json(dataclasses.asdict(apply(_store_config(args))))
+    return 0
+
+
+def _parse_time(field: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(
+            field, f"must be an ISO timestamp like 2026-01-15T00:00:00, got {value!r}"
+        ) from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def cmd_features_materialize(args: argparse.Namespace) -> int:
+    from candgen.features.store import materialize
+
+    end = materialize(_store_config(args), _parse_time("end", args.end))
+    _print_json({"materialized_until": end.isoformat()})
+    return 0
+
+
+def cmd_features_online(args: argparse.Namespace) -> int:
+    from candgen.features.store import online_features, open_store
+
+    if (args.user_id is None) == (args.ad_id is None):
+        raise ConfigError("user_id", "give exactly one of --user-id or --ad-id")
+    store = open_store(_store_config(args))
+    if args.user_id is not None:
+        result = online_features(
+            store, [{"user_id": args.user_id}], args.service or "user_features_v1"
+        )
+    else:
+        result = online_features(store, [{"ad_id": args.ad_id}], args.service or "ad_features_v1")
+    _print_json({k: v[0] for k, v in result.items()})
+    return 0
+
+
+def cmd_features_push(args: argparse.Namespace) -> int:
+    from candgen.features.store import Engagement, open_store, push_engagements
+
+    event = Engagement(
+        user_id=args.user_id,
+        item_id=args.item_id,
+        action_type=args.action_type,
+        surface=args.surface,
+        timestamp=_parse_time("timestamp", args.timestamp) or datetime.now(UTC),
+    )
+    push_engagements(open_store(_store_config(args)), [event], max_len=args.max_len)
+    _print_json({"pushed": dataclasses.asdict(event)})
+    return 0
+
+
+def cmd_features_training_set(args: argparse.Namespace) -> int:
+    from candgen.features.store import open_store
+    from candgen.features.training_set import label_rows, training_set
+
+    rows = label_rows(args.data, args.label)
+    if args.limit:
+        rows = rows.sample(min(args.limit, len(rows)), random_state=0).sort_index()
+    df = training_set(open_store(_store_config(args)), rows, args.service)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(args.out, index=False)
+    _print_json({"out": str(args.out), "rows": len(df), "positive_rate": float(df["label"].mean())})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from candgen.demo import run_demo
+
+    return run_demo(Path(args.workdir), users=args.users, ads=args.ads, days=args.days)
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from candgen.data.synth import SynthConfig
+    from candgen.features.build import FeatureBuildConfig
+    from candgen.features.store import ACTION_TYPES, StoreConfig
+
+    p = argparse.ArgumentParser(prog="candgen", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="real and synthetic data").add_subparsers(
+        dest="data_command", required=True
+    )
+    synth = data.add_parser("synth", help="write a synthetic ads marketplace (parquet)")
+    synth.add_argument("--out", type=Path, default=DEFAULT_MARKETPLACE)
+    synth.add_argument("--overwrite", action="store_true", help="replace --out if it has files")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(synth, SynthConfig)
+    synth.set_defaults(func=cmd_data_synth)
+
+    real = data.add_parser("real", help="load a real set and print its counts and split sizes")
+    real.add_argument("--dataset", choices=["beauty", "games"], required=True)
+    real.add_argument("--data-dir", type=Path, default=None, help="default: ../shared/data")
+    real.set_defaults(func=cmd_data_real)
+
+    feats = sub.add_parser("features", help="the Feast feature store").add_subparsers(
+        dest="features_command", required=True
+    )
+
+    def store_cmd(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        sp = feats.add_parser(name, help=help_text)
+        add_config_flags(sp, StoreConfig)
+        sp.set_defaults(func=func)
+        return sp
+
+    build = store_cmd("build", "compute the offline feature tables from a marketplace",
+                      cmd_features_build)  # fmt: skip
+    build.add_argument("--data", type=Path, default=DEFAULT_MARKETPLACE)
+    build.add_argument("--quiet", action="store_true")
+    add_config_flags(build, FeatureBuildConfig)
+    store_cmd("apply", "register the feature repository (feast apply)", cmd_features_apply)
+    mat = store_cmd("materialize", "load features into the online store (incremental)",
+                    cmd_features_materialize)  # fmt: skip
+    mat.add_argument("--end", default=None, help="ISO time; default: the end of the data")
+    online = store_cmd("online", "look up one user's or ad's online features", cmd_features_online)
+    online.add_argument("--user-id", type=int)
+    online.add_argument("--ad-id", type=int)
+    online.add_argument("--service", default=None)
+    push = store_cmd("push", "append a real-time engagement to a user's short-term sequence",
+                     cmd_features_push)  # fmt: skip
+    push.add_argument("--user-id", type=int, required=True)
+    push.add_argument("--item-id", type=int, required=True)
+    push.add_argument("--action-type", choices=ACTION_TYPES, default="click")
+    push.add_argument("--surface", default="home")
+    push.add_argument("--timestamp", default=None, help="ISO time; default: now")
+    push.add_argument("--max-len", type=int, default=20)
+    ts = store_cmd("training-set", "point-in-time training rows for a label",
+                   cmd_features_training_set)  # fmt: skip
+    ts.add_argument("--data", type=Path, default=DEFAULT_MARKETPLACE)
+    ts.add_argument("--label", choices=["click", "conversion"], default="click")
+    ts.add_argument("--service", default="training_v1")
+    ts.add_argument("--limit", type=int, default=0, help="sample this many rows (0: all)")
+    ts.add_argument("--out", type=Path, required=True)
+
+    demo = sub.add_parser("demo", help="the end-to-end demo on a small synthetic marketplace")
+    demo.add_argument("--workdir", default="data/demo")
+    demo.add_argument("--users", type=int, default=1_000)
+    demo.add_argument("--ads", type=int, default=1_500)
+    demo.add_argument("--days", type=int, default=14)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CandgenError as e:
+        print(f"candgen: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""`make demo`: the main job on embedded defaults, end to end as far as candgen goes today.
+
+Synthesizes a small marketplace, computes features (with the ad text embeddings), applies the
+Feast repository, materializes into the SQLite online store, looks one user up online, pushes a
+real-time engagement, and builds a point-in-time training set, printing what each step did.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pandas as pd
+
+from candgen.data.synth import SynthConfig, generate
+from candgen.features.build import FeatureBuildConfig, build_features
+from candgen.features.store import (
+    Engagement,
+    StoreConfig,
+    apply,
+    materialize,
+    online_features,
+    open_store,
+    push_engagements,
+)
+from candgen.features.training_set import label_rows, training_set
+
+T = TypeVar("T")
+
+
+def _step(n: int, title: str, fn: Callable[[], T]) -> T:
+    print(f"\n[{n}] {title}", flush=True)
+    t0 = time.perf_counter()
+    out = fn()
+    print(f"    done in {time.perf_counter() - t0:.1f}s", flush=True)
+    return out
+
+
+def _names(ids: list[int], titles: dict[int, str], actions: list[str]) -> list[str]:
+    return [f"{a:>10}  {titles.get(i, str(i))}" for i, a in zip(ids, actions, strict=True)]
+
+
+def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14) -> int:
+    """Runs the demo in ``workdir`` (replaced if it exists) and prints a readable summary."""
+    market, features, state = workdir / "marketplace", workdir / "features", workdir / "feast"
+    cache = workdir.parent / "cache" / "text_embeddings.parquet"
+    for path in (market, features, state):
+        shutil.rmtree(path, ignore_errors=True)
+    print(f"candgen demo: users={users:,} ads={ads:,} days={days} -> {workdir}/")
+    cfg = SynthConfig(users=users, ads=ads, days=days, seed=7)
+    summary = _step(1, "synthesize an ads marketplace (users, advertisers, ads, events)",
+                    lambda: generate(cfg, market))  # fmt: skip
+    ev = summary.events_by_type
+    rows = summary.rows
+    print(f"    {rows['users']:,} users, {rows['advertisers']:,} advertisers, "
+          f"{rows['campaigns']:,} campaigns, {rows['ads']:,} ads, {rows['items']:,} organic "
+          "items on 3 surfaces (home, search, related)")  # fmt: skip
+    print(f"    events: {ev['engage']:,} organic engagements, {ev['impression']:,} ad impressions, "
+          f"{ev['click']:,} clicks (CTR {ev['click'] / max(ev['impression'], 1):.2%}), "
+          f"{ev['conversion']:,} attributed conversions "
+          f"(CVR {ev['conversion'] / max(ev['click'], 1):.1%})")  # fmt: skip
+    print(f"    data snapshot {summary.snapshot[:16]}…")
+
+    manifest = _step(
+        2, "compute offline features (sequences, delivery state, MiniLM ad text embeddings)",
+        lambda: build_features(market, features, FeatureBuildConfig(), text_cache=cache),
+    )  # fmt: skip
+    for name, rows in manifest["rows"].items():
+        print(f"    {name:<20} {rows:>8,} rows")
+
+    store_cfg = StoreConfig(features_dir=features, state_dir=state)
+    applied = _step(3, "feast apply (registry + SQLite online store)", lambda: apply(store_cfg))
+    print(f"    entities: {', '.join(applied.entities)}")
+    print(f"    feature views: {', '.join(applied.feature_views)}")
+    print(f"    feature services: {', '.join(applied.feature_services)}")
+    end = _step(4, "materialize into the online store", lambda: materialize(store_cfg))
+    print(f"    online values as of {end.isoformat()} (the end of the synthetic log)")
+
+    store = open_store(store_cfg)
+    events = pd.read_parquet(market / "events", columns=["user_id", "event_type"])
+    user = int(events[events["event_type"] == "click"]["user_id"].value_counts().index[0])
+    titles = {
+        **dict(pd.read_parquet(market / "items.parquet", columns=["item_id", "title"]).values),
+        **dict(pd.read_parquet(market / "ads.parquet", columns=["ad_id", "title"]).values),
+    }
+    categories = manifest_categories(market)
+
+    def lookup() -> dict:
+        return {k: v[0] for k, v in online_features(store, [{"user_id": user}]).items()}
+
+    row = _step(5, f"online lookup of user {user} (feature service user_features_v1)", lookup)
+    print(f"    profile: age {row['age_bucket']}, {row['country']}, {row['device']}; "
+          f"{row['engagements_total']} engagements, {row['ad_clicks_total']} ad clicks, "
+          f"{row['conversions_total']} conversions so far")  # fmt: skip
+    aff = np.asarray(row["category_affinity"])
+    truth = pd.read_parquet(market / "truth" / "users.parquet").set_index("user_id")
+    true_mix = np.asarray(truth.loc[user, "interest"])
+    top = ", ".join(f"{categories[i]} {aff[i]:.0%}" for i in np.argsort(-aff)[:3])
+    true_top = ", ".join(f"{categories[i]} {true_mix[i]:.0%}" for i in np.argsort(-true_mix)[:3])
+    print(f"    long-term interests (from features): {top}")
+    print(f"    hidden ground truth interests:        {true_top}")
+    print(f"    across all users, feature vs true interest cosine: "
+          f"{_affinity_agreement(features, truth):.2f} (1 = identical)")  # fmt: skip
+    print("    last 5 engagements (short-term sequence, newest last):")
+    for line in _names(row["recent_item_ids"][-5:], titles, row["recent_action_types"][-5:]):
+        print(f"      {line}")
+
+    ads = pd.read_parquet(market / "ads.parquet", columns=["ad_id", "category"])
+    ad_id = int(ads[ads["category"] == categories[int(np.argmax(aff))]]["ad_id"].iloc[0])
+    new_event = Engagement(user, ad_id, "click", "home", end + timedelta(minutes=1))
+
+    def push() -> dict:
+        push_engagements(store, [new_event])
+        return lookup()
+
+    after = _step(6, f"push a real-time click on {titles.get(ad_id, ad_id)!r}", push)
+    print(f"    short-term sequence now ends with: {after['recent_item_ids'][-3:]} "
+          f"({len(after['recent_item_ids'])} items kept)")  # fmt: skip
+
+    def pit() -> pd.DataFrame:
+        rows = label_rows(market, "click")
+        return training_set(store, rows.sample(min(3_000, len(rows)), random_state=0))
+
+    ts = _step(7, "point-in-time training set (feature service training_v1, click label)", pit)
+    has_seq = ts["recent_item_ids"].map(lambda v: v is not None and len(v) > 0)
+    print(f"    {len(ts):,} impressions x {ts.shape[1]} columns, click rate "
+          f"{ts['label'].mean():.2%}; {has_seq.mean():.0%} have a short-term sequence "
+          "as of their impression time")  # fmt: skip
+
+    print("\nNext:")
+    print(f"  candgen features online --user-id {user} --features-dir {features} "
+          f"--state-dir {state}")  # fmt: skip
+    print(f"  candgen features push --user-id {user} --item-id {ad_id} --action-type click "
+          f"--features-dir {features} --state-dir {state}")  # fmt: skip
+    print("  make test   # the whole suite, against real SQLite, Redis and PostgreSQL")
+    return 0
+
+
+def _affinity_agreement(features: Path, truth: pd.DataFrame) -> float:
+    """Mean cosine between each user's latest category_affinity feature and true interests."""
+    long = pd.read_parquet(features / "user_long_term.parquet", columns=["user_id",
+                           "event_timestamp", "category_affinity"])  # fmt: skip
+    latest = long.sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
+    a = np.stack(latest["category_affinity"].to_numpy())
+    t = np.stack(truth.loc[latest.index, "interest"].to_numpy())
+    cos = (a * t).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(t, axis=1) + 1e-12)
+    return float(cos.mean())
+
+
+def manifest_categories(market: Path) -> list[str]:
+    import json
+
+    return list(json.loads((market / "manifest.json").read_text())["categories"])

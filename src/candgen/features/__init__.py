@@ -1,0 +1,1 @@
+"""Features: offline feature tables, the Feast store around feature_repo/, training sets."""

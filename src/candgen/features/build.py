@@ -1,0 +1,371 @@
+"""Batch feature computation: turns a synthetic marketplace into the offline feature tables that
+the Feast feature views in feature_repo/ read.
+
+Every row is stamped with the time its value became known (for engagement sequences, the
+arrival time of the newest event it contains), so Feast's point-in-time join never hands a label
+a value that was computed from later events.
+
+Tables written to ``out_dir`` (names match the feature views)::
+
+    user_profile  user_short_term  user_long_term  ad_attributes  ad_delivery
+    advertiser_profile   manifest.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from candgen.data.synth import AD_ID_OFFSET, snapshot_hash
+from candgen.errors import CandgenError, ConfigError
+from candgen.features.text import EMBEDDING_DIM, MODEL_NAME, TextEmbedder
+
+TS: Final = pa.timestamp("us", tz="UTC")
+SEQUENCE_EVENT_TYPES: Final = ("engage", "click", "conversion")
+FEATURE_TABLES: Final = (
+    "user_profile",
+    "user_short_term",
+    "user_long_term",
+    "ad_attributes",
+    "ad_delivery",
+    "advertiser_profile",
+)
+
+
+@dataclass(frozen=True)
+class FeatureBuildConfig:
+    """How offline features are computed. CLI flags map 1:1 onto these fields.
+
+    Args:
+        short_seq_len: length of the short-term engagement sequence (newest last).
+        long_seq_len: length of the long-term engagement sequence.
+        delivery_window_days: trailing window for an ad's impressions, clicks, CTR and CVR.
+        embed_text: compute the ad text embedding with the small language model.
+        text_batch_size: texts per language-model forward pass.
+    """
+
+    short_seq_len: int = 20
+    long_seq_len: int = 200
+    delivery_window_days: int = 7
+    embed_text: bool = True
+    text_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (
+            ("short_seq_len", 1, 1_000),
+            ("long_seq_len", 1, 10_000),
+            ("delivery_window_days", 1, 365),
+            ("text_batch_size", 1, 100_000),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(name, f"must be a whole number from {lo} to {hi}, got {v!r}")
+        if self.long_seq_len < self.short_seq_len:
+            raise ConfigError("long_seq_len", "must be at least short_seq_len")
+
+
+def _read_manifest(data_dir: Path) -> dict:
+    path = data_dir / "manifest.json"
+    if not path.exists():
+        raise CandgenError(
+            f"{data_dir}: not a candgen marketplace (no manifest.json); "
+            "create one with `candgen data synth`"
+        )
+    return json.loads(path.read_text())
+
+
+def _epoch_us(ts: pd.Series) -> np.ndarray:
+    """Microseconds since the epoch of a tz-aware timestamp column."""
+    return ts.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[us]").astype(np.int64)
+
+
+def _tail_lists(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -> pa.ListArray:
+    """For each [lo, hi) slice of ``values``, the last ``n`` entries as a list, oldest first."""
+    start = np.maximum(lo, hi - n)
+    lengths = hi - start
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
+    idx = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[idx]))
+
+
+def _user_sequences(
+    events: pd.DataFrame,
+    category_of: dict[str, np.ndarray],
+    n_categories: int,
+    cfg: FeatureBuildConfig,
+) -> tuple[pa.Table, pa.Table]:
+    """Short- and long-term engagement snapshots, one per user per day with new engagements."""
+    ev = events[events["event_type"].isin(SEQUENCE_EVENT_TYPES)]
+    ids = np.where(ev["item_id"].notna(), ev["item_id"], ev["ad_id"]).astype(np.int64)
+    arrival = _epoch_us(ev["arrival_ts"])
+    user = ev["user_id"].to_numpy(np.int64)
+    order = np.lexsort((arrival, user))
+    user, ids, arrival = user[order], ids[order], arrival[order]
+    actions = ev["action_type"].to_numpy(object)[order]
+    surfaces = ev["surface"].to_numpy(object)[order]
+    etype = ev["event_type"].to_numpy(object)[order]
+    day = arrival // (86_400 * 10**6)
+    n = len(user)
+    if n == 0:
+        raise CandgenError("events: no engagements, clicks or conversions to build sequences from")
+    new_user = np.r_[True, user[1:] != user[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+    # The last event of each (user, arrival day) closes one snapshot.
+    last_of_day = np.r_[(user[1:] != user[:-1]) | (day[1:] != day[:-1]), True]
+    end = np.flatnonzero(last_of_day) + 1
+    lo = user_start[end - 1]
+    snap_user = user[end - 1]
+    snap_ts = pa.array(arrival[end - 1], type=TS)
+    short = pa.table(
+        {
+            "user_id": snap_user,
+            "event_timestamp": snap_ts,
+            "recent_item_ids": _tail_lists(ids, lo, end, cfg.short_seq_len),
+            "recent_action_types": _tail_lists(actions, lo, end, cfg.short_seq_len),
+            "recent_surfaces": _tail_lists(surfaces, lo, end, cfg.short_seq_len),
+            "recent_timestamps": _tail_lists(arrival // 10**6, lo, end, cfg.short_seq_len),
+        }
+    )
+    is_item = ids < AD_ID_OFFSET
+    cat = np.where(
+        is_item,
+        category_of["item"][np.where(is_item, ids - 1, 0)],
+        category_of["ad"][np.where(is_item, 0, ids - AD_ID_OFFSET - 1)],
+    )
+
+    def cumulative_at_end(mask: np.ndarray) -> np.ndarray:
+        csum = np.cumsum(mask, dtype=np.int64)
+        before = np.where(lo > 0, csum[np.maximum(lo - 1, 0)], 0)
+        return csum[end - 1] - before
+
+    hist = np.stack([cumulative_at_end(cat == c) for c in range(n_categories)], axis=1)
+    affinity = (hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)).astype(np.float32)
+    long = pa.table(
+        {
+            "user_id": snap_user,
+            "event_timestamp": snap_ts,
+            "long_item_ids": _tail_lists(ids, lo, end, cfg.long_seq_len),
+            "category_affinity": pa.FixedSizeListArray.from_arrays(
+                pa.array(affinity.ravel()), n_categories
+            ).cast(pa.list_(pa.float32())),
+            "engagements_total": cumulative_at_end(etype == "engage"),
+            "ad_clicks_total": cumulative_at_end(etype == "click"),
+            "conversions_total": cumulative_at_end(etype == "conversion"),
+        }
+    )
+    return short, long
+
+
+def _ad_delivery(
+    events: pd.DataFrame,
+    ads: pd.DataFrame,
+    campaigns: pd.DataFrame,
+    manifest: dict,
+    cfg: FeatureBuildConfig,
+) -> pa.Table:
+    """Ad delivery state: one row at creation, one at a pause, one per day with traffic."""
+    days = int(manifest["config"]["days"])
+    start = pd.Timestamp(manifest["config"]["start_date"], tz="UTC")
+    n_ads = len(ads)
+    ad_ev = events[events["event_type"].isin(("impression", "click", "conversion"))]
+    ad_idx = ad_ev["ad_id"].to_numpy(np.int64) - AD_ID_OFFSET - 1
+    # A conversion counts from the day it arrives: that is when the delivery system learns of it.
+    ev_day = ((ad_ev["arrival_ts"] - start).dt.total_seconds() // 86_400).to_numpy(np.int64)
+    in_range = ev_day < days
+    counts = {}
+    for kind in ("impression", "click", "conversion"):
+        m = (ad_ev["event_type"].to_numpy(object) == kind) & in_range
+        grid = np.zeros((n_ads, days), np.int32)
+        np.add.at(grid, (ad_idx[m], ev_day[m]), 1)
+        counts[kind] = grid
+
+    def trailing(grid: np.ndarray) -> np.ndarray:
+        c = np.cumsum(grid, axis=1)
+        shifted = np.zeros_like(c)
+        w = cfg.delivery_window_days
+        shifted[:, w:] = c[:, :-w]
+        return c - shifted
+
+    imp, clk, conv = (trailing(counts[k]) for k in ("impression", "click", "conversion"))
+    # Spend and budget per campaign, from clicks at the bid.
+    camp_idx = ads["campaign_id"].to_numpy(np.int64) - 1
+    cpc = campaigns["cpc_bid"].to_numpy(np.float64)
+    camp_spend = np.zeros((len(campaigns), days))
+    np.add.at(camp_spend, camp_idx, counts["click"] * cpc[camp_idx][:, None])
+    remaining = np.maximum(
+        campaigns["total_budget"].to_numpy()[:, None] - np.cumsum(camp_spend, axis=1), 0.0
+    )[camp_idx]
+    paused_ts = ads["paused_ts"]
+    pause_day = np.where(
+        paused_ts.notna(),
+        ((paused_ts - start).dt.total_seconds() // 86_400).fillna(days).to_numpy(),
+        days,
+    ).astype(np.int64)
+    day_grid = np.arange(days)[None, :]
+    status = np.where(
+        pause_day[:, None] <= day_grid, "paused", np.where(remaining <= 0, "exhausted", "active")
+    )
+    traffic = imp > 0
+    a_idx, d_idx = np.nonzero(traffic | (pause_day[:, None] == day_grid))
+    day_end_us = (int(start.timestamp() * 10**6) + (d_idx + 1) * 86_400 * 10**6 - 1).astype(
+        np.int64
+    )
+
+    def rate(num: np.ndarray, den: np.ndarray, prior: float) -> np.ndarray:
+        # Smoothed so that a handful of impressions does not give a CTR of 0 or 1.
+        return ((num + prior * 20) / (den + 20)).astype(np.float32)
+
+    ids = ads["ad_id"].to_numpy(np.int64)
+    created_us = _epoch_us(ads["created_ts"])
+    budget = campaigns["total_budget"].to_numpy()[camp_idx]
+    creation = pd.DataFrame(
+        {
+            "ad_id": ids,
+            "event_timestamp": created_us,
+            "status": "active",
+            "budget_remaining": budget.astype(np.float32),
+            "impressions_7d": np.zeros(n_ads, np.int64),
+            "clicks_7d": np.zeros(n_ads, np.int64),
+            "conversions_7d": np.zeros(n_ads, np.int64),
+            "ctr_7d": rate(np.zeros(n_ads), np.zeros(n_ads), 0.01),
+            "cvr_7d": rate(np.zeros(n_ads), np.zeros(n_ads), 0.1),
+        }
+    )
+    daily = pd.DataFrame(
+        {
+            "ad_id": ids[a_idx],
+            "event_timestamp": day_end_us,
+            "status": status[a_idx, d_idx],
+            "budget_remaining": remaining[a_idx, d_idx].astype(np.float32),
+            "impressions_7d": imp[a_idx, d_idx].astype(np.int64),
+            "clicks_7d": clk[a_idx, d_idx].astype(np.int64),
+            "conversions_7d": conv[a_idx, d_idx].astype(np.int64),
+            "ctr_7d": rate(clk[a_idx, d_idx], imp[a_idx, d_idx], 0.01),
+            "cvr_7d": rate(conv[a_idx, d_idx], clk[a_idx, d_idx], 0.1),
+        }
+    )
+    out = pd.concat([creation, daily], ignore_index=True).sort_values(
+        ["ad_id", "event_timestamp"], kind="stable"
+    )
+    table = pa.Table.from_pandas(out, preserve_index=False)
+    return table.set_column(
+        1, "event_timestamp", pa.array(out["event_timestamp"].to_numpy(), type=TS)
+    )
+
+
+def build_features(
+    data_dir: Path | str,
+    out_dir: Path | str,
+    config: FeatureBuildConfig = FeatureBuildConfig(),
+    text_cache: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Computes every offline feature table from a marketplace written by ``candgen data synth``.
+
+    Args:
+        data_dir: the marketplace folder.
+        out_dir: where the feature tables go (created; existing tables are replaced).
+        config: sequence lengths, windows and text embedding settings.
+        text_cache: parquet cache of text embeddings (default: ``out_dir/text_cache.parquet``).
+        progress: show progress bars.
+
+    Returns:
+        The manifest written to ``out_dir/manifest.json``: row counts, the source snapshot, the
+        end of the data's clock, and the hash of the feature tables.
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    manifest = _read_manifest(data_dir)
+    n_categories = len(manifest["categories"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    users = pd.read_parquet(data_dir / "users.parquet")
+    ads = pd.read_parquet(data_dir / "ads.parquet")
+    items = pd.read_parquet(data_dir / "items.parquet")
+    campaigns = pd.read_parquet(data_dir / "campaigns.parquet")
+    advertisers = pd.read_parquet(data_dir / "advertisers.parquet")
+    events = pd.read_parquet(
+        data_dir / "events",
+        columns=[
+            "user_id", "arrival_ts", "surface", "event_type", "action_type", "item_id", "ad_id",
+        ],
+    )  # fmt: skip
+    cat_index = {name: i for i, name in enumerate(manifest["categories"])}
+    category_of = {
+        "item": items["category"].map(cat_index).to_numpy(np.int64),
+        "ad": ads["category"].map(cat_index).to_numpy(np.int64),
+    }
+    tables: dict[str, pa.Table] = {}
+    tables["user_profile"] = pa.table(
+        {
+            "user_id": users["user_id"].to_numpy(np.int64),
+            "event_timestamp": pa.array(users["signup_ts"], type=TS),
+            "age_bucket": users["age_bucket"].to_numpy(object),
+            "country": users["country"].to_numpy(object),
+            "device": users["device"].to_numpy(object),
+        }
+    )
+    tables["user_short_term"], tables["user_long_term"] = _user_sequences(
+        events, category_of, n_categories, config
+    )
+    texts = (ads["title"] + ". " + ads["description"]).tolist()
+    if config.embed_text:
+        embedder = TextEmbedder(
+            text_cache or out_dir / "text_cache.parquet",
+            batch_size=config.text_batch_size,
+            progress=progress,
+        )
+        emb = embedder.embed(texts)
+    else:
+        emb = np.zeros((len(texts), EMBEDDING_DIM), np.float32)
+    tables["ad_attributes"] = pa.table(
+        {
+            "ad_id": ads["ad_id"].to_numpy(np.int64),
+            "event_timestamp": pa.array(ads["created_ts"], type=TS),
+            "advertiser_id": ads["advertiser_id"].to_numpy(np.int64),
+            "campaign_id": ads["campaign_id"].to_numpy(np.int64),
+            "category": ads["category"].to_numpy(object),
+            "price": ads["price"].to_numpy(np.float32),
+            "title": ads["title"].to_numpy(object),
+            "text_embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(emb.ravel()), EMBEDDING_DIM
+            ).cast(pa.list_(pa.float32())),
+        }
+    )
+    tables["ad_delivery"] = _ad_delivery(events, ads, campaigns, manifest, config)
+    tables["advertiser_profile"] = pa.table(
+        {
+            "advertiser_id": advertisers["advertiser_id"].to_numpy(np.int64),
+            "event_timestamp": pa.array(advertisers["created_ts"], type=TS),
+            "vertical": advertisers["vertical"].to_numpy(object),
+            "daily_budget": advertisers["daily_budget"].to_numpy(np.float32),
+            "status": advertisers["status"].to_numpy(object),
+        }
+    )
+    for name, table in tables.items():
+        pq.write_table(table, out_dir / f"{name}.parquet", compression="zstd")
+    end = pd.Timestamp(manifest["config"]["start_date"], tz="UTC") + timedelta(
+        days=int(manifest["config"]["days"])
+    )
+    feature_manifest = {
+        "kind": "candgen.feature_tables",
+        "source_snapshot": manifest["snapshot"],
+        "config": dataclasses.asdict(config),
+        "text_model": MODEL_NAME if config.embed_text else None,
+        "data_start": min(
+            pd.Timestamp(t.column("event_timestamp").combine_chunks().to_pandas().min())
+            for t in tables.values()
+        ).isoformat(),
+        "data_end": end.isoformat(),
+        "rows": {name: t.num_rows for name, t in tables.items()},
+        "snapshot": snapshot_hash(out_dir, FEATURE_TABLES),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(feature_manifest, indent=2) + "\n")
+    return feature_manifest
