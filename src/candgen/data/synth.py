@@ -570,6 +570,13 @@ class MarketplaceGenerator:
             o_sess, o_item = o_sess[keep], o_item[keep]
             o_offset = _within_session_offsets(rng, o_sess, 40.0)
             o_action = rng.choice(len(ORGANIC_ACTIONS), len(o_sess), p=ORGANIC_ACTION_PROBS)
+            # The context item on the related surface is the first organic item of the session.
+            ctx = np.full(n_s, -1, np.int64)
+            if len(o_sess):
+                first_o = np.r_[True, o_sess[1:] != o_sess[:-1]]
+                ctx[o_sess[first_o]] = o_item[first_o] + 1
+            ctx = np.where(s_surface == SURFACES.index("related"), ctx, -1)
+            query = np.where(s_surface == SURFACES.index("search"), s_intent, -1)
             emit(
                 user=s_user[o_sess],
                 session=s_id[o_sess],
@@ -580,14 +587,9 @@ class MarketplaceGenerator:
                 action=o_action.astype(np.int8),
                 item=o_item.astype(np.int64) + 1,
                 intent=s_intent[o_sess],
+                query=query[o_sess],
+                context=ctx[o_sess],
             )
-            # The context item on the related surface is the first organic item of the session.
-            ctx = np.full(n_s, -1, np.int64)
-            if len(o_sess):
-                first_o = np.r_[True, o_sess[1:] != o_sess[:-1]]
-                ctx[o_sess[first_o]] = o_item[first_o] + 1
-            ctx = np.where(s_surface == SURFACES.index("related"), ctx, -1)
-            query = np.where(s_surface == SURFACES.index("search"), s_intent, -1)
 
             # Ad impressions by the incumbent system: half on intent, half anywhere.
             n_imp = rng.poisson(c.impressions_per_session, n_s)
@@ -655,13 +657,13 @@ class MarketplaceGenerator:
             )
             delay = rng.exponential(c.conversion_delay_hours * 3_600.0, m)
             t_conv = t_click + delay
+            arrival = t_conv + rng.exponential(c.report_delay_hours * 3_600.0, m)
             converted = (
                 clicked
                 & (rng.random(m) < p_conv)
                 & (delay <= c.attribution_window_days * _SECONDS_PER_DAY)
-                & (t_conv < self.end_seconds)  # not yet happened when the log ends
+                & (arrival < self.end_seconds)  # not yet reported when the log ends
             )
-            arrival = t_conv + rng.exponential(c.report_delay_hours * 3_600.0, m)
             emit(
                 user=i_user[converted],
                 t=t_conv[converted],

@@ -214,8 +214,7 @@ def _ad_delivery(
     status = np.where(
         pause_day[:, None] <= day_grid, "paused", np.where(remaining <= 0, "exhausted", "active")
     )
-    traffic = imp > 0
-    a_idx, d_idx = np.nonzero(traffic | (pause_day[:, None] == day_grid))
+    a_idx, d_idx = np.nonzero(imp > 0)
     day_end_us = (int(start.timestamp() * 10**6) + (d_idx + 1) * 86_400 * 10**6 - 1).astype(
         np.int64
     )
@@ -227,11 +226,13 @@ def _ad_delivery(
     ids = ads["ad_id"].to_numpy(np.int64)
     created_us = _epoch_us(ads["created_ts"])
     budget = campaigns["total_budget"].to_numpy()[camp_idx]
+    start_us = int(start.timestamp() * 10**6)
+    created_day = (created_us - start_us) // (86_400 * 10**6)
     creation = pd.DataFrame(
         {
             "ad_id": ids,
             "event_timestamp": created_us,
-            "status": "active",
+            "status": np.where(pause_day <= created_day, "paused", "active"),
             "budget_remaining": budget.astype(np.float32),
             "impressions_7d": np.zeros(n_ads, np.int64),
             "clicks_7d": np.zeros(n_ads, np.int64),
@@ -253,7 +254,24 @@ def _ad_delivery(
             "cvr_7d": rate(conv[a_idx, d_idx], clk[a_idx, d_idx], 0.1),
         }
     )
-    out = pd.concat([creation, daily], ignore_index=True).sort_values(
+    # A pause during the log gets its own row, stamped when it happened.
+    p_idx = np.flatnonzero((pause_day >= 0) & (pause_day < days) & (pause_day > created_day))
+    prev = np.maximum(pause_day[p_idx] - 1, 0)
+    seen = (pause_day[p_idx] > 0).astype(np.int64)
+    pauses = pd.DataFrame(
+        {
+            "ad_id": ids[p_idx],
+            "event_timestamp": _epoch_us(paused_ts.iloc[p_idx]),
+            "status": "paused",
+            "budget_remaining": remaining[p_idx, prev].astype(np.float32),
+            "impressions_7d": imp[p_idx, prev].astype(np.int64) * seen,
+            "clicks_7d": clk[p_idx, prev].astype(np.int64) * seen,
+            "conversions_7d": conv[p_idx, prev].astype(np.int64) * seen,
+            "ctr_7d": rate(clk[p_idx, prev] * seen, imp[p_idx, prev] * seen, 0.01),
+            "cvr_7d": rate(conv[p_idx, prev] * seen, clk[p_idx, prev] * seen, 0.1),
+        }
+    )
+    out = pd.concat([creation, daily, pauses], ignore_index=True).sort_values(
         ["ad_id", "event_timestamp"], kind="stable"
     )
     table = pa.Table.from_pandas(out, preserve_index=False)

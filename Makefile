@@ -1,0 +1,54 @@
+# Everything a person runs. `make demo` and `make test` build the environments first.
+PYTHON ?= python3
+VENV := .venv
+SERVING_VENV := .venv-serving
+# The CPU torch wheel lies here on these machines; elsewhere pip uses the index.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP_FLAGS := --quiet --disable-pip-version-check $(FIND_LINKS)
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-unit test-integration lint format clean help
+
+help:
+	@echo "make setup             build .venv (platform) and .venv-serving (Triton runtime)"
+	@echo "make demo              synthesize data, build features, Feast apply/materialize/lookup"
+	@echo "make test              lint + the whole test suite (needs Redis at 127.0.0.1:6379)"
+	@echo "make test-unit         only the tests that need no service"
+	@echo "make lint / format     ruff check + format --check / ruff format"
+	@echo "make clean             remove generated data (keeps the environments)"
+
+setup: $(VENV)/.installed $(SERVING_VENV)/.installed
+
+# The stamp is newer than its inputs once installed, so a second `make setup` does nothing.
+$(VENV)/.installed: pyproject.toml requirements/platform.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) -c requirements/platform.lock -e '.[dev]'
+	@touch $@
+
+$(SERVING_VENV)/.installed: requirements/serving.txt requirements/serving.lock
+	@test -x $(SERVING_VENV)/bin/python || $(PYTHON) -m venv $(SERVING_VENV)
+	$(SERVING_VENV)/bin/pip install $(PIP_FLAGS) -c requirements/serving.lock -r requirements/serving.txt
+	@touch $@
+
+demo: setup
+	$(BIN)/candgen demo
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: setup lint
+	$(BIN)/pytest
+
+test-unit: $(VENV)/.installed
+	$(BIN)/pytest -m "not integration"
+
+test-integration: setup
+	$(BIN)/pytest -m integration
+
+clean:
+	rm -rf data feature_repo/data .pytest_cache

@@ -1,0 +1,63 @@
+"""The CLI: flags map onto config fields, and bad input exits 2 naming the field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from candgen.cli import main
+
+
+def test_synth_writes_a_marketplace(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "m"
+    rc = main(["data", "synth", "--users", "20", "--ads", "30", "--days", "2", "--seed", "3",
+               "--surface-mix", "0.2", "0.3", "0.5", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rows"]["users"] == 20 and printed["rows"]["ads"] == 30
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["surface_mix"] == [0.2, 0.3, 0.5]
+    assert manifest["config"]["seed"] == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["data", "synth", "--users", "0"], "users: must be between 1"),
+        (["data", "synth", "--ctr-min", "0.5", "--ctr-max", "0.1"], "ctr_min: must be below"),
+        (["data", "synth", "--surface-mix", "1", "1", "1"], "surface_mix: must be 3"),
+        (["features", "build", "--short-seq-len", "0"], "short_seq_len: must be"),
+        (["features", "apply", "--online", "mongo"], "online: must be one of"),
+        (["features", "materialize", "--end", "soon"], "end: must be an ISO"),
+        (["features", "online"], "user_id: give exactly one of"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_field(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = [*argv, "--state-dir", str(tmp_path)] if argv[0] == "features" else argv
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_real_file_exits_2_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "amazon-games").mkdir()
+    (tmp_path / "amazon-games" / "Video.txt").write_text("1 2\nthree 4\n")
+    assert main(["data", "real", "--dataset", "games", "--data-dir", str(tmp_path)]) == 2
+    assert "Video.txt:2: expected integer ids" in capsys.readouterr().err
+
+
+def test_argparse_type_errors_exit_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "candgen.cli", "data", "synth", "--users", "many"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "--users: invalid int value: 'many'" in proc.stderr
