@@ -9,6 +9,7 @@ import json
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # ibis (Feast's DuckDB offline store) calls a method DuckDB 2 deprecates; not the user's concern.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="ibis")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

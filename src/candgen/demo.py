@@ -137,7 +137,7 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
           f"--state-dir {state}")  # fmt: skip
     print(f"  candgen features push --user-id {user} --item-id {ad_id} --action-type click "
           f"--features-dir {features} --state-dir {state}")  # fmt: skip
-    print("  make test   # the whole suite, against real SQLite, Redis and PostgreSQL")
+    print("  make test   # the whole suite, against real SQLite, DuckDB and Redis")
     return 0
 
 
