@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # ibis (Feast's DuckDB offline store) calls a method DuckDB 2 deprecates; not the user's concern.
+    # ibis (Feast's DuckDB offline store) calls a method that DuckDB 2 deprecates.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="ibis")
     args = build_parser().parse_args(argv)
     try:
