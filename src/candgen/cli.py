@@ -195,6 +195,82 @@ def cmd_features_training_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    headline = ("hr@10", "ndcg@10", "recall@50", "recall@100", "coverage@100", "users")
+    return {
+        "out_dir": metrics["config"]["out_dir"],
+        "test": {k: metrics["test"][k] for k in headline if k in metrics["test"]},
+        "valid": {k: metrics["valid"][k] for k in headline if k in metrics["valid"]},
+        "best_epoch": metrics["best_epoch"],
+        "wall_seconds": round(metrics["wall_seconds"], 1),
+        "world_size": metrics["world_size"],
+        **{k: metrics[k] for k in ("run_id", "registered") if k in metrics},
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from candgen.training.config import TrainConfig
+
+    cfg = config_from_args(TrainConfig, args)
+    if args.nproc > 1 or args.torchx:
+        from candgen.training.launch import launch
+
+        metrics = launch(cfg, nproc=args.nproc)
+    else:
+        from candgen.training.trainer import _result_json, train
+
+        result = train(cfg)
+        if result.valid_metrics == {}:  # a non-zero rank under torchrun: rank 0 reports
+            return 0
+        metrics = _result_json(result)
+    _print_json(_train_summary(metrics))
+    if cfg.track:
+        from candgen.registry.tracking import default_tracking_uri
+
+        uri = cfg.tracking_uri or default_tracking_uri()
+        print(f"MLflow: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from candgen.evaluation.evaluate import evaluate_model, evaluate_popularity
+    from candgen.training.trainer import load_data, load_model
+
+    model, saved = load_model(args.model)
+    from candgen.training.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(saved["config"])
+    data = load_data(cfg)
+    protocol = args.protocol or cfg.effective_protocol
+    out = {
+        "model": evaluate_model(model, data, args.split, protocol, cfg.max_len, cfg.seed),
+        "popularity": evaluate_popularity(data, args.split, protocol, cfg.seed),
+    }
+    _print_json({"split": args.split, "protocol": protocol, **out})
+    return 0
+
+
+def cmd_registry_register(args: argparse.Namespace) -> int:
+    from candgen.registry.tracking import register
+
+    _print_json(register(args.run_id, args.name, args.primary_metric, args.tracking_uri))
+    return 0
+
+
+def cmd_registry_promote(args: argparse.Namespace) -> int:
+    from candgen.registry.tracking import promote
+
+    _print_json(promote(args.name, args.tracking_uri))
+    return 0
+
+
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    from candgen.registry.tracking import describe
+
+    _print_json(describe(args.name, args.tracking_uri))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from candgen.demo import run_demo
 
@@ -265,6 +341,39 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--service", default="training_v1")
     ts.add_argument("--limit", type=int, default=0, help="sample this many rows (0: all)")
     ts.add_argument("--out", type=Path, required=True)
+
+    from candgen.training.config import TrainConfig
+
+    tr = sub.add_parser("train", help="train a retrieval model (in-process, or a TorchX job)")
+    tr.add_argument("--nproc", type=int, default=1,
+                    help="processes; > 1 launches a TorchX dist.torchrun job (DDP)")  # fmt: skip
+    tr.add_argument("--torchx", action="store_true", help="launch through TorchX even for 1")
+    add_config_flags(tr, TrainConfig)
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a model.pt against the popularity baseline")
+    ev.add_argument("--model", type=Path, required=True)
+    ev.add_argument("--split", choices=["valid", "test"], default="test")
+    ev.add_argument("--protocol", choices=["full", "sampled100"], default=None)
+    ev.set_defaults(func=cmd_evaluate)
+
+    reg = sub.add_parser("registry", help="the MLflow model registry").add_subparsers(
+        dest="registry_command", required=True
+    )
+
+    def reg_cmd(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        sp = reg.add_parser(name, help=help_text)
+        sp.add_argument("--name", required=True, help="registered model name")
+        sp.add_argument("--tracking-uri", default="", help="default: sqlite under the repo")
+        sp.set_defaults(func=func)
+        return sp
+
+    r = reg_cmd("register", "register a run's model as the challenger", cmd_registry_register)
+    r.add_argument("--run-id", required=True)
+    r.add_argument("--primary-metric", default="ndcg@10")
+    reg_cmd("promote", "move champion to the challenger if it is at least as good",
+            cmd_registry_promote)  # fmt: skip
+    reg_cmd("show", "list versions, aliases and lineage tags", cmd_registry_show)
 
     demo = sub.add_parser("demo", help="the end-to-end demo on a small synthetic marketplace")
     demo.add_argument("--workdir", default="data/demo")

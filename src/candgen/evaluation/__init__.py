@@ -1,0 +1,1 @@
+"""Offline retrieval evaluation: full ranking, sampled-100, and splits by label and surface."""

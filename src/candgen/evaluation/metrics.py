@@ -1,0 +1,149 @@
+"""Retrieval metrics: exact top-K in memory-bounded chunks, full-ranking and sampled protocols.
+
+Full ranking: every catalogue item is scored, the user's history is excluded, and each target's
+rank among the rest decides HR@K (any target in the top K), Recall@K (the share of targets in the
+top K) and NDCG@K (binary-relevance DCG over the targets, divided by the ideal DCG). With one
+target per user, HR@K and Recall@K coincide.
+
+Sampled-100 (the SASRec paper's protocol): the target is ranked against 100 items drawn uniformly
+from those the user never interacted with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+KS: tuple[int, ...] = (5, 10, 20, 50, 100)
+
+
+def chunked_topk(
+    queries: torch.Tensor,
+    item_table: torch.Tensor,
+    k: int,
+    exclude: Sequence[np.ndarray],
+    max_bytes: int = 256 << 20,
+) -> torch.Tensor:
+    """Exact top-``k`` item ids per query, excluding item 0 and each query's ``exclude`` items.
+
+    Scores are computed for as many queries at a time as fit in ``max_bytes`` of float32
+    scores, so memory stays bounded whatever the catalogue size.
+
+    Args:
+        queries: (M, D) query vectors.
+        item_table: (N + 1, D) item vectors; row 0 is padding.
+        k: how many to return (at most N).
+        exclude: per query, item ids never to return (its history).
+        max_bytes: the most score memory to hold at once.
+
+    Returns:
+        (M, k) int64 item ids, best first.
+    """
+    n_rows = item_table.shape[0]
+    if not 0 < k <= n_rows - 1:
+        raise ValueError(f"k: must be in 1..{n_rows - 1} (the catalogue size), got {k}")
+    if len(exclude) != queries.shape[0]:
+        raise ValueError(f"exclude: {len(exclude)} lists for {queries.shape[0]} queries")
+    chunk = max(1, max_bytes // (4 * n_rows))
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        q = queries[start : start + chunk]
+        scores = q @ item_table.T
+        scores[:, 0] = -torch.inf
+        rows = np.concatenate(
+            [np.full(len(e), i) for i, e in enumerate(exclude[start : start + len(q)])]
+            + [np.zeros(0)]
+        ).astype(np.int64)
+        cols = np.concatenate([*exclude[start : start + len(q)], np.zeros(0)]).astype(np.int64)
+        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+        out.append(scores.topk(k, dim=1).indices.cpu())
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+
+
+def target_ranks(topk: np.ndarray, target_user: np.ndarray, target_item: np.ndarray) -> np.ndarray:
+    """0-based rank of each target in its user's top-K list, or K where it is absent."""
+    k = topk.shape[1]
+    rows = topk[target_user]
+    hit = rows == target_item[:, None]
+    return np.where(hit.any(1), hit.argmax(1), k)
+
+
+def ranking_metrics(
+    ranks: np.ndarray, target_user: np.ndarray, ks: Sequence[int] = KS
+) -> dict[str, float]:
+    """HR@K, Recall@K and NDCG@K averaged over users that have at least one target.
+
+    Args:
+        ranks: (T,) 0-based rank of each target (>= the largest K when absent).
+        target_user: (T,) which user each target belongs to.
+        ks: cut-offs.
+
+    Returns:
+        ``{"hr@10": ..., "recall@10": ..., "ndcg@10": ..., "users": ...}``.
+    """
+    if len(ranks) == 0:
+        return {"users": 0.0}
+    users, inverse, counts = np.unique(target_user, return_inverse=True, return_counts=True)
+    out: dict[str, float] = {"users": float(len(users))}
+    gains = 1.0 / np.log2(ranks + 2.0)
+    for k in ks:
+        hit = ranks < k
+        hits = np.bincount(inverse, weights=hit, minlength=len(users))
+        dcg = np.bincount(inverse, weights=np.where(hit, gains, 0.0), minlength=len(users))
+        ideal = np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))[np.minimum(counts, k) - 1]
+        out[f"hr@{k}"] = float((hits > 0).mean())
+        out[f"recall@{k}"] = float((hits / counts).mean())
+        out[f"ndcg@{k}"] = float((dcg / ideal).mean())
+    return out
+
+
+def coverage(topk: np.ndarray, num_items: int, k: int) -> float:
+    """Share of the catalogue that appears in at least one user's top ``k``."""
+    return float(len(np.unique(topk[:, :k])) / num_items)
+
+
+def sampled_ranks(
+    queries: torch.Tensor,
+    item_table: torch.Tensor,
+    target_item: np.ndarray,
+    interacted: Sequence[np.ndarray],
+    num_negatives: int = 100,
+    seed: int = 0,
+) -> np.ndarray:
+    """Rank of each user's target among ``num_negatives`` uniformly drawn unseen items.
+
+    Negatives are drawn per user, uniformly from 1..N, rejecting items the user interacted with
+    (and repeats); the rank counts negatives that score strictly higher than the target.
+
+    Args:
+        queries: (M, D) one query per user.
+        item_table: (N + 1, D).
+        target_item: (M,) each user's target.
+        interacted: per user, every item they interacted with (history and target).
+        num_negatives: 100 in the SASRec protocol.
+        seed: the sampling seed (fixed so that runs compare).
+
+    Returns:
+        (M,) 0-based ranks.
+    """
+    n = item_table.shape[0] - 1
+    rng = np.random.default_rng(seed)
+    negatives = np.zeros((len(target_item), num_negatives), dtype=np.int64)
+    for i, seen in enumerate(interacted):
+        if n - len(np.unique(seen)) < num_negatives:
+            raise ValueError(f"user {i}: fewer than {num_negatives} unseen items to sample")
+        chosen: list[int] = []
+        seen_set = set(seen.tolist())
+        while len(chosen) < num_negatives:
+            for c in rng.integers(1, n + 1, size=2 * num_negatives).tolist():
+                if c not in seen_set:
+                    seen_set.add(c)
+                    chosen.append(c)
+                    if len(chosen) == num_negatives:
+                        break
+        negatives[i] = chosen
+    cand = torch.from_numpy(np.concatenate([target_item[:, None], negatives], axis=1))
+    scores = torch.einsum("md,mcd->mc", queries, item_table[cand.to(item_table.device)])
+    return (scores[:, 1:] > scores[:, :1]).sum(1).cpu().numpy()

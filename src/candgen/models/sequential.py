@@ -1,0 +1,207 @@
+"""Sequential user encoders: SASRec and an HSTU-style sequential transducer.
+
+Both read a left-padded item sequence and emit a user state after every position, trained to
+predict the next item (a generative retrieval objective); their input item embeddings are also the
+output embeddings that the ANN index serves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from candgen.models.base import Batch, RetrievalModel, Similarity
+
+
+class _ItemEmbedding(RetrievalModel):
+    def __init__(
+        self, num_items: int, dim: int, max_len: int, similarity: Similarity, temperature: float
+    ) -> None:
+        super().__init__(num_items, similarity, temperature)
+        self.dim = dim
+        self.max_len = max_len
+        self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=1.0 / math.sqrt(dim))
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def raw_item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.item_emb(ids)
+
+    def _check(self, items: torch.Tensor) -> None:
+        if items.shape[1] > self.max_len:
+            raise ValueError(f"items: sequence length {items.shape[1]} > max_len {self.max_len}")
+
+
+class _CausalSelfAttentionBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0,
+        )  # fmt: skip
+        x = x + self.dropout(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+        return x + self.dropout(self.ffn(self.ln2(x)))
+
+
+class SASRec(_ItemEmbedding):
+    """SASRec (Kang & McAuley, 2018): causal self-attention over the item sequence.
+
+    Trained here with (sampled) softmax rather than the original binary cross-entropy.
+
+    Args:
+        num_items: catalogue size (ids 1..num_items, 0 = padding).
+        dim: embedding width.
+        max_len: longest input sequence.
+        num_blocks: self-attention blocks.
+        num_heads: attention heads (must divide dim).
+        dropout: dropout rate.
+        similarity: ``dot`` (SASRec's own) or ``cosine``.
+        temperature: softmax temperature.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        dim: int = 64,
+        max_len: int = 50,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        similarity: Similarity = "dot",
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(num_items, dim, max_len, similarity, temperature)
+        self.pos_emb = nn.Embedding(max_len, dim)
+        self.emb_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            _CausalSelfAttentionBlock(dim, num_heads, dropout) for _ in range(num_blocks)
+        )
+        self.ln = nn.LayerNorm(dim)
+
+    def encode_positions(self, batch: Batch) -> torch.Tensor:
+        items = batch["items"]
+        self._check(items)
+        mask = (items > 0).unsqueeze(-1)
+        pos = torch.arange(self.max_len - items.shape[1], self.max_len, device=items.device)
+        x = self.item_emb(items) * math.sqrt(self.dim) + self.pos_emb(pos)
+        x = self.emb_dropout(x) * mask
+        for block in self.blocks:
+            x = block(x) * mask
+        return self.ln(x)
+
+
+class _HSTUBlock(nn.Module):
+    """One HSTU layer: pointwise SiLU attention with relative position and time biases."""
+
+    def __init__(
+        self, dim: int, heads: int, max_len: int, time_buckets: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_in = nn.LayerNorm(dim)
+        self.uvqk = nn.Linear(dim, 4 * dim)
+        self.ln_attn = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.pos_bias = nn.Parameter(torch.zeros(heads, 2 * max_len - 1))
+        self.time_bias = nn.Parameter(torch.zeros(heads, time_buckets + 1))
+        self.max_len = max_len
+        self.time_buckets = time_buckets
+
+    def forward(
+        self, x: torch.Tensor, causal: torch.Tensor, time_bucket: torch.Tensor | None
+    ) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.heads
+        u, v, q, k = F.silu(self.uvqk(self.ln_in(x))).view(b, n, 4, h, d // h).unbind(2)
+        scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(d // h)
+        idx = torch.arange(n, device=x.device)
+        rel = (idx[None, :] - idx[:, None]) + self.max_len - 1
+        scores = scores + self.pos_bias[:, rel][None]
+        if time_bucket is not None:
+            scores = scores + self.time_bias[:, time_bucket].permute(1, 0, 2, 3)
+        # Pointwise (not softmax) attention, normalised by the sequence length as in HSTU.
+        attn = F.silu(scores) * causal / n
+        y = torch.einsum("bhij,bjhd->bihd", attn, v).reshape(b, n, d)
+        y = self.out(self.ln_attn(y) * u.reshape(b, n, d))
+        return x + self.dropout(y)
+
+
+class HSTU(_ItemEmbedding):
+    """An HSTU-style sequential transducer (Zhai et al., 2024) for generative retrieval.
+
+    Pointwise SiLU attention replaces softmax attention; a learned bias by relative position, and
+    by log-bucketed time gap where timestamps exist, is added to the attention scores; the output
+    is L2-normalised and trained with sampled softmax at a low temperature.
+
+    Args:
+        num_items: catalogue size (ids 1..num_items, 0 = padding).
+        dim: embedding width.
+        max_len: longest input sequence.
+        num_blocks: HSTU layers.
+        num_heads: attention heads (must divide dim).
+        dropout: dropout rate.
+        temperature: softmax temperature (HSTU uses 0.05).
+        time_buckets: log-scale buckets for time gaps (0 disables the time bias).
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        dim: int = 64,
+        max_len: int = 50,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        temperature: float = 0.05,
+        time_buckets: int = 64,
+    ) -> None:
+        super().__init__(num_items, dim, max_len, "cosine", temperature)
+        self.time_buckets = time_buckets
+        self.pos_emb = nn.Embedding(max_len, dim)
+        self.emb_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            _HSTUBlock(dim, num_heads, max_len, time_buckets, dropout) for _ in range(num_blocks)
+        )
+        self.ln = nn.LayerNorm(dim)
+
+    def _time_buckets(self, timestamps: torch.Tensor | None) -> torch.Tensor | None:
+        if timestamps is None or self.time_buckets == 0:
+            return None
+        gap = (timestamps[:, :, None] - timestamps[:, None, :]).abs().clamp(min=1.0)
+        bucket = (gap.log() / math.log(2.0)).floor().long()
+        return bucket.clamp(0, self.time_buckets)
+
+    def encode_positions(self, batch: Batch) -> torch.Tensor:
+        items = batch["items"]
+        self._check(items)
+        n = items.shape[1]
+        mask = (items > 0).unsqueeze(-1)
+        pos = torch.arange(self.max_len - n, self.max_len, device=items.device)
+        x = self.item_emb(items) * math.sqrt(self.dim) + self.pos_emb(pos)
+        x = self.emb_dropout(x) * mask
+        valid = items > 0
+        causal = torch.ones(n, n, dtype=torch.bool, device=items.device).tril()
+        causal = (causal[None] & valid[:, None, :]).unsqueeze(1).to(x.dtype)
+        time_bucket = self._time_buckets(batch.get("timestamps"))
+        for block in self.blocks:
+            x = block(x, causal, time_bucket) * mask
+        return self.ln(x)

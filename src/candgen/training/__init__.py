@@ -1,0 +1,1 @@
+"""Training: data preparation, the (distributed) trainer and its TorchX launch."""

@@ -1,0 +1,93 @@
+"""Fixed-shape tensors from variable-length sequences (left padding, 0 = no item)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from candgen.models.base import Batch
+from candgen.training.data import EvalSet, SequenceData
+
+
+def pad_left(seqs: list[np.ndarray], length: int, dtype: type = np.int64) -> np.ndarray:
+    """(len(seqs), length) array holding each sequence's last ``length`` values, right-aligned."""
+    out = np.zeros((len(seqs), length), dtype=dtype)
+    for i, s in enumerate(seqs):
+        tail = s[-length:]
+        if len(tail):
+            out[i, length - len(tail) :] = tail
+    return out
+
+
+@dataclass(frozen=True)
+class TrainingWindows:
+    """Next-item training examples: input window -> the same window shifted by one.
+
+    A user whose sequence is longer than ``max_len + 1`` gives several non-overlapping windows,
+    newest first, so that long histories are not thrown away.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    times: np.ndarray | None
+    user_rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.user_rows)
+
+
+def training_windows(data: SequenceData, max_len: int) -> TrainingWindows:
+    ins, outs, times, rows = [], [], [], []
+    for r, seq in enumerate(data.train):
+        secs = data.train_times[r] if data.train_times is not None else None
+        end = len(seq)
+        while end >= 2:
+            start = max(0, end - max_len - 1)
+            ins.append(seq[start : end - 1])
+            outs.append(seq[start + 1 : end])
+            if secs is not None:
+                times.append(secs[start : end - 1])
+            rows.append(r)
+            end = start + 1 if start > 0 else 0
+    if not rows:
+        raise ValueError("the training data has no user with two or more interactions")
+    return TrainingWindows(
+        inputs=pad_left(ins, max_len),
+        targets=pad_left(outs, max_len),
+        times=pad_left(times, max_len, np.float64) if times else None,
+        user_rows=np.asarray(rows, dtype=np.int64),
+    )
+
+
+def make_batch(
+    data: SequenceData,
+    items: np.ndarray,
+    times: np.ndarray | None,
+    user_rows: np.ndarray,
+    device: torch.device,
+) -> Batch:
+    """A model batch from padded arrays (and the users' static features, if any)."""
+    batch: Batch = {"items": torch.from_numpy(items).to(device)}
+    if times is not None:
+        t = times - times.max(axis=1, keepdims=True)  # relative seconds keep float32 precise
+        batch["timestamps"] = torch.from_numpy(t.astype(np.float32)).to(device)
+    if data.user_features is not None:
+        batch["user_features"] = torch.from_numpy(data.user_features[user_rows]).to(device)
+    return batch
+
+
+def eval_batches(
+    data: SequenceData, eval_set: EvalSet, max_len: int, batch_size: int, device: torch.device
+):  # type: ignore[no-untyped-def]
+    """Yields (slice of eval users, batch of their histories)."""
+    for start in range(0, len(eval_set), batch_size):
+        sl = slice(start, min(start + batch_size, len(eval_set)))
+        hist = pad_left(eval_set.histories[sl], max_len)
+        times = (
+            pad_left(eval_set.history_times[sl], max_len, np.float64)
+            if eval_set.history_times is not None
+            else None
+        )
+        yield sl, make_batch(data, hist, times, eval_set.users[sl], device)

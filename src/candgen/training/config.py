@@ -1,0 +1,144 @@
+"""The training configuration: one frozen dataclass, mapped 1:1 onto `candgen train` flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from candgen.errors import ConfigError
+
+DATASETS = ("beauty", "games", "marketplace", "planted")
+MODELS = ("sasrec", "hstu", "two_tower")
+LOSSES = ("sampled", "full")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_TEMPERATURE = {"sasrec": 1.0, "hstu": 0.05, "two_tower": 0.05}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one retrieval model.
+
+    Attributes:
+        dataset: beauty, games (../shared/data), marketplace (a `candgen data synth` folder)
+            or planted (a small set with planted structure, for tests).
+        data_dir: the data folder; empty means ../shared/data or data/marketplace.
+        features_dir: marketplace only: a `candgen features build` folder whose ad text
+            embeddings feed the two-tower item tower.
+        model: sasrec, hstu or two_tower.
+        dim: embedding width.
+        num_blocks: attention blocks (sequential models).
+        num_heads: attention heads; must divide dim.
+        dropout: dropout rate.
+        max_len: the longest history the model reads.
+        temperature: softmax temperature; 0 means the model's default (SASRec 1.0, others 0.05).
+        loss: sampled (log-Q-corrected sampled softmax) or full (softmax over all items).
+        num_negatives: uniform negatives per step for the sampled loss.
+        in_batch_negatives: also use the batch's other positives as negatives.
+        epochs: passes over the training users.
+        batch_size: global batch (split across processes).
+        lr: Adam learning rate.
+        weight_decay: AdamW weight decay.
+        seed: the one seed for data order, negatives, dropout and initialisation.
+        eval_every: validate every this many epochs (and at the last).
+        patience: stop after this many validations without improvement (0: never).
+        primary_metric: the validation metric that picks the best epoch and gates promotion.
+        protocol: full or sampled100; empty means sampled100 for games, else full.
+        eval_days: marketplace only: days in each of the validation and test windows.
+        out_dir: where checkpoints, metrics and plots go.
+        resume: continue from out_dir/checkpoint.pt if it exists.
+        device: auto (cuda when present), cpu or cuda.
+        threads: torch CPU threads per process (0: torch's default).
+        progress: show a progress bar.
+        track: log the run to MLflow.
+        tracking_uri: MLflow tracking URI; empty means sqlite:///<repo>/mlflow.db.
+        experiment: MLflow experiment name.
+        register_as: if set, register the model under this name with alias challenger.
+    """
+
+    dataset: str = "beauty"
+    data_dir: str = ""
+    features_dir: str = ""
+    model: str = "sasrec"
+    dim: int = 64
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    max_len: int = 50
+    temperature: float = 0.0
+    loss: str = "sampled"
+    num_negatives: int = 256
+    in_batch_negatives: bool = True
+    epochs: int = 50
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 42
+    eval_every: int = 5
+    patience: int = 0
+    primary_metric: str = "ndcg@10"
+    protocol: str = ""
+    eval_days: int = 1
+    out_dir: str = "runs/train"
+    resume: bool = False
+    device: str = "auto"
+    threads: int = 0
+    progress: bool = True
+    track: bool = True
+    tracking_uri: str = ""
+    experiment: str = "candgen"
+    register_as: str = ""
+
+    def __post_init__(self) -> None:
+        choices = {
+            "dataset": DATASETS, "model": MODELS, "loss": LOSSES, "device": DEVICES,
+            "protocol": ("", "full", "sampled100"),
+        }  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"{getattr(self, name)!r} is not one of {allowed}")
+        positive = ("dim", "num_blocks", "num_heads", "max_len", "epochs", "batch_size",
+                    "eval_every", "eval_days")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("num_negatives", "patience", "threads", "weight_decay", "temperature"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ConfigError("num_heads", f"{self.num_heads} does not divide dim {self.dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if self.loss == "sampled" and self.num_negatives == 0 and not self.in_batch_negatives:
+            raise ConfigError("num_negatives", "the sampled loss needs negatives: set > 0 "
+                              "or --in-batch-negatives")  # fmt: skip
+        metric, _, k = self.primary_metric.partition("@")
+        if metric not in ("hr", "ndcg", "recall") or not k.isdigit():
+            raise ConfigError("primary_metric", f"expected hr@K, ndcg@K or recall@K, got "
+                              f"{self.primary_metric!r}")  # fmt: skip
+
+    @property
+    def effective_protocol(self) -> str:
+        return self.protocol or ("sampled100" if self.dataset == "games" else "full")
+
+    @property
+    def effective_temperature(self) -> float:
+        return self.temperature or DEFAULT_TEMPERATURE[self.model]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown training config field(s) {unknown}")
+        return cls(**values)
+
+    def model_fields(self) -> dict[str, Any]:
+        """The fields that fix the model's shape (a resumed run must keep them)."""
+        names = ("dataset", "model", "dim", "num_blocks", "num_heads", "max_len")
+        return {n: getattr(self, n) for n in names}

@@ -1,0 +1,375 @@
+"""The trainer: one function, ``train(config)``, for one process or many (DDP).
+
+Under torchrun (which TorchX's dist.ddp uses) the environment names the rank and world size;
+gradients are all-reduced over gloo on CPUs or nccl on GPUs. Each process takes its share of every
+global batch, so one and two processes take the same number of steps of the same global size.
+Rank 0 validates, writes checkpoints and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from candgen.errors import CandgenError, ConfigError
+from candgen.evaluation.evaluate import evaluate_model
+from candgen.models.base import Batch, RetrievalModel
+from candgen.models.losses import full_softmax_loss, sampled_softmax_loss
+from candgen.models.sequential import HSTU, SASRec
+from candgen.models.two_tower import TwoTower
+from candgen.training.batches import make_batch, training_windows
+from candgen.training.config import TrainConfig
+from candgen.training.data import SequenceData
+
+CHECKPOINT = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (rank 0 holds the evaluation results)."""
+
+    config: TrainConfig
+    out_dir: Path
+    model_path: Path
+    valid_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    best_epoch: int
+    epochs_run: int
+    wall_seconds: float
+    peak_memory_mb: float
+    data_summary: dict[str, int]
+    snapshot: str
+    feature_service: str | None
+    world_size: int = 1
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_data(config: TrainConfig) -> SequenceData:
+    """The data set a config names."""
+    from candgen.training import data as d
+
+    if config.dataset in ("beauty", "games"):
+        return d.load_amazon(config.dataset, Path(config.data_dir) if config.data_dir else None)
+    if config.dataset == "marketplace":
+        root = Path(config.data_dir or "data/marketplace")
+        feats = Path(config.features_dir) if config.features_dir else None
+        return d.load_marketplace(root, feats, eval_days=config.eval_days)
+    return d.load_planted(seed=config.seed)
+
+
+def build_model(
+    config: TrainConfig,
+    num_items: int,
+    item_attributes: torch.Tensor,
+    item_text: torch.Tensor | None = None,
+    user_feature_cardinalities: tuple[int, ...] = (),
+) -> RetrievalModel:
+    """The model a config names, sized for the data."""
+    common = {"num_items": num_items, "dim": config.dim, "max_len": config.max_len,
+              "dropout": config.dropout, "temperature": config.effective_temperature}  # fmt: skip
+    if config.model == "sasrec":
+        return SASRec(num_blocks=config.num_blocks, num_heads=config.num_heads, **common)
+    if config.model == "hstu":
+        return HSTU(num_blocks=config.num_blocks, num_heads=config.num_heads, **common)
+    return TwoTower(
+        item_attributes=item_attributes,
+        user_feature_cardinalities=user_feature_cardinalities,
+        item_text=item_text,
+        **common,
+    )
+
+
+def load_model(path: Path, map_location: str = "cpu") -> tuple[RetrievalModel, dict[str, Any]]:
+    """Loads a ``model.pt`` written by ``train``: the model (eval mode) and its metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise CandgenError(f"{path}: no such model file")
+    saved = torch.load(path, map_location=map_location, weights_only=False)
+    config = TrainConfig.from_dict(saved["config"])
+    state = saved["state_dict"]
+    model = build_model(
+        config,
+        int(saved["num_items"]),
+        state.get("item_attributes", torch.zeros(saved["num_items"] + 1, 1, dtype=torch.long)),
+        state.get("item_text"),
+        tuple(saved.get("user_feature_cardinalities", ())),
+    )
+    model.load_state_dict(state)
+    model.eval()
+    return model, saved
+
+
+class _TrainingLoss(nn.Module):
+    """Wraps a model so that DDP sees one forward that returns the loss."""
+
+    def __init__(self, model: RetrievalModel, config: TrainConfig, log_pop: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.register_buffer("log_pop", log_pop, persistent=False)
+
+    def forward(self, batch: Batch, targets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        queries = self.model(batch)
+        keep = targets > 0
+        q, pos = queries[keep], targets[keep]
+        cfg = self.config
+        if cfg.loss == "full":
+            table = self.model.embed_items(torch.arange(self.model.num_items + 1, device=q.device))
+            return full_softmax_loss(q, pos, table, self.model.temperature)
+        return sampled_softmax_loss(
+            q, pos, self.model.embed_items,
+            num_uniform=cfg.num_negatives, num_items=self.model.num_items,
+            log_popularity=self.log_pop, temperature=self.model.temperature,
+            in_batch=cfg.in_batch_negatives, generator=gen,
+        )  # fmt: skip
+
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(config: TrainConfig, local_rank: int) -> torch.device:
+    want_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if want_cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError("device", "cuda was asked for but torch sees no GPU")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
+    before = TrainConfig.from_dict(saved["config"]).model_fields()
+    for key, value in config.model_fields().items():
+        if before[key] != value:
+            raise ConfigError(key, f"the checkpoint was trained with {before[key]!r}, not "
+                              f"{value!r}; use another out_dir or keep the setting")  # fmt: skip
+
+
+def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
+    """Trains, validates and tests one model; see ``TrainConfig`` for every setting.
+
+    Args:
+        config: the run's settings.
+        data: the prepared data set (loaded from ``config`` when None).
+
+    Returns:
+        The result; ``valid_metrics``/``test_metrics`` are filled on rank 0 only.
+    """
+    t0 = time.perf_counter()
+    rank, world, local_rank = _dist_env()
+    device = _device(config, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.batch_size < world:
+        raise ConfigError("batch_size", f"{config.batch_size} < {world} processes")
+
+    data = data if data is not None else load_data(config)
+    windows = training_windows(data, config.max_len)
+    out_dir = Path(config.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config,
+        data.num_items,
+        torch.from_numpy(data.item_attributes),
+        torch.from_numpy(data.item_text) if data.item_text is not None else None,
+        data.user_feature_cardinalities,
+    ).to(device)
+    pop = np.bincount(windows.targets.ravel(), minlength=data.num_items + 1).astype(np.float64)
+    pop[0] = 0
+    log_pop = torch.from_numpy(np.log((pop + 1.0) / (pop + 1.0).sum()).astype(np.float32))
+    wrapped: nn.Module = _TrainingLoss(model, config, log_pop).to(device)
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)  # fmt: skip
+
+    history: list[dict[str, float]] = []
+    best = {"metric": -math.inf, "epoch": 0, "state": None, "stale": 0}
+    start_epoch = 1
+    ckpt_path = out_dir / CHECKPOINT
+    if config.resume and ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location=device, weights_only=False)
+        _check_resume(saved, config)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        history, best, start_epoch = saved["history"], saved["best"], saved["epoch"] + 1
+
+    steps = max(1, len(windows) // config.batch_size)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        range(start_epoch, config.epochs + 1),
+        desc=f"train {config.model} on {config.dataset}",
+        unit="epoch",
+        disable=not (config.progress and rank == 0),
+        initial=start_epoch - 1,
+        total=config.epochs,
+    )
+    for epoch in bar:
+        wrapped.train()
+        # Every random draw of an epoch derives from (seed, epoch), so a resumed run repeats
+        # exactly the epochs it would have run.
+        torch.manual_seed(config.seed * 100_003 + epoch * 7 + rank)
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(windows))
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 131 + rank)
+        total = 0.0
+        for step in range(steps):
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size][rank::world]
+            batch = make_batch(
+                data,
+                windows.inputs[idx],
+                windows.times[idx] if windows.times is not None else None,
+                windows.user_rows[idx],
+                device,
+            )
+            targets = torch.from_numpy(windows.targets[idx]).to(device)
+            loss = wrapped(batch, targets, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+        mean_loss = total / steps
+        if world > 1:
+            t = torch.tensor([mean_loss], device=device)
+            dist.all_reduce(t)
+            mean_loss = float(t) / world
+        record: dict[str, float] = {"epoch": float(epoch), "loss": mean_loss}
+        stop = False
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            if rank == 0:
+                metrics = evaluate_model(model, data, "valid", config.effective_protocol,
+                                         config.max_len, seed=config.seed)  # fmt: skip
+                record.update({f"valid.{k}": v for k, v in metrics.items() if "." not in k})
+                value = metrics[config.primary_metric]
+                if value > best["metric"]:
+                    best = {"metric": value, "epoch": epoch, "stale": 0,
+                            "state": {k: v.detach().cpu().clone()
+                                      for k, v in model.state_dict().items()}}  # fmt: skip
+                else:
+                    best["stale"] = int(best["stale"]) + 1
+                stop = bool(config.patience) and best["stale"] >= config.patience
+                bar.set_postfix(loss=f"{mean_loss:.4f}",
+                                **{config.primary_metric: f"{value:.4f}"})  # fmt: skip
+            if world > 1:
+                flag = torch.tensor([int(stop)], device=device)
+                dist.broadcast(flag, 0)
+                stop = bool(flag)
+        history.append(record)
+        if rank == 0:
+            _atomic_save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": epoch, "history": history, "best": best,
+                 "config": config.to_dict()},
+                ckpt_path,
+            )  # fmt: skip
+        if stop:
+            break
+    bar.close()
+    epochs_run = int(history[-1]["epoch"]) if history else 0
+
+    valid_metrics: dict[str, float] = {}
+    test_metrics: dict[str, float] = {}
+    model_path = out_dir / MODEL_FILE
+    if rank == 0:
+        if best["state"] is not None:
+            model.load_state_dict(best["state"])
+        valid_metrics = evaluate_model(model, data, "valid", config.effective_protocol,
+                                       config.max_len, seed=config.seed)  # fmt: skip
+        test_metrics = evaluate_model(model, data, "test", config.effective_protocol,
+                                      config.max_len, seed=config.seed)  # fmt: skip
+        _atomic_save(
+            {"config": config.to_dict(), "state_dict": model.state_dict(),
+             "num_items": data.num_items, "item_ids": data.item_ids,
+             "user_feature_cardinalities": data.user_feature_cardinalities,
+             "snapshot": data.snapshot, "feature_service": data.feature_service,
+             "best_epoch": int(best["epoch"])},
+            model_path,
+        )  # fmt: skip
+    if world > 1:
+        dist.barrier()
+    result = TrainResult(
+        config=config,
+        out_dir=out_dir,
+        model_path=model_path,
+        valid_metrics=valid_metrics,
+        test_metrics=test_metrics,
+        history=history,
+        best_epoch=int(best["epoch"]),
+        epochs_run=epochs_run,
+        wall_seconds=time.perf_counter() - t0,
+        peak_memory_mb=_peak_memory_mb(device),
+        data_summary=data.summary(),
+        snapshot=data.snapshot,
+        feature_service=data.feature_service,
+        world_size=world,
+        device=str(device),
+    )
+    if rank == 0 and config.track:
+        from candgen.registry.tracking import log_run, register
+
+        result.extra["run_id"] = log_run(result)
+        if config.register_as:
+            result.extra["registered"] = register(
+                result.extra["run_id"], config.register_as, config.primary_metric,
+                config.tracking_uri,
+            )  # fmt: skip
+    if rank == 0:
+        (out_dir / METRICS_FILE).write_text(json.dumps(_result_json(result), indent=2))
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def _result_json(result: TrainResult) -> dict[str, Any]:
+    return {
+        "config": result.config.to_dict(),
+        "valid": result.valid_metrics,
+        "test": result.test_metrics,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "wall_seconds": result.wall_seconds,
+        "peak_memory_mb": result.peak_memory_mb,
+        "data": result.data_summary,
+        "snapshot": result.snapshot,
+        "world_size": result.world_size,
+        "device": result.device,
+        "history": result.history,
+        **result.extra,
+    }
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
