@@ -25,8 +25,9 @@ def sampled_softmax_loss(
     temperature: float,
     in_batch: bool = True,
     generator: torch.Generator | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean sampled-softmax loss of ``queries`` against their positives.
+    """Sampled-softmax loss of ``queries`` against their positives.
 
     Args:
         queries: (N, D) query embeddings (already normalised if the model is cosine).
@@ -39,9 +40,10 @@ def sampled_softmax_loss(
         temperature: logits are divided by it.
         in_batch: also use the batch's other positives as negatives.
         generator: random source for the uniform negatives (fixed seeds).
+        reduction: ``mean`` or ``none`` (one loss per query).
 
     Returns:
-        A scalar loss.
+        The mean loss, or (N,) losses.
     """
     n = positive_ids.shape[0]
     use_batch = in_batch and n > 1
@@ -79,7 +81,7 @@ def sampled_softmax_loss(
         parts.append(logits.masked_fill(hit, -1e9))
     all_logits = torch.cat([pos_logit[:, None], *parts], dim=1)
     target = torch.zeros(n, dtype=torch.long, device=queries.device)
-    return F.cross_entropy(all_logits, target)
+    return F.cross_entropy(all_logits, target, reduction=reduction)
 
 
 def full_softmax_loss(

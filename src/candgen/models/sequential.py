@@ -122,7 +122,9 @@ class _HSTUBlock(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
         self.pos_bias = nn.Parameter(torch.zeros(heads, 2 * max_len - 1))
-        self.time_bias = nn.Parameter(torch.zeros(heads, time_buckets + 1))
+        self.time_bias = (
+            nn.Parameter(torch.zeros(heads, time_buckets + 1)) if time_buckets else None
+        )
         self.max_len = max_len
         self.time_buckets = time_buckets
 
@@ -136,7 +138,7 @@ class _HSTUBlock(nn.Module):
         idx = torch.arange(n, device=x.device)
         rel = (idx[None, :] - idx[:, None]) + self.max_len - 1
         scores = scores + self.pos_bias[:, rel][None]
-        if time_bucket is not None:
+        if time_bucket is not None and self.time_bias is not None:
             scores = scores + self.time_bias[:, time_bucket].permute(1, 0, 2, 3)
         # Pointwise (not softmax) attention, normalised by the sequence length as in HSTU.
         attn = F.silu(scores) * causal / n

@@ -64,7 +64,9 @@ class Retriever:
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
-    def retrieve(self, histories: list[list[int]], k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve(
+        self, histories: list[list[int]], k: int = DEFAULT_K
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Returns (item ids, scores), each (len(histories), k), best first."""
         internal = self.encode(histories)
         if not 0 < k <= len(self.index):

@@ -40,10 +40,14 @@ def metric_key(name: str) -> str:
 def git_commit() -> str:
     """The repository's HEAD commit, suffixed ``-dirty`` when tracked files have changed."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()  # fmt: skip
+
+        def git(*args: str) -> str:
+            out = subprocess.run(["git", *args], cwd=REPO_ROOT, check=True, capture_output=True,
+                                 text=True)  # fmt: skip
+            return out.stdout.strip()
+
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
@@ -170,9 +174,7 @@ def log_run(result: Any) -> str:
         return str(run.info.run_id)
 
 
-def register(
-    run_id: str, name: str, primary_metric: str, tracking_uri: str = ""
-) -> dict[str, str]:
+def register(run_id: str, name: str, primary_metric: str, tracking_uri: str = "") -> dict[str, str]:
     """Registers a run's model as a new version of ``name`` and gives it alias ``challenger``.
 
     The version is tagged with the run's data snapshot, feature service, git commit and its
@@ -282,8 +284,12 @@ def describe(name: str, tracking_uri: str = "") -> dict[str, Any]:
     return {
         "name": name,
         "versions": [
-            {"version": v.version, "aliases": aliases.get(str(v.version), []),
-             "run_id": v.run_id, **v.tags}  # fmt: skip
+            {
+                "version": v.version,
+                "aliases": aliases.get(str(v.version), []),
+                "run_id": v.run_id,
+                **v.tags,
+            }
             for v in versions
         ],
     }

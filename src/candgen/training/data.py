@@ -274,14 +274,24 @@ def marketplace_interactions(data_dir: Path) -> pd.DataFrame:
     clicks = ev[ev["event_type"] == "click"]
     out = pd.concat(
         [
-            pd.DataFrame({"user_id": engage["user_id"], "item_id": engage["item_id"],
-                          "timestamp": engage["event_ts"], "label": "organic",
-                          "surface": engage["surface"]}),  # fmt: skip
-            pd.DataFrame({"user_id": clicks["user_id"], "item_id": clicks["ad_id"],
-                          "timestamp": clicks["event_ts"],
-                          "label": np.where(clicks["event_id"].isin(converted), "conversion",
-                                            "click"),
-                          "surface": clicks["surface"]}),  # fmt: skip
+            pd.DataFrame(
+                {
+                    "user_id": engage["user_id"],
+                    "item_id": engage["item_id"],
+                    "timestamp": engage["event_ts"],
+                    "label": "organic",
+                    "surface": engage["surface"],
+                }
+            ),
+            pd.DataFrame(
+                {
+                    "user_id": clicks["user_id"],
+                    "item_id": clicks["ad_id"],
+                    "timestamp": clicks["event_ts"],
+                    "label": np.where(clicks["event_id"].isin(converted), "conversion", "click"),
+                    "surface": clicks["surface"],
+                }
+            ),
         ],
         ignore_index=True,
     )

@@ -60,6 +60,8 @@ def torchx_command(
         raise ConfigError("image", "the kubernetes scheduler needs the platform image")
     torchx = shutil.which("torchx", path=str(Path(sys.executable).parent)) or "torchx"
     cmd = [torchx, "run", "-s", scheduler]
+    if scheduler == "kubernetes":
+        cmd += ["--workspace", ""]  # run the released image as is; never build from the cwd
     if scheduler_args:
         cmd += ["-cfg", scheduler_args]
     cmd += ["--dryrun"] if dryrun else ["--wait", "--log"]
@@ -69,6 +71,34 @@ def torchx_command(
     if gpus:
         cmd += ["--gpu", str(gpus)]
     return [*cmd, "-m", "candgen.cli", "--", "train", *config_flags(config)]
+
+
+def kubernetes_job(
+    config: TrainConfig,
+    image: str,
+    nnodes: int = 2,
+    nproc: int = 1,
+    gpus: int = 1,
+    queue: str = "default",
+    memory_mb: int = 16_384,
+    cpus: int = 4,
+) -> dict[str, Any]:
+    """The Volcano Job that ``torchx run -s kubernetes dist.torchrun ...`` would submit.
+
+    It is built offline (no cluster needed), so it can be reviewed, checked in, or applied
+    with ``kubectl apply -f``. Workers see a GPU, so the trainer uses nccl.
+    """
+    from torchx.components import dist as dist_components
+    from torchx.schedulers.kubernetes_scheduler import app_to_resource
+
+    if not image:
+        raise ConfigError("image", "the kubernetes job needs the platform image")
+    app = dist_components.torchrun(
+        "train", *config_flags(config), m="candgen.cli", image=image,
+        name=f"candgen-train-{config.model}", j=f"{nnodes}x{nproc}", gpu=gpus, cpu=cpus,
+        memMB=memory_mb,
+    )  # fmt: skip
+    return app_to_resource(app, queue=queue, service_account=None)
 
 
 def launch(config: TrainConfig, nproc: int = 2, extra: Sequence[str] = ()) -> dict[str, Any]:

@@ -78,14 +78,20 @@ def build_model(
     item_attributes: torch.Tensor,
     item_text: torch.Tensor | None = None,
     user_feature_cardinalities: tuple[int, ...] = (),
+    has_timestamps: bool = False,
 ) -> RetrievalModel:
-    """The model a config names, sized for the data."""
+    """The model a config names, sized for the data.
+
+    HSTU gets its time bias only where the data has timestamps: a parameter that never receives
+    a gradient would stall DDP's gradient reduction.
+    """
     common = {"num_items": num_items, "dim": config.dim, "max_len": config.max_len,
               "dropout": config.dropout, "temperature": config.effective_temperature}  # fmt: skip
     if config.model == "sasrec":
         return SASRec(num_blocks=config.num_blocks, num_heads=config.num_heads, **common)
     if config.model == "hstu":
-        return HSTU(num_blocks=config.num_blocks, num_heads=config.num_heads, **common)
+        return HSTU(num_blocks=config.num_blocks, num_heads=config.num_heads,
+                    time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
     return TwoTower(
         item_attributes=item_attributes,
         user_feature_cardinalities=user_feature_cardinalities,
@@ -108,6 +114,7 @@ def load_model(path: Path, map_location: str = "cpu") -> tuple[RetrievalModel, d
         state.get("item_attributes", torch.zeros(saved["num_items"] + 1, 1, dtype=torch.long)),
         state.get("item_text"),
         tuple(saved.get("user_feature_cardinalities", ())),
+        bool(saved.get("has_timestamps", False)),
     )
     model.load_state_dict(state)
     model.eval()
@@ -202,6 +209,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         torch.from_numpy(data.item_attributes),
         torch.from_numpy(data.item_text) if data.item_text is not None else None,
         data.user_feature_cardinalities,
+        data.train_times is not None,
     ).to(device)
     pop = np.bincount(windows.targets.ravel(), minlength=data.num_items + 1).astype(np.float64)
     pop[0] = 0
@@ -312,6 +320,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
             {"config": config.to_dict(), "state_dict": model.state_dict(),
              "num_items": data.num_items, "item_ids": data.item_ids,
              "user_feature_cardinalities": data.user_feature_cardinalities,
+             "has_timestamps": data.train_times is not None,
              "snapshot": data.snapshot, "feature_service": data.feature_service,
              "best_epoch": int(best["epoch"])},
             model_path,

@@ -1,0 +1,90 @@
+"""Metric functions against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from candgen.evaluation.metrics import (
+    chunked_topk,
+    coverage,
+    ranking_metrics,
+    sampled_ranks,
+    target_ranks,
+)
+
+
+def test_single_target_users_by_hand() -> None:
+    # user 0 hits at rank 0, user 1 at rank 3, user 2 misses (rank >= K).
+    ranks = np.array([0, 3, 100])
+    m = ranking_metrics(ranks, np.array([0, 1, 2]), ks=(1, 5))
+    assert m["users"] == 3
+    assert m["hr@1"] == pytest.approx(1 / 3)
+    assert m["hr@5"] == pytest.approx(2 / 3)
+    assert m["recall@5"] == pytest.approx(2 / 3)  # one target per user: recall == HR
+    assert m["ndcg@5"] == pytest.approx((1.0 + 1.0 / math.log2(5)) / 3)
+    assert m["ndcg@1"] == pytest.approx(1 / 3)
+
+
+def test_multi_target_user_by_hand() -> None:
+    # One user with targets at ranks 0 and 7: at K=5 one of two is found.
+    m = ranking_metrics(np.array([0, 7]), np.array([0, 0]), ks=(5, 10))
+    assert m["hr@5"] == 1.0
+    assert m["recall@5"] == 0.5
+    assert m["ndcg@5"] == pytest.approx(1.0 / (1.0 + 1.0 / math.log2(3)))
+    assert m["recall@10"] == 1.0
+    ideal = 1.0 + 1.0 / math.log2(3)
+    assert m["ndcg@10"] == pytest.approx((1.0 + 1.0 / math.log2(9)) / ideal)
+
+
+def test_target_ranks_and_coverage() -> None:
+    topk = np.array([[5, 2, 9], [1, 2, 3]])
+    ranks = target_ranks(topk, np.array([0, 0, 1]), np.array([9, 4, 1]))
+    assert ranks.tolist() == [2, 3, 0]
+    assert coverage(topk, num_items=10, k=2) == pytest.approx(3 / 10)  # {5, 2, 1}
+
+
+def test_chunked_topk_excludes_history_and_padding_and_matches_one_chunk() -> None:
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(51, 8, generator=gen)
+    queries = torch.randn(7, 8, generator=gen)
+    exclude = [np.array([1, 2, 3]), np.array([], dtype=np.int64)] + [
+        np.array([i]) for i in range(5)
+    ]
+    one = chunked_topk(queries, table, 10, exclude)
+    tiny = chunked_topk(queries, table, 10, exclude, max_bytes=1)  # one query per chunk
+    assert torch.equal(one, tiny)
+    scores = queries @ table.T
+    scores[:, 0] = -torch.inf
+    for i, ex in enumerate(exclude):
+        assert not set(one[i].tolist()) & set(ex.tolist())
+        assert 0 not in one[i].tolist()
+        s = scores[i].clone()
+        s[torch.as_tensor(ex, dtype=torch.long)] = -torch.inf
+        assert one[i].tolist() == s.topk(10).indices.tolist()
+
+
+def test_chunked_topk_rejects_k_beyond_the_catalogue() -> None:
+    with pytest.raises(ValueError, match=r"k: must be in 1\.\.4"):
+        chunked_topk(torch.ones(1, 2), torch.ones(5, 2), 5, [np.zeros(0, np.int64)])
+
+
+def test_sampled_ranks_never_draw_interacted_items() -> None:
+    # Items 1..5 are the user's history and score far above everything; the target (6) scores
+    # above every other item. Were any history item drawn as a negative, the rank would be > 0.
+    n = 300
+    table = torch.zeros(n + 1, 1)
+    table[1:6] = 100.0
+    table[6] = 1.0
+    table[7:] = torch.linspace(-1, 0.5, n - 6)[:, None]
+    ranks = sampled_ranks(
+        torch.ones(1, 1), table, np.array([6]), [np.array([1, 2, 3, 4, 5, 6])], seed=3
+    )
+    assert ranks.tolist() == [0]
+    # A target that scores lowest ranks last among the 100 negatives.
+    table[6] = -5.0
+    ranks = sampled_ranks(torch.ones(1, 1), table, np.array([6]), [np.array([6])], seed=3)
+    assert ranks.tolist() == [100]
