@@ -7,11 +7,16 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP_FLAGS := --quiet --disable-pip-version-check $(FIND_LINKS)
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-unit test-integration lint format clean help
+.PHONY: setup demo test test-unit test-integration lint format clean help train train-ddp \
+	benchmark-quality mlflow-ui
 
 help:
 	@echo "make setup             build .venv (platform) and .venv-serving (Triton runtime)"
-	@echo "make demo              synthesize data, build features, Feast apply/materialize/lookup"
+	@echo "make demo              data, features, Feast, a TorchX-trained model, MLflow registry"
+	@echo "make train             SASRec on Amazon Beauty in this process (MODEL=hstu, DATASET=games)"
+	@echo "make train-ddp         the same as a 2-process TorchX job (DDP over gloo)"
+	@echo "make benchmark-quality SASRec and HSTU on Beauty and Games -> docs/BENCHMARKS.md"
+	@echo "make mlflow-ui         browse runs and registered models (http://127.0.0.1:5000)"
 	@echo "make test              lint + the whole test suite (needs Redis at 127.0.0.1:6379)"
 	@echo "make test-unit         only the tests that need no service"
 	@echo "make lint / format     ruff check + format --check / ruff format"
@@ -33,6 +38,22 @@ $(SERVING_VENV)/.installed: requirements/serving.txt requirements/serving.lock
 demo: setup
 	$(BIN)/candgen demo
 
+MODEL ?= sasrec
+DATASET ?= beauty
+
+train: $(VENV)/.installed
+	$(BIN)/candgen train --dataset $(DATASET) --model $(MODEL) --out-dir runs/$(DATASET)-$(MODEL)
+
+train-ddp: $(VENV)/.installed
+	$(BIN)/candgen train --nproc 2 --dataset $(DATASET) --model $(MODEL) \
+		--out-dir runs/$(DATASET)-$(MODEL)-ddp
+
+benchmark-quality: $(VENV)/.installed
+	$(BIN)/python benchmarks/quality.py
+
+mlflow-ui: $(VENV)/.installed
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -51,4 +72,4 @@ test-integration: setup
 	$(BIN)/pytest -m integration
 
 clean:
-	rm -rf data feature_repo/data .pytest_cache
+	rm -rf data feature_repo/data runs .pytest_cache

@@ -2,7 +2,9 @@
 
 Synthesizes a small marketplace, computes features (with the ad text embeddings), applies the
 Feast repository, materializes into the SQLite online store, looks one user up online, pushes a
-real-time engagement, and builds a point-in-time training set, printing what each step did.
+real-time engagement, builds a point-in-time training set, trains a two-tower model as a
+2-process TorchX job, logs and registers it in MLflow, and promotes it by alias, printing what
+each step did.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from candgen.data.synth import SynthConfig, generate
+from candgen.evaluation.evaluate import evaluate_popularity
 from candgen.features.build import FeatureBuildConfig, build_features
 from candgen.features.store import (
     Engagement,
@@ -29,6 +32,10 @@ from candgen.features.store import (
     push_engagements,
 )
 from candgen.features.training_set import label_rows, training_set
+from candgen.registry.tracking import PromotionRefused, default_tracking_uri, promote
+from candgen.training.config import TrainConfig
+from candgen.training.launch import launch
+from candgen.training.trainer import load_data
 
 T = TypeVar("T")
 
@@ -132,13 +139,64 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
           f"{ts['label'].mean():.2%}; {has_seq.mean():.0%} have a short-term sequence "
           "as of their impression time")  # fmt: skip
 
+    train_cfg = TrainConfig(
+        dataset="marketplace", data_dir=str(market), features_dir=str(features),
+        model="two_tower", epochs=DEMO_EPOCHS, eval_every=2, eval_days=2, max_len=50,
+        batch_size=128, out_dir=str(workdir / "train"), register_as=DEMO_MODEL_NAME,
+    )  # fmt: skip
+    metrics = _step(
+        8, "train a two-tower model with TorchX (2 processes, DDP over gloo), log it to MLflow "
+        "and register it as the challenger", lambda: launch(train_cfg, nproc=2),
+    )  # fmt: skip
+    _print_metrics(metrics, market, train_cfg)
+    promoted = _step(9, f"promote {DEMO_MODEL_NAME}: champion moves only if the challenger "
+                     "is at least as good", lambda: _try_promote(DEMO_MODEL_NAME))  # fmt: skip
+    print(f"    {promoted}")
+
     print("\nNext:")
     print(f"  candgen features online --user-id {user} --features-dir {features} "
           f"--state-dir {state}")  # fmt: skip
     print(f"  candgen features push --user-id {user} --item-id {ad_id} --action-type click "
           f"--features-dir {features} --state-dir {state}")  # fmt: skip
-    print("  make test   # the whole suite, against real SQLite, DuckDB and Redis")
+    print("  make test   # the whole suite, against real SQLite, DuckDB, Redis and PostgreSQL")
+    print(f"  mlflow ui --backend-store-uri {default_tracking_uri()}   # then open "
+          "http://127.0.0.1:5000 (runs, plots, the registry)")  # fmt: skip
+    print(f"  candgen registry show --name {DEMO_MODEL_NAME}")
     return 0
+
+
+DEMO_MODEL_NAME = "candgen-demo-two-tower"
+DEMO_EPOCHS = 6
+
+
+def _print_metrics(metrics: dict, market: Path, cfg: TrainConfig) -> None:
+    test = metrics["test"]
+    data = load_data(cfg)
+    pop = evaluate_popularity(data, "test")
+    reg = metrics["registered"]
+    print(f"    {int(test['users']):,} users with targets in the last {cfg.eval_days} days; "
+          f"MLflow run {metrics.get('run_id', '?')[:12]}…, registered {reg['name']} "
+          f"v{reg['version']} as challenger")  # fmt: skip
+    print(f"    {'':<26}{'two-tower':>10}{'popularity':>12}")
+    for key in ("hr@10", "recall@50", "recall@100", "ndcg@10", "coverage@100"):
+        print(f"    {key:<26}{test[key]:>10.4f}{pop.get(key, float('nan')):>12.4f}")
+    for group in ("label", "surface"):
+        names = sorted({k.split(".")[1] for k in test if k.startswith(group + ".")})
+        for name in names:
+            key = f"{group}.{name}.recall@100"
+            print(f"    {key:<26}{test[key]:>10.4f}{pop.get(key, float('nan')):>12.4f}"
+                  f"   ({int(test[f'{group}.{name}.users'])} users)")  # fmt: skip
+
+
+def _try_promote(name: str) -> str:
+    try:
+        out = promote(name)
+    except PromotionRefused as e:
+        return f"refused: {e}"
+    return (
+        f"{out['status']}: champion is v{out['champion']} ({out['metric']} = "
+        f"{float(out['challenger_value']):.4f})"
+    )
 
 
 def _affinity_agreement(features: Path, truth: pd.DataFrame) -> float:
