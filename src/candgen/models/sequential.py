@@ -16,9 +16,17 @@ from torch import nn
 from candgen.models.base import Batch, RetrievalModel, Similarity
 
 
-class _ItemEmbedding(RetrievalModel):
+class _SequenceEncoder(RetrievalModel):
+    """Shared parts: the item table (input and output), learned positions, the final norm."""
+
     def __init__(
-        self, num_items: int, dim: int, max_len: int, similarity: Similarity, temperature: float
+        self,
+        num_items: int,
+        dim: int,
+        max_len: int,
+        dropout: float,
+        similarity: Similarity,
+        temperature: float,
     ) -> None:
         super().__init__(num_items, similarity, temperature)
         self.dim = dim
@@ -27,13 +35,22 @@ class _ItemEmbedding(RetrievalModel):
         nn.init.normal_(self.item_emb.weight, std=1.0 / math.sqrt(dim))
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+        self.pos_emb = nn.Embedding(max_len, dim)
+        self.emb_dropout = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(dim)
 
     def raw_item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self.item_emb(ids)
 
-    def _check(self, items: torch.Tensor) -> None:
-        if items.shape[1] > self.max_len:
-            raise ValueError(f"items: sequence length {items.shape[1]} > max_len {self.max_len}")
+    def _input(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) scaled item + position embeddings (zero at padding) and the (B, L, 1) mask."""
+        n = items.shape[1]
+        if n > self.max_len:
+            raise ValueError(f"items: sequence length {n} > max_len {self.max_len}")
+        mask = (items > 0).unsqueeze(-1)
+        pos = torch.arange(self.max_len - n, self.max_len, device=items.device)
+        x = self.item_emb(items) * math.sqrt(self.dim) + self.pos_emb(pos)
+        return self.emb_dropout(x) * mask, mask
 
 
 class _CausalSelfAttentionBlock(nn.Module):
@@ -61,7 +78,7 @@ class _CausalSelfAttentionBlock(nn.Module):
         return x + self.dropout(self.ffn(self.ln2(x)))
 
 
-class SASRec(_ItemEmbedding):
+class SASRec(_SequenceEncoder):
     """SASRec (Kang & McAuley, 2018): causal self-attention over the item sequence.
 
     Trained here with (sampled) softmax rather than the original binary cross-entropy.
@@ -88,21 +105,13 @@ class SASRec(_ItemEmbedding):
         similarity: Similarity = "dot",
         temperature: float = 1.0,
     ) -> None:
-        super().__init__(num_items, dim, max_len, similarity, temperature)
-        self.pos_emb = nn.Embedding(max_len, dim)
-        self.emb_dropout = nn.Dropout(dropout)
+        super().__init__(num_items, dim, max_len, dropout, similarity, temperature)
         self.blocks = nn.ModuleList(
             _CausalSelfAttentionBlock(dim, num_heads, dropout) for _ in range(num_blocks)
         )
-        self.ln = nn.LayerNorm(dim)
 
     def encode_positions(self, batch: Batch) -> torch.Tensor:
-        items = batch["items"]
-        self._check(items)
-        mask = (items > 0).unsqueeze(-1)
-        pos = torch.arange(self.max_len - items.shape[1], self.max_len, device=items.device)
-        x = self.item_emb(items) * math.sqrt(self.dim) + self.pos_emb(pos)
-        x = self.emb_dropout(x) * mask
+        x, mask = self._input(batch["items"])
         for block in self.blocks:
             x = block(x) * mask
         return self.ln(x)
@@ -147,7 +156,7 @@ class _HSTUBlock(nn.Module):
         return x + self.dropout(y)
 
 
-class HSTU(_ItemEmbedding):
+class HSTU(_SequenceEncoder):
     """An HSTU-style sequential transducer (Zhai et al., 2024) for generative retrieval.
 
     Pointwise SiLU attention replaces softmax attention; a learned bias by relative position, and
@@ -176,14 +185,11 @@ class HSTU(_ItemEmbedding):
         temperature: float = 0.05,
         time_buckets: int = 64,
     ) -> None:
-        super().__init__(num_items, dim, max_len, "cosine", temperature)
+        super().__init__(num_items, dim, max_len, dropout, "cosine", temperature)
         self.time_buckets = time_buckets
-        self.pos_emb = nn.Embedding(max_len, dim)
-        self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             _HSTUBlock(dim, num_heads, max_len, time_buckets, dropout) for _ in range(num_blocks)
         )
-        self.ln = nn.LayerNorm(dim)
 
     def _time_buckets(self, timestamps: torch.Tensor | None) -> torch.Tensor | None:
         if timestamps is None or self.time_buckets == 0:
@@ -194,12 +200,8 @@ class HSTU(_ItemEmbedding):
 
     def encode_positions(self, batch: Batch) -> torch.Tensor:
         items = batch["items"]
-        self._check(items)
         n = items.shape[1]
-        mask = (items > 0).unsqueeze(-1)
-        pos = torch.arange(self.max_len - n, self.max_len, device=items.device)
-        x = self.item_emb(items) * math.sqrt(self.dim) + self.pos_emb(pos)
-        x = self.emb_dropout(x) * mask
+        x, mask = self._input(items)
         valid = items > 0
         causal = torch.ones(n, n, dtype=torch.bool, device=items.device).tril()
         causal = (causal[None] & valid[:, None, :]).unsqueeze(1).to(x.dtype)
