@@ -61,3 +61,34 @@ def test_argparse_type_errors_exit_2() -> None:
     )
     assert proc.returncode == 2
     assert "--users: invalid int value: 'many'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--model", "bert4rec"], "model: 'bert4rec' is not one of"),
+        (["train", "--num-heads", "3"], "num_heads: 3 does not divide dim 64"),
+        (["train", "--protocol", "sampled50"], "protocol: 'sampled50' is not one of"),
+        (["train", "--data-dir", "/nonexistent", "--no-track"], "Beauty.txt: no such file"),
+        (["evaluate", "--model", "/nonexistent/model.pt"], "/nonexistent/model.pt: no such"),
+    ],
+)
+def test_bad_train_arguments_exit_2_naming_the_field(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "planted", "--model", "two_tower", "--epochs", "3",
+               "--batch-size", "64", "--max-len", "20", "--no-track", "--no-progress",
+               "--out-dir", str(out)])  # fmt: skip
+    assert rc == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["test"]["users"] == 600 and trained["world_size"] == 1
+    assert main(["evaluate", "--model", str(out / "model.pt")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["model"]["hr@10"] == pytest.approx(trained["test"]["hr@10"])
+    assert evaluated["model"]["hr@10"] > evaluated["popularity"]["hr@10"]

@@ -96,10 +96,16 @@ def evaluate_model(
     max_len: int = 50,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``data.valid`` or ``data.test``."""
+    """Metrics of ``model`` (in eval mode: no dropout) on ``data.valid`` or ``data.test``."""
     eval_set = data.test if split == "test" else data.valid
-    queries = user_queries(model, data, eval_set, max_len)
-    return evaluate_vectors(queries, model.item_table(), data, eval_set, protocol, seed=seed)
+    was_training = model.training
+    model.eval()
+    try:
+        queries = user_queries(model, data, eval_set, max_len)
+        table = model.item_table()
+    finally:
+        model.train(was_training)
+    return evaluate_vectors(queries, table, data, eval_set, protocol, seed=seed)
 
 
 def evaluate_popularity(

@@ -70,7 +70,10 @@ class RetrievalModel(nn.Module):
 
     @torch.no_grad()
     def item_table(self, chunk: int = 65_536) -> torch.Tensor:
-        """Returns (num_items + 1, D) embeddings of every item; row 0 (padding) is zero."""
+        """Returns (num_items + 1, D) embeddings of every item; row 0 (padding) is zero.
+
+        Call it in eval mode: a tower with dropout gives noisy embeddings in training mode.
+        """
         device = next(self.parameters()).device
         rows = []
         for start in range(0, self.num_items + 1, chunk):

@@ -199,6 +199,11 @@ def load_amazon(dataset: str, data_dir: Path | None = None) -> SequenceData:
     from candgen.paths import shared_data_dir
 
     root = Path(data_dir) if data_dir else shared_data_dir()
+    files = {"beauty": amazon.BEAUTY_FILE, "games": amazon.GAMES_FILE}
+    if dataset in files and not (root / files[dataset]).exists():
+        raise DataFormatError(str(root / files[dataset]), None,
+                              "no such file; set data_dir (or $CANDGEN_SHARED_DATA) to the "
+                              "folder that holds amazon-beauty/ and amazon-games/")  # fmt: skip
     if dataset == "beauty":
         df = amazon.load_beauty(root)
         attrs = amazon.load_beauty_attributes(root)
