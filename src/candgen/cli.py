@@ -212,6 +212,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from candgen.training.config import TrainConfig
 
     cfg = config_from_args(TrainConfig, args)
+    if args.k8s_image:
+        import yaml
+        from kubernetes.client import ApiClient
+
+        from candgen.training.launch import kubernetes_job
+
+        job = kubernetes_job(cfg, args.k8s_image, nnodes=args.nnodes, nproc=args.nproc,
+                             gpus=args.gpus)  # fmt: skip
+        print(yaml.safe_dump(ApiClient().sanitize_for_serialization(job), sort_keys=False))
+        return 0
     if args.nproc > 1 or args.torchx:
         from candgen.training.launch import launch
 
@@ -348,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--nproc", type=int, default=1,
                     help="processes; > 1 launches a TorchX dist.torchrun job (DDP)")  # fmt: skip
     tr.add_argument("--torchx", action="store_true", help="launch through TorchX even for 1")
+    tr.add_argument("--k8s-image", default="",
+                    help="print the Kubernetes (Volcano) job for this image instead of training; "
+                    "apply it with kubectl")  # fmt: skip
+    tr.add_argument("--nnodes", type=int, default=2, help="with --k8s-image: nodes")
+    tr.add_argument("--gpus", type=int, default=1, help="with --k8s-image: GPUs per node")
     add_config_flags(tr, TrainConfig)
     tr.set_defaults(func=cmd_train)
 

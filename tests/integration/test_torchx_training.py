@@ -71,3 +71,20 @@ def test_kubernetes_job_is_a_gpu_volcano_job(tmp_path: Path) -> None:
 def test_kubernetes_needs_an_image(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="image: "):
         torchx_command(_config(tmp_path), scheduler="kubernetes")
+
+
+def test_cli_prints_an_applicable_kubernetes_job() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "candgen.cli", "train", "--k8s-image", "reg/candgen:1",
+         "--dataset", "games", "--model", "hstu", "--nproc", "1", "--nnodes", "2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+
+    job = yaml.safe_load(proc.stdout)
+    assert job["kind"] == "Job"
+    container = job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]
+    assert container["image"] == "reg/candgen:1"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "--model hstu" in " ".join(container["command"])
