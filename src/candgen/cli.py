@@ -402,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # ibis (Feast's DuckDB offline store) calls a method that DuckDB 2 deprecates.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="ibis")
+    # MLflow's SQL store configures a SQLAlchemy loader that SQLAlchemy 2 deprecates.
+    warnings.filterwarnings("ignore", message="The ``noload`` loader strategy")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -2,7 +2,7 @@
 
 Synthesizes a small marketplace, computes features (with the ad text embeddings), applies the
 Feast repository, materializes into the SQLite online store, looks one user up online, pushes a
-real-time engagement, builds a point-in-time training set, trains a two-tower model as a
+real-time engagement, builds a point-in-time training set, trains an HSTU model as a
 2-process TorchX job, logs and registers it in MLflow, and promotes it by alias, printing what
 each step did.
 """
@@ -141,11 +141,11 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
 
     train_cfg = TrainConfig(
         dataset="marketplace", data_dir=str(market), features_dir=str(features),
-        model="two_tower", epochs=DEMO_EPOCHS, eval_every=2, eval_days=2, max_len=50,
+        model="hstu", epochs=DEMO_EPOCHS, lr=3e-3, eval_every=5, eval_days=2, max_len=50,
         batch_size=128, out_dir=str(workdir / "train"), register_as=DEMO_MODEL_NAME,
     )  # fmt: skip
     metrics = _step(
-        8, "train a two-tower model with TorchX (2 processes, DDP over gloo), log it to MLflow "
+        8, "train an HSTU model with TorchX (2 processes, DDP over gloo), log it to MLflow "
         "and register it as the challenger", lambda: launch(train_cfg, nproc=2),
     )  # fmt: skip
     _print_metrics(metrics, market, train_cfg)
@@ -165,8 +165,10 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
     return 0
 
 
-DEMO_MODEL_NAME = "candgen-demo-two-tower"
-DEMO_EPOCHS = 6
+DEMO_MODEL_NAME = "candgen-demo-hstu"
+# On the demo marketplace HSTU passes the popularity baseline's HR@10 after about 20 epochs
+# (lr 3e-3); 30 leave a margin and take about 20 s.
+DEMO_EPOCHS = 30
 
 
 def _print_metrics(metrics: dict, market: Path, cfg: TrainConfig) -> None:
@@ -177,7 +179,7 @@ def _print_metrics(metrics: dict, market: Path, cfg: TrainConfig) -> None:
     print(f"    {int(test['users']):,} users with targets in the last {cfg.eval_days} days; "
           f"MLflow run {metrics.get('run_id', '?')[:12]}…, registered {reg['name']} "
           f"v{reg['version']} as challenger")  # fmt: skip
-    print(f"    {'':<26}{'two-tower':>10}{'popularity':>12}")
+    print(f"    {'':<26}{cfg.model:>10}{'popularity':>12}")
     for key in ("hr@10", "recall@50", "recall@100", "ndcg@10", "coverage@100"):
         print(f"    {key:<26}{test[key]:>10.4f}{pop.get(key, float('nan')):>12.4f}")
     for group in ("label", "surface"):
