@@ -69,6 +69,20 @@ def machine_description(device: str) -> str:
     return desc
 
 
+def _overrides(pairs: list[str]) -> dict[str, object]:
+    """``["loss=full", "epochs=200"]`` -> typed TrainConfig values (for experiments)."""
+    import dataclasses
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types:
+            raise SystemExit(f"--set {pair}: {key!r} is not a TrainConfig field")
+        out[key] = value.lower() in ("1", "true") if types[key] is bool else types[key](value)
+    return out
+
+
 def run_row(dataset: str, model: str, args: argparse.Namespace) -> dict[str, object]:
     """Trains one row in this process and returns its record."""
     from candgen.training.trainer import train
@@ -76,7 +90,7 @@ def run_row(dataset: str, model: str, args: argparse.Namespace) -> dict[str, obj
     cfg = TrainConfig(dataset=dataset, model=model, data_dir=args.data_dir, device=args.device,
                       out_dir=str(Path(args.runs) / f"{dataset}-{model}"), progress=True,
                       track=args.track, experiment="quality-benchmark",
-                      **SETTINGS[dataset])  # type: ignore[arg-type]  # fmt: skip
+                      **(SETTINGS[dataset] | _overrides(args.set)))  # type: ignore[arg-type]  # fmt: skip
     result = train(cfg)
     m = result.test_metrics
     return {
@@ -182,6 +196,8 @@ def main() -> int:
     p.add_argument("--runs", default=str(ROOT / "runs" / "quality"))
     p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
                    help="log each run to MLflow (needs the platform environment)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a setting (experiments: use another --machine)")  # fmt: skip
     p.add_argument("--row", default="", help=argparse.SUPPRESS)  # internal: one row, JSON out
     p.add_argument("--render-only", action="store_true", help="rewrite the doc from stored rows")
     args = p.parse_args()
@@ -198,6 +214,7 @@ def main() -> int:
         for dataset in args.datasets.split(","):
             for model in args.models.split(","):
                 flags = ["--device", args.device, "--machine", args.machine]
+                flags += [f"--set={pair}" for pair in args.set]
                 if args.data_dir:
                     flags += ["--data-dir", args.data_dir]
                 if not args.track:
