@@ -102,6 +102,8 @@ def test_register_promote_and_refuse(tracking_uri: str, tmp_path: Path) -> None:
     assert len(out["item_ids"][0]) == 7 and not {1, 2, 3} & set(out["item_ids"][0])
     with pytest.raises(CandgenError, match="item id 4242 is not in the model's vocabulary"):
         model.predict(pd.DataFrame({"history": [[1, 4242]]}))
+    with pytest.raises(CandgenError, match=r"history\[0\]: empty"):
+        model.predict(pd.DataFrame({"history": [[]]}))
 
     described = tracking.describe(name, tracking_uri)
     assert [v["aliases"] for v in described["versions"]] == [["champion"], ["challenger"]]
@@ -115,3 +117,13 @@ def test_cli_promote_refusal_exits_2(tracking_uri: str, tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "no registered model 'nothing-here'" in proc.stderr
+
+
+def test_registering_an_unknown_run_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "candgen.cli", "registry", "register", "--name", "m",
+         "--run-id", "0123456789abcdef", "--tracking-uri", f"sqlite:///{tmp_path / 'db'}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "run_id: no run '0123456789abcdef'" in proc.stderr

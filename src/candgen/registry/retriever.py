@@ -52,6 +52,8 @@ class Retriever:
         for row, hist in enumerate(histories):
             internal = []
             for item in hist:
+                if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+                    raise CandgenError(f"history[{row}]: item ids must be integers, got {item!r}")
                 if int(item) not in self.index:
                     raise CandgenError(
                         f"history[{row}]: item id {int(item)} is not in the model's vocabulary "

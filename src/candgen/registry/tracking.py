@@ -184,9 +184,14 @@ def register(run_id: str, name: str, primary_metric: str, tracking_uri: str = ""
         ``{"name", "version", "alias", "primary_metric", "value"}``.
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     mc = client(tracking_uri)
-    run = mc.get_run(run_id)
+    try:
+        run = mc.get_run(run_id)
+    except MlflowException:
+        where = tracking_uri or "the default store"
+        raise CandgenError(f"run_id: no run {run_id!r} in {where}") from None
     key = f"test.{primary_metric}"
     value = run.data.metrics.get(metric_key(key))
     if value is None:
