@@ -1,0 +1,1 @@
+"""ANN indexes over item/ad embeddings (FAISS), with query-time eligibility."""

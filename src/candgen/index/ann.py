@@ -1,0 +1,243 @@
+"""A FAISS index over ad embeddings that grows and shrinks in place.
+
+The metric is always inner product: cosine models hand in L2-normalised vectors (so inner
+product is cosine) and dot-product models are scored as trained. Small corpora use exact search;
+larger ones HNSW (or IVF-PQ when memory matters). Ineligible ads (paused, budget exhausted) are
+excluded at query time through a FAISS ID selector, never by rebuilding. New ads are added and
+expired ads removed in place; HNSW cannot delete, so its removed ids are excluded at query time
+like ineligible ones until the next rebuild compacts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from candgen.errors import ConfigError
+
+KINDS = ("auto", "flat", "hnsw", "ivfpq")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How to index a corpus.
+
+    Attributes:
+        kind: auto (flat up to ``exact_max`` vectors, else hnsw; flat always on a GPU), flat,
+            hnsw or ivfpq.
+        exact_max: the largest corpus that ``auto`` searches exactly on a CPU.
+        hnsw_m: HNSW graph degree.
+        ef_construction: HNSW build beam.
+        ef_search: HNSW search beam (raise it for recall, lower it for speed).
+        ivf_nlist: IVF cells; 0 means 4 * sqrt(corpus size).
+        pq_m: PQ sub-quantizers (must divide the dimension).
+        nprobe: IVF cells visited per query.
+        device: cpu or cuda (FAISS GPU; needs a FAISS build with GPU support).
+    """
+
+    kind: str = "auto"
+    exact_max: int = 200_000
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 256
+    ivf_nlist: int = 0
+    pq_m: int = 16
+    nprobe: int = 32
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError("kind", f"{self.kind!r} is not one of {KINDS}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError("device", f"{self.device!r} is not one of ('cpu', 'cuda')")
+        for name in ("exact_max", "hnsw_m", "ef_construction", "ef_search", "pq_m", "nprobe"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        if self.ivf_nlist < 0:
+            raise ConfigError("ivf_nlist", f"must be >= 0, got {self.ivf_nlist}")
+
+    def resolved_kind(self, n: int) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return "flat" if self.device == "cuda" or n <= self.exact_max else "hnsw"
+
+
+class AdIndex:
+    """Inner-product search over (ad id, vector) pairs with query-time exclusions.
+
+    Args:
+        dim: vector width.
+        config: index settings.
+        expected_size: corpus size used to pick the index kind (and IVF cells).
+    """
+
+    def __init__(self, dim: int, config: IndexConfig | None = None, expected_size: int = 0):
+        import faiss
+
+        self.faiss = faiss
+        self.dim = dim
+        self.config = config or IndexConfig()
+        self.kind = self.config.resolved_kind(expected_size)
+        if self.kind == "hnsw":
+            base = faiss.IndexHNSWFlat(dim, self.config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            base.hnsw.efConstruction = self.config.ef_construction
+        elif self.kind == "ivfpq":
+            if dim % self.config.pq_m:
+                raise ConfigError("pq_m", f"{self.config.pq_m} does not divide dim {dim}")
+            nlist = self.config.ivf_nlist or max(1, int(4 * np.sqrt(max(expected_size, 1))))
+            quantizer = faiss.IndexFlatIP(dim)
+            base = faiss.IndexIVFPQ(quantizer, dim, nlist, self.config.pq_m, 8,
+                                    faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+        else:
+            base = faiss.IndexFlatIP(dim)
+        if self.config.device == "cuda":
+            if faiss.get_num_gpus() < 1:
+                raise ConfigError("device", "cuda was asked for but this FAISS build sees no GPU")
+            base = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, base)
+        self.index = faiss.IndexIDMap2(base) if self.kind != "hnsw" else faiss.IndexIDMap(base)
+        self._base = base
+        self._live: set[int] = set()
+        self._tombstones: set[int] = set()
+
+    @classmethod
+    def build(
+        cls, ids: np.ndarray, vectors: np.ndarray, config: IndexConfig | None = None
+    ) -> AdIndex:
+        """An index holding ``vectors`` under ``ids`` (IVF-PQ is trained on them first)."""
+        index = cls(vectors.shape[1], config, expected_size=len(ids))
+        if index.kind == "ivfpq":
+            index._base.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        index.add(ids, vectors)
+        return index
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, ad_id: int) -> bool:
+        return int(ad_id) in self._live
+
+    def _check(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(ids, dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ConfigError("vectors", f"expected shape (n, {self.dim}), got {vectors.shape}")
+        if len(ids) != len(vectors):
+            raise ConfigError("ids", f"{len(ids)} ids for {len(vectors)} vectors")
+        if len(np.unique(ids)) != len(ids):
+            raise ConfigError("ids", "ids repeat within one call")
+        if (ids < 0).any():
+            raise ConfigError("ids", "ids must be >= 0 (FAISS uses -1 for 'no result')")
+        if not np.isfinite(vectors).all():
+            raise ConfigError("vectors", "vectors hold NaN or infinity")
+        return ids, vectors
+
+    def add(self, ids: Iterable[int] | np.ndarray, vectors: np.ndarray) -> None:
+        """Adds ads (an id already present is replaced); they are searchable at once."""
+        ids, vectors = self._check(np.asarray(list(ids) if not isinstance(ids, np.ndarray)
+                                              else ids), vectors)  # fmt: skip
+        present = [i for i in ids.tolist() if i in self._live or i in self._tombstones]
+        if present and self.kind == "hnsw":
+            raise ConfigError("ids", f"HNSW cannot replace ads in place ({present[:5]}...); "
+                              "rebuild the index")  # fmt: skip
+        if present:
+            self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(present, np.int64)))
+        self.index.add_with_ids(vectors, ids)
+        self._live.update(ids.tolist())
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Removes ads; returns how many were present."""
+        gone = [int(i) for i in ids if int(i) in self._live]
+        if not gone:
+            return 0
+        if self.kind == "hnsw":
+            self._tombstones.update(gone)
+        else:
+            self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(gone, np.int64)))
+        self._live.difference_update(gone)
+        return len(gone)
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude: Iterable[int] = ()
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Top-``k`` ads per query, best first, skipping ``exclude`` (e.g. ineligible ads).
+
+        Returns:
+            Per query, the ad ids and scores; fewer than ``k`` where fewer ads qualify (FAISS's
+            -1 padding is dropped, never returned).
+        """
+        if k <= 0:
+            raise ConfigError("k", f"must be > 0, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ConfigError("queries", f"expected shape (n, {self.dim}), got {queries.shape}")
+        excluded = np.asarray(sorted(set(map(int, exclude)) | self._tombstones), dtype=np.int64)
+        k_eff = min(k, max(len(self._live), 1))
+        params = self._params(excluded)
+        scores, found = self.index.search(queries, k_eff, params=params)
+        out_ids, out_scores = [], []
+        for row_ids, row_scores in zip(found, scores, strict=True):
+            keep = row_ids >= 0
+            out_ids.append(row_ids[keep])
+            out_scores.append(row_scores[keep])
+        return out_ids, out_scores
+
+    def _params(self, excluded: np.ndarray):  # type: ignore[no-untyped-def]
+        faiss = self.faiss
+        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded)) if len(excluded) else None
+        if self.kind == "hnsw":
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=self.config.ef_search)
+        if self.kind == "ivfpq":
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.config.nprobe)
+        return faiss.SearchParameters(sel=sel) if sel is not None else None
+
+    def save(self, path: Path) -> None:
+        """Writes the index (CPU form) and its live/tombstone id sets."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        index = self.index
+        if self.config.device == "cuda":
+            index = self.faiss.index_gpu_to_cpu(index)
+        self.faiss.write_index(index, str(path))
+        np.savez(path.with_suffix(".ids.npz"), live=np.asarray(sorted(self._live), np.int64),
+                 tombstones=np.asarray(sorted(self._tombstones), np.int64),
+                 kind=np.asarray(self.kind))  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path, config: IndexConfig | None = None) -> AdIndex:
+        """Reads an index written by ``save`` (onto the GPU if ``config.device`` is cuda)."""
+        import faiss
+
+        path = Path(path)
+        meta = np.load(path.with_suffix(".ids.npz"))
+        stored = faiss.read_index(str(path))
+        config = config or IndexConfig()
+        obj = cls.__new__(cls)
+        obj.faiss, obj.dim, obj.config = faiss, stored.d, config
+        obj.kind = str(meta["kind"])
+        obj.index = stored
+        obj._base = faiss.downcast_index(stored.index)
+        if config.device == "cuda":
+            obj.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, stored)
+        obj._live = set(meta["live"].tolist())
+        obj._tombstones = set(meta["tombstones"].tolist())
+        return obj
+
+
+def exact_search(
+    ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int
+) -> list[np.ndarray]:
+    """Exact inner-product top-``k`` (the reference that recall is measured against)."""
+    return AdIndex.build(ids, vectors, IndexConfig(kind="flat")).search(queries, k)[0]
+
+
+def recall_at_k(approx: list[np.ndarray], exact: list[np.ndarray]) -> float:
+    """Mean share of each query's exact top-K that the approximate search also returned."""
+    if len(approx) != len(exact):
+        raise ValueError(f"{len(approx)} approximate result lists for {len(exact)} exact ones")
+    shares = [
+        len(np.intersect1d(a, e)) / len(e) for a, e in zip(approx, exact, strict=True) if len(e)
+    ]
+    return float(np.mean(shares)) if shares else 0.0
