@@ -281,6 +281,16 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from candgen.index.ann import IndexConfig
+    from candgen.index.build import build_index
+
+    cfg = config_from_args(IndexConfig, args)
+    _print_json(build_index(args.model_uri, args.out, cfg, ads_only=not args.all_items,
+                            recall_k=args.recall_k, tracking_uri=args.tracking_uri))  # fmt: skip
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from candgen.demo import run_demo
 
@@ -389,6 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
     reg_cmd("promote", "move champion to the challenger if it is at least as good",
             cmd_registry_promote)  # fmt: skip
     reg_cmd("show", "list versions, aliases and lineage tags", cmd_registry_show)
+
+    from candgen.index.ann import IndexConfig
+
+    idx = sub.add_parser("index", help="the FAISS serving index").add_subparsers(
+        dest="index_command", required=True
+    )
+    ib = idx.add_parser("build", help="index a registered version's ad embeddings, log recall")
+    ib.add_argument("--model-uri", required=True, help="e.g. models:/ads-hstu@champion")
+    ib.add_argument("--out", type=Path, default=Path("data/index"))
+    ib.add_argument("--all-items", action="store_true", help="index every item, not only ads")
+    ib.add_argument("--recall-k", type=int, default=100)
+    ib.add_argument("--tracking-uri", default="", help="default: sqlite under the repo")
+    add_config_flags(ib, IndexConfig)
+    ib.set_defaults(func=cmd_index_build)
 
     demo = sub.add_parser("demo", help="the end-to-end demo on a small synthetic marketplace")
     demo.add_argument("--workdir", default="data/demo")
