@@ -24,10 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runs from a plain checkout too (the GPU machine)
 
+from bench_doc import DOC, write_section  # noqa: E402
+
 from candgen.training.config import TrainConfig  # noqa: E402
 
 RESULTS = ROOT / "docs" / "benchmarks"
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 TIME_LIMIT_S = 30 * 60
 
 # Settings per data set, shared by both models (the models' own defaults add the rest:
@@ -129,10 +130,6 @@ def _verdict(row: dict) -> str:
 
 def render(all_rows: dict[str, list[dict]]) -> str:
     lines = [
-        "# Benchmarks",
-        "",
-        "Written by the scripts under `benchmarks/`; do not edit by hand.",
-        "",
         "## Retrieval quality (`benchmarks/quality.py`)",
         "",
         "Protocols, as in ../shared/data/README.md:",
@@ -245,8 +242,7 @@ def main() -> int:
         f.stem.removeprefix("quality_"): json.loads(f.read_text())
         for f in sorted(RESULTS.glob("quality_*.json"))
     }
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(render(all_rows))
+    write_section("quality", render(all_rows))
     print(f"\nwrote {DOC.relative_to(ROOT)}")
     return 0
 
