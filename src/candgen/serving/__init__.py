@@ -1,0 +1,1 @@
+"""Online retrieval: candidate generators, quota allocation and filters (Triton calls into it)."""
