@@ -42,10 +42,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                 help=help_text,
             )  # fmt: skip
         elif typing.get_origin(tp) is tuple:
-            inner = typing.get_args(tp)[0]
+            inner, *rest = typing.get_args(tp)
+            nargs: int | str = "+" if rest == [Ellipsis] else 1 + len(rest)
             group.add_argument(
-                flag, dest=f.name, type=inner, nargs=len(typing.get_args(tp)), default=None,
-                help=help_text,
+                flag, dest=f.name, type=inner, nargs=nargs, default=None, help=help_text,
             )  # fmt: skip
         else:
             group.add_argument(flag, dest=f.name, type=tp, default=None, help=help_text)
@@ -291,6 +291,20 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from candgen.serving.runtime import ServerConfig, start, status, stop
+
+    cfg = config_from_args(ServerConfig, args)
+    if args.stop:
+        _print_json({"stopped": stop(cfg)})
+    elif args.status:
+        _print_json(status(cfg))
+    else:
+        info = start(cfg)
+        _print_json({k: info[k] for k in ("pid", "http", "grpc", "metrics", "models", "log")})
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from candgen.demo import run_demo
 
@@ -413,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--tracking-uri", default="", help="default: sqlite under the repo")
     add_config_flags(ib, IndexConfig)
     ib.set_defaults(func=cmd_index_build)
+
+    from candgen.serving.runtime import ServerConfig
+
+    serve = sub.add_parser("serve", help="start (or --stop) the local tritonserver")
+    serve.add_argument("--stop", action="store_true", help="stop the running server")
+    serve.add_argument("--status", action="store_true", help="print whether it runs")
+    add_config_flags(serve, ServerConfig)
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="the end-to-end demo on a small synthetic marketplace")
     demo.add_argument("--workdir", default="data/demo")

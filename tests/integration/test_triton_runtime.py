@@ -1,0 +1,89 @@
+"""The real tritonserver from the serving environment: start, ready, infer, stop."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from candgen.errors import CandgenError
+from candgen.serving.runtime import ServerConfig, start, status, stop
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+name: "double"
+backend: "python"
+max_batch_size: 0
+input [ { name: "X", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU, count: 1 } ]
+"""
+
+MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
+            y = pb_utils.Tensor("Y", (2 * x).astype(np.float32))
+            out.append(pb_utils.InferenceResponse(output_tensors=[y]))
+        return out
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def server_config(tmp_path: Path) -> ServerConfig:
+    repo = tmp_path / "repo"
+    (repo / "double" / "1").mkdir(parents=True)
+    (repo / "double" / "config.pbtxt").write_text(textwrap.dedent(CONFIG))
+    (repo / "double" / "1" / "model.py").write_text(textwrap.dedent(MODEL))
+    http, grpc, metrics = _free_ports(3)
+    return ServerConfig(model_repository=str(repo), state_dir=str(tmp_path / "state"),
+                        http_port=http, grpc_port=grpc, metrics_port=metrics)  # fmt: skip
+
+
+def test_start_infer_over_http_and_grpc_then_stop(server_config: ServerConfig) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    info = start(server_config)
+    try:
+        assert status(server_config)["running"]
+        assert info["models"] == ["double"]
+        x = np.array([1.0, 2.5, -3.0], dtype=np.float32)
+        for module, url in ((httpclient, info["http"]), (grpcclient, info["grpc"])):
+            client = module.InferenceServerClient(url=url)
+            inp = module.InferInput("X", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            result = client.infer("double", [inp])
+            assert result.as_numpy("Y").tolist() == [2.0, 5.0, -6.0]
+        with pytest.raises(CandgenError, match="is running"):
+            start(server_config)
+    finally:
+        assert stop(server_config)
+    assert not status(server_config)["running"]
+    assert not stop(server_config)  # stopping twice is harmless
+
+
+def test_a_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CandgenError, match=r"model_repository: .* is not a folder"):
+        start(ServerConfig(model_repository=str(tmp_path / "none"),
+                           state_dir=str(tmp_path / "s")))  # fmt: skip
