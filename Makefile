@@ -33,6 +33,7 @@ $(VENV)/.installed: pyproject.toml requirements/platform.lock
 $(SERVING_VENV)/.installed: requirements/serving.txt requirements/serving.lock
 	@test -x $(SERVING_VENV)/bin/python || $(PYTHON) -m venv $(SERVING_VENV)
 	$(SERVING_VENV)/bin/pip install $(PIP_FLAGS) -c requirements/serving.lock -r requirements/serving.txt
+	$(SERVING_VENV)/bin/pip install $(PIP_FLAGS) --no-deps -e .
 	@touch $@
 
 demo: setup

@@ -23,6 +23,34 @@ output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] } ]
 instance_group [ { kind: KIND_CPU, count: 1 } ]
 """
 
+# A python-backend model that calls into candgen and torch, as the serving models will.
+CANDGEN_CONFIG = CONFIG.replace('"double"', '"quota"').replace(
+    '"X", data_type: TYPE_FP32', '"X", data_type: TYPE_INT64'
+)
+
+CANDGEN_MODEL = """
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from candgen.serving.quota import allocate
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            k = int(pb_utils.get_input_tensor_by_name(request, "X").as_numpy()[0])
+            picked = allocate(
+                {"sequential": [(1, 0.9), (2, 0.8)], "content": [(2, 0.7), (3, 0.5)]},
+                {"sequential": 0.5, "content": 0.5}, k,
+            )
+            scores = torch.tensor([c.score for c in picked], dtype=torch.float32).numpy()
+            y = pb_utils.Tensor("Y", scores)
+            out.append(pb_utils.InferenceResponse(output_tensors=[y]))
+        return out
+"""
+
 MODEL = """
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -55,6 +83,9 @@ def server_config(tmp_path: Path) -> ServerConfig:
     (repo / "double" / "1").mkdir(parents=True)
     (repo / "double" / "config.pbtxt").write_text(textwrap.dedent(CONFIG))
     (repo / "double" / "1" / "model.py").write_text(textwrap.dedent(MODEL))
+    (repo / "quota" / "1").mkdir(parents=True)
+    (repo / "quota" / "config.pbtxt").write_text(textwrap.dedent(CANDGEN_CONFIG))
+    (repo / "quota" / "1" / "model.py").write_text(textwrap.dedent(CANDGEN_MODEL))
     http, grpc, metrics = _free_ports(3)
     return ServerConfig(model_repository=str(repo), state_dir=str(tmp_path / "state"),
                         http_port=http, grpc_port=grpc, metrics_port=metrics)  # fmt: skip
@@ -67,7 +98,7 @@ def test_start_infer_over_http_and_grpc_then_stop(server_config: ServerConfig) -
     info = start(server_config)
     try:
         assert status(server_config)["running"]
-        assert info["models"] == ["double"]
+        assert info["models"] == ["double", "quota"]
         x = np.array([1.0, 2.5, -3.0], dtype=np.float32)
         for module, url in ((httpclient, info["http"]), (grpcclient, info["grpc"])):
             client = module.InferenceServerClient(url=url)
@@ -75,6 +106,11 @@ def test_start_infer_over_http_and_grpc_then_stop(server_config: ServerConfig) -
             inp.set_data_from_numpy(x)
             result = client.infer("double", [inp])
             assert result.as_numpy("Y").tolist() == [2.0, 5.0, -6.0]
+        # candgen and torch import inside the python backend (the serving environment).
+        inp = httpclient.InferInput("X", [1], "INT64")
+        inp.set_data_from_numpy(np.array([3], dtype=np.int64))
+        scores = httpclient.InferenceServerClient(url=info["http"]).infer("quota", [inp])
+        assert np.allclose(scores.as_numpy("Y"), [0.9, 0.8, 0.5])
         with pytest.raises(CandgenError, match="is running"):
             start(server_config)
     finally:
