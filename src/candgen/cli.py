@@ -244,7 +244,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from candgen.evaluation.evaluate import evaluate_model, evaluate_popularity
-    from candgen.training.trainer import load_data, load_model
+    from candgen.models.factory import load_model
+    from candgen.training.trainer import load_data
 
     model, saved = load_model(args.model)
     from candgen.training.config import TrainConfig

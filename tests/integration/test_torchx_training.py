@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from candgen.errors import ConfigError
+from candgen.models.factory import load_model
 from candgen.training.config import TrainConfig
 from candgen.training.launch import kubernetes_job, launch, torchx_command
-from candgen.training.trainer import CHECKPOINT, load_model, train
+from candgen.training.trainer import CHECKPOINT, train
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,10 @@ import pytest
 
 from candgen.errors import CandgenError, ConfigError
 from candgen.evaluation.evaluate import evaluate_popularity
+from candgen.models.factory import load_model
 from candgen.training.config import TrainConfig
 from candgen.training.data import SequenceData, from_interactions, load_planted
-from candgen.training.trainer import CHECKPOINT, load_model, train
+from candgen.training.trainer import CHECKPOINT, train
 
 PLANTED_SEED = 42
 

@@ -37,8 +37,8 @@ def load_registered_embeddings(model_uri: str, tracking_uri: str = "") -> Regist
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from candgen.models.factory import load_model
     from candgen.registry.tracking import client
-    from candgen.training.trainer import load_model
 
     client(tracking_uri)
     try:

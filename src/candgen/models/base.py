@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,3 +83,13 @@ class RetrievalModel(nn.Module):
         table = torch.cat(rows)
         table[0] = 0
         return table
+
+
+def pad_left(seqs: list[np.ndarray], length: int, dtype: type = np.int64) -> np.ndarray:
+    """(len(seqs), length) array holding each sequence's last ``length`` values, right-aligned."""
+    out = np.zeros((len(seqs), length), dtype=dtype)
+    for i, s in enumerate(seqs):
+        tail = s[-length:]
+        if len(tail):
+            out[i, length - len(tail) :] = tail
+    return out

@@ -1,23 +1,18 @@
-"""The registered model: a user encoder plus item embeddings, served as an MLflow pyfunc.
+"""Top-K retrieval with a registered model: its user encoder plus its item embeddings.
 
-Input: a DataFrame with a ``history`` column (each row a list of item/ad ids, oldest first) and
-optionally ``k``. Output: ``item_ids`` and ``scores`` (lists, best first), history excluded.
+Imports neither MLflow nor pandas, so the serving runtime uses it as is; ``pyfunc.py`` wraps it
+as the registered MLflow model (input: a ``history`` column of item id lists; output:
+``item_ids`` and ``scores``, best first, history excluded).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import numpy as np
-import pandas as pd
 import torch
 
 from candgen.errors import CandgenError
 from candgen.evaluation.metrics import chunked_topk
-from candgen.models.base import RetrievalModel
-from candgen.training.batches import pad_left
+from candgen.models.base import RetrievalModel, pad_left
 
 DEFAULT_K = 100
 
@@ -80,26 +75,10 @@ class Retriever:
         return self.item_ids[top.numpy()], scores.numpy()
 
 
-def _mlflow_pyfunc_base() -> type:
-    import mlflow.pyfunc
+def __getattr__(name: str) -> object:
+    # Versions registered before the pyfunc moved to pyfunc.py import it from here.
+    if name == "RetrieverPyfunc":
+        from candgen.registry.pyfunc import RetrieverPyfunc
 
-    return mlflow.pyfunc.PythonModel
-
-
-class RetrieverPyfunc(_mlflow_pyfunc_base()):  # type: ignore[misc]
-    """The MLflow pyfunc wrapper around ``Retriever`` (artifacts: model, item_embeddings)."""
-
-    def load_context(self, context: Any) -> None:
-        from candgen.training.trainer import load_model
-
-        model, saved = load_model(Path(context.artifacts["model"]))
-        table = np.load(context.artifacts["item_embeddings"])
-        config = json.loads(Path(context.artifacts["config"]).read_text())
-        self.retriever = Retriever(model, saved["item_ids"], table, config["max_len"])
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None):  # type: ignore[no-untyped-def]
-        if "history" not in model_input.columns:
-            raise CandgenError("history: the input needs a 'history' column of item id lists")
-        k = int((params or {}).get("k", DEFAULT_K))
-        ids, scores = self.retriever.retrieve([list(h) for h in model_input["history"]], k)
-        return pd.DataFrame({"item_ids": list(ids), "scores": list(scores)})
+        return RetrieverPyfunc
+    raise AttributeError(name)

@@ -2,6 +2,6 @@
 
 import mlflow.models
 
-from candgen.registry.retriever import RetrieverPyfunc
+from candgen.registry.pyfunc import RetrieverPyfunc
 
 mlflow.models.set_model(RetrieverPyfunc())

@@ -122,7 +122,7 @@ def log_run(result: Any) -> str:
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from candgen.training.trainer import load_model
+    from candgen.models.factory import load_model
 
     cfg = result.config
     mc = client(cfg.tracking_uri)

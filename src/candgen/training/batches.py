@@ -7,18 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from candgen.models.base import Batch
+from candgen.models.base import Batch, pad_left
 from candgen.training.data import EvalSet, SequenceData
-
-
-def pad_left(seqs: list[np.ndarray], length: int, dtype: type = np.int64) -> np.ndarray:
-    """(len(seqs), length) array holding each sequence's last ``length`` values, right-aligned."""
-    out = np.zeros((len(seqs), length), dtype=dtype)
-    for i, s in enumerate(seqs):
-        tail = s[-length:]
-        if len(tail):
-            out[i, length - len(tail) :] = tail
-    return out
 
 
 @dataclass(frozen=True)

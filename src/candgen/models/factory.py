@@ -1,0 +1,67 @@
+"""Building a model from its training config, and loading a saved ``model.pt``.
+
+Light on purpose (torch and the model classes only): the serving runtime, which has no pandas or
+Feast, loads models through it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from candgen.errors import CandgenError
+from candgen.models.base import RetrievalModel
+from candgen.models.sequential import HSTU, SASRec
+from candgen.models.two_tower import TwoTower
+from candgen.training.config import TrainConfig
+
+
+def build_model(
+    config: TrainConfig,
+    num_items: int,
+    item_attributes: torch.Tensor,
+    item_text: torch.Tensor | None = None,
+    user_feature_cardinalities: tuple[int, ...] = (),
+    has_timestamps: bool = False,
+) -> RetrievalModel:
+    """The model a config names, sized for the data.
+
+    HSTU gets its time bias only where the data has timestamps: a parameter that never receives
+    a gradient would stall DDP's gradient reduction.
+    """
+    common = {"num_items": num_items, "dim": config.dim, "max_len": config.max_len,
+              "dropout": config.dropout, "temperature": config.effective_temperature}  # fmt: skip
+    if config.model == "sasrec":
+        return SASRec(num_blocks=config.num_blocks, num_heads=config.num_heads, **common)
+    if config.model == "hstu":
+        return HSTU(num_blocks=config.num_blocks, num_heads=config.num_heads,
+                    time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
+    return TwoTower(
+        item_attributes=item_attributes,
+        user_feature_cardinalities=user_feature_cardinalities,
+        item_text=item_text,
+        **common,
+    )
+
+
+def load_model(path: Path, map_location: str = "cpu") -> tuple[RetrievalModel, dict[str, Any]]:
+    """Loads a ``model.pt`` written by ``train``: the model (eval mode) and its metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise CandgenError(f"{path}: no such model file")
+    saved = torch.load(path, map_location=map_location, weights_only=False)
+    config = TrainConfig.from_dict(saved["config"])
+    state = saved["state_dict"]
+    model = build_model(
+        config,
+        int(saved["num_items"]),
+        state.get("item_attributes", torch.zeros(saved["num_items"] + 1, 1, dtype=torch.long)),
+        state.get("item_text"),
+        tuple(saved.get("user_feature_cardinalities", ())),
+        bool(saved.get("has_timestamps", False)),
+    )
+    model.load_state_dict(state)
+    model.eval()
+    return model, saved
