@@ -1,0 +1,43 @@
+"""The serving environment (numpy<2, no Feast/MLflow/pandas) can load and run candgen's models."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from candgen.paths import REPO_ROOT
+from candgen.training.config import TrainConfig
+from candgen.training.trainer import train
+
+pytestmark = pytest.mark.integration
+
+SERVING_PYTHON = REPO_ROOT / ".venv-serving" / "bin" / "python"
+
+SCRIPT = """
+import sys
+import numpy
+from candgen.models.factory import load_model
+from candgen.registry.retriever import Retriever
+from candgen.index.ann import AdIndex
+from candgen.serving.quota import allocate
+
+model, saved = load_model(sys.argv[1])
+ids, scores = Retriever(model, saved["item_ids"], max_len=20).retrieve([[1, 2, 3]], k=5)
+assert len(ids[0]) == 5 and not {1, 2, 3} & set(ids[0].tolist())
+heavy = sorted(m for m in ("pandas", "mlflow", "feast", "pyarrow") if m in sys.modules)
+print(numpy.__version__, heavy)
+"""
+
+
+def test_serving_env_loads_a_trained_model_without_platform_packages(tmp_path: Path) -> None:
+    result = train(TrainConfig(dataset="planted", model="hstu", epochs=1, max_len=20,
+                               batch_size=64, progress=False, track=False,
+                               out_dir=str(tmp_path / "run")))  # fmt: skip
+    proc = subprocess.run([str(SERVING_PYTHON), "-c", SCRIPT, str(result.model_path)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    numpy_version, heavy = proc.stdout.strip().split(" ", 1)
+    assert numpy_version.startswith("1."), numpy_version
+    assert heavy == "[]"
