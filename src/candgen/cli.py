@@ -181,6 +181,14 @@ def cmd_features_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features_serve(args: argparse.Namespace) -> int:
+    from candgen.features.store import serve
+
+    print(f"feature server on http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    serve(_store_config(args), args.host, args.port, args.workers)
+    return 0
+
+
 def cmd_features_training_set(args: argparse.Namespace) -> int:
     from candgen.features.store import open_store
     from candgen.features.training_set import label_rows, training_set
@@ -369,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--surface", default="home")
     push.add_argument("--timestamp", default=None, help="ISO time; default: now")
     push.add_argument("--max-len", type=int, default=20)
+    fsrv = store_cmd("serve", "run the Feast feature server (HTTP) for the serving runtime",
+                     cmd_features_serve)  # fmt: skip
+    fsrv.add_argument("--host", default="127.0.0.1")
+    fsrv.add_argument("--port", type=int, default=6566)
+    fsrv.add_argument("--workers", type=int, default=1)
     ts = store_cmd("training-set", "point-in-time training rows for a label",
                    cmd_features_training_set)  # fmt: skip
     ts.add_argument("--data", type=Path, default=DEFAULT_MARKETPLACE)

@@ -296,3 +296,14 @@ def push_engagements(store: Any, engagements: Sequence[Engagement], max_len: int
     from feast.data_source import PushMode
 
     store.push(SHORT_TERM_PUSH, pd.DataFrame(rows), to=PushMode.ONLINE)
+
+
+def serve(cfg: StoreConfig, host: str = "127.0.0.1", port: int = 6566, workers: int = 1) -> None:
+    """Runs the Feast feature server (HTTP) on ``cfg``'s registry and online store; blocks.
+
+    The Triton runtime reads online features through it, since that environment (numpy<2)
+    cannot import Feast.
+    """
+    if not 0 < port < 65536:
+        raise ConfigError("port", f"must be a TCP port (1..65535), got {port}")
+    open_store(cfg).serve(host, port, workers=workers, no_access_log=True)

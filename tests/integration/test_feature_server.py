@@ -1,0 +1,70 @@
+"""The Feast feature server over HTTP, as the serving runtime reads it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from candgen.features.store import StoreConfig, apply, materialize, online_features, open_store
+from candgen.serving.features import FeatureServerClient, FeatureStoreUnavailable
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(features_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    state = tmp_path_factory.mktemp("feast_server")
+    cfg = StoreConfig(features_dir=features_dir, state_dir=state)
+    apply(cfg)
+    materialize(cfg)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "candgen.cli", "features", "serve", "--port", str(port),
+         "--features-dir", str(features_dir), "--state-dir", str(state)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    client = FeatureServerClient(f"http://127.0.0.1:{port}", timeout_s=2.0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            client.lookup("user_features_v1", "user_id", 1)
+            break
+        except FeatureStoreUnavailable:
+            time.sleep(0.5)
+    yield cfg, client
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=20)
+
+
+def test_http_lookup_equals_the_sdk(server: tuple) -> None:
+    cfg, client = server
+    sdk = online_features(open_store(cfg), [{"user_id": 5}])
+    got = client.lookup("user_features_v1", "user_id", 5)
+    assert got is not None
+    assert got["country"] == sdk["country"][0]
+    assert got["recent_item_ids"] == sdk["recent_item_ids"][0]
+    assert got["category_affinity"] == pytest.approx(sdk["category_affinity"][0])
+
+
+def test_unknown_user_is_none_not_an_error(server: tuple) -> None:
+    _, client = server
+    assert client.lookup("user_features_v1", "user_id", 987_654_321) is None
+
+
+def test_unreachable_server_raises_unavailable() -> None:
+    client = FeatureServerClient(f"http://127.0.0.1:{_free_port()}", timeout_s=0.5)
+    with pytest.raises(FeatureStoreUnavailable, match=r"feature server http://127\.0\.0\.1"):
+        client.lookup("user_features_v1", "user_id", 1)
