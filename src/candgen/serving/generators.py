@@ -1,0 +1,127 @@
+"""The non-model candidate generators: content (ad text, for cold start) and popularity/pacing.
+
+Both use only numpy and FAISS, so they run inside the Triton runtime. The sequential generator is
+the user encoder plus the ad index (``candgen.registry.retriever`` / ``candgen.index.ann``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from candgen.errors import ConfigError
+from candgen.index.ann import AdIndex, IndexConfig
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+class ContentGenerator:
+    """Ads whose text is close to what the user engaged with; new ads are found at once.
+
+    The query is the mean text embedding of the user's recent ads that have text; a user with
+    none gets their category affinity mixed over per-category centroids of ad text, and a user
+    with neither gets no content candidates.
+
+    Args:
+        ad_ids: (N,) ad ids.
+        text_embeddings: (N, T) ad text embeddings (e.g. MiniLM, 384-d).
+        categories: (N,) category index of each ad, in 0..C-1 (C = the affinity vector's length).
+        num_categories: C.
+        config: index settings (cosine = inner product on normalised vectors).
+    """
+
+    def __init__(
+        self,
+        ad_ids: np.ndarray,
+        text_embeddings: np.ndarray,
+        categories: np.ndarray,
+        num_categories: int,
+        config: IndexConfig | None = None,
+    ) -> None:
+        if not len(ad_ids) == len(text_embeddings) == len(categories):
+            raise ConfigError("ad_ids", "ad_ids, text_embeddings and categories differ in length")
+        if len(categories) and (categories.min() < 0 or categories.max() >= num_categories):
+            raise ConfigError("categories", f"must lie in 0..{num_categories - 1}")
+        vectors = _normalise(np.asarray(text_embeddings, dtype=np.float32))
+        self.index = AdIndex.build(np.asarray(ad_ids, np.int64), vectors, config)
+        self.text = dict(zip(np.asarray(ad_ids).tolist(), vectors, strict=True))
+        self.centroids = np.zeros((num_categories, vectors.shape[1]), dtype=np.float32)
+        np.add.at(self.centroids, categories, vectors)
+        self.centroids = _normalise(self.centroids)
+
+    def add(self, ad_id: int, text_embedding: np.ndarray) -> None:
+        """A new ad: retrievable by content from the next request on."""
+        vec = _normalise(np.asarray(text_embedding, dtype=np.float32)[None])
+        self.index.add([ad_id], vec)
+        self.text[int(ad_id)] = vec[0]
+
+    def query(
+        self, recent_ids: Iterable[int], category_affinity: Iterable[float] | None
+    ) -> np.ndarray | None:
+        """The content query for a user, or None when nothing is known about them."""
+        known = [self.text[i] for i in map(int, recent_ids) if i in self.text]
+        if known:
+            return _normalise(np.mean(known, axis=0))
+        if category_affinity is not None:
+            aff = np.asarray(list(category_affinity), dtype=np.float32)
+            if aff.shape == (len(self.centroids),) and aff.sum() > 0:
+                return _normalise(aff @ self.centroids)
+        return None
+
+    def candidates(
+        self, recent_ids: Iterable[int], category_affinity: Iterable[float] | None, k: int,
+        exclude: Iterable[int] = (),
+    ) -> list[tuple[int, float]]:  # fmt: skip
+        q = self.query(recent_ids, category_affinity)
+        if q is None:
+            return []
+        ids, scores = self.index.search(q[None], k, exclude)
+        return list(zip(ids[0].tolist(), scores[0].tolist(), strict=True))
+
+
+class PacingPopularity:
+    """The fallback generator: ads by smoothed recent CTR, damped as their budget runs out.
+
+    score = (clicks + prior_clicks) / (impressions + prior_impressions) * pacing, where pacing is
+    1 while at least half the budget is left and falls linearly to 0 at an empty budget, so a
+    popular ad that is about to exhaust its budget is not pushed to every user.
+
+    Args:
+        ad_ids: (N,) ad ids.
+        clicks: (N,) recent clicks.
+        impressions: (N,) recent impressions.
+        budget_left_fraction: (N,) share of the budget left, in [0, 1].
+    """
+
+    def __init__(
+        self,
+        ad_ids: np.ndarray,
+        clicks: np.ndarray,
+        impressions: np.ndarray,
+        budget_left_fraction: np.ndarray,
+        prior_clicks: float = 1.0,
+        prior_impressions: float = 100.0,
+    ) -> None:
+        ctr = (np.asarray(clicks, float) + prior_clicks) / (
+            np.asarray(impressions, float) + prior_impressions
+        )
+        pacing = np.clip(2.0 * np.clip(np.asarray(budget_left_fraction, float), 0, 1), 0, 1)
+        score = ctr * pacing
+        order = np.lexsort((np.asarray(ad_ids), -score))  # ties: lower id first
+        self.ranked = [(int(ad_ids[i]), float(score[i])) for i in order if score[i] > 0]
+
+    def candidates(self, k: int, exclude: Iterable[int] = ()) -> list[tuple[int, float]]:
+        if k <= 0:
+            raise ConfigError("k", f"must be > 0, got {k}")
+        skip = set(map(int, exclude))
+        out = []
+        for ad, score in self.ranked:
+            if ad not in skip:
+                out.append((ad, score))
+                if len(out) == k:
+                    break
+        return out

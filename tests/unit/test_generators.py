@@ -1,0 +1,61 @@
+"""Content (cold start) and popularity/pacing generators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from candgen.errors import ConfigError
+from candgen.serving.generators import ContentGenerator, PacingPopularity
+
+AD = 1_000_000_000
+
+
+def _content(n: int = 60, cats: int = 3) -> tuple[ContentGenerator, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((cats, 16))
+    categories = np.arange(n) % cats
+    text = centers[categories] + 0.1 * rng.standard_normal((n, 16))
+    ids = AD + np.arange(n)
+    return ContentGenerator(ids, text, categories, cats), ids, centers
+
+
+def test_recent_ads_pull_in_ads_with_similar_text() -> None:
+    gen, ids, _ = _content()
+    found = gen.candidates([int(ids[0]), int(ids[3])], None, 10)  # both category 0
+    assert len(found) == 10
+    assert all((ad - AD) % 3 == 0 for ad, _ in found)
+
+
+def test_a_brand_new_ad_is_retrievable_at_once() -> None:
+    gen, ids, centers = _content()
+    new_id = AD + 10_000
+    gen.add(new_id, centers[1] * 5)  # exactly the category-1 direction
+    found = gen.candidates([int(ids[1])], None, 3)  # a category-1 ad in the history
+    assert new_id in [ad for ad, _ in found]
+
+
+def test_users_without_ads_fall_back_to_category_affinity_then_nothing() -> None:
+    gen, _, _ = _content()
+    found = gen.candidates([12345], [0.0, 0.0, 1.0], 5)  # an organic item, likes category 2
+    assert found and all((ad - AD) % 3 == 2 for ad, _ in found)
+    assert gen.candidates([], None, 5) == []
+    assert gen.candidates([], [0.0, 0.0, 0.0], 5) == []
+
+
+def test_pacing_damps_ads_running_out_of_budget() -> None:
+    ids = np.array([1, 2, 3, 4])
+    pop = PacingPopularity(ids, clicks=np.array([50, 50, 5, 0]),
+                           impressions=np.array([1000, 1000, 1000, 1000]),
+                           budget_left_fraction=np.array([0.9, 0.1, 0.9, 0.0]))  # fmt: skip
+    # Ads 1 and 2 have the same CTR, but ad 2 has 10% of its budget left (pacing 0.2), which
+    # still beats ad 3's tenfold lower CTR; ad 4's budget is exhausted, so it is never offered.
+    assert [ad for ad, _ in pop.candidates(10)] == [1, 2, 3]
+    assert [ad for ad, _ in pop.candidates(2, exclude=[1])] == [2, 3]
+
+
+def test_bad_input_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="k: must be > 0"):
+        PacingPopularity(np.array([1]), np.array([1]), np.array([1]), np.array([1.0])).candidates(0)
+    with pytest.raises(ConfigError, match=r"categories: must lie in 0\.\.2"):
+        ContentGenerator(np.array([1]), np.ones((1, 4)), np.array([5]), 3)
