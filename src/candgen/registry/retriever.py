@@ -60,16 +60,41 @@ class Retriever:
             out.append(np.asarray(internal, dtype=np.int64))
         return out  # type: ignore[return-value]
 
+    def known(self, history: list[int]) -> list[int]:
+        """The ids of ``history`` that the model knows (serving drops new items, never fails)."""
+        return [int(i) for i in history if int(i) in self.index]
+
+    @torch.no_grad()
+    def user_vectors(
+        self, histories: list[list[int]], times: list[list[float]] | None = None
+    ) -> np.ndarray:
+        """(len(histories), D) user embeddings: the user encoder after each history.
+
+        Args:
+            histories: external item ids, oldest first (all in the vocabulary).
+            times: seconds since the epoch of each history item, for models with a time bias
+                (HSTU trained on timestamped data); None where there are none.
+        """
+        internal = self.encode(histories)
+        batch = {"items": torch.from_numpy(pad_left(internal, self.max_len))}
+        if times is not None:
+            if [len(t) for t in times] != [len(h) for h in histories]:
+                raise CandgenError("times: one timestamp per history item is needed")
+            t = pad_left([np.asarray(x, dtype=np.float64) for x in times], self.max_len,
+                         np.float64)  # fmt: skip
+            t = t - t.max(axis=1, keepdims=True)
+            batch["timestamps"] = torch.from_numpy(t.astype(np.float32))
+        return self.model.user_embedding(batch).numpy()
+
     @torch.no_grad()
     def retrieve(
-        self, histories: list[list[int]], k: int = DEFAULT_K
+        self, histories: list[list[int]], k: int = DEFAULT_K, times: list[list[float]] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (item ids, scores), each (len(histories), k), best first."""
-        internal = self.encode(histories)
+        """Returns (item ids, scores), each (len(histories), k), best first, history excluded."""
         if not 0 < k <= len(self.index):
             raise CandgenError(f"k: must be in 1..{len(self.index)}, got {k}")
-        batch = {"items": torch.from_numpy(pad_left(internal, self.max_len))}
-        queries = self.model.user_embedding(batch)
+        internal = self.encode(histories)
+        queries = torch.from_numpy(self.user_vectors(histories, times))
         top = chunked_topk(queries, self.item_table, k, internal)
         scores = torch.gather(queries @ self.item_table.T, 1, top)
         return self.item_ids[top.numpy()], scores.numpy()
