@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -192,7 +193,10 @@ def _print_metrics(metrics: dict, market: Path, cfg: TrainConfig) -> None:
 
 def _try_promote(name: str) -> str:
     try:
-        out = promote(name)
+        with warnings.catch_warnings():
+            # Imports earlier in the demo re-enable this MLflow/SQLAlchemy deprecation warning.
+            warnings.filterwarnings("ignore", message="The ``noload`` loader strategy")
+            out = promote(name)
     except PromotionRefused as e:
         return f"refused: {e}"
     return (
