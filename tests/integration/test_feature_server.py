@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,9 @@ import pytest
 
 from candgen.features.store import StoreConfig, apply, materialize, online_features, open_store
 from candgen.serving.features import FeatureServerClient, FeatureStoreUnavailable
+from tests.net import free_ports
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +24,7 @@ def server(features_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     cfg = StoreConfig(features_dir=features_dir, state_dir=state)
     apply(cfg)
     materialize(cfg)
-    port = _free_port()
+    port = free_ports()[0]
     proc = subprocess.Popen(
         [sys.executable, "-m", "candgen.cli", "features", "serve", "--port", str(port),
          "--features-dir", str(features_dir), "--state-dir", str(state)],
@@ -65,6 +59,6 @@ def test_unknown_user_is_none_not_an_error(server: tuple) -> None:
 
 
 def test_unreachable_server_raises_unavailable() -> None:
-    client = FeatureServerClient(f"http://127.0.0.1:{_free_port()}", timeout_s=0.5)
+    client = FeatureServerClient(f"http://127.0.0.1:{free_ports()[0]}", timeout_s=0.5)
     with pytest.raises(FeatureStoreUnavailable, match=r"feature server http://127\.0\.0\.1"):
         client.lookup("user_features_v1", "user_id", 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import textwrap
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from candgen.errors import CandgenError
 from candgen.serving.runtime import ServerConfig, start, status, stop
+from tests.net import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -67,16 +67,6 @@ class TritonPythonModel:
 """
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def server_config(tmp_path: Path) -> ServerConfig:
     repo = tmp_path / "repo"
@@ -86,7 +76,7 @@ def server_config(tmp_path: Path) -> ServerConfig:
     (repo / "quota" / "1").mkdir(parents=True)
     (repo / "quota" / "config.pbtxt").write_text(textwrap.dedent(CANDGEN_CONFIG))
     (repo / "quota" / "1" / "model.py").write_text(textwrap.dedent(CANDGEN_MODEL))
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     return ServerConfig(model_repository=str(repo), state_dir=str(tmp_path / "state"),
                         http_port=http, grpc_port=grpc, metrics_port=metrics)  # fmt: skip
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from candgen.errors import ConfigError
-from candgen.index.ann import AdIndex, IndexConfig
+from candgen.index.ann import AdIndex, IndexConfig, ad_rows
 from candgen.models.factory import load_model
 from candgen.registry.retriever import Retriever
 from candgen.serving.features import FeatureStoreUnavailable
 from candgen.serving.generators import ContentGenerator, PacingPopularity
-from candgen.serving.pipeline import RetrievalPipeline, ad_rows
+from candgen.serving.pipeline import RetrievalPipeline
 from candgen.training.config import TrainConfig
 from candgen.training.trainer import train
 

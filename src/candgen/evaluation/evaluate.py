@@ -28,15 +28,12 @@ def user_queries(
     max_len: int,
     batch_size: int = 512,
 ) -> torch.Tensor:
-    """(M, D) user embeddings after each evaluated user's history."""
+    """(M, D) user embeddings after each evaluated user's history (call in eval mode)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = [
         model.user_embedding(batch)
         for _, batch in eval_batches(data, eval_set, max_len, batch_size, device)
     ]
-    model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 1, device=device)
 
 

@@ -226,6 +226,14 @@ class AdIndex:
         return obj
 
 
+def ad_rows(
+    item_ids: np.ndarray, table: np.ndarray, min_ad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (ids, vectors) of a model's item table whose ids are ads (>= ``min_ad_id``)."""
+    rows = np.flatnonzero(np.asarray(item_ids) >= min_ad_id)
+    return np.asarray(item_ids)[rows], np.asarray(table, dtype=np.float32)[rows]
+
+
 def exact_search(
     ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int
 ) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from candgen.data.synth import AD_ID_OFFSET
 from candgen.errors import CandgenError
-from candgen.index.ann import AdIndex, IndexConfig, exact_search, recall_at_k
+from candgen.index.ann import AdIndex, IndexConfig, ad_rows, exact_search, recall_at_k
 
 INDEX_FILE = "ads.faiss"
 
@@ -84,12 +84,10 @@ def build_index(
     import time
 
     emb = load_registered_embeddings(model_uri, tracking_uri)
-    rows = np.arange(1, len(emb.item_ids))
-    if ads_only:
-        rows = rows[emb.item_ids[rows] >= AD_ID_OFFSET]
-    if len(rows) == 0:
+    # Row 0 is padding (id 0), so it never passes either bound.
+    ids, vectors = ad_rows(emb.item_ids, emb.table, AD_ID_OFFSET if ads_only else 1)
+    if len(ids) == 0:
         raise CandgenError(f"model_uri: {model_uri} holds no ad embeddings (ads_only=True)")
-    ids, vectors = emb.item_ids[rows], emb.table[rows].astype(np.float32)
     t0 = time.perf_counter()
     index = AdIndex.build(ids, vectors, config)
     build_seconds = time.perf_counter() - t0

@@ -85,6 +85,15 @@ class RetrievalModel(nn.Module):
         return table
 
 
+def relative_timestamps(times: np.ndarray) -> torch.Tensor:
+    """(B, L) float32 seconds relative to each row's newest item (the model's time input).
+
+    Absolute epoch seconds lose precision in float32; only gaps matter to the time bias.
+    Training and serving both go through here, so they feed the model the same values.
+    """
+    return torch.from_numpy((times - times.max(axis=1, keepdims=True)).astype(np.float32))
+
+
 def pad_left(seqs: list[np.ndarray], length: int, dtype: type = np.int64) -> np.ndarray:
     """(len(seqs), length) array holding each sequence's last ``length`` values, right-aligned."""
     out = np.zeros((len(seqs), length), dtype=dtype)

@@ -12,7 +12,7 @@ import torch
 
 from candgen.errors import CandgenError
 from candgen.evaluation.metrics import chunked_topk
-from candgen.models.base import RetrievalModel, pad_left
+from candgen.models.base import RetrievalModel, pad_left, relative_timestamps
 
 DEFAULT_K = 100
 
@@ -60,10 +60,6 @@ class Retriever:
             out.append(np.asarray(internal, dtype=np.int64))
         return out  # type: ignore[return-value]
 
-    def known(self, history: list[int]) -> list[int]:
-        """The ids of ``history`` that the model knows (serving drops new items, never fails)."""
-        return [int(i) for i in history if int(i) in self.index]
-
     @torch.no_grad()
     def user_vectors(
         self, histories: list[list[int]], times: list[list[float]] | None = None
@@ -80,10 +76,8 @@ class Retriever:
         if times is not None:
             if [len(t) for t in times] != [len(h) for h in histories]:
                 raise CandgenError("times: one timestamp per history item is needed")
-            t = pad_left([np.asarray(x, dtype=np.float64) for x in times], self.max_len,
-                         np.float64)  # fmt: skip
-            t = t - t.max(axis=1, keepdims=True)
-            batch["timestamps"] = torch.from_numpy(t.astype(np.float32))
+            padded = pad_left([np.asarray(x, np.float64) for x in times], self.max_len, np.float64)
+            batch["timestamps"] = relative_timestamps(padded)
         return self.model.user_embedding(batch).numpy()
 
     @torch.no_grad()

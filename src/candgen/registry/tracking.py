@@ -71,11 +71,11 @@ def experiment_id(mlflow_client: Any, name: str, tracking_uri: str = "") -> str:
     if exp is not None:
         return str(exp.experiment_id)
     uri = tracking_uri or default_tracking_uri()
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
-    else:
-        location = (REPO_ROOT / "mlartifacts" / name).as_uri()
+    # Artifacts sit beside a SQLite store; other stores use the repository's mlartifacts/.
+    root = (
+        Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else REPO_ROOT
+    )
+    location = (root / "mlartifacts" / name).as_uri()
     return str(mlflow_client.create_experiment(name, artifact_location=location))
 
 

@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
 from candgen.errors import ConfigError
 from candgen.index.ann import AdIndex
 from candgen.registry.retriever import Retriever
@@ -118,9 +116,3 @@ class RetrievalPipeline:
             cold_start=feats is None and not recent_item_ids and not fallback,
             fallback=fallback,
         )
-
-
-def ad_rows(item_ids: np.ndarray, table: np.ndarray, min_ad_id: int) -> tuple[np.ndarray, ...]:
-    """The (ids, vectors) of a model's item table that are ads (id >= ``min_ad_id``)."""
-    rows = np.flatnonzero(np.asarray(item_ids) >= min_ad_id)
-    return np.asarray(item_ids)[rows], np.asarray(table, dtype=np.float32)[rows]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from candgen.models.base import Batch, pad_left
+from candgen.models.base import Batch, pad_left, relative_timestamps
 from candgen.training.data import EvalSet, SequenceData
 
 
@@ -61,8 +61,7 @@ def make_batch(
     """A model batch from padded arrays (and the users' static features, if any)."""
     batch: Batch = {"items": torch.from_numpy(items).to(device)}
     if times is not None:
-        t = times - times.max(axis=1, keepdims=True)  # relative seconds keep float32 precise
-        batch["timestamps"] = torch.from_numpy(t.astype(np.float32)).to(device)
+        batch["timestamps"] = relative_timestamps(times).to(device)
     if data.user_features is not None:
         batch["user_features"] = torch.from_numpy(data.user_features[user_rows]).to(device)
     return batch

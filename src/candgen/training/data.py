@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +80,6 @@ class SequenceData:
     user_feature_cardinalities: tuple[int, ...] = ()
     snapshot: str = ""
     feature_service: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def num_items(self) -> int:

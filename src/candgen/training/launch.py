@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,7 @@ def kubernetes_job(
     return app_to_resource(app, queue=queue, service_account=None)
 
 
-def launch(config: TrainConfig, nproc: int = 2, extra: Sequence[str] = ()) -> dict[str, Any]:
+def launch(config: TrainConfig, nproc: int = 2) -> dict[str, Any]:
     """Runs a local TorchX job of ``nproc`` processes and returns rank 0's metrics.json."""
     cmd = torchx_command(config, nproc=nproc)
     env = dict(os.environ)
