@@ -131,10 +131,12 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--machine", default="cpu")
+    p.add_argument("--render-only", action="store_true", help="rewrite the doc from stored runs")
     args = p.parse_args()
-    result = stage_index(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"serving_index_{args.machine}.json").write_text(json.dumps(result, indent=2))
+    if not args.render_only:
+        result = stage_index(args)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"serving_index_{args.machine}.json").write_text(json.dumps(result, indent=2))
     stored = {f.stem.removeprefix("serving_index_"): json.loads(f.read_text())
               for f in sorted(RESULTS.glob("serving_index_*.json"))}  # fmt: skip
     write_section("serving-index", render(stored))
