@@ -27,13 +27,24 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Adds one flag per field of the dataclass ``cls``; defaults stay in the dataclass."""
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()
+) -> None:
+    """Adds one flag per field of the dataclass ``cls``; defaults stay in the dataclass.
+
+    ``exclude`` names fields that get a flag of their own (a nested config, a file).
+    """
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} (defaults in the dataclass)")
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         tp = _unwrap_optional(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required:
+            group.add_argument(flag, dest=f.name, type=tp, required=True, help="required")
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"default: {default!r}"
         if tp is bool:
@@ -314,6 +325,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serving_export(args: argparse.Namespace) -> int:
+    from candgen.index.ann import IndexConfig
+    from candgen.serving.export import ExportConfig, export
+    from candgen.serving.steps import ServingConfig
+
+    serving_fields = {}
+    if args.weights is not None:
+        try:
+            serving_fields["weights"] = json.loads(Path(args.weights).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError("weights", f"cannot read {args.weights}: {e}") from None
+    serving = dataclasses.replace(config_from_args(ServingConfig, args), **serving_fields)
+    cfg = dataclasses.replace(
+        config_from_args(ExportConfig, args),
+        serving=serving,
+        index=config_from_args(IndexConfig, args),
+    )
+    _print_json(export(cfg))
+    return 0
+
+
+def cmd_serving_swap(args: argparse.Namespace) -> int:
+    from candgen.serving.export import swap
+
+    _print_json(swap(args.url, args.model_repository, args.protocol))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from candgen.serving.client import RetrieveClient
+
+    client = RetrieveClient(args.url, args.protocol, timeout_s=args.timeout_s)
+    recent = [int(x) for x in args.recent.split(",") if x.strip()] if args.recent else []
+    res = client.retrieve(args.user_id, args.scenario, args.k, recent)
+    if args.json:
+        _print_json(dataclasses.asdict(res))
+        return 0
+    flags = [f for f, on in (("cold_start", res.cold_start), ("fallback", res.fallback)) if on]
+    counts = {s: res.sources.count(s) for s in dict.fromkeys(res.sources)}
+    print(f"user {args.user_id} on {args.scenario}: {len(res.ad_ids)} ads via "
+          f"{client.protocol}://{client.url}"
+          + (f"  [{', '.join(flags)}]" if flags else ""))  # fmt: skip
+    print("  by generator: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+    print(f"  {'rank':>4}  {'ad_id':>12}  {'score':>8}  source")
+    for rank, (ad, score, source) in enumerate(zip(res.ad_ids, res.scores, res.sources,
+                                                   strict=True), 1):  # fmt: skip
+        print(f"  {rank:>4}  {ad:>12}  {score:>8.4f}  {source}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from candgen.demo import run_demo
 
@@ -449,6 +510,36 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--status", action="store_true", help="print whether it runs")
     add_config_flags(serve, ServerConfig)
     serve.set_defaults(func=cmd_serve)
+
+    from candgen.serving.export import ExportConfig
+    from candgen.serving.steps import ServingConfig
+
+    srv = sub.add_parser("serving", help="the Triton model repository").add_subparsers(
+        dest="serving_command", required=True
+    )
+    ex = srv.add_parser("export", help="export a registered version as the retrieve ensemble")
+    add_config_flags(ex, ExportConfig, exclude=("serving", "index"))
+    add_config_flags(ex, ServingConfig, exclude=("weights",))
+    ex.add_argument("--weights", default=None,
+                    help="JSON: surface -> generator -> share (default: built in)")  # fmt: skip
+    add_config_flags(ex, IndexConfig)
+    ex.set_defaults(func=cmd_serving_export)
+    sw = srv.add_parser("swap", help="load the repository's pinned version into a live server")
+    sw.add_argument("--model-repository", type=Path, default=Path("data/model_repository"))
+    sw.add_argument("--url", default="127.0.0.1:8000")
+    sw.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    sw.set_defaults(func=cmd_serving_swap)
+
+    q = sub.add_parser("query", help="ask the live retrieve ensemble for a user's candidates")
+    q.add_argument("user_id", type=int)
+    q.add_argument("--scenario", default="home", help="home | search | related")
+    q.add_argument("-k", "--k", type=int, default=100)
+    q.add_argument("--recent", default="", help="real-time item ids, comma-separated")
+    q.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    q.add_argument("--url", default="", help="default: 127.0.0.1:8000 (http), :8001 (grpc)")
+    q.add_argument("--timeout-s", type=float, default=10.0)
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    q.set_defaults(func=cmd_query)
 
     demo = sub.add_parser("demo", help="the end-to-end demo on a small synthetic marketplace")
     demo.add_argument("--workdir", default="data/demo")

@@ -383,6 +383,8 @@ def build_features(
         ).isoformat(),
         "data_end": end.isoformat(),
         "rows": {name: t.num_rows for name, t in tables.items()},
+        # The order of category_affinity's entries (serving maps ad categories onto it).
+        "categories": list(manifest["categories"]),
         "snapshot": snapshot_hash(out_dir, FEATURE_TABLES),
     }
     (out_dir / "manifest.json").write_text(json.dumps(feature_manifest, indent=2) + "\n")

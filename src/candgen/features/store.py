@@ -307,3 +307,69 @@ def serve(cfg: StoreConfig, host: str = "127.0.0.1", port: int = 6566, workers: 
     if not 0 < port < 65536:
         raise ConfigError("port", f"must be a TCP port (1..65535), got {port}")
     open_store(cfg).serve(host, port, workers=workers, no_access_log=True)
+
+
+class FeatureServerProcess:
+    """``candgen features serve`` as a child process, for the demo, tests and benchmarks.
+
+    Args:
+        cfg: the store to serve (applied and materialized).
+        port: the HTTP port.
+        log: where the server's output goes (default: discarded).
+    """
+
+    def __init__(self, cfg: StoreConfig, port: int = 6566, log: Path | None = None) -> None:
+        self.cfg, self.port, self.log = cfg, port, log
+        self.proc: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        """Starts the server and waits until it answers; returns its URL."""
+        import subprocess
+        import time
+        import urllib.request
+
+        c = self.cfg
+        cmd = [sys.executable, "-m", "candgen.cli", "features", "serve", "--port", str(self.port),
+               "--features-dir", str(c.features_path), "--state-dir", str(c.state_path),
+               "--online", c.online, "--redis", c.redis, "--project", c.project,
+               "--repo-dir", str(c.repo_dir)]  # fmt: skip
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise CandgenError(f"feature server exited with {self.proc.returncode}"
+                                   + (f"; see {self.log}" if self.log else ""))  # fmt: skip
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self.url
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        raise CandgenError(f"feature server on port {self.port} not ready after {timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> FeatureServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -65,6 +65,7 @@ def build_index(
     recall_queries: int = 1_000,
     seed: int = 0,
     tracking_uri: str = "",
+    embeddings: RegisteredEmbeddings | None = None,
 ) -> dict[str, Any]:
     """Builds and saves the index for a registered version and logs its recall@K.
 
@@ -77,13 +78,14 @@ def build_index(
         recall_queries: how many sampled item vectors (plus noise) serve as queries.
         seed: the query sample's seed.
         tracking_uri: MLflow tracking URI (default: SQLite under the repository).
+        embeddings: the version's embeddings when the caller has already downloaded them.
 
     Returns:
         A summary: kind, size, recall, build seconds, and where the index was written.
     """
     import time
 
-    emb = load_registered_embeddings(model_uri, tracking_uri)
+    emb = embeddings or load_registered_embeddings(model_uri, tracking_uri)
     # Row 0 is padding (id 0), so it never passes either bound.
     ids, vectors = ad_rows(emb.item_ids, emb.table, AD_ID_OFFSET if ads_only else 1)
     if len(ids) == 0:
@@ -110,19 +112,14 @@ def build_index(
 
 
 def _log_to_registry(model_uri: str, summary: dict[str, Any], k: int, tracking_uri: str) -> None:
-    from candgen.registry.tracking import client
+    from candgen.registry.tracking import client, resolve_version
 
-    mc = client(tracking_uri)
-    name, _, ref = model_uri.removeprefix("models:/").partition("@")
-    if ref:
-        version = mc.get_model_version_by_alias(name, ref)
-    elif "/" in name:
-        name, number = name.split("/", 1)
-        version = mc.get_model_version(name, number)
-    else:
+    version = resolve_version(model_uri, tracking_uri)
+    if version is None:
         return  # a runs:/ URI: no registered version to tag
+    mc = client(tracking_uri)
     recall = summary[f"recall_at_{k}"]
     if version.run_id:
         mc.log_metric(version.run_id, f"index.recall_at_{k}", recall)
-    mc.set_model_version_tag(name, version.version, "index_kind", summary["kind"])
-    mc.set_model_version_tag(name, version.version, f"index_recall_at_{k}", repr(recall))
+    mc.set_model_version_tag(version.name, version.version, "index_kind", summary["kind"])
+    mc.set_model_version_tag(version.name, version.version, f"index_recall_at_{k}", repr(recall))

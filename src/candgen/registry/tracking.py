@@ -212,6 +212,31 @@ def register(run_id: str, name: str, primary_metric: str, tracking_uri: str = ""
             "primary_metric": key, "value": repr(float(value))}  # fmt: skip
 
 
+def resolve_version(model_uri: str, tracking_uri: str = "") -> Any | None:
+    """The registered ModelVersion behind ``models:/<name>@<alias>`` or ``models:/<name>/<n>``;
+    None for other URIs (``runs:/...``).
+
+    Raises:
+        CandgenError: the model, alias or version is not registered (named in the message).
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/"):
+        return None
+    mc = client(tracking_uri)
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    try:
+        if alias:
+            return mc.get_model_version_by_alias(name, alias)
+        if "/" in name:
+            name, number = name.split("/", 1)
+            return mc.get_model_version(name, number)
+    except MlflowException as e:
+        raise CandgenError(f"model_uri: cannot resolve {model_uri!r}: {e.message}") from None
+    raise CandgenError(f"model_uri: {model_uri!r} names no alias or version "
+                       "(models:/<name>@<alias> or models:/<name>/<version>)")  # fmt: skip
+
+
 def _by_alias(mc: Any, name: str, alias: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 

@@ -33,6 +33,11 @@ class Request:
     recent_item_ids: tuple[int, ...] = ()
 
 
+def check_k(k: int, max_k: int) -> None:
+    if not 0 < k <= max_k:
+        raise ConfigError("K", f"must be in 1..{max_k}, got {k}")
+
+
 def _scalar(name: str, value: np.ndarray) -> object:
     if value.size != 1:
         raise ConfigError(name, f"expected one value (shape [1]), got shape {list(value.shape)}")
@@ -59,8 +64,7 @@ def parse_request(tensors: dict[str, np.ndarray | None], max_k: int) -> Request:
             kind = "BYTES" if want is np.object_ else np.dtype(want).name.upper()
             raise ConfigError(name, f"expected {kind}, got {value.dtype}")
     k = int(_scalar("K", arrays["K"]))  # type: ignore[call-overload]
-    if not 0 < k <= max_k:
-        raise ConfigError("K", f"must be in 1..{max_k}, got {k}")
+    check_k(k, max_k)
     scenario = _scalar("SCENARIO", arrays["SCENARIO"])
     if isinstance(scenario, bytes):
         scenario = scenario.decode("utf-8", errors="replace")

@@ -7,6 +7,7 @@ the user encoder plus the ad index (``candgen.registry.retriever`` / ``candgen.i
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +53,25 @@ class ContentGenerator:
         self.centroids = np.zeros((num_categories, vectors.shape[1]), dtype=np.float32)
         np.add.at(self.centroids, categories, vectors)
         self.centroids = _normalise(self.centroids)
+
+    def save(self, folder: Path) -> None:
+        """Writes the index, the normalised text vectors and the category centroids."""
+        folder = Path(folder)
+        self.index.save(folder / "content.faiss")
+        ids = np.fromiter(self.text, dtype=np.int64, count=len(self.text))
+        vectors = np.stack(list(self.text.values())) if len(ids) else self.centroids[:0]
+        np.savez(folder / "content.npz", ad_ids=ids, vectors=vectors, centroids=self.centroids)
+
+    @classmethod
+    def load(cls, folder: Path, config: IndexConfig | None = None) -> ContentGenerator:
+        """Reads what ``save`` wrote (no rebuild: a large HNSW index loads in seconds)."""
+        folder = Path(folder)
+        arrays = np.load(folder / "content.npz")
+        obj = cls.__new__(cls)
+        obj.index = AdIndex.load(folder / "content.faiss", config)
+        obj.text = dict(zip(arrays["ad_ids"].tolist(), arrays["vectors"], strict=True))
+        obj.centroids = arrays["centroids"]
+        return obj
 
     def add(self, ad_id: int, text_embedding: np.ndarray) -> None:
         """A new ad: retrievable by content from the next request on."""

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from candgen.errors import ConfigError
+import numpy as np
+
 from candgen.index.ann import AdIndex
-from candgen.registry.retriever import Retriever
+from candgen.serving.contract import check_k
 from candgen.serving.features import FeatureStoreUnavailable
 from candgen.serving.generators import ContentGenerator, PacingPopularity
 from candgen.serving.quota import QuotaConfig, allocate
 
+if TYPE_CHECKING:  # torch is imported only by the step that encodes
+    from candgen.registry.retriever import Retriever
+
 USER_SERVICE = "user_features_v1"
+COLD_START, FALLBACK = "cold_start", "fallback"
 
 
 class FeatureSource(Protocol):
@@ -42,9 +47,94 @@ class RetrievalResult:
     fallback: bool = False
 
 
+@dataclass(frozen=True)
+class UserContext:
+    """What the features step knows about the requesting user.
+
+    Attributes:
+        history: engaged item/ad ids, oldest first: the stored short-term sequence, then the
+            request's real-time items.
+        times: seconds since the epoch of each history item, or None when there are none.
+        affinity: the long-term category affinity, or None.
+        cold_start: nothing was known about the user (no features, no recent items).
+        fallback: the feature store could not be reached.
+    """
+
+    history: list[int]
+    times: list[float] | None = None
+    affinity: list[float] | None = None
+    cold_start: bool = False
+    fallback: bool = False
+
+    @property
+    def flags(self) -> list[str]:
+        return [name for name, on in ((COLD_START, self.cold_start), (FALLBACK, self.fallback))
+                if on]  # fmt: skip
+
+
+def user_context(features: FeatureSource, user_id: int, recent_item_ids: Sequence[int] = ()
+                 ) -> UserContext:  # fmt: skip
+    """Step 1: the user's online features joined with the request's real-time items."""
+    fallback = False
+    try:
+        feats = features.lookup(USER_SERVICE, "user_id", int(user_id))
+    except FeatureStoreUnavailable:
+        feats, fallback = None, True
+    stored = list((feats or {}).get("recent_item_ids") or [])
+    stored_times = list((feats or {}).get("recent_timestamps") or [])
+    history = [*map(int, stored), *map(int, recent_item_ids)]
+    # Real-time items carry no timestamp here: they happened just now.
+    now = max(stored_times, default=0.0)
+    times = [*map(float, stored_times), *[float(now)] * len(recent_item_ids)]
+    affinity = (feats or {}).get("category_affinity")
+    return UserContext(
+        history=history,
+        times=times if times and len(times) == len(history) else None,
+        affinity=[float(a) for a in affinity] if affinity is not None else None,
+        cold_start=feats is None and not recent_item_ids and not fallback,
+        fallback=fallback,
+    )
+
+
+def user_vector(retriever: Retriever, context: UserContext) -> np.ndarray | None:
+    """Step 2: the user encoder over the history items it knows; None when it knows none."""
+    times = context.times or [0.0] * len(context.history)
+    known = [(i, t) for i, t in zip(context.history, times, strict=True) if i in retriever.index]
+    if not known:
+        return None
+    ids = [i for i, _ in known]
+    query = retriever.user_vectors([ids], [[t for _, t in known]] if context.times else None)
+    return np.asarray(query[0], dtype=np.float32)
+
+
+def generate(
+    context: UserContext,
+    vector: np.ndarray | None,
+    k: int,
+    ad_index: AdIndex,
+    content: ContentGenerator,
+    popularity: PacingPopularity,
+    ineligible: set[int],
+) -> dict[str, list[tuple[int, float]]]:
+    """Step 3: up to ``k`` eligible candidates per generator, best first.
+
+    Ads the user already engaged with and ineligible ads (paused, budget exhausted) are
+    excluded at query time.
+    """
+    exclude = ineligible | set(context.history)
+    candidates: dict[str, list[tuple[int, float]]] = {}
+    if vector is not None:
+        found, scores = ad_index.search(vector[None], k, exclude)
+        candidates["sequential"] = list(zip(found[0].tolist(), scores[0].tolist(), strict=True))
+    candidates["content"] = content.candidates(context.history, context.affinity, k, exclude)
+    candidates["popularity"] = popularity.candidates(k, exclude)
+    return candidates
+
+
 @dataclass
 class RetrievalPipeline:
-    """Everything a request needs, loaded once per model version.
+    """Everything a request needs, loaded once per model version; the Triton ensemble runs the
+    same four steps (``user_context``, ``user_vector``, ``generate``, ``allocate``) as models.
 
     Args:
         retriever: the sequential model's user encoder (and its item vocabulary).
@@ -78,41 +168,17 @@ class RetrievalPipeline:
         Raises:
             ConfigError: K outside 1..max_k or an unknown scenario (named in the message).
         """
-        if not 0 < k <= self.max_k:
-            raise ConfigError("K", f"must be in 1..{self.max_k}, got {k}")
+        check_k(k, self.max_k)
         weights = self.quotas.for_surface(scenario)
-        fallback = False
-        try:
-            feats = self.features.lookup(USER_SERVICE, "user_id", int(user_id))
-        except FeatureStoreUnavailable:
-            feats, fallback = None, True
-        stored = list((feats or {}).get("recent_item_ids") or [])
-        stored_times = list((feats or {}).get("recent_timestamps") or [])
-        history = [*stored, *map(int, recent_item_ids)]
-        # Real-time items carry no timestamp here: they happened just now.
-        now = max(stored_times, default=0.0)
-        times = [*map(float, stored_times), *[now] * len(recent_item_ids)]
-        if len(times) != len(history):
-            times = []
-        affinity = (feats or {}).get("category_affinity")
-        exclude = self.ineligible | set(history)
-
-        candidates: dict[str, list[tuple[int, float]]] = {}
-        known = [(i, t) for i, t in zip(history, times or [0.0] * len(history), strict=True)
-                 if int(i) in self.retriever.index]  # fmt: skip
-        if known:
-            ids = [i for i, _ in known]
-            query = self.retriever.user_vectors([ids], [[t for _, t in known]] if times else None)
-            found, scores = self.ad_index.search(query, k, exclude)
-            candidates["sequential"] = list(zip(found[0].tolist(), scores[0].tolist(),
-                                                strict=True))  # fmt: skip
-        candidates["content"] = self.content.candidates(history, affinity, k, exclude)
-        candidates["popularity"] = self.popularity.candidates(k, exclude)
+        context = user_context(self.features, user_id, recent_item_ids)
+        vector = user_vector(self.retriever, context)
+        candidates = generate(context, vector, k, self.ad_index, self.content, self.popularity,
+                              self.ineligible)  # fmt: skip
         chosen = allocate(candidates, weights, k)
         return RetrievalResult(
             ad_ids=[c.ad_id for c in chosen],
             scores=[c.score for c in chosen],
             sources=[c.source for c in chosen],
-            cold_start=feats is None and not recent_item_ids and not fallback,
-            fallback=fallback,
+            cold_start=context.cold_start,
+            fallback=context.fallback,
         )

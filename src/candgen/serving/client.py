@@ -1,0 +1,99 @@
+"""Calling the ``retrieve`` ensemble through tritonclient, over HTTP or gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from candgen.errors import CandgenError, ConfigError
+from candgen.serving.contract import OUTPUTS
+from candgen.serving.pipeline import COLD_START, FALLBACK, RetrievalResult
+
+PROTOCOLS = ("http", "grpc")
+DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+
+
+class ServingError(CandgenError):
+    """The server answered the request with an error (its message is kept as is)."""
+
+
+def triton_client(url: str, protocol: str = "http", timeout_s: float = 10.0) -> Any:
+    if protocol == "http":
+        import tritonclient.http as module
+
+        return module.InferenceServerClient(url, connection_timeout=timeout_s,
+                                            network_timeout=timeout_s)  # fmt: skip
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+
+        return module.InferenceServerClient(url)
+    raise ConfigError("protocol", f"must be one of {PROTOCOLS}, got {protocol!r}")
+
+
+class RetrieveClient:
+    """One connection to a server that serves the ``retrieve`` ensemble.
+
+    Args:
+        url: ``host:port`` (default: 8000 for HTTP, 8001 for gRPC on 127.0.0.1).
+        protocol: http or grpc.
+        model: the ensemble's name.
+        timeout_s: per request.
+    """
+
+    def __init__(self, url: str = "", protocol: str = "http", model: str = "retrieve",
+                 timeout_s: float = 10.0) -> None:  # fmt: skip
+        if protocol not in PROTOCOLS:
+            raise ConfigError("protocol", f"must be one of {PROTOCOLS}, got {protocol!r}")
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self.model = model
+        self.timeout_s = timeout_s
+        self.client = triton_client(self.url, protocol, timeout_s)
+        if protocol == "http":
+            import tritonclient.http as module
+        else:
+            import tritonclient.grpc as module  # type: ignore[no-redef]
+        self.module = module
+
+    def infer(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Sends raw tensors (any dtype and shape: the server checks them) and returns outputs.
+
+        Raises:
+            ServingError: the server's error message, e.g. for a K out of range.
+        """
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+        inputs = []
+        for name, value in tensors.items():
+            value = np.asarray(value)
+            t = self.module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            t.set_data_from_numpy(value)
+            inputs.append(t)
+        outputs = [self.module.InferRequestedOutput(n) for n in OUTPUTS]
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        try:
+            result = self.client.infer(self.model, inputs, outputs=outputs, **kwargs)
+        except InferenceServerException as e:
+            raise ServingError(e.message() or str(e)) from None
+        return {n: result.as_numpy(n) for n in OUTPUTS}
+
+    def retrieve(self, user_id: int, scenario: str, k: int,
+                 recent_item_ids: Sequence[int] = ()) -> RetrievalResult:  # fmt: skip
+        tensors = {
+            "USER_ID": np.array([user_id], dtype=np.int64),
+            "SCENARIO": np.array([scenario.encode()], dtype=np.object_),
+            "K": np.array([k], dtype=np.int32),
+        }
+        if recent_item_ids:
+            tensors["RECENT_ITEM_IDS"] = np.asarray(recent_item_ids, dtype=np.int64)
+        out = self.infer(tensors)
+        flags = {f.decode() for f in out["FLAGS"].reshape(-1)}
+        return RetrievalResult(
+            ad_ids=out["AD_IDS"].astype(np.int64).tolist(),
+            scores=out["SCORES"].astype(np.float32).tolist(),
+            sources=[s.decode() for s in out["SOURCES"].reshape(-1)],
+            cold_start=COLD_START in flags,
+            fallback=FALLBACK in flags,
+        )

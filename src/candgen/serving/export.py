@@ -1,0 +1,297 @@
+"""Exporting a registered model version as a Triton model repository, and swapping it in live.
+
+Layout of the repository (``<repo>``)::
+
+    retrieve/config.pbtxt               the ensemble; its steps are pinned to one version
+    retrieve/<v>/serving.json           what that version is (model URI, run, commit, snapshots)
+    candgen_<step>/config.pbtxt         python backend, version_policy all
+    candgen_<step>/<v>/model.py         two lines: the step's name and candgen.serving's shell
+    candgen_<step>/<v>/...              the step's assets (serving.json, model.pt, ads.faiss...)
+
+``<v>`` is the registry version number. A new export adds its version beside the previous one
+(older ones are pruned) and re-pins the ensemble; ``swap`` then loads the new step versions and
+reloads the ensemble through Triton's explicit model control. Triton keeps serving the old
+ensemble until the new one is ready, and the old one keeps its own pinned steps, so no request
+sees a mix of versions and none fails.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from candgen.errors import CandgenError, ConfigError
+from candgen.index.ann import IndexConfig
+from candgen.serving.contract import INPUTS, OUTPUTS
+from candgen.serving.generators import ContentGenerator
+from candgen.serving.steps import (
+    CONTENT_DIR,
+    DELIVERY_FILE,
+    ENSEMBLE,
+    MODEL_FILE,
+    STEPS,
+    TABLE_FILE,
+    EncoderStep,
+    FeaturesStep,
+    GeneratorsStep,
+    ServingConfig,
+    Spec,
+    Step,
+    pinned_version,
+    write_serving_file,
+)
+
+TRITON_TYPES = {np.int64: "TYPE_INT64", np.int32: "TYPE_INT32", np.float32: "TYPE_FP32",
+                np.float64: "TYPE_FP64", np.object_: "TYPE_STRING"}  # fmt: skip
+MODEL_PY = '''"""candgen's retrieve ensemble, step {model} (a thin shell; see candgen.serving)."""
+
+import triton_python_backend_utils as pb_utils
+
+from candgen.serving.triton_model import triton_model
+
+TritonPythonModel = triton_model("{model}", pb_utils)
+'''
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``candgen serving export`` writes (CLI flags map onto these fields).
+
+    Attributes:
+        model_uri: the registered version, ``models:/<name>@<alias>`` or ``models:/<name>/<n>``.
+        out: the Triton model repository (created; other versions in it are kept or pruned).
+        features_dir: the offline feature tables (ad text embeddings, delivery state).
+        keep_versions: versions kept in the repository (the new one included; >= 2 keeps the
+            previous version loaded for a rollback).
+        tracking_uri: MLflow tracking URI (default: SQLite under the repository).
+        serving: how the ensemble serves.
+        index: the sequential generator's ANN index.
+    """
+
+    model_uri: str
+    out: str = "data/model_repository"
+    features_dir: str = "data/demo/features"
+    keep_versions: int = 2
+    tracking_uri: str = ""
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model_uri.startswith("models:/"):
+            raise ConfigError("model_uri", f"must be a registry URI (models:/<name>@<alias> or "
+                              f"models:/<name>/<version>), got {self.model_uri!r}")  # fmt: skip
+        if self.keep_versions < 1:
+            raise ConfigError("keep_versions", f"must be >= 1, got {self.keep_versions}")
+
+
+def _dims(dims: list[int]) -> str:
+    return ", ".join(map(str, dims))
+
+
+def _tensors(kind: str, spec: Spec) -> str:
+    rows = []
+    for name, (dtype, dims, optional) in spec.items():
+        opt = " optional: true" if optional else ""
+        rows.append(f'  {{ name: "{name}" data_type: {TRITON_TYPES[dtype]} '
+                    f"dims: [ {_dims(dims)} ]{opt} }}")  # fmt: skip
+    return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
+
+
+def step_config(step: type[Step], instances: int) -> str:
+    return (f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: 0\n'
+            "version_policy: { all { } }\n"
+            + _tensors("input", step.INPUTS) + _tensors("output", step.OUTPUTS)
+            + f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n")  # fmt: skip
+
+
+def ensemble_config(version: int) -> str:
+    """The ``retrieve`` ensemble with every step pinned to ``version``."""
+    ins = {n: (FeaturesStep.INPUTS[n][0], FeaturesStep.INPUTS[n][1], FeaturesStep.INPUTS[n][2])
+           for n in INPUTS}  # fmt: skip
+    outs = {n: (dtype, [-1], False) for n, dtype in OUTPUTS.items()}
+    steps = []
+    for step in STEPS:
+        maps = "".join(f'      input_map {{ key: "{n}" value: "{n}" }}\n' for n in step.INPUTS)
+        maps += "".join(f'      output_map {{ key: "{n}" value: "{n}" }}\n' for n in step.OUTPUTS)
+        steps.append(f'    {{\n      model_name: "{step.MODEL}"\n      model_version: {version}\n'
+                     f"{maps}    }}")  # fmt: skip
+    return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: 0\n'
+            + _tensors("input", ins) + _tensors("output", outs)
+            + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")  # fmt: skip
+
+
+def versions(repository: Path, model: str) -> list[int]:
+    folder = Path(repository) / model
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def stage_generators(
+    folder: Path,
+    content: ContentGenerator,
+    delivery: dict[str, np.ndarray],
+) -> None:
+    """Writes the content generator and the delivery state beside an already saved ads index."""
+    content.save(folder / CONTENT_DIR)
+    np.savez(folder / DELIVERY_FILE, **delivery)
+
+
+def publish(
+    repository: Path,
+    staging: Path,
+    version: int,
+    serving: ServingConfig,
+    index: IndexConfig,
+    provenance: dict[str, Any],
+    keep_versions: int = 2,
+) -> dict[str, Any]:
+    """Moves a staged version (``staging/<step model>/`` folders) into the repository.
+
+    Writes each step's ``serving.json``, ``model.py`` and ``config.pbtxt``, pins the ensemble to
+    ``version``, and prunes all but the newest ``keep_versions`` versions. An existing folder of
+    the same version is replaced.
+    """
+    repository = Path(repository)
+    for step in STEPS:
+        src = staging / step.MODEL
+        write_serving_file(src, serving, index, provenance)
+        (src / "model.py").write_text(MODEL_PY.format(model=step.MODEL))
+        model_dir = repository / step.MODEL
+        model_dir.mkdir(parents=True, exist_ok=True)
+        dst = model_dir / str(version)
+        if dst.exists():
+            shutil.rmtree(dst)
+        src.rename(dst)
+        (model_dir / "config.pbtxt").write_text(step_config(step, serving.instances))
+        for old in versions(repository, step.MODEL)[:-keep_versions]:
+            shutil.rmtree(model_dir / str(old))
+    ensemble = repository / ENSEMBLE
+    ensemble_version = ensemble / str(version)
+    write_serving_file(ensemble_version, serving, index, provenance)
+    for old in versions(repository, ENSEMBLE)[:-keep_versions]:
+        shutil.rmtree(ensemble / str(old))
+    tmp = ensemble / "config.pbtxt.tmp"
+    tmp.write_text(ensemble_config(version))
+    tmp.replace(ensemble / "config.pbtxt")
+    shutil.rmtree(staging, ignore_errors=True)
+    return {"repository": str(repository), "version": version, **provenance}
+
+
+def _ad_side(features_dir: Path) -> tuple[ContentGenerator, dict[str, np.ndarray]]:
+    """The content generator and delivery state from the offline ad feature tables."""
+    import pandas as pd
+
+    manifest_path = features_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise CandgenError(f"features_dir: {features_dir} holds no feature tables "
+                           "(run `candgen features build`)")  # fmt: skip
+    manifest = json.loads(manifest_path.read_text())
+    if "categories" not in manifest:
+        raise CandgenError(f"features_dir: {features_dir} was built before manifests named the "
+                           "categories; rebuild it with `candgen features build`")  # fmt: skip
+    cat_index = {c: i for i, c in enumerate(manifest["categories"])}
+    attrs = pd.read_parquet(features_dir / "ad_attributes.parquet",
+                            columns=["ad_id", "category", "text_embedding"])  # fmt: skip
+    content = ContentGenerator(
+        attrs["ad_id"].to_numpy(np.int64),
+        np.stack(attrs["text_embedding"].to_numpy()).astype(np.float32),
+        attrs["category"].map(cat_index).to_numpy(np.int64),
+        len(cat_index),
+    )
+    delivery = pd.read_parquet(features_dir / "ad_delivery.parquet").sort_values(
+        ["ad_id", "event_timestamp"], kind="stable"
+    )
+    first = delivery.groupby("ad_id").first()
+    last = delivery.groupby("ad_id").last()
+    total = first["budget_remaining"].to_numpy(np.float64)
+    remaining = last["budget_remaining"].to_numpy(np.float64)
+    left = np.where(total > 0, remaining / np.maximum(total, 1e-9), 0.0)
+    return content, {
+        "ad_ids": last.index.to_numpy(np.int64),
+        "clicks": last["clicks_7d"].to_numpy(np.int64),
+        "impressions": last["impressions_7d"].to_numpy(np.int64),
+        "budget_left_fraction": left.astype(np.float32),
+        "ineligible": last.index.to_numpy(np.int64)[last["status"].to_numpy() != "active"],
+        "features_snapshot": np.asarray(manifest.get("snapshot", "")),
+    }
+
+
+def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
+    """Exports ``config.model_uri`` into ``config.out`` as version <registry version>.
+
+    Returns:
+        A summary: repository, version and the provenance written beside it.
+    """
+    from candgen.index.build import build_index, load_registered_embeddings
+    from candgen.registry.tracking import resolve_version
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"    {msg}", flush=True)
+
+    features_dir = Path(config.features_dir)
+    mv = resolve_version(config.model_uri, config.tracking_uri)
+    assert mv is not None  # ExportConfig accepts only models:/ URIs
+    version = int(mv.version)
+    repository = Path(config.out)
+    staging = repository / f".staging-{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    t0 = time.perf_counter()
+    emb = load_registered_embeddings(config.model_uri, config.tracking_uri)
+    encoder = staging / EncoderStep.MODEL
+    encoder.mkdir(parents=True)
+    shutil.copy2(emb.model_dir / "model.pt", encoder / MODEL_FILE)
+    shutil.copy2(emb.model_dir / "item_embeddings.npy", encoder / TABLE_FILE)
+    say(f"{mv.name} v{version} (run {mv.run_id}): user encoder and item table")
+    generators = staging / GeneratorsStep.MODEL
+    summary = build_index(config.model_uri, generators, config.index,
+                          tracking_uri=config.tracking_uri, embeddings=emb)  # fmt: skip
+    recall = next(v for k, v in summary.items() if k.startswith("recall_at_"))
+    say(f"ad index: {summary['kind']}, {summary['size']:,} ads x {summary['dim']}, "
+        f"recall vs exact {recall:.4f} (logged to the run)")  # fmt: skip
+    content, delivery = _ad_side(features_dir)
+    stage_generators(generators, content, delivery)
+    say(
+        f"content generator: {len(content.text):,} ads' text embeddings; "
+        f"{len(delivery['ineligible']):,} of {len(delivery['ad_ids']):,} ads ineligible now"
+    )
+    for step in (FeaturesStep, *STEPS[3:]):
+        (staging / step.MODEL).mkdir(parents=True, exist_ok=True)
+    provenance = {
+        "model_uri": config.model_uri,
+        "model_name": mv.name,
+        "model_version": version,
+        "run_id": mv.run_id,
+        **{k: mv.tags.get(k, "") for k in ("git_commit", "data_snapshot", "feature_service")},
+        "features_snapshot": str(delivery["features_snapshot"]),
+        "index_kind": summary["kind"],
+        "index_recall": recall,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = publish(repository, staging, version, config.serving, config.index, provenance,
+                  config.keep_versions)  # fmt: skip
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def swap(url: str, repository: Path, protocol: str = "http") -> dict[str, Any]:
+    """Loads the repository's pinned version into a running server without downtime.
+
+    The steps are loaded first (the new version beside the one in use), then the ensemble is
+    reloaded with its new pins; Triton keeps answering with the old ensemble until then.
+    """
+    from candgen.serving.client import triton_client
+
+    client = triton_client(url, protocol)
+    version = pinned_version(repository)
+    for step in STEPS:
+        client.load_model(step.MODEL)
+    client.load_model(ENSEMBLE)
+    return {"serving_version": version, "models": [s.MODEL for s in STEPS] + [ENSEMBLE]}

@@ -1,0 +1,335 @@
+"""The four steps of the ``retrieve`` ensemble, as plain functions of numpy tensors.
+
+Each Triton python-backend model is a thin shell around one ``Step`` here (see
+``triton_model.py``), so every step runs and is tested without Triton. A step's assets live in its
+model's version folder: ``<repository>/<model>/<version>/``, written by ``export.py``.
+
+    retrieve (ensemble)
+      candgen_features      USER_ID, SCENARIO, K, RECENT_ITEM_IDS? -> HISTORY_IDS, HISTORY_TIMES,
+                            AFFINITY, CONTEXT_FLAGS     (validates the request; Feast online)
+      candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES -> USER_VECTOR          (torch)
+      candgen_generators    HISTORY_IDS, AFFINITY, USER_VECTOR, K
+                            -> CANDIDATE_IDS, CANDIDATE_SCORES, CANDIDATE_SOURCES  (FAISS)
+      candgen_select        CANDIDATE_*, SCENARIO, K, CONTEXT_FLAGS
+                            -> AD_IDS, SCORES, SOURCES, FLAGS  (quotas, dedup)
+
+Empty tensors stand for "none": no times, no affinity, no user vector (the encoder knew none of
+the history), no flags.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from candgen.errors import CandgenError, ConfigError
+from candgen.index.ann import AdIndex, IndexConfig
+from candgen.serving.contract import check_k, parse_request
+from candgen.serving.features import FeatureServerClient
+from candgen.serving.generators import ContentGenerator, PacingPopularity
+from candgen.serving.pipeline import (
+    COLD_START,
+    FALLBACK,
+    FeatureSource,
+    RetrievalPipeline,
+    UserContext,
+    generate,
+    user_context,
+    user_vector,
+)
+from candgen.serving.quota import DEFAULT_WEIGHTS, QuotaConfig, allocate
+
+SERVING_FILE = "serving.json"
+MODEL_FILE, TABLE_FILE = "model.pt", "item_embeddings.npy"
+INDEX_FILE, CONTENT_DIR, DELIVERY_FILE = "ads.faiss", "content", "delivery.npz"
+
+Tensors = dict[str, np.ndarray]
+# name -> (numpy dtype, Triton dims, optional)
+Spec = dict[str, tuple[Any, list[int], bool]]
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How the exported ensemble serves (written to every step's ``serving.json``).
+
+    Attributes:
+        feature_server_url: the Feast feature server the features step reads.
+        feature_timeout_s: how long one feature lookup may take before the request falls back.
+        max_k: the largest K a request may ask for.
+        weights: per-surface generator weights (surface -> generator -> share, summing to 1).
+        instances: Triton instances of each python-backend step.
+    """
+
+    feature_server_url: str = "http://127.0.0.1:6566"
+    feature_timeout_s: float = 0.2
+    max_k: int = 1_000
+    weights: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    instances: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.feature_server_url.startswith(("http://", "https://")):
+            raise ConfigError("feature_server_url", f"must be an http(s) URL, got "
+                              f"{self.feature_server_url!r}")  # fmt: skip
+        if self.feature_timeout_s <= 0:
+            raise ConfigError("feature_timeout_s", f"must be > 0, got {self.feature_timeout_s}")
+        if self.max_k < 1:
+            raise ConfigError("max_k", f"must be >= 1, got {self.max_k}")
+        if self.instances < 1:
+            raise ConfigError("instances", f"must be >= 1, got {self.instances}")
+        QuotaConfig(self.weights)  # validates the weights, naming the surface at fault
+
+    @property
+    def quotas(self) -> QuotaConfig:
+        return QuotaConfig(self.weights)
+
+
+def write_serving_file(
+    folder: Path, config: ServingConfig, index: IndexConfig, provenance: dict[str, Any]
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    body = {"serving": asdict(config), "index": asdict(index), "provenance": provenance}
+    (folder / SERVING_FILE).write_text(json.dumps(body, indent=2) + "\n")
+
+
+def read_serving_file(folder: Path) -> tuple[ServingConfig, IndexConfig, dict[str, Any]]:
+    path = Path(folder) / SERVING_FILE
+    if not path.exists():
+        raise CandgenError(f"{path}: missing; export the repository with `candgen serving export`")
+    body = json.loads(path.read_text())
+    return ServingConfig(**body["serving"]), IndexConfig(**body["index"]), body["provenance"]
+
+
+def _bytes(values: list[str]) -> np.ndarray:
+    return np.array([v.encode() for v in values], dtype=np.object_)
+
+
+def _strings(values: np.ndarray | None) -> list[str]:
+    if values is None:
+        return []
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values.reshape(-1)]
+
+
+def _k(tensors: Tensors, max_k: int) -> int:
+    k = int(np.asarray(tensors["K"]).reshape(-1)[0])
+    check_k(k, max_k)
+    return k
+
+
+def context_tensors(context: UserContext) -> Tensors:
+    return {
+        "HISTORY_IDS": np.asarray(context.history, dtype=np.int64),
+        "HISTORY_TIMES": np.asarray(context.times or [], dtype=np.float64),
+        "AFFINITY": np.asarray(context.affinity or [], dtype=np.float32),
+        "CONTEXT_FLAGS": _bytes(context.flags),
+    }
+
+
+def context_from(tensors: Tensors) -> UserContext:
+    times = tensors.get("HISTORY_TIMES")
+    affinity = tensors.get("AFFINITY")
+    flags = set(_strings(tensors.get("CONTEXT_FLAGS")))
+    return UserContext(
+        history=np.asarray(tensors["HISTORY_IDS"], dtype=np.int64).tolist(),
+        times=times.tolist() if times is not None and times.size else None,
+        affinity=affinity.tolist() if affinity is not None and affinity.size else None,
+        cold_start=COLD_START in flags,
+        fallback=FALLBACK in flags,
+    )
+
+
+class Step:
+    """One ensemble step: ``INPUTS``/``OUTPUTS`` give its Triton config; ``__call__`` runs it."""
+
+    MODEL: ClassVar[str]
+    INPUTS: ClassVar[Spec]
+    OUTPUTS: ClassVar[Spec]
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.config, self.index_config, self.provenance = read_serving_file(self.folder)
+
+    def __call__(self, tensors: Tensors) -> Tensors:
+        raise NotImplementedError
+
+
+I64, F32, F64, STR = np.int64, np.float32, np.float64, np.object_
+
+
+class FeaturesStep(Step):
+    """Validates the request and reads the user's online features (Feast feature server)."""
+
+    MODEL = "candgen_features"
+    INPUTS: ClassVar[Spec] = {"USER_ID": (I64, [1], False), "SCENARIO": (STR, [1], False),
+                              "K": (np.int32, [1], False),
+                              "RECENT_ITEM_IDS": (I64, [-1], True)}  # fmt: skip
+    OUTPUTS: ClassVar[Spec] = {"HISTORY_IDS": (I64, [-1], False),
+                               "HISTORY_TIMES": (F64, [-1], False),
+                               "AFFINITY": (F32, [-1], False),
+                               "CONTEXT_FLAGS": (STR, [-1], False)}  # fmt: skip
+
+    def __init__(self, folder: Path, features: FeatureSource | None = None) -> None:
+        super().__init__(folder)
+        self.features = features or FeatureServerClient(
+            self.config.feature_server_url, self.config.feature_timeout_s
+        )
+
+    def __call__(self, tensors: Tensors) -> Tensors:
+        request = parse_request(tensors, self.config.max_k)  # type: ignore[arg-type]
+        self.config.quotas.for_surface(request.scenario)
+        context = user_context(self.features, request.user_id, request.recent_item_ids)
+        return context_tensors(context)
+
+
+def load_retriever(folder: Path):  # -> candgen.registry.retriever.Retriever
+    """The registered version's user encoder and item table (as its pyfunc loads them)."""
+    from candgen.models.factory import load_model
+    from candgen.registry.retriever import Retriever
+
+    model, saved = load_model(Path(folder) / MODEL_FILE)
+    table = np.load(Path(folder) / TABLE_FILE)
+    return Retriever(model, saved["item_ids"], table, int(saved["config"]["max_len"]))
+
+
+class EncoderStep(Step):
+    """The sequential model's user encoder (torch) over the history items it knows."""
+
+    MODEL = "candgen_user_encoder"
+    INPUTS: ClassVar[Spec] = {"HISTORY_IDS": (I64, [-1], False),
+                              "HISTORY_TIMES": (F64, [-1], False)}  # fmt: skip
+    OUTPUTS: ClassVar[Spec] = {"USER_VECTOR": (F32, [-1], False)}
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.retriever = load_retriever(self.folder)
+
+    def __call__(self, tensors: Tensors) -> Tensors:
+        vector = user_vector(self.retriever, context_from(tensors))
+        return {"USER_VECTOR": vector if vector is not None else np.zeros(0, np.float32)}
+
+
+@dataclass
+class Generators:
+    """The candidate generators of one exported version, with the ads ineligible now."""
+
+    ad_index: AdIndex
+    content: ContentGenerator
+    popularity: PacingPopularity
+    ineligible: set[int]
+
+    @classmethod
+    def load(cls, folder: Path, index_config: IndexConfig) -> Generators:
+        folder = Path(folder)
+        delivery = np.load(folder / DELIVERY_FILE)
+        return cls(
+            ad_index=AdIndex.load(folder / INDEX_FILE, index_config),
+            content=ContentGenerator.load(folder / CONTENT_DIR),
+            popularity=PacingPopularity(
+                delivery["ad_ids"],
+                delivery["clicks"],
+                delivery["impressions"],
+                delivery["budget_left_fraction"],
+            ),
+            ineligible=set(delivery["ineligible"].tolist()),
+        )
+
+
+class GeneratorsStep(Step):
+    """ANN retrieval per candidate generator: sequential, content and popularity/pacing."""
+
+    MODEL = "candgen_generators"
+    INPUTS: ClassVar[Spec] = {"HISTORY_IDS": (I64, [-1], False), "AFFINITY": (F32, [-1], False),
+                              "USER_VECTOR": (F32, [-1], False),
+                              "K": (np.int32, [1], False)}  # fmt: skip
+    OUTPUTS: ClassVar[Spec] = {"CANDIDATE_IDS": (I64, [-1], False),
+                               "CANDIDATE_SCORES": (F32, [-1], False),
+                               "CANDIDATE_SOURCES": (STR, [-1], False)}  # fmt: skip
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.generators = Generators.load(self.folder, self.index_config)
+
+    def __call__(self, tensors: Tensors) -> Tensors:
+        g = self.generators
+        vector = np.asarray(tensors["USER_VECTOR"], dtype=np.float32)
+        found = generate(context_from(tensors), vector if vector.size else None,
+                         _k(tensors, self.config.max_k), g.ad_index, g.content, g.popularity,
+                         g.ineligible)  # fmt: skip
+        rows = [(ad, score, source) for source, cands in found.items() for ad, score in cands]
+        return {
+            "CANDIDATE_IDS": np.asarray([r[0] for r in rows], dtype=np.int64),
+            "CANDIDATE_SCORES": np.asarray([r[1] for r in rows], dtype=np.float32),
+            "CANDIDATE_SOURCES": _bytes([r[2] for r in rows]),
+        }
+
+
+class SelectStep(Step):
+    """Quota allocation across the generators for the request's surface, with dedup."""
+
+    MODEL = "candgen_select"
+    INPUTS: ClassVar[Spec] = {"CANDIDATE_IDS": (I64, [-1], False),
+                              "CANDIDATE_SCORES": (F32, [-1], False),
+                              "CANDIDATE_SOURCES": (STR, [-1], False),
+                              "SCENARIO": (STR, [1], False), "K": (np.int32, [1], False),
+                              "CONTEXT_FLAGS": (STR, [-1], False)}  # fmt: skip
+    OUTPUTS: ClassVar[Spec] = {"AD_IDS": (I64, [-1], False), "SCORES": (F32, [-1], False),
+                               "SOURCES": (STR, [-1], False),
+                               "FLAGS": (STR, [-1], False)}  # fmt: skip
+
+    def __call__(self, tensors: Tensors) -> Tensors:
+        weights = self.config.quotas.for_surface(_strings(tensors["SCENARIO"])[0])
+        candidates: dict[str, list[tuple[int, float]]] = {}
+        ids = np.asarray(tensors["CANDIDATE_IDS"]).tolist()
+        scores = np.asarray(tensors["CANDIDATE_SCORES"]).tolist()
+        sources = _strings(tensors["CANDIDATE_SOURCES"])
+        for ad, score, source in zip(ids, scores, sources, strict=True):
+            candidates.setdefault(source, []).append((ad, score))
+        chosen = allocate(candidates, weights, _k(tensors, self.config.max_k))
+        return {
+            "AD_IDS": np.asarray([c.ad_id for c in chosen], dtype=np.int64),
+            "SCORES": np.asarray([c.score for c in chosen], dtype=np.float32),
+            "SOURCES": _bytes([c.source for c in chosen]),
+            "FLAGS": _bytes(_strings(tensors.get("CONTEXT_FLAGS"))),
+        }
+
+
+STEPS: tuple[type[Step], ...] = (FeaturesStep, EncoderStep, GeneratorsStep, SelectStep)
+ENSEMBLE = "retrieve"
+
+
+def pinned_version(repository: Path) -> int:
+    """The version the repository's ensemble is pinned to (what a server loading it serves)."""
+    import re
+
+    path = Path(repository) / ENSEMBLE / "config.pbtxt"
+    found = re.findall(r"model_version: (\d+)", path.read_text()) if path.exists() else []
+    if not found:
+        raise CandgenError(f"model_repository: {repository} holds no exported candgen version "
+                           "(run `candgen serving export`)")  # fmt: skip
+    return int(found[0])
+
+
+def load_pipeline(
+    repository: Path, version: int | None = None, features: FeatureSource | None = None
+) -> RetrievalPipeline:
+    """The exported version as one in-process ``RetrievalPipeline`` (offline retrieval on exactly
+    what the ensemble serves)."""
+    repository = Path(repository)
+    version = version or pinned_version(repository)
+    folder = {s.MODEL: repository / s.MODEL / str(version) for s in STEPS}
+    config, index_config, _ = read_serving_file(folder[GeneratorsStep.MODEL])
+    g = Generators.load(folder[GeneratorsStep.MODEL], index_config)
+    return RetrievalPipeline(
+        retriever=load_retriever(folder[EncoderStep.MODEL]),
+        ad_index=g.ad_index,
+        content=g.content,
+        popularity=g.popularity,
+        features=features
+        or FeatureServerClient(config.feature_server_url, config.feature_timeout_s),
+        quotas=config.quotas,
+        max_k=config.max_k,
+        ineligible=g.ineligible,
+    )

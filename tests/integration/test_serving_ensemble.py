@@ -1,0 +1,265 @@
+"""The `retrieve` ensemble in a real tritonserver, fed by a real Feast feature server.
+
+One module-scoped setup: a model trained on the small marketplace, registered and promoted in
+MLflow (SQLite), exported with `candgen serving export`, served by tritonserver from the serving
+environment, with the Feast feature server (SQLite online store) in front of the features step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from candgen.cli import main
+from candgen.data.synth import SynthSummary
+from candgen.features.store import FeatureServerProcess, StoreConfig, apply, materialize
+from candgen.registry import tracking
+from candgen.serving.client import RetrieveClient, ServingError
+from candgen.serving.export import swap
+from candgen.serving.runtime import ServerConfig, start, stop
+from candgen.serving.steps import STEPS, load_pipeline, pinned_version
+from candgen.training.config import TrainConfig
+from candgen.training.trainer import train
+from tests.net import free_ports
+
+pytestmark = pytest.mark.integration
+
+MAX_K = 1_000  # above the 400 ads of the small marketplace
+SURFACES = ("home", "search", "related")
+
+
+@dataclass
+class Served:
+    repo: Path
+    uri: str
+    features: FeatureServerProcess
+    server: ServerConfig
+    http: RetrieveClient
+    grpc: RetrieveClient
+    users: list[int]
+    marketplace: SynthSummary
+    features_dir: Path
+
+
+def _train(summary: SynthSummary, features_dir: Path, uri: str, out: Path, seed: int) -> None:
+    train(TrainConfig(dataset="marketplace", data_dir=str(summary.out_dir),
+                      features_dir=str(features_dir), model="hstu", epochs=2, max_len=20,
+                      batch_size=64, eval_days=2, progress=False, tracking_uri=uri,
+                      experiment="serve", register_as="serve-m", seed=seed,
+                      out_dir=str(out)))  # fmt: skip
+
+
+def _export(served_repo: Path, uri: str, features_dir: Path, feature_url: str) -> int:
+    return main(["serving", "export", "--model-uri", "models:/serve-m@champion", "--out",
+                 str(served_repo), "--features-dir", str(features_dir), "--tracking-uri", uri,
+                 "--feature-server-url", feature_url, "--max-k", str(MAX_K)])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served(
+    marketplace: SynthSummary, features_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    tracking.client(uri).create_experiment("serve", artifact_location=(tmp / "art").as_uri())
+    _train(marketplace, features_dir, uri, tmp / "run1", seed=0)
+    tracking.promote("serve-m", uri)
+
+    store = StoreConfig(features_dir=features_dir, state_dir=tmp / "feast")
+    apply(store)
+    materialize(store)
+    feature_port, http, grpc, metrics = free_ports(4)
+    features = FeatureServerProcess(store, feature_port, log=tmp / "feature_server.log")
+    features.start()
+    repo = tmp / "repo"
+    assert _export(repo, uri, features_dir, features.url) == 0
+    server = ServerConfig(model_repository=str(repo), http_port=http, grpc_port=grpc,
+                          metrics_port=metrics, state_dir=str(tmp / "triton"),
+                          ready_timeout_s=180)  # fmt: skip
+    try:
+        start(server)
+        users = pd.read_parquet(features_dir / "user_short_term.parquet")["user_id"]
+        yield Served(repo, uri, features, server, RetrieveClient(f"127.0.0.1:{http}", "http"),
+                     RetrieveClient(f"127.0.0.1:{grpc}", "grpc"),
+                     sorted(set(users.tolist()))[:6], marketplace, features_dir)  # fmt: skip
+    finally:
+        stop(server)
+        features.stop()
+
+
+def _same(a, b) -> None:  # type: ignore[no-untyped-def]
+    assert a.ad_ids == b.ad_ids
+    assert a.sources == b.sources
+    assert a.scores == pytest.approx(b.scores, rel=1e-4, abs=1e-5)
+    assert (a.cold_start, a.fallback) == (b.cold_start, b.fallback)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_ensemble_returns_the_library_offline_retrieval(served: Served, protocol: str) -> None:
+    offline = load_pipeline(served.repo)
+    client = served.http if protocol == "http" else served.grpc
+    for user in served.users:
+        for surface in SURFACES:
+            got = client.retrieve(user, surface, 50)
+            want = offline.retrieve(user, surface, 50)
+            assert len(got.ad_ids) == 50 == len(set(got.ad_ids))
+            assert "sequential" in got.sources
+            _same(got, want)
+    recent = [int(a) for a in offline.ad_index.search(np.ones((1, offline.ad_index.dim)), 2)[0][0]]
+    got = client.retrieve(served.users[0], "home", 30, recent_item_ids=recent)
+    _same(got, offline.retrieve(served.users[0], "home", 30, recent_item_ids=recent))
+    assert not set(recent) & set(got.ad_ids)
+
+
+def test_the_exported_version_traces_to_its_run_commit_and_snapshots(served: Served) -> None:
+    import json
+
+    version = pinned_version(served.repo)
+    body = json.loads((served.repo / "retrieve" / str(version) / "serving.json").read_text())
+    mv = tracking.client(served.uri).get_model_version_by_alias("serve-m", "champion")
+    prov = body["provenance"]
+    assert prov["model_version"] == int(mv.version) == version
+    assert prov["run_id"] == mv.run_id
+    assert prov["git_commit"] == mv.tags["git_commit"] != ""
+    assert prov["data_snapshot"] == mv.tags["data_snapshot"] != ""
+    manifest = json.loads((served.features_dir / "manifest.json").read_text())
+    assert prov["features_snapshot"] == manifest["snapshot"]
+    assert 0.0 < prov["index_recall"] <= 1.0
+
+
+def _still_answers(served: Served) -> None:
+    assert len(served.http.retrieve(served.users[0], "home", 10).ad_ids) == 10
+
+
+def test_an_unknown_user_gets_cold_start_candidates(served: Served) -> None:
+    res = served.grpc.retrieve(987_654_321, "search", 40)
+    assert res.cold_start and not res.fallback
+    assert len(res.ad_ids) == 40 == len(set(res.ad_ids))
+    assert "sequential" not in res.sources
+    _still_answers(served)
+
+
+@pytest.mark.parametrize(("k", "message"), [
+    (0, rf"K: must be in 1\.\.{MAX_K}, got 0"),
+    (-5, rf"K: must be in 1\.\.{MAX_K}, got -5"),
+    (MAX_K + 1, rf"K: must be in 1\.\.{MAX_K}, got {MAX_K + 1}"),
+])  # fmt: skip
+def test_k_out_of_range_is_a_clear_error(served: Served, k: int, message: str) -> None:
+    for client in (served.http, served.grpc):
+        with pytest.raises(ServingError, match=message):
+            client.retrieve(served.users[0], "home", k)
+    _still_answers(served)
+
+
+def test_an_unknown_surface_is_a_clear_error(served: Served) -> None:
+    with pytest.raises(ServingError, match="scenario: unknown surface 'inbox'"):
+        served.http.retrieve(served.users[0], "inbox", 10)
+    _still_answers(served)
+
+
+def _good() -> dict[str, np.ndarray]:
+    return {"USER_ID": np.array([1], np.int64), "SCENARIO": np.array([b"home"], np.object_),
+            "K": np.array([10], np.int32)}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("K", np.array([10.0], np.float32), "K"),
+    ("USER_ID", np.array([1], np.int32), "USER_ID"),
+    ("SCENARIO", np.array([1], np.int64), "SCENARIO"),
+    ("USER_ID", np.array([1, 2], np.int64), "USER_ID"),
+    ("K", np.array([[10]], np.int32), "K"),
+    ("RECENT_ITEM_IDS", np.array([1.5, 2.5], np.float64), "RECENT_ITEM_IDS"),
+])  # fmt: skip
+def test_a_wrong_dtype_or_shape_is_a_clear_error(
+    served: Served, name: str, value: np.ndarray, message: str
+) -> None:
+    for client in (served.http, served.grpc):
+        tensors = _good() | {name: value}
+        with pytest.raises(ServingError, match=message):
+            client.infer(tensors)
+    _still_answers(served)
+
+
+def test_a_missing_input_is_a_clear_error(served: Served) -> None:
+    tensors = _good()
+    del tensors["K"]
+    with pytest.raises(ServingError, match="K"):
+        served.http.infer(tensors)
+    _still_answers(served)
+
+
+def test_fewer_eligible_ads_than_k_gives_fewer_results_never_padding(served: Served) -> None:
+    offline = load_pipeline(served.repo)
+    res = served.http.retrieve(served.users[1], "related", MAX_K)
+    eligible = set(offline.popularity.ranked and [a for a, _ in offline.popularity.ranked])
+    assert 0 < len(res.ad_ids) < MAX_K
+    assert len(res.ad_ids) == len(set(res.ad_ids)) == len(res.scores) == len(res.sources)
+    assert min(res.ad_ids) > 0  # no -1 (or 0) padding
+    assert not set(res.ad_ids) & offline.ineligible
+    assert set(res.ad_ids) <= eligible | set(offline.content.text)
+    _still_answers(served)
+
+
+def test_an_unreachable_feature_store_gives_flagged_fallback_candidates(served: Served) -> None:
+    served.features.stop()
+    try:
+        for client in (served.http, served.grpc):
+            res = client.retrieve(served.users[0], "home", 25, recent_item_ids=[])
+            assert res.fallback and not res.cold_start
+            assert len(res.ad_ids) == 25
+            assert "sequential" not in res.sources  # nothing known without features
+            with_recent = client.retrieve(served.users[0], "home", 25,
+                                          recent_item_ids=res.ad_ids[:3])  # fmt: skip
+            assert with_recent.fallback and "sequential" in with_recent.sources
+    finally:
+        served.features.start()
+    assert not served.http.retrieve(served.users[0], "home", 10).fallback
+
+
+def test_a_promoted_version_is_swapped_in_with_zero_failed_requests(
+    served: Served, tmp_path: Path
+) -> None:
+    before = pinned_version(served.repo)
+    _train(served.marketplace, served.features_dir, served.uri, tmp_path / "run2", seed=1)
+    mc = tracking.client(served.uri)
+    new = mc.get_model_version_by_alias("serve-m", "challenger").version
+    mc.set_registered_model_alias("serve-m", "champion", new)  # promoted (whatever its metric)
+    assert _export(served.repo, served.uri, served.features_dir, served.features.url) == 0
+    assert pinned_version(served.repo) == int(new) != before
+
+    ok, failed, stop_flag = [0], [], threading.Event()
+
+    def hammer(url: str, protocol: str) -> None:
+        client = RetrieveClient(url, protocol)  # tritonclient's HTTP client is per thread
+        while not stop_flag.is_set():
+            try:
+                assert len(client.retrieve(served.users[2], "home", 20).ad_ids) == 20
+                ok[0] += 1
+            except Exception as e:  # every failure is counted
+                failed.append(repr(e))
+
+    threads = [threading.Thread(target=hammer, args=(c.url, c.protocol))
+               for c in (served.http, served.grpc)]  # fmt: skip
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    swapped = swap(served.http.url, served.repo)
+    time.sleep(1.0)
+    stop_flag.set()
+    for t in threads:
+        t.join()
+    assert failed == []
+    assert ok[0] > 20
+    assert swapped["serving_version"] == int(new)
+    for step in STEPS:
+        assert served.http.client.is_model_ready(step.MODEL, str(new))
+    new_offline = load_pipeline(served.repo, int(new))
+    _same(served.http.retrieve(served.users[3], "home", 30),
+          new_offline.retrieve(served.users[3], "home", 30))  # fmt: skip

@@ -1,0 +1,116 @@
+"""The ensemble's steps as plain functions, its generated Triton configs, and export's checks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from candgen.cli import main
+from candgen.errors import ConfigError
+from candgen.index.ann import IndexConfig
+from candgen.serving.contract import INPUTS, OUTPUTS
+from candgen.serving.export import ExportConfig, ensemble_config, step_config
+from candgen.serving.pipeline import UserContext
+from candgen.serving.steps import (
+    STEPS,
+    SelectStep,
+    ServingConfig,
+    context_from,
+    context_tensors,
+    write_serving_file,
+)
+
+
+@pytest.mark.parametrize("context", [
+    UserContext(history=[5, 9], times=[100.0, 200.0], affinity=[0.25, 0.75]),
+    UserContext(history=[], cold_start=True),
+    UserContext(history=[3], fallback=True),
+])  # fmt: skip
+def test_the_user_context_survives_the_trip_through_tensors(context: UserContext) -> None:
+    assert context_from(context_tensors(context)) == context
+
+
+def test_every_step_input_is_produced_upstream_or_is_a_request_input() -> None:
+    available = set(INPUTS)
+    for step in STEPS:
+        assert set(step.INPUTS) <= available, step.MODEL
+        available |= set(step.OUTPUTS)
+    assert set(OUTPUTS) <= set(STEPS[-1].OUTPUTS)
+
+
+def test_the_ensemble_pins_every_step_and_keeps_the_tensor_contract() -> None:
+    text = ensemble_config(7)
+    assert re.findall(r"model_version: (\d+)", text) == ["7"] * len(STEPS)
+    for name in INPUTS:
+        assert f'name: "{name}"' in text
+    assert 'name: "RECENT_ITEM_IDS" data_type: TYPE_INT64 dims: [ -1 ] optional: true' in text
+    assert 'name: "K" data_type: TYPE_INT32 dims: [ 1 ]' in text
+    for name in OUTPUTS:
+        assert f'name: "{name}"' in text
+    features = step_config(STEPS[0], instances=3)
+    assert 'backend: "python"' in features and "count: 3" in features
+    assert "version_policy: { all { } }" in features
+
+
+def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> None:
+    write_serving_file(tmp_path, ServingConfig(max_k=50), IndexConfig(), {})
+    step = SelectStep(tmp_path)
+    out = step({
+        "CANDIDATE_IDS": np.array([11, 12, 13, 12, 21], np.int64),
+        "CANDIDATE_SCORES": np.array([0.9, 0.8, 0.7, 0.6, 0.5], np.float32),
+        "CANDIDATE_SOURCES": np.array([b"sequential"] * 3 + [b"content", b"popularity"], object),
+        "SCENARIO": np.array([b"home"], object),
+        "K": np.array([4], np.int32),
+        "CONTEXT_FLAGS": np.array([b"fallback"], object),
+    })  # fmt: skip
+    assert len(out["AD_IDS"]) == len(set(out["AD_IDS"].tolist())) == 4
+    assert set(out["AD_IDS"].tolist()) <= {11, 12, 13, 21}
+    assert out["FLAGS"].tolist() == [b"fallback"]
+    with pytest.raises(ConfigError, match=r"K: must be in 1\.\.50, got 51"):
+        step({"CANDIDATE_IDS": np.zeros(0, np.int64),
+              "CANDIDATE_SCORES": np.zeros(0, np.float32),
+              "CANDIDATE_SOURCES": np.zeros(0, object), "SCENARIO": np.array([b"home"], object),
+              "K": np.array([51], np.int32), "CONTEXT_FLAGS": np.zeros(0, object)})  # fmt: skip
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"feature_server_url": "127.0.0.1:6566"}, "feature_server_url"),
+    ({"feature_timeout_s": 0}, "feature_timeout_s"),
+    ({"max_k": 0}, "max_k"),
+    ({"instances": 0}, "instances"),
+    ({"weights": {"home": {"sequential": 0.5}}}, "weights.home"),
+    ({"weights": {"home": {"sequential": 0.5, "magic": 0.5}}}, "weights.home"),
+])  # fmt: skip
+def test_bad_serving_config_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(field)}:"):
+        ServingConfig(**kwargs)
+
+
+def test_export_takes_only_registry_uris() -> None:
+    with pytest.raises(ConfigError, match=r"^model_uri:"):
+        ExportConfig(model_uri="runs:/abc/model")
+    with pytest.raises(ConfigError, match=r"^keep_versions:"):
+        ExportConfig(model_uri="models:/m@champion", keep_versions=0)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model-uri", "runs:/x/model"], "model_uri: must be a registry URI"),
+    (["--model-uri", "models:/m@champion", "--max-k", "0"], "max_k: must be >= 1"),
+    (["--model-uri", "models:/m@champion", "--weights", "/nonexistent.json"],
+     "weights: cannot read /nonexistent.json"),
+    (["--model-uri", "models:/m@champion", "--kind", "lsh"], "kind"),
+])  # fmt: skip
+def test_bad_export_arguments_exit_2_naming_the_field(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["serving", "export", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_query_rejects_an_unknown_protocol_before_connecting(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["query", "1", "--protocol", "smtp"])
+    assert "--protocol" in capsys.readouterr().err
