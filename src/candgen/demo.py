@@ -154,6 +154,8 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
                      "is at least as good", lambda: _try_promote(DEMO_MODEL_NAME))  # fmt: skip
     print(f"    {promoted}")
 
+    _serve_and_query(workdir, store_cfg, features, titles, [user, *_other_users(features, user)])
+
     print("\nNext:")
     print(f"  candgen features online --user-id {user} --features-dir {features} "
           f"--state-dir {state}")  # fmt: skip
@@ -163,7 +165,72 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
     print(f"  mlflow ui --backend-store-uri {default_tracking_uri()}   # then open "
           "http://127.0.0.1:5000 (runs, plots, the registry)")  # fmt: skip
     print(f"  candgen registry show --name {DEMO_MODEL_NAME}")
+    print(f"  candgen features serve --features-dir {features} --state-dir {state} &   # then:")
+    print(f"  candgen serve --model-repository {workdir / 'model_repository'} && "
+          f"candgen query {user} --scenario search -k 20 && candgen serve --stop")  # fmt: skip
     return 0
+
+
+def _other_users(features: Path, user: int) -> list[int]:
+    """A second known user, and one the feature store has never seen (cold start)."""
+    users = pd.read_parquet(features / "user_short_term.parquet", columns=["user_id"])["user_id"]
+    other = int(next(u for u in sorted(set(users.tolist())) if u != user))
+    return [other, 99_999_999]
+
+
+def _serve_and_query(
+    workdir: Path, store_cfg: StoreConfig, features: Path, titles: dict[int, str],
+    users: list[int],
+) -> None:  # fmt: skip
+    """Exports the champion, serves it with the real tritonserver, queries it, shuts it down."""
+    from candgen.features.store import FeatureServerProcess
+    from candgen.serving.client import RetrieveClient
+    from candgen.serving.export import ExportConfig, export
+    from candgen.serving.runtime import ServerConfig, endpoints, start, stop
+    from candgen.serving.steps import ServingConfig
+
+    repo = workdir / "model_repository"
+    feature_server = FeatureServerProcess(store_cfg, port=6566, log=workdir / "feature_server.log")
+    server = ServerConfig(model_repository=str(repo), state_dir=str(workdir / "triton"),
+                          ready_timeout_s=180)  # fmt: skip
+    cfg = ExportConfig(model_uri=f"models:/{DEMO_MODEL_NAME}@champion", out=str(repo),
+                       features_dir=str(features),
+                       serving=ServingConfig(feature_server_url=feature_server.url))  # fmt: skip
+    exported = _step(10, f"export {DEMO_MODEL_NAME}@champion as a Triton model repository "
+                     "(ensemble retrieve: features -> user encoder -> generators -> quotas)",
+                     lambda: export(cfg))  # fmt: skip
+    print(f"    {repo}/ holds v{exported['version']} (run {exported['run_id'][:12]}…, "
+          f"commit {exported['git_commit'][:12]})")  # fmt: skip
+    try:
+        _step(11, f"start the Feast feature server ({feature_server.url}) and tritonserver",
+              lambda: (feature_server.start(), start(server)))  # fmt: skip
+        ends = endpoints(server)
+        print(f"    HTTP {ends['http']}, gRPC {ends['grpc']}, metrics {ends['metrics']}")
+
+        def ask() -> None:
+            http, grpc = RetrieveClient(ends["http"], "http"), RetrieveClient(ends["grpc"], "grpc")
+            for i, uid in enumerate(users):
+                for surface in ("home", "search", "related"):
+                    client = grpc if (i + len(surface)) % 2 else http
+                    t0 = time.perf_counter()
+                    res = client.retrieve(uid, surface, 100)
+                    ms = (time.perf_counter() - t0) * 1e3
+                    mix = ", ".join(f"{s} {res.sources.count(s)}"
+                                    for s in dict.fromkeys(res.sources))  # fmt: skip
+                    flag = "  [cold start]" if res.cold_start else ""
+                    flag += "  [fallback]" if res.fallback else ""
+                    print(f"    user {uid} on {surface:<8} {len(res.ad_ids)} ads in {ms:5.1f} ms "
+                          f"over {client.protocol:<4} ({mix}){flag}")  # fmt: skip
+                    for ad, score, source in list(zip(res.ad_ids, res.scores, res.sources,
+                                                      strict=True))[:3]:  # fmt: skip
+                        print(f"        {score:7.3f}  {source:<10}  {titles.get(ad, ad)}")
+
+        _step(12, "ask the live ensemble for 100 ads per user and surface (top 3 shown)", ask)
+    finally:
+        stopped = stop(server)
+        feature_server.stop()
+        print(f"    tritonserver {'stopped' if stopped else 'was not running'}; "
+              "feature server stopped")  # fmt: skip
 
 
 DEMO_MODEL_NAME = "candgen-demo-hstu"
