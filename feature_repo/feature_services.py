@@ -39,3 +39,13 @@ training_v1 = FeatureService(
     ],
     description="Point-in-time training rows: (user, ad, timestamp, label) joined to features.",
 )
+
+user_serving_v1 = FeatureService(
+    name="user_serving_v1",
+    features=[
+        user_short_term[["recent_item_ids", "recent_timestamps"]],
+        user_long_term[["category_affinity"]],
+    ],
+    description="Only what the retrieve ensemble's features step reads: the feature server "
+    "answers it in about half the time of user_features_v1 (docs/BENCHMARKS.md).",
+)

@@ -331,11 +331,13 @@ def cmd_serving_export(args: argparse.Namespace) -> int:
     from candgen.serving.steps import ServingConfig
 
     serving_fields = {}
-    if args.weights is not None:
+    if args.weights_file is not None:
         try:
-            serving_fields["weights"] = json.loads(Path(args.weights).read_text())
+            serving_fields["weights"] = json.loads(Path(args.weights_file).read_text())
         except (OSError, ValueError) as e:
-            raise ConfigError("weights", f"cannot read {args.weights}: {e}") from None
+            raise ConfigError("weights", f"cannot read {args.weights_file}: {e}") from None
+        if not isinstance(serving_fields["weights"], dict):
+            raise ConfigError("weights", "the file must hold {surface: {generator: share}}")
     serving = dataclasses.replace(config_from_args(ServingConfig, args), **serving_fields)
     cfg = dataclasses.replace(
         config_from_args(ExportConfig, args),
@@ -520,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = srv.add_parser("export", help="export a registered version as the retrieve ensemble")
     add_config_flags(ex, ExportConfig, exclude=("serving", "index"))
     add_config_flags(ex, ServingConfig, exclude=("weights",))
-    ex.add_argument("--weights", default=None,
+    ex.add_argument("--weights", dest="weights_file", default=None,
                     help="JSON: surface -> generator -> share (default: built in)")  # fmt: skip
     add_config_flags(ex, IndexConfig)
     ex.set_defaults(func=cmd_serving_export)

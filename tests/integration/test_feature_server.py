@@ -62,3 +62,25 @@ def test_unreachable_server_raises_unavailable() -> None:
     client = FeatureServerClient(f"http://127.0.0.1:{free_ports()[0]}", timeout_s=0.5)
     with pytest.raises(FeatureStoreUnavailable, match=r"feature server http://127\.0\.0\.1"):
         client.lookup("user_features_v1", "user_id", 1)
+
+
+def test_asking_by_the_services_feature_refs_equals_asking_by_its_name(server: tuple) -> None:
+    from candgen.features.store import service_feature_refs
+
+    cfg, client = server
+    refs = service_feature_refs("user_serving_v1", cfg)
+    assert refs == ["user_short_term:recent_item_ids", "user_short_term:recent_timestamps",
+                    "user_long_term:category_affinity"]  # fmt: skip
+    by_refs = FeatureServerClient(client.url, 2.0, {"user_serving_v1": refs})
+    for user in (5, 6, 987_654_321):
+        assert by_refs.lookup("user_serving_v1", "user_id", user) == client.lookup(
+            "user_serving_v1", "user_id", user
+        )
+
+
+def test_an_unknown_feature_service_is_named() -> None:
+    from candgen.errors import ConfigError
+    from candgen.features.store import service_feature_refs
+
+    with pytest.raises(ConfigError, match=r"feature_service: unknown feature service 'nope_v9'"):
+        service_feature_refs("nope_v9")

@@ -22,7 +22,6 @@ from candgen.data.synth import SynthSummary
 from candgen.features.store import FeatureServerProcess, StoreConfig, apply, materialize
 from candgen.registry import tracking
 from candgen.serving.client import RetrieveClient, ServingError
-from candgen.serving.export import swap
 from candgen.serving.runtime import ServerConfig, start, stop
 from candgen.serving.steps import STEPS, load_pipeline, pinned_version
 from candgen.training.config import TrainConfig
@@ -116,6 +115,28 @@ def test_the_ensemble_returns_the_library_offline_retrieval(served: Served, prot
     got = client.retrieve(served.users[0], "home", 30, recent_item_ids=recent)
     _same(got, offline.retrieve(served.users[0], "home", 30, recent_item_ids=recent))
     assert not set(recent) & set(got.ad_ids)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_candgen_query_prints_the_ads_over_both_protocols(
+    served: Served, protocol: str, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    client = served.http if protocol == "http" else served.grpc
+    user = served.users[0]
+    assert main(["query", str(user), "--scenario", "search", "-k", "20", "--protocol", protocol,
+                 "--url", client.url]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    want = client.retrieve(user, "search", 20)
+    assert f"user {user} on search: 20 ads via {protocol}://" in out
+    assert str(want.ad_ids[0]) in out.splitlines()[3]  # the first ranked row
+    assert main(["query", str(user), "--scenario", "search", "-k", "20", "--protocol", protocol,
+                 "--url", client.url, "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["ad_ids"] == want.ad_ids
+    assert main(["query", str(user), "--scenario", "inbox", "--protocol", protocol,
+                 "--url", client.url]) == 2  # fmt: skip
+    assert "scenario: unknown surface 'inbox'" in capsys.readouterr().err
 
 
 def test_the_exported_version_traces_to_its_run_commit_and_snapshots(served: Served) -> None:
@@ -250,14 +271,14 @@ def test_a_promoted_version_is_swapped_in_with_zero_failed_requests(
     for t in threads:
         t.start()
     time.sleep(1.0)
-    swapped = swap(served.http.url, served.repo)
+    assert main(["serving", "swap", "--model-repository", str(served.repo), "--url",
+                 served.http.url]) == 0  # fmt: skip
     time.sleep(1.0)
     stop_flag.set()
     for t in threads:
         t.join()
     assert failed == []
     assert ok[0] > 20
-    assert swapped["serving_version"] == int(new)
     for step in STEPS:
         assert served.http.client.is_model_ready(step.MODEL, str(new))
     new_offline = load_pipeline(served.repo, int(new))

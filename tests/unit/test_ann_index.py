@@ -65,6 +65,24 @@ def test_ineligible_ads_are_excluded_at_query_time(kind: str) -> None:
     assert len(index) == 400  # nothing was rebuilt or removed
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_standing_ineligible_set_combines_with_per_request_exclusions(kind: str) -> None:
+    ids, vecs = _corpus(400)
+    index = AdIndex.build(ids, vecs, IndexConfig(kind=kind))
+    q = vecs[:1]
+    top = index.search(q, 6)[0][0].tolist()
+    paused = frozenset(top[:2])
+    got = index.search(q, 6, exclude=[top[2]], ineligible=paused)[0][0].tolist()
+    assert not (set(top[:3]) & set(got)) and len(got) == 6
+    # The same set object again (its selector reused), then a changed one (rebuilt).
+    assert index.search(q, 6, ineligible=paused)[0][0].tolist()[:4] == top[2:6]
+    resumed = frozenset({top[0]})
+    assert index.search(q, 6, ineligible=resumed)[0][0].tolist()[:5] == top[1:6]
+    # A removal after the selector was built is still honoured.
+    index.remove([top[3]])
+    assert top[3] not in index.search(q, 6, ineligible=resumed)[0][0].tolist()
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
 def test_new_ads_are_retrievable_at_once_and_removed_ads_never(kind: str) -> None:
     ids, vecs = _corpus(2000)

@@ -83,6 +83,8 @@ def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> 
     ({"instances": 0}, "instances"),
     ({"weights": {"home": {"sequential": 0.5}}}, "weights.home"),
     ({"weights": {"home": {"sequential": 0.5, "magic": 0.5}}}, "weights.home"),
+    ({"weights": {"home": 1.0}}, "weights.home"),
+    ({"weights": {"search": {"sequential": "0.5", "content": 0.5}}}, "weights.search"),
 ])  # fmt: skip
 def test_bad_serving_config_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"^{re.escape(field)}:"):
@@ -108,6 +110,16 @@ def test_bad_export_arguments_exit_2_naming_the_field(
 ) -> None:
     assert main(["serving", "export", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_weights_file_with_bad_shares_names_the_surface(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bad = tmp_path / "weights.json"
+    bad.write_text('{"home": {"sequential": 0.7, "content": 0.7}}')
+    assert main(["serving", "export", "--model-uri", "models:/m@champion", "--weights",
+                 str(bad)]) == 2  # fmt: skip
+    assert "weights.home: weights must be >= 0 and sum to 1" in capsys.readouterr().err
 
 
 def test_query_rejects_an_unknown_protocol_before_connecting(capsys: pytest.CaptureFixture) -> None:

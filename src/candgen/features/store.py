@@ -141,6 +141,21 @@ def load_definitions(cfg: StoreConfig) -> list[Any]:
     return list(objects.values())
 
 
+def service_feature_refs(service: str, cfg: StoreConfig | None = None) -> list[str]:
+    """The ``view:feature`` references a feature service stands for, from the repository's
+    definitions (the serving runtime, which cannot import Feast, asks for these by name)."""
+    from feast import FeatureService
+
+    services = {o.name: o for o in load_definitions(cfg or StoreConfig())
+                if isinstance(o, FeatureService)}  # fmt: skip
+    if service not in services:
+        raise ConfigError("feature_service", f"unknown feature service {service!r}; the "
+                          f"repository defines {sorted(services)}")  # fmt: skip
+    return [f"{proj.name_to_use()}:{feat.name}"
+            for proj in services[service].feature_view_projections
+            for feat in proj.features]  # fmt: skip
+
+
 def check_feature_tables(cfg: StoreConfig) -> dict:
     """Checks that every feature table exists; returns the tables' manifest."""
     missing = [t for t in FEATURE_TABLES if not (cfg.features_path / f"{t}.parquet").exists()]
@@ -306,7 +321,10 @@ def serve(cfg: StoreConfig, host: str = "127.0.0.1", port: int = 6566, workers: 
     """
     if not 0 < port < 65536:
         raise ConfigError("port", f"must be a TCP port (1..65535), got {port}")
-    open_store(cfg).serve(host, port, workers=workers, no_access_log=True)
+    # Feast's default recycles each gunicorn worker after ~1,000 requests; a worker restart
+    # stalls lookups for about a second, which the serving path sees as an unreachable store
+    # (every ~4 s at 250 requests/s: benchmarks/serving.py measured p99 over 1 s).
+    open_store(cfg).serve(host, port, workers=workers, no_access_log=True, max_requests=0)
 
 
 class FeatureServerProcess:

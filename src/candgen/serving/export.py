@@ -17,6 +17,7 @@ sees a mix of versions and none fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -30,6 +31,7 @@ from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import IndexConfig
 from candgen.serving.contract import INPUTS, OUTPUTS
 from candgen.serving.generators import ContentGenerator
+from candgen.serving.pipeline import USER_SERVICE
 from candgen.serving.steps import (
     CONTENT_DIR,
     DELIVERY_FILE,
@@ -156,9 +158,15 @@ def publish(
 
     Writes each step's ``serving.json``, ``model.py`` and ``config.pbtxt``, pins the ensemble to
     ``version``, and prunes all but the newest ``keep_versions`` versions. An existing folder of
-    the same version is replaced.
+    the same version is replaced. Without ``serving.user_feature_refs``, the user feature
+    service's references are resolved from the feature repository.
     """
     repository = Path(repository)
+    if not serving.user_feature_refs:
+        from candgen.features.store import service_feature_refs
+
+        refs = tuple(service_feature_refs(USER_SERVICE))
+        serving = dataclasses.replace(serving, user_feature_refs=refs)
     for step in STEPS:
         src = staging / step.MODEL
         write_serving_file(src, serving, index, provenance)

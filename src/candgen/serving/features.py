@@ -8,9 +8,10 @@ the response).
 
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
-import urllib.request
+import threading
+import urllib.parse
 from typing import Any
 
 from candgen.errors import CandgenError
@@ -26,23 +27,58 @@ class FeatureServerClient:
     Args:
         url: the feature server, e.g. ``http://127.0.0.1:6566``.
         timeout_s: how long one lookup may take.
+        service_refs: per feature service, the ``view:feature`` references it stands for.
+            A service listed here is asked for by its features, which the Feast feature server
+            answers in about half the time of a request by service name (docs/BENCHMARKS.md).
     """
 
-    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
+    def __init__(self, url: str, timeout_s: float = 0.5,
+                 service_refs: dict[str, list[str]] | None = None) -> None:  # fmt: skip
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
+        self.service_refs = dict(service_refs or {})
+        parsed = urllib.parse.urlsplit(self.url)
+        self._https = parsed.scheme == "https"
+        self._host, self._port = parsed.hostname or "127.0.0.1", parsed.port
+        # One kept-alive connection per thread (a new TCP connection per lookup costs ~0.2 ms).
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self.timeout_s)
+            self._local.conn = conn
+        return conn
+
+    def _post(self, body: str) -> Any:
+        conn = self._connection()
+        try:
+            conn.request("POST", "/get-online-features", body,
+                         {"Content-Type": "application/json"})  # fmt: skip
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            self._local.conn = None
+            raise
+        if resp.status != 200:
+            raise OSError(f"HTTP {resp.status}: {data[:200]!r}")
+        return json.loads(data)
 
     def lookup(self, service: str, entity: str, key: int) -> dict[str, Any] | None:
         """The service's features for one entity, or None if the store has none of them."""
-        body = json.dumps({"feature_service": service, "entities": {entity: [int(key)]}})
-        request = urllib.request.Request(
-            f"{self.url}/get-online-features", data=body.encode(),
-            headers={"Content-Type": "application/json"}, method="POST",
+        what: dict[str, Any] = (
+            {"features": self.service_refs[service]} if service in self.service_refs
+            else {"feature_service": service}
         )  # fmt: skip
+        body = json.dumps({**what, "entities": {entity: [int(key)]}})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                payload = json.loads(resp.read())
-        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
+            try:
+                payload = self._post(body)
+            except (ConnectionError, http.client.RemoteDisconnected):
+                payload = self._post(body)  # the kept-alive connection had been closed
+        except (OSError, http.client.HTTPException, ValueError) as e:
             raise FeatureStoreUnavailable(f"feature server {self.url}: {e}") from None
         names = payload["metadata"]["feature_names"]
         values: dict[str, Any] = {}

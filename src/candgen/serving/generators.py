@@ -94,12 +94,12 @@ class ContentGenerator:
 
     def candidates(
         self, recent_ids: Iterable[int], category_affinity: Iterable[float] | None, k: int,
-        exclude: Iterable[int] = (),
+        exclude: Iterable[int] = (), ineligible: frozenset[int] = frozenset(),
     ) -> list[tuple[int, float]]:  # fmt: skip
         q = self.query(recent_ids, category_affinity)
         if q is None:
             return []
-        ids, scores = self.index.search(q[None], k, exclude)
+        ids, scores = self.index.search(q[None], k, exclude, ineligible)
         return list(zip(ids[0].tolist(), scores[0].tolist(), strict=True))
 
 
@@ -134,13 +134,15 @@ class PacingPopularity:
         order = np.lexsort((np.asarray(ad_ids), -score))  # ties: lower id first
         self.ranked = [(int(ad_ids[i]), float(score[i])) for i in order if score[i] > 0]
 
-    def candidates(self, k: int, exclude: Iterable[int] = ()) -> list[tuple[int, float]]:
+    def candidates(
+        self, k: int, exclude: Iterable[int] = (), ineligible: frozenset[int] = frozenset()
+    ) -> list[tuple[int, float]]:
         if k <= 0:
             raise ConfigError("k", f"must be > 0, got {k}")
         skip = set(map(int, exclude))
         out = []
         for ad, score in self.ranked:
-            if ad not in skip:
+            if ad not in skip and ad not in ineligible:
                 out.append((ad, score))
                 if len(out) == k:
                     break

@@ -21,7 +21,8 @@ from candgen.serving.quota import QuotaConfig, allocate
 if TYPE_CHECKING:  # torch is imported only by the step that encodes
     from candgen.registry.retriever import Retriever
 
-USER_SERVICE = "user_features_v1"
+# The narrow service: only the features read below (user_features_v1 has them all).
+USER_SERVICE = "user_serving_v1"
 COLD_START, FALLBACK = "cold_start", "fallback"
 
 
@@ -114,20 +115,24 @@ def generate(
     ad_index: AdIndex,
     content: ContentGenerator,
     popularity: PacingPopularity,
-    ineligible: set[int],
+    ineligible: frozenset[int] | set[int],
 ) -> dict[str, list[tuple[int, float]]]:
     """Step 3: up to ``k`` eligible candidates per generator, best first.
 
     Ads the user already engaged with and ineligible ads (paused, budget exhausted) are
-    excluded at query time.
+    excluded at query time. Pass ``ineligible`` as a frozenset that lives across requests: the
+    indexes then reuse its selector instead of rebuilding it per request.
     """
-    exclude = ineligible | set(context.history)
+    if not isinstance(ineligible, frozenset):
+        ineligible = frozenset(ineligible)
+    history = set(context.history)
     candidates: dict[str, list[tuple[int, float]]] = {}
     if vector is not None:
-        found, scores = ad_index.search(vector[None], k, exclude)
+        found, scores = ad_index.search(vector[None], k, history, ineligible)
         candidates["sequential"] = list(zip(found[0].tolist(), scores[0].tolist(), strict=True))
-    candidates["content"] = content.candidates(context.history, context.affinity, k, exclude)
-    candidates["popularity"] = popularity.candidates(k, exclude)
+    candidates["content"] = content.candidates(context.history, context.affinity, k, history,
+                                               ineligible)  # fmt: skip
+    candidates["popularity"] = popularity.candidates(k, history, ineligible)
     return candidates
 
 
@@ -154,7 +159,7 @@ class RetrievalPipeline:
     features: FeatureSource
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     max_k: int = 1_000
-    ineligible: set[int] = field(default_factory=set)
+    ineligible: frozenset[int] | set[int] = frozenset()
 
     def retrieve(
         self,

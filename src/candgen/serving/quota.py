@@ -34,6 +34,10 @@ class QuotaConfig:
 
     def __post_init__(self) -> None:
         for surface, w in self.weights.items():
+            if not isinstance(w, dict) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in w.values()
+            ):
+                raise ConfigError(f"weights.{surface}", f"must map generator -> share, got {w!r}")
             unknown = set(w) - set(GENERATORS)
             if unknown:
                 raise ConfigError(f"weights.{surface}", f"unknown generator(s) {sorted(unknown)}; "

@@ -34,6 +34,7 @@ from candgen.serving.generators import ContentGenerator, PacingPopularity
 from candgen.serving.pipeline import (
     COLD_START,
     FALLBACK,
+    USER_SERVICE,
     FeatureSource,
     RetrievalPipeline,
     UserContext,
@@ -62,6 +63,8 @@ class ServingConfig:
         max_k: the largest K a request may ask for.
         weights: per-surface generator weights (surface -> generator -> share, summing to 1).
         instances: Triton instances of each python-backend step.
+        user_feature_refs: the features of the user feature service (``view:feature``),
+            resolved from the feature repository at export; empty: ask by service name.
     """
 
     feature_server_url: str = "http://127.0.0.1:6566"
@@ -69,6 +72,11 @@ class ServingConfig:
     max_k: int = 1_000
     weights: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     instances: int = 1
+    user_feature_refs: tuple[str, ...] = ()
+
+    def feature_client(self) -> FeatureServerClient:
+        refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
+        return FeatureServerClient(self.feature_server_url, self.feature_timeout_s, refs)
 
     def __post_init__(self) -> None:
         if not self.feature_server_url.startswith(("http://", "https://")):
@@ -100,7 +108,8 @@ def read_serving_file(folder: Path) -> tuple[ServingConfig, IndexConfig, dict[st
     if not path.exists():
         raise CandgenError(f"{path}: missing; export the repository with `candgen serving export`")
     body = json.loads(path.read_text())
-    return ServingConfig(**body["serving"]), IndexConfig(**body["index"]), body["provenance"]
+    serving = dict(body["serving"], user_feature_refs=tuple(body["serving"]["user_feature_refs"]))
+    return ServingConfig(**serving), IndexConfig(**body["index"]), body["provenance"]
 
 
 def _bytes(values: list[str]) -> np.ndarray:
@@ -151,6 +160,7 @@ class Step:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.config, self.index_config, self.provenance = read_serving_file(self.folder)
+        self.quotas = self.config.quotas
 
     def __call__(self, tensors: Tensors) -> Tensors:
         raise NotImplementedError
@@ -173,13 +183,11 @@ class FeaturesStep(Step):
 
     def __init__(self, folder: Path, features: FeatureSource | None = None) -> None:
         super().__init__(folder)
-        self.features = features or FeatureServerClient(
-            self.config.feature_server_url, self.config.feature_timeout_s
-        )
+        self.features = features or self.config.feature_client()
 
     def __call__(self, tensors: Tensors) -> Tensors:
         request = parse_request(tensors, self.config.max_k)  # type: ignore[arg-type]
-        self.config.quotas.for_surface(request.scenario)
+        self.quotas.for_surface(request.scenario)
         context = user_context(self.features, request.user_id, request.recent_item_ids)
         return context_tensors(context)
 
@@ -203,7 +211,12 @@ class EncoderStep(Step):
     OUTPUTS: ClassVar[Spec] = {"USER_VECTOR": (F32, [-1], False)}
 
     def __init__(self, folder: Path) -> None:
+        import torch
+
         super().__init__(folder)
+        # One request is one short sequence: intra-op threads only fight the other steps'
+        # processes for the cores (0.72 vs 0.85 ms per request measured in-process, 2 cores).
+        torch.set_num_threads(1)
         self.retriever = load_retriever(self.folder)
 
     def __call__(self, tensors: Tensors) -> Tensors:
@@ -218,7 +231,7 @@ class Generators:
     ad_index: AdIndex
     content: ContentGenerator
     popularity: PacingPopularity
-    ineligible: set[int]
+    ineligible: frozenset[int]
 
     @classmethod
     def load(cls, folder: Path, index_config: IndexConfig) -> Generators:
@@ -233,7 +246,7 @@ class Generators:
                 delivery["impressions"],
                 delivery["budget_left_fraction"],
             ),
-            ineligible=set(delivery["ineligible"].tolist()),
+            ineligible=frozenset(delivery["ineligible"].tolist()),
         )
 
 
@@ -249,7 +262,11 @@ class GeneratorsStep(Step):
                                "CANDIDATE_SOURCES": (STR, [-1], False)}  # fmt: skip
 
     def __init__(self, folder: Path) -> None:
+        import faiss
+
         super().__init__(folder)
+        # One query per request: OpenMP threads only spin against the other steps' processes.
+        faiss.omp_set_num_threads(1)
         self.generators = Generators.load(self.folder, self.index_config)
 
     def __call__(self, tensors: Tensors) -> Tensors:
@@ -280,7 +297,7 @@ class SelectStep(Step):
                                "FLAGS": (STR, [-1], False)}  # fmt: skip
 
     def __call__(self, tensors: Tensors) -> Tensors:
-        weights = self.config.quotas.for_surface(_strings(tensors["SCENARIO"])[0])
+        weights = self.quotas.for_surface(_strings(tensors["SCENARIO"])[0])
         candidates: dict[str, list[tuple[int, float]]] = {}
         ids = np.asarray(tensors["CANDIDATE_IDS"]).tolist()
         scores = np.asarray(tensors["CANDIDATE_SCORES"]).tolist()
@@ -327,8 +344,7 @@ def load_pipeline(
         ad_index=g.ad_index,
         content=g.content,
         popularity=g.popularity,
-        features=features
-        or FeatureServerClient(config.feature_server_url, config.feature_timeout_s),
+        features=features or config.feature_client(),
         quotas=config.quotas,
         max_k=config.max_k,
         ineligible=g.ineligible,

@@ -8,6 +8,7 @@ request never takes the model down.
 
 from __future__ import annotations
 
+import gc
 import traceback
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
         def initialize(self, args: dict[str, str]) -> None:
             folder = Path(args["model_repository"]) / args["model_version"]
             self.step = step_class(folder)  # type: ignore[call-arg]
+            # The loaded assets are millions of long-lived objects (id sets, ranked lists); frozen,
+            # the collector's full passes no longer walk them on some request's path.
+            gc.collect()
+            gc.freeze()
 
         def execute(self, requests: list[Any]) -> list[Any]:
             responses = []
