@@ -8,7 +8,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check $(FIND_LINKS)
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-unit test-integration lint format clean help train train-ddp \
-	benchmark-quality mlflow-ui
+	benchmark-quality benchmark-serving mlflow-ui
 
 help:
 	@echo "make setup             build .venv (platform) and .venv-serving (Triton runtime)"
@@ -16,6 +16,7 @@ help:
 	@echo "make train             SASRec on Amazon Beauty in this process (MODEL=hstu, DATASET=games)"
 	@echo "make train-ddp         the same as a 2-process TorchX job (DDP over gloo)"
 	@echo "make benchmark-quality SASRec and HSTU on Beauty and Games -> docs/BENCHMARKS.md"
+	@echo "make benchmark-serving FAISS index and the live Triton ensemble on 1M ads -> docs/BENCHMARKS.md"
 	@echo "make mlflow-ui         browse runs and registered models (http://127.0.0.1:5000)"
 	@echo "make test              lint + the whole test suite (needs Redis at 127.0.0.1:6379)"
 	@echo "make test-unit         only the tests that need no service"
@@ -51,6 +52,10 @@ train-ddp: $(VENV)/.installed
 
 benchmark-quality: $(VENV)/.installed
 	$(BIN)/python benchmarks/quality.py
+
+benchmark-serving: setup
+	$(BIN)/python benchmarks/serving.py --stage index
+	$(BIN)/python benchmarks/serving.py --stage ensemble
 
 mlflow-ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
