@@ -17,3 +17,45 @@ def kfp_local(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 SMALL = {"users": 60, "ads": 80, "items": 60, "days": 4, "seed": 3}
+
+# Enough users with clicks in the held-out days for training and evaluation.
+TRAINABLE = {"users": 150, "ads": 200, "items": 150, "days": 6, "seed": 5}
+
+
+@pytest.fixture(scope="session")
+def trainable_data(tmp_path_factory: pytest.TempPathFactory):  # -> (marketplace, features)
+    from kfp.dsl import Dataset
+
+    from components.build_features.component import build_features
+    from components.synth_data.component import synth_data
+
+    root = tmp_path_factory.mktemp("trainable")
+    market, features = Dataset(uri=str(root / "m")), Dataset(uri=str(root / "f"))
+    synth_data.python_func(marketplace=market, **TRAINABLE)
+    build_features.python_func(marketplace=market, features=features, embed_text=False)
+    return market, features
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from candgen.registry.tracking import client
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client(uri).create_experiment("components", artifact_location=(root / "art").as_uri())
+    return uri
+
+
+@pytest.fixture(scope="session")
+def trained_model(trainable_data, tracking_uri: str, tmp_path_factory):  # type: ignore[no-untyped-def]
+    from kfp.dsl import Metrics, Model
+
+    from components.train.component import train
+
+    market, features = trainable_data
+    root = tmp_path_factory.mktemp("trained")
+    trained, metrics = Model(uri=str(root / "model")), Metrics(uri=str(root / "metrics"))
+    run_id = train.python_func(marketplace=market, features=features, trained=trained,
+                               metrics=metrics, epochs=2, max_len=20, batch_size=64, nproc=1,
+                               tracking_uri=tracking_uri, experiment="components")  # fmt: skip
+    return trained, metrics, run_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from candgen.errors import ConfigError
 from candgen.evaluation.metrics import (
     KS,
     chunked_topk,
@@ -94,6 +95,8 @@ def evaluate_model(
     seed: int = 0,
 ) -> dict[str, float]:
     """Metrics of ``model`` (in eval mode: no dropout) on ``data.valid`` or ``data.test``."""
+    if split not in ("valid", "test"):
+        raise ConfigError("split", f"must be 'valid' or 'test', got {split!r}")
     eval_set = data.test if split == "test" else data.valid
     was_training = model.training
     model.eval()

@@ -1,0 +1,46 @@
+"""Register the trained model as the challenger and promote it only if the gate passes."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Input, Model
+
+from candgen.images import PLATFORM_IMAGE
+
+
+@dsl.component(base_image=PLATFORM_IMAGE)
+def register_gate(
+    trained: Input[Model],
+    model_name: str = "candgen-hstu",
+    tracking_uri: str = "",
+) -> NamedTuple("GateOutputs", [("promoted", bool), ("model_uri", str), ("message", str)]):
+    """Registers the training run's model as a new version (alias ``challenger``) and moves
+    ``champion`` to it when its primary metric is at least the champion's.
+
+    Returns:
+        promoted: whether the new version is the champion now (deploy only then).
+        model_uri: ``models:/<model_name>@champion``.
+        message: what the gate decided, in words.
+    """
+    from typing import NamedTuple
+
+    from candgen.registry.tracking import PromotionRefused, promote, register
+
+    class GateOutputs(NamedTuple):
+        promoted: bool
+        model_uri: str
+        message: str
+
+    run_id = trained.metadata["run_id"]
+    registered = register(run_id, model_name, trained.metadata["primary_metric"], tracking_uri)
+    uri = f"models:/{model_name}@champion"
+    try:
+        out = promote(model_name, tracking_uri)
+    except PromotionRefused as refused:
+        message = f"gate refused v{registered['version']}: {refused}; nothing is deployed"
+        print(message, flush=True)
+        return GateOutputs(False, uri, message)
+    message = (f"gate passed: {model_name} v{out['champion']} is the champion "
+               f"({out['metric']} = {float(out['challenger_value']):.4f})")  # fmt: skip
+    print(message, flush=True)
+    return GateOutputs(True, uri, message)
