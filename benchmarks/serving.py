@@ -164,10 +164,10 @@ def _build_repository(args: argparse.Namespace, work: Path, items: np.ndarray,
                       market_ads: np.ndarray, feature_url: str) -> tuple[dict, np.ndarray,
                                                                          np.ndarray]:  # fmt: skip
     from candgen.data.synth import AD_ID_OFFSET
+    from candgen.index.ann import INDEX_FILE
     from candgen.serving.export import publish, stage_generators
     from candgen.serving.generators import ContentGenerator
     from candgen.serving.steps import (
-        INDEX_FILE,
         STEPS,
         EncoderStep,
         GeneratorsStep,

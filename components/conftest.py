@@ -59,3 +59,30 @@ def trained_model(trainable_data, tracking_uri: str, tmp_path_factory):  # type:
                                metrics=metrics, epochs=2, max_len=20, batch_size=64, nproc=1,
                                tracking_uri=tracking_uri, experiment="components")  # fmt: skip
     return trained, metrics, run_id
+
+
+@pytest.fixture(scope="session")
+def registered_uri(trained_model, tracking_uri: str) -> str:  # type: ignore[no-untyped-def]
+    from candgen.registry.tracking import register
+
+    out = register(trained_model[2], "components-m", "ndcg@10", tracking_uri)
+    return f"models:/components-m/{out['version']}"
+
+
+@pytest.fixture(scope="session")
+def exported_repo(registered_uri: str, tracking_uri: str, trainable_data, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """(index artifact, repository artifact) of the registered version, by the components."""
+    from kfp.dsl import Artifact, Metrics
+
+    from components.build_index.component import build_index
+    from components.export_repository.component import export_repository
+
+    root = tmp_path_factory.mktemp("exported")
+    index, repo = Artifact(uri=str(root / "index")), Artifact(uri=str(root / "repo"))
+    build_index.python_func(model_uri=registered_uri, index=index,
+                            metrics=Metrics(uri=str(root / "m")),
+                            tracking_uri=tracking_uri)  # fmt: skip
+    export_repository.python_func(model_uri=registered_uri, features=trainable_data[1],
+                                  index=index, repository=repo,
+                                  tracking_uri=tracking_uri)  # fmt: skip
+    return index, repo

@@ -19,7 +19,8 @@ def register_gate(
 
     Returns:
         promoted: whether the new version is the champion now (deploy only then).
-        model_uri: ``models:/<model_name>@champion``.
+        model_uri: ``models:/<model_name>/<version>``, the version just registered (pinned, so
+            later steps use it even if the alias moves meanwhile).
         message: what the gate decided, in words.
     """
     from typing import NamedTuple
@@ -33,7 +34,7 @@ def register_gate(
 
     run_id = trained.metadata["run_id"]
     registered = register(run_id, model_name, trained.metadata["primary_metric"], tracking_uri)
-    uri = f"models:/{model_name}@champion"
+    uri = f"models:/{model_name}/{registered['version']}"
     try:
         out = promote(model_name, tracking_uri)
     except PromotionRefused as refused:

@@ -14,7 +14,7 @@ def test_the_gate_promotes_a_first_model_and_refuses_a_worse_one(
     trained = trained_model[0]
     first = register_gate.python_func(trained=trained, model_name="gate-m",
                                       tracking_uri=tracking_uri)  # fmt: skip
-    assert first.promoted and first.model_uri == "models:/gate-m@champion"
+    assert first.promoted and first.model_uri == "models:/gate-m/1"
     assert "gate passed: gate-m v1 is the champion" in first.message
     mc = client(tracking_uri)
     # Make the champion unbeatable; the same run registered again must then be refused.

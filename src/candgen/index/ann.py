@@ -21,6 +21,9 @@ from candgen.errors import ConfigError
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 
 
+INDEX_FILE = "ads.faiss"  # a saved index: this file and ads.ids.npz beside it
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     """How to index a corpus.

@@ -17,9 +17,7 @@ import numpy as np
 
 from candgen.data.synth import AD_ID_OFFSET
 from candgen.errors import CandgenError
-from candgen.index.ann import AdIndex, IndexConfig, ad_rows, exact_search, recall_at_k
-
-INDEX_FILE = "ads.faiss"
+from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig, ad_rows, exact_search, recall_at_k
 
 
 @dataclass(frozen=True)

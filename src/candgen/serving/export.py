@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from candgen.errors import CandgenError, ConfigError
-from candgen.index.ann import IndexConfig
+from candgen.index.ann import INDEX_FILE, IndexConfig
 from candgen.serving.contract import INPUTS, OUTPUTS
 from candgen.serving.generators import ContentGenerator
 from candgen.serving.pipeline import USER_SERVICE
@@ -46,6 +46,7 @@ from candgen.serving.steps import (
     Spec,
     Step,
     pinned_version,
+    read_serving_file,
     write_serving_file,
 )
 
@@ -72,6 +73,8 @@ class ExportConfig:
         keep_versions: versions kept in the repository (the new one included; >= 2 keeps the
             previous version loaded for a rollback).
         tracking_uri: MLflow tracking URI (default: SQLite under the repository).
+        index_dir: an index already built for ``model_uri`` by ``candgen index build`` (a
+            pipeline's index step); empty: build it here.
         serving: how the ensemble serves.
         index: the sequential generator's ANN index.
     """
@@ -81,6 +84,7 @@ class ExportConfig:
     features_dir: str = "data/demo/features"
     keep_versions: int = 2
     tracking_uri: str = ""
+    index_dir: str = ""
     serving: ServingConfig = field(default_factory=ServingConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
 
@@ -231,6 +235,22 @@ def _ad_side(features_dir: Path) -> tuple[ContentGenerator, dict[str, np.ndarray
     }
 
 
+def _copy_index(index_dir: Path, dst: Path, model_uri: str) -> dict[str, Any]:
+    """Takes over an index built by ``candgen index build`` for the same model URI."""
+    manifest = index_dir / "index.json"
+    if not manifest.exists():
+        raise CandgenError(f"index_dir: {index_dir} holds no index.json (candgen index build)")
+    summary = json.loads(manifest.read_text())
+    if summary["model_uri"] != model_uri:
+        raise CandgenError(f"index_dir: {index_dir} was built for {summary['model_uri']}, "
+                           f"not {model_uri}")  # fmt: skip
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in index_dir.iterdir():
+        if path.name.startswith(INDEX_FILE.split(".")[0]) or path.name == "index.json":
+            shutil.copy2(path, dst / path.name)
+    return summary
+
+
 def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     """Exports ``config.model_uri`` into ``config.out`` as version <registry version>.
 
@@ -259,8 +279,11 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     shutil.copy2(emb.model_dir / "item_embeddings.npy", encoder / TABLE_FILE)
     say(f"{mv.name} v{version} (run {mv.run_id}): user encoder and item table")
     generators = staging / GeneratorsStep.MODEL
-    summary = build_index(config.model_uri, generators, config.index,
-                          tracking_uri=config.tracking_uri, embeddings=emb)  # fmt: skip
+    if config.index_dir:
+        summary = _copy_index(Path(config.index_dir), generators, config.model_uri)
+    else:
+        summary = build_index(config.model_uri, generators, config.index,
+                              tracking_uri=config.tracking_uri, embeddings=emb)  # fmt: skip
     recall = next(v for k, v in summary.items() if k.startswith("recall_at_"))
     say(f"ad index: {summary['kind']}, {summary['size']:,} ads x {summary['dim']}, "
         f"recall vs exact {recall:.4f} (logged to the run)")  # fmt: skip
@@ -287,6 +310,23 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
                   config.keep_versions)  # fmt: skip
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def install(source: Path, target: Path, keep_versions: int = 2) -> int:
+    """Adds the version that ``source`` (an exported repository) is pinned to into ``target``
+    (the repository a server reads), re-pinning its ensemble; returns the version.
+
+    Nothing is loaded: ``swap`` does that once the files are in place.
+    """
+    source, target = Path(source), Path(target)
+    version = pinned_version(source)
+    serving, index, provenance = read_serving_file(source / ENSEMBLE / str(version))
+    staging = target / f".staging-{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    for step in STEPS:
+        shutil.copytree(source / step.MODEL / str(version), staging / step.MODEL)
+    publish(target, staging, version, serving, index, provenance, keep_versions)
+    return version
 
 
 def swap(url: str, repository: Path, protocol: str = "http") -> dict[str, Any]:

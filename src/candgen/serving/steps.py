@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from candgen.errors import CandgenError, ConfigError
-from candgen.index.ann import AdIndex, IndexConfig
+from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig
 from candgen.serving.contract import check_k, parse_request
 from candgen.serving.features import FeatureServerClient
 from candgen.serving.generators import ContentGenerator, PacingPopularity
@@ -46,7 +46,7 @@ from candgen.serving.quota import DEFAULT_WEIGHTS, QuotaConfig, allocate
 
 SERVING_FILE = "serving.json"
 MODEL_FILE, TABLE_FILE = "model.pt", "item_embeddings.npy"
-INDEX_FILE, CONTENT_DIR, DELIVERY_FILE = "ads.faiss", "content", "delivery.npz"
+CONTENT_DIR, DELIVERY_FILE = "content", "delivery.npz"
 
 Tensors = dict[str, np.ndarray]
 # name -> (numpy dtype, Triton dims, optional)

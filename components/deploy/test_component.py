@@ -1,0 +1,83 @@
+# No `from __future__ import annotations`: KFP reads the pipeline's annotations as types.
+from pathlib import Path
+
+import pytest
+
+from candgen.errors import CandgenError
+from candgen.serving.client import RetrieveClient
+from candgen.serving.runtime import ServerConfig, start, stop
+from candgen.serving.steps import pinned_version
+from components.build_index.component import build_index
+from components.deploy.component import deploy
+from components.export_repository.component import export_repository
+from tests.net import free_ports
+
+
+@pytest.mark.integration
+def test_index_export_and_deploy_switch_a_running_triton_under_kfp_local(
+    kfp_local: Path,
+    registered_uri: str,
+    tracking_uri: str,
+    trainable_data: tuple,
+    tmp_path: Path,
+) -> None:
+    from kfp import dsl
+    from kfp.dsl import Dataset
+
+    features_path = trainable_data[1].path
+    target = tmp_path / "served"
+    target.mkdir()
+    http, grpc, metrics, feature_port = free_ports(4)
+    server = ServerConfig(model_repository=str(target), http_port=http, grpc_port=grpc,
+                          metrics_port=metrics, state_dir=str(tmp_path / "triton"),
+                          ready_timeout_s=120)  # fmt: skip
+
+    @dsl.component
+    def features_dataset(features: dsl.Output[Dataset], source: str) -> None:
+        import shutil
+
+        shutil.copytree(source, features.path)
+
+    @dsl.pipeline
+    def ship(uri: str, model_uri: str, source: str, target_repository: str, url: str) -> str:
+        feats = features_dataset(source=source)
+        index = build_index(model_uri=model_uri, tracking_uri=uri)
+        repo = export_repository(model_uri=model_uri, features=feats.outputs["features"],
+                                 index=index.outputs["index"], tracking_uri=uri,
+                                 feature_server_url=f"http://127.0.0.1:{feature_port}")  # fmt: skip
+        return deploy(repository=repo.outputs["repository"], target_repository=target_repository,
+                      triton_url=url).output  # fmt: skip
+
+    start(server)  # an empty repository: nothing is served yet
+    try:
+        run = ship(uri=tracking_uri, model_uri=registered_uri, source=features_path,
+                   target_repository=str(target), url=f"127.0.0.1:{http}")  # fmt: skip
+        version = pinned_version(target)
+        assert run.output == f"v{version} installed in {target} and serving at 127.0.0.1:{http}"
+        res = RetrieveClient(f"127.0.0.1:{http}").retrieve(1, "home", 10)
+        assert len(res.ad_ids) == 10 and res.fallback  # no feature server in this test
+    finally:
+        stop(server)
+
+
+@pytest.mark.integration
+def test_without_a_server_it_installs_the_version_beside_the_old_ones(
+    exported_repo: tuple, tmp_path: Path
+) -> None:
+
+    repo = exported_repo[1]
+    version = pinned_version(Path(repo.path))
+    old = tmp_path / "t" / "candgen_select" / "0"  # an older version already served
+    old.mkdir(parents=True)
+    said = deploy.python_func(repository=repo, target_repository=str(tmp_path / "t"))
+    assert said == f"v{version} installed in {tmp_path / 't'}; no server to switch (triton_url)"
+    assert pinned_version(tmp_path / "t") == version and old.exists()
+
+
+def test_an_empty_export_is_a_clear_error(tmp_path: Path) -> None:
+    from kfp.dsl import Artifact
+
+    (tmp_path / "exported" / "retrieve").mkdir(parents=True)
+    with pytest.raises(CandgenError, match="holds no exported candgen version"):
+        deploy.python_func(repository=Artifact(uri=str(tmp_path / "exported")),
+                           target_repository=str(tmp_path / "t"))  # fmt: skip
