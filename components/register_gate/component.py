@@ -45,3 +45,15 @@ def register_gate(
                f"({out['metric']} = {float(out['challenger_value']):.4f})")  # fmt: skip
     print(message, flush=True)
     return GateOutputs(True, uri, message)
+
+
+@dsl.component(base_image=PLATFORM_IMAGE)
+def gate_open(promoted: bool, message: str) -> bool:
+    """Says the gate's decision as a step of its own and hands it on as the task's single output.
+
+    The deploying steps are conditioned on this output rather than on ``register_gate``'s
+    ``promoted``: kfp.local (kfp 2.17) resolves a condition only on a task's ``Output``, not on
+    a named output, and would skip the deploying steps of every run.
+    """
+    print(("deploying: " if promoted else "not deploying: ") + message, flush=True)
+    return promoted

@@ -51,3 +51,11 @@ def test_train_evaluate_and_gate_run_under_kfp_local(kfp_local: Path, tracking_u
 
     run = train_and_gate(uri=tracking_uri)
     assert run.output.startswith("gate passed: kfp-local-m v1")
+
+
+def test_gate_open_says_the_decision_and_hands_it_on(capsys: pytest.CaptureFixture) -> None:
+    from components.register_gate.component import gate_open
+
+    assert gate_open.python_func(promoted=False, message="gate refused v2: worse") is False
+    assert "not deploying: gate refused v2: worse" in capsys.readouterr().out
+    assert gate_open.python_func(promoted=True, message="gate passed") is True

@@ -377,6 +377,24 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline_compile(args: argparse.Namespace) -> int:
+    from candgen.orchestrate import compile_pipeline
+
+    print(compile_pipeline(args.out))
+    return 0
+
+
+def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    from candgen.orchestrate import parse_overrides, run_local
+
+    if not args.local:
+        raise ConfigError("local", "only --local runs here; `candgen pipeline submit` sends the "
+                          "compiled pipeline to a Kubeflow Pipelines server")  # fmt: skip
+    run = run_local(parse_overrides(args.set), args.pipeline_root)
+    print(run.output)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from candgen.demo import run_demo
 
@@ -542,6 +560,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout-s", type=float, default=10.0)
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.set_defaults(func=cmd_query)
+
+    from candgen.orchestrate import PIPELINE_YAML
+
+    pipe = sub.add_parser("pipeline", help="the KFP v2 retrieval pipeline").add_subparsers(
+        dest="pipeline_command", required=True
+    )
+    pc = pipe.add_parser("compile", help="write the pipeline's YAML (checked in)")
+    pc.add_argument("--out", type=Path, default=PIPELINE_YAML)
+    pc.set_defaults(func=cmd_pipeline_compile)
+    pr = pipe.add_parser("run", help="run the whole pipeline with kfp.local")
+    pr.add_argument("--local", action="store_true", help="kfp.local SubprocessRunner (required)")
+    pr.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a pipeline parameter, e.g. --set epochs=5 (repeatable)")  # fmt: skip
+    pr.add_argument("--pipeline-root", type=Path, default=Path("data/pipeline_root"))
+    pr.set_defaults(func=cmd_pipeline_run)
 
     demo = sub.add_parser("demo", help="the end-to-end demo on a small synthetic marketplace")
     demo.add_argument("--workdir", default="data/demo")

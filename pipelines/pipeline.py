@@ -1,0 +1,73 @@
+"""`retrieval_pipeline`: data -> features -> Feast -> TorchX training -> evaluation -> registry
+gate -> index -> Triton repository -> deploy. The deploying steps run only when the gate passes.
+
+Parameters carry the names of the config dataclass fields they set (``users`` is
+``SynthConfig.users``, ``epochs`` is ``TrainConfig.epochs``, ``ef_search`` is
+``IndexConfig.ef_search``...); ``seed`` seeds both the data and the training.
+Compile with ``candgen pipeline compile`` (writes pipelines/pipeline.yaml, checked in).
+"""
+
+from kfp import dsl
+
+from components.build_features.component import build_features
+from components.build_index.component import build_index
+from components.deploy.component import deploy
+from components.evaluate.component import evaluate
+from components.export_repository.component import export_repository
+from components.feature_store.component import feature_store
+from components.register_gate.component import gate_open, register_gate
+from components.synth_data.component import synth_data
+from components.train.component import train
+
+PIPELINE_NAME = "candgen-retrieval"
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n")[0])
+def retrieval_pipeline(
+    users: int = 1_000,
+    ads: int = 1_500,
+    days: int = 14,
+    seed: int = 7,
+    embed_text: bool = True,
+    online: str = "sqlite",
+    redis: str = "127.0.0.1:6379",
+    model: str = "hstu",
+    epochs: int = 30,
+    lr: float = 3e-3,
+    max_len: int = 50,
+    batch_size: int = 128,
+    eval_days: int = 2,
+    nproc: int = 2,
+    model_name: str = "candgen-hstu",
+    tracking_uri: str = "",
+    experiment: str = "candgen",
+    kind: str = "auto",
+    ef_search: int = 256,
+    feature_server_url: str = "http://127.0.0.1:6566",
+    max_k: int = 1_000,
+    target_repository: str = "data/model_repository",
+    triton_url: str = "",
+) -> str:
+    market = synth_data(users=users, ads=ads, days=days, seed=seed)
+    feats = build_features(marketplace=market.outputs["marketplace"], embed_text=embed_text)
+    feature_store(features=feats.outputs["features"], online=online, redis=redis)
+    trained = train(marketplace=market.outputs["marketplace"], features=feats.outputs["features"],
+                    model=model, epochs=epochs, lr=lr, max_len=max_len, batch_size=batch_size,
+                    eval_days=eval_days, seed=seed, tracking_uri=tracking_uri,
+                    experiment=experiment, nproc=nproc)  # fmt: skip
+    evaluate(marketplace=market.outputs["marketplace"], features=feats.outputs["features"],
+             trained=trained.outputs["trained"])  # fmt: skip
+    gate = register_gate(trained=trained.outputs["trained"], model_name=model_name,
+                         tracking_uri=tracking_uri)  # fmt: skip
+    decision = gate_open(promoted=gate.outputs["promoted"], message=gate.outputs["message"])
+    with dsl.If(decision.output == True, name="gate-passed"):  # noqa: E712 - a KFP condition
+        index = build_index(model_uri=gate.outputs["model_uri"], kind=kind, ef_search=ef_search,
+                            tracking_uri=tracking_uri)  # fmt: skip
+        repo = export_repository(model_uri=gate.outputs["model_uri"],
+                                 features=feats.outputs["features"],
+                                 index=index.outputs["index"],
+                                 feature_server_url=feature_server_url, max_k=max_k,
+                                 tracking_uri=tracking_uri)  # fmt: skip
+        deploy(repository=repo.outputs["repository"], target_repository=target_repository,
+               triton_url=triton_url)  # fmt: skip
+    return gate.outputs["message"]

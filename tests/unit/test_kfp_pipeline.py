@@ -1,0 +1,40 @@
+"""The compiled pipeline is checked in and must match the code; parameters parse by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from candgen.errors import ConfigError
+from candgen.orchestrate import PIPELINE_YAML, compile_pipeline, parse_overrides
+
+
+def test_the_checked_in_pipeline_yaml_matches_the_code(tmp_path: Path) -> None:
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml").read_text()
+    assert fresh == PIPELINE_YAML.read_text(), (
+        "pipelines/pipeline.yaml is stale: run `candgen pipeline compile` and commit it"
+    )
+
+
+def test_the_deploying_steps_sit_behind_the_gate() -> None:
+    text = PIPELINE_YAML.read_text()
+    assert "triggerPolicy" in text and "promoted" in text
+    for step in ("build-index", "export-repository", "deploy"):
+        assert f"comp-{step}" in text
+
+
+def test_overrides_are_typed_by_the_pipeline_signature() -> None:
+    got = parse_overrides(["epochs=5", "lr=0.01", "embed_text=false", "model=sasrec"])
+    assert got == {"epochs": 5, "lr": 0.01, "embed_text": False, "model": "sasrec"}
+
+
+@pytest.mark.parametrize(("pair", "message"), [
+    ("epoch=5", r"^epoch: not a pipeline parameter"),
+    ("epochs=five", r"^epochs: expected int, got 'five'"),
+    ("embed_text=maybe", r"^embed_text: expected bool"),
+    ("epochs", r"^epochs: not a pipeline parameter; expected NAME=VALUE"),
+])  # fmt: skip
+def test_bad_overrides_name_the_parameter(pair: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_overrides([pair])
