@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from candgen.errors import CandgenError
+from candgen.images import PLATFORM_IMAGE
 from candgen.serving.client import RetrieveClient
 from candgen.serving.runtime import ServerConfig, start, stop
 from candgen.serving.steps import pinned_version
@@ -32,7 +33,7 @@ def test_index_export_and_deploy_switch_a_running_triton_under_kfp_local(
                           metrics_port=metrics, state_dir=str(tmp_path / "triton"),
                           ready_timeout_s=120)  # fmt: skip
 
-    @dsl.component
+    @dsl.component(base_image=PLATFORM_IMAGE)
     def features_dataset(features: dsl.Output[Dataset], source: str) -> None:
         import shutil
 

@@ -70,8 +70,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def run_local(arguments: dict[str, Any], pipeline_root: Path) -> Any:
     """Runs the whole pipeline with ``kfp.local`` (each step a subprocess of this environment);
     returns the run (its ``output`` is the gate's message)."""
+    import warnings
+
     from kfp import local
 
+    # The steps run in this environment on purpose: it is the platform image's environment.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses "
+                            "custom or non-Python base image")  # fmt: skip
     pipeline_root = Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
