@@ -1,5 +1,5 @@
-"""`retrieval_pipeline`: data -> features -> Feast -> TorchX training -> evaluation -> registry
-gate -> index -> Triton repository -> deploy. The deploying steps run only when the gate passes.
+"""`retrieval_pipeline`: data, features, Feast, training set, TorchX training, evaluation,
+registry gate, then index, Triton repository and deploy, which run only when the gate passes.
 
 Parameters carry the names of the config dataclass fields they set (``users`` is
 ``SynthConfig.users``, ``epochs`` is ``TrainConfig.epochs``, ``ef_search`` is
@@ -18,6 +18,7 @@ from components.feature_store.component import feature_store
 from components.register_gate.component import gate_open, register_gate
 from components.synth_data.component import synth_data
 from components.train.component import train
+from components.training_set.component import training_set
 
 PIPELINE_NAME = "candgen-retrieval"
 
@@ -31,6 +32,7 @@ def retrieval_pipeline(
     embed_text: bool = True,
     online: str = "sqlite",
     redis: str = "127.0.0.1:6379",
+    label: str = "click",
     model: str = "hstu",
     epochs: int = 30,
     lr: float = 3e-3,
@@ -50,7 +52,10 @@ def retrieval_pipeline(
 ) -> str:
     market = synth_data(users=users, ads=ads, days=days, seed=seed)
     feats = build_features(marketplace=market.outputs["marketplace"], embed_text=embed_text)
-    feature_store(features=feats.outputs["features"], online=online, redis=redis)
+    store = feature_store(features=feats.outputs["features"], online=online, redis=redis)
+    training_set(marketplace=market.outputs["marketplace"], features=feats.outputs["features"],
+                 store=store.outputs["store"], label=label, online=online,
+                 redis=redis)  # fmt: skip
     trained = train(marketplace=market.outputs["marketplace"], features=feats.outputs["features"],
                     model=model, epochs=epochs, lr=lr, max_len=max_len, batch_size=batch_size,
                     eval_days=eval_days, seed=seed, tracking_uri=tracking_uri,

@@ -202,15 +202,11 @@ def cmd_features_serve(args: argparse.Namespace) -> int:
 
 def cmd_features_training_set(args: argparse.Namespace) -> int:
     from candgen.features.store import open_store
-    from candgen.features.training_set import label_rows, training_set
+    from candgen.features.training_set import write_training_set
 
-    rows = label_rows(args.data, args.label)
-    if args.limit:
-        rows = rows.sample(min(args.limit, len(rows)), random_state=0).sort_index()
-    df = training_set(open_store(_store_config(args)), rows, args.service)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(args.out, index=False)
-    _print_json({"out": str(args.out), "rows": len(df), "positive_rate": float(df["label"].mean())})
+    store = open_store(_store_config(args))
+    _print_json(write_training_set(args.data, store, args.out, args.label, args.service,
+                                   args.limit))  # fmt: skip
     return 0
 
 

@@ -75,3 +75,31 @@ def training_set(store: Any, entity_df: pd.DataFrame, service: str = "training_v
     return store.get_historical_features(
         entity_df=entity_df, features=store.get_feature_service(service)
     ).to_df()
+
+
+def write_training_set(
+    data_dir: Path | str,
+    store: Any,
+    out: Path | str,
+    label: str = "click",
+    service: str = "training_v1",
+    limit: int = 0,
+) -> dict[str, Any]:
+    """Label rows of a marketplace joined point in time, written to ``out`` (parquet).
+
+    Args:
+        limit: a seeded sample of this many label rows (0: all of them).
+
+    Returns:
+        ``{"out", "rows", "positive_rate"}``.
+    """
+    if limit < 0:
+        raise ConfigError("limit", f"must be >= 0, got {limit}")
+    rows = label_rows(data_dir, label)
+    if limit:
+        rows = rows.sample(min(limit, len(rows)), random_state=0).sort_index()
+    df = training_set(store, rows, service)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out, index=False)
+    return {"out": str(out), "rows": len(df), "positive_rate": float(df["label"].mean())}
