@@ -124,6 +124,26 @@ def test_training_set_never_joins_a_later_feature_value(
     assert (newest > 0).mean() > 0.5  # most impressions do have an earlier sequence
 
 
+def test_the_training_set_command_writes_a_sample(
+    features_dir: Path, marketplace: SynthSummary, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    from candgen.cli import main
+
+    cfg = StoreConfig(features_dir=features_dir, state_dir=tmp_path / "state")
+    apply(cfg)
+    out = tmp_path / "ts.parquet"
+    argv = ["features", "training-set", "--data", str(marketplace.out_dir), "--features-dir",
+            str(features_dir), "--state-dir", str(tmp_path / "state"), "--limit", "200",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 200 == len(pd.read_parquet(out))
+    assert main([*argv[:-4], "--limit", "-1", "--out", str(out)]) == 2
+    assert "limit: must be >= 0" in capsys.readouterr().err
+
+
 def test_point_in_time_join_with_a_planted_later_value(features_dir: Path, tmp_path: Path) -> None:
     # Copy the tables and plant two short-term rows for one user: one a second before the label
     # and one a second after it. The join must return the earlier one, and the later one only
