@@ -391,6 +391,14 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline_submit(args: argparse.Namespace) -> int:
+    from candgen.orchestrate import parse_overrides, submit
+
+    _print_json(submit(args.host, parse_overrides(args.set), args.experiment, args.run_name,
+                       args.namespace, args.package))  # fmt: skip
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from candgen.demo import run_demo
 
@@ -571,6 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a pipeline parameter, e.g. --set epochs=5 (repeatable)")  # fmt: skip
     pr.add_argument("--pipeline-root", type=Path, default=Path("data/pipeline_root"))
     pr.set_defaults(func=cmd_pipeline_run)
+    ps = pipe.add_parser("submit", help="submit the compiled pipeline to a KFP server")
+    ps.add_argument("--host", required=True, help="the KFP API, e.g. http://ml-pipeline:8888")
+    ps.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    ps.add_argument("--experiment", default="candgen")
+    ps.add_argument("--run-name", default="")
+    ps.add_argument("--namespace", default="", help="multi-user KFP: the profile namespace")
+    ps.add_argument("--package", type=Path, default=PIPELINE_YAML)
+    ps.set_defaults(func=cmd_pipeline_submit)
 
     demo = sub.add_parser("demo", help="the end-to-end demo on a small synthetic marketplace")
     demo.add_argument("--workdir", default="data/demo")
