@@ -8,7 +8,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check $(FIND_LINKS)
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-unit test-integration lint format clean help train train-ddp \
-	benchmark-quality benchmark-serving mlflow-ui
+	benchmark-quality benchmark-serving mlflow-ui pipeline pipeline-compile
 
 help:
 	@echo "make setup             build .venv (platform) and .venv-serving (Triton runtime)"
@@ -18,6 +18,8 @@ help:
 	@echo "make benchmark-quality SASRec and HSTU on Beauty and Games -> docs/BENCHMARKS.md"
 	@echo "make benchmark-serving FAISS index and the live Triton ensemble on 1M ads -> docs/BENCHMARKS.md"
 	@echo "make mlflow-ui         browse runs and registered models (http://127.0.0.1:5000)"
+	@echo "make pipeline          the whole KFP pipeline with kfp.local (ARGS='--set epochs=5')"
+	@echo "make pipeline-compile  rewrite pipelines/pipeline.yaml after changing the pipeline"
 	@echo "make test              lint + the whole test suite (needs Redis at 127.0.0.1:6379)"
 	@echo "make test-unit         only the tests that need no service"
 	@echo "make lint / format     ruff check + format --check / ruff format"
@@ -56,6 +58,12 @@ benchmark-quality: $(VENV)/.installed
 benchmark-serving: setup
 	$(BIN)/python benchmarks/serving.py --stage index
 	$(BIN)/python benchmarks/serving.py --stage ensemble
+
+pipeline: $(VENV)/.installed
+	$(BIN)/candgen pipeline run --local $(ARGS)
+
+pipeline-compile: $(VENV)/.installed
+	$(BIN)/candgen pipeline compile
 
 mlflow-ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
