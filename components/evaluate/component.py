@@ -15,25 +15,16 @@ def evaluate(
     split: str = "test",
 ) -> float:
     """Logs the model's and popularity's metrics (``popularity.*``); returns the model's
-    primary metric."""
-    import dataclasses
+    primary metric. The data is read from this step's inputs, not from where training saw it
+    (another pod, another node)."""
     from pathlib import Path
 
-    from candgen.evaluation.evaluate import evaluate_model, evaluate_popularity
-    from candgen.models.factory import load_model
-    from candgen.training.config import TrainConfig
-    from candgen.training.trainer import load_data
+    from candgen.evaluation.evaluate import evaluate_saved_model
 
-    net, saved = load_model(Path(trained.path) / "model.pt")
-    # The data may sit at other paths than where training read it (another pod, another node).
-    config = dataclasses.replace(TrainConfig.from_dict(saved["config"]),
-                                 data_dir=marketplace.path, features_dir=features.path)  # fmt: skip
-    data = load_data(config)
-    protocol = config.effective_protocol
-    ours = evaluate_model(net, data, split, protocol, config.max_len, config.seed)
-    baseline = evaluate_popularity(data, split, protocol, config.seed)
-    for name, value in ours.items():
-        if "." not in name:
+    out = evaluate_saved_model(Path(trained.path) / "model.pt", split,
+                               data_dir=marketplace.path, features_dir=features.path)  # fmt: skip
+    for name, value in out["model"].items():
+        if "." not in name:  # the overall metrics; per-label and per-surface ones are in MLflow
             metrics.log_metric(name, float(value))
-            metrics.log_metric(f"popularity.{name}", float(baseline.get(name, float("nan"))))
-    return float(ours[config.primary_metric])
+            metrics.log_metric(f"popularity.{name}", float(out["popularity"].get(name, "nan")))
+    return float(out["model"][out["primary_metric"]])

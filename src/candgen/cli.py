@@ -258,21 +258,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from candgen.evaluation.evaluate import evaluate_model, evaluate_popularity
-    from candgen.models.factory import load_model
-    from candgen.training.trainer import load_data
+    from candgen.evaluation.evaluate import evaluate_saved_model
 
-    model, saved = load_model(args.model)
-    from candgen.training.config import TrainConfig
-
-    cfg = TrainConfig.from_dict(saved["config"])
-    data = load_data(cfg)
-    protocol = args.protocol or cfg.effective_protocol
-    out = {
-        "model": evaluate_model(model, data, args.split, protocol, cfg.max_len, cfg.seed),
-        "popularity": evaluate_popularity(data, args.split, protocol, cfg.seed),
-    }
-    _print_json({"split": args.split, "protocol": protocol, **out})
+    out = evaluate_saved_model(args.model, args.split, args.protocol or "")
+    out.pop("primary_metric")
+    _print_json(out)
     return 0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -86,6 +89,12 @@ def evaluate_vectors(
     return out
 
 
+def _eval_set(data: SequenceData, split: str) -> EvalSet:
+    if split not in ("valid", "test"):
+        raise ConfigError("split", f"must be 'valid' or 'test', got {split!r}")
+    return data.test if split == "test" else data.valid
+
+
 def evaluate_model(
     model: RetrievalModel,
     data: SequenceData,
@@ -95,9 +104,7 @@ def evaluate_model(
     seed: int = 0,
 ) -> dict[str, float]:
     """Metrics of ``model`` (in eval mode: no dropout) on ``data.valid`` or ``data.test``."""
-    if split not in ("valid", "test"):
-        raise ConfigError("split", f"must be 'valid' or 'test', got {split!r}")
-    eval_set = data.test if split == "test" else data.valid
+    eval_set = _eval_set(data, split)
     was_training = model.training
     model.eval()
     try:
@@ -112,9 +119,47 @@ def evaluate_popularity(
     data: SequenceData, split: str = "test", protocol: str = "full", seed: int = 0
 ) -> dict[str, float]:
     """The most-popular baseline: every user gets the training-popularity ranking."""
-    eval_set = data.test if split == "test" else data.valid
+    eval_set = _eval_set(data, split)
     pop = torch.from_numpy(data.train_popularity().astype(np.float32))[:, None]
     # A small id-based tie-break keeps the ranking deterministic among equally popular items.
     pop = pop + torch.linspace(0, 1e-3, len(pop))[:, None]
     queries = torch.ones(len(eval_set), 1)
     return evaluate_vectors(queries, pop, data, eval_set, protocol, seed=seed)
+
+
+def evaluate_saved_model(
+    model_path: Path | str,
+    split: str = "test",
+    protocol: str = "",
+    data_dir: str = "",
+    features_dir: str = "",
+) -> dict[str, Any]:
+    """A ``model.pt`` and the popularity baseline on the data it was trained on.
+
+    Args:
+        protocol: ``full`` or ``sampled100`` (default: the training config's).
+        data_dir, features_dir: where that data sits now, when it has moved since training
+            (another pod of a pipeline); default: the paths in the training config.
+
+    Returns:
+        ``{"split", "protocol", "primary_metric", "model": {...}, "popularity": {...}}``.
+    """
+    import dataclasses
+
+    from candgen.models.factory import load_model
+    from candgen.training.config import TrainConfig
+    from candgen.training.trainer import load_data
+
+    model, saved = load_model(Path(model_path))
+    config = TrainConfig.from_dict(saved["config"])
+    moved = {k: v for k, v in (("data_dir", data_dir), ("features_dir", features_dir)) if v}
+    config = dataclasses.replace(config, **moved)
+    data = load_data(config)
+    protocol = protocol or config.effective_protocol
+    return {
+        "split": split,
+        "protocol": protocol,
+        "primary_metric": config.primary_metric,
+        "model": evaluate_model(model, data, split, protocol, config.max_len, config.seed),
+        "popularity": evaluate_popularity(data, split, protocol, config.seed),
+    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,12 @@ from candgen.errors import ConfigError
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 
 
-INDEX_FILE = "ads.faiss"  # a saved index: this file and ads.ids.npz beside it
+INDEX_FILE = "ads.faiss"  # a saved index: this file and ids_file() beside it
+
+
+def ids_file(index_path: Path) -> Path:
+    """The live and removed ids saved beside an index file."""
+    return Path(index_path).with_suffix(".ids.npz")
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ class AdIndex:
         self._base = base
         self._live: set[int] = set()
         self._tombstones: set[int] = set()
+        self._static: tuple[Any, Any] | None = None  # (key, selector) of _static_selector
 
     @classmethod
     def build(
@@ -210,7 +217,7 @@ class AdIndex:
     def _static_selector(self, ineligible: frozenset[int]):  # type: ignore[no-untyped-def]
         """The selector of ``ineligible`` and the HNSW tombstones, rebuilt only when they change."""
         key = (ineligible, len(self._tombstones))
-        cached = getattr(self, "_static", None)
+        cached = self._static
         if cached is None or cached[0][0] is not ineligible or cached[0][1] != key[1]:
             ids = np.asarray(sorted(set(ineligible) | self._tombstones), dtype=np.int64)
             cached = (key, self.faiss.IDSelectorBatch(ids) if len(ids) else None)
@@ -233,7 +240,7 @@ class AdIndex:
         if self.config.device == "cuda":
             index = self.faiss.index_gpu_to_cpu(index)
         self.faiss.write_index(index, str(path))
-        np.savez(path.with_suffix(".ids.npz"), live=np.asarray(sorted(self._live), np.int64),
+        np.savez(ids_file(path), live=np.asarray(sorted(self._live), np.int64),
                  tombstones=np.asarray(sorted(self._tombstones), np.int64),
                  kind=np.asarray(self.kind))  # fmt: skip
 
@@ -243,7 +250,7 @@ class AdIndex:
         import faiss
 
         path = Path(path)
-        meta = np.load(path.with_suffix(".ids.npz"))
+        meta = np.load(ids_file(path))
         stored = faiss.read_index(str(path))
         config = config or IndexConfig()
         obj = cls.__new__(cls)
@@ -255,6 +262,7 @@ class AdIndex:
             obj.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, stored)
         obj._live = set(meta["live"].tolist())
         obj._tombstones = set(meta["tombstones"].tolist())
+        obj._static = None
         return obj
 
 

@@ -19,17 +19,23 @@ class ServingError(CandgenError):
     """The server answered the request with an error (its message is kept as is)."""
 
 
-def triton_client(url: str, protocol: str = "http", timeout_s: float = 10.0) -> Any:
+def client_module(protocol: str) -> Any:
+    """``tritonclient.http`` or ``tritonclient.grpc``."""
     if protocol == "http":
         import tritonclient.http as module
+    elif protocol == "grpc":
+        import tritonclient.grpc as module  # type: ignore[no-redef]
+    else:
+        raise ConfigError("protocol", f"must be one of {PROTOCOLS}, got {protocol!r}")
+    return module
 
+
+def triton_client(url: str, protocol: str = "http", timeout_s: float = 10.0) -> Any:
+    module = client_module(protocol)
+    if protocol == "http":
         return module.InferenceServerClient(url, connection_timeout=timeout_s,
                                             network_timeout=timeout_s)  # fmt: skip
-    if protocol == "grpc":
-        import tritonclient.grpc as module
-
-        return module.InferenceServerClient(url)
-    raise ConfigError("protocol", f"must be one of {PROTOCOLS}, got {protocol!r}")
+    return module.InferenceServerClient(url)
 
 
 class RetrieveClient:
@@ -44,18 +50,12 @@ class RetrieveClient:
 
     def __init__(self, url: str = "", protocol: str = "http", model: str = "retrieve",
                  timeout_s: float = 10.0) -> None:  # fmt: skip
-        if protocol not in PROTOCOLS:
-            raise ConfigError("protocol", f"must be one of {PROTOCOLS}, got {protocol!r}")
+        self.module = client_module(protocol)
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.model = model
         self.timeout_s = timeout_s
         self.client = triton_client(self.url, protocol, timeout_s)
-        if protocol == "http":
-            import tritonclient.http as module
-        else:
-            import tritonclient.grpc as module  # type: ignore[no-redef]
-        self.module = module
 
     def infer(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Sends raw tensors (any dtype and shape: the server checks them) and returns outputs.

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from candgen.errors import CandgenError, ConfigError
-from candgen.index.ann import INDEX_FILE, IndexConfig
+from candgen.index.ann import INDEX_FILE, IndexConfig, ids_file
 from candgen.serving.contract import INPUTS, OUTPUTS
 from candgen.serving.generators import ContentGenerator
 from candgen.serving.pipeline import USER_SERVICE
@@ -118,8 +118,7 @@ def step_config(step: type[Step], instances: int) -> str:
 
 def ensemble_config(version: int) -> str:
     """The ``retrieve`` ensemble with every step pinned to ``version``."""
-    ins = {n: (FeaturesStep.INPUTS[n][0], FeaturesStep.INPUTS[n][1], FeaturesStep.INPUTS[n][2])
-           for n in INPUTS}  # fmt: skip
+    ins = {n: FeaturesStep.INPUTS[n] for n in INPUTS}
     outs = {n: (dtype, [-1], False) for n, dtype in OUTPUTS.items()}
     steps = []
     for step in STEPS:
@@ -196,8 +195,9 @@ def publish(
     return {"repository": str(repository), "version": version, **provenance}
 
 
-def _ad_side(features_dir: Path) -> tuple[ContentGenerator, dict[str, np.ndarray]]:
-    """The content generator and delivery state from the offline ad feature tables."""
+def _ad_side(features_dir: Path) -> tuple[ContentGenerator, dict[str, np.ndarray], str]:
+    """The content generator, the delivery state and the tables' snapshot hash, from the
+    offline ad feature tables."""
     import pandas as pd
 
     manifest_path = features_dir / "manifest.json"
@@ -225,14 +225,17 @@ def _ad_side(features_dir: Path) -> tuple[ContentGenerator, dict[str, np.ndarray
     total = first["budget_remaining"].to_numpy(np.float64)
     remaining = last["budget_remaining"].to_numpy(np.float64)
     left = np.where(total > 0, remaining / np.maximum(total, 1e-9), 0.0)
-    return content, {
-        "ad_ids": last.index.to_numpy(np.int64),
-        "clicks": last["clicks_7d"].to_numpy(np.int64),
-        "impressions": last["impressions_7d"].to_numpy(np.int64),
-        "budget_left_fraction": left.astype(np.float32),
-        "ineligible": last.index.to_numpy(np.int64)[last["status"].to_numpy() != "active"],
-        "features_snapshot": np.asarray(manifest.get("snapshot", "")),
-    }
+    return (
+        content,
+        {
+            "ad_ids": last.index.to_numpy(np.int64),
+            "clicks": last["clicks_7d"].to_numpy(np.int64),
+            "impressions": last["impressions_7d"].to_numpy(np.int64),
+            "budget_left_fraction": left.astype(np.float32),
+            "ineligible": last.index.to_numpy(np.int64)[last["status"].to_numpy() != "active"],
+        },
+        str(manifest.get("snapshot", "")),
+    )
 
 
 def _copy_index(index_dir: Path, dst: Path, model_uri: str) -> dict[str, Any]:
@@ -245,9 +248,8 @@ def _copy_index(index_dir: Path, dst: Path, model_uri: str) -> dict[str, Any]:
         raise CandgenError(f"index_dir: {index_dir} was built for {summary['model_uri']}, "
                            f"not {model_uri}")  # fmt: skip
     dst.mkdir(parents=True, exist_ok=True)
-    for path in index_dir.iterdir():
-        if path.name.startswith(INDEX_FILE.split(".")[0]) or path.name == "index.json":
-            shutil.copy2(path, dst / path.name)
+    for path in (index_dir / INDEX_FILE, ids_file(index_dir / INDEX_FILE), manifest):
+        shutil.copy2(path, dst / path.name)
     return summary
 
 
@@ -287,13 +289,13 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     recall = next(v for k, v in summary.items() if k.startswith("recall_at_"))
     say(f"ad index: {summary['kind']}, {summary['size']:,} ads x {summary['dim']}, "
         f"recall vs exact {recall:.4f} (logged to the run)")  # fmt: skip
-    content, delivery = _ad_side(features_dir)
+    content, delivery, features_snapshot = _ad_side(features_dir)
     stage_generators(generators, content, delivery)
     say(
         f"content generator: {len(content.text):,} ads' text embeddings; "
         f"{len(delivery['ineligible']):,} of {len(delivery['ad_ids']):,} ads ineligible now"
     )
-    for step in (FeaturesStep, *STEPS[3:]):
+    for step in STEPS:  # the steps with no assets of their own get an empty folder
         (staging / step.MODEL).mkdir(parents=True, exist_ok=True)
     provenance = {
         "model_uri": config.model_uri,
@@ -301,7 +303,7 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
         "model_version": version,
         "run_id": mv.run_id,
         **{k: mv.tags.get(k, "") for k in ("git_commit", "data_snapshot", "feature_service")},
-        "features_snapshot": str(delivery["features_snapshot"]),
+        "features_snapshot": features_snapshot,
         "index_kind": summary["kind"],
         "index_recall": recall,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
