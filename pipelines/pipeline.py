@@ -5,10 +5,15 @@ Parameters carry the names of the config dataclass fields they set (``users`` is
 ``SynthConfig.users``, ``epochs`` is ``TrainConfig.epochs``, ``ef_search`` is
 ``IndexConfig.ef_search``...); ``seed`` seeds both the data and the training.
 Compile with ``candgen pipeline compile`` (writes pipelines/pipeline.yaml, checked in).
+
+On a cluster the train and deploy steps mount the ReadWriteMany volume ``work_volume`` at
+``JobConfig.work_dir``: a kubernetes training job stages its data there, and Triton serves
+``target_repository`` from it (k8s/ mounts the same claim). kfp.local ignores the mounts.
 """
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
+from candgen.training.config import JobConfig
 from components.build_features.component import build_features
 from components.build_index.component import build_index
 from components.deploy.component import deploy
@@ -21,6 +26,7 @@ from components.train.component import train
 from components.training_set.component import training_set
 
 PIPELINE_NAME = "candgen-retrieval"
+WORK_DIR = JobConfig().work_dir
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n")[0])
@@ -39,7 +45,15 @@ def retrieval_pipeline(
     max_len: int = 50,
     batch_size: int = 128,
     eval_days: int = 2,
+    scheduler: str = "local_cwd",
+    replicas: int = 1,
     nproc: int = 2,
+    cpus: int = 4,
+    memory_mb: int = 16_384,
+    gpus: int = 0,
+    queue: str = "default",
+    namespace: str = "candgen",
+    work_volume: str = "candgen-work",
     model_name: str = "candgen-hstu",
     tracking_uri: str = "",
     experiment: str = "candgen",
@@ -59,7 +73,10 @@ def retrieval_pipeline(
     trained = train(marketplace=market.outputs["marketplace"], features=feats.outputs["features"],
                     model=model, epochs=epochs, lr=lr, max_len=max_len, batch_size=batch_size,
                     eval_days=eval_days, seed=seed, tracking_uri=tracking_uri,
-                    experiment=experiment, nproc=nproc)  # fmt: skip
+                    experiment=experiment, scheduler=scheduler, replicas=replicas, nproc=nproc,
+                    cpus=cpus, memory_mb=memory_mb, gpus=gpus, queue=queue, namespace=namespace,
+                    work_volume=work_volume, work_dir=WORK_DIR)  # fmt: skip
+    kubernetes.mount_pvc(trained, pvc_name=work_volume, mount_path=WORK_DIR)
     evaluate(marketplace=market.outputs["marketplace"], features=feats.outputs["features"],
              trained=trained.outputs["trained"])  # fmt: skip
     gate = register_gate(trained=trained.outputs["trained"], model_name=model_name,
@@ -73,6 +90,10 @@ def retrieval_pipeline(
                                  index=index.outputs["index"],
                                  feature_server_url=feature_server_url, max_k=max_k,
                                  tracking_uri=tracking_uri)  # fmt: skip
-        deploy(repository=repo.outputs["repository"], target_repository=target_repository,
-               triton_url=triton_url)  # fmt: skip
+        deployed = deploy(
+            repository=repo.outputs["repository"],
+            target_repository=target_repository,
+            triton_url=triton_url,
+        )
+        kubernetes.mount_pvc(deployed, pvc_name=work_volume, mount_path=WORK_DIR)
     return gate.outputs["message"]

@@ -23,15 +23,28 @@ def train(
     primary_metric: str = "ndcg@10",
     tracking_uri: str = "",
     experiment: str = "candgen",
+    scheduler: str = "local_cwd",
+    replicas: int = 1,
     nproc: int = 2,
+    cpus: int = 4,
+    memory_mb: int = 16_384,
+    gpus: int = 0,
+    image: str = "",
+    queue: str = "default",
+    namespace: str = "candgen",
+    service_account: str = "candgen-train",
+    work_volume: str = "candgen-work",
+    work_dir: str = "/mnt/candgen",
 ) -> str:
-    """Launches ``dist.torchrun`` through TorchX (``nproc`` processes, DDP), writes model.pt to
-    ``trained`` and logs the run to MLflow; returns the run id.
+    """Launches ``dist.torchrun`` through TorchX (``replicas`` x ``nproc`` processes, DDP),
+    writes model.pt to ``trained`` and logs the run to MLflow; returns the run id.
 
-    Parameters are ``candgen.training.config.TrainConfig`` fields of the same names, except
-    ``nproc`` (processes of the TorchX job).
+    ``model`` ... ``experiment`` are ``candgen.training.config.TrainConfig`` fields and
+    ``scheduler`` ... ``work_dir`` are ``JobConfig`` fields of the same names. With scheduler
+    ``kubernetes`` this step's pod must mount ``work_volume`` at ``work_dir`` (the pipeline does).
+    An empty ``image`` means the platform image this step runs in.
     """
-    from candgen.training.config import TrainConfig
+    from candgen.training.config import JobConfig, TrainConfig
     from candgen.training.launch import launch
 
     config = TrainConfig(
@@ -40,7 +53,11 @@ def train(
         eval_days=eval_days, seed=seed, primary_metric=primary_metric, out_dir=trained.path,
         progress=False, tracking_uri=tracking_uri, experiment=experiment,
     )  # fmt: skip
-    result = launch(config, nproc=nproc)
+    job = JobConfig(scheduler=scheduler, replicas=replicas, nproc=nproc, cpus=cpus,
+                    memory_mb=memory_mb, gpus=gpus, queue=queue, namespace=namespace,
+                    service_account=service_account, work_volume=work_volume,
+                    work_dir=work_dir, **({"image": image} if image else {}))  # fmt: skip
+    result = launch(config, job)
     for name, value in result["test"].items():
         if "." not in name:  # the overall metrics; per-label and per-surface ones are in MLflow
             metrics.log_metric(name, float(value))

@@ -28,3 +28,23 @@ def test_a_bad_parameter_names_the_field(trainable_data: tuple, tmp_path: Path) 
         train.python_func(marketplace=market, features=features,
                           trained=Model(uri=str(tmp_path / "m")),
                           metrics=Metrics(uri=str(tmp_path / "x")), model="gpt")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("job", "field"),
+    [
+        ({"scheduler": "slurm"}, "scheduler"),
+        ({"scheduler": "kubernetes", "replicas": 0}, "replicas"),
+        ({"gpus": -1}, "gpus"),
+        # The pod that launches a kubernetes job must mount the shared volume it stages on.
+        ({"scheduler": "kubernetes", "work_dir": "/nonexistent/candgen"}, "work_dir"),
+    ],
+)
+def test_a_bad_job_parameter_names_the_field(
+    trainable_data: tuple, tmp_path: Path, job: dict, field: str
+) -> None:
+    market, features = trainable_data
+    with pytest.raises(ConfigError, match=rf"^{field}:"):
+        train.python_func(marketplace=market, features=features,
+                          trained=Model(uri=str(tmp_path / "m")),
+                          metrics=Metrics(uri=str(tmp_path / "x")), **job)  # fmt: skip

@@ -224,23 +224,21 @@ def _train_summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from candgen.training.config import TrainConfig
+    from candgen.training.config import JobConfig, TrainConfig
 
     cfg = config_from_args(TrainConfig, args)
-    if args.k8s_image:
+    job = config_from_args(JobConfig, args)
+    if args.dryrun:
         import yaml
-        from kubernetes.client import ApiClient
 
         from candgen.training.launch import kubernetes_job
 
-        job = kubernetes_job(cfg, args.k8s_image, nnodes=args.nnodes, nproc=args.nproc,
-                             gpus=args.gpus)  # fmt: skip
-        print(yaml.safe_dump(ApiClient().sanitize_for_serialization(job), sort_keys=False))
+        print(yaml.safe_dump(kubernetes_job(cfg, job), sort_keys=False))
         return 0
-    if args.nproc > 1 or args.torchx:
+    if job.scheduler == "kubernetes" or job.nproc > 1 or args.torchx:
         from candgen.training.launch import launch
 
-        metrics = launch(cfg, nproc=args.nproc)
+        metrics = launch(cfg, job)
     else:
         from candgen.training.trainer import _result_json, train
 
@@ -465,17 +463,16 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--limit", type=int, default=0, help="sample this many rows (0: all)")
     ts.add_argument("--out", type=Path, required=True)
 
-    from candgen.training.config import TrainConfig
+    from candgen.training.config import JobConfig, TrainConfig
 
     tr = sub.add_parser("train", help="train a retrieval model (in-process, or a TorchX job)")
     tr.add_argument("--nproc", type=int, default=1,
-                    help="processes; > 1 launches a TorchX dist.torchrun job (DDP)")  # fmt: skip
+                    help="processes per replica; > 1 launches a TorchX job (DDP)")  # fmt: skip
     tr.add_argument("--torchx", action="store_true", help="launch through TorchX even for 1")
-    tr.add_argument("--k8s-image", default="",
-                    help="print the Kubernetes (Volcano) job for this image instead of training; "
-                    "apply it with kubectl")  # fmt: skip
-    tr.add_argument("--nnodes", type=int, default=2, help="with --k8s-image: nodes")
-    tr.add_argument("--gpus", type=int, default=1, help="with --k8s-image: GPUs per node")
+    tr.add_argument("--dryrun", action="store_true",
+                    help="with --scheduler kubernetes: print the Volcano job TorchX would submit "
+                    "(its own dry run, no cluster needed) instead of training")  # fmt: skip
+    add_config_flags(tr, JobConfig, exclude=("nproc",))
     add_config_flags(tr, TrainConfig)
     tr.set_defaults(func=cmd_train)
 

@@ -34,7 +34,7 @@ from candgen.features.store import (
 )
 from candgen.features.training_set import label_rows, training_set
 from candgen.registry.tracking import PromotionRefused, default_tracking_uri, promote
-from candgen.training.config import TrainConfig
+from candgen.training.config import JobConfig, TrainConfig
 from candgen.training.launch import launch
 from candgen.training.trainer import load_data
 
@@ -147,7 +147,7 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
     )  # fmt: skip
     metrics = _step(
         8, "train an HSTU model with TorchX (2 processes, DDP over gloo), log it to MLflow "
-        "and register it as the challenger", lambda: launch(train_cfg, nproc=2),
+        "and register it as the challenger", lambda: launch(train_cfg, JobConfig(nproc=2)),
     )  # fmt: skip
     _print_metrics(metrics, market, train_cfg)
     promoted = _step(9, f"promote {DEMO_MODEL_NAME}: champion moves only if the challenger "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from candgen.errors import ConfigError
+from candgen.images import PLATFORM_IMAGE
 
 DATASETS = ("beauty", "games", "marketplace", "planted")
 MODELS = ("sasrec", "hstu", "two_tower")
@@ -142,3 +143,61 @@ class TrainConfig:
         """The fields that fix the model's shape (a resumed run must keep them)."""
         names = ("dataset", "model", "dim", "num_blocks", "num_heads", "max_len")
         return {n: getattr(self, n) for n in names}
+
+
+SCHEDULERS = ("local_cwd", "kubernetes")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Where the TorchX training job runs and how big it is (`candgen train` flags and the
+    pipeline parameters of the same names).
+
+    Attributes:
+        scheduler: local_cwd (processes on this machine) or kubernetes (a Volcano job).
+        replicas: nodes of the job (kubernetes: one pod each).
+        nproc: training processes per replica (one per GPU when there are GPUs).
+        cpus: kubernetes: CPUs per replica.
+        memory_mb: kubernetes: memory per replica, MB.
+        gpus: kubernetes: GPUs per replica (the trainer picks nccl when it sees one).
+        image: kubernetes: the image every replica runs (the platform image).
+        queue: kubernetes: the Volcano queue.
+        namespace: kubernetes: the namespace of the job (where work_volume lives).
+        service_account: kubernetes: the pods' service account; object-store and registry
+            access come through it (workload identity), never through secrets in the spec.
+        work_volume: kubernetes: a ReadWriteMany PersistentVolumeClaim that the launching pod
+            and every replica mount at work_dir: inputs are staged there, outputs come back.
+        work_dir: kubernetes: where work_volume is mounted.
+    """
+
+    scheduler: str = "local_cwd"
+    replicas: int = 1
+    nproc: int = 2
+    cpus: int = 4
+    memory_mb: int = 16_384
+    gpus: int = 0
+    image: str = PLATFORM_IMAGE
+    queue: str = "default"
+    namespace: str = "candgen"
+    service_account: str = "candgen-train"
+    work_volume: str = "candgen-work"
+    work_dir: str = "/mnt/candgen"
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError("scheduler", f"{self.scheduler!r} is not one of {SCHEDULERS}")
+        for name in ("replicas", "nproc", "cpus", "memory_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.gpus < 0:
+            raise ConfigError("gpus", f"must be >= 0, got {self.gpus}")
+        if self.scheduler == "kubernetes":
+            if not self.image:
+                raise ConfigError("image", "the kubernetes scheduler needs the platform image")
+            for name in ("queue", "namespace", "work_volume"):
+                if not getattr(self, name):
+                    raise ConfigError(name, "the kubernetes scheduler needs it")
+            if not self.work_dir.startswith("/"):
+                raise ConfigError("work_dir", f"must be an absolute path, got {self.work_dir!r}")
+        elif self.replicas != 1:
+            raise ConfigError("replicas", "local_cwd runs one replica on this machine; use nproc")

@@ -1,11 +1,15 @@
 """Launching `candgen train` as a distributed TorchX job.
 
 Locally: ``torchx run -s local_cwd dist.torchrun -j 1x2 -m candgen.cli -- train ...`` (two CPU
-processes, DDP over gloo). On Kubernetes the same component runs with ``-s kubernetes``, the
-platform image, GPUs per replica and nccl (the trainer picks nccl when it sees a GPU):
+processes, DDP over gloo). On Kubernetes the same command runs with ``-s kubernetes``: a Volcano
+job of ``replicas`` pods of the platform image, GPUs per pod and nccl (the trainer picks nccl
+when it sees a GPU). The launching process and the pods share a ReadWriteMany volume: the inputs
+are staged on it, the pods write there, and the outputs are copied back, so the caller sees the
+same ``out_dir`` on either scheduler.
 
-    torchx run -s kubernetes -cfg queue=default,namespace=candgen dist.torchrun \\
-        --image <registry>/candgen-platform:<tag> -j 2x1 --gpu 1 -m candgen.cli -- train ...
+    candgen train --scheduler kubernetes --replicas 2 --nproc 1 --gpus 1 --dryrun ...
+
+prints the job that TorchX would submit (its own dry run; no cluster is needed).
 """
 
 from __future__ import annotations
@@ -15,14 +19,16 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from candgen.errors import CandgenError, ConfigError
-from candgen.training.config import TrainConfig
+from candgen.training.config import JobConfig, TrainConfig
 from candgen.training.trainer import METRICS_FILE
 
-SCHEDULERS = ("local_cwd", "kubernetes")
+COMPONENT = "dist.torchrun"
 
 
 def config_flags(config: TrainConfig) -> list[str]:
@@ -40,74 +46,93 @@ def config_flags(config: TrainConfig) -> list[str]:
     return flags
 
 
-def torchx_command(
-    config: TrainConfig,
-    nproc: int = 2,
-    nnodes: int = 1,
-    scheduler: str = "local_cwd",
-    image: str = "",
-    gpus: int = 0,
-    scheduler_args: str = "",
-    dryrun: bool = False,
-) -> list[str]:
-    """The `torchx run` command line for a distributed training job."""
-    if scheduler not in SCHEDULERS:
-        raise ConfigError("scheduler", f"{scheduler!r} is not one of {SCHEDULERS}")
-    if nproc < 1 or nnodes < 1:
-        raise ConfigError("nproc", f"need >= 1 process per node and node, got {nnodes}x{nproc}")
-    if scheduler == "kubernetes" and not image:
-        raise ConfigError("image", "the kubernetes scheduler needs the platform image")
+def component_args(config: TrainConfig, job: JobConfig) -> list[str]:
+    """The ``dist.torchrun`` arguments of the job (the same for ``torchx run`` and the dry run)."""
+    args = ["-j", f"{job.replicas}x{job.nproc}", "--name", f"candgen-train-{config.model}"]
+    if job.scheduler == "kubernetes":
+        args += ["--image", job.image, "--cpu", str(job.cpus), "--memMB", str(job.memory_mb),
+                 "--gpu", str(job.gpus),
+                 "--mounts", f"type=volume,src={job.work_volume},dst={job.work_dir}"]  # fmt: skip
+    return [*args, "-m", "candgen.cli", "--", "train", *config_flags(config)]
+
+
+def scheduler_args(job: JobConfig, validate: bool = True) -> dict[str, str | bool]:
+    """The scheduler's run options (``-cfg``); ``validate`` asks the cluster to check the spec."""
+    if job.scheduler != "kubernetes":
+        return {}
+    cfg: dict[str, str | bool] = {"queue": job.queue, "namespace": job.namespace}
+    if job.service_account:
+        cfg["service_account"] = job.service_account
+    if not validate:
+        cfg["validate_spec"] = False
+    return cfg
+
+
+def torchx_command(config: TrainConfig, job: JobConfig) -> list[str]:
+    """The `torchx run` command line that runs the job and waits for it."""
     torchx = shutil.which("torchx", path=str(Path(sys.executable).parent)) or "torchx"
-    cmd = [torchx, "run", "-s", scheduler]
-    if scheduler == "kubernetes":
+    cmd = [torchx, "run", "-s", job.scheduler]
+    if job.scheduler == "kubernetes":
         cmd += ["--workspace", ""]  # run the released image as is; never build from the cwd
-    if scheduler_args:
-        cmd += ["-cfg", scheduler_args]
-    cmd += ["--dryrun"] if dryrun else ["--wait", "--log"]
-    cmd += ["dist.torchrun", "-j", f"{nnodes}x{nproc}", "--name", f"candgen-train-{config.model}"]
-    if image:
-        cmd += ["--image", image]
-    if gpus:
-        cmd += ["--gpu", str(gpus)]
-    return [*cmd, "-m", "candgen.cli", "--", "train", *config_flags(config)]
+        cfg = scheduler_args(job)
+        cmd += ["-cfg", ",".join(f"{k}={v}" for k, v in cfg.items())]
+    return [*cmd, "--wait", "--log", COMPONENT, *component_args(config, job)]
 
 
-def kubernetes_job(
-    config: TrainConfig,
-    image: str,
-    nnodes: int = 2,
-    nproc: int = 1,
-    gpus: int = 1,
-    queue: str = "default",
-    memory_mb: int = 16_384,
-    cpus: int = 4,
-) -> dict[str, Any]:
-    """The Volcano Job that ``torchx run -s kubernetes dist.torchrun ...`` would submit.
+def kubernetes_job(config: TrainConfig, job: JobConfig) -> dict[str, Any]:
+    """The Volcano Job that ``torchx run -s kubernetes`` would submit, from TorchX's own dry run.
 
-    It is built offline (no cluster needed), so it can be reviewed, checked in, or applied
-    with ``kubectl apply -f``. Workers see a GPU, so the trainer uses nccl.
+    No cluster is asked (the spec is not validated against one), so it can be reviewed,
+    tested or applied with ``kubectl apply -f``.
+
+    Returns:
+        The job as plain JSON-able data.
     """
-    from torchx.components import dist as dist_components
-    from torchx.schedulers.kubernetes_scheduler import app_to_resource
+    from kubernetes.client import ApiClient
+    from torchx.runner import get_runner
 
-    if not image:
-        raise ConfigError("image", "the kubernetes job needs the platform image")
-    app = dist_components.torchrun(
-        "train", *config_flags(config), m="candgen.cli", image=image,
-        name=f"candgen-train-{config.model}", j=f"{nnodes}x{nproc}", gpu=gpus, cpu=cpus,
-        memMB=memory_mb,
-    )  # fmt: skip
-    return app_to_resource(app, queue=queue, service_account=None)
+    if job.scheduler != "kubernetes":
+        raise ConfigError("scheduler", f"a dry run renders the kubernetes job, not {job.scheduler}")
+    with get_runner() as runner:
+        info = runner.dryrun_component(COMPONENT, component_args(config, job), "kubernetes",
+                                       cfg=scheduler_args(job, validate=False))  # fmt: skip
+    return ApiClient().sanitize_for_serialization(info.request.resource)
 
 
-def launch(config: TrainConfig, nproc: int = 2) -> dict[str, Any]:
-    """Runs a local TorchX job of ``nproc`` processes and returns rank 0's metrics.json."""
-    cmd = torchx_command(config, nproc=nproc)
+def stage_on_volume(config: TrainConfig, job: JobConfig, name: str = "") -> TrainConfig:
+    """Copies the job's inputs onto the shared volume and points the config at them.
+
+    Returns:
+        ``config`` with data_dir, features_dir and out_dir under ``<work_dir>/jobs/<name>``.
+    """
+    root = Path(job.work_dir)
+    if not root.is_dir():
+        raise ConfigError("work_dir", f"{root} is not mounted here; mount the {job.work_volume} "
+                          "volume in the launching pod too")  # fmt: skip
+    staged = root / "jobs" / (name or f"train-{uuid.uuid4().hex[:12]}")
+    changes: dict[str, str] = {"out_dir": str(staged / "out")}
+    for field in ("data_dir", "features_dir"):
+        source = getattr(config, field)
+        if source:
+            shutil.copytree(source, staged / field, dirs_exist_ok=True)
+            changes[field] = str(staged / field)
+    return replace(config, **changes)
+
+
+def launch(config: TrainConfig, job: JobConfig | None = None) -> dict[str, Any]:
+    """Runs the TorchX job, waits for it and returns rank 0's metrics.json.
+
+    On kubernetes the inputs go through the shared volume and ``config.out_dir`` receives the
+    job's outputs afterwards, as it does locally.
+    """
+    job = job or JobConfig()
+    run_config = stage_on_volume(config, job) if job.scheduler == "kubernetes" else config
+    cmd = torchx_command(run_config, job)
     env = dict(os.environ)
     # local_cwd starts torchrun from PATH: make it the one beside this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "1")
-    metrics = Path(config.out_dir) / METRICS_FILE
+    metrics = Path(run_config.out_dir) / METRICS_FILE
     metrics.unlink(missing_ok=True)
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env)
@@ -116,4 +141,7 @@ def launch(config: TrainConfig, nproc: int = 2) -> dict[str, Any]:
             f"the TorchX job failed (exit {proc.returncode}); its log is above. Command: "
             + " ".join(cmd)
         )
+    if run_config is not config:
+        shutil.copytree(run_config.out_dir, config.out_dir, dirs_exist_ok=True)
+        metrics = Path(config.out_dir) / METRICS_FILE
     return json.loads(metrics.read_text())
