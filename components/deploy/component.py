@@ -15,7 +15,8 @@ def deploy(
 ) -> str:
     """Copies the exported version into ``target_repository`` (the folder or volume Triton
     serves) and, with ``triton_url``, loads it into the running server without downtime;
-    returns what was done.
+    returns what was done. Without ``triton_url`` a server polling the repository (k8s/) picks
+    the version up by itself.
     """
     from pathlib import Path
 

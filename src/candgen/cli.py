@@ -375,7 +375,10 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
         raise ConfigError("local", "only --local runs here; `candgen pipeline submit` sends the "
                           "compiled pipeline to a Kubeflow Pipelines server")  # fmt: skip
     run = run_local(parse_overrides(args.set), args.pipeline_root)
-    print(run.output)
+    print(f"\nrun folder: {run.run_dir}")
+    for task, outcome in run.outcomes():
+        print(f"  {task:<18} {outcome}")
+    print(run.message)
     return 0
 
 

@@ -6,8 +6,10 @@ in the platform image, so this module puts the repository root on ``sys.path`` t
 
 from __future__ import annotations
 
+import json
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,9 @@ from candgen.errors import ConfigError
 from candgen.paths import REPO_ROOT
 
 PIPELINE_YAML = REPO_ROOT / "pipelines" / "pipeline.yaml"
+# The pipeline's tasks in the order they run (kfp names them after their components).
+TASKS = ("synth-data", "build-features", "feature-store", "training-set", "train", "evaluate",
+         "register-gate", "gate-open", "build-index", "export-repository", "deploy")  # fmt: skip
 
 
 def pipeline_function() -> Any:
@@ -67,9 +72,82 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_local(arguments: dict[str, Any], pipeline_root: Path) -> Any:
-    """Runs the whole pipeline with ``kfp.local`` (each step a subprocess of this environment);
-    returns the run (its ``output`` is the gate's message)."""
+@dataclass(frozen=True)
+class LocalRun:
+    """A finished kfp.local run: the pipeline's output (the gate's message) and its folder
+    under the pipeline root, one sub-folder per task with its artifacts and outputs."""
+
+    message: str
+    run_dir: Path
+
+    def outputs(self, task: str) -> dict[str, Any] | None:
+        """The task's executor output (parameters and artifacts), or None if it did not run."""
+        path = self.run_dir / task / "executor_output.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def artifact(self, task: str, name: str) -> Path:
+        outputs = self.outputs(task) or {}
+        try:
+            return Path(outputs["artifacts"][name]["artifacts"][0]["uri"])
+        except KeyError:
+            raise KeyError(f"task {task!r} has no output artifact {name!r}") from None
+
+    def outcomes(self) -> list[tuple[str, str]]:
+        """One line per task saying what it did, in the order the tasks run."""
+        return [(task, describe_outcome(task, self.outputs(task))) for task in TASKS]
+
+
+def _first_artifact(outputs: dict[str, Any], name: str) -> dict[str, Any]:
+    return outputs["artifacts"][name]["artifacts"][0].get("metadata", {})
+
+
+def describe_outcome(task: str, outputs: dict[str, Any] | None) -> str:
+    """What a task's executor output says it did, in words."""
+    if outputs is None:
+        behind_gate = TASKS.index(task) > TASKS.index("gate-open")
+        return "not run: the gate is closed" if behind_gate else "did not run"
+    value = outputs.get("parameterValues", {})
+    if task == "synth-data":
+        m = _first_artifact(outputs, "marketplace")
+        return (f"{m['events']:,} events of {m['users']:,} users on {m['ads']:,} ads, "
+                f"{m['surfaces']} surfaces (snapshot {m['snapshot'][:12]})")  # fmt: skip
+    if task == "build-features":
+        m = _first_artifact(outputs, "features")
+        return (f"{m['user_short_term']:,} user sequences, {m['ad_attributes']:,} ads, "
+                f"{m['ad_delivery']:,} delivery rows (snapshot {m['snapshot'][:12]})")  # fmt: skip
+    if task == "feature-store":
+        m = _first_artifact(outputs, "store")
+        return (f"applied {', '.join(m['feature_services'])}; {m['online']} online store "
+                f"materialized to {m['materialized_to']}")  # fmt: skip
+    if task == "training-set":
+        m = _first_artifact(outputs, "rows")
+        return (f"{m['rows']:,} point-in-time rows ({m['service']}, {m['label']} rate "
+                f"{m['positive_rate']:.2%})")  # fmt: skip
+    if task == "train":
+        m = _first_artifact(outputs, "metrics")
+        return (f"MLflow run {value['Output']}: test ndcg@10 {m['ndcg@10']:.4f}, "
+                f"hr@10 {m['hr@10']:.4f}, recall@100 {m['recall@100']:.4f}")  # fmt: skip
+    if task == "evaluate":
+        m = _first_artifact(outputs, "metrics")
+        return " | ".join(f"{k} {m[k]:.4f} vs popularity {m['popularity.' + k]:.4f}"
+                          for k in ("ndcg@10", "recall@100") if k in m)  # fmt: skip
+    if task == "register-gate":
+        return str(value["message"])
+    if task == "gate-open":
+        return "open: the model goes on" if value["Output"] else "closed: nothing is deployed"
+    if task == "build-index":
+        m, index = _first_artifact(outputs, "metrics"), _first_artifact(outputs, "index")
+        return (f"{index['kind']} index of {index['size']:,} ads for {index['model_uri']}, "
+                f"recall@100 vs exact {m['recall_at_100']:.3f}")  # fmt: skip
+    if task == "export-repository":
+        m = _first_artifact(outputs, "repository")
+        return (f"Triton repository v{m['version']} of {m['model_uri']} (run {m['run_id'][:12]}, "
+                f"commit {m['git_commit'][:12]})")  # fmt: skip
+    return str(value.get("Output", value))
+
+
+def run_local(arguments: dict[str, Any], pipeline_root: Path) -> LocalRun:
+    """Runs the whole pipeline with ``kfp.local`` (each step a subprocess of this environment)."""
     import warnings
 
     from kfp import local
@@ -79,8 +157,12 @@ def run_local(arguments: dict[str, Any], pipeline_root: Path) -> Any:
                             "custom or non-Python base image")  # fmt: skip
     pipeline_root = Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
+    pattern = f"{pipeline_function().name}-*"
+    before = set(pipeline_root.glob(pattern))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    return pipeline_function()(**arguments)
+    task = pipeline_function()(**arguments)
+    (run_dir,) = set(pipeline_root.glob(pattern)) - before
+    return LocalRun(message=str(task.output), run_dir=run_dir)
 
 
 def submit(

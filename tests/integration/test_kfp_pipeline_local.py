@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,20 @@ def test_the_pipeline_ships_a_passing_model_and_holds_back_a_refused_one(
         args += ["--set", pair]
 
     assert main(args) == 0
-    assert "gate passed: pipe-m v1 is the champion" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "gate passed: pipe-m v1 is the champion" in out
     assert pinned_version(target) == 1
+    # the run ends with one line per step saying what it did
+    assert re.search(r"^  train +MLflow run \w+: test ndcg@10 \d", out, re.M)
+    assert re.search(rf"^  deploy +v1 installed in {re.escape(str(target))}", out, re.M)
 
     # A champion no model can beat: the next run's model is registered but not deployed.
     client(uri).set_model_version_tag("pipe-m", "1", "primary_metric_value", "1.0")
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "gate refused v2" in out and "nothing is deployed" in out
+    assert re.search(r"^  gate-open +closed: nothing is deployed$", out, re.M)
+    for step in ("build-index", "export-repository", "deploy"):
+        assert re.search(rf"^  {step} +not run: the gate is closed$", out, re.M), step
     assert pinned_version(target) == 1
     assert not (target / "retrieve" / "2").exists()

@@ -114,3 +114,13 @@ def test_the_serving_image_carries_the_tested_serving_environment() -> None:
                          .read_text()).group(1)  # fmt: skip
     assert f"python_backend_stubs/{requires}/" in serving
     assert f"ARG PYTHON_VERSION={requires}." in serving
+
+
+def test_the_images_command_lists_and_builds_every_image() -> None:
+    from candgen.images import build_commands, main
+
+    commands = build_commands(push=True)
+    builds = [c for c in commands if c[1] == "build"]
+    assert [c[c.index("-t") + 1] for c in builds] == list(BUILDS)
+    assert [c for c in commands if c[1] == "push"] == [["docker", "push", i] for i in BUILDS]
+    assert main(["list"]) == 0
