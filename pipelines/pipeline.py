@@ -6,8 +6,9 @@ Parameters carry the names of the config dataclass fields they set (``users`` is
 ``IndexConfig.ef_search``...); ``seed`` seeds both the data and the training.
 Compile with ``candgen pipeline compile`` (writes pipelines/pipeline.yaml, checked in).
 
-On a cluster the train and deploy steps mount the ReadWriteMany volume ``work_volume`` at
-``JobConfig.work_dir``: a kubernetes training job stages its data there, and Triton serves
+On a cluster the feature store, train and deploy steps mount the ReadWriteMany volume
+``work_volume`` at ``JobConfig.work_dir``: the feature server reads the registry published to
+``feature_registry_dir`` there, a kubernetes training job stages its data there, and Triton serves
 ``target_repository`` from it (k8s/ mounts the same claim). kfp.local ignores the mounts.
 """
 
@@ -38,6 +39,7 @@ def retrieval_pipeline(
     embed_text: bool = True,
     online: str = "sqlite",
     redis: str = "127.0.0.1:6379",
+    feature_registry_dir: str = "",
     label: str = "click",
     model: str = "hstu",
     epochs: int = 30,
@@ -66,7 +68,8 @@ def retrieval_pipeline(
 ) -> str:
     market = synth_data(users=users, ads=ads, days=days, seed=seed)
     feats = build_features(marketplace=market.outputs["marketplace"], embed_text=embed_text)
-    store = feature_store(features=feats.outputs["features"], online=online, redis=redis)
+    store = feature_store(features=feats.outputs["features"], online=online, redis=redis,
+                          publish_dir=feature_registry_dir)  # fmt: skip
     training_set(marketplace=market.outputs["marketplace"], features=feats.outputs["features"],
                  store=store.outputs["store"], label=label, online=online,
                  redis=redis)  # fmt: skip
@@ -76,7 +79,8 @@ def retrieval_pipeline(
                     experiment=experiment, scheduler=scheduler, replicas=replicas, nproc=nproc,
                     cpus=cpus, memory_mb=memory_mb, gpus=gpus, queue=queue, namespace=namespace,
                     work_volume=work_volume, work_dir=WORK_DIR)  # fmt: skip
-    kubernetes.mount_pvc(trained, pvc_name=work_volume, mount_path=WORK_DIR)
+    for task in (store, trained):
+        kubernetes.mount_pvc(task, pvc_name=work_volume, mount_path=WORK_DIR)
     evaluate(marketplace=market.outputs["marketplace"], features=feats.outputs["features"],
              trained=trained.outputs["trained"])  # fmt: skip
     gate = register_gate(trained=trained.outputs["trained"], model_name=model_name,

@@ -13,23 +13,28 @@ def feature_store(
     online: str = "sqlite",
     redis: str = "127.0.0.1:6379",
     project: str = "candgen",
+    publish_dir: str = "",
 ) -> str:
     """Applies feature_repo/ and materializes up to the end of the data; returns that time.
 
     ``store`` holds the registry (and the SQLite online store); with ``online="redis"`` the
-    online values go to ``redis``. Parameters are ``candgen.features.store.StoreConfig`` fields.
+    online values go to ``redis``. ``online``, ``redis`` and ``project`` are
+    ``candgen.features.store.StoreConfig`` fields. With ``publish_dir`` (on a cluster: the
+    folder on the shared claim the feature server reads) the registry is also copied there.
     """
     from pathlib import Path
 
-    from candgen.features.store import StoreConfig, apply, materialize
+    from candgen.features.store import StoreConfig, apply, materialize, publish
 
     config = StoreConfig(online=online, features_dir=Path(features.path),
                          state_dir=Path(store.path), redis=redis, project=project)  # fmt: skip
     Path(store.path).mkdir(parents=True, exist_ok=True)
     applied = apply(config)
     end = materialize(config)
+    if publish_dir:
+        publish(config, Path(publish_dir))
     store.metadata.update({
         "online": online, "project": project, "materialized_to": end.isoformat(),
-        "feature_services": applied.feature_services,
+        "feature_services": applied.feature_services, "published_to": publish_dir,
     })  # fmt: skip
     return end.isoformat()

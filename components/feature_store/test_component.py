@@ -52,3 +52,18 @@ def test_runs_under_kfp_local_with_redis(kfp_local: Path) -> None:
 
     run = three_steps()
     assert run.output.startswith("20")  # the ISO time the online store was materialized to
+
+
+@pytest.mark.integration
+def test_the_registry_is_published_where_a_feature_server_reads_it(
+    features: Dataset, tmp_path: Path
+) -> None:
+    store = Artifact(uri=str(tmp_path / "store"))
+    published = tmp_path / "claim" / "feature_store"
+    feature_store.python_func(features=features, store=store, publish_dir=str(published))
+    assert sorted(p.name for p in published.iterdir()) == ["online_store.db", "registry.db"]
+    assert store.metadata["published_to"] == str(published)
+    # a store opened on the published copy answers like the original
+    copy = StoreConfig(features_dir=Path(features.path), state_dir=published)
+    row = online_features(open_store(copy), [{"user_id": 1}])
+    assert row["recent_item_ids"][0]

@@ -229,3 +229,11 @@ def test_bad_store_config_names_the_field(tmp_path: Path) -> None:
         StoreConfig(project="has space")
     with pytest.raises(ConfigError, match=r"^repo_dir: "):
         StoreConfig(repo_dir=tmp_path)
+
+
+def test_publishing_before_apply_is_a_clear_error(tmp_path: Path) -> None:
+    from candgen.features.store import publish
+
+    with pytest.raises(CandgenError, match=r"^state_dir: .*apply and materialize first"):
+        publish(StoreConfig(state_dir=tmp_path / "empty"), tmp_path / "claim")
+    assert not (tmp_path / "claim" / "registry.db").exists()

@@ -131,7 +131,10 @@ def test_triton_serves_the_repository_the_pipeline_deploys_to(overlay: str) -> N
 def test_feast_mlflow_and_the_pipeline_root_are_configured(overlay: str) -> None:
     feast = _container(overlay, "candgen-feast")
     assert feast["command"] == ["candgen", "features", "serve"]
-    assert "--online=redis" in feast["args"]
+    assert "--online=redis" in feast["args"] and "--state-dir=$(FEAST_STATE_DIR)" in feast["args"]
+    # where the pipeline's feature_store step publishes the registry (feature_registry_dir)
+    config = _one(overlay, "ConfigMap", "candgen-config")["data"]
+    assert config["FEAST_STATE_DIR"].startswith(JobConfig().work_dir + "/")
     mlflow = _container(overlay, "candgen-mlflow")
     assert any(a.startswith("--backend-store-uri=postgresql+psycopg2://") for a in mlflow["args"])
     root = _one(overlay, "ConfigMap", "kfp-launcher")["data"]["defaultPipelineRoot"]

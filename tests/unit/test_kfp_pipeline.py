@@ -40,14 +40,14 @@ def test_bad_overrides_name_the_parameter(pair: str, message: str) -> None:
         parse_overrides([pair])
 
 
-def test_train_and_deploy_mount_the_shared_claim_on_a_cluster() -> None:
+def test_the_steps_that_share_files_mount_the_claim_on_a_cluster() -> None:
     import yaml
 
     from candgen.training.config import JobConfig
 
     _, platform = yaml.safe_load_all(PIPELINE_YAML.read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(executors) == {"exec-train", "exec-deploy"}
+    assert set(executors) == {"exec-feature-store", "exec-train", "exec-deploy"}
     for executor in executors.values():
         (mount,) = executor["pvcMount"]
         assert mount["mountPath"] == JobConfig().work_dir

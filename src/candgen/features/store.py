@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -229,6 +230,29 @@ def materialize(cfg: StoreConfig = StoreConfig(), end: datetime | None = None) -
     if rest:
         store.materialize_incremental(end_date=end, feature_views=rest)
     return end
+
+
+def publish(cfg: StoreConfig, target: Path) -> list[Path]:
+    """Copies the registry (and a SQLite online store) into ``target``, where a feature server
+    reads them (``--state-dir``); each file is replaced atomically, so a running server never
+    sees half a file.
+
+    Returns:
+        The files written.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    names = ["registry.db"] + (["online_store.db"] if cfg.online == "sqlite" else [])
+    written = []
+    for name in names:
+        source = cfg.state_path / name
+        if not source.exists():
+            raise CandgenError(f"state_dir: {source} does not exist; apply and materialize first")
+        partial = target / f".{name}.partial"
+        shutil.copyfile(source, partial)
+        os.replace(partial, target / name)
+        written.append(target / name)
+    return written
 
 
 def online_features(
