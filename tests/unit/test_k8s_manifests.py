@@ -161,7 +161,7 @@ def test_secrets_are_only_referenced(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_pod_is_admitted_by_a_network_policy_and_nothing_else_is(overlay: str) -> None:
+def test_ingress_is_denied_by_default_and_each_pod_admits_its_callers(overlay: str) -> None:
     objs = list(_objects(overlay))
     policies = [o["spec"] for o in objs if o["kind"] == "NetworkPolicy"]
     assert {"podSelector": {}, "policyTypes": ["Ingress"]} in policies  # default deny
