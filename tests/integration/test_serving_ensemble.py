@@ -284,3 +284,81 @@ def test_a_promoted_version_is_swapped_in_with_zero_failed_requests(
     new_offline = load_pipeline(served.repo, int(new))
     _same(served.http.retrieve(served.users[3], "home", 30),
           new_offline.retrieve(served.users[3], "home", 30))  # fmt: skip
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_a_polling_server_picks_up_an_installed_version_with_zero_failed_requests(
+    served: Served, tmp_path: Path
+) -> None:
+    # What k8s/ runs: Triton polls the model repository on the shared claim, and the pipeline's
+    # deploy step (no triton_url) only installs the new version there.
+    from candgen.serving.export import install
+
+    claim = tmp_path / "claim"
+    first = install(served.repo, claim)
+    http, grpc, metrics = free_ports(3)
+    poller = ServerConfig(model_repository=str(claim), http_port=http, grpc_port=grpc,
+                          metrics_port=metrics, state_dir=str(tmp_path / "triton"),
+                          repository_poll_s=1, ready_timeout_s=180)  # fmt: skip
+    start(poller)
+    try:
+        client = RetrieveClient(f"127.0.0.1:{http}", "http")
+        assert len(client.retrieve(served.users[2], "home", 20).ad_ids) == 20
+        _train(served.marketplace, served.features_dir, served.uri, tmp_path / "run3", seed=2)
+        mc = tracking.client(served.uri)
+        new = int(mc.get_model_version_by_alias("serve-m", "challenger").version)
+        mc.set_registered_model_alias("serve-m", "champion", str(new))
+        assert _export(served.repo, served.uri, served.features_dir, served.features.url) == 0
+        assert new != first
+
+        ok, failed, stop_flag = [0], [], threading.Event()
+
+        def hammer(url: str, protocol: str) -> None:
+            client = RetrieveClient(url, protocol)
+            while not stop_flag.is_set():
+                try:
+                    assert len(client.retrieve(served.users[2], "home", 20).ad_ids) == 20
+                    ok[0] += 1
+                except Exception as e:  # every failure is counted
+                    failed.append(repr(e))
+
+        threads = [threading.Thread(target=hammer, args=(f"127.0.0.1:{port}", protocol))
+                   for port, protocol in ((http, "http"), (grpc, "grpc"))]  # fmt: skip
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        assert install(served.repo, claim) == new  # the deploy step without triton_url
+        installed = _files(claim)
+        offline = load_pipeline(served.repo, new)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            answer = client.retrieve(served.users[3], "home", 30)
+            if answer.ad_ids == offline.retrieve(served.users[3], "home", 30).ad_ids:
+                break
+            time.sleep(0.5)
+        time.sleep(2.0)  # keep requesting across the poller's next scan
+        stop_flag.set()
+        for t in threads:
+            t.join()
+        assert failed == [], failed[:3]
+        assert ok[0] > 20
+        for step in STEPS:
+            assert client.client.is_model_ready(step.MODEL, str(new))
+        _same(client.retrieve(served.users[3], "home", 30),
+              offline.retrieve(served.users[3], "home", 30))  # fmt: skip
+        # The server leaves the repository as installed (no bytecode written into it) and
+        # nothing is staged inside it, so a poll sees a change only when a version arrives.
+        assert _files(claim) == installed
+        assert sorted(p.name for p in claim.iterdir()) == sorted(
+            [s.MODEL for s in STEPS] + ["retrieve"]
+        )
+        log = (tmp_path / "triton" / "server.log").read_text()
+        # the first version, the new one, and at most one more if a poll fell inside the install
+        # (steps renamed in, ensemble not yet re-pinned); a server reloading on its own writes
+        # would go on reloading
+        assert 2 <= log.count('"loading: retrieve:') <= 3
+    finally:
+        stop(poller)

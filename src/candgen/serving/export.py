@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import py_compile
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -148,6 +149,24 @@ def stage_generators(
     np.savez(folder / DELIVERY_FILE, **delivery)
 
 
+def staging_dir(repository: Path, version: int) -> Path:
+    """Where a version is assembled before it moves in: beside the repository, on the same file
+    system (so the move is a rename), and never inside it, where a server polling the repository
+    would take the half-built folder for a model."""
+    repository = Path(repository).resolve()
+    return repository.parent / f".{repository.name}.staging-{version}"
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` in one rename, and not at all when it is already there: a
+    polling server reloads a model whenever one of its files changes."""
+    if path.exists() and path.read_text() == text:
+        return
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def publish(
     repository: Path,
     staging: Path,
@@ -174,13 +193,17 @@ def publish(
         src = staging / step.MODEL
         write_serving_file(src, serving, index, provenance)
         (src / "model.py").write_text(MODEL_PY.format(model=step.MODEL))
+        # Compiled here, because the python backend would otherwise write the bytecode into the
+        # repository on its first load (it ignores PYTHONDONTWRITEBYTECODE), and a server
+        # polling the repository takes any new file for a change and reloads the model.
+        py_compile.compile(str(src / "model.py"), doraise=True)
         model_dir = repository / step.MODEL
         model_dir.mkdir(parents=True, exist_ok=True)
         dst = model_dir / str(version)
         if dst.exists():
             shutil.rmtree(dst)
         src.rename(dst)
-        (model_dir / "config.pbtxt").write_text(step_config(step, serving.instances))
+        _replace_text(model_dir / "config.pbtxt", step_config(step, serving.instances))
         for old in versions(repository, step.MODEL)[:-keep_versions]:
             shutil.rmtree(model_dir / str(old))
     ensemble = repository / ENSEMBLE
@@ -188,9 +211,7 @@ def publish(
     write_serving_file(ensemble_version, serving, index, provenance)
     for old in versions(repository, ENSEMBLE)[:-keep_versions]:
         shutil.rmtree(ensemble / str(old))
-    tmp = ensemble / "config.pbtxt.tmp"
-    tmp.write_text(ensemble_config(version))
-    tmp.replace(ensemble / "config.pbtxt")
+    _replace_text(ensemble / "config.pbtxt", ensemble_config(version))
     shutil.rmtree(staging, ignore_errors=True)
     return {"repository": str(repository), "version": version, **provenance}
 
@@ -271,7 +292,7 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     assert mv is not None  # ExportConfig accepts only models:/ URIs
     version = int(mv.version)
     repository = Path(config.out)
-    staging = repository / f".staging-{version}"
+    staging = staging_dir(repository, version)
     shutil.rmtree(staging, ignore_errors=True)
     t0 = time.perf_counter()
     emb = load_registered_embeddings(config.model_uri, config.tracking_uri)
@@ -323,7 +344,7 @@ def install(source: Path, target: Path, keep_versions: int = 2) -> int:
     source, target = Path(source), Path(target)
     version = pinned_version(source)
     serving, index, provenance = read_serving_file(source / ENSEMBLE / str(version))
-    staging = target / f".staging-{version}"
+    staging = staging_dir(target, version)
     shutil.rmtree(staging, ignore_errors=True)
     for step in STEPS:
         shutil.copytree(source / step.MODEL / str(version), staging / step.MODEL)

@@ -39,6 +39,9 @@ class ServerConfig:
         serving_env: the serving virtual environment.
         explicit_models: load only these models (explicit model control; empty: load all,
             still with explicit control so that models can be swapped without a restart).
+        repository_poll_s: 0 for explicit model control (``candgen serving swap`` loads a new
+            version); > 0 polls the repository every this many seconds and loads what was
+            installed there by itself, as the Triton replicas of k8s/ do.
         ready_timeout_s: how long to wait for readiness.
         shm_mb: shared memory per python-backend model (Docker's /dev/shm is 64 MB).
     """
@@ -50,6 +53,7 @@ class ServerConfig:
     state_dir: str = "data/triton"
     serving_env: str = str(REPO_ROOT / ".venv-serving")
     explicit_models: tuple[str, ...] = ()
+    repository_poll_s: int = 0
     ready_timeout_s: float = 60.0
     shm_mb: int = 16
 
@@ -62,6 +66,11 @@ class ServerConfig:
             raise ConfigError("grpc_port", f"the three ports must differ, got {ports}")
         if self.ready_timeout_s <= 0:
             raise ConfigError("ready_timeout_s", "must be > 0")
+        if self.repository_poll_s < 0:
+            raise ConfigError("repository_poll_s", f"must be >= 0, got {self.repository_poll_s}")
+        if self.repository_poll_s and self.explicit_models:
+            raise ConfigError("explicit_models", "a polling server loads every model it finds; "
+                              "leave explicit_models empty or repository_poll_s at 0")  # fmt: skip
 
 
 def _tritonserver_root(serving_env: Path) -> Path:
@@ -132,14 +141,17 @@ def start(config: ServerConfig) -> dict[str, object]:
         f"--http-port={config.http_port}",
         f"--grpc-port={config.grpc_port}",
         f"--metrics-port={config.metrics_port}",
-        "--model-control-mode=explicit",
         f"--backend-config=python,shm-default-byte-size={config.shm_mb * 2**20}",
         "--log-verbose=0",
     ]
     models = config.explicit_models or tuple(
         sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())
     )
-    cmd += [f"--load-model={m}" for m in models]
+    if config.repository_poll_s:
+        cmd += ["--model-control-mode=poll",
+                f"--repository-poll-secs={config.repository_poll_s}"]  # fmt: skip
+    else:
+        cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
     log = state / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
