@@ -113,3 +113,18 @@ def test_a_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CandgenError, match=r"model_repository: .* is not a folder"):
         start(ServerConfig(model_repository=str(tmp_path / "none"),
                            state_dir=str(tmp_path / "s")))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"repository_poll_s": -1}, r"^repository_poll_s: must be >= 0"),
+        ({"repository_poll_s": 5, "explicit_models": ("retrieve",)}, r"^explicit_models: "),
+        ({"http_port": 0}, r"^http_port: must be a TCP port"),
+    ],
+)
+def test_a_bad_server_config_names_the_field(fields: dict, message: str) -> None:
+    from candgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig(**fields)
