@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,17 +245,10 @@ def test_an_unreachable_feature_store_gives_flagged_fallback_candidates(served: 
     assert not served.http.retrieve(served.users[0], "home", 10).fallback
 
 
-def test_a_promoted_version_is_swapped_in_with_zero_failed_requests(
-    served: Served, tmp_path: Path
-) -> None:
-    before = pinned_version(served.repo)
-    _train(served.marketplace, served.features_dir, served.uri, tmp_path / "run2", seed=1)
-    mc = tracking.client(served.uri)
-    new = mc.get_model_version_by_alias("serve-m", "challenger").version
-    mc.set_registered_model_alias("serve-m", "champion", new)  # promoted (whatever its metric)
-    assert _export(served.repo, served.uri, served.features_dir, served.features.url) == 0
-    assert pinned_version(served.repo) == int(new) != before
-
+@contextmanager
+def _under_load(served: Served, urls: list[str]) -> Iterator[tuple[list[int], list[str]]]:
+    """Asks for ads continuously, over HTTP at ``urls[0]`` and gRPC at ``urls[1]``, until the
+    block ends; yields the count of good answers (in a list) and every failure."""
     ok, failed, stop_flag = [0], [], threading.Event()
 
     def hammer(url: str, protocol: str) -> None:
@@ -266,17 +260,34 @@ def test_a_promoted_version_is_swapped_in_with_zero_failed_requests(
             except Exception as e:  # every failure is counted
                 failed.append(repr(e))
 
-    threads = [threading.Thread(target=hammer, args=(c.url, c.protocol))
-               for c in (served.http, served.grpc)]  # fmt: skip
+    threads = [threading.Thread(target=hammer, args=(url, protocol))
+               for url, protocol in zip(urls, ("http", "grpc"), strict=True)]  # fmt: skip
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    assert main(["serving", "swap", "--model-repository", str(served.repo), "--url",
-                 served.http.url]) == 0  # fmt: skip
-    time.sleep(1.0)
-    stop_flag.set()
-    for t in threads:
-        t.join()
+    try:
+        yield ok, failed
+    finally:
+        stop_flag.set()
+        for t in threads:
+            t.join()
+
+
+def test_a_promoted_version_is_swapped_in_with_zero_failed_requests(
+    served: Served, tmp_path: Path
+) -> None:
+    before = pinned_version(served.repo)
+    _train(served.marketplace, served.features_dir, served.uri, tmp_path / "run2", seed=1)
+    mc = tracking.client(served.uri)
+    new = mc.get_model_version_by_alias("serve-m", "challenger").version
+    mc.set_registered_model_alias("serve-m", "champion", new)  # promoted (whatever its metric)
+    assert _export(served.repo, served.uri, served.features_dir, served.features.url) == 0
+    assert pinned_version(served.repo) == int(new) != before
+
+    with _under_load(served, [served.http.url, served.grpc.url]) as (ok, failed):
+        time.sleep(1.0)
+        assert main(["serving", "swap", "--model-repository", str(served.repo), "--url",
+                     served.http.url]) == 0  # fmt: skip
+        time.sleep(1.0)
     assert failed == []
     assert ok[0] > 20
     for step in STEPS:
@@ -314,35 +325,18 @@ def test_a_polling_server_picks_up_an_installed_version_with_zero_failed_request
         assert _export(served.repo, served.uri, served.features_dir, served.features.url) == 0
         assert new != first
 
-        ok, failed, stop_flag = [0], [], threading.Event()
-
-        def hammer(url: str, protocol: str) -> None:
-            client = RetrieveClient(url, protocol)
-            while not stop_flag.is_set():
-                try:
-                    assert len(client.retrieve(served.users[2], "home", 20).ad_ids) == 20
-                    ok[0] += 1
-                except Exception as e:  # every failure is counted
-                    failed.append(repr(e))
-
-        threads = [threading.Thread(target=hammer, args=(f"127.0.0.1:{port}", protocol))
-                   for port, protocol in ((http, "http"), (grpc, "grpc"))]  # fmt: skip
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
-        assert install(served.repo, claim) == new  # the deploy step without triton_url
-        installed = _files(claim)
-        offline = load_pipeline(served.repo, new)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            answer = client.retrieve(served.users[3], "home", 30)
-            if answer.ad_ids == offline.retrieve(served.users[3], "home", 30).ad_ids:
-                break
-            time.sleep(0.5)
-        time.sleep(2.0)  # keep requesting across the poller's next scan
-        stop_flag.set()
-        for t in threads:
-            t.join()
+        with _under_load(served, [f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"]) as (ok, failed):
+            time.sleep(1.0)
+            assert install(served.repo, claim) == new  # the deploy step without triton_url
+            installed = _files(claim)
+            offline = load_pipeline(served.repo, new)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                answer = client.retrieve(served.users[3], "home", 30)
+                if answer.ad_ids == offline.retrieve(served.users[3], "home", 30).ad_ids:
+                    break
+                time.sleep(0.5)
+            time.sleep(2.0)  # keep requesting across the poller's next scan
         assert failed == [], failed[:3]
         assert ok[0] > 20
         for step in STEPS:
