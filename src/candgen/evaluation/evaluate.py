@@ -19,7 +19,7 @@ from candgen.evaluation.metrics import (
 )
 from candgen.models.base import RetrievalModel
 from candgen.training.batches import eval_batches
-from candgen.training.data import EvalSet, SequenceData
+from candgen.training.data import EvalSet, SequenceData, label_codes, surface_codes
 
 PROTOCOLS = ("full", "sampled100")
 
@@ -31,13 +31,21 @@ def user_queries(
     eval_set: EvalSet,
     max_len: int,
     batch_size: int = 512,
+    context: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """(M, D) user embeddings after each evaluated user's history (call in eval mode)."""
+    """(M, D) user embeddings after each evaluated user's history (call in eval mode).
+
+    ``context`` = (label code, surface code) asks a contextual model for that label's query on
+    that surface.
+    """
     device = next(model.parameters()).device
-    out = [
-        model.user_embedding(batch)
-        for _, batch in eval_batches(data, eval_set, max_len, batch_size, device)
-    ]
+    out = []
+    for _, batch in eval_batches(data, eval_set, max_len, batch_size, device):
+        if context is not None:
+            n = batch["items"].shape[0]
+            batch["labels"] = torch.full((n,), context[0], dtype=torch.long, device=device)
+            batch["scenarios"] = torch.full((n,), context[1], dtype=torch.long, device=device)
+        out.append(model.user_embedding(batch))
     return torch.cat(out) if out else torch.zeros(0, 1, device=device)
 
 
@@ -72,6 +80,18 @@ def evaluate_vectors(
         return ranking_metrics(ranks, np.arange(len(ranks)), ks)
     topk = chunked_topk(queries, item_table, max(ks), eval_set.histories).numpy()
     ranks = target_ranks(topk, eval_set.target_user, eval_set.target_item)
+    return _full_metrics(ranks, topk, data, eval_set, ks)
+
+
+def _full_metrics(
+    ranks: np.ndarray,
+    topk: np.ndarray,
+    data: SequenceData,
+    eval_set: EvalSet,
+    ks: tuple[int, ...],
+) -> dict[str, float]:
+    """Ranking metrics of the targets' ranks, their splits by label and surface, and the item
+    coverage of the top-K lists."""
     out = ranking_metrics(ranks, eval_set.target_user, ks)
     out["coverage@10"] = coverage(topk, data.num_items, 10)
     out["coverage@100"] = coverage(topk, data.num_items, min(100, topk.shape[1]))
@@ -87,6 +107,43 @@ def evaluate_vectors(
             part = ranking_metrics(ranks[sel], eval_set.target_user[sel], ks)
             out.update({f"{kind}.{name}.{key}": v for key, v in part.items()})
     return out
+
+
+@torch.no_grad()
+def evaluate_contextual(
+    model: RetrievalModel,
+    data: SequenceData,
+    eval_set: EvalSet,
+    max_len: int,
+    ks: tuple[int, ...] = KS,
+) -> dict[str, float]:
+    """Full-ranking metrics of a model whose query depends on the request's label and surface:
+    each target is ranked by the query for its own label on its own surface (what serving asks
+    for), then the metrics aggregate per user as for any model. Coverage counts every such list.
+    """
+    assert eval_set.target_surface is not None
+    labels = label_codes(eval_set.target_label)
+    surfaces = surface_codes(eval_set.target_surface)
+    table = model.item_table()
+    ranks = np.zeros(len(labels), dtype=np.int64)
+    lists = []
+    for label, surface in sorted(set(zip(labels.tolist(), surfaces.tolist(), strict=True))):
+        chosen = (labels == label) & (surfaces == surface)
+        users, position = np.unique(eval_set.target_user[chosen], return_inverse=True)
+        part = EvalSet(
+            users=eval_set.users[users],
+            histories=[eval_set.histories[u] for u in users],
+            history_times=None if eval_set.history_times is None
+            else [eval_set.history_times[u] for u in users],
+            target_user=position.astype(np.int64),
+            target_item=eval_set.target_item[chosen],
+            target_label=eval_set.target_label[chosen],
+        )  # fmt: skip
+        queries = user_queries(model, data, part, max_len, context=(label, surface))
+        topk = chunked_topk(queries, table, max(ks), part.histories).numpy()
+        ranks[chosen] = target_ranks(topk, part.target_user, part.target_item)
+        lists.append(topk)
+    return _full_metrics(ranks, np.concatenate(lists), data, eval_set, ks)
 
 
 def _eval_set(data: SequenceData, split: str) -> EvalSet:
@@ -108,6 +165,8 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
+        if model.contextual and protocol == "full" and eval_set.target_surface is not None:
+            return evaluate_contextual(model, data, eval_set, max_len)
         queries = user_queries(model, data, eval_set, max_len)
         table = model.item_table()
     finally:

@@ -30,6 +30,10 @@ class RetrievalModel(nn.Module):
         temperature: the softmax temperature used in training (kept for the loss).
     """
 
+    # A contextual model's query also depends on the request's label and surface
+    # (batch["labels"], batch["scenarios"]); the evaluator then asks for each target's own.
+    contextual: bool = False
+
     def __init__(self, num_items: int, similarity: Similarity, temperature: float) -> None:
         super().__init__()
         self.num_items = num_items

@@ -15,7 +15,11 @@ from candgen.errors import CandgenError
 from candgen.models.base import RetrievalModel
 from candgen.models.sequential import HSTU, SASRec
 from candgen.models.two_tower import TwoTower
-from candgen.training.config import TrainConfig
+from candgen.models.unified import UnifiedHSTU
+from candgen.training.config import LABEL_NAMES, TrainConfig
+
+# Scenario codes: 0 = unknown, then candgen.data.synth.SURFACES (home, search, related).
+NUM_SCENARIOS = 4
 
 
 def build_model(
@@ -25,11 +29,13 @@ def build_model(
     item_text: torch.Tensor | None = None,
     user_feature_cardinalities: tuple[int, ...] = (),
     has_timestamps: bool = False,
+    has_labels: bool = False,
 ) -> RetrievalModel:
     """The model a config names, sized for the data.
 
     HSTU gets its time bias only where the data has timestamps: a parameter that never receives
-    a gradient would stall DDP's gradient reduction.
+    a gradient would stall DDP's gradient reduction. The unified model serves the click head
+    where the data has ad labels, else the organic one, unless ``serve_label`` says otherwise.
     """
     common = {"num_items": num_items, "dim": config.dim, "max_len": config.max_len,
               "dropout": config.dropout, "temperature": config.effective_temperature}  # fmt: skip
@@ -38,6 +44,12 @@ def build_model(
     if config.model == "hstu":
         return HSTU(num_blocks=config.num_blocks, num_heads=config.num_heads,
                     time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
+    if config.model == "unified":
+        serve = config.serve_label or ("click" if has_labels else "organic")
+        return UnifiedHSTU(num_labels=len(LABEL_NAMES), num_scenarios=NUM_SCENARIOS,
+                           num_experts=config.num_experts, serve_label=LABEL_NAMES.index(serve),
+                           num_blocks=config.num_blocks, num_heads=config.num_heads,
+                           time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
     return TwoTower(
         item_attributes=item_attributes,
         user_feature_cardinalities=user_feature_cardinalities,
@@ -61,6 +73,7 @@ def load_model(path: Path, map_location: str = "cpu") -> tuple[RetrievalModel, d
         state.get("item_text"),
         tuple(saved.get("user_feature_cardinalities", ())),
         bool(saved.get("has_timestamps", False)),
+        bool(saved.get("has_labels", False)),
     )
     model.load_state_dict(state)
     model.eval()

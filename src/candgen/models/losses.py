@@ -89,6 +89,7 @@ def full_softmax_loss(
     positive_ids: torch.Tensor,
     item_embeddings: torch.Tensor,
     temperature: float,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Cross-entropy over the whole catalogue (row 0, the padding item, is excluded).
 
@@ -97,9 +98,10 @@ def full_softmax_loss(
         positive_ids: (N,) ids in 1..num_items.
         item_embeddings: (num_items + 1, D).
         temperature: logits are divided by it.
+        reduction: ``mean`` or ``none`` (one loss per query).
 
     Returns:
-        A scalar loss.
+        The mean loss, or (N,) losses.
     """
     logits = queries @ item_embeddings[1:].T / temperature
-    return F.cross_entropy(logits, positive_ids - 1)
+    return F.cross_entropy(logits, positive_ids - 1, reduction=reduction)

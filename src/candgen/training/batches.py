@@ -16,20 +16,24 @@ class TrainingWindows:
     """Next-item training examples: input window -> the same window shifted by one.
 
     A user whose sequence is longer than ``max_len + 1`` gives several non-overlapping windows,
-    newest first, so that long histories are not thrown away.
+    newest first, so that long histories are not thrown away. Where the data has them,
+    ``target_labels`` and ``target_surfaces`` give each target's label code and the surface it
+    happened on (the scenario of the request that the position's query answers).
     """
 
     inputs: np.ndarray
     targets: np.ndarray
     times: np.ndarray | None
     user_rows: np.ndarray
+    target_labels: np.ndarray | None = None
+    target_surfaces: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.user_rows)
 
 
 def training_windows(data: SequenceData, max_len: int) -> TrainingWindows:
-    ins, outs, times, rows = [], [], [], []
+    ins, outs, times, rows, labels, surfaces = [], [], [], [], [], []
     for r, seq in enumerate(data.train):
         secs = data.train_times[r] if data.train_times is not None else None
         end = len(seq)
@@ -39,6 +43,10 @@ def training_windows(data: SequenceData, max_len: int) -> TrainingWindows:
             outs.append(seq[start + 1 : end])
             if secs is not None:
                 times.append(secs[start : end - 1])
+            if data.train_labels is not None:
+                labels.append(data.train_labels[r][start + 1 : end])
+            if data.train_surfaces is not None:
+                surfaces.append(data.train_surfaces[r][start + 1 : end])
             rows.append(r)
             end = start + 1 if start > 0 else 0
     if not rows:
@@ -48,6 +56,8 @@ def training_windows(data: SequenceData, max_len: int) -> TrainingWindows:
         targets=pad_left(outs, max_len),
         times=pad_left(times, max_len, np.float64) if times else None,
         user_rows=np.asarray(rows, dtype=np.int64),
+        target_labels=pad_left(labels, max_len) if labels else None,
+        target_surfaces=pad_left(surfaces, max_len) if surfaces else None,
     )
 
 
@@ -57,9 +67,16 @@ def make_batch(
     times: np.ndarray | None,
     user_rows: np.ndarray,
     device: torch.device,
+    labels: np.ndarray | None = None,
+    scenarios: np.ndarray | None = None,
 ) -> Batch:
-    """A model batch from padded arrays (and the users' static features, if any)."""
+    """A model batch from padded arrays (and the users' static features, the label heads and
+    scenarios to query for, if any)."""
     batch: Batch = {"items": torch.from_numpy(items).to(device)}
+    if labels is not None:
+        batch["labels"] = torch.from_numpy(labels).to(device)
+    if scenarios is not None:
+        batch["scenarios"] = torch.from_numpy(scenarios).to(device)
     if times is not None:
         batch["timestamps"] = relative_timestamps(times).to(device)
     if data.user_features is not None:

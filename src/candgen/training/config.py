@@ -10,10 +10,11 @@ from candgen.errors import ConfigError
 from candgen.images import PLATFORM_IMAGE
 
 DATASETS = ("beauty", "games", "marketplace", "planted")
-MODELS = ("sasrec", "hstu", "two_tower")
+MODELS = ("sasrec", "hstu", "two_tower", "unified")
 LOSSES = ("sampled", "full")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_TEMPERATURE = {"sasrec": 1.0, "hstu": 0.05, "two_tower": 0.05}
+DEFAULT_TEMPERATURE = {"sasrec": 1.0, "hstu": 0.05, "two_tower": 0.05, "unified": 0.05}
+LABEL_NAMES = ("organic", "click", "conversion")  # candgen.data.interactions.LABELS
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class TrainConfig:
         data_dir: the data folder; empty means ../shared/data or data/marketplace.
         features_dir: marketplace only: a `candgen features build` folder whose ad text
             embeddings feed the two-tower item tower.
-        model: sasrec, hstu or two_tower.
+        model: sasrec, hstu, two_tower or unified (HSTU with a scenario-adaptive mixture and
+            one query head per label, trained multi-task).
         dim: embedding width.
         num_blocks: attention blocks (sequential models).
         num_heads: attention heads; must divide dim.
@@ -55,6 +57,10 @@ class TrainConfig:
         tracking_uri: MLflow tracking URI; empty means sqlite:///<repo>/mlflow.db.
         experiment: MLflow experiment name.
         register_as: if set, register the model under this name with alias challenger.
+        label_weights: unified only: loss weight of organic, click and conversion targets.
+        num_experts: unified only: experts of the scenario mixture.
+        serve_label: unified only: the head serving asks for; empty means click where the data
+            has ad labels, else organic.
     """
 
     dataset: str = "beauty"
@@ -89,6 +95,9 @@ class TrainConfig:
     tracking_uri: str = ""
     experiment: str = "candgen"
     register_as: str = ""
+    label_weights: tuple[float, float, float] = (1.0, 1.0, 2.0)
+    num_experts: int = 4
+    serve_label: str = ""
 
     def __post_init__(self) -> None:
         choices = {
@@ -106,6 +115,19 @@ class TrainConfig:
         for name in ("num_negatives", "patience", "threads", "weight_decay", "temperature"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if (
+            len(self.label_weights) != len(LABEL_NAMES)
+            or min(self.label_weights) < 0
+            or not (sum(self.label_weights) > 0)
+        ):
+            raise ConfigError("label_weights", f"need {len(LABEL_NAMES)} weights >= 0 "
+                              f"({', '.join(LABEL_NAMES)}) with a positive sum, got "
+                              f"{self.label_weights}")  # fmt: skip
+        if self.num_experts < 1:
+            raise ConfigError("num_experts", f"must be >= 1, got {self.num_experts}")
+        if self.serve_label not in ("", *LABEL_NAMES):
+            raise ConfigError("serve_label", f"{self.serve_label!r} is not one of "
+                              f"{LABEL_NAMES} (or empty)")  # fmt: skip
         if self.dim % self.num_heads:
             raise ConfigError("num_heads", f"{self.num_heads} does not divide dim {self.dim}")
         if not 0.0 <= self.dropout < 1.0:
@@ -137,11 +159,21 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(unknown[0], f"unknown training config field(s) {unknown}")
-        return cls(**values)
+        # JSON (metrics.json, MLflow) turns tuples into lists
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def model_fields(self) -> dict[str, Any]:
         """The fields that fix the model's shape (a resumed run must keep them)."""
-        names = ("dataset", "model", "dim", "num_blocks", "num_heads", "max_len")
+        names = (
+            "dataset",
+            "model",
+            "dim",
+            "num_blocks",
+            "num_heads",
+            "max_len",
+            "num_experts",
+            "serve_label",
+        )
         return {n: getattr(self, n) for n in names}
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from candgen.data.interactions import leave_one_out, validate_interactions
+from candgen.data.interactions import LABELS, leave_one_out, validate_interactions
+from candgen.data.synth import SURFACES
 from candgen.errors import CandgenError, DataFormatError
 
 USER_FEATURE_COLUMNS = ("age_bucket", "country", "device")
@@ -65,6 +66,10 @@ class SequenceData:
         user_feature_cardinalities: the vocabulary size of each user feature column.
         snapshot: a hash of the input files, for lineage.
         feature_service: the Feast feature service whose features the data used, if any.
+        train_labels: per user, the label code of each training item (index into
+            ``candgen.data.interactions.LABELS``), or None.
+        train_surfaces: per user, the surface code of each training item (1 + index into
+            ``candgen.data.synth.SURFACES``; 0 where unknown), or None.
     """
 
     name: str
@@ -80,6 +85,8 @@ class SequenceData:
     user_feature_cardinalities: tuple[int, ...] = ()
     snapshot: str = ""
     feature_service: str | None = None
+    train_labels: list[np.ndarray] | None = None
+    train_surfaces: list[np.ndarray] | None = None
 
     @property
     def num_items(self) -> int:
@@ -99,6 +106,21 @@ class SequenceData:
             "valid_users": len(self.valid),
             "test_users": len(self.test),
         }
+
+
+def label_codes(labels: np.ndarray) -> np.ndarray:
+    """Label names -> their index in ``LABELS``; an unknown name is an error naming it."""
+    codes = pd.Series(labels).map({name: i for i, name in enumerate(LABELS)})
+    if codes.isna().any():
+        bad = sorted(set(pd.Series(labels)[codes.isna()].astype(str)))
+        raise CandgenError(f"label: unknown label(s) {bad}; expected one of {LABELS}")
+    return codes.to_numpy(np.int64)
+
+
+def surface_codes(surfaces: np.ndarray) -> np.ndarray:
+    """Surface names -> 1 + their index in ``SURFACES``, 0 for an unknown surface."""
+    return (pd.Series(surfaces).map({name: i + 1 for i, name in enumerate(SURFACES)})
+            .fillna(0).to_numpy(np.int64))  # fmt: skip
 
 
 def file_snapshot(*paths: Path) -> str:
@@ -342,28 +364,33 @@ def load_marketplace(
         cards.append(len(uniques))
 
     df["row"] = user_row.loc[df["user_id"].to_numpy()].to_numpy()
+    df["label_code"] = label_codes(df["label"].to_numpy())
+    df["surface_code"] = surface_codes(df["surface"].to_numpy())
     by_user = {r: g for r, g in df.groupby("row", sort=True)}
     empty = np.zeros(0, np.int64)
 
-    def before(r: int, t: pd.Timestamp) -> tuple[np.ndarray, np.ndarray]:
+    def before(r: int, t: pd.Timestamp) -> pd.DataFrame | None:
         g = by_user.get(r)
-        if g is None:
-            return empty, np.zeros(0)
-        g = g[g["timestamp"] < t]
-        return g["iid"].to_numpy(), g["sec"].to_numpy()
+        return None if g is None else g[g["timestamp"] < t]
 
-    train, train_times = [], []
+    def column(g: pd.DataFrame | None, name: str) -> np.ndarray:
+        return empty if g is None else g[name].to_numpy()
+
+    train, train_times, train_labels, train_surfaces = [], [], [], []
     for r in range(len(users)):
-        items, secs = before(r, valid_start)
-        train.append(items)
-        train_times.append(secs)
+        g = before(r, valid_start)
+        train.append(column(g, "iid"))
+        train_times.append(column(g, "sec").astype(np.float64))
+        train_labels.append(column(g, "label_code"))
+        train_surfaces.append(column(g, "surface_code"))
 
     def eval_set(start: pd.Timestamp, stop: pd.Timestamp) -> EvalSet:
         window = df[(df["timestamp"] >= start) & (df["timestamp"] < stop)]
         rows, hists, times = [], [], []
         t_user, t_item, t_label, t_surface = [], [], [], []
         for r, g in window.groupby("row", sort=True):
-            h, s = before(int(r), start)
+            history = before(int(r), start)
+            h, s = column(history, "iid"), column(history, "sec")
             if len(h) == 0:
                 continue
             pos = len(rows)
@@ -420,4 +447,6 @@ def load_marketplace(
         snapshot=snapshot,
         # Serving reads the same profile and ad text through these Feast feature services.
         feature_service="user_features_v1,ad_features_v1",
+        train_labels=train_labels,
+        train_surfaces=train_surfaces,
     )

@@ -85,15 +85,24 @@ class _TrainingLoss(nn.Module):
         keep = targets > 0
         q, pos = queries[keep], targets[keep]
         cfg = self.config
+        # Multi-task: each target trains its own label's head, weighted by its label.
+        weighted = "labels" in batch
+        reduction = "none" if weighted else "mean"
         if cfg.loss == "full":
             table = self.model.embed_items(torch.arange(self.model.num_items + 1, device=q.device))
-            return full_softmax_loss(q, pos, table, self.model.temperature)
-        return sampled_softmax_loss(
-            q, pos, self.model.embed_items,
-            num_uniform=cfg.num_negatives, num_items=self.model.num_items,
-            log_popularity=self.log_pop, temperature=self.model.temperature,
-            in_batch=cfg.in_batch_negatives, generator=gen,
-        )  # fmt: skip
+            loss = full_softmax_loss(q, pos, table, self.model.temperature, reduction=reduction)
+        else:
+            loss = sampled_softmax_loss(
+                q, pos, self.model.embed_items,
+                num_uniform=cfg.num_negatives, num_items=self.model.num_items,
+                log_popularity=self.log_pop, temperature=self.model.temperature,
+                in_batch=cfg.in_batch_negatives, generator=gen, reduction=reduction,
+            )  # fmt: skip
+        if not weighted:
+            return loss
+        weights = torch.tensor(cfg.label_weights, dtype=loss.dtype, device=loss.device)
+        w = weights[batch["labels"][keep]]
+        return (w * loss).sum() / w.sum().clamp(min=1e-12)
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -160,6 +169,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         torch.from_numpy(data.item_text) if data.item_text is not None else None,
         data.user_feature_cardinalities,
         data.train_times is not None,
+        data.train_labels is not None,
     ).to(device)
     pop = np.bincount(windows.targets.ravel(), minlength=data.num_items + 1).astype(np.float64)
     pop[0] = 0
@@ -184,6 +194,9 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         history, best, start_epoch = saved["history"], saved["best"], saved["epoch"] + 1
 
     steps = max(1, len(windows) // config.batch_size)
+    # Only the unified model reads labels and scenarios; the others train exactly as before.
+    multitask = (config.model == "unified" and windows.target_labels is not None
+                 and windows.target_surfaces is not None)  # fmt: skip
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -210,7 +223,9 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
                 windows.times[idx] if windows.times is not None else None,
                 windows.user_rows[idx],
                 device,
-            )
+                *((windows.target_labels[idx], windows.target_surfaces[idx])
+                  if multitask else (None, None)),
+            )  # fmt: skip
             targets = torch.from_numpy(windows.targets[idx]).to(device)
             loss = wrapped(batch, targets, gen)
             optimizer.zero_grad(set_to_none=True)
@@ -271,6 +286,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
              "num_items": data.num_items, "item_ids": data.item_ids,
              "user_feature_cardinalities": data.user_feature_cardinalities,
              "has_timestamps": data.train_times is not None,
+             "has_labels": data.train_labels is not None,
              "snapshot": data.snapshot, "feature_service": data.feature_service,
              "best_epoch": int(best["epoch"])},
             model_path,

@@ -1,0 +1,104 @@
+"""One retrieval model for every label and surface of an ads marketplace.
+
+A shared HSTU encoder reads the user's history; a scenario-adaptive layer (a gated mixture of
+experts whose gate sees the surface of the request) conditions the user state on where the
+user is; label-specific query heads then turn it into a query for organic engagement, ad click
+or attributed conversion. All heads score one shared item space, so one ANN index serves them.
+Trained with weighted multi-task sampled softmax: each next-item target trains the head of its
+own label, weighted by ``TrainConfig.label_weights``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from candgen.models.base import Batch
+from candgen.models.sequential import HSTU
+
+
+class ScenarioMixture(nn.Module):
+    """A residual gated mixture of experts conditioned on the scenario (surface).
+
+    Args:
+        dim: width of the user state.
+        num_scenarios: scenario codes 0..num_scenarios-1 (0 = unknown).
+        num_experts: linear experts shared by all scenarios.
+
+    Returns (forward):
+        (B, L, D) adapted states.
+    """
+
+    def __init__(self, dim: int, num_scenarios: int, num_experts: int) -> None:
+        super().__init__()
+        self.scenario = nn.Embedding(num_scenarios, dim)
+        self.gate = nn.Linear(2 * dim, num_experts)
+        self.experts = nn.Parameter(torch.randn(num_experts, dim, dim) * dim**-0.5)
+        self.num_scenarios = num_scenarios
+
+    def gates(self, state: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
+        """(B, L, E) softmax weights of the experts for each position."""
+        context = self.scenario(scenarios).expand_as(state)
+        return torch.softmax(self.gate(torch.cat([state, context], dim=-1)), dim=-1)
+
+    def forward(self, state: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
+        outputs = torch.einsum("bld,edf->blef", state, self.experts)
+        mixed = (self.gates(state, scenarios).unsqueeze(-1) * outputs).sum(dim=-2)
+        return state + mixed + self.scenario(scenarios).expand_as(state)
+
+
+class UnifiedHSTU(HSTU):
+    """HSTU with a scenario-adaptive mixture and one query head per label.
+
+    Reads ``batch["scenarios"]`` ((B, L) or (B,) surface codes, 0 = unknown; default 0) and
+    ``batch["labels"]`` ((B, L) or (B,) label codes into ``LABELS``; default ``serve_label``).
+
+    Args:
+        num_items: catalogue size (ids 1..num_items, 0 = padding).
+        num_labels: query heads (organic, click, conversion).
+        num_scenarios: scenario codes, unknown included.
+        num_experts: experts of the scenario mixture.
+        serve_label: the head used when a batch names no label (what serving asks for).
+        **hstu: the HSTU encoder's arguments (dim, max_len, num_blocks, ...).
+    """
+
+    contextual = True
+
+    def __init__(
+        self,
+        num_items: int,
+        num_labels: int = 3,
+        num_scenarios: int = 4,
+        num_experts: int = 4,
+        serve_label: int = 1,
+        **hstu: object,
+    ) -> None:
+        super().__init__(num_items, **hstu)  # type: ignore[arg-type]
+        dim = self.dim
+        if not 0 <= serve_label < num_labels:
+            raise ValueError(f"serve_label: {serve_label} is not a head in 0..{num_labels - 1}")
+        self.mixture = ScenarioMixture(dim, num_scenarios, num_experts)
+        # Each head starts as the identity, so at first every label asks the same query.
+        self.heads = nn.Parameter(torch.eye(dim).repeat(num_labels, 1, 1))
+        self.serve_label = serve_label
+
+    def _codes(self, batch: Batch, key: str, default: int, high: int) -> torch.Tensor:
+        items = batch["items"]
+        codes = batch.get(key)
+        if codes is None:
+            return torch.full(items.shape, default, dtype=torch.long, device=items.device)
+        codes = codes.long()
+        if codes.dim() == 1:
+            codes = codes[:, None].expand(items.shape)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= high):
+            raise ValueError(f"{key}: codes must lie in 0..{high - 1}")
+        return codes
+
+    def encode_positions(self, batch: Batch) -> torch.Tensor:
+        state = super().encode_positions(batch)
+        scenarios = self._codes(batch, "scenarios", 0, self.mixture.num_scenarios)
+        labels = self._codes(batch, "labels", self.serve_label, self.heads.shape[0])
+        adapted = self.mixture(state, scenarios)
+        every_head = torch.einsum("bld,hde->blhe", adapted, self.heads)
+        index = labels[..., None, None].expand(*labels.shape, 1, every_head.shape[-1])
+        return every_head.gather(2, index).squeeze(2)

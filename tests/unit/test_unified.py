@@ -1,0 +1,154 @@
+"""The unified multi-task, scenario-adaptive model (issue 6, first part): label heads, scenario
+routing, the weighted multi-task loss, and training on the marketplace's labels and surfaces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from candgen.errors import ConfigError
+from candgen.models.factory import load_model
+from candgen.models.unified import UnifiedHSTU
+from candgen.training.batches import training_windows
+from candgen.training.config import LABEL_NAMES, TrainConfig
+from candgen.training.data import load_marketplace, load_planted
+from candgen.training.launch import config_flags
+from candgen.training.trainer import _TrainingLoss, train
+
+
+def _model(**kw: object) -> UnifiedHSTU:
+    torch.manual_seed(0)
+    args = {"num_items": 40, "dim": 16, "max_len": 8, "num_blocks": 1, "dropout": 0.0,
+            "time_buckets": 0} | kw  # fmt: skip
+    return UnifiedHSTU(**args).eval()  # type: ignore[arg-type]
+
+
+def _items() -> torch.Tensor:
+    return torch.tensor([[0, 0, 3, 7, 9, 2, 5, 11], [1, 4, 4, 8, 12, 30, 2, 6]])
+
+
+def test_the_scenario_routes_the_query_through_a_gated_mixture() -> None:
+    model = _model()
+    items = _items()
+    with torch.no_grad():
+        state = model.encode_positions({"items": items, "scenarios": torch.tensor([1, 1])})
+        gates = model.mixture.gates(torch.zeros(2, 8, 16), torch.tensor([[1] * 8, [3] * 8]))
+        home = model.user_embedding({"items": items, "scenarios": torch.tensor([1, 1])})
+        search = model.user_embedding({"items": items, "scenarios": torch.tensor([2, 2])})
+        unknown = model.user_embedding({"items": items})
+    assert state.shape == (2, 8, 16)
+    assert torch.allclose(gates.sum(-1), torch.ones(2, 8))
+    assert not torch.allclose(gates[0], gates[1])  # another surface, another expert mix
+    assert not torch.allclose(home, search) and not torch.allclose(home, unknown)
+    assert torch.allclose(home.norm(dim=-1), torch.ones(2))  # cosine: served by inner product
+
+
+def test_each_label_has_its_own_query_head() -> None:
+    model = _model(serve_label=LABEL_NAMES.index("click"))
+    items = _items()
+    with torch.no_grad():
+        model.heads.add_(0.3 * torch.randn_like(model.heads))
+        by_label = [model.user_embedding({"items": items, "labels": torch.tensor([c, c])})
+                    for c in range(len(LABEL_NAMES))]  # fmt: skip
+        default = model.user_embedding({"items": items})
+    assert not torch.allclose(by_label[0], by_label[1])
+    assert not torch.allclose(by_label[1], by_label[2])
+    assert torch.allclose(default, by_label[1])  # serving asks the click head
+
+
+def test_out_of_range_codes_name_the_field() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match=r"^scenarios: codes must lie in 0\.\.3"):
+        model({"items": _items(), "scenarios": torch.tensor([4, 0])})
+    with pytest.raises(ValueError, match=r"^labels: codes must lie in 0\.\.2"):
+        model({"items": _items(), "labels": torch.tensor([0, 3])})
+
+
+@pytest.mark.parametrize(
+    ("weights", "untrained"), [((1.0, 0.0, 0.0), [1, 2]), ((0.0, 1.0, 1.0), [0])]
+)
+def test_a_label_weighted_at_zero_trains_nothing(
+    weights: tuple[float, float, float], untrained: list[int]
+) -> None:
+    model = _model()
+    model.train()
+    config = TrainConfig(model="unified", label_weights=weights, num_negatives=8)
+    loss_fn = _TrainingLoss(model, config, torch.full((41,), -np.log(40.0)))
+    targets = torch.tensor([[0, 3, 7, 9, 2, 5, 11, 13], [4, 4, 8, 12, 30, 2, 6, 1]])
+    labels = torch.tensor([[0, 0, 1, 2, 0, 1, 2, 0], [1, 0, 2, 0, 1, 0, 2, 1]])
+    batch = {"items": _items(), "labels": labels, "scenarios": torch.ones(2, 8, dtype=torch.long)}
+    loss = loss_fn(batch, targets, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.item() > 0
+    grad = model.heads.grad
+    for head in range(3):
+        trained = grad[head].abs().sum().item() > 0
+        assert trained == (head not in untrained), (head, weights)
+
+
+def test_training_windows_carry_each_targets_label_and_surface(marketplace) -> None:  # type: ignore[no-untyped-def]
+    data = load_marketplace(marketplace.out_dir, eval_days=2)
+    windows = training_windows(data, max_len=20)
+    assert windows.target_labels is not None and windows.target_surfaces is not None
+    real = windows.targets > 0
+    assert set(np.unique(windows.target_labels[real])) <= {0, 1, 2}
+    assert set(np.unique(windows.target_surfaces[real])) <= {1, 2, 3}
+    assert {1, 2} <= set(np.unique(windows.target_labels[real]))  # ad clicks are there
+    # the newest window of a user ends with that user's newest training interaction
+    row = int(np.argmax([len(s) for s in data.train]))
+    first = int(np.flatnonzero(windows.user_rows == row)[0])
+    assert windows.targets[first, -1] == data.train[row][-1]
+    assert windows.target_labels[first, -1] == data.train_labels[row][-1]
+    assert windows.target_surfaces[first, -1] == data.train_surfaces[row][-1]
+
+
+def test_the_unified_model_trains_on_labels_and_surfaces(
+    marketplace, features_dir: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    config = TrainConfig(dataset="marketplace", model="unified", data_dir=str(marketplace.out_dir),
+                         features_dir=str(features_dir), epochs=4, eval_every=2, eval_days=2,
+                         max_len=20, batch_size=64, progress=False, track=False, seed=3,
+                         out_dir=str(tmp_path / "run"))  # fmt: skip
+    result = train(config)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0], losses
+    assert "label.conversion.recall@100" in result.test_metrics
+    model, saved = load_model(tmp_path / "run" / "model.pt")
+    assert isinstance(model, UnifiedHSTU) and saved["has_labels"]
+    assert model.serve_label == LABEL_NAMES.index("click")
+
+
+def test_without_labels_it_serves_the_organic_head(tmp_path: Path) -> None:
+    config = TrainConfig(dataset="planted", model="unified", epochs=1, max_len=10, batch_size=64,
+                         progress=False, track=False, out_dir=str(tmp_path))  # fmt: skip
+    train(config, load_planted(seed=1))
+    model, _ = load_model(tmp_path / "model.pt")
+    assert model.serve_label == LABEL_NAMES.index("organic")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("label_weights", (1.0, 1.0), "label_weights: need 3 weights"),
+        ("label_weights", (1.0, -1.0, 1.0), "label_weights: need 3 weights >= 0"),
+        ("label_weights", (0.0, 0.0, 0.0), "label_weights: .*positive sum"),
+        ("num_experts", 0, "num_experts: must be >= 1"),
+        ("serve_label", "view", "serve_label: 'view' is not one of"),
+    ],
+)
+def test_bad_multitask_settings_name_the_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        TrainConfig(model="unified", **{field: value})  # type: ignore[arg-type]
+
+
+def test_label_weights_round_trip_through_the_cli_flags() -> None:
+    from candgen.cli import build_parser, config_from_args
+
+    config = TrainConfig(model="unified", label_weights=(0.5, 1.0, 3.0), num_experts=2)
+    flags = config_flags(config)
+    assert flags[flags.index("--label-weights") :][:4] == ["--label-weights", "0.5", "1.0", "3.0"]
+    args = build_parser().parse_args(["train", *flags])
+    assert config_from_args(TrainConfig, args) == config  # what TorchX workers are given
