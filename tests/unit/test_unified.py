@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from candgen.errors import ConfigError
+from candgen.models.base import RetrievalModel
 from candgen.models.factory import load_model
 from candgen.models.unified import UnifiedHSTU
 from candgen.training.batches import training_windows
@@ -152,3 +153,49 @@ def test_label_weights_round_trip_through_the_cli_flags() -> None:
     assert flags[flags.index("--label-weights") :][:4] == ["--label-weights", "0.5", "1.0", "3.0"]
     args = build_parser().parse_args(["train", *flags])
     assert config_from_args(TrainConfig, args) == config  # what TorchX workers are given
+
+
+class _LabelOracle(RetrievalModel):
+    """A stub contextual model: the query for label l points at item l + 1, whatever the
+    history, so each label's own query ranks that label's target first."""
+
+    contextual = True
+
+    def __init__(self) -> None:
+        super().__init__(num_items=120, similarity="dot", temperature=1.0)
+        table = torch.randn(121, 8, generator=torch.Generator().manual_seed(0)) * 0.01
+        table[1:4] = torch.eye(3, 8)
+        self.register_buffer("table", table)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a model has parameters
+
+    def raw_item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids]
+
+    def encode_positions(self, batch: dict) -> torch.Tensor:
+        items = batch["items"]
+        labels = batch.get("labels", torch.ones(items.shape[0], dtype=torch.long))
+        query = 10 * torch.eye(3, 8)[labels] + self.anchor
+        return query[:, None, :].expand(items.shape[0], items.shape[1], 8)
+
+
+def test_each_target_is_ranked_by_the_query_for_its_own_label_and_surface() -> None:
+    from candgen.evaluation.evaluate import evaluate_model
+    from candgen.training.data import EvalSet, SequenceData
+
+    test = EvalSet(users=np.array([0, 1]), histories=[np.array([9, 10]), np.array([11])],
+                   history_times=None, target_user=np.array([0, 0, 1]),
+                   target_item=np.array([1, 2, 3]),
+                   target_label=np.array(["organic", "click", "conversion"], dtype=object),
+                   target_surface=np.array(["home", "search", "home"], dtype=object))  # fmt: skip
+    data = SequenceData(name="marketplace", item_ids=np.arange(121), user_ids=np.array([5, 6]),
+                        train=[np.array([9, 10]), np.array([11])], train_times=None, valid=test,
+                        test=test, item_attributes=np.zeros((121, 1), np.int64))  # fmt: skip
+    contextual = evaluate_model(_LabelOracle(), data, "test", "full", max_len=4)
+    for label in ("organic", "click", "conversion"):
+        assert contextual[f"label.{label}.ndcg@10"] == pytest.approx(1.0), label
+    # Asked only for the click query (what a context-free evaluation does), the others miss.
+    oracle = _LabelOracle()
+    oracle.contextual = False
+    plain = evaluate_model(oracle, data, "test", "full", max_len=4)
+    assert plain["label.click.ndcg@10"] == pytest.approx(1.0)
+    assert plain["label.organic.ndcg@10"] < 1.0 and plain["label.conversion.ndcg@10"] < 1.0
