@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from candgen.errors import ConfigError
+from candgen.errors import CandgenError, ConfigError
 from candgen.models.base import RetrievalModel
 from candgen.models.factory import load_model
 from candgen.models.unified import UnifiedHSTU
 from candgen.training.batches import training_windows
-from candgen.training.config import LABEL_NAMES, TrainConfig
+from candgen.training.config import TrainConfig
 from candgen.training.data import load_marketplace, load_planted
 from candgen.training.launch import config_flags
 from candgen.training.trainer import _TrainingLoss, train
+from candgen.vocab import LABELS
 
 
 def _model(**kw: object) -> UnifiedHSTU:
@@ -48,12 +49,12 @@ def test_the_scenario_routes_the_query_through_a_gated_mixture() -> None:
 
 
 def test_each_label_has_its_own_query_head() -> None:
-    model = _model(serve_label=LABEL_NAMES.index("click"))
+    model = _model(serve_label=LABELS.index("click"))
     items = _items()
     with torch.no_grad():
         model.heads.add_(0.3 * torch.randn_like(model.heads))
         by_label = [model.user_embedding({"items": items, "labels": torch.tensor([c, c])})
-                    for c in range(len(LABEL_NAMES))]  # fmt: skip
+                    for c in range(len(LABELS))]  # fmt: skip
         default = model.user_embedding({"items": items})
     assert not torch.allclose(by_label[0], by_label[1])
     assert not torch.allclose(by_label[1], by_label[2])
@@ -119,7 +120,7 @@ def test_the_unified_model_trains_on_labels_and_surfaces(
     assert "label.conversion.recall@100" in result.test_metrics
     model, saved = load_model(tmp_path / "run" / "model.pt")
     assert isinstance(model, UnifiedHSTU) and saved["has_labels"]
-    assert model.serve_label == LABEL_NAMES.index("click")
+    assert model.serve_label == LABELS.index("click")
 
 
 def test_without_labels_it_serves_the_organic_head(tmp_path: Path) -> None:
@@ -127,7 +128,7 @@ def test_without_labels_it_serves_the_organic_head(tmp_path: Path) -> None:
                          progress=False, track=False, out_dir=str(tmp_path))  # fmt: skip
     train(config, load_planted(seed=1))
     model, _ = load_model(tmp_path / "model.pt")
-    assert model.serve_label == LABEL_NAMES.index("organic")
+    assert model.serve_label == LABELS.index("organic")
 
 
 @pytest.mark.parametrize(
@@ -199,3 +200,32 @@ def test_each_target_is_ranked_by_the_query_for_its_own_label_and_surface() -> N
     plain = evaluate_model(oracle, data, "test", "full", max_len=4)
     assert plain["label.click.ndcg@10"] == pytest.approx(1.0)
     assert plain["label.organic.ndcg@10"] < 1.0 and plain["label.conversion.ndcg@10"] < 1.0
+
+
+def test_serving_asks_the_unified_model_for_the_requests_surface() -> None:
+    from candgen.models.sequential import HSTU
+    from candgen.registry.retriever import Retriever
+    from candgen.serving.pipeline import UserContext, user_vector
+
+    item_ids = np.concatenate([[0], 1_000 + np.arange(1, 41)])
+    history = [[1_003, 1_007, 1_009], [1_002, 1_030]]
+    unified = Retriever(_model(), item_ids, max_len=8)
+    home = unified.user_vectors(history, scenarios=["home", "home"])
+    search = unified.user_vectors(history, scenarios=["search", "search"])
+    assert not np.allclose(home, search)
+    with torch.no_grad():  # the same query the trainer and the evaluator ask for
+        expected = unified.model.user_embedding(
+            {"items": torch.tensor([[0] * 5 + [3, 7, 9]]), "scenarios": torch.tensor([2])}
+        )
+    assert np.allclose(search[0], expected[0].numpy(), atol=1e-6)
+    context = UserContext(history=history[0])
+    assert np.allclose(user_vector(unified, context, "search"), search[0], atol=1e-6)
+    assert np.allclose(user_vector(unified, context, "tv"), unified.user_vectors(history[:1])[0])
+    with pytest.raises(CandgenError, match=r"^scenarios: one surface per history"):
+        unified.user_vectors(history, scenarios=["home"])
+
+    torch.manual_seed(0)
+    plain = Retriever(HSTU(40, dim=16, max_len=8, num_blocks=1, dropout=0.0, time_buckets=0),
+                      item_ids, max_len=8)  # fmt: skip
+    assert np.allclose(plain.user_vectors(history, scenarios=["home", "home"]),
+                       plain.user_vectors(history, scenarios=["search", "search"]))  # fmt: skip

@@ -16,8 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from candgen.errors import CandgenError
-
-LABELS: Final = ("organic", "click", "conversion")
+from candgen.vocab import LABELS
 
 INTERACTION_SCHEMA: Final = pa.schema(
     [

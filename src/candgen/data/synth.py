@@ -42,8 +42,8 @@ from candgen.data.synth_text import (
     brand_name,
 )
 from candgen.errors import ConfigError
+from candgen.vocab import SURFACES
 
-SURFACES: Final = ("home", "search", "related")
 AD_ID_OFFSET: Final = 1_000_000_000
 """Ad ids are ``AD_ID_OFFSET + k``; item ids are ``1 + k``: one id space, never colliding."""
 

@@ -16,10 +16,8 @@ from candgen.models.base import RetrievalModel
 from candgen.models.sequential import HSTU, SASRec
 from candgen.models.two_tower import TwoTower
 from candgen.models.unified import UnifiedHSTU
-from candgen.training.config import LABEL_NAMES, TrainConfig
-
-# Scenario codes: 0 = unknown, then candgen.data.synth.SURFACES (home, search, related).
-NUM_SCENARIOS = 4
+from candgen.training.config import TrainConfig
+from candgen.vocab import LABELS, NUM_SCENARIOS
 
 
 def build_model(
@@ -46,8 +44,8 @@ def build_model(
                     time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
     if config.model == "unified":
         serve = config.serve_label or ("click" if has_labels else "organic")
-        return UnifiedHSTU(num_labels=len(LABEL_NAMES), num_scenarios=NUM_SCENARIOS,
-                           num_experts=config.num_experts, serve_label=LABEL_NAMES.index(serve),
+        return UnifiedHSTU(num_labels=len(LABELS), num_scenarios=NUM_SCENARIOS,
+                           num_experts=config.num_experts, serve_label=LABELS.index(serve),
                            num_blocks=config.num_blocks, num_heads=config.num_heads,
                            time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
     return TwoTower(

@@ -13,6 +13,7 @@ import torch
 from candgen.errors import CandgenError
 from candgen.evaluation.metrics import chunked_topk
 from candgen.models.base import RetrievalModel, pad_left, relative_timestamps
+from candgen.vocab import scenario_code
 
 DEFAULT_K = 100
 
@@ -62,7 +63,10 @@ class Retriever:
 
     @torch.no_grad()
     def user_vectors(
-        self, histories: list[list[int]], times: list[list[float]] | None = None
+        self,
+        histories: list[list[int]],
+        times: list[list[float]] | None = None,
+        scenarios: list[str] | None = None,
     ) -> np.ndarray:
         """(len(histories), D) user embeddings: the user encoder after each history.
 
@@ -70,9 +74,15 @@ class Retriever:
             histories: external item ids, oldest first (all in the vocabulary).
             times: seconds since the epoch of each history item, for models with a time bias
                 (HSTU trained on timestamped data); None where there are none.
+            scenarios: the surface of each request, for a contextual model (the unified one
+                conditions its query on it; others ignore it); None: unknown.
         """
         internal = self.encode(histories)
         batch = {"items": torch.from_numpy(pad_left(internal, self.max_len))}
+        if scenarios is not None and self.model.contextual:
+            if len(scenarios) != len(histories):
+                raise CandgenError("scenarios: one surface per history is needed")
+            batch["scenarios"] = torch.tensor([scenario_code(s) for s in scenarios])
         if times is not None:
             if [len(t) for t in times] != [len(h) for h in histories]:
                 raise CandgenError("times: one timestamp per history item is needed")

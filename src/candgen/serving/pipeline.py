@@ -97,14 +97,18 @@ def user_context(features: FeatureSource, user_id: int, recent_item_ids: Sequenc
     )
 
 
-def user_vector(retriever: Retriever, context: UserContext) -> np.ndarray | None:
-    """Step 2: the user encoder over the history items it knows; None when it knows none."""
+def user_vector(
+    retriever: Retriever, context: UserContext, scenario: str = ""
+) -> np.ndarray | None:
+    """Step 2: the user encoder over the history items it knows, for the request's surface
+    (which a contextual model conditions on); None when it knows none of the items."""
     times = context.times or [0.0] * len(context.history)
     known = [(i, t) for i, t in zip(context.history, times, strict=True) if i in retriever.index]
     if not known:
         return None
     ids = [i for i, _ in known]
-    query = retriever.user_vectors([ids], [[t for _, t in known]] if context.times else None)
+    query = retriever.user_vectors([ids], [[t for _, t in known]] if context.times else None,
+                                   [scenario])  # fmt: skip
     return np.asarray(query[0], dtype=np.float32)
 
 
@@ -176,7 +180,7 @@ class RetrievalPipeline:
         check_k(k, self.max_k)
         weights = self.quotas.for_surface(scenario)
         context = user_context(self.features, user_id, recent_item_ids)
-        vector = user_vector(self.retriever, context)
+        vector = user_vector(self.retriever, context, scenario)
         candidates = generate(context, vector, k, self.ad_index, self.content, self.popularity,
                               self.ineligible)  # fmt: skip
         chosen = allocate(candidates, weights, k)

@@ -7,7 +7,7 @@ model's version folder: ``<repository>/<model>/<version>/``, written by ``export
     retrieve (ensemble)
       candgen_features      USER_ID, SCENARIO, K, RECENT_ITEM_IDS? -> HISTORY_IDS, HISTORY_TIMES,
                             AFFINITY, CONTEXT_FLAGS     (validates the request; Feast online)
-      candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES -> USER_VECTOR          (torch)
+      candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES, SCENARIO -> USER_VECTOR (torch)
       candgen_generators    HISTORY_IDS, AFFINITY, USER_VECTOR, K
                             -> CANDIDATE_IDS, CANDIDATE_SCORES, CANDIDATE_SOURCES  (FAISS)
       candgen_select        CANDIDATE_*, SCENARIO, K, CONTEXT_FLAGS
@@ -203,11 +203,13 @@ def load_retriever(folder: Path):  # -> candgen.registry.retriever.Retriever
 
 
 class EncoderStep(Step):
-    """The sequential model's user encoder (torch) over the history items it knows."""
+    """The sequential model's user encoder (torch) over the history items it knows, for the
+    request's surface (a contextual model, the unified one, conditions its query on it)."""
 
     MODEL = "candgen_user_encoder"
     INPUTS: ClassVar[Spec] = {"HISTORY_IDS": (I64, [-1], False),
-                              "HISTORY_TIMES": (F64, [-1], False)}  # fmt: skip
+                              "HISTORY_TIMES": (F64, [-1], False),
+                              "SCENARIO": (STR, [1], False)}  # fmt: skip
     OUTPUTS: ClassVar[Spec] = {"USER_VECTOR": (F32, [-1], False)}
 
     def __init__(self, folder: Path) -> None:
@@ -220,7 +222,8 @@ class EncoderStep(Step):
         self.retriever = load_retriever(self.folder)
 
     def __call__(self, tensors: Tensors) -> Tensors:
-        vector = user_vector(self.retriever, context_from(tensors))
+        scenario = _strings(tensors["SCENARIO"])[0]
+        vector = user_vector(self.retriever, context_from(tensors), scenario)
         return {"USER_VECTOR": vector if vector is not None else np.zeros(0, np.float32)}
 
 

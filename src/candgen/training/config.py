@@ -8,13 +8,13 @@ from typing import Any
 
 from candgen.errors import ConfigError
 from candgen.images import PLATFORM_IMAGE
+from candgen.vocab import LABELS
 
 DATASETS = ("beauty", "games", "marketplace", "planted")
 MODELS = ("sasrec", "hstu", "two_tower", "unified")
 LOSSES = ("sampled", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_TEMPERATURE = {"sasrec": 1.0, "hstu": 0.05, "two_tower": 0.05, "unified": 0.05}
-LABEL_NAMES = ("organic", "click", "conversion")  # candgen.data.interactions.LABELS
 
 
 @dataclass(frozen=True)
@@ -116,18 +116,18 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if (
-            len(self.label_weights) != len(LABEL_NAMES)
+            len(self.label_weights) != len(LABELS)
             or min(self.label_weights) < 0
             or not (sum(self.label_weights) > 0)
         ):
-            raise ConfigError("label_weights", f"need {len(LABEL_NAMES)} weights >= 0 "
-                              f"({', '.join(LABEL_NAMES)}) with a positive sum, got "
+            raise ConfigError("label_weights", f"need {len(LABELS)} weights >= 0 "
+                              f"({', '.join(LABELS)}) with a positive sum, got "
                               f"{self.label_weights}")  # fmt: skip
         if self.num_experts < 1:
             raise ConfigError("num_experts", f"must be >= 1, got {self.num_experts}")
-        if self.serve_label not in ("", *LABEL_NAMES):
+        if self.serve_label not in ("", *LABELS):
             raise ConfigError("serve_label", f"{self.serve_label!r} is not one of "
-                              f"{LABEL_NAMES} (or empty)")  # fmt: skip
+                              f"{LABELS} (or empty)")  # fmt: skip
         if self.dim % self.num_heads:
             raise ConfigError("num_heads", f"{self.num_heads} does not divide dim {self.dim}")
         if not 0.0 <= self.dropout < 1.0:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from candgen.data.interactions import LABELS, leave_one_out, validate_interactions
-from candgen.data.synth import SURFACES
+from candgen.data.interactions import leave_one_out, validate_interactions
 from candgen.errors import CandgenError, DataFormatError
+from candgen.vocab import LABELS, scenario_code
 
 USER_FEATURE_COLUMNS = ("age_bucket", "country", "device")
 
@@ -69,7 +69,7 @@ class SequenceData:
         train_labels: per user, the label code of each training item (index into
             ``candgen.data.interactions.LABELS``), or None.
         train_surfaces: per user, the surface code of each training item (1 + index into
-            ``candgen.data.synth.SURFACES``; 0 where unknown), or None.
+            ``candgen.vocab.SURFACES``; 0 where unknown), or None.
     """
 
     name: str
@@ -118,9 +118,8 @@ def label_codes(labels: np.ndarray) -> np.ndarray:
 
 
 def surface_codes(surfaces: np.ndarray) -> np.ndarray:
-    """Surface names -> 1 + their index in ``SURFACES``, 0 for an unknown surface."""
-    return (pd.Series(surfaces).map({name: i + 1 for i, name in enumerate(SURFACES)})
-            .fillna(0).to_numpy(np.int64))  # fmt: skip
+    """Surface names -> their scenario codes (``candgen.vocab.scenario_code``)."""
+    return np.fromiter((scenario_code(s) for s in surfaces), np.int64, len(surfaces))
 
 
 def file_snapshot(*paths: Path) -> str:

@@ -1,0 +1,20 @@
+"""The names every part of candgen shares, and their codes inside models.
+
+Light on purpose (no dependencies): the data generator, the trainer, the models and the Triton
+runtime (which has no pandas) all read it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Where an ad request comes from; scenario code 0 means unknown, then 1, 2, 3 in this order.
+SURFACES: Final = ("home", "search", "related")
+NUM_SCENARIOS: Final = len(SURFACES) + 1
+# What a user did with an item: engaged organically, clicked an ad, or clicked and converted.
+LABELS: Final = ("organic", "click", "conversion")
+
+
+def scenario_code(surface: str) -> int:
+    """A surface's code in models: 1 + its index in ``SURFACES``, 0 when unknown."""
+    return SURFACES.index(surface) + 1 if surface in SURFACES else 0
