@@ -229,3 +229,41 @@ def test_serving_asks_the_unified_model_for_the_requests_surface() -> None:
                       item_ids, max_len=8)  # fmt: skip
     assert np.allclose(plain.user_vectors(history, scenarios=["home", "home"]),
                        plain.user_vectors(history, scenarios=["search", "search"]))  # fmt: skip
+
+
+def test_a_single_task_baseline_trains_only_on_its_labels_targets(marketplace) -> None:  # type: ignore[no-untyped-def]
+    from candgen.training.batches import restrict_targets
+
+    data = load_marketplace(marketplace.out_dir, eval_days=2)
+    windows = training_windows(data, max_len=20)
+    click = LABELS.index("click")
+    only = restrict_targets(windows, [click])
+    real = only.targets > 0
+    assert real.any() and set(np.unique(only.target_labels[real])) == {click}
+    assert int(real.sum()) == int(((windows.target_labels == click) & (windows.targets > 0)).sum())
+    assert len(only) < len(windows)  # windows without a click target are dropped
+    with pytest.raises(ValueError, match=r"^train_labels: the data has no labels"):
+        restrict_targets(training_windows(load_planted(seed=1), max_len=10), [click])
+
+
+def test_training_on_one_label_needs_data_with_labels(tmp_path: Path) -> None:
+    config = TrainConfig(dataset="planted", model="hstu", epochs=1, train_labels=("click",),
+                         progress=False, track=False, out_dir=str(tmp_path))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^train_labels: the planted data has no labels"):
+        train(config, load_planted(seed=1))
+
+
+def test_without_scenario_adaptation_every_surface_gets_the_same_query() -> None:
+    model = _model(scenario_adaptive=False)
+    items = _items()
+    with torch.no_grad():
+        home = model.user_embedding({"items": items, "scenarios": torch.tensor([1, 1])})
+        search = model.user_embedding({"items": items, "scenarios": torch.tensor([2, 2])})
+    assert torch.allclose(home, search)
+
+
+def test_bad_train_labels_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"^train_labels: need one or more of"):
+        TrainConfig(train_labels=())
+    with pytest.raises(ConfigError, match=r"^train_labels: need one or more of"):
+        TrainConfig(train_labels=("click", "view"))

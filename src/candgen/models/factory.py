@@ -46,6 +46,7 @@ def build_model(
         serve = config.serve_label or ("click" if has_labels else "organic")
         return UnifiedHSTU(num_labels=len(LABELS), num_scenarios=NUM_SCENARIOS,
                            num_experts=config.num_experts, serve_label=LABELS.index(serve),
+                           scenario_adaptive=config.scenario_adaptive,
                            num_blocks=config.num_blocks, num_heads=config.num_heads,
                            time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
     return TwoTower(

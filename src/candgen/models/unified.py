@@ -59,6 +59,8 @@ class UnifiedHSTU(HSTU):
         num_scenarios: scenario codes, unknown included.
         num_experts: experts of the scenario mixture.
         serve_label: the head used when a batch names no label (what serving asks for).
+        scenario_adaptive: condition on the scenario; False treats every request as an unknown
+            surface (the ablation without scenario adaptation).
         **hstu: the HSTU encoder's arguments (dim, max_len, num_blocks, ...).
     """
 
@@ -71,6 +73,7 @@ class UnifiedHSTU(HSTU):
         num_scenarios: int = 4,
         num_experts: int = 4,
         serve_label: int = 1,
+        scenario_adaptive: bool = True,
         **hstu: object,
     ) -> None:
         super().__init__(num_items, **hstu)  # type: ignore[arg-type]
@@ -81,6 +84,7 @@ class UnifiedHSTU(HSTU):
         # Each head starts as the identity, so at first every label asks the same query.
         self.heads = nn.Parameter(torch.eye(dim).repeat(num_labels, 1, 1))
         self.serve_label = serve_label
+        self.scenario_adaptive = scenario_adaptive
 
     def _codes(self, batch: Batch, key: str, default: int, high: int) -> torch.Tensor:
         items = batch["items"]
@@ -97,6 +101,8 @@ class UnifiedHSTU(HSTU):
     def encode_positions(self, batch: Batch) -> torch.Tensor:
         state = super().encode_positions(batch)
         scenarios = self._codes(batch, "scenarios", 0, self.mixture.num_scenarios)
+        if not self.scenario_adaptive:
+            scenarios = torch.zeros_like(scenarios)
         labels = self._codes(batch, "labels", self.serve_label, self.heads.shape[0])
         adapted = self.mixture(state, scenarios)
         every_head = torch.einsum("bld,hde->blhe", adapted, self.heads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,27 @@ def training_windows(data: SequenceData, max_len: int) -> TrainingWindows:
         target_labels=pad_left(labels, max_len) if labels else None,
         target_surfaces=pad_left(surfaces, max_len) if surfaces else None,
     )
+
+
+def restrict_targets(windows: TrainingWindows, labels: Sequence[int]) -> TrainingWindows:
+    """The windows with only the targets of ``labels`` (codes) left as targets; the others
+    become padding targets (their items stay in the inputs, as history), and windows left with
+    no target are dropped."""
+    if windows.target_labels is None:
+        raise ValueError("train_labels: the data has no labels to choose targets by")
+    keep = np.isin(windows.target_labels, np.asarray(labels)) & (windows.targets > 0)
+    rows = keep.any(axis=1)
+    if not rows.any():
+        raise ValueError(f"train_labels: no training target has label code(s) {list(labels)}")
+
+    def pick(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[rows]
+
+    return TrainingWindows(
+        inputs=windows.inputs[rows], targets=np.where(keep, windows.targets, 0)[rows],
+        times=pick(windows.times), user_rows=windows.user_rows[rows],
+        target_labels=pick(windows.target_labels), target_surfaces=pick(windows.target_surfaces),
+    )  # fmt: skip
 
 
 def make_batch(

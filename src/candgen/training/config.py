@@ -61,6 +61,10 @@ class TrainConfig:
         num_experts: unified only: experts of the scenario mixture.
         serve_label: unified only: the head serving asks for; empty means click where the data
             has ad labels, else organic.
+        train_labels: the labels whose targets train the model (all by default; one label
+            gives a single-task baseline). Items of other labels still count as history.
+        scenario_adaptive: unified only: condition the query on the request's surface (off for
+            the ablation: every request looks like an unknown surface).
     """
 
     dataset: str = "beauty"
@@ -98,6 +102,8 @@ class TrainConfig:
     label_weights: tuple[float, float, float] = (1.0, 1.0, 2.0)
     num_experts: int = 4
     serve_label: str = ""
+    train_labels: tuple[str, ...] = LABELS
+    scenario_adaptive: bool = True
 
     def __post_init__(self) -> None:
         choices = {
@@ -128,6 +134,9 @@ class TrainConfig:
         if self.serve_label not in ("", *LABELS):
             raise ConfigError("serve_label", f"{self.serve_label!r} is not one of "
                               f"{LABELS} (or empty)")  # fmt: skip
+        if not self.train_labels or not set(self.train_labels) <= set(LABELS):
+            raise ConfigError("train_labels", f"need one or more of {LABELS}, got "
+                              f"{self.train_labels}")  # fmt: skip
         if self.dim % self.num_heads:
             raise ConfigError("num_heads", f"{self.num_heads} does not divide dim {self.dim}")
         if not 0.0 <= self.dropout < 1.0:
@@ -173,6 +182,7 @@ class TrainConfig:
             "max_len",
             "num_experts",
             "serve_label",
+            "scenario_adaptive",
         )
         return {n: getattr(self, n) for n in names}
 

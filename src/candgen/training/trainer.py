@@ -27,9 +27,10 @@ from candgen.evaluation.evaluate import evaluate_model
 from candgen.models.base import Batch, RetrievalModel
 from candgen.models.factory import build_model
 from candgen.models.losses import full_softmax_loss, sampled_softmax_loss
-from candgen.training.batches import make_batch, training_windows
+from candgen.training.batches import make_batch, restrict_targets, training_windows
 from candgen.training.config import TrainConfig
 from candgen.training.data import SequenceData
+from candgen.vocab import LABELS
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.pt"
@@ -83,6 +84,8 @@ class _TrainingLoss(nn.Module):
     def forward(self, batch: Batch, targets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         queries = self.model(batch)
         keep = targets > 0
+        if not keep.any():  # a batch with no target of the trained labels teaches nothing
+            return queries.sum() * 0.0
         q, pos = queries[keep], targets[keep]
         cfg = self.config
         # Multi-task: each target trains its own label's head, weighted by its label.
@@ -157,6 +160,11 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
 
     data = data if data is not None else load_data(config)
     windows = training_windows(data, config.max_len)
+    if set(config.train_labels) != set(LABELS):
+        if windows.target_labels is None:
+            raise ConfigError("train_labels", f"the {config.dataset} data has no labels to "
+                              "choose targets by")  # fmt: skip
+        windows = restrict_targets(windows, [LABELS.index(x) for x in config.train_labels])
     out_dir = Path(config.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
