@@ -9,7 +9,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check $(FIND_LINKS)
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-unit test-integration lint format clean help train train-ddp \
-	benchmark-quality benchmark-serving mlflow-ui pipeline pipeline-compile images push-images \
+	benchmark-quality benchmark-serving benchmark-ablation mlflow-ui pipeline pipeline-compile images push-images \
 	k8s-render
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make train-ddp         the same as a 2-process TorchX job (DDP over gloo)"
 	@echo "make benchmark-quality SASRec and HSTU on Beauty and Games -> docs/BENCHMARKS.md"
 	@echo "make benchmark-serving FAISS index and the live Triton ensemble on 1M ads -> docs/BENCHMARKS.md"
+	@echo "make benchmark-ablation unified vs single-task vs no scenario, per label and surface"
 	@echo "make mlflow-ui         browse runs and registered models (http://127.0.0.1:5000)"
 	@echo "make pipeline          the whole KFP pipeline with kfp.local (ARGS='--set epochs=5')"
 	@echo "make pipeline-compile  rewrite pipelines/pipeline.yaml after changing the pipeline"
@@ -65,6 +66,9 @@ train-ddp: $(VENV)/.installed
 
 benchmark-quality: $(VENV)/.installed
 	$(BIN)/python benchmarks/quality.py
+
+benchmark-ablation: $(VENV)/.installed
+	$(BIN)/python benchmarks/ablation.py
 
 benchmark-serving: setup
 	$(BIN)/python benchmarks/serving.py --stage index

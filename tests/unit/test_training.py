@@ -121,6 +121,7 @@ def test_marketplace_metrics_split_by_label_and_surface(
         "coverage@100",
         "label.organic.recall@100",
         "label.click.recall@100",
+        "label.click.recall@200",
         "surface.home.hr@10",
         "surface.search.recall@50",
     ):

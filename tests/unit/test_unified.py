@@ -192,6 +192,8 @@ def test_each_target_is_ranked_by_the_query_for_its_own_label_and_surface() -> N
                         train=[np.array([9, 10]), np.array([11])], train_times=None, valid=test,
                         test=test, item_attributes=np.zeros((121, 1), np.int64))  # fmt: skip
     contextual = evaluate_model(_LabelOracle(), data, "test", "full", max_len=4)
+    # 120 items answer K up to 100; K = 200 needs a catalogue of 200
+    assert "recall@100" in contextual and "recall@200" not in contextual
     for label in ("organic", "click", "conversion"):
         assert contextual[f"label.{label}.ndcg@10"] == pytest.approx(1.0), label
     # Asked only for the click query (what a context-free evaluation does), the others miss.

@@ -68,6 +68,7 @@ def evaluate_vectors(
         raise ValueError(f"protocol: {protocol!r} is not one of {PROTOCOLS}")
     if len(eval_set) == 0:
         raise ValueError("eval set: no users to evaluate")
+    ks = _cutoffs(ks, 100 if protocol == "sampled100" else data.num_items)
     if protocol == "sampled100":
         interacted = [
             np.concatenate([h, eval_set.target_item[eval_set.target_user == i]])
@@ -81,6 +82,11 @@ def evaluate_vectors(
     topk = chunked_topk(queries, item_table, max(ks), eval_set.histories).numpy()
     ranks = target_ranks(topk, eval_set.target_user, eval_set.target_item)
     return _full_metrics(ranks, topk, data, eval_set, ks)
+
+
+def _cutoffs(ks: tuple[int, ...], most: int) -> tuple[int, ...]:
+    """The cut-offs a ranking of ``most`` candidates can answer (K = 200 needs 200 items)."""
+    return tuple(k for k in ks if k <= most) or (most,)
 
 
 def _full_metrics(
@@ -122,6 +128,7 @@ def evaluate_contextual(
     for), then the metrics aggregate per user as for any model. Coverage counts every such list.
     """
     assert eval_set.target_surface is not None
+    ks = _cutoffs(ks, data.num_items)
     labels = label_codes(eval_set.target_label)
     surfaces = surface_codes(eval_set.target_surface)
     table = model.item_table()

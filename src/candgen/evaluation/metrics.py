@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-KS: tuple[int, ...] = (5, 10, 20, 50, 100)
+KS: tuple[int, ...] = (5, 10, 20, 50, 100, 200)
 
 
 def chunked_topk(
