@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 # src/candgen/paths.py -> the repository root (the package is installed editable by `make setup`).
@@ -18,3 +19,12 @@ def shared_data_dir() -> Path:
 def feature_repo_dir() -> Path:
     """The Feast feature repository checked in with candgen."""
     return REPO_ROOT / "feature_repo"
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Has ``write`` fill a hidden sibling of ``path``, then renames it over ``path``: a reader
+    (a polling server, a resumed run) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)

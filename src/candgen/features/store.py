@@ -8,6 +8,7 @@ outside the repo (a run's own folder, a test's temporary folder) without editing
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -25,7 +26,7 @@ import yaml
 from candgen.data.synth import SURFACES
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.build import FEATURE_TABLES
-from candgen.paths import feature_repo_dir
+from candgen.paths import feature_repo_dir, replace_atomically
 
 ONLINE_STORES: Final = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml"}
 REPO_MODULES: Final = ("entities", "data_sources", "features", "feature_services")
@@ -248,9 +249,7 @@ def publish(cfg: StoreConfig, target: Path) -> list[Path]:
         source = cfg.state_path / name
         if not source.exists():
             raise CandgenError(f"state_dir: {source} does not exist; apply and materialize first")
-        partial = target / f".{name}.partial"
-        shutil.copyfile(source, partial)
-        os.replace(partial, target / name)
+        replace_atomically(target / name, functools.partial(shutil.copyfile, source))
         written.append(target / name)
     return written
 

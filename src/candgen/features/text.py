@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from candgen.paths import replace_atomically
+
 MODEL_NAME: Final = "all-MiniLM-L6-v2"
 EMBEDDING_DIM: Final = 384
 
@@ -104,6 +106,4 @@ class TextEmbedder:
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat), EMBEDDING_DIM),
             }
         )
-        tmp = self.cache_path.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(self.cache_path)
+        replace_atomically(self.cache_path, lambda partial: pq.write_table(table, partial))

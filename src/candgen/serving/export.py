@@ -30,6 +30,7 @@ import numpy as np
 
 from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import INDEX_FILE, IndexConfig, ids_file
+from candgen.paths import replace_atomically
 from candgen.serving.contract import INPUTS, OUTPUTS
 from candgen.serving.generators import ContentGenerator
 from candgen.serving.pipeline import USER_SERVICE
@@ -162,9 +163,7 @@ def _replace_text(path: Path, text: str) -> None:
     polling server reloads a model whenever one of its files changes."""
     if path.exists() and path.read_text() == text:
         return
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.replace(path)
+    replace_atomically(path, lambda partial: partial.write_text(text))
 
 
 def publish(

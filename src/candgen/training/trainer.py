@@ -27,6 +27,7 @@ from candgen.evaluation.evaluate import evaluate_model
 from candgen.models.base import Batch, RetrievalModel
 from candgen.models.factory import build_model
 from candgen.models.losses import full_softmax_loss, sampled_softmax_loss
+from candgen.paths import replace_atomically
 from candgen.training.batches import make_batch, restrict_targets, training_windows
 from candgen.training.config import TrainConfig
 from candgen.training.data import SequenceData
@@ -353,6 +354,4 @@ def _result_json(result: TrainResult) -> dict[str, Any]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda partial: torch.save(obj, partial))
