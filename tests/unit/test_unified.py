@@ -244,14 +244,14 @@ def test_a_single_task_baseline_trains_only_on_its_labels_targets(marketplace) -
     assert real.any() and set(np.unique(only.target_labels[real])) == {click}
     assert int(real.sum()) == int(((windows.target_labels == click) & (windows.targets > 0)).sum())
     assert len(only) < len(windows)  # windows without a click target are dropped
-    with pytest.raises(ValueError, match=r"^train_labels: the data has no labels"):
+    with pytest.raises(ConfigError, match=r"^train_labels: the data has no labels"):
         restrict_targets(training_windows(load_planted(seed=1), max_len=10), [click])
 
 
 def test_training_on_one_label_needs_data_with_labels(tmp_path: Path) -> None:
     config = TrainConfig(dataset="planted", model="hstu", epochs=1, train_labels=("click",),
                          progress=False, track=False, out_dir=str(tmp_path))  # fmt: skip
-    with pytest.raises(ConfigError, match=r"^train_labels: the planted data has no labels"):
+    with pytest.raises(ConfigError, match=r"^train_labels: the data has no labels"):
         train(config, load_planted(seed=1))
 
 

@@ -38,13 +38,16 @@ class ScenarioMixture(nn.Module):
 
     def gates(self, state: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
         """(B, L, E) softmax weights of the experts for each position."""
-        context = self.scenario(scenarios).expand_as(state)
+        return self._gates(state, self.scenario(scenarios).expand_as(state))
+
+    def _gates(self, state: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.gate(torch.cat([state, context], dim=-1)), dim=-1)
 
     def forward(self, state: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
+        context = self.scenario(scenarios).expand_as(state)
         outputs = torch.einsum("bld,edf->blef", state, self.experts)
-        mixed = (self.gates(state, scenarios).unsqueeze(-1) * outputs).sum(dim=-2)
-        return state + mixed + self.scenario(scenarios).expand_as(state)
+        mixed = (self._gates(state, context).unsqueeze(-1) * outputs).sum(dim=-2)
+        return state + mixed + context
 
 
 class UnifiedHSTU(HSTU):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from candgen.errors import ConfigError
 from candgen.models.base import Batch, pad_left, relative_timestamps
 from candgen.training.data import EvalSet, SequenceData
 
@@ -67,11 +68,11 @@ def restrict_targets(windows: TrainingWindows, labels: Sequence[int]) -> Trainin
     become padding targets (their items stay in the inputs, as history), and windows left with
     no target are dropped."""
     if windows.target_labels is None:
-        raise ValueError("train_labels: the data has no labels to choose targets by")
+        raise ConfigError("train_labels", "the data has no labels to choose targets by")
     keep = np.isin(windows.target_labels, np.asarray(labels)) & (windows.targets > 0)
     rows = keep.any(axis=1)
     if not rows.any():
-        raise ValueError(f"train_labels: no training target has label code(s) {list(labels)}")
+        raise ConfigError("train_labels", f"no training target has label code(s) {list(labels)}")
 
     def pick(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[rows]

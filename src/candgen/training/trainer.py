@@ -85,8 +85,6 @@ class _TrainingLoss(nn.Module):
     def forward(self, batch: Batch, targets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         queries = self.model(batch)
         keep = targets > 0
-        if not keep.any():  # a batch with no target of the trained labels teaches nothing
-            return queries.sum() * 0.0
         q, pos = queries[keep], targets[keep]
         cfg = self.config
         # Multi-task: each target trains its own label's head, weighted by its label.
@@ -162,9 +160,6 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
     data = data if data is not None else load_data(config)
     windows = training_windows(data, config.max_len)
     if set(config.train_labels) != set(LABELS):
-        if windows.target_labels is None:
-            raise ConfigError("train_labels", f"the {config.dataset} data has no labels to "
-                              "choose targets by")  # fmt: skip
         windows = restrict_targets(windows, [LABELS.index(x) for x in config.train_labels])
     out_dir = Path(config.out_dir)
     if rank == 0:
@@ -203,8 +198,8 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         history, best, start_epoch = saved["history"], saved["best"], saved["epoch"] + 1
 
     steps = max(1, len(windows) // config.batch_size)
-    # Only the unified model reads labels and scenarios; the others train exactly as before.
-    multitask = (config.model == "unified" and windows.target_labels is not None
+    # Only a contextual model reads labels and scenarios; the others train exactly as before.
+    multitask = (model.contextual and windows.target_labels is not None
                  and windows.target_surfaces is not None)  # fmt: skip
     from tqdm.auto import tqdm
 
