@@ -12,6 +12,7 @@ import torch
 from candgen.errors import CandgenError, ConfigError
 from candgen.models.base import RetrievalModel
 from candgen.models.factory import load_model
+from candgen.models.sequential import HSTU
 from candgen.models.unified import UnifiedHSTU
 from candgen.training.batches import training_windows
 from candgen.training.config import TrainConfig
@@ -32,8 +33,31 @@ def _items() -> torch.Tensor:
     return torch.tensor([[0, 0, 3, 7, 9, 2, 5, 11], [1, 4, 4, 8, 12, 30, 2, 6]])
 
 
-def test_the_scenario_routes_the_query_through_a_gated_mixture() -> None:
+def _as_if_trained(model: UnifiedHSTU) -> UnifiedHSTU:
+    """The mixture starts as the identity; random scenario embeddings and experts stand in for
+    what training learns."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.mixture.scenario.weight.normal_()
+        model.mixture.experts.normal_(std=16**-0.5)
+    return model
+
+
+def test_an_untrained_unified_model_starts_as_the_hstu_it_extends() -> None:
     model = _model()
+    items = _items()
+    torch.manual_seed(0)
+    plain = HSTU(num_items=40, dim=16, max_len=8, num_blocks=1, dropout=0.0,
+                 time_buckets=0).eval()  # fmt: skip
+    with torch.no_grad():
+        expected = plain.user_embedding({"items": items})
+        for scenario in range(4):
+            got = model.user_embedding({"items": items, "scenarios": torch.tensor([scenario] * 2)})
+            assert torch.allclose(got, expected, atol=1e-6), scenario
+
+
+def test_the_scenario_routes_the_query_through_a_gated_mixture() -> None:
+    model = _as_if_trained(_model())
     items = _items()
     with torch.no_grad():
         state = model.encode_positions({"items": items, "scenarios": torch.tensor([1, 1])})
@@ -205,13 +229,12 @@ def test_each_target_is_ranked_by_the_query_for_its_own_label_and_surface() -> N
 
 
 def test_serving_asks_the_unified_model_for_the_requests_surface() -> None:
-    from candgen.models.sequential import HSTU
     from candgen.registry.retriever import Retriever
     from candgen.serving.pipeline import UserContext, user_vector
 
     item_ids = np.concatenate([[0], 1_000 + np.arange(1, 41)])
     history = [[1_003, 1_007, 1_009], [1_002, 1_030]]
-    unified = Retriever(_model(), item_ids, max_len=8)
+    unified = Retriever(_as_if_trained(_model()), item_ids, max_len=8)
     home = unified.user_vectors(history, scenarios=["home", "home"])
     search = unified.user_vectors(history, scenarios=["search", "search"])
     assert not np.allclose(home, search)
@@ -256,7 +279,7 @@ def test_training_on_one_label_needs_data_with_labels(tmp_path: Path) -> None:
 
 
 def test_without_scenario_adaptation_every_surface_gets_the_same_query() -> None:
-    model = _model(scenario_adaptive=False)
+    model = _as_if_trained(_model(scenario_adaptive=False))
     items = _items()
     with torch.no_grad():
         home = model.user_embedding({"items": items, "scenarios": torch.tensor([1, 1])})
