@@ -3,6 +3,7 @@ routing, the weighted multi-task loss, and training on the marketplace's labels 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from candgen.models.sequential import HSTU
 from candgen.models.unified import UnifiedHSTU
 from candgen.training.batches import training_windows
 from candgen.training.config import TrainConfig
-from candgen.training.data import load_marketplace, load_planted
+from candgen.training.data import SequenceData, load_marketplace, load_planted
 from candgen.training.launch import config_flags
 from candgen.training.trainer import _TrainingLoss, train
 from candgen.vocab import LABELS
@@ -292,3 +293,56 @@ def test_bad_train_labels_name_the_field() -> None:
         TrainConfig(train_labels=())
     with pytest.raises(ConfigError, match=r"^train_labels: need one or more of"):
         TrainConfig(train_labels=("click", "view"))
+
+
+def _planted_with_text_and_cold_items() -> SequenceData:
+    """The planted set with a text embedding per item that tells its cluster (as an ad's text
+    tells its category), and every tenth item taken out of the training sequences: those have
+    no training interaction, like ads first seen after the training cutoff."""
+    data = load_planted(seed=1)
+    cluster = data.item_attributes[:, 0] - 1
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(cluster.max() + 1, 32))
+    text = centres[np.maximum(cluster, 0)] + 0.3 * rng.normal(size=(len(cluster), 32))
+    text[0] = 0
+    cold = np.zeros(data.num_items + 1, dtype=bool)
+    cold[1::10] = True
+    return dataclasses.replace(
+        data, train=[s[~cold[s]] for s in data.train], item_text=text.astype(np.float32),
+        ad_items=np.r_[False, np.ones(data.num_items, dtype=bool)],
+    )  # fmt: skip
+
+
+def test_ads_with_no_training_interaction_are_retrieved_by_their_text(tmp_path: Path) -> None:
+    data = _planted_with_text_and_cold_items()
+    cold = data.cold_ads
+    assert cold.sum() == 30 and cold[data.test.target_item].sum() > 30
+    metrics = {}
+    for model in ("unified", "hstu"):
+        config = TrainConfig(dataset="planted", model=model, epochs=12, eval_every=12, dim=32,
+                             max_len=10, batch_size=64, lr=3e-3, progress=False, track=False,
+                             out_dir=str(tmp_path / model))  # fmt: skip
+        metrics[model] = train(config, data).test_metrics
+    unified, hstu = metrics["unified"], metrics["hstu"]
+    # HSTU's id embeddings of the cold items never trained: they are found by chance only.
+    assert hstu["ads.cold.recall@20"] < 0.1
+    assert unified["ads.cold.recall@20"] > 0.5
+    assert unified["ads.cold.recall@20"] > 0.5 * unified["ads.warm.recall@20"]
+    model, _ = load_model(tmp_path / "unified" / "model.pt")
+    ids = torch.from_numpy(np.flatnonzero(cold))
+    with torch.no_grad():
+        by_text = model.content_vectors(torch.from_numpy(data.item_text[cold]))
+        assert torch.allclose(model.embed_items(ids), by_text, atol=1e-6)
+        warm = torch.tensor([2, 3])  # a warm item's vector is its id embedding plus its text's
+        assert not torch.allclose(model.embed_items(warm), model.content_vectors(
+            torch.from_numpy(data.item_text[[2, 3]])))  # fmt: skip
+
+
+def test_a_model_without_text_has_no_content_tower() -> None:
+    assert _model().content is None
+    with pytest.raises(ValueError, match=r"^item_text: this model was trained without ad text"):
+        _model().content_vectors(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"^item_text: 3 rows, expected 41"):
+        _model(item_text=torch.ones(3, 4))
+    with pytest.raises(ConfigError, match=r"^content_dropout: must be in \[0, 1\)"):
+        TrainConfig(content_dropout=1.0)

@@ -96,7 +96,8 @@ def _full_metrics(
     eval_set: EvalSet,
     ks: tuple[int, ...],
 ) -> dict[str, float]:
-    """Ranking metrics of the targets' ranks, their splits by label and surface, and the item
+    """Ranking metrics of the targets' ranks, their splits by label and surface, the split of
+    ad targets into cold-start ads (no training interaction) and warm ones, and the item
     coverage of the top-K lists."""
     out = ranking_metrics(ranks, eval_set.target_user, ks)
     out["coverage@10"] = coverage(topk, data.num_items, 10)
@@ -112,6 +113,11 @@ def _full_metrics(
             sel = values == name
             part = ranking_metrics(ranks[sel], eval_set.target_user[sel], ks)
             out.update({f"{kind}.{name}.{key}": v for key, v in part.items()})
+    if data.ad_items is not None:
+        is_ad, cold = data.ad_items[eval_set.target_item], data.cold_ads[eval_set.target_item]
+        for name, chosen in (("cold", is_ad & cold), ("warm", is_ad & ~cold)):
+            part = ranking_metrics(ranks[chosen], eval_set.target_user[chosen], ks)
+            out.update({f"ads.{name}.{key}": v for key, v in part.items()})
     return out
 
 

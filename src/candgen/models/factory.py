@@ -28,8 +28,12 @@ def build_model(
     user_feature_cardinalities: tuple[int, ...] = (),
     has_timestamps: bool = False,
     has_labels: bool = False,
+    cold_items: torch.Tensor | None = None,
 ) -> RetrievalModel:
     """The model a config names, sized for the data.
+
+    ``cold_items`` marks the items with no training interaction; the unified model represents
+    those that have text by their content vector alone.
 
     HSTU gets its time bias only where the data has timestamps: a parameter that never receives
     a gradient would stall DDP's gradient reduction. The unified model serves the click head
@@ -47,7 +51,8 @@ def build_model(
         return UnifiedHSTU(num_labels=len(LABELS), num_scenarios=NUM_SCENARIOS,
                            num_experts=config.num_experts, serve_label=LABELS.index(serve),
                            scenario_adaptive=config.scenario_adaptive,
-                           num_blocks=config.num_blocks, num_heads=config.num_heads,
+                           item_text=item_text, cold_items=cold_items,
+                           content_dropout=config.content_dropout, num_blocks=config.num_blocks, num_heads=config.num_heads,
                            time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
     return TwoTower(
         item_attributes=item_attributes,

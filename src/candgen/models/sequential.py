@@ -39,8 +39,12 @@ class _SequenceEncoder(RetrievalModel):
         self.emb_dropout = nn.Dropout(dropout)
         self.ln = nn.LayerNorm(dim)
 
-    def raw_item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+    def _item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., D) the shared input/output vectors of item ids (before scaling or norm)."""
         return self.item_emb(ids)
+
+    def raw_item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._item_vectors(ids)
 
     def _input(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, D) scaled item + position embeddings (zero at padding) and the (B, L, 1) mask."""
@@ -49,7 +53,7 @@ class _SequenceEncoder(RetrievalModel):
             raise ValueError(f"items: sequence length {n} > max_len {self.max_len}")
         mask = (items > 0).unsqueeze(-1)
         pos = torch.arange(self.max_len - n, self.max_len, device=items.device)
-        x = self.item_emb(items) * math.sqrt(self.dim) + self.pos_emb(pos)
+        x = self._item_vectors(items) * math.sqrt(self.dim) + self.pos_emb(pos)
         return self.emb_dropout(x) * mask, mask
 
 

@@ -6,6 +6,13 @@ user is; label-specific query heads then turn it into a query for organic engage
 or attributed conversion. All heads score one shared item space, so one ANN index serves them.
 Trained with weighted multi-task sampled softmax: each next-item target trains the head of its
 own label, weighted by ``TrainConfig.label_weights``.
+
+Cold start: where ads carry a text embedding (all-MiniLM-L6-v2 of title and description), an ad
+content tower maps it into the same item space, and an ad's vector is its id embedding plus its
+content vector. An ad with no training interaction has an id embedding that never trained, so it
+is represented by its content vector alone; in training, each warm ad's id embedding is dropped
+with probability ``content_dropout`` (as in DropoutNet), so the content vector alone must place
+an ad where its engagement would. New ads are then retrievable from their text on day one.
 """
 
 from __future__ import annotations
@@ -54,6 +61,28 @@ class ScenarioMixture(nn.Module):
         return state + mixed + context
 
 
+class ContentTower(nn.Module):
+    """Maps ad text embeddings into the behavioural item space.
+
+    Args:
+        text_dim: width of the text embedding (384 for all-MiniLM-L6-v2).
+        dim: width of the item space.
+        dropout: dropout rate inside the tower.
+
+    Returns (forward):
+        (..., dim) content vectors, on the scale of the id embeddings.
+    """
+
+    def __init__(self, text_dim: int, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(text_dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim)
+        )
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return self.net(text)
+
+
 class UnifiedHSTU(HSTU):
     """HSTU with a scenario-adaptive mixture and one query head per label.
 
@@ -68,6 +97,11 @@ class UnifiedHSTU(HSTU):
         serve_label: the head used when a batch names no label (what serving asks for).
         scenario_adaptive: condition on the scenario; False treats every request as an unknown
             surface (the ablation without scenario adaptation).
+        item_text: (num_items + 1, T) text embeddings, zero rows where an item has none; with
+            any non-zero row the model gets an ad content tower (cold start).
+        cold_items: (num_items + 1,) True where an item had no training interaction: its vector
+            is its content vector alone (only items with text are affected).
+        content_dropout: in training, the probability of dropping a warm ad's id embedding.
         **hstu: the HSTU encoder's arguments (dim, max_len, num_blocks, ...).
     """
 
@@ -81,17 +115,58 @@ class UnifiedHSTU(HSTU):
         num_experts: int = 4,
         serve_label: int = 1,
         scenario_adaptive: bool = True,
+        item_text: torch.Tensor | None = None,
+        cold_items: torch.Tensor | None = None,
+        content_dropout: float = 0.5,
         **hstu: object,
     ) -> None:
         super().__init__(num_items, **hstu)  # type: ignore[arg-type]
         dim = self.dim
         if not 0 <= serve_label < num_labels:
             raise ValueError(f"serve_label: {serve_label} is not a head in 0..{num_labels - 1}")
+        if not 0.0 <= content_dropout < 1.0:
+            raise ValueError(f"content_dropout: must be in [0, 1), got {content_dropout}")
         self.mixture = ScenarioMixture(dim, num_scenarios, num_experts)
         # Each head starts as the identity, so at first every label asks the same query.
         self.heads = nn.Parameter(torch.eye(dim).repeat(num_labels, 1, 1))
         self.serve_label = serve_label
         self.scenario_adaptive = scenario_adaptive
+        self.content_dropout = content_dropout
+        self.content: ContentTower | None = None
+        has_text = None if item_text is None else item_text.abs().sum(-1) > 0
+        # Built only where some item has text, so a set without text (Amazon Beauty) gets
+        # exactly the model it got before the tower existed.
+        if has_text is not None and bool(has_text.any()):
+            assert item_text is not None
+            if item_text.shape[0] != num_items + 1:
+                raise ValueError(f"item_text: {item_text.shape[0]} rows, expected {num_items + 1}")
+            cold = torch.zeros(num_items + 1, dtype=torch.bool)
+            if cold_items is not None:
+                if cold_items.shape != cold.shape:
+                    raise ValueError(f"cold_items: shape {tuple(cold_items.shape)}, expected "
+                                     f"{tuple(cold.shape)}")  # fmt: skip
+                cold = cold_items.bool()
+            self.register_buffer("item_text", item_text.float(), persistent=True)
+            self.register_buffer("has_text", has_text, persistent=True)
+            self.register_buffer("cold_items", cold & has_text, persistent=True)
+            self.content = ContentTower(item_text.shape[1], dim, float(hstu.get("dropout", 0.2)))
+
+    def _item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        vectors = self.item_emb(ids)
+        if self.content is None:
+            return vectors
+        keep = ~self.cold_items[ids]
+        if self.training and self.content_dropout > 0:
+            keep = keep & (torch.rand(ids.shape, device=ids.device) >= self.content_dropout)
+        with_text = vectors * keep.unsqueeze(-1) + self.content(self.item_text[ids])
+        return torch.where(self.has_text[ids].unsqueeze(-1), with_text, vectors)
+
+    def content_vectors(self, text: torch.Tensor) -> torch.Tensor:
+        """(M, D) item-space vectors of ads known only by their text (new ads), normalised as
+        ``embed_items`` normalises; what a new ad's row in the index is."""
+        if self.content is None:
+            raise ValueError("item_text: this model was trained without ad text (no content tower)")
+        return self._finish(self.content(text.float()))
 
     def _codes(self, batch: Batch, key: str, default: int, high: int) -> torch.Tensor:
         items = batch["items"]

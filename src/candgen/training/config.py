@@ -65,6 +65,9 @@ class TrainConfig:
             gives a single-task baseline). Items of other labels still count as history.
         scenario_adaptive: unified only: condition the query on the request's surface (off for
             the ablation: every request looks like an unknown surface).
+        content_dropout: unified only, where ads have text: the probability that a training
+            step drops a warm ad's id embedding, so its text alone must place it (as a new ad's
+            text must).
     """
 
     dataset: str = "beauty"
@@ -104,6 +107,7 @@ class TrainConfig:
     serve_label: str = ""
     train_labels: tuple[str, ...] = LABELS
     scenario_adaptive: bool = True
+    content_dropout: float = 0.5
 
     def __post_init__(self) -> None:
         choices = {
@@ -139,8 +143,9 @@ class TrainConfig:
                               f"{self.train_labels}")  # fmt: skip
         if self.dim % self.num_heads:
             raise ConfigError("num_heads", f"{self.num_heads} does not divide dim {self.dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "content_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         if self.loss == "sampled" and self.num_negatives == 0 and not self.in_batch_negatives:

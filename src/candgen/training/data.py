@@ -6,6 +6,7 @@ the data set's own ids (for the marketplace, items 1..M and ads 1,000,000,000 + 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class SequenceData:
             ``candgen.data.interactions.LABELS``), or None.
         train_surfaces: per user, the surface code of each training item (1 + index into
             ``candgen.vocab.SURFACES``; 0 where unknown), or None.
+        ad_items: (N + 1,) True where an internal id is an ad (the marketplace), or None.
     """
 
     name: str
@@ -87,10 +89,19 @@ class SequenceData:
     feature_service: str | None = None
     train_labels: list[np.ndarray] | None = None
     train_surfaces: list[np.ndarray] | None = None
+    ad_items: np.ndarray | None = None
 
     @property
     def num_items(self) -> int:
         return len(self.item_ids) - 1
+
+    @functools.cached_property
+    def cold_ads(self) -> np.ndarray:
+        """(N + 1,) True where an ad has no training interaction (first seen after the training
+        cutoff: a cold-start ad); all False where the data has no ads."""
+        if self.ad_items is None:
+            return np.zeros(self.num_items + 1, dtype=bool)
+        return self.ad_items & (self.train_popularity() == 0)
 
     def train_popularity(self) -> np.ndarray:
         """(N + 1,) count of each item among training interactions (row 0 is 0)."""
@@ -421,6 +432,8 @@ def load_marketplace(
     attrs[ad_rows, 0] = ads["category"].map(cat_codes)
     attrs[ad_rows, 1] = n_cat + ads["advertiser_id"].to_numpy()
 
+    is_ad = np.zeros(len(item_ids), dtype=bool)
+    is_ad[ad_rows] = True
     text = None
     snapshot = json.loads((data_dir / "manifest.json").read_text()).get("snapshot", "")
     if features_dir is not None and (Path(features_dir) / "ad_attributes.parquet").exists():
@@ -448,4 +461,5 @@ def load_marketplace(
         feature_service="user_features_v1,ad_features_v1",
         train_labels=train_labels,
         train_surfaces=train_surfaces,
+        ad_items=is_ad,
     )

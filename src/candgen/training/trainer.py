@@ -174,6 +174,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         data.user_feature_cardinalities,
         data.train_times is not None,
         data.train_labels is not None,
+        torch.from_numpy(data.cold_ads),
     ).to(device)
     pop = np.bincount(windows.targets.ravel(), minlength=data.num_items + 1).astype(np.float64)
     pop[0] = 0
