@@ -52,7 +52,8 @@ def build_model(
                            num_experts=config.num_experts, serve_label=LABELS.index(serve),
                            scenario_adaptive=config.scenario_adaptive,
                            item_text=item_text, cold_items=cold_items,
-                           content_dropout=config.content_dropout, num_blocks=config.num_blocks, num_heads=config.num_heads,
+                           content_dropout=config.content_dropout,
+                           num_blocks=config.num_blocks, num_heads=config.num_heads,
                            time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
     return TwoTower(
         item_attributes=item_attributes,
