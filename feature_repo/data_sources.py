@@ -22,6 +22,7 @@ def _parquet(name: str) -> FileSource:
 user_profile_source = _parquet("user_profile")
 user_short_term_source = _parquet("user_short_term")
 user_long_term_source = _parquet("user_long_term")
+user_long_term_embedding_source = _parquet("user_long_term_embedding")
 ad_attributes_source = _parquet("ad_attributes")
 ad_delivery_source = _parquet("ad_delivery")
 advertiser_profile_source = _parquet("advertiser_profile")

@@ -7,6 +7,7 @@ from features import (
     ad_delivery,
     advertiser_profile,
     user_long_term,
+    user_long_term_embedding,
     user_profile,
     user_short_term,
 )
@@ -48,4 +49,22 @@ user_serving_v1 = FeatureService(
     ],
     description="Only what the retrieve ensemble's features step reads: the feature server "
     "answers it in about half the time of user_features_v1 (docs/BENCHMARKS.md).",
+)
+
+user_features_v2 = FeatureService(
+    name="user_features_v2",
+    features=[user_profile, user_short_term, user_long_term, user_long_term_embedding],
+    description="user_features_v1 and the long-term summary embedding.",
+)
+
+user_serving_v2 = FeatureService(
+    name="user_serving_v2",
+    features=[
+        user_short_term[["recent_item_ids", "recent_timestamps"]],
+        user_long_term[["category_affinity", "engagements_total", "ad_clicks_total"]],
+        user_long_term_embedding[["long_term_embedding"]],
+    ],
+    description="What the retrieve ensemble's features step reads: user_serving_v1, the "
+    "long-term summary the unified model fuses, and the lifetime counts that set the user's "
+    "activity bucket for the learned quotas.",
 )

@@ -6,6 +6,7 @@ from data_sources import (
     ad_attributes_source,
     ad_delivery_source,
     advertiser_profile_source,
+    user_long_term_embedding_source,
     user_long_term_source,
     user_profile_source,
     user_short_term_push,
@@ -53,6 +54,16 @@ user_long_term = FeatureView(
     ],
     source=user_long_term_source,
     description="Long engagement sequence and lifetime category affinity, rebuilt daily.",
+)
+
+user_long_term_embedding = FeatureView(
+    name="user_long_term_embedding",
+    entities=[user],
+    ttl=timedelta(days=30),  # a summary a month old no longer describes the user
+    schema=[Field(name="long_term_embedding", dtype=Array(Float32))],
+    source=user_long_term_embedding_source,
+    description="PinnerFormer-style summary of the long engagement sequence (the long-term "
+    "summariser's embedding of each daily user_long_term snapshot; candgen features long-term).",
 )
 
 ad_attributes = FeatureView(

@@ -31,14 +31,22 @@ from candgen.features.text import EMBEDDING_DIM, MODEL_NAME, TextEmbedder
 
 TS: Final = pa.timestamp("us", tz="UTC")
 SEQUENCE_EVENT_TYPES: Final = ("engage", "click", "conversion")
+# The users' long-term embeddings: written empty here, filled by the long-term summariser
+# (`candgen features long-term`), so that every feature view always has its source table.
+LONG_TERM_TABLE: Final = "user_long_term_embedding"
 FEATURE_TABLES: Final = (
     "user_profile",
     "user_short_term",
     "user_long_term",
+    LONG_TERM_TABLE,
     "ad_attributes",
     "ad_delivery",
     "advertiser_profile",
 )
+LONG_TERM_SCHEMA: Final = pa.schema(
+    [("user_id", pa.int64()), ("event_timestamp", TS),
+     ("long_term_embedding", pa.list_(pa.float32()))]
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -357,6 +365,7 @@ def build_features(
             ).cast(pa.list_(pa.float32())),
         }
     )
+    tables[LONG_TERM_TABLE] = LONG_TERM_SCHEMA.empty_table()
     tables["ad_delivery"] = _ad_delivery(events, ads, campaigns, manifest, config)
     tables["advertiser_profile"] = pa.table(
         {
@@ -380,6 +389,7 @@ def build_features(
         "data_start": min(
             pd.Timestamp(t.column("event_timestamp").combine_chunks().to_pandas().min())
             for t in tables.values()
+            if t.num_rows
         ).isoformat(),
         "data_end": end.isoformat(),
         "rows": {name: t.num_rows for name, t in tables.items()},

@@ -29,11 +29,13 @@ def build_model(
     has_timestamps: bool = False,
     has_labels: bool = False,
     cold_items: torch.Tensor | None = None,
+    long_term_dim: int = 0,
 ) -> RetrievalModel:
     """The model a config names, sized for the data.
 
     ``cold_items`` marks the items with no training interaction; the unified model represents
-    those that have text by their content vector alone.
+    those that have text by their content vector alone. ``long_term_dim`` is the width of the
+    long-term embedding the unified model fuses (0: none).
 
     HSTU gets its time bias only where the data has timestamps: a parameter that never receives
     a gradient would stall DDP's gradient reduction. The unified model serves the click head
@@ -41,11 +43,12 @@ def build_model(
     """
     common = {"num_items": num_items, "dim": config.dim, "max_len": config.max_len,
               "dropout": config.dropout, "temperature": config.effective_temperature}  # fmt: skip
+    time_buckets = 64 if has_timestamps and config.time_bias else 0
     if config.model == "sasrec":
         return SASRec(num_blocks=config.num_blocks, num_heads=config.num_heads, **common)
     if config.model == "hstu":
         return HSTU(num_blocks=config.num_blocks, num_heads=config.num_heads,
-                    time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
+                    time_buckets=time_buckets, **common)  # fmt: skip
     if config.model == "unified":
         serve = config.serve_label or ("click" if has_labels else "organic")
         return UnifiedHSTU(num_labels=len(LABELS), num_scenarios=NUM_SCENARIOS,
@@ -53,8 +56,9 @@ def build_model(
                            scenario_adaptive=config.scenario_adaptive,
                            item_text=item_text, cold_items=cold_items,
                            content_dropout=config.content_dropout,
+                           long_term_dim=long_term_dim, short_term=config.short_term,
                            num_blocks=config.num_blocks, num_heads=config.num_heads,
-                           time_buckets=64 if has_timestamps else 0, **common)  # fmt: skip
+                           time_buckets=time_buckets, **common)  # fmt: skip
     return TwoTower(
         item_attributes=item_attributes,
         user_feature_cardinalities=user_feature_cardinalities,
@@ -79,6 +83,8 @@ def load_model(path: Path, map_location: str = "cpu") -> tuple[RetrievalModel, d
         tuple(saved.get("user_feature_cardinalities", ())),
         bool(saved.get("has_timestamps", False)),
         bool(saved.get("has_labels", False)),
+        None,  # the cold-item mask is part of the state
+        int(saved.get("long_term_dim", 0)),
     )
     model.load_state_dict(state)
     model.eval()

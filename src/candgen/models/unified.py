@@ -102,6 +102,11 @@ class UnifiedHSTU(HSTU):
         cold_items: (num_items + 1,) True where an item had no training interaction: its vector
             is its content vector alone (only items with text are affected).
         content_dropout: in training, the probability of dropping a warm ad's id embedding.
+        long_term_dim: width of the long-term embedding (``batch["long_term"]``: (B, L, T) per
+            position or (B, T) per user; absent or zero rows: none yet) fused into the state by
+            a linear projection; 0: the model reads none.
+        short_term: read the recent sequence with the HSTU encoder; False leaves only the
+            long-term embedding and the surface (needs long_term_dim).
         **hstu: the HSTU encoder's arguments (dim, max_len, num_blocks, ...).
     """
 
@@ -118,6 +123,8 @@ class UnifiedHSTU(HSTU):
         item_text: torch.Tensor | None = None,
         cold_items: torch.Tensor | None = None,
         content_dropout: float = 0.5,
+        long_term_dim: int = 0,
+        short_term: bool = True,
         **hstu: object,
     ) -> None:
         super().__init__(num_items, **hstu)  # type: ignore[arg-type]
@@ -132,6 +139,12 @@ class UnifiedHSTU(HSTU):
         self.serve_label = serve_label
         self.scenario_adaptive = scenario_adaptive
         self.content_dropout = content_dropout
+        if not short_term and long_term_dim <= 0:
+            raise ValueError("short_term: without the short-term sequence the model needs a "
+                             "long-term embedding (long_term_dim > 0)")  # fmt: skip
+        self.short_term = short_term
+        # Created only where there are long-term embeddings, as the content tower below.
+        self.long_term = nn.Linear(long_term_dim, dim) if long_term_dim > 0 else None
         self.content: ContentTower | None = None
         has_text = None if item_text is None else item_text.abs().sum(-1) > 0
         # Built only where some item has text, so a set without text (Amazon Beauty) gets
@@ -181,7 +194,16 @@ class UnifiedHSTU(HSTU):
         return codes
 
     def encode_positions(self, batch: Batch) -> torch.Tensor:
-        state = super().encode_positions(batch)
+        items = batch["items"]
+        if self.short_term:
+            state = super().encode_positions(batch)
+        else:
+            state = torch.zeros(*items.shape, self.dim, device=items.device)
+        long_term = batch.get("long_term")
+        if self.long_term is not None and long_term is not None:
+            if long_term.dim() == 2:
+                long_term = long_term[:, None, :].expand(*items.shape, long_term.shape[-1])
+            state = state + self.long_term(long_term.float())
         scenarios = self._codes(batch, "scenarios", 0, self.mixture.num_scenarios)
         if not self.scenario_adaptive:
             scenarios = torch.zeros_like(scenarios)

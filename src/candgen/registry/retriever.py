@@ -41,6 +41,9 @@ class Retriever:
         table = model.item_table() if item_table is None else torch.from_numpy(item_table)
         self.item_table = table.float()
         self.max_len = max_len
+        projection = getattr(model, "long_term", None)
+        # The width of the long-term embedding the model fuses (0: it reads none).
+        self.long_term_dim = int(projection.in_features) if projection is not None else 0
 
     def encode(self, histories: list[list[int]]) -> np.ndarray:
         """Maps external ids to internal ones; rejects ids outside the vocabulary."""
@@ -67,6 +70,7 @@ class Retriever:
         histories: list[list[int]],
         times: list[list[float]] | None = None,
         scenarios: list[str] | None = None,
+        long_term: list[list[float] | None] | None = None,
     ) -> np.ndarray:
         """(len(histories), D) user embeddings: the user encoder after each history.
 
@@ -76,9 +80,24 @@ class Retriever:
                 (HSTU trained on timestamped data); None where there are none.
             scenarios: the surface of each request, for a contextual model (the unified one
                 conditions its query on it; others ignore it); None: unknown.
+            long_term: each user's long-term embedding (``user_long_term_embedding``), for a
+                model that fuses one (others ignore it); None or empty: none yet.
         """
         internal = self.encode(histories)
         batch = {"items": torch.from_numpy(pad_left(internal, self.max_len))}
+        width = self.long_term_dim
+        if long_term is not None and width:
+            if len(long_term) != len(histories):
+                raise CandgenError("long_term: one embedding (or None) per history is needed")
+            rows = np.zeros((len(histories), width), dtype=np.float32)
+            for row, vector in enumerate(long_term):
+                if vector is None or len(vector) == 0:
+                    continue
+                if len(vector) != width:
+                    raise CandgenError(f"long_term[{row}]: {len(vector)} values, but the model "
+                                       f"fuses a {width}-d long-term embedding")  # fmt: skip
+                rows[row] = vector
+            batch["long_term"] = torch.from_numpy(rows)
         if scenarios is not None and self.model.contextual:
             if len(scenarios) != len(histories):
                 raise CandgenError("scenarios: one surface per history is needed")

@@ -21,8 +21,8 @@ from candgen.serving.quota import QuotaConfig, allocate
 if TYPE_CHECKING:  # torch is imported only by the step that encodes
     from candgen.registry.retriever import Retriever
 
-# The narrow service: only the features read below (user_features_v1 has them all).
-USER_SERVICE = "user_serving_v1"
+# The narrow service: only the features read below (user_features_v2 has them all).
+USER_SERVICE = "user_serving_v2"
 COLD_START, FALLBACK = "cold_start", "fallback"
 
 
@@ -57,6 +57,9 @@ class UserContext:
             request's real-time items.
         times: seconds since the epoch of each history item, or None when there are none.
         affinity: the long-term category affinity, or None.
+        long_term: the long-term summary embedding (``user_long_term_embedding``), or None.
+        activity: the user's lifetime actions (engagements and ad clicks) plus the request's
+            real-time ones: what sets the user's activity bucket for the quotas.
         cold_start: nothing was known about the user (no features, no recent items).
         fallback: the feature store could not be reached.
     """
@@ -64,6 +67,8 @@ class UserContext:
     history: list[int]
     times: list[float] | None = None
     affinity: list[float] | None = None
+    long_term: list[float] | None = None
+    activity: int = 0
     cold_start: bool = False
     fallback: bool = False
 
@@ -88,10 +93,14 @@ def user_context(features: FeatureSource, user_id: int, recent_item_ids: Sequenc
     now = max(stored_times, default=0.0)
     times = [*map(float, stored_times), *[float(now)] * len(recent_item_ids)]
     affinity = (feats or {}).get("category_affinity")
+    long_term = (feats or {}).get("long_term_embedding")
+    lifetime = sum(int((feats or {}).get(k) or 0) for k in ("engagements_total", "ad_clicks_total"))
     return UserContext(
         history=history,
         times=times if times and len(times) == len(history) else None,
         affinity=[float(a) for a in affinity] if affinity is not None else None,
+        long_term=[float(v) for v in long_term] if long_term else None,
+        activity=lifetime + len(recent_item_ids),
         cold_start=feats is None and not recent_item_ids and not fallback,
         fallback=fallback,
     )
@@ -101,14 +110,15 @@ def user_vector(
     retriever: Retriever, context: UserContext, scenario: str = ""
 ) -> np.ndarray | None:
     """Step 2: the user encoder over the history items it knows, for the request's surface
-    (which a contextual model conditions on); None when it knows none of the items."""
+    (which a contextual model conditions on), fused with the user's long-term embedding where the
+    model reads one; None when it knows none of the items."""
     times = context.times or [0.0] * len(context.history)
     known = [(i, t) for i, t in zip(context.history, times, strict=True) if i in retriever.index]
     if not known:
         return None
     ids = [i for i, _ in known]
     query = retriever.user_vectors([ids], [[t for _, t in known]] if context.times else None,
-                                   [scenario])  # fmt: skip
+                                   [scenario], [context.long_term])  # fmt: skip
     return np.asarray(query[0], dtype=np.float32)
 
 

@@ -6,15 +6,16 @@ model's version folder: ``<repository>/<model>/<version>/``, written by ``export
 
     retrieve (ensemble)
       candgen_features      USER_ID, SCENARIO, K, RECENT_ITEM_IDS? -> HISTORY_IDS, HISTORY_TIMES,
-                            AFFINITY, CONTEXT_FLAGS     (validates the request; Feast online)
-      candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES, SCENARIO -> USER_VECTOR (torch)
+                            AFFINITY, LONG_TERM, ACTIVITY, CONTEXT_FLAGS
+                            (validates the request; Feast online)
+      candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES, LONG_TERM, SCENARIO -> USER_VECTOR
       candgen_generators    HISTORY_IDS, AFFINITY, USER_VECTOR, K
                             -> CANDIDATE_IDS, CANDIDATE_SCORES, CANDIDATE_SOURCES  (FAISS)
       candgen_select        CANDIDATE_*, SCENARIO, K, CONTEXT_FLAGS
                             -> AD_IDS, SCORES, SOURCES, FLAGS  (quotas, dedup)
 
-Empty tensors stand for "none": no times, no affinity, no user vector (the encoder knew none of
-the history), no flags.
+Empty tensors stand for "none": no times, no affinity, no long-term embedding, no user vector
+(the encoder knew none of the history), no flags.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def context_tensors(context: UserContext) -> Tensors:
         "HISTORY_IDS": np.asarray(context.history, dtype=np.int64),
         "HISTORY_TIMES": np.asarray(context.times or [], dtype=np.float64),
         "AFFINITY": np.asarray(context.affinity or [], dtype=np.float32),
+        "LONG_TERM": np.asarray(context.long_term or [], dtype=np.float32),
+        "ACTIVITY": np.asarray([context.activity], dtype=np.int64),
         "CONTEXT_FLAGS": _bytes(context.flags),
     }
 
@@ -140,11 +143,15 @@ def context_tensors(context: UserContext) -> Tensors:
 def context_from(tensors: Tensors) -> UserContext:
     times = tensors.get("HISTORY_TIMES")
     affinity = tensors.get("AFFINITY")
+    long_term = tensors.get("LONG_TERM")
+    activity = tensors.get("ACTIVITY")
     flags = set(_strings(tensors.get("CONTEXT_FLAGS")))
     return UserContext(
         history=np.asarray(tensors["HISTORY_IDS"], dtype=np.int64).tolist(),
         times=times.tolist() if times is not None and times.size else None,
         affinity=affinity.tolist() if affinity is not None and affinity.size else None,
+        long_term=long_term.tolist() if long_term is not None and long_term.size else None,
+        activity=int(activity.reshape(-1)[0]) if activity is not None and activity.size else 0,
         cold_start=COLD_START in flags,
         fallback=FALLBACK in flags,
     )
@@ -179,6 +186,8 @@ class FeaturesStep(Step):
     OUTPUTS: ClassVar[Spec] = {"HISTORY_IDS": (I64, [-1], False),
                                "HISTORY_TIMES": (F64, [-1], False),
                                "AFFINITY": (F32, [-1], False),
+                               "LONG_TERM": (F32, [-1], False),
+                               "ACTIVITY": (I64, [1], False),
                                "CONTEXT_FLAGS": (STR, [-1], False)}  # fmt: skip
 
     def __init__(self, folder: Path, features: FeatureSource | None = None) -> None:
@@ -209,6 +218,7 @@ class EncoderStep(Step):
     MODEL = "candgen_user_encoder"
     INPUTS: ClassVar[Spec] = {"HISTORY_IDS": (I64, [-1], False),
                               "HISTORY_TIMES": (F64, [-1], False),
+                              "LONG_TERM": (F32, [-1], False),
                               "SCENARIO": (STR, [1], False)}  # fmt: skip
     OUTPUTS: ClassVar[Spec] = {"USER_VECTOR": (F32, [-1], False)}
 

@@ -20,7 +20,13 @@ class TrainingWindows:
     A user whose sequence is longer than ``max_len + 1`` gives several non-overlapping windows,
     newest first, so that long histories are not thrown away. Where the data has them,
     ``target_labels`` and ``target_surfaces`` give each target's label code and the surface it
-    happened on (the scenario of the request that the position's query answers).
+    happened on (the scenario of the request that the position's query answers), and
+    ``long_term_rows`` each position's row in ``SequenceData.long_term.vectors`` (the user's
+    long-term embedding published before that position's day; 0: none yet).
+
+    With ``all_action_days``, position j may also be trained on any of the user's actions in the
+    following days: they are ``flat_items[future_lo[j]:future_hi[j]]`` (see
+    ``all_action_targets``).
     """
 
     inputs: np.ndarray
@@ -29,15 +35,42 @@ class TrainingWindows:
     user_rows: np.ndarray
     target_labels: np.ndarray | None = None
     target_surfaces: np.ndarray | None = None
+    long_term_rows: np.ndarray | None = None
+    flat_items: np.ndarray | None = None
+    future_lo: np.ndarray | None = None
+    future_hi: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.user_rows)
 
+    def all_action_targets(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(len(idx), L) targets of PinnerFormer's dense all-action objective: for each position,
+        one of the user's actions in its future window, drawn uniformly (0 where none)."""
+        if self.flat_items is None or self.future_lo is None or self.future_hi is None:
+            raise ValueError("all_action_targets: the windows were built without all_action_days")
+        lo, hi = self.future_lo[idx], self.future_hi[idx]
+        span = hi - lo
+        pick = np.minimum(lo + np.floor(rng.random(lo.shape) * span).astype(np.int64),
+                          len(self.flat_items) - 1)  # fmt: skip
+        return np.where(span > 0, self.flat_items[pick], 0)
 
-def training_windows(data: SequenceData, max_len: int) -> TrainingWindows:
-    ins, outs, times, rows, labels, surfaces = [], [], [], [], [], []
+
+def training_windows(
+    data: SequenceData, max_len: int, all_action_days: float = 0.0
+) -> TrainingWindows:
+    """The next-item training windows of ``data`` (and, with ``all_action_days``, each
+    position's future window of actions)."""
+    if all_action_days and data.train_times is None:
+        raise ConfigError("objective", f"all_action needs timestamps; {data.name} has none")
+    ins, outs, times, rows, labels, surfaces, lt_rows, lo_s, hi_s = ([] for _ in range(9))
+    offset = 0
     for r, seq in enumerate(data.train):
         secs = data.train_times[r] if data.train_times is not None else None
+        if all_action_days:
+            assert secs is not None
+            # The window of position j is (j, last index within all_action_days of it].
+            future_hi = offset + np.searchsorted(secs, secs + all_action_days * 86_400, "right")
+            future_lo = offset + np.arange(1, len(seq) + 1)
         end = len(seq)
         while end >= 2:
             start = max(0, end - max_len - 1)
@@ -45,12 +78,18 @@ def training_windows(data: SequenceData, max_len: int) -> TrainingWindows:
             outs.append(seq[start + 1 : end])
             if secs is not None:
                 times.append(secs[start : end - 1])
+                if data.long_term is not None:
+                    lt_rows.append(data.long_term.rows_before_day(r, secs[start : end - 1]))
+            if all_action_days:
+                lo_s.append(future_lo[start : end - 1])
+                hi_s.append(future_hi[start : end - 1])
             if data.train_labels is not None:
                 labels.append(data.train_labels[r][start + 1 : end])
             if data.train_surfaces is not None:
                 surfaces.append(data.train_surfaces[r][start + 1 : end])
             rows.append(r)
             end = start + 1 if start > 0 else 0
+        offset += len(seq)
     if not rows:
         raise ValueError("the training data has no user with two or more interactions")
     return TrainingWindows(
@@ -60,6 +99,10 @@ def training_windows(data: SequenceData, max_len: int) -> TrainingWindows:
         user_rows=np.asarray(rows, dtype=np.int64),
         target_labels=pad_left(labels, max_len) if labels else None,
         target_surfaces=pad_left(surfaces, max_len) if surfaces else None,
+        long_term_rows=pad_left(lt_rows, max_len) if lt_rows else None,
+        flat_items=np.concatenate(data.train).astype(np.int64) if all_action_days else None,
+        future_lo=pad_left(lo_s, max_len) if all_action_days else None,
+        future_hi=pad_left(hi_s, max_len) if all_action_days else None,
     )
 
 
@@ -81,6 +124,7 @@ def restrict_targets(windows: TrainingWindows, labels: Sequence[int]) -> Trainin
         inputs=windows.inputs[rows], targets=np.where(keep, windows.targets, 0)[rows],
         times=pick(windows.times), user_rows=windows.user_rows[rows],
         target_labels=pick(windows.target_labels), target_surfaces=pick(windows.target_surfaces),
+        long_term_rows=pick(windows.long_term_rows),
     )  # fmt: skip
 
 
@@ -92,10 +136,13 @@ def make_batch(
     device: torch.device,
     labels: np.ndarray | None = None,
     scenarios: np.ndarray | None = None,
+    long_term_rows: np.ndarray | None = None,
 ) -> Batch:
     """A model batch from padded arrays (and the users' static features, the label heads and
-    scenarios to query for, if any)."""
+    scenarios to query for, and the users' long-term embeddings by their rows, if any)."""
     batch: Batch = {"items": torch.from_numpy(items).to(device)}
+    if long_term_rows is not None and data.long_term is not None:
+        batch["long_term"] = torch.from_numpy(data.long_term.vectors[long_term_rows]).to(device)
     if labels is not None:
         batch["labels"] = torch.from_numpy(labels).to(device)
     if scenarios is not None:
@@ -119,4 +166,6 @@ def eval_batches(
             if eval_set.history_times is not None
             else None
         )
-        yield sl, make_batch(data, hist, times, eval_set.users[sl], device)
+        lt_rows = None if eval_set.long_term_rows is None else eval_set.long_term_rows[sl]
+        yield sl, make_batch(data, hist, times, eval_set.users[sl], device,
+                             long_term_rows=lt_rows)  # fmt: skip

@@ -13,6 +13,7 @@ from candgen.vocab import LABELS
 DATASETS = ("beauty", "games", "marketplace", "planted")
 MODELS = ("sasrec", "hstu", "two_tower", "unified")
 LOSSES = ("sampled", "full")
+OBJECTIVES = ("next_item", "all_action")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_TEMPERATURE = {"sasrec": 1.0, "hstu": 0.05, "two_tower": 0.05, "unified": 0.05}
 
@@ -68,6 +69,16 @@ class TrainConfig:
         content_dropout: unified only, where ads have text: the probability that a training
             step drops a warm ad's id embedding, so its text alone must place it (as a new ad's
             text must).
+        objective: next_item (each position predicts the next item) or all_action (each
+            position predicts a random one of the user's actions in the next all_action_days:
+            PinnerFormer's dense all-action objective, which trains the long-term summariser).
+        all_action_days: the future window of the all_action objective, in days.
+        time_bias: let HSTU read timestamps (its time-gap bias) where the data has them; off
+            for the long-term summariser, whose input sequence (user_long_term) has none.
+        long_term: unified only: fuse the user's long-term embedding (the
+            user_long_term_embedding table in features_dir) into the query where it has rows.
+        short_term: unified only: read the recent engagement sequence; off leaves only the
+            long-term embedding and the surface (the ablation without short-term features).
     """
 
     dataset: str = "beauty"
@@ -108,11 +119,16 @@ class TrainConfig:
     train_labels: tuple[str, ...] = LABELS
     scenario_adaptive: bool = True
     content_dropout: float = 0.5
+    objective: str = "next_item"
+    all_action_days: float = 7.0
+    time_bias: bool = True
+    long_term: bool = True
+    short_term: bool = True
 
     def __post_init__(self) -> None:
         choices = {
             "dataset": DATASETS, "model": MODELS, "loss": LOSSES, "device": DEVICES,
-            "protocol": ("", "full", "sampled100"),
+            "protocol": ("", "full", "sampled100"), "objective": OBJECTIVES,
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -151,6 +167,17 @@ class TrainConfig:
         if self.loss == "sampled" and self.num_negatives == 0 and not self.in_batch_negatives:
             raise ConfigError("num_negatives", "the sampled loss needs negatives: set > 0 "
                               "or --in-batch-negatives")  # fmt: skip
+        if not self.all_action_days > 0:
+            raise ConfigError("all_action_days", f"must be > 0, got {self.all_action_days}")
+        if self.objective == "all_action" and self.model == "unified":
+            raise ConfigError(
+                "objective",
+                "all_action trains a long-term summariser (hstu, "
+                "sasrec, two_tower); the unified model trains next_item per label",
+            )
+        if not self.short_term and not (self.model == "unified" and self.long_term):
+            raise ConfigError("short_term", "only the unified model with long_term can leave "
+                              "out the short-term sequence")  # fmt: skip
         metric, _, k = self.primary_metric.partition("@")
         if metric not in ("hr", "ndcg", "recall") or not k.isdigit():
             raise ConfigError("primary_metric", f"expected hr@K, ndcg@K or recall@K, got "
@@ -188,6 +215,9 @@ class TrainConfig:
             "num_experts",
             "serve_label",
             "scenario_adaptive",
+            "time_bias",
+            "long_term",
+            "short_term",
         )
         return {n: getattr(self, n) for n in names}
 

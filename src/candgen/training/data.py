@@ -17,6 +17,7 @@ import pandas as pd
 
 from candgen.data.interactions import leave_one_out, validate_interactions
 from candgen.errors import CandgenError, DataFormatError
+from candgen.features.build import LONG_TERM_TABLE
 from candgen.vocab import LABELS, scenario_code
 
 USER_FEATURE_COLUMNS = ("age_bucket", "country", "device")
@@ -35,6 +36,8 @@ class EvalSet:
         target_item: (T,) internal id of each target item.
         target_label: (T,) ``organic``, ``click`` or ``conversion``.
         target_surface: (T,) surface of each target, or None where the data has none.
+        long_term_rows: (M,) each user's row in ``SequenceData.long_term.vectors`` as of the
+            window's start (0: none), or None where the data has no long-term embeddings.
     """
 
     users: np.ndarray
@@ -44,9 +47,91 @@ class EvalSet:
     target_item: np.ndarray
     target_label: np.ndarray
     target_surface: np.ndarray | None = None
+    long_term_rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.users)
+
+
+SECONDS_PER_DAY = 86_400
+
+
+@dataclass(frozen=True)
+class LongTermFeatures:
+    """The users' long-term embeddings, one per daily snapshot (``user_long_term_embedding``).
+
+    Attributes:
+        vectors: (S + 1, D) float32 embeddings; row 0 is zeros (no snapshot yet).
+        user_offsets: (U + 1,) user r's snapshots are rows ``1 + user_offsets[r]`` to
+            ``user_offsets[r + 1]`` (inclusive), oldest first.
+        times: (S,) seconds since the epoch at which each snapshot became known.
+        trained_before: the summariser's training cutoff (ISO time): it saw no action after it.
+        summariser: the summariser's model file; a model that fuses these embeddings must be
+            served with embeddings of the same summariser.
+    """
+
+    vectors: np.ndarray
+    user_offsets: np.ndarray
+    times: np.ndarray
+    trained_before: str = ""
+    summariser: str = ""
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def rows_before_day(self, user_row: int, seconds: np.ndarray) -> np.ndarray:
+        """For each time, the row of the user's newest snapshot known before that time's UTC
+        day began (what a daily batch job had published by then), or 0 where none was."""
+        lo, hi = int(self.user_offsets[user_row]), int(self.user_offsets[user_row + 1])
+        day_start = np.floor(np.asarray(seconds, dtype=np.float64) / SECONDS_PER_DAY)
+        found = np.searchsorted(self.times[lo:hi], day_start * SECONDS_PER_DAY, side="left")
+        return np.where(found > 0, lo + found, 0).astype(np.int64)
+
+
+def load_long_term(
+    path: Path, user_ids: np.ndarray, cutoff: pd.Timestamp
+) -> LongTermFeatures | None:
+    """The long-term embedding table at ``path`` for ``user_ids``, or None when it has no rows.
+
+    Raises:
+        CandgenError: the summariser that wrote it trained on actions after ``cutoff`` (the
+            training cutoff of the model that would read it), which would leak the evaluation
+            window into its features.
+    """
+    table = pd.read_parquet(path)
+    if table.empty:
+        return None
+    meta = pq_metadata(path)
+    trained_before = meta.get("trained_before", "")
+    if not trained_before or pd.Timestamp(trained_before) > cutoff:
+        raise CandgenError(
+            f"{path}: the long-term summariser trained on actions up to {trained_before or '?'}, "
+            f"after this model's training cutoff {cutoff.isoformat()}; rebuild the long-term "
+            "features with the same eval_days as the model (candgen features long-term)"
+        )
+    known = table[table["user_id"].isin(user_ids)]
+    row_of = pd.Series(np.arange(len(user_ids)), index=user_ids)
+    known = known.assign(row=row_of.loc[known["user_id"].to_numpy()].to_numpy(),
+                         sec=known["event_timestamp"].astype("int64") / 1e6)  # fmt: skip
+    known = known.sort_values(["row", "sec"], kind="stable")
+    counts = np.bincount(known["row"].to_numpy(), minlength=len(user_ids))
+    vectors = np.stack(known["long_term_embedding"].to_numpy()).astype(np.float32)
+    return LongTermFeatures(
+        vectors=np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors]),
+        user_offsets=np.r_[0, np.cumsum(counts)].astype(np.int64),
+        times=known["sec"].to_numpy(np.float64),
+        trained_before=trained_before,
+        summariser=meta.get("summariser", ""),
+    )
+
+
+def pq_metadata(path: Path) -> dict[str, str]:
+    """The string key/value metadata a parquet file carries (candgen keeps lineage there)."""
+    import pyarrow.parquet as pq
+
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW")}
 
 
 @dataclass(frozen=True)
@@ -72,6 +157,9 @@ class SequenceData:
         train_surfaces: per user, the surface code of each training item (1 + index into
             ``candgen.vocab.SURFACES``; 0 where unknown), or None.
         ad_items: (N + 1,) True where an internal id is an ad (the marketplace), or None.
+        long_term: the users' long-term embeddings, or None.
+        train_cutoff: where the data is split by time, the start of the validation window (ISO
+            time): training saw nothing at or after it.
     """
 
     name: str
@@ -90,6 +178,8 @@ class SequenceData:
     train_labels: list[np.ndarray] | None = None
     train_surfaces: list[np.ndarray] | None = None
     ad_items: np.ndarray | None = None
+    long_term: LongTermFeatures | None = None
+    train_cutoff: str = ""
 
     @property
     def num_items(self) -> int:
@@ -346,7 +436,8 @@ def load_marketplace(
     validation window; every engagement and click in a window is a target for its user, ranked
     from the user's history before the window. User features are the static profile
     (age bucket, country, device); item attributes are category and advertiser; ads carry their
-    MiniLM text embedding when ``features_dir`` holds ``ad_attributes.parquet``.
+    MiniLM text embedding when ``features_dir`` holds ``ad_attributes.parquet``, and users their
+    long-term embeddings when it holds a non-empty ``user_long_term_embedding.parquet``.
     """
     data_dir = Path(data_dir)
     df = marketplace_interactions(data_dir)
@@ -394,6 +485,11 @@ def load_marketplace(
         train_labels.append(column(g, "label_code"))
         train_surfaces.append(column(g, "surface_code"))
 
+    long_term = None
+    lt_path = Path(features_dir) / f"{LONG_TERM_TABLE}.parquet" if features_dir else None
+    if lt_path is not None and lt_path.exists():
+        long_term = load_long_term(lt_path, users, valid_start)
+
     def eval_set(start: pd.Timestamp, stop: pd.Timestamp) -> EvalSet:
         window = df[(df["timestamp"] >= start) & (df["timestamp"] < stop)]
         rows, hists, times = [], [], []
@@ -419,7 +515,10 @@ def load_marketplace(
             target_item=np.asarray(t_item, dtype=np.int64),
             target_label=np.asarray(t_label, dtype=object),
             target_surface=np.asarray(t_surface, dtype=object),
-        )
+            long_term_rows=None if long_term is None else np.asarray(
+                [long_term.rows_before_day(r, [start.timestamp()])[0] for r in rows],
+                dtype=np.int64),
+        )  # fmt: skip
 
     ads = pd.read_parquet(data_dir / "ads.parquet", columns=["ad_id", "category", "advertiser_id"])
     items = pd.read_parquet(data_dir / "items.parquet", columns=["item_id", "category"])
@@ -458,8 +557,10 @@ def load_marketplace(
         user_feature_cardinalities=tuple(cards),
         snapshot=snapshot,
         # Serving reads the same profile and ad text through these Feast feature services.
-        feature_service="user_features_v1,ad_features_v1",
+        feature_service=f"user_features_v{1 if long_term is None else 2},ad_features_v1",
         train_labels=train_labels,
         train_surfaces=train_surfaces,
         ad_items=is_ad,
+        long_term=long_term,
+        train_cutoff=valid_start.isoformat(),
     )

@@ -73,6 +73,16 @@ def load_data(config: TrainConfig) -> SequenceData:
     return d.load_planted(seed=config.seed)
 
 
+def long_term_dim(config: TrainConfig, data: SequenceData) -> int:
+    """The width of the long-term embedding the model reads (0: it reads none)."""
+    if config.model != "unified" or not config.long_term or data.long_term is None:
+        if not config.short_term:
+            raise ConfigError("short_term", "leaving out the short-term sequence needs the "
+                              "long-term embeddings (candgen features long-term)")  # fmt: skip
+        return 0
+    return data.long_term.dim
+
+
 class _TrainingLoss(nn.Module):
     """Wraps a model so that DDP sees one forward that returns the loss."""
 
@@ -158,8 +168,12 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         raise ConfigError("batch_size", f"{config.batch_size} < {world} processes")
 
     data = data if data is not None else load_data(config)
-    windows = training_windows(data, config.max_len)
+    all_action = config.objective == "all_action"
+    windows = training_windows(data, config.max_len, config.all_action_days if all_action else 0)
     if set(config.train_labels) != set(LABELS):
+        if all_action:
+            raise ConfigError("train_labels", "the all_action objective trains on every action "
+                              "in the window; leave train_labels at all labels")  # fmt: skip
         windows = restrict_targets(windows, [LABELS.index(x) for x in config.train_labels])
     out_dir = Path(config.out_dir)
     if rank == 0:
@@ -175,6 +189,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         data.train_times is not None,
         data.train_labels is not None,
         torch.from_numpy(data.cold_ads),
+        long_term_dim(config, data),
     ).to(device)
     pop = np.bincount(windows.targets.ravel(), minlength=data.num_items + 1).astype(np.float64)
     pop[0] = 0
@@ -221,7 +236,8 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 131 + rank)
         total = 0.0
         for step in range(steps):
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size][rank::world]
+            global_idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            idx = global_idx[rank::world]
             batch = make_batch(
                 data,
                 windows.inputs[idx],
@@ -230,8 +246,16 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
                 device,
                 *((windows.target_labels[idx], windows.target_surfaces[idx])
                   if multitask else (None, None)),
+                long_term_rows=None if windows.long_term_rows is None
+                else windows.long_term_rows[idx],
             )  # fmt: skip
-            targets = torch.from_numpy(windows.targets[idx]).to(device)
+            if all_action:
+                # Drawn for the global batch, so one and two processes train on the same targets.
+                draw = np.random.default_rng([config.seed, epoch, step])
+                step_targets = windows.all_action_targets(global_idx, draw)[rank::world]
+            else:
+                step_targets = windows.targets[idx]
+            targets = torch.from_numpy(step_targets).to(device)
             loss = wrapped(batch, targets, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -292,6 +316,9 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
              "user_feature_cardinalities": data.user_feature_cardinalities,
              "has_timestamps": data.train_times is not None,
              "has_labels": data.train_labels is not None,
+             "long_term_dim": long_term_dim(config, data),
+             "train_cutoff": data.train_cutoff,
+             "long_term_summariser": data.long_term.summariser if data.long_term else "",
              "snapshot": data.snapshot, "feature_service": data.feature_service,
              "best_epoch": int(best["epoch"])},
             model_path,

@@ -1,0 +1,162 @@
+"""Long-term user interests: a PinnerFormer-style summary of each user's long engagement history,
+computed offline and served from Feast.
+
+A summariser (HSTU over the last ``max_len`` actions, no time bias, since ``user_long_term``
+holds ids only) is trained with the dense all-action objective: from the state after any
+position, predict any of the user's actions in the following ``all_action_days`` days (sampled
+softmax, one such action per position per step). Its embedding of every daily snapshot of
+``user_long_term.long_item_ids`` is written to ``user_long_term_embedding`` (feature view of the
+same name), stamped like the snapshot, so a point-in-time join and the online store see each
+day's summary from the time it could have been computed. The unified model fuses it with the
+short-term sequence at request time.
+
+    candgen features long-term --data data/marketplace --features-dir data/features
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from candgen.data.synth import snapshot_hash
+from candgen.errors import CandgenError
+from candgen.features.build import FEATURE_TABLES, LONG_TERM_SCHEMA, LONG_TERM_TABLE
+from candgen.training.config import JobConfig, TrainConfig
+
+# The summariser's settings where the caller gives none (PinnerFormer reads a long sequence; the
+# marketplace's user_long_term keeps the last 200 actions).
+SUMMARISER = {"model": "hstu", "objective": "all_action", "max_len": 200, "time_bias": False,
+              "epochs": 20, "lr": 3e-3, "batch_size": 128, "eval_every": 5,
+              "primary_metric": "recall@100"}  # fmt: skip
+
+
+def summariser_config(
+    data_dir: Path | str, out_dir: Path | str, eval_days: int, **overrides: Any
+) -> TrainConfig:
+    """The summariser's training config on a marketplace (``overrides`` are TrainConfig fields).
+
+    ``eval_days`` must be the one the models that read the summary train with: the summariser
+    then sees no action of their validation or test windows.
+    """
+    values = {**SUMMARISER, **overrides}
+    return TrainConfig(dataset="marketplace", data_dir=str(data_dir), out_dir=str(out_dir),
+                       eval_days=eval_days, track=False, **values)  # fmt: skip
+
+
+def summarise(
+    model_path: Path | str, features_dir: Path | str, batch_size: int = 256, progress: bool = True
+) -> dict[str, Any]:
+    """Writes ``user_long_term_embedding.parquet``: the summariser's embedding of every snapshot
+    in ``user_long_term.parquet`` of ``features_dir``, and updates the features manifest.
+
+    Snapshot ids the summariser does not know are skipped; a snapshot with none it knows gets no
+    row (the user has no long-term embedding until one has).
+
+    Returns:
+        What was written: rows, users, dimension, the summariser's training cutoff.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from candgen.models.base import pad_left
+    from candgen.models.factory import load_model
+
+    features_dir = Path(features_dir)
+    model, saved = load_model(Path(model_path))
+    cutoff = str(saved.get("train_cutoff", ""))
+    if not cutoff:
+        raise CandgenError(
+            f"model: {model_path} was not trained on a time-split marketplace, "
+            "so its training cutoff is unknown; train it on dataset marketplace"
+        )
+    if model.contextual:
+        raise CandgenError(f"model: {model_path} is a contextual model; summarise with a "
+                           "summariser (candgen.features.long_term.SUMMARISER)")  # fmt: skip
+    source = features_dir / "user_long_term.parquet"
+    if not source.exists():
+        raise CandgenError(f"features_dir: {features_dir} holds no user_long_term table "
+                           "(run `candgen features build`)")  # fmt: skip
+    snaps = pd.read_parquet(source, columns=["user_id", "event_timestamp", "long_item_ids"])
+    index = {int(x): i for i, x in enumerate(saved["item_ids"]) if i > 0}
+    max_len = int(saved["config"]["max_len"])
+    sequences = [
+        np.fromiter((index[i] for i in ids if i in index), dtype=np.int64)[-max_len:]
+        for ids in snaps["long_item_ids"]
+    ]
+    lengths = np.array([len(s) for s in sequences])
+    keep = np.flatnonzero(lengths > 0)
+    # Batches of similar length pad little: most early snapshots are far shorter than max_len.
+    order = keep[np.argsort(lengths[keep], kind="stable")]
+    dim = int(model.embed_items(torch.ones(1, dtype=torch.long)).shape[1])
+    vectors = np.zeros((len(snaps), dim), dtype=np.float32)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc="long-term summaries",
+                          unit="batch", disable=not progress):  # fmt: skip
+            rows = order[start : start + batch_size]
+            width = int(lengths[rows].max())
+            items = torch.from_numpy(pad_left([sequences[r] for r in rows], width))
+            vectors[rows] = model.user_embedding({"items": items}).numpy()
+    written = snaps.iloc[keep]
+    table = pa.table(
+        {
+            "user_id": written["user_id"].to_numpy(np.int64),
+            "event_timestamp": pa.array(written["event_timestamp"], type=LONG_TERM_SCHEMA[1].type),
+            "long_term_embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors[keep].ravel()), vectors.shape[1]
+            ).cast(pa.list_(pa.float32())),
+        }
+    ).replace_schema_metadata({"trained_before": cutoff, "summariser": str(model_path)})
+    pq.write_table(table, features_dir / f"{LONG_TERM_TABLE}.parquet", compression="zstd")
+    summary = {"rows": len(keep), "users": int(written["user_id"].nunique()),
+               "dim": int(vectors.shape[1]), "trained_before": cutoff,
+               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    _update_manifest(features_dir, summary)
+    return summary
+
+
+def _update_manifest(features_dir: Path, summary: dict[str, Any]) -> None:
+    path = features_dir / "manifest.json"
+    if not path.exists():
+        return
+    manifest = json.loads(path.read_text())
+    manifest.setdefault("rows", {})[LONG_TERM_TABLE] = summary["rows"]
+    manifest["long_term"] = {k: summary[k] for k in ("dim", "trained_before", "users")}
+    manifest["snapshot"] = snapshot_hash(features_dir, FEATURE_TABLES)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def build_long_term_features(
+    config: TrainConfig, features_dir: Path | str, job: JobConfig | None = None
+) -> dict[str, Any]:
+    """Trains the summariser (a TorchX job when ``job`` is given, else in this process) and
+    writes its summaries into ``features_dir``.
+
+    Returns:
+        The summary of ``summarise`` plus the summariser's test metrics on the held-out window.
+    """
+    from candgen.training.trainer import MODEL_FILE
+
+    if config.objective != "all_action":
+        raise CandgenError(f"objective: the long-term summariser trains with all_action, not "
+                           f"{config.objective}")  # fmt: skip
+    if job is not None:
+        from candgen.training.launch import launch
+
+        metrics = launch(config, job)["test"]
+    else:
+        from candgen.training.trainer import train
+
+        metrics = train(config).test_metrics
+    summary = summarise(Path(config.out_dir) / MODEL_FILE, features_dir, progress=config.progress)
+    keys = ("recall@100", "hr@10", "ndcg@10")
+    return {**summary, "summariser": {k: metrics[k] for k in keys if k in metrics},
+            "config": dataclasses.asdict(config)}  # fmt: skip
