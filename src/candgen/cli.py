@@ -128,6 +128,21 @@ def cmd_features_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features_long_term(args: argparse.Namespace) -> int:
+    from candgen.features.long_term import build_long_term_features, summarise, summariser_config
+    from candgen.training.config import JobConfig
+
+    features = _store_config(args).features_path
+    if args.model is not None:
+        _print_json(summarise(args.model, features, progress=not args.quiet))
+        return 0
+    config = summariser_config(args.data, args.out_dir, args.eval_days, epochs=args.epochs,
+                               seed=args.seed, progress=not args.quiet)  # fmt: skip
+    job = JobConfig(nproc=args.nproc) if args.nproc != 1 else None
+    _print_json(build_long_term_features(config, features, job))
+    return 0
+
+
 def _store_config(args: argparse.Namespace) -> Any:
     from candgen.features.store import StoreConfig
 
@@ -437,6 +452,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--data", type=Path, default=DEFAULT_MARKETPLACE)
     build.add_argument("--quiet", action="store_true")
     add_config_flags(build, FeatureBuildConfig)
+    from candgen.features.long_term import SUMMARISER
+
+    lt = store_cmd("long-term", "train the long-term summariser (dense all-action objective) and "
+                   "write its daily summaries (user_long_term_embedding)",
+                   cmd_features_long_term)  # fmt: skip
+    lt.add_argument("--data", type=Path, default=DEFAULT_MARKETPLACE)
+    lt.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="summarise with this trained summariser (model.pt), no training",
+    )
+    lt.add_argument("--out-dir", default="runs/long-term", help="where the summariser goes")
+    lt.add_argument("--eval-days", type=int, default=1,
+                    help="the eval_days of the models that read the summaries (the summariser "
+                    "then never trains on their evaluation windows)")  # fmt: skip
+    lt.add_argument("--epochs", type=int, default=SUMMARISER["epochs"])
+    lt.add_argument("--seed", type=int, default=42)
+    lt.add_argument("--nproc", type=int, default=1, help="> 1: a TorchX job (DDP)")
+    lt.add_argument("--quiet", action="store_true")
     store_cmd("apply", "register the feature repository (feast apply)", cmd_features_apply)
     mat = store_cmd("materialize", "load features into the online store (incremental)",
                     cmd_features_materialize)  # fmt: skip

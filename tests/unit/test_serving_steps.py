@@ -28,6 +28,7 @@ from candgen.serving.steps import (
     UserContext(history=[5, 9], times=[100.0, 200.0], affinity=[0.25, 0.75]),
     UserContext(history=[], cold_start=True),
     UserContext(history=[3], fallback=True),
+    UserContext(history=[4], long_term=[0.5, -0.25], activity=42),
 ])  # fmt: skip
 def test_the_user_context_survives_the_trip_through_tensors(context: UserContext) -> None:
     assert context_from(context_tensors(context)) == context
