@@ -215,9 +215,12 @@ def publish(
     return {"repository": str(repository), "version": version, **provenance}
 
 
-def _ad_side(features_dir: Path) -> tuple[ContentGenerator, dict[str, np.ndarray], str]:
+def ad_side(
+    features_dir: Path, as_of: Any = None
+) -> tuple[ContentGenerator, dict[str, np.ndarray], str]:
     """The content generator, the delivery state and the tables' snapshot hash, from the
-    offline ad feature tables."""
+    offline ad feature tables; with ``as_of`` (a timestamp), the delivery state as it stood
+    then (what a replay of that day's requests must see)."""
     import pandas as pd
 
     manifest_path = features_dir / "manifest.json"
@@ -240,6 +243,8 @@ def _ad_side(features_dir: Path) -> tuple[ContentGenerator, dict[str, np.ndarray
     delivery = pd.read_parquet(features_dir / "ad_delivery.parquet").sort_values(
         ["ad_id", "event_timestamp"], kind="stable"
     )
+    if as_of is not None:
+        delivery = delivery[delivery["event_timestamp"] < as_of]
     first = delivery.groupby("ad_id").first()
     last = delivery.groupby("ad_id").last()
     total = first["budget_remaining"].to_numpy(np.float64)
@@ -309,7 +314,7 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     recall = next(v for k, v in summary.items() if k.startswith("recall_at_"))
     say(f"ad index: {summary['kind']}, {summary['size']:,} ads x {summary['dim']}, "
         f"recall vs exact {recall:.4f} (logged to the run)")  # fmt: skip
-    content, delivery, features_snapshot = _ad_side(features_dir)
+    content, delivery, features_snapshot = ad_side(features_dir)
     stage_generators(generators, content, delivery)
     say(
         f"content generator: {len(content.text):,} ads' text embeddings; "

@@ -1,20 +1,38 @@
 """Dynamic quota allocation across candidate generators, with dedup.
 
-Each surface gives every generator a weight. A request for K ads first gives each generator
-``weight * K`` slots (largest remainder, so the slots sum to K); slots a generator cannot fill
-(it found fewer eligible ads) pass to the others in proportion to their weights, until K are
-filled or every generator is exhausted. An ad found by several generators is kept once, credited
-to the generator with the larger weight, and that generator's slot is refilled from its next
-candidate. Fewer than K results come back when fewer eligible ads exist; there is never padding.
+A request for K ads gives each generator a share of the K slots. Where the shares come from is
+the quota policy (``QuotaPolicy``):
+
+- ``fixed``: each surface gives every generator a hand-set weight (``QuotaConfig``);
+- ``learned``: each generator's expected value per slot, by rank band, for the request's context
+  (surface x user-activity bucket), learned from logged outcomes (``LearnedQuotas``, fitted by
+  ``candgen.serving.quota_learning``); the K slots go to the highest-valued ones, so a generator
+  gets more slots where its candidates are worth more;
+- ``snake``: round-robin over the generators' ranked lists (snake merge), the usual baseline.
+
+Per-surface ``overrides`` take precedence over any policy. Given shares, ``allocate`` first
+gives each generator ``share * K`` slots (largest remainder, so the slots sum to K); slots a
+generator cannot fill (it found fewer eligible ads) pass to the others in proportion to their
+shares, until K are filled or every generator is exhausted. An ad found by several generators is
+kept once, credited to the generator with the larger share, and that generator's slot is
+refilled from its next candidate. Fewer than K results come back when fewer eligible ads exist;
+there is never padding.
+
+numpy only: the select step runs it inside the Triton runtime.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from candgen.errors import ConfigError
+from candgen.errors import CandgenError, ConfigError
+from candgen.vocab import SURFACES
 
 GENERATORS = ("sequential", "content", "popularity")
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
@@ -116,3 +134,252 @@ def allocate(
             break
     out = [c for g in order for c in taken[g]]
     return out[:k]
+
+
+def snake_merge(candidates: dict[str, list[tuple[int, float]]], order: Sequence[str], k: int
+                ) -> list[Candidate]:  # fmt: skip
+    """Round-robin over the generators' ranked lists in ``order`` (snake merge), skipping ads
+    already taken, until ``k`` ads are taken or every list is exhausted."""
+    if k <= 0:
+        raise ConfigError("k", f"must be > 0, got {k}")
+    cursor = dict.fromkeys(order, 0)
+    seen: set[int] = set()
+    out: list[Candidate] = []
+    while len(out) < k:
+        moved = False
+        for gen in order:
+            items = candidates.get(gen, [])
+            while cursor[gen] < len(items) and items[cursor[gen]][0] in seen:
+                cursor[gen] += 1
+            if cursor[gen] < len(items) and len(out) < k:
+                ad, score = items[cursor[gen]]
+                cursor[gen] += 1
+                seen.add(int(ad))
+                out.append(Candidate(int(ad), float(score), gen))
+                moved = True
+        if not moved:
+            break
+    return out
+
+
+QUOTA_FILE = "quotas.json"
+RANK_EDGES = (10, 25, 50, 100, 200, 500, 1_000)
+ACTIVITY_BUCKETS = ("new", "light", "regular", "heavy")
+
+
+@dataclass(frozen=True)
+class LearnedQuotas:
+    """Each generator's expected value per slot, by rank band, per context (surface x activity).
+
+    A Beta posterior per (context, generator, rank band) over "the candidate in this slot turned
+    into a logged outcome" (weighted by label: a conversion counts more than a click). Values are
+    made non-increasing along the ranks of each generator (a later slot of a list is never
+    worth more than an earlier one), so taking the K best slots gives each generator a prefix.
+
+    Attributes:
+        generators: the generators, in tie-break order.
+        rank_edges: band b holds ranks ``[rank_edges[b-1], rank_edges[b])`` (0-based; band 0
+            starts at rank 0); ranks beyond the last edge are worth 0.
+        activity_edges: a user with activity below ``activity_edges[0]`` is ``new``, below
+            ``activity_edges[1]`` ``light``, below ``activity_edges[2]`` ``regular``, else
+            ``heavy`` (activity = lifetime engagements and ad clicks, plus real-time items).
+        alpha, beta: ``"<surface>/<bucket>"`` -> (generators x bands) Beta parameters.
+        fitted: what the values were fitted on (window, requests, label weights...).
+    """
+
+    generators: tuple[str, ...]
+    rank_edges: tuple[int, ...]
+    activity_edges: tuple[int, int, int]
+    alpha: dict[str, list[list[float]]]
+    beta: dict[str, list[list[float]]]
+    fitted: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.generators) - set(GENERATORS)
+        if not self.generators or unknown:
+            raise ConfigError("generators", f"need some of {GENERATORS}, got {self.generators}")
+        edges = list(self.rank_edges)
+        if not edges or edges[0] <= 0 or edges != sorted(set(edges)):
+            raise ConfigError("rank_edges", f"need increasing positive ranks, got {edges}")
+        act = list(self.activity_edges)
+        if len(act) != len(ACTIVITY_BUCKETS) - 1 or act != sorted(act) or act[0] < 1:
+            raise ConfigError("activity_edges", f"need {len(ACTIVITY_BUCKETS) - 1} "
+                              f"non-decreasing counts >= 1, got {act}")  # fmt: skip
+        shape = (len(self.generators), len(edges))
+        for key in {*self.alpha, *self.beta}:
+            surface, _, bucket = key.partition("/")
+            if surface not in SURFACES or bucket not in ACTIVITY_BUCKETS:
+                raise ConfigError("contexts", f"{key!r} is not <surface>/<activity bucket> of "
+                                  f"{SURFACES} and {ACTIVITY_BUCKETS}")  # fmt: skip
+            for name, table in (("alpha", self.alpha), ("beta", self.beta)):
+                values = np.asarray(table.get(key, []), dtype=np.float64)
+                if values.shape != shape or not (values > 0).all():
+                    raise ConfigError(f"{name}.{key}", f"need {shape[0]} x {shape[1]} positive "
+                                      f"values, got shape {values.shape}")  # fmt: skip
+
+    def bucket(self, activity: int) -> str:
+        return ACTIVITY_BUCKETS[int(np.searchsorted(self.activity_edges, activity, "right"))]
+
+    def context(self, surface: str, activity: int) -> str:
+        key = f"{surface}/{self.bucket(activity)}"
+        if key not in self.alpha:
+            raise ConfigError("scenario", f"the learned quotas hold no context {key!r}")
+        return key
+
+    def band_values(
+        self, surface: str, activity: int, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
+        """(generators, bands) expected value per slot: the posterior mean, or with ``rng`` a
+        Thompson-sampling draw; non-increasing along each generator's bands."""
+        key = self.context(surface, activity)
+        a, b = np.asarray(self.alpha[key]), np.asarray(self.beta[key])
+        values = rng.beta(a, b) if rng is not None else a / (a + b)
+        return np.minimum.accumulate(values, axis=1)
+
+    def quotas(
+        self,
+        surface: str,
+        activity: int,
+        k: int,
+        available: Mapping[str, int] | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> dict[str, int]:
+        """Slots per generator: the ``k`` slots of highest value (a generator's slots beyond
+        ``available[g]`` candidates are not offered)."""
+        if k <= 0:
+            raise ConfigError("k", f"must be > 0, got {k}")
+        values = self.band_values(surface, activity, rng)
+        starts = (0, *self.rank_edges[:-1])
+        offers = []
+        for g, gen in enumerate(self.generators):
+            cap = self.rank_edges[-1] if available is None else int(available.get(gen, 0))
+            for band, (lo, hi) in enumerate(zip(starts, self.rank_edges, strict=True)):
+                width = min(hi, cap) - lo
+                if width > 0:
+                    offers.append((-values[g, band], g, band, width))
+        out = dict.fromkeys(self.generators, 0)
+        left = k
+        for _, g, _, width in sorted(offers):
+            take = min(width, left)
+            out[self.generators[g]] += take
+            left -= take
+            if left == 0:
+                break
+        return out
+
+    def weights(
+        self,
+        surface: str,
+        activity: int,
+        k: int,
+        available: Mapping[str, int] | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> dict[str, float]:
+        """The quotas as shares of ``k`` (what ``allocate`` takes)."""
+        quotas = self.quotas(surface, activity, k, available, rng)
+        total = sum(quotas.values())
+        if total == 0:
+            return {g: 1.0 / len(self.generators) for g in self.generators}
+        return {g: n / total for g, n in quotas.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"generators": list(self.generators), "rank_edges": list(self.rank_edges),
+                "activity_edges": list(self.activity_edges), "alpha": self.alpha,
+                "beta": self.beta, "fitted": self.fitted}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, body: Mapping[str, Any]) -> LearnedQuotas:
+        missing = {"generators", "rank_edges", "activity_edges", "alpha", "beta"} - set(body)
+        if missing:
+            raise ConfigError(sorted(missing)[0], "missing from the learned quota table")
+        return cls(tuple(body["generators"]), tuple(body["rank_edges"]),
+                   tuple(body["activity_edges"]), dict(body["alpha"]), dict(body["beta"]),
+                   dict(body.get("fitted", {})))  # type: ignore[arg-type]  # fmt: skip
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> LearnedQuotas:
+        path = Path(path)
+        if not path.exists():
+            raise CandgenError(f"quotas: {path} does not exist (candgen quotas learn writes it)")
+        try:
+            body = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CandgenError(f"quotas: {path} is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise CandgenError(f"quotas: {path} must hold a JSON object")
+        return cls.from_dict(body)
+
+
+POLICIES = ("fixed", "learned", "snake")
+EXPLORATION = ("mean", "thompson")
+
+
+@dataclass(frozen=True)
+class QuotaPolicy:
+    """How the select step shares K among the generators for one request.
+
+    Args:
+        policy: ``fixed`` (per-surface weights), ``learned`` (the learned table) or ``snake``.
+        fixed: the per-surface weights of the fixed policy.
+        overrides: surface -> generator -> share, used for that surface whatever the policy.
+        learned: the learned table (required by the learned policy).
+        exploration: with the learned policy, ``mean`` (posterior means: the same request
+            always gets the same quotas) or ``thompson`` (a Thompson-sampling draw per request).
+    """
+
+    policy: str = "fixed"
+    fixed: QuotaConfig = field(default_factory=QuotaConfig)
+    overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    learned: LearnedQuotas | None = None
+    exploration: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError("quota_policy", f"{self.policy!r} is not one of {POLICIES}")
+        if self.exploration not in EXPLORATION:
+            raise ConfigError("quota_exploration", f"{self.exploration!r} is not one of "
+                              f"{EXPLORATION}")  # fmt: skip
+        if self.policy == "learned" and self.learned is None:
+            raise ConfigError("quota_policy", "learned needs a learned quota table "
+                              f"({QUOTA_FILE}; candgen quotas learn)")  # fmt: skip
+        unknown = set(self.overrides) - set(SURFACES)
+        if unknown:
+            raise ConfigError("quota_overrides", f"unknown surface(s) {sorted(unknown)}")
+        QuotaConfig({f"{s}": w for s, w in self.overrides.items()})  # validates the shares
+
+    def source(self, surface: str) -> str:
+        """Where this surface's quotas come from: ``override``, or the policy's name."""
+        return "override" if surface in self.overrides else self.policy
+
+    def select(
+        self,
+        candidates: dict[str, list[tuple[int, float]]],
+        surface: str,
+        activity: int,
+        k: int,
+        rng: np.random.Generator | None = None,
+    ) -> list[Candidate]:
+        """Up to ``k`` ads from the generators' ranked lists for one request."""
+        source = self.source(surface)
+        if source == "override":
+            return allocate(candidates, self.overrides[surface], k)
+        if source == "snake":
+            return snake_merge(candidates, GENERATORS, k)
+        if source == "learned":
+            assert self.learned is not None
+            draw = rng if self.exploration == "thompson" else None
+            available = {g: len(c) for g, c in candidates.items()}
+            weights = self.learned.weights(surface, activity, k, available, draw)
+            return allocate(candidates, weights, k)
+        return allocate(candidates, self.fixed.for_surface(surface), k)
+
+
+def source_counts(chosen: Sequence[Candidate]) -> dict[str, int]:
+    """How many of the chosen ads each generator contributed, in GENERATORS order."""
+    counts = dict.fromkeys(GENERATORS, 0)
+    for c in chosen:
+        counts[c.source] = counts.get(c.source, 0) + 1
+    return counts

@@ -1,0 +1,394 @@
+"""Learning the quotas from logged outcomes: an offline fit of each generator's value per slot.
+
+The logged requests of a window are the (user, surface) pairs the log shows ads to; their
+outcomes are the ads the user then clicked there (a click with an attributed conversion counts
+as a conversion). Each request is replayed through the retrieval pipeline as it stood when the
+window began: the user's features as of then (``OfflineFeatures``, point in time from the
+offline tables), every generator's ranked candidates; a candidate that the user clicked is a
+hit, weighted by its label. Hits and slots per (surface, activity bucket, generator, rank band)
+give a Beta posterior per cell, shrunk towards the cell's value pooled over contexts (empirical
+Bayes), so thin contexts borrow from the rest. ``LearnedQuotas`` then gives each request the K
+slots of highest value; Thompson sampling draws from the same posteriors.
+
+Refreshing is re-running the fit on the newest window (the pipeline's learn_quotas step); the
+table goes into the select step of the exported repository.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from candgen.errors import CandgenError, ConfigError
+from candgen.features.build import LONG_TERM_TABLE
+from candgen.serving.pipeline import USER_SERVICE, RetrievalPipeline, generate, user_context
+from candgen.serving.pipeline import user_vector as encode_user
+from candgen.serving.quota import (
+    ACTIVITY_BUCKETS,
+    GENERATORS,
+    RANK_EDGES,
+    Candidate,
+    LearnedQuotas,
+    allocate,
+    snake_merge,
+)
+from candgen.vocab import SURFACES
+
+# The offline tables and columns behind what the features step reads (user_serving_v2).
+OFFLINE_VIEWS: dict[str, tuple[str, ...]] = {
+    "user_short_term": ("recent_item_ids", "recent_timestamps"),
+    "user_long_term": ("category_affinity", "engagements_total", "ad_clicks_total"),
+    LONG_TERM_TABLE: ("long_term_embedding",),
+}
+AD_LABELS = ("click", "conversion")
+
+
+@dataclass(frozen=True)
+class QuotaLearnConfig:
+    """How the quotas are learned (`candgen quotas learn` flags map onto these fields).
+
+    Attributes:
+        eval_days: the model's evaluation windows: the fit uses its validation window (the
+            days right after its training data), never its test window.
+        max_rank: candidates replayed per generator (the deepest slot the quotas can give).
+        click_weight: value of a clicked candidate.
+        conversion_weight: value of a clicked candidate whose click converted.
+        prior_strength: pseudo-slots of the pooled value each context's posterior starts from.
+        max_requests: fit on at most this many logged requests (0: all), sampled with ``seed``.
+        seed: the request sample's seed.
+    """
+
+    eval_days: int = 1
+    max_rank: int = 1_000
+    click_weight: float = 1.0
+    conversion_weight: float = 4.0
+    prior_strength: float = 20.0
+    max_requests: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("eval_days", "max_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("click_weight", "conversion_weight", "prior_strength", "max_requests"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.click_weight + self.conversion_weight <= 0:
+            raise ConfigError("conversion_weight", "click_weight + conversion_weight must be > 0")
+
+    @property
+    def rank_edges(self) -> tuple[int, ...]:
+        return (*(e for e in RANK_EDGES if e < self.max_rank), self.max_rank)
+
+
+class OfflineFeatures:
+    """What the online store would have answered at ``as_of``: each user's newest row of each
+    view stamped before it, from the offline feature tables (a feature source for replays)."""
+
+    def __init__(self, features_dir: Path, as_of: pd.Timestamp) -> None:
+        self.as_of = as_of
+        self.rows: dict[int, dict[str, Any]] = {}
+        for view, columns in OFFLINE_VIEWS.items():
+            path = Path(features_dir) / f"{view}.parquet"
+            if not path.exists():
+                continue
+            table = pd.read_parquet(path, columns=["user_id", "event_timestamp", *columns])
+            table = table[table["event_timestamp"] < as_of].sort_values(
+                ["user_id", "event_timestamp"], kind="stable")  # fmt: skip
+            newest = table.groupby("user_id").tail(1)
+            for record in newest.to_dict("records"):
+                user = int(record.pop("user_id"))
+                record.pop("event_timestamp")
+                self.rows.setdefault(user, {}).update(record)
+
+    def lookup(self, service: str, entity: str, key: int) -> dict[str, Any] | None:
+        if service != USER_SERVICE or entity != "user_id":
+            raise CandgenError(f"service: offline replays answer {USER_SERVICE} by user_id only")
+        row = self.rows.get(int(key))
+        if row is None:
+            return None
+        return {k: (list(v) if isinstance(v, np.ndarray) else v) for k, v in row.items()}
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One (user, surface) of a log window and the ads the user clicked there (ad -> label)."""
+
+    user_id: int
+    surface: str
+    targets: dict[int, str]
+
+
+def logged_requests(data_dir: Path, start: pd.Timestamp, stop: pd.Timestamp
+                    ) -> list[LoggedRequest]:  # fmt: skip
+    """The window's requests that led to at least one ad click, in (user, surface) order."""
+    from candgen.training.data import marketplace_interactions
+
+    df = marketplace_interactions(Path(data_dir))
+    window = df[(df["timestamp"] >= start) & (df["timestamp"] < stop)
+                & df["label"].isin(AD_LABELS)]  # fmt: skip
+    out = []
+    for (user, surface), g in window.groupby(["user_id", "surface"], sort=True):
+        targets: dict[int, str] = {}
+        for ad, label in zip(g["item_id"], g["label"], strict=True):
+            if targets.get(int(ad)) != "conversion":  # a conversion outranks a plain click
+                targets[int(ad)] = str(label)
+        out.append(LoggedRequest(int(user), str(surface), targets))
+    return out
+
+
+@dataclass(frozen=True)
+class ReplayedRequest:
+    """A logged request replayed: its user's activity and every generator's ranked candidates."""
+
+    request: LoggedRequest
+    activity: int
+    candidates: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def replay(
+    pipeline: RetrievalPipeline,
+    requests: Sequence[LoggedRequest],
+    max_rank: int,
+    progress: bool = True,
+) -> list[ReplayedRequest]:
+    """Every generator's top ``max_rank`` for each request (the pipeline's features source
+    answers as of the window start)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for req in tqdm(requests, desc="replay logged requests", unit="request", disable=not progress):
+        context = user_context(pipeline.features, req.user_id)
+        vector = encode_user(pipeline.retriever, context, req.surface)
+        found = generate(context, vector, max_rank, pipeline.ad_index, pipeline.content,
+                         pipeline.popularity, pipeline.ineligible)  # fmt: skip
+        out.append(ReplayedRequest(req, context.activity, found))
+    return out
+
+
+def activity_edges(replayed: Sequence[ReplayedRequest]) -> tuple[int, int, int]:
+    """``new`` is activity 0; the other users split into thirds by activity."""
+    active = np.array([r.activity for r in replayed if r.activity > 0])
+    if len(active) == 0:
+        return (1, 1, 1)
+    q1, q2 = np.quantile(active, [1 / 3, 2 / 3])
+    return (1, max(1, int(np.ceil(q1))), max(1, int(np.ceil(q2))))
+
+
+def fit(
+    replayed: Sequence[ReplayedRequest],
+    config: QuotaLearnConfig,
+    meta: dict[str, Any] | None = None,
+) -> LearnedQuotas:
+    """The Beta posteriors per context, generator and rank band (see the module docstring)."""
+    if not replayed:
+        raise CandgenError("quotas: no logged request with an ad click in the fit window; "
+                           "nothing to learn from")  # fmt: skip
+    edges = config.rank_edges
+    weights = {"click": config.click_weight, "conversion": config.conversion_weight}
+    act = activity_edges(replayed)
+    band_of = np.searchsorted(edges, np.arange(edges[-1]), side="right")
+    contexts = [f"{s}/{b}" for s in SURFACES for b in ACTIVITY_BUCKETS]
+    shape = (len(contexts), len(GENERATORS), len(edges))
+    hits, slots = np.zeros(shape), np.zeros(shape)
+    bucket = LearnedQuotas(GENERATORS, edges, act, {}, {}).bucket
+    for r in replayed:
+        c = contexts.index(f"{r.request.surface}/{bucket(r.activity)}")
+        for g, gen in enumerate(GENERATORS):
+            ids = np.array([ad for ad, _ in r.candidates.get(gen, [])[: edges[-1]]], np.int64)
+            if not len(ids):
+                continue
+            bands = band_of[: len(ids)]
+            value = np.array([weights[r.request.targets[a]] if a in r.request.targets else 0.0
+                              for a in ids.tolist()])  # fmt: skip
+            slots[c, g] += np.bincount(bands, minlength=len(edges))
+            hits[c, g] += np.bincount(bands, weights=value, minlength=len(edges))
+    pooled = hits.sum(0) / np.maximum(slots.sum(0), 1.0)
+    m = config.prior_strength
+    alpha = m * pooled + hits + 1e-3
+    beta = m * np.clip(1.0 - pooled, 0.0, None) + np.clip(slots - hits, 0.0, None) + 1e-3
+    fitted = {"requests": len(replayed), "label_weights": weights,
+              "prior_strength": m, **(meta or {})}  # fmt: skip
+    return LearnedQuotas(
+        GENERATORS, edges, act,
+        {c: alpha[i].round(6).tolist() for i, c in enumerate(contexts)},
+        {c: beta[i].round(6).tolist() for i, c in enumerate(contexts)},
+        fitted,
+    )  # fmt: skip
+
+
+Selector = Callable[[ReplayedRequest, int], list[Candidate]]
+
+
+def recall_by_label(replayed: Sequence[ReplayedRequest], select: Selector, ks: Sequence[int]
+                    ) -> dict[str, float]:  # fmt: skip
+    """Mean recall per request of each ad label at each K, for one allocation ``select``:
+    ``click.recall@100``, ``conversion.recall@100`` and ``ads.recall@100`` (both labels)."""
+    out: dict[str, float] = {}
+    for k in ks:
+        shares: dict[str, list[float]] = {"click": [], "conversion": [], "ads": []}
+        for r in replayed:
+            chosen = {c.ad_id for c in select(r, k)}
+            for label in ("click", "conversion", "ads"):
+                wanted = [a for a, lab in r.request.targets.items() if label in ("ads", lab)]
+                if wanted:
+                    shares[label].append(sum(a in chosen for a in wanted) / len(wanted))
+        for label, values in shares.items():
+            out[f"{label}.recall@{k}"] = float(np.mean(values)) if values else 0.0
+            out[f"{label}.requests"] = float(len(values))
+    return out
+
+
+def fixed_grid(step: float = 0.1) -> list[dict[str, float]]:
+    """Every split of the slots among the generators in multiples of ``step``."""
+    n = round(1 / step)
+    return [{g: round(i * step, 6) for g, i in zip(GENERATORS, parts, strict=True)}
+            for parts in itertools.product(range(n + 1), repeat=len(GENERATORS))
+            if sum(parts) == n]  # fmt: skip
+
+
+def compare_policies(
+    fit_set: Sequence[ReplayedRequest],
+    test_set: Sequence[ReplayedRequest],
+    learned: LearnedQuotas,
+    ks: Sequence[int],
+    hand_set: dict[str, dict[str, float]] | None = None,
+    step: float = 0.1,
+) -> dict[str, dict[str, Any]]:
+    """Recall by label on ``test_set`` at each K for: the learned quotas; the best fixed split
+    (one split for every request, chosen per K by conversion recall on ``fit_set``, as the
+    learned values were fitted there); the fixed split that is best on ``test_set`` itself (an
+    upper bound no fixed split can beat); snake merge; and ``hand_set`` per-surface weights."""
+
+    def fixed(w: dict[str, float]) -> Selector:
+        return lambda r, k: allocate(r.candidates, w, k)
+
+    def learned_select(r: ReplayedRequest, k: int) -> list[Candidate]:
+        available = {g: len(c) for g, c in r.candidates.items()}
+        weights = learned.weights(r.request.surface, r.activity, k, available)
+        return allocate(r.candidates, weights, k)
+
+    def snake(r: ReplayedRequest, k: int) -> list[Candidate]:
+        return snake_merge(r.candidates, GENERATORS, k)
+
+    grid = fixed_grid(step)
+    out: dict[str, dict[str, Any]] = {"learned": {}, "best fixed": {}, "best fixed on test": {},
+                                      "snake merge": {}}  # fmt: skip
+    for k in ks:
+
+        def score(rows: Sequence[ReplayedRequest], w: dict[str, float], k: int = k
+                  ) -> tuple[float, float]:  # fmt: skip
+            m = recall_by_label(rows, fixed(w), [k])
+            return m[f"conversion.recall@{k}"], m[f"ads.recall@{k}"]
+
+        best_fit = max(grid, key=lambda w: score(fit_set, w))
+        best_test = max(grid, key=lambda w: score(test_set, w))
+        rows = {"learned": recall_by_label(test_set, learned_select, [k]),
+                "best fixed": recall_by_label(test_set, fixed(best_fit), [k]),
+                "best fixed on test": recall_by_label(test_set, fixed(best_test), [k]),
+                "snake merge": recall_by_label(test_set, snake, [k])}  # fmt: skip
+        if hand_set is not None:
+            rows["hand-set per surface"] = recall_by_label(
+                test_set, lambda r, k: allocate(r.candidates, hand_set[r.request.surface], k),
+                [k])  # fmt: skip
+        for name, metrics in rows.items():
+            out.setdefault(name, {}).update(metrics)
+        out["best fixed"][f"split@{k}"] = best_fit
+        out["best fixed on test"][f"split@{k}"] = best_test
+    return out
+
+
+def assemble_pipeline(
+    model_path: Path,
+    features_dir: Path,
+    as_of: pd.Timestamp,
+    index_dir: Path | None = None,
+) -> RetrievalPipeline:
+    """The retrieval pipeline of a trained model (``model.pt``) with its generators as they
+    stood at ``as_of``: features, delivery state and popularity from the offline tables as of
+    then. The sequential index is the one built for the model (``index_dir``) or exact search
+    over the model's ad embeddings."""
+    from candgen.data.synth import AD_ID_OFFSET
+    from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig, ad_rows
+    from candgen.models.factory import load_model
+    from candgen.registry.retriever import Retriever
+    from candgen.serving.export import ad_side
+    from candgen.serving.generators import PacingPopularity
+
+    model, saved = load_model(Path(model_path))
+    retriever = Retriever(model, saved["item_ids"], max_len=int(saved["config"]["max_len"]))
+    if index_dir is not None:
+        ad_index = AdIndex.load(Path(index_dir) / INDEX_FILE)
+    else:
+        ids, vectors = ad_rows(saved["item_ids"], retriever.item_table.numpy(), AD_ID_OFFSET)
+        ad_index = AdIndex.build(ids, vectors, IndexConfig(kind="flat"))
+    content, delivery, _ = ad_side(Path(features_dir), as_of)
+    return RetrievalPipeline(
+        retriever=retriever,
+        ad_index=ad_index,
+        content=content,
+        popularity=PacingPopularity(delivery["ad_ids"], delivery["clicks"],
+                                    delivery["impressions"], delivery["budget_left_fraction"]),
+        features=OfflineFeatures(Path(features_dir), as_of),
+        ineligible=frozenset(delivery["ineligible"].tolist()),
+    )  # fmt: skip
+
+
+def windows(data_dir: Path, eval_days: int) -> tuple[pd.Timestamp, pd.Timestamp, pd.Timestamp]:
+    """(validation start, test start, end) of a marketplace split by ``eval_days``, as
+    ``candgen.training.data.load_marketplace`` splits it."""
+    from candgen.training.data import marketplace_interactions
+
+    end = marketplace_interactions(Path(data_dir))["timestamp"].max().normalize()
+    end = end + pd.Timedelta(days=1)
+    test_start = end - pd.Timedelta(days=eval_days)
+    return test_start - pd.Timedelta(days=eval_days), test_start, end
+
+
+def replay_window(
+    model_path: Path,
+    data_dir: Path,
+    features_dir: Path,
+    config: QuotaLearnConfig,
+    window: str = "valid",
+    index_dir: Path | None = None,
+    progress: bool = True,
+) -> list[ReplayedRequest]:
+    """The logged requests of the model's ``valid`` or ``test`` window, replayed through its
+    pipeline as it stood when the window began."""
+    valid_start, test_start, end = windows(data_dir, config.eval_days)
+    if window not in ("valid", "test"):
+        raise ConfigError("window", f"must be 'valid' or 'test', got {window!r}")
+    start, stop = (valid_start, test_start) if window == "valid" else (test_start, end)
+    requests = logged_requests(data_dir, start, stop)
+    if config.max_requests and len(requests) > config.max_requests:
+        pick = np.random.default_rng(config.seed).choice(len(requests), config.max_requests,
+                                                         replace=False)  # fmt: skip
+        requests = [requests[i] for i in sorted(pick)]
+    pipeline = assemble_pipeline(model_path, features_dir, start, index_dir)
+    return replay(pipeline, requests, config.max_rank, progress)
+
+
+def learn_quotas(
+    model_path: Path,
+    data_dir: Path,
+    features_dir: Path,
+    config: QuotaLearnConfig = QuotaLearnConfig(),
+    index_dir: Path | None = None,
+    progress: bool = True,
+) -> LearnedQuotas:
+    """Fits the quotas on the logged outcomes of the model's validation window."""
+    t0 = time.perf_counter()
+    replayed = replay_window(model_path, data_dir, features_dir, config, "valid", index_dir,
+                             progress)  # fmt: skip
+    valid_start, test_start, _ = windows(data_dir, config.eval_days)
+    meta = {"window": [valid_start.isoformat(), test_start.isoformat()],
+            "model": str(model_path), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    return fit(replayed, config, meta)
