@@ -330,13 +330,16 @@ def cmd_serving_export(args: argparse.Namespace) -> int:
     from candgen.serving.steps import ServingConfig
 
     serving_fields = {}
-    if args.weights_file is not None:
+    for field_name, path in (("weights", args.weights_file),
+                             ("quota_overrides", args.quota_overrides_file)):  # fmt: skip
+        if path is None:
+            continue
         try:
-            serving_fields["weights"] = json.loads(Path(args.weights_file).read_text())
+            serving_fields[field_name] = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
-            raise ConfigError("weights", f"cannot read {args.weights_file}: {e}") from None
-        if not isinstance(serving_fields["weights"], dict):
-            raise ConfigError("weights", "the file must hold {surface: {generator: share}}")
+            raise ConfigError(field_name, f"cannot read {path}: {e}") from None
+        if not isinstance(serving_fields[field_name], dict):
+            raise ConfigError(field_name, "the file must hold {surface: {generator: share}}")
     serving = dataclasses.replace(config_from_args(ServingConfig, args), **serving_fields)
     cfg = dataclasses.replace(
         config_from_args(ExportConfig, args),
@@ -344,6 +347,45 @@ def cmd_serving_export(args: argparse.Namespace) -> int:
         index=config_from_args(IndexConfig, args),
     )
     _print_json(export(cfg))
+    return 0
+
+
+def cmd_quotas_learn(args: argparse.Namespace) -> int:
+    from candgen.serving.quota_learning import QuotaLearnConfig, learn_quotas
+
+    config = config_from_args(QuotaLearnConfig, args)
+    learned = learn_quotas(args.model, args.data, args.features_dir, config, args.index_dir,
+                           progress=not args.quiet)  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    learned.save(Path(args.out))
+    _print_json({"out": str(args.out), "activity_edges": learned.activity_edges,
+                 **learned.fitted})  # fmt: skip
+    return 0
+
+
+def cmd_quotas_show(args: argparse.Namespace) -> int:
+    from candgen.serving.quota import LearnedQuotas, QuotaPolicy, describe
+
+    if (args.table is None) == (args.model_repository is None):
+        raise ConfigError("table", "give a learned table or --model-repository, not both")
+    if args.model_repository is not None:
+        from candgen.serving.steps import SelectStep, pinned_version, read_serving_file
+
+        folder = args.model_repository / SelectStep.MODEL / str(pinned_version(
+            args.model_repository))  # fmt: skip
+        policy = read_serving_file(folder)[0].policy(folder)
+    else:
+        policy = QuotaPolicy("learned", learned=LearnedQuotas.load(args.table))
+    if args.k < 1:
+        raise ConfigError("k", f"must be >= 1, got {args.k}")
+    rows = describe(policy, args.k)
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"quota policy {policy.policy}; slots of K={args.k} per context")
+    for row in rows:
+        slots = ", ".join(f"{g} {n}" for g, n in row["slots"].items())
+        print(f"  {row['surface']:<8} {row['activity']:<8} {row['source']:<9} {slots}")
     return 0
 
 
@@ -364,11 +406,11 @@ def cmd_query(args: argparse.Namespace) -> int:
         _print_json(dataclasses.asdict(res))
         return 0
     flags = [f for f, on in (("cold_start", res.cold_start), ("fallback", res.fallback)) if on]
-    counts = {s: res.sources.count(s) for s in dict.fromkeys(res.sources)}
     print(f"user {args.user_id} on {args.scenario}: {len(res.ad_ids)} ads via "
           f"{client.protocol}://{client.url}"
           + (f"  [{', '.join(flags)}]" if flags else ""))  # fmt: skip
-    print("  by generator: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+    print(f"  by generator ({res.quota_policy} quotas): "
+          + ", ".join(f"{s} {n}" for s, n in res.source_counts.items()))  # fmt: skip
     print(f"  {'rank':>4}  {'ad_id':>12}  {'score':>8}  source")
     for rank, (ad, score, source) in enumerate(zip(res.ad_ids, res.scores, res.sources,
                                                    strict=True), 1):  # fmt: skip
@@ -568,9 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex = srv.add_parser("export", help="export a registered version as the retrieve ensemble")
     add_config_flags(ex, ExportConfig, exclude=("serving", "index"))
-    add_config_flags(ex, ServingConfig, exclude=("weights",))
+    add_config_flags(ex, ServingConfig, exclude=("weights", "quota_overrides"))
     ex.add_argument("--weights", dest="weights_file", default=None,
-                    help="JSON: surface -> generator -> share (default: built in)")  # fmt: skip
+                    help="JSON: surface -> generator -> share of the fixed policy (default: "
+                    "built in)")  # fmt: skip
+    ex.add_argument("--quota-overrides", dest="quota_overrides_file", default=None,
+                    help="JSON: surface -> generator -> share, used for that surface whatever "
+                    "the policy")  # fmt: skip
     add_config_flags(ex, IndexConfig)
     ex.set_defaults(func=cmd_serving_export)
     sw = srv.add_parser("swap", help="load the repository's pinned version into a live server")
@@ -578,6 +624,38 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--url", default="127.0.0.1:8000")
     sw.add_argument("--protocol", choices=["http", "grpc"], default="http")
     sw.set_defaults(func=cmd_serving_swap)
+
+    from candgen.serving.quota_learning import QuotaLearnConfig
+
+    quotas = sub.add_parser("quotas", help="the quotas across candidate generators").add_subparsers(
+        dest="quotas_command", required=True
+    )
+    ql = quotas.add_parser("learn", help="fit each generator's value per slot from the logged "
+                           "outcomes of the model's validation window")  # fmt: skip
+    ql.add_argument("--model", type=Path, required=True, help="the trained model.pt")
+    ql.add_argument("--data", type=Path, default=DEFAULT_MARKETPLACE)
+    ql.add_argument("--features-dir", type=Path, default=Path("feature_repo/data/features"))
+    ql.add_argument(
+        "--index-dir",
+        type=Path,
+        default=None,
+        help="the model's index (candgen index build); default: exact search",
+    )
+    ql.add_argument("--out", type=Path, default=Path("data/quotas.json"))
+    ql.add_argument("--quiet", action="store_true")
+    add_config_flags(ql, QuotaLearnConfig)
+    ql.set_defaults(func=cmd_quotas_learn)
+    qs = quotas.add_parser("show", help="print the slots each generator gets per context")
+    qs.add_argument("table", type=Path, nargs="?", default=None, help="a learned table")
+    qs.add_argument(
+        "--model-repository",
+        type=Path,
+        default=None,
+        help="the policy an exported repository serves (its pinned version)",
+    )
+    qs.add_argument("-k", "--k", type=int, default=100)
+    qs.add_argument("--json", action="store_true")
+    qs.set_defaults(func=cmd_quotas_show)
 
     q = sub.add_parser("query", help="ask the live retrieve ensemble for a user's candidates")
     q.add_argument("user_id", type=int)

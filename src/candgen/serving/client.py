@@ -90,10 +90,13 @@ class RetrieveClient:
             tensors["RECENT_ITEM_IDS"] = np.asarray(recent_item_ids, dtype=np.int64)
         out = self.infer(tensors)
         flags = {f.decode() for f in out["FLAGS"].reshape(-1)}
+        names = [s.decode() for s in out["SOURCE_NAMES"].reshape(-1)]
         return RetrievalResult(
             ad_ids=out["AD_IDS"].astype(np.int64).tolist(),
             scores=out["SCORES"].astype(np.float32).tolist(),
             sources=[s.decode() for s in out["SOURCES"].reshape(-1)],
             cold_start=COLD_START in flags,
             fallback=FALLBACK in flags,
+            source_counts=dict(zip(names, out["SOURCE_COUNTS"].reshape(-1).tolist(), strict=True)),
+            quota_policy=out["QUOTA_POLICY"].reshape(-1)[0].decode(),
         )

@@ -10,6 +10,9 @@ Outputs:
     SCORES   FP32   [-1]
     SOURCES  BYTES  [-1]   the generator of each ad (sequential | content | popularity)
     FLAGS    BYTES  [-1]   cold_start and/or fallback when they apply
+    SOURCE_NAMES   BYTES  [-1]   every generator, in a fixed order
+    SOURCE_COUNTS  INT32  [-1]   how many of the ads each of them contributed
+    QUOTA_POLICY   BYTES  [1]    where the quotas came from: fixed | learned | snake | override
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ import numpy as np
 from candgen.errors import ConfigError
 
 INPUTS = {"USER_ID": np.int64, "SCENARIO": np.object_, "K": np.int32, "RECENT_ITEM_IDS": np.int64}
-OUTPUTS = {"AD_IDS": np.int64, "SCORES": np.float32, "SOURCES": np.object_, "FLAGS": np.object_}
+OUTPUTS = {
+    "AD_IDS": np.int64,
+    "SCORES": np.float32,
+    "SOURCES": np.object_,
+    "FLAGS": np.object_,
+    "SOURCE_NAMES": np.object_,
+    "SOURCE_COUNTS": np.int32,
+    "QUOTA_POLICY": np.object_,
+}
 REQUIRED = ("USER_ID", "SCENARIO", "K")
 
 

@@ -34,6 +34,7 @@ from candgen.paths import replace_atomically
 from candgen.serving.contract import INPUTS, OUTPUTS
 from candgen.serving.generators import ContentGenerator
 from candgen.serving.pipeline import USER_SERVICE
+from candgen.serving.quota import QUOTA_FILE, LearnedQuotas
 from candgen.serving.steps import (
     CONTENT_DIR,
     DELIVERY_FILE,
@@ -44,6 +45,7 @@ from candgen.serving.steps import (
     EncoderStep,
     FeaturesStep,
     GeneratorsStep,
+    SelectStep,
     ServingConfig,
     Spec,
     Step,
@@ -77,6 +79,8 @@ class ExportConfig:
         tracking_uri: MLflow tracking URI (default: SQLite under the repository).
         index_dir: an index already built for ``model_uri`` by ``candgen index build`` (a
             pipeline's index step); empty: build it here.
+        quotas: a learned quota table (``candgen quotas learn``) for the select step; the
+            learned quota policy needs one.
         serving: how the ensemble serves.
         index: the sequential generator's ANN index.
     """
@@ -87,6 +91,7 @@ class ExportConfig:
     keep_versions: int = 2
     tracking_uri: str = ""
     index_dir: str = ""
+    quotas: str = ""
     serving: ServingConfig = field(default_factory=ServingConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
 
@@ -96,6 +101,12 @@ class ExportConfig:
                               f"models:/<name>/<version>), got {self.model_uri!r}")  # fmt: skip
         if self.keep_versions < 1:
             raise ConfigError("keep_versions", f"must be >= 1, got {self.keep_versions}")
+        if self.serving.quota_policy == "learned" and not self.quotas:
+            raise ConfigError(
+                "quotas",
+                "the learned quota policy needs the learned table "
+                "(candgen quotas learn), given as --quotas",
+            )
 
 
 def _dims(dims: list[int]) -> str:
@@ -322,6 +333,13 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     )
     for step in STEPS:  # the steps with no assets of their own get an empty folder
         (staging / step.MODEL).mkdir(parents=True, exist_ok=True)
+    quota_fit: dict[str, Any] = {}
+    if config.quotas:
+        learned = LearnedQuotas.load(Path(config.quotas))  # checked before it is installed
+        learned.save(staging / SelectStep.MODEL / QUOTA_FILE)
+        quota_fit = learned.fitted
+        say(f"quotas: {config.serving.quota_policy}; learned table fitted on "
+            f"{quota_fit.get('requests', '?')} logged requests")  # fmt: skip
     provenance = {
         "model_uri": config.model_uri,
         "model_name": mv.name,
@@ -331,6 +349,8 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
         "features_snapshot": features_snapshot,
         "index_kind": summary["kind"],
         "index_recall": recall,
+        "quota_policy": config.serving.quota_policy,
+        "quotas_fitted_on": quota_fit.get("window", []),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = publish(repository, staging, version, config.serving, config.index, provenance,

@@ -16,7 +16,7 @@ from candgen.index.ann import AdIndex
 from candgen.serving.contract import check_k
 from candgen.serving.features import FeatureStoreUnavailable
 from candgen.serving.generators import ContentGenerator, PacingPopularity
-from candgen.serving.quota import QuotaConfig, allocate
+from candgen.serving.quota import QuotaPolicy, source_counts
 
 if TYPE_CHECKING:  # torch is imported only by the step that encodes
     from candgen.registry.retriever import Retriever
@@ -39,6 +39,8 @@ class RetrievalResult:
         cold_start: nothing was known about the user (no features, no recent items).
         fallback: the feature store could not be reached; candidates come from what the
             request itself carried and from the fallback generators.
+        source_counts: how many of the ads each generator contributed.
+        quota_policy: where this request's quotas came from: fixed, learned, snake or override.
     """
 
     ad_ids: list[int]
@@ -46,6 +48,8 @@ class RetrievalResult:
     sources: list[str]
     cold_start: bool = False
     fallback: bool = False
+    source_counts: dict[str, int] = field(default_factory=dict)
+    quota_policy: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,9 +165,10 @@ class RetrievalPipeline:
         content: the content generator over ad text embeddings.
         popularity: the popularity/pacing fallback.
         features: where online features come from.
-        quotas: per-surface generator weights.
+        quotas: how K is shared among the generators (fixed, learned, snake; overrides).
         max_k: the largest K a request may ask for.
         ineligible: ads that must not be returned now (paused, budget exhausted).
+        seed: the seed of the Thompson-sampling draws (with the learned policy's exploration).
     """
 
     retriever: Retriever
@@ -171,9 +176,13 @@ class RetrievalPipeline:
     content: ContentGenerator
     popularity: PacingPopularity
     features: FeatureSource
-    quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)
     max_k: int = 1_000
     ineligible: frozenset[int] | set[int] = frozenset()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
 
     def retrieve(
         self,
@@ -188,16 +197,18 @@ class RetrievalPipeline:
             ConfigError: K outside 1..max_k or an unknown scenario (named in the message).
         """
         check_k(k, self.max_k)
-        weights = self.quotas.for_surface(scenario)
+        self.quotas.fixed.for_surface(scenario)  # an unknown surface is an error naming it
         context = user_context(self.features, user_id, recent_item_ids)
         vector = user_vector(self.retriever, context, scenario)
         candidates = generate(context, vector, k, self.ad_index, self.content, self.popularity,
                               self.ineligible)  # fmt: skip
-        chosen = allocate(candidates, weights, k)
+        chosen = self.quotas.select(candidates, scenario, context.activity, k, self.rng)
         return RetrievalResult(
             ad_ids=[c.ad_id for c in chosen],
             scores=[c.score for c in chosen],
             sources=[c.source for c in chosen],
             cold_start=context.cold_start,
             fallback=context.fallback,
+            source_counts=source_counts(chosen),
+            quota_policy=self.quotas.source(scenario),
         )

@@ -163,7 +163,7 @@ def snake_merge(candidates: dict[str, list[tuple[int, float]]], order: Sequence[
 
 
 QUOTA_FILE = "quotas.json"
-RANK_EDGES = (10, 25, 50, 100, 200, 500, 1_000)
+RANK_EDGES = (5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1_000)
 ACTIVITY_BUCKETS = ("new", "light", "regular", "heavy")
 
 
@@ -383,3 +383,36 @@ def source_counts(chosen: Sequence[Candidate]) -> dict[str, int]:
     for c in chosen:
         counts[c.source] = counts.get(c.source, 0) + 1
     return counts
+
+
+def describe(policy: QuotaPolicy, k: int = 100) -> list[dict[str, Any]]:
+    """Per context, where its quotas come from and the slots each generator gets at ``k`` (for
+    a learned table, also the expected value of each generator's first slot)."""
+    rows = []
+    buckets = ACTIVITY_BUCKETS if policy.learned is not None else ("any",)
+    for surface in SURFACES:
+        for bucket in buckets:
+            source = policy.source(surface)
+            row: dict[str, Any] = {"surface": surface, "activity": bucket, "source": source}
+            if source == "learned":
+                assert policy.learned is not None
+                activity = _bucket_example(policy.learned, bucket)
+                row["slots"] = policy.learned.quotas(surface, activity, k)
+                values = policy.learned.band_values(surface, activity)[:, 0]
+                row["first_slot_value"] = dict(
+                    zip(policy.learned.generators, np.round(values, 5).tolist(), strict=True)
+                )
+            elif source == "snake":
+                row["slots"] = {g: k // len(GENERATORS) for g in GENERATORS}
+            else:
+                weights = (policy.overrides[surface] if source == "override"
+                           else policy.fixed.for_surface(surface))  # fmt: skip
+                row["slots"] = initial_quotas(weights, k)
+            rows.append(row)
+    return rows
+
+
+def _bucket_example(learned: LearnedQuotas, bucket: str) -> int:
+    """An activity count that falls in ``bucket``."""
+    lower = (0, *learned.activity_edges)
+    return int(lower[ACTIVITY_BUCKETS.index(bucket)])

@@ -11,8 +11,9 @@ model's version folder: ``<repository>/<model>/<version>/``, written by ``export
       candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES, LONG_TERM, SCENARIO -> USER_VECTOR
       candgen_generators    HISTORY_IDS, AFFINITY, USER_VECTOR, K
                             -> CANDIDATE_IDS, CANDIDATE_SCORES, CANDIDATE_SOURCES  (FAISS)
-      candgen_select        CANDIDATE_*, SCENARIO, K, CONTEXT_FLAGS
-                            -> AD_IDS, SCORES, SOURCES, FLAGS  (quotas, dedup)
+      candgen_select        CANDIDATE_*, SCENARIO, K, ACTIVITY, CONTEXT_FLAGS
+                            -> AD_IDS, SCORES, SOURCES, FLAGS, SOURCE_NAMES, SOURCE_COUNTS,
+                               QUOTA_POLICY  (the quota policy, dedup)
 
 Empty tensors stand for "none": no times, no affinity, no long-term embedding, no user vector
 (the encoder knew none of the history), no flags.
@@ -43,7 +44,16 @@ from candgen.serving.pipeline import (
     user_context,
     user_vector,
 )
-from candgen.serving.quota import DEFAULT_WEIGHTS, QuotaConfig, allocate
+from candgen.serving.quota import (
+    DEFAULT_WEIGHTS,
+    POLICIES,
+    QUOTA_FILE,
+    Candidate,
+    LearnedQuotas,
+    QuotaConfig,
+    QuotaPolicy,
+    source_counts,
+)
 
 SERVING_FILE = "serving.json"
 MODEL_FILE, TABLE_FILE = "model.pt", "item_embeddings.npy"
@@ -62,10 +72,19 @@ class ServingConfig:
         feature_server_url: the Feast feature server the features step reads.
         feature_timeout_s: how long one feature lookup may take before the request falls back.
         max_k: the largest K a request may ask for.
-        weights: per-surface generator weights (surface -> generator -> share, summing to 1).
+        weights: the fixed policy's per-surface generator weights (surface -> generator ->
+            share, summing to 1).
         instances: Triton instances of each python-backend step.
         user_feature_refs: the features of the user feature service (``view:feature``),
             resolved from the feature repository at export; empty: ask by service name.
+        quota_policy: how the select step shares K among the generators: fixed (``weights``),
+            learned (the learned table, ``quotas.json`` in the select step's folder) or snake
+            (snake merge).
+        quota_exploration: with the learned policy, mean (posterior means: deterministic) or
+            thompson (a Thompson-sampling draw of the values per request).
+        quota_overrides: surface -> generator -> share; such a surface uses these shares
+            whatever the policy.
+        quota_seed: the seed of the Thompson-sampling draws of each step instance.
     """
 
     feature_server_url: str = "http://127.0.0.1:6566"
@@ -74,6 +93,10 @@ class ServingConfig:
     weights: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     instances: int = 1
     user_feature_refs: tuple[str, ...] = ()
+    quota_policy: str = "fixed"
+    quota_exploration: str = "mean"
+    quota_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    quota_seed: int = 0
 
     def feature_client(self) -> FeatureServerClient:
         refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
@@ -90,10 +113,22 @@ class ServingConfig:
         if self.instances < 1:
             raise ConfigError("instances", f"must be >= 1, got {self.instances}")
         QuotaConfig(self.weights)  # validates the weights, naming the surface at fault
+        if self.quota_policy not in POLICIES:
+            raise ConfigError("quota_policy", f"{self.quota_policy!r} is not one of {POLICIES}")
+        # Validates the overrides and the exploration (the learned table is checked where it is
+        # read: at export, and when the select step loads).
+        QuotaPolicy("fixed", self.quotas, self.quota_overrides, None, self.quota_exploration)
 
     @property
     def quotas(self) -> QuotaConfig:
         return QuotaConfig(self.weights)
+
+    def policy(self, folder: Path) -> QuotaPolicy:
+        """The quota policy of the select step whose version folder is ``folder``."""
+        table = Path(folder) / QUOTA_FILE
+        learned = LearnedQuotas.load(table) if table.exists() else None
+        return QuotaPolicy(self.quota_policy, self.quotas, self.quota_overrides, learned,
+                           self.quota_exploration)  # fmt: skip
 
 
 def write_serving_file(
@@ -111,6 +146,20 @@ def read_serving_file(folder: Path) -> tuple[ServingConfig, IndexConfig, dict[st
     body = json.loads(path.read_text())
     serving = dict(body["serving"], user_feature_refs=tuple(body["serving"]["user_feature_refs"]))
     return ServingConfig(**serving), IndexConfig(**body["index"]), body["provenance"]
+
+
+def source_tensors(chosen: list[Candidate], flags: list[str], policy: str) -> Tensors:
+    """The ensemble's outputs for the chosen candidates."""
+    counts = source_counts(chosen)
+    return {
+        "AD_IDS": np.asarray([c.ad_id for c in chosen], dtype=np.int64),
+        "SCORES": np.asarray([c.score for c in chosen], dtype=np.float32),
+        "SOURCES": _bytes([c.source for c in chosen]),
+        "FLAGS": _bytes(flags),
+        "SOURCE_NAMES": _bytes(list(counts)),
+        "SOURCE_COUNTS": np.asarray(list(counts.values()), dtype=np.int32),
+        "QUOTA_POLICY": _bytes([policy]),
+    }
 
 
 def _bytes(values: list[str]) -> np.ndarray:
@@ -297,33 +346,41 @@ class GeneratorsStep(Step):
 
 
 class SelectStep(Step):
-    """Quota allocation across the generators for the request's surface, with dedup."""
+    """Quota allocation across the generators for the request's context (surface and user
+    activity) by the quota policy, with dedup; reports each generator's count."""
 
     MODEL = "candgen_select"
     INPUTS: ClassVar[Spec] = {"CANDIDATE_IDS": (I64, [-1], False),
                               "CANDIDATE_SCORES": (F32, [-1], False),
                               "CANDIDATE_SOURCES": (STR, [-1], False),
                               "SCENARIO": (STR, [1], False), "K": (np.int32, [1], False),
+                              "ACTIVITY": (I64, [1], False),
                               "CONTEXT_FLAGS": (STR, [-1], False)}  # fmt: skip
     OUTPUTS: ClassVar[Spec] = {"AD_IDS": (I64, [-1], False), "SCORES": (F32, [-1], False),
-                               "SOURCES": (STR, [-1], False),
-                               "FLAGS": (STR, [-1], False)}  # fmt: skip
+                               "SOURCES": (STR, [-1], False), "FLAGS": (STR, [-1], False),
+                               "SOURCE_NAMES": (STR, [-1], False),
+                               "SOURCE_COUNTS": (np.int32, [-1], False),
+                               "QUOTA_POLICY": (STR, [1], False)}  # fmt: skip
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.policy = self.config.policy(self.folder)
+        self.rng = np.random.default_rng(self.config.quota_seed)
 
     def __call__(self, tensors: Tensors) -> Tensors:
-        weights = self.quotas.for_surface(_strings(tensors["SCENARIO"])[0])
+        scenario = _strings(tensors["SCENARIO"])[0]
+        self.quotas.for_surface(scenario)
         candidates: dict[str, list[tuple[int, float]]] = {}
         ids = np.asarray(tensors["CANDIDATE_IDS"]).tolist()
         scores = np.asarray(tensors["CANDIDATE_SCORES"]).tolist()
         sources = _strings(tensors["CANDIDATE_SOURCES"])
         for ad, score, source in zip(ids, scores, sources, strict=True):
             candidates.setdefault(source, []).append((ad, score))
-        chosen = allocate(candidates, weights, _k(tensors, self.config.max_k))
-        return {
-            "AD_IDS": np.asarray([c.ad_id for c in chosen], dtype=np.int64),
-            "SCORES": np.asarray([c.score for c in chosen], dtype=np.float32),
-            "SOURCES": _bytes([c.source for c in chosen]),
-            "FLAGS": _bytes(_strings(tensors.get("CONTEXT_FLAGS"))),
-        }
+        activity = int(np.asarray(tensors.get("ACTIVITY", [0])).reshape(-1)[0])
+        chosen = self.policy.select(candidates, scenario, activity,
+                                    _k(tensors, self.config.max_k), self.rng)  # fmt: skip
+        return source_tensors(chosen, _strings(tensors.get("CONTEXT_FLAGS")),
+                              self.policy.source(scenario))  # fmt: skip
 
 
 STEPS: tuple[type[Step], ...] = (FeaturesStep, EncoderStep, GeneratorsStep, SelectStep)
@@ -358,7 +415,8 @@ def load_pipeline(
         content=g.content,
         popularity=g.popularity,
         features=features or config.feature_client(),
-        quotas=config.quotas,
+        quotas=config.policy(folder[SelectStep.MODEL]),
         max_k=config.max_k,
         ineligible=g.ineligible,
+        seed=config.quota_seed,
     )

@@ -1,0 +1,351 @@
+"""Learned dynamic quotas (issue 6): the value table, the allocation it gives per context, its
+fit from logged outcomes, the policies (fixed, learned, snake, overrides), the select step's
+per-source counts, and the commands that learn and show them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from candgen.errors import CandgenError, ConfigError
+from candgen.index.ann import IndexConfig
+from candgen.serving.quota import (
+    ACTIVITY_BUCKETS,
+    GENERATORS,
+    QUOTA_FILE,
+    LearnedQuotas,
+    QuotaPolicy,
+    describe,
+    snake_merge,
+)
+from candgen.serving.quota_learning import (
+    LoggedRequest,
+    OfflineFeatures,
+    QuotaLearnConfig,
+    ReplayedRequest,
+    compare_policies,
+    fit,
+    logged_requests,
+    recall_by_label,
+)
+from candgen.serving.steps import SelectStep, ServingConfig, write_serving_file
+from candgen.vocab import SURFACES
+
+EDGES = (5, 10, 20)
+
+
+def _table(values: dict[str, list[float]], edges: tuple[int, ...] = EDGES) -> LearnedQuotas:
+    """A table whose posterior mean for (context, generator) is ``values[context][g]`` in every
+    band but halves band by band (diminishing returns), from a strong posterior."""
+    alpha, beta = {}, {}
+    for surface in SURFACES:
+        for bucket in ACTIVITY_BUCKETS:
+            key = f"{surface}/{bucket}"
+            means = values.get(key, values.get("*", [0.1, 0.1, 0.1]))
+            rows = [[m * 0.5**b for b in range(len(edges))] for m in means]
+            alpha[key] = [[1000 * v + 1e-3 for v in row] for row in rows]
+            beta[key] = [[1000 * (1 - v) + 1e-3 for v in row] for row in rows]
+    return LearnedQuotas(GENERATORS, edges, (1, 10, 50), alpha, beta)
+
+
+def _ranked(start: int, n: int) -> list[tuple[int, float]]:
+    return [(start + i, 1.0 - i / 100) for i in range(n)]
+
+
+CANDIDATES = {"sequential": _ranked(100, 30), "content": _ranked(200, 30),
+              "popularity": _ranked(300, 30)}  # fmt: skip
+
+
+def test_the_k_slots_go_to_the_generators_whose_slots_are_worth_most() -> None:
+    table = _table({"home/heavy": [0.4, 0.15, 0.06], "search/new": [0.01, 0.3, 0.2]})
+    # home/heavy: sequential's bands are worth .4, .2, .1, content's .15, .075, .0375 and
+    # popularity's .06, .03, .015; the 40 best slots are all 20 of sequential's, 15 of
+    # content's and 5 of popularity's.
+    assert table.quotas("home", 80, 40) == {"sequential": 20, "content": 15, "popularity": 5}
+    assert table.quotas("search", 0, 40) == {"sequential": 0, "content": 20, "popularity": 20}
+    assert table.quotas("home", 80, 5) == {"sequential": 5, "content": 0, "popularity": 0}
+    # A generator that found fewer candidates is not offered the slots it cannot fill.
+    capped = table.quotas("home", 80, 20, available={"sequential": 3, "content": 30,
+                                                     "popularity": 30})  # fmt: skip
+    assert capped["sequential"] == 3 and sum(capped.values()) == 20
+    assert table.bucket(0) == "new" and table.bucket(9) == "light" and table.bucket(50) == "heavy"
+    weights = table.weights("home", 80, 40)
+    assert weights == {"sequential": 0.5, "content": 0.375, "popularity": 0.125}
+
+
+def test_values_never_grow_along_a_generators_ranks() -> None:
+    table = _table({})
+    key = "home/new"
+    rising = [[0.1, 0.3, 0.2]] * 3  # a noisy later band must not be worth more than an earlier one
+    alpha = {k: ([[1000 * v for v in r] for r in rising] if k == key else v)
+             for k, v in table.alpha.items()}  # fmt: skip
+    beta = {k: ([[1000 * (1 - v) for v in r] for r in rising] if k == key else v)
+            for k, v in table.beta.items()}  # fmt: skip
+    values = LearnedQuotas(GENERATORS, EDGES, (1, 10, 50), alpha, beta).band_values("home", 0)
+    assert np.allclose(values, 0.1)
+
+
+def test_thompson_draws_vary_while_the_mean_is_fixed() -> None:
+    weak = LearnedQuotas(GENERATORS, EDGES, (1, 10, 50),
+                         {f"{s}/{b}": [[1.0] * 3] * 3 for s in SURFACES for b in ACTIVITY_BUCKETS},
+                         {f"{s}/{b}": [[3.0] * 3] * 3 for s in SURFACES
+                          for b in ACTIVITY_BUCKETS})  # fmt: skip
+    rng = np.random.default_rng(0)
+    draws = {tuple(weak.quotas("home", 5, 20, rng=rng).values()) for _ in range(20)}
+    assert len(draws) > 1
+    assert len({tuple(weak.quotas("home", 5, 20).values()) for _ in range(5)}) == 1
+
+
+def test_a_table_survives_the_trip_through_json_and_bad_ones_name_the_field(tmp_path: Path) -> None:
+    table = _table({"home/heavy": [0.4, 0.1, 0.02]})
+    table.save(tmp_path / QUOTA_FILE)
+    again = LearnedQuotas.load(tmp_path / QUOTA_FILE)
+    assert again == table
+    body = table.to_dict()
+    cases = [
+        ({**body, "rank_edges": [10, 5, 20]}, r"^rank_edges: need increasing positive ranks"),
+        ({**body, "activity_edges": [1, 10]}, r"^activity_edges: need 3 non-decreasing counts"),
+        ({**body, "generators": ["bandit"]}, r"^generators: need some of"),
+        ({**body, "alpha": {**body["alpha"], "tv/new": body["alpha"]["home/new"]}},
+         r"^contexts: 'tv/new' is not <surface>/<activity bucket>"),
+        ({**body, "beta": {**body["beta"], "home/new": [[1.0, 2.0]]}},
+         r"^beta\.home/new: need 3 x 3 positive values"),
+        ({k: v for k, v in body.items() if k != "alpha"}, r"^alpha: missing from the learned"),
+    ]  # fmt: skip
+    for bad, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            LearnedQuotas.from_dict(bad)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CandgenError, match=r"^quotas: .*bad\.json is not JSON"):
+        LearnedQuotas.load(tmp_path / "bad.json")
+    with pytest.raises(CandgenError, match=r"^quotas: .*none\.json does not exist"):
+        LearnedQuotas.load(tmp_path / "none.json")
+
+
+def test_snake_merge_takes_turns_and_skips_duplicates() -> None:
+    cands = {"sequential": [(1, 0.9), (2, 0.8)], "content": [(1, 0.7), (3, 0.6)],
+             "popularity": [(4, 0.5)]}  # fmt: skip
+    out = snake_merge(cands, GENERATORS, 10)
+    assert [(c.ad_id, c.source) for c in out] == [
+        (1, "sequential"), (3, "content"), (4, "popularity"), (2, "sequential")]  # fmt: skip
+    assert [c.ad_id for c in snake_merge(cands, GENERATORS, 2)] == [1, 3]
+
+
+def test_the_policy_picks_the_shares_and_overrides_win() -> None:
+    table = _table({"*": [0.4, 0.1, 0.02]})
+    learned = QuotaPolicy("learned", learned=table)
+    got = learned.select(CANDIDATES, "home", 80, 20)
+    assert len(got) == 20 and {c.source for c in got} <= set(GENERATORS)
+    assert sum(c.source == "sequential" for c in got) == table.quotas("home", 80, 20)["sequential"]
+    overridden = QuotaPolicy("learned", learned=table,
+                             overrides={"home": {"popularity": 1.0}})  # fmt: skip
+    assert {c.source for c in overridden.select(CANDIDATES, "home", 80, 20)} == {"popularity"}
+    assert overridden.source("home") == "override" and overridden.source("search") == "learned"
+    snake = QuotaPolicy("snake").select(CANDIDATES, "home", 0, 9)
+    assert [c.source for c in snake[:3]] == list(GENERATORS)
+    with pytest.raises(ConfigError, match=r"^quota_policy: learned needs a learned quota table"):
+        QuotaPolicy("learned")
+    with pytest.raises(ConfigError, match=r"^quota_policy: 'bandit' is not one of"):
+        QuotaPolicy("bandit")
+    with pytest.raises(ConfigError, match=r"^quota_overrides: unknown surface\(s\) \['tv'\]"):
+        QuotaPolicy(overrides={"tv": {"content": 1.0}})
+    with pytest.raises(ConfigError, match=r"^weights\.home: weights must be >= 0 and sum to 1"):
+        QuotaPolicy(overrides={"home": {"content": 0.5}})
+    with pytest.raises(ConfigError, match=r"^quota_exploration: 'greedy' is not one of"):
+        QuotaPolicy(exploration="greedy")
+    rows = describe(learned, 20)
+    assert len(rows) == len(SURFACES) * len(ACTIVITY_BUCKETS)
+    assert all(sum(r["slots"].values()) == 20 for r in rows)
+
+
+def _select_tensors(scenario: bytes, activity: int, k: int = 20) -> dict[str, np.ndarray]:
+    ids, scores, sources = [], [], []
+    for gen, cands in CANDIDATES.items():
+        for ad, score in cands:
+            ids.append(ad)
+            scores.append(score)
+            sources.append(gen.encode())
+    return {"CANDIDATE_IDS": np.array(ids, np.int64),
+            "CANDIDATE_SCORES": np.array(scores, np.float32),
+            "CANDIDATE_SOURCES": np.array(sources, object),
+            "SCENARIO": np.array([scenario], object), "K": np.array([k], np.int32),
+            "ACTIVITY": np.array([activity], np.int64),
+            "CONTEXT_FLAGS": np.zeros(0, object)}  # fmt: skip
+
+
+def test_the_select_step_serves_the_learned_quotas_and_reports_each_source(tmp_path: Path) -> None:
+    table = _table({"home/heavy": [0.4, 0.1, 0.02], "search/new": [0.01, 0.3, 0.2]})
+    overrides = {"related": {"content": 0.5, "popularity": 0.5}}
+    config = ServingConfig(max_k=50, quota_policy="learned", quota_overrides=overrides)
+    write_serving_file(tmp_path, config, IndexConfig(), {})
+    table.save(tmp_path / QUOTA_FILE)
+    step = SelectStep(tmp_path)
+    for scenario, activity in ((b"home", 80), (b"search", 0)):
+        out = step(_select_tensors(scenario, activity))
+        counts = dict(zip([n.decode() for n in out["SOURCE_NAMES"]],
+                          out["SOURCE_COUNTS"].tolist(), strict=True))  # fmt: skip
+        sources = [s.decode() for s in out["SOURCES"]]
+        assert counts == {g: sources.count(g) for g in GENERATORS}
+        assert counts == table.quotas(scenario.decode(), activity, 20)
+        assert out["QUOTA_POLICY"].tolist() == [b"learned"]
+    out = step(_select_tensors(b"related", 0))
+    assert out["QUOTA_POLICY"].tolist() == [b"override"]
+    assert out["SOURCE_COUNTS"].tolist() == [0, 10, 10]
+    (tmp_path / QUOTA_FILE).unlink()
+    with pytest.raises(ConfigError, match=r"^quota_policy: learned needs a learned quota table"):
+        SelectStep(tmp_path)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"quota_policy": "bandit"}, "quota_policy"),
+    ({"quota_exploration": "greedy"}, "quota_exploration"),
+    ({"quota_overrides": {"tv": {"content": 1.0}}}, "quota_overrides"),
+    ({"quota_overrides": {"home": {"content": 0.2}}}, "weights.home"),
+])  # fmt: skip
+def test_bad_quota_settings_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{field}: "):
+        ServingConfig(**kwargs)
+
+
+def _replayed(surface: str, activity: int, hits: dict[str, list[int]], label: str = "click"
+              ) -> ReplayedRequest:  # fmt: skip
+    """A request whose targets sit at the given ranks of each generator's list."""
+    targets = {}
+    cands = {g: list(c) for g, c in CANDIDATES.items()}
+    for gen, ranks in hits.items():
+        for r in ranks:
+            targets[cands[gen][r][0]] = label
+    return ReplayedRequest(LoggedRequest(1, surface, targets), activity, cands)
+
+
+def test_the_fit_learns_which_generator_pays_in_which_context() -> None:
+    rows = ([_replayed("home", 80, {"sequential": [0, 1, 2, 3]}) for _ in range(30)]
+            + [_replayed("search", 80, {"content": [0, 2]}) for _ in range(30)]
+            + [_replayed("search", 80, {"popularity": [0]}, "conversion") for _ in range(30)]
+            + [_replayed("home", 2, {}) for _ in range(5)])  # fmt: skip
+    config = QuotaLearnConfig(max_rank=30, conversion_weight=4.0)
+    table = fit(rows, config, {"window": ["a", "b"]})
+    assert table.rank_edges == (5, 10, 20, 30)
+    assert table.fitted["requests"] == len(rows) and table.fitted["window"] == ["a", "b"]
+    home = table.band_values("home", 80)
+    search = table.band_values("search", 80)
+    seq, content, pop = (GENERATORS.index(g) for g in GENERATORS)
+    assert home[seq, 0] > home[content, 0] and search[content, 0] > search[seq, 0]
+    # A conversion is worth four clicks: popularity's one conversion in half the search requests
+    # beats content's two clicks in the other half.
+    assert search[pop, 0] > search[content, 0]
+    # A context never seen borrows the pooled value (empirical Bayes), not zero.
+    assert table.band_values("related", 80)[seq, 0] > 0
+    # The learned quotas beat any one fixed split on a set where contexts differ: home needs
+    # sequential's first four slots, search popularity's first.
+    test = [*rows[:30], *rows[60:90]]
+    result = compare_policies(rows, test, table, [4])
+    assert result["learned"]["ads.recall@4"] > result["best fixed"]["ads.recall@4"]
+    assert result["learned"]["ads.recall@4"] >= result["best fixed on test"]["ads.recall@4"]
+    with pytest.raises(CandgenError, match=r"^quotas: no logged request with an ad click"):
+        fit([], config)
+
+
+def test_recall_by_label_counts_each_label_over_its_own_requests() -> None:
+    rows = [_replayed("home", 1, {"sequential": [0], "content": [0]}),
+            _replayed("home", 1, {"popularity": [25]}, "conversion")]  # fmt: skip
+    only_seq = recall_by_label(rows, lambda r, k: snake_merge(
+        {"sequential": r.candidates["sequential"]}, GENERATORS, k), [10])  # fmt: skip
+    assert only_seq["click.recall@10"] == 0.5 and only_seq["click.requests"] == 1
+    assert only_seq["conversion.recall@10"] == 0.0 and only_seq["ads.requests"] == 2
+
+
+def test_offline_features_answer_as_of_a_past_time(features_dir: Path) -> None:
+    short = pd.read_parquet(features_dir / "user_short_term.parquet")
+    user = int(short["user_id"].value_counts().index[0])
+    mine = short[short["user_id"] == user].sort_values("event_timestamp")
+    as_of = mine["event_timestamp"].iloc[2]
+    got = OfflineFeatures(features_dir, as_of).lookup("user_serving_v2", "user_id", user)
+    assert got["recent_item_ids"] == list(mine["recent_item_ids"].iloc[1])  # the row before
+    # Before the user's first snapshot the store knew nothing of them.
+    before = OfflineFeatures(features_dir, mine["event_timestamp"].iloc[0])
+    assert before.lookup("user_serving_v2", "user_id", user) is None
+    latest = OfflineFeatures(features_dir, pd.Timestamp("2100-01-01", tz="UTC"))
+    assert latest.lookup("user_serving_v2", "user_id", user)["recent_item_ids"] == list(
+        mine["recent_item_ids"].iloc[-1])  # fmt: skip
+    assert latest.lookup("user_serving_v2", "user_id", 987_654_321) is None
+    with pytest.raises(CandgenError, match=r"^service: offline replays answer user_serving_v2"):
+        latest.lookup("user_features_v1", "user_id", user)
+
+
+def test_logged_requests_hold_the_windows_ad_clicks_per_user_and_surface(marketplace) -> None:  # type: ignore[no-untyped-def]
+    events = pd.read_parquet(marketplace.out_dir / "events")
+    start = events["event_ts"].min().normalize() + pd.Timedelta(days=3)
+    stop = start + pd.Timedelta(days=2)
+    requests = logged_requests(marketplace.out_dir, start, stop)
+    clicks = events[(events["event_type"] == "click") & (events["event_ts"] >= start)
+                    & (events["event_ts"] < stop)]  # fmt: skip
+    assert sum(len(r.targets) for r in requests) == len(
+        clicks.drop_duplicates(["user_id", "surface", "ad_id"]))  # fmt: skip
+    converted = set(events.loc[events["event_type"] == "conversion", "caused_by_event_id"])
+    for r in requests:
+        mine = clicks[(clicks["user_id"] == r.user_id) & (clicks["surface"] == r.surface)]
+        assert set(r.targets) == set(mine["ad_id"])
+        for ad, label in r.targets.items():
+            ids = set(mine.loc[mine["ad_id"] == ad, "event_id"])
+            assert (label == "conversion") == bool(ids & converted)
+
+
+def test_bad_learning_settings_name_the_field() -> None:
+    cases = [
+        ({"eval_days": 0}, "eval_days"),
+        ({"max_rank": 0}, "max_rank"),
+        ({"conversion_weight": -1.0}, "conversion_weight"),
+        ({"click_weight": 0.0, "conversion_weight": 0.0}, "conversion_weight"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(ConfigError, match=rf"^{field}: "):
+            QuotaLearnConfig(**kwargs)
+
+
+def test_the_quota_commands_learn_show_and_reject_bad_input(
+    marketplace,
+    features_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    from candgen.cli import main
+    from candgen.training.config import TrainConfig
+    from candgen.training.trainer import train
+
+    train(TrainConfig(dataset="marketplace", model="unified", data_dir=str(marketplace.out_dir),
+                      features_dir=str(features_dir), epochs=1, eval_days=2, max_len=20,
+                      progress=False, track=False, out_dir=str(tmp_path / "run")))  # fmt: skip
+    out = tmp_path / "quotas.json"
+    learn = [
+        "quotas",
+        "learn",
+        "--model",
+        str(tmp_path / "run" / "model.pt"),
+        "--data",
+        str(marketplace.out_dir),
+        "--features-dir",
+        str(features_dir),
+        "--eval-days",
+        "2",
+    ]
+    assert main([*learn, "--max-rank", "100", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    table = LearnedQuotas.load(out)
+    assert summary["requests"] == table.fitted["requests"] > 0
+    assert table.rank_edges[-1] == 100
+    assert main(["quotas", "show", str(out), "-k", "50"]) == 0
+    shown = capsys.readouterr().out
+    assert "quota policy learned; slots of K=50 per context" in shown
+    assert shown.count("learned") == len(SURFACES) * len(ACTIVITY_BUCKETS) + 1
+    assert main(["quotas", "learn", "--model", str(tmp_path / "run" / "model.pt"),
+                 "--max-rank", "0", "--out", str(out)]) == 2  # fmt: skip
+    assert "max_rank: must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["quotas", "show"]) == 2
+    assert "table: give a learned table or --model-repository" in capsys.readouterr().err
+    assert main(["quotas", "show", str(out), "-k", "0"]) == 2
+    assert "k: must be >= 1" in capsys.readouterr().err
