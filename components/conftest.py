@@ -70,19 +70,44 @@ def registered_uri(trained_model, tracking_uri: str) -> str:  # type: ignore[no-
 
 
 @pytest.fixture(scope="session")
-def exported_repo(registered_uri: str, tracking_uri: str, trainable_data, tmp_path_factory):  # type: ignore[no-untyped-def]
-    """(index artifact, repository artifact) of the registered version, by the components."""
+def built_index(registered_uri: str, tracking_uri: str, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The index artifact of the registered version, by the build_index component."""
     from kfp.dsl import Artifact, Metrics
 
     from components.build_index.component import build_index
-    from components.export_repository.component import export_repository
 
-    root = tmp_path_factory.mktemp("exported")
-    index, repo = Artifact(uri=str(root / "index")), Artifact(uri=str(root / "repo"))
+    root = tmp_path_factory.mktemp("index")
+    index = Artifact(uri=str(root / "index"))
     build_index.python_func(model_uri=registered_uri, index=index,
                             metrics=Metrics(uri=str(root / "m")),
                             tracking_uri=tracking_uri)  # fmt: skip
+    return index
+
+
+@pytest.fixture(scope="session")
+def learned(trained_model, trainable_data, built_index, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The quotas artifact learned for the trained model, by the learn_quotas component."""
+    from kfp.dsl import Artifact
+
+    from components.learn_quotas.component import learn_quotas
+
+    market, features = trainable_data
+    quotas = Artifact(uri=str(tmp_path_factory.mktemp("quotas") / "quotas"))
+    learn_quotas.python_func(trained=trained_model[0], marketplace=market, features=features,
+                             index=built_index, quotas=quotas, max_rank=200)  # fmt: skip
+    return quotas
+
+
+@pytest.fixture(scope="session")
+def exported_repo(registered_uri: str, tracking_uri: str, trainable_data, built_index, learned,  # type: ignore[no-untyped-def]
+                  tmp_path_factory):  # fmt: skip
+    """(index artifact, repository artifact) of the registered version, by the components."""
+    from kfp.dsl import Artifact
+
+    from components.export_repository.component import export_repository
+
+    repo = Artifact(uri=str(tmp_path_factory.mktemp("exported") / "repo"))
     export_repository.python_func(model_uri=registered_uri, features=trainable_data[1],
-                                  index=index, repository=repo,
+                                  index=built_index, quotas=learned, repository=repo,
                                   tracking_uri=tracking_uri)  # fmt: skip
-    return index, repo
+    return built_index, repo

@@ -11,6 +11,7 @@ from candgen.serving.steps import pinned_version
 from components.build_index.component import build_index
 from components.deploy.component import deploy
 from components.export_repository.component import export_repository
+from components.learn_quotas.component import learn_quotas
 from tests.net import free_ports
 
 
@@ -20,12 +21,13 @@ def test_index_export_and_deploy_switch_a_running_triton_under_kfp_local(
     registered_uri: str,
     tracking_uri: str,
     trainable_data: tuple,
+    trained_model: tuple,
     tmp_path: Path,
 ) -> None:
     from kfp import dsl
-    from kfp.dsl import Dataset
+    from kfp.dsl import Dataset, Model
 
-    features_path = trainable_data[1].path
+    market_path, features_path = trainable_data[0].path, trainable_data[1].path
     target = tmp_path / "served"
     target.mkdir()
     http, grpc, metrics, feature_port = free_ports(4)
@@ -33,30 +35,49 @@ def test_index_export_and_deploy_switch_a_running_triton_under_kfp_local(
                           metrics_port=metrics, state_dir=str(tmp_path / "triton"),
                           ready_timeout_s=120)  # fmt: skip
 
+    # kfp.local feeds a step only artifacts of upstream steps: these two bring the fixtures'.
     @dsl.component(base_image=PLATFORM_IMAGE)
-    def features_dataset(features: dsl.Output[Dataset], source: str) -> None:
+    def as_dataset(data: dsl.Output[Dataset], source: str) -> None:
         import shutil
 
-        shutil.copytree(source, features.path)
+        shutil.copytree(source, data.path)
+
+    @dsl.component(base_image=PLATFORM_IMAGE)
+    def as_model(model: dsl.Output[Model], source: str) -> None:
+        import shutil
+
+        shutil.copytree(source, model.path)
 
     @dsl.pipeline
-    def ship(uri: str, model_uri: str, source: str, target_repository: str, url: str) -> str:
-        feats = features_dataset(source=source)
+    def ship(uri: str, model_uri: str, market: str, source: str, trained: str,
+             target_repository: str, url: str) -> str:  # fmt: skip
+        feats = as_dataset(source=source).outputs["data"]
         index = build_index(model_uri=model_uri, tracking_uri=uri)
-        repo = export_repository(model_uri=model_uri, features=feats.outputs["features"],
-                                 index=index.outputs["index"], tracking_uri=uri,
+        model = as_model(source=trained).outputs["model"]
+        quotas = learn_quotas(
+            trained=model,
+            marketplace=as_dataset(source=market).outputs["data"],
+            features=feats,
+            index=index.outputs["index"],
+            max_rank=100,
+        )
+        repo = export_repository(model_uri=model_uri, features=feats,
+                                 index=index.outputs["index"], quotas=quotas.outputs["quotas"],
+                                 tracking_uri=uri,
                                  feature_server_url=f"http://127.0.0.1:{feature_port}")  # fmt: skip
         return deploy(repository=repo.outputs["repository"], target_repository=target_repository,
                       triton_url=url).output  # fmt: skip
 
     start(server)  # an empty repository: nothing is served yet
     try:
-        run = ship(uri=tracking_uri, model_uri=registered_uri, source=features_path,
+        run = ship(uri=tracking_uri, model_uri=registered_uri, market=market_path,
+                   source=features_path, trained=trained_model[0].path,
                    target_repository=str(target), url=f"127.0.0.1:{http}")  # fmt: skip
         version = pinned_version(target)
         assert run.output == f"v{version} installed in {target} and serving at 127.0.0.1:{http}"
         res = RetrieveClient(f"127.0.0.1:{http}").retrieve(1, "home", 10)
         assert len(res.ad_ids) == 10 and res.fallback  # no feature server in this test
+        assert res.quota_policy == "learned" and sum(res.source_counts.values()) == 10
     finally:
         stop(server)
 

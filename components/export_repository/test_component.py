@@ -6,7 +6,7 @@ import pytest
 from kfp.dsl import Artifact
 
 from candgen.errors import CandgenError
-from candgen.serving.steps import pinned_version
+from candgen.serving.steps import pinned_version, read_serving_file
 from components.export_repository.component import export_repository
 
 
@@ -20,6 +20,12 @@ def test_python_func_exports_around_the_upstream_index(
     copied = Path(repo.path) / "candgen_generators" / str(version) / "ads.faiss"
     assert copied.read_bytes() == (Path(index.path) / "ads.faiss").read_bytes()
     assert repo.metadata["model_uri"] == registered_uri
+    # The learned quotas are what its select step serves.
+    select = Path(repo.path) / "candgen_select" / str(version)
+    assert (select / "quotas.json").exists()
+    config, _, provenance = read_serving_file(select)
+    assert config.quota_policy == "learned" and provenance["quota_policy"] == "learned"
+    assert config.policy(select).learned is not None
 
 
 @pytest.mark.integration
@@ -28,6 +34,7 @@ def test_an_index_of_another_version_is_refused(
     trained_model: tuple,
     tracking_uri: str,
     trainable_data: tuple,
+    learned: Artifact,
     tmp_path: Path,
 ) -> None:
     from candgen.registry.tracking import register
@@ -36,6 +43,29 @@ def test_an_index_of_another_version_is_refused(
     other = f"models:/other-m/{version}"
     with pytest.raises(CandgenError, match=r"index_dir: .* was built for models:/components-m/"):
         export_repository.python_func(model_uri=other, features=trainable_data[1],
-                                      index=exported_repo[0],
+                                      index=exported_repo[0], quotas=learned,
+                                      repository=Artifact(uri=str(tmp_path / "r")),
+                                      tracking_uri=tracking_uri)  # fmt: skip
+
+
+@pytest.mark.integration
+def test_the_learned_policy_without_a_table_is_refused(
+    registered_uri: str,
+    built_index: Artifact,
+    trainable_data: tuple,
+    tracking_uri: str,
+    tmp_path: Path,
+) -> None:
+    from candgen.errors import ConfigError
+
+    empty = Artifact(uri=str(tmp_path / "no-quotas"))
+    with pytest.raises(CandgenError, match=r"^quotas: .*does not exist"):
+        export_repository.python_func(model_uri=registered_uri, features=trainable_data[1],
+                                      index=built_index, quotas=empty,
+                                      repository=Artifact(uri=str(tmp_path / "r")),
+                                      tracking_uri=tracking_uri)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^quota_policy: 'bandit' is not one of"):
+        export_repository.python_func(model_uri=registered_uri, features=trainable_data[1],
+                                      index=built_index, quotas=empty, quota_policy="bandit",
                                       repository=Artifact(uri=str(tmp_path / "r")),
                                       tracking_uri=tracking_uri)  # fmt: skip

@@ -11,7 +11,7 @@ from candgen.images import PLATFORM_IMAGE
 @dsl.component(base_image=PLATFORM_IMAGE)
 def register_gate(
     trained: Input[Model],
-    model_name: str = "candgen-hstu",
+    model_name: str = "candgen-unified",
     tracking_uri: str = "",
 ) -> NamedTuple("GateOutputs", [("promoted", bool), ("model_uri", str), ("message", str)]):
     """Registers the training run's model as a new version (alias ``challenger``) and moves

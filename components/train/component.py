@@ -12,7 +12,7 @@ def train(
     features: Input[Dataset],
     trained: Output[Model],
     metrics: Output[Metrics],
-    model: str = "hstu",
+    model: str = "unified",
     epochs: int = 30,
     lr: float = 3e-3,
     dim: int = 64,

@@ -18,7 +18,7 @@ def test_python_func_trains_through_torchx_and_logs_the_run(
     assert (Path(trained.path) / "model.pt").exists()
     assert trained.metadata["run_id"] == run_id
     run = client(tracking_uri).get_run(run_id)
-    assert run.data.params["model"] == "hstu"
+    assert run.data.params["model"] == "unified"
     assert metrics.metadata["ndcg@10"] == pytest.approx(run.data.metrics["test.ndcg_at_10"])
 
 

@@ -26,7 +26,7 @@ from candgen.registry.tracking import client, default_tracking_uri
 
 T = TypeVar("T")
 
-DEMO_MODEL_NAME = "candgen-demo-hstu"
+DEMO_MODEL_NAME = "candgen-demo-unified"
 # On the demo marketplace HSTU passes the popularity baseline's HR@10 after about 20 epochs
 # (lr 3e-3); 30 leave a margin and take about 20 s.
 DEMO_EPOCHS = 30
@@ -125,12 +125,12 @@ def _query_live_ensemble(run: LocalRun, ends: dict[str, str]) -> None:
                     t0 = time.perf_counter()
                     res = rc.retrieve(uid, surface, 100)
                     ms = (time.perf_counter() - t0) * 1e3
-                    mix = ", ".join(f"{s} {res.sources.count(s)}"
-                                    for s in dict.fromkeys(res.sources))  # fmt: skip
+                    mix = ", ".join(f"{s} {n}" for s, n in res.source_counts.items())
                     flag = "  [cold start]" if res.cold_start else ""
                     flag += "  [fallback]" if res.fallback else ""
                     print(f"    user {uid} on {surface:<8} {len(res.ad_ids)} ads in {ms:5.1f} ms "
-                          f"over {rc.protocol:<4} ({mix}){flag}")  # fmt: skip
+                          f"over {rc.protocol:<4} ({res.quota_policy} quotas: {mix})"
+                          f"{flag}")  # fmt: skip
                     for ad, score, source in list(zip(res.ad_ids, res.scores, res.sources,
                                                       strict=True))[:3]:  # fmt: skip
                         print(f"        {score:7.3f}  {source:<10}  {titles.get(ad, ad)}")

@@ -18,8 +18,9 @@ from candgen.paths import REPO_ROOT
 
 PIPELINE_YAML = REPO_ROOT / "pipelines" / "pipeline.yaml"
 # The pipeline's tasks in the order they run (kfp names them after their components).
-TASKS = ("synth-data", "build-features", "feature-store", "training-set", "train", "evaluate",
-         "register-gate", "gate-open", "build-index", "export-repository", "deploy")  # fmt: skip
+TASKS = ("synth-data", "build-features", "long-term-features", "feature-store", "training-set",
+         "train", "evaluate", "register-gate", "gate-open", "build-index", "learn-quotas",
+         "export-repository", "deploy")  # fmt: skip
 
 
 def pipeline_function() -> Any:
@@ -115,6 +116,10 @@ def describe_outcome(task: str, outputs: dict[str, Any] | None) -> str:
         m = _first_artifact(outputs, "features")
         return (f"{m['user_short_term']:,} user sequences, {m['ad_attributes']:,} ads, "
                 f"{m['ad_delivery']:,} delivery rows (snapshot {m['snapshot'][:12]})")  # fmt: skip
+    if task == "long-term-features":
+        m = _first_artifact(outputs, "with_long_term")
+        return (f"{m['long_term_rows']:,} daily long-term summaries (summariser trained before "
+                f"{m['trained_before'][:10]}; snapshot {m['snapshot'][:12]})")  # fmt: skip
     if task == "feature-store":
         m = _first_artifact(outputs, "store")
         return (f"applied {', '.join(m['feature_services'])}; {m['online']} online store "
@@ -139,6 +144,11 @@ def describe_outcome(task: str, outputs: dict[str, Any] | None) -> str:
         m, index = _first_artifact(outputs, "metrics"), _first_artifact(outputs, "index")
         return (f"{index['kind']} index of {index['size']:,} ads for {index['model_uri']}, "
                 f"recall@100 vs exact {m['recall_at_100']:.3f}")  # fmt: skip
+    if task == "learn-quotas":
+        m = _first_artifact(outputs, "quotas")
+        return (f"quotas learned from {m['requests']:,} logged requests of "
+                f"{m['window'][0][:10]}..{m['window'][1][:10]}, activity buckets at "
+                f"{m['activity_edges']}")  # fmt: skip
     if task == "export-repository":
         m = _first_artifact(outputs, "repository")
         return (f"Triton repository v{m['version']} of {m['model_uri']} (run {m['run_id'][:12]}, "
