@@ -1,8 +1,10 @@
 """Ads-retrieval ablation on the synthetic marketplace, held-out days (issue 6).
 
-Generates one marketplace, then trains each variant as its own `candgen train` command (a
-2-process TorchX job) and reports recall@50/100/200 per label (organic engagement, ad click,
-attributed conversion) and recall@100 per surface on the last ``--eval-days`` days. Every row is
+Generates one marketplace (its features with MiniLM ad text embeddings and the long-term
+summaries), then trains each variant as its own `candgen train` command (a 2-process TorchX job)
+and reports recall@50/100/200 per label (organic engagement, ad click, attributed conversion)
+and per surface, and on cold-start ads, on the last ``--eval-days`` days; then compares the quota
+policies over the unified model's generators (`candgen quotas compare`). Every row comes from
 one command, printed beside it. Results are stored in docs/benchmarks/ablation_<machine>.json and
 rendered into docs/BENCHMARKS.md.
 
@@ -44,7 +46,12 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ),
     ("unified", ["--model", "unified"]),
     ("unified, no scenario adaptation", ["--model", "unified", "--no-scenario-adaptive"]),
+    ("unified, no long-term summary", ["--model", "unified", "--no-long-term"]),
+    ("unified, no short-term sequence", ["--model", "unified", "--no-short-term"]),
 ]
+UNIFIED = "unified"
+POLICY_ORDER = ("learned", "best fixed", "best fixed on test", "snake merge",
+                "hand-set per surface")  # fmt: skip
 
 
 def _run(cmd: list[str]) -> None:
@@ -56,19 +63,31 @@ def _command_text(cmd: list[str]) -> str:
     return " ".join(["candgen", *cmd[3:]])
 
 
+def _slug(name: str) -> str:
+    return name.lower().replace(", ", "-").replace(" ", "-")
+
+
 def run(args: argparse.Namespace) -> dict:
     work = Path(args.workdir)  # relative to the repository, where every command runs
     market, features = work / "marketplace", work / "features"
     synth = [*CANDGEN, "data", "synth", "--out", str(market), "--overwrite", "--quiet",
              "--users", str(args.users), "--ads", str(args.ads), "--days", str(args.days),
+             "--impressions-per-session", str(args.impressions_per_session),
              "--seed", str(args.seed)]  # fmt: skip
     build = [*CANDGEN, "features", "build", "--data", str(market), "--features-dir",
-             str(features), "--no-embed-text", "--quiet"]  # fmt: skip
+             str(features), "--quiet"]  # fmt: skip
+    long_term = [*CANDGEN, "features", "long-term", "--data", str(market), "--features-dir",
+                 str(features), "--eval-days", str(args.eval_days), "--nproc", str(args.nproc),
+                 "--seed", str(args.seed), "--out-dir", str(work / "runs" / "long-term"),
+                 "--quiet"]  # fmt: skip
+    t0 = time.perf_counter()
     _run(synth)
     _run(build)
+    _run(long_term)
+    setup_seconds = round(time.perf_counter() - t0, 1)
     rows = []
     for name, extra in VARIANTS:
-        out = work / "runs" / name.lower().replace(", ", "-").replace(" ", "-")
+        out = work / "runs" / _slug(name)
         cmd = [*CANDGEN, "train", "--nproc", str(args.nproc), "--dataset", "marketplace",
                "--data-dir", str(market), "--features-dir", str(features),
                "--epochs", str(args.epochs), "--lr", "3e-3", "--eval-days", str(args.eval_days),
@@ -81,12 +100,25 @@ def run(args: argparse.Namespace) -> dict:
                      "seconds": round(time.perf_counter() - t0, 1), "test": test})  # fmt: skip
         said = [f"{lab} recall@100 {_value(test, f'label.{lab}.recall@100')}" for lab in LABELS]
         print(f"{name}: " + ", ".join(said), flush=True)
+    quota_out = work / "quotas_compare.json"
+    quotas = [*CANDGEN, "quotas", "compare", "--model", str(work / "runs" / _slug(UNIFIED) /
+              "model.pt"), "--data", str(market), "--features-dir", str(features),
+              "--eval-days", str(args.eval_days), "-k", *map(str, KS), "--max-rank",
+              str(max(KS)), "--out", str(quota_out), "--quiet"]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(quotas, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    quota_result = json.loads(quota_out.read_text())
     return {
         "machine": args.machine, "host": platform.node(), "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "data": {"users": args.users, "ads": args.ads, "days": args.days,
-                 "eval_days": args.eval_days, "seed": args.seed, "command": _command_text(synth)},
+                 "eval_days": args.eval_days, "seed": args.seed,
+                 "impressions_per_session": args.impressions_per_session,
+                 "command": _command_text(synth), "features": _command_text(build),
+                 "long_term": _command_text(long_term), "setup_seconds": setup_seconds},
         "epochs": args.epochs, "nproc": args.nproc, "rows": rows,
+        "quotas": {"command": _command_text(quotas),
+                   "seconds": round(time.perf_counter() - t0, 1), **quota_result},
     }  # fmt: skip
 
 
@@ -99,16 +131,24 @@ def render(result: dict) -> str:
     d = result["data"]
     first = rows[0]["test"]
     users = ", ".join(f"{lab} {int(first.get(f'label.{lab}.users', 0))}" for lab in LABELS)
+    cold_users = int(first.get("ads.cold.users", 0))
     lines = [
-        "## Ads retrieval ablation (issue 6, in progress)",
+        "## Ads retrieval ablation (issue 6)",
         "",
-        f"Synthetic marketplace: {d['users']:,} users, {d['ads']:,} ads, {d['days']} days "
-        f"(`{d['command']}`); the last {d['eval_days']} days are the test window, ranked from "
-        f"each user's history before it (full ranking, history excluded). Users with targets: "
-        f"{users}. Each row is one `candgen train` command ({result['nproc']} TorchX processes, "
-        f"{result['epochs']} epochs, machine `{result['machine']}`: {result['cpus']} CPUs, "
-        f"Python {result['python']}); one run each, so small "
-        "differences are noise.",
+        f"Synthetic marketplace: {d['users']:,} users, {d['ads']:,} ads, {d['days']} days, "
+        f"{d['impressions_per_session']} ad impressions per session (`{d['command']}`), ad text "
+        f"embedded by all-MiniLM-L6-v2 (`{d['features']}`), long-term summaries by a "
+        f"dense all-action summariser (`{d['long_term']}`; data, features and summaries took "
+        f"{d['setup_seconds']} s). The last {d['eval_days']} days are the test window, ranked "
+        f"from each user's history before it (full ranking over every item and ad, history "
+        f"excluded; the days before are the validation window, and no model or summariser "
+        f"trained on either). Users with targets: {users}; {cold_users} users clicked a "
+        f"cold-start ad (one with no training interaction). Each model row is one "
+        f"`candgen train` command ({result['nproc']} TorchX processes, {result['epochs']} "
+        f"epochs, machine `{result['machine']}`: {result['cpus']} CPUs, Python "
+        f"{result['python']}); one run each, so small differences are noise.",
+        "",
+        "Recall@K per label:",
         "",
         "| variant | " + " | ".join(f"{lab} R@{k}" for lab in LABELS for k in KS) + " |",
         "|---|" + "---|" * (len(LABELS) * len(KS)),
@@ -117,23 +157,65 @@ def render(result: dict) -> str:
         t = row["test"]
         cells = [_value(t, f"label.{lab}.recall@{k}") for lab in LABELS for k in KS]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "Recall@100 per surface:", "",
-              "| variant | " + " | ".join(SURFACES) + " | seconds |",
-              "|---|" + "---|" * (len(SURFACES) + 1)]  # fmt: skip
+    lines += ["", "Recall@K per surface:", "",
+              "| variant | " + " | ".join(f"{s} R@{k}" for s in SURFACES for k in KS)
+              + " | seconds |",
+              "|---|" + "---|" * (len(SURFACES) * len(KS) + 1)]  # fmt: skip
     for row in rows:
         t = row["test"]
-        cells = [_value(t, f"surface.{s}.recall@100") for s in SURFACES]
+        cells = [_value(t, f"surface.{s}.recall@{k}") for s in SURFACES for k in KS]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {row['seconds']} |")
+    lines += ["", "Cold-start ads (no training interaction) against warm ads, ad targets only:",
+              "", "| variant | cold R@50 | cold R@100 | cold R@200 | warm R@100 | cold / warm "
+              "at 100 |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        t = row["test"]
+        cold, warm = t.get("ads.cold.recall@100", 0.0), t.get("ads.warm.recall@100", 0.0)
+        ratio = f"{cold / warm:.2f}" if warm else "n/a"
+        cells = [_value(t, f"ads.cold.recall@{k}") for k in KS]
+        lines.append(f"| {row['name']} | " + " | ".join(cells)
+                     + f" | {_value(t, 'ads.warm.recall@100')} | {ratio} |")  # fmt: skip
+    lines += _quota_table(result.get("quotas"))
     lines += ["", "Commands:", ""]
     lines += [f"- {row['name']}: `{row['command']}`" for row in rows]
-    lines += ["", *_targets(rows)]
+    if result.get("quotas"):
+        lines.append(f"- quota policies: `{result['quotas']['command']}`")
+    lines += ["", *_targets(rows, result.get("quotas"))]
     return "\n".join(lines)
 
 
-def _targets(rows: list[dict]) -> list[str]:
-    """The issue's targets that these rows can already answer, met or not."""
+def _quota_table(quotas: dict | None) -> list[str]:
+    if not quotas:
+        return []
+    policies = quotas["policies"]
+    lines = ["", f"Quota policies over the unified model's generators (sequential, content, "
+             f"popularity), at equal K: the test window's {quotas['test_requests']:,} "
+             f"(user, surface) requests that led to ad clicks, each replayed through the "
+             f"generators as they stood when the window began; the learned values were fitted "
+             f"on the validation window's {quotas['fit_requests']:,} requests (activity buckets "
+             f"at {quotas['activity_edges']} lifetime actions). Recall per request:", "",
+             "| policy | " + " | ".join(f"{lab} R@{k}" for lab in ("click", "conversion")
+                                       for k in KS) + " |",
+             "|---|" + "---|" * (2 * len(KS))]  # fmt: skip
+    for name in POLICY_ORDER:
+        if name not in policies:
+            continue
+        m = policies[name]
+        cells = [_value(m, f"{lab}.recall@{k}") for lab in ("click", "conversion") for k in KS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    splits = policies["best fixed"]
+    said = "; ".join(f"K={k}: " + ", ".join(f"{g} {w:.1f}" for g, w in splits[f"split@{k}"].items())
+                     for k in KS)  # fmt: skip
+    n_conv = int(policies["learned"].get("conversion.requests", 0))
+    lines += ["", f"The best fixed split (chosen per K by conversion recall on the validation "
+              f"window): {said}. {n_conv} test requests hold a conversion."]  # fmt: skip
+    return lines
+
+
+def _targets(rows: list[dict], quotas: dict | None) -> list[str]:
+    """The issue's targets, met or not."""
     by = {r["name"]: r["test"] for r in rows}
-    unified = by.get("unified", {})
+    unified = by.get(UNIFIED, {})
     out = ["Targets (issue 6):", ""]
     singles = [n for n in by if not n.startswith("unified")]
     for lab in LABELS:
@@ -154,24 +236,38 @@ def _targets(rows: list[dict]) -> list[str]:
         verdict = "not measured (no conversion target in the test window)"
     out.append(f"- unified conversion recall@100 {conv:.4f} vs 1.2 x the click-only two-tower "
                f"({tt:.4f}): {verdict}")  # fmt: skip
+    cold, warm = unified.get("ads.cold.recall@100", 0.0), unified.get("ads.warm.recall@100", 0.0)
+    verdict = "met" if warm and cold >= 0.5 * warm else "missed"
+    out.append(f"- unified cold-start recall@100 {cold:.4f} vs half its warm-ad recall@100 "
+               f"({0.5 * warm:.4f}): {verdict}")  # fmt: skip
+    if quotas:
+        p = quotas["policies"]
+        for k in KS:
+            key = f"conversion.recall@{k}"
+            got, best = p["learned"].get(key, 0.0), p["best fixed"].get(key, 0.0)
+            oracle = p["best fixed on test"].get(key, 0.0)
+            verdict = "met" if got > best else "missed"
+            out.append(f"- learned quotas vs the best fixed quota, conversion recall@{k}: "
+                       f"{got:.4f} vs {best:.4f}: {verdict} (the fixed split best on the test "
+                       f"window itself: {oracle:.4f})")  # fmt: skip
     for lab in LABELS:
         n = int(unified.get(f"label.{lab}.users", 0))
         if 0 < n < 100:
             out.append(f"- the {lab} comparisons rest on {n} users (one user moves recall by "
                        f"about {1 / n:.3f}), so they are within noise")  # fmt: skip
-    plain = by.get("unified, no scenario adaptation", {})
-    if plain:
+    for name, what in (("unified, no scenario adaptation", "scenario adaptation"),
+                       ("unified, no short-term sequence", "the short-term sequence"),
+                       ("unified, no long-term summary", "the long-term summary")):  # fmt: skip
+        other = by.get(name, {})
+        if not other:
+            continue
         key = "label.{}.recall@100"
-        gains = {lab: unified.get(key.format(lab), 0.0) - plain.get(key.format(lab), 0.0)
+        gains = {lab: unified.get(key.format(lab), 0.0) - other.get(key.format(lab), 0.0)
                  for lab in LABELS}  # fmt: skip
         said = ", ".join(f"{lab} {gain:+.4f}" for lab, gain in gains.items())
         verdict = "a gain on every label" if min(gains.values()) > 0 else "not a consistent gain"
-        out.append(f"- scenario adaptation (unified minus unified without it, recall@100): "
-                   f"{said}: {verdict} on this marketplace")  # fmt: skip
-    out.append(
-        "- cold-start recall and learned quotas: not built yet (the next parts of the "
-        "issue); short-term-feature and quota rows come with them."
-    )
+        out.append(f"- {what} (unified minus unified without it, recall@100): {said}: "
+                   f"{verdict} on this marketplace")  # fmt: skip
     return out
 
 
@@ -183,6 +279,7 @@ def main() -> int:
     p.add_argument("--eval-days", type=int, default=3)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--impressions-per-session", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--machine", default="cpu", help="label of the stored results (cpu, gpu)")
     p.add_argument("--workdir", default="data/ablation")

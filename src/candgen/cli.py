@@ -363,6 +363,35 @@ def cmd_quotas_learn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quotas_compare(args: argparse.Namespace) -> int:
+    from candgen.serving.quota import DEFAULT_WEIGHTS
+    from candgen.serving.quota_learning import (
+        QuotaLearnConfig,
+        compare_policies,
+        fit,
+        replay_window,
+    )
+
+    ks = sorted(set(args.k))
+    if ks[0] < 1:
+        raise ConfigError("k", f"must be >= 1, got {ks[0]}")
+    config = config_from_args(QuotaLearnConfig, args)
+    if config.max_rank < ks[-1]:
+        raise ConfigError("max_rank", f"must be >= the largest K ({ks[-1]}), got {config.max_rank}")
+    replays = {w: replay_window(args.model, args.data, args.features_dir, config, w,
+                                args.index_dir, progress=not args.quiet)
+               for w in ("valid", "test")}  # fmt: skip
+    learned = fit(replays["valid"], config)
+    result = {"fit_requests": len(replays["valid"]), "test_requests": len(replays["test"]),
+              "activity_edges": learned.activity_edges,
+              "policies": compare_policies(replays["valid"], replays["test"], learned, ks,
+                                           DEFAULT_WEIGHTS)}  # fmt: skip
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2))
+    _print_json(result)
+    return 0
+
+
 def cmd_quotas_show(args: argparse.Namespace) -> int:
     from candgen.serving.quota import LearnedQuotas, QuotaPolicy, describe
 
@@ -645,6 +674,18 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--quiet", action="store_true")
     add_config_flags(ql, QuotaLearnConfig)
     ql.set_defaults(func=cmd_quotas_learn)
+    qc = quotas.add_parser("compare", help="learned quotas vs the best fixed split, snake merge "
+                           "and the hand-set weights: recall by label on the model's test window, "
+                           "fitted on its validation window")  # fmt: skip
+    qc.add_argument("--model", type=Path, required=True, help="the trained model.pt")
+    qc.add_argument("--data", type=Path, default=DEFAULT_MARKETPLACE)
+    qc.add_argument("--features-dir", type=Path, default=Path("feature_repo/data/features"))
+    qc.add_argument("--index-dir", type=Path, default=None)
+    qc.add_argument("-k", "--k", type=int, nargs="+", default=[50, 100, 200])
+    qc.add_argument("--out", type=Path, default=None, help="also write the result here (JSON)")
+    qc.add_argument("--quiet", action="store_true")
+    add_config_flags(qc, QuotaLearnConfig)
+    qc.set_defaults(func=cmd_quotas_compare)
     qs = quotas.add_parser("show", help="print the slots each generator gets per context")
     qs.add_argument("table", type=Path, nargs="?", default=None, help="a learned table")
     qs.add_argument(
