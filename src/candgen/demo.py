@@ -114,17 +114,8 @@ def _query_live_ensemble(run: LocalRun, ends: dict[str, str]) -> None:
     feature_server = FeatureServerProcess(store, port=FEATURE_SERVER_PORT, log=log)
     titles = dict(pd.read_parquet(market / "ads.parquet", columns=["ad_id", "title"]).values)
     try:
-        def start_features() -> None:
-            from candgen.serving.features import FeatureServerClient
-            from candgen.serving.pipeline import USER_SERVICE
-
-            feature_server.start()
-            # The server's first lookup loads the registry and opens the store (seconds): one
-            # lookup now, so that the first timed request is not a fallback.
-            FeatureServerClient(feature_server.url, 60.0).lookup(USER_SERVICE, "user_id", 1)
-
         _step(4, f"start the Feast feature server ({feature_server.url}) over the store the "
-              "pipeline materialized", start_features)  # fmt: skip
+              "pipeline materialized", feature_server.start)  # fmt: skip
 
         def ask() -> None:
             http, grpc = RetrieveClient(ends["http"], "http"), RetrieveClient(ends["grpc"], "grpc")

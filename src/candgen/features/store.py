@@ -368,10 +368,17 @@ class FeatureServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> str:
-        """Starts the server and waits until it answers; returns its URL."""
+        """Starts the server and waits until it answers a lookup; returns its URL.
+
+        The first lookup loads the registry and opens the online store, which takes seconds;
+        it is made here, so the first request that serving times is not a fallback.
+        """
         import subprocess
         import time
         import urllib.request
+
+        from candgen.serving.features import FeatureServerClient
+        from candgen.vocab import USER_SERVING_SERVICE
 
         c = self.cfg
         cmd = [sys.executable, "-m", "candgen.cli", "features", "serve", "--port", str(self.port),
@@ -389,6 +396,9 @@ class FeatureServerProcess:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
                     if resp.status == 200:
+                        left = max(deadline - time.monotonic(), 1.0)
+                        FeatureServerClient(self.url, left).lookup(USER_SERVING_SERVICE,
+                                                                   "user_id", 0)  # fmt: skip
                         return self.url
             except OSError:
                 time.sleep(0.25)

@@ -17,12 +17,12 @@ from candgen.serving.contract import check_k
 from candgen.serving.features import FeatureStoreUnavailable
 from candgen.serving.generators import ContentGenerator, PacingPopularity
 from candgen.serving.quota import QuotaPolicy, source_counts
+from candgen.vocab import USER_SERVING_SERVICE
 
 if TYPE_CHECKING:  # torch is imported only by the step that encodes
     from candgen.registry.retriever import Retriever
 
-# The narrow service: only the features read below (user_features_v2 has them all).
-USER_SERVICE = "user_serving_v2"
+USER_SERVICE = USER_SERVING_SERVICE
 COLD_START, FALLBACK = "cold_start", "fallback"
 
 
