@@ -48,10 +48,10 @@ def long_term_features(
     config = summariser_config(marketplace.path, summariser.path, eval_days, epochs=epochs,
                                max_len=max_len, all_action_days=all_action_days, seed=seed,
                                progress=False)  # fmt: skip
-    job = JobConfig(scheduler=scheduler, replicas=replicas, nproc=nproc, cpus=cpus,
-                    memory_mb=memory_mb, gpus=gpus, queue=queue, namespace=namespace,
-                    service_account=service_account, work_volume=work_volume,
-                    work_dir=work_dir, **({"image": image} if image else {}))  # fmt: skip
+    job = JobConfig.with_image(image, scheduler=scheduler, replicas=replicas, nproc=nproc,
+                               cpus=cpus, memory_mb=memory_mb, gpus=gpus, queue=queue,
+                               namespace=namespace, service_account=service_account,
+                               work_volume=work_volume, work_dir=work_dir)  # fmt: skip
     shutil.copytree(features.path, with_long_term.path, dirs_exist_ok=True)
     summary = build_long_term_features(config, with_long_term.path, job)
     snapshot = json.loads((Path(with_long_term.path) / "manifest.json").read_text())["snapshot"]

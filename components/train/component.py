@@ -53,10 +53,10 @@ def train(
         eval_days=eval_days, seed=seed, primary_metric=primary_metric, out_dir=trained.path,
         progress=False, tracking_uri=tracking_uri, experiment=experiment,
     )  # fmt: skip
-    job = JobConfig(scheduler=scheduler, replicas=replicas, nproc=nproc, cpus=cpus,
-                    memory_mb=memory_mb, gpus=gpus, queue=queue, namespace=namespace,
-                    service_account=service_account, work_volume=work_volume,
-                    work_dir=work_dir, **({"image": image} if image else {}))  # fmt: skip
+    job = JobConfig.with_image(image, scheduler=scheduler, replicas=replicas, nproc=nproc,
+                               cpus=cpus, memory_mb=memory_mb, gpus=gpus, queue=queue,
+                               namespace=namespace, service_account=service_account,
+                               work_volume=work_volume, work_dir=work_dir)  # fmt: skip
     result = launch(config, job)
     for name, value in result["test"].items():
         if "." not in name:  # the overall metrics; per-label and per-surface ones are in MLflow

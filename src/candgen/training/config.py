@@ -260,6 +260,12 @@ class JobConfig:
     work_volume: str = "candgen-work"
     work_dir: str = "/mnt/candgen"
 
+    @classmethod
+    def with_image(cls, image: str = "", **fields: Any) -> JobConfig:
+        """The job of ``fields``; an empty ``image`` means the platform image (what a pipeline
+        step passes when its own image should run the job)."""
+        return cls(**fields, **({"image": image} if image else {}))
+
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ConfigError("scheduler", f"{self.scheduler!r} is not one of {SCHEDULERS}")
