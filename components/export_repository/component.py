@@ -17,7 +17,7 @@ def export_repository(
     feature_timeout_s: float = 0.2,
     max_k: int = 1_000,
     instances: int = 1,
-    quota_policy: str = "learned",
+    quota_policy: str = "auto",
     quota_exploration: str = "mean",
     tracking_uri: str = "",
 ) -> int:

@@ -349,3 +349,14 @@ def test_the_quota_commands_learn_show_and_reject_bad_input(
     assert "table: give a learned table or --model-repository" in capsys.readouterr().err
     assert main(["quotas", "show", str(out), "-k", "0"]) == 2
     assert "k: must be >= 1" in capsys.readouterr().err
+
+
+def test_the_default_policy_serves_the_learned_table_where_there_is_one(tmp_path: Path) -> None:
+    config = ServingConfig(max_k=50)
+    assert config.quota_policy == "auto"
+    write_serving_file(tmp_path, config, IndexConfig(), {})
+    assert SelectStep(tmp_path)(_select_tensors(b"home", 80))["QUOTA_POLICY"].tolist() == [b"fixed"]
+    _table({"*": [0.4, 0.1, 0.02]}).save(tmp_path / QUOTA_FILE)
+    out = SelectStep(tmp_path)(_select_tensors(b"home", 80))
+    assert out["QUOTA_POLICY"].tolist() == [b"learned"]
+    assert config.effective_policy(True) == "learned" and config.effective_policy(False) == "fixed"

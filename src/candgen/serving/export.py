@@ -338,8 +338,8 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
         learned = LearnedQuotas.load(Path(config.quotas))  # checked before it is installed
         learned.save(staging / SelectStep.MODEL / QUOTA_FILE)
         quota_fit = learned.fitted
-        say(f"quotas: {config.serving.quota_policy}; learned table fitted on "
-            f"{quota_fit.get('requests', '?')} logged requests")  # fmt: skip
+        say(f"quotas: learned table fitted on {quota_fit.get('requests', '?')} logged "
+            f"requests; policy {config.serving.effective_policy(True)}")  # fmt: skip
     provenance = {
         "model_uri": config.model_uri,
         "model_name": mv.name,
@@ -349,7 +349,7 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
         "features_snapshot": features_snapshot,
         "index_kind": summary["kind"],
         "index_recall": recall,
-        "quota_policy": config.serving.quota_policy,
+        "quota_policy": config.serving.effective_policy(bool(config.quotas)),
         "quotas_fitted_on": quota_fit.get("window", []),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

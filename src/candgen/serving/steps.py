@@ -78,8 +78,9 @@ class ServingConfig:
         user_feature_refs: the features of the user feature service (``view:feature``),
             resolved from the feature repository at export; empty: ask by service name.
         quota_policy: how the select step shares K among the generators: fixed (``weights``),
-            learned (the learned table, ``quotas.json`` in the select step's folder) or snake
-            (snake merge).
+            learned (the learned table, ``quotas.json`` in the select step's folder), snake
+            (snake merge), or auto: learned where the select step has a learned table, else
+            fixed.
         quota_exploration: with the learned policy, mean (posterior means: deterministic) or
             thompson (a Thompson-sampling draw of the values per request).
         quota_overrides: surface -> generator -> share; such a surface uses these shares
@@ -93,7 +94,7 @@ class ServingConfig:
     weights: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     instances: int = 1
     user_feature_refs: tuple[str, ...] = ()
-    quota_policy: str = "fixed"
+    quota_policy: str = "auto"
     quota_exploration: str = "mean"
     quota_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     quota_seed: int = 0
@@ -113,8 +114,9 @@ class ServingConfig:
         if self.instances < 1:
             raise ConfigError("instances", f"must be >= 1, got {self.instances}")
         QuotaConfig(self.weights)  # validates the weights, naming the surface at fault
-        if self.quota_policy not in POLICIES:
-            raise ConfigError("quota_policy", f"{self.quota_policy!r} is not one of {POLICIES}")
+        if self.quota_policy not in ("auto", *POLICIES):
+            raise ConfigError("quota_policy", f"{self.quota_policy!r} is not one of "
+                              f"{('auto', *POLICIES)}")  # fmt: skip
         # Validates the overrides and the exploration (the learned table is checked where it is
         # read: at export, and when the select step loads).
         QuotaPolicy("fixed", self.quotas, self.quota_overrides, None, self.quota_exploration)
@@ -123,12 +125,18 @@ class ServingConfig:
     def quotas(self) -> QuotaConfig:
         return QuotaConfig(self.weights)
 
+    def effective_policy(self, has_table: bool) -> str:
+        """The policy served: ``auto`` is learned with a learned table, else fixed."""
+        if self.quota_policy == "auto":
+            return "learned" if has_table else "fixed"
+        return self.quota_policy
+
     def policy(self, folder: Path) -> QuotaPolicy:
         """The quota policy of the select step whose version folder is ``folder``."""
         table = Path(folder) / QUOTA_FILE
         learned = LearnedQuotas.load(table) if table.exists() else None
-        return QuotaPolicy(self.quota_policy, self.quotas, self.quota_overrides, learned,
-                           self.quota_exploration)  # fmt: skip
+        return QuotaPolicy(self.effective_policy(learned is not None), self.quotas,
+                           self.quota_overrides, learned, self.quota_exploration)  # fmt: skip
 
 
 def write_serving_file(
