@@ -99,6 +99,8 @@ def _same(a, b) -> None:  # type: ignore[no-untyped-def]
     assert a.sources == b.sources
     assert a.scores == pytest.approx(b.scores, rel=1e-4, abs=1e-5)
     assert (a.cold_start, a.fallback) == (b.cold_start, b.fallback)
+    assert (a.source_counts, a.quota_policy) == (b.source_counts, b.quota_policy)
+    assert a.source_counts == {g: a.sources.count(g) for g in a.source_counts}
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -116,6 +118,50 @@ def test_the_ensemble_returns_the_library_offline_retrieval(served: Served, prot
     got = client.retrieve(served.users[0], "home", 30, recent_item_ids=recent)
     _same(got, offline.retrieve(served.users[0], "home", 30, recent_item_ids=recent))
     assert not set(recent) & set(got.ad_ids)
+
+
+def test_learned_quotas_and_an_override_are_served_with_per_source_counts(
+    served: Served, tmp_path: Path
+) -> None:
+    import json
+
+    from candgen.serving.quota import LearnedQuotas
+    from candgen.serving.quota_learning import QuotaLearnConfig, learn_quotas
+
+    version = pinned_version(served.repo)
+    model = served.repo / "candgen_user_encoder" / str(version) / "model.pt"
+    table = learn_quotas(model, served.marketplace.out_dir, served.features_dir,
+                         QuotaLearnConfig(eval_days=2, max_rank=MAX_K), progress=False)  # fmt: skip
+    table.save(tmp_path / "quotas.json")
+    (tmp_path / "overrides.json").write_text(json.dumps({"related": {"popularity": 1.0}}))
+    repo = tmp_path / "repo"
+    assert main(["serving", "export", "--model-uri", "models:/serve-m@champion", "--out",
+                 str(repo), "--features-dir", str(served.features_dir), "--tracking-uri",
+                 served.uri, "--feature-server-url", served.features.url, "--max-k", str(MAX_K),
+                 "--quotas", str(tmp_path / "quotas.json"), "--quota-overrides",
+                 str(tmp_path / "overrides.json")]) == 0  # fmt: skip
+    http, grpc, metrics = free_ports(3)
+    server = ServerConfig(model_repository=str(repo), http_port=http, grpc_port=grpc,
+                          metrics_port=metrics, state_dir=str(tmp_path / "triton"),
+                          ready_timeout_s=180)  # fmt: skip
+    offline = load_pipeline(repo)
+    served_table = LearnedQuotas.load(repo / "candgen_select" / str(version) / "quotas.json")
+    assert served_table == table
+    start(server)
+    try:
+        client = RetrieveClient(f"127.0.0.1:{grpc}", "grpc")
+        for user in served.users:
+            for surface in ("home", "search"):
+                got = client.retrieve(user, surface, 100)
+                # The library applies the table (tests/unit/test_learned_quotas.py); the live
+                # ensemble must give the same ads, sources and per-source counts.
+                _same(got, offline.retrieve(user, surface, 100))
+                assert got.quota_policy == "learned" and sum(got.source_counts.values()) == 100
+            overridden = client.retrieve(user, "related", 50)
+            assert overridden.quota_policy == "override"
+            assert overridden.source_counts == {"sequential": 0, "content": 0, "popularity": 50}
+    finally:
+        stop(server)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
