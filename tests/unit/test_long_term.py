@@ -237,3 +237,32 @@ def test_summarise_needs_a_time_split_summariser(tmp_path: Path, summarised: Pat
                       track=False, out_dir=str(tmp_path)), load_planted(seed=1))  # fmt: skip
     with pytest.raises(CandgenError, match=r"^model: .* was not trained on a time-split"):
         summarise(tmp_path / "model.pt", summarised)
+
+
+@pytest.mark.parametrize("variant", [{}, {"short_term": False}, {"long_term": False},
+                                     {"scenario_adaptive": False}])  # fmt: skip
+def test_every_parameter_trains_so_ddp_can_reduce(marketplace, summarised: Path,  # type: ignore[no-untyped-def]
+                                                   variant: dict) -> None:  # fmt: skip
+    """DDP stalls on a parameter that gets no gradient (the ablation trains with 2 processes)."""
+    from candgen.models.factory import build_model
+    from candgen.training.batches import make_batch
+    from candgen.training.trainer import _TrainingLoss, long_term_dim
+
+    config = TrainConfig(dataset="marketplace", model="unified", max_len=20, **variant)
+    data = load_marketplace(marketplace.out_dir, summarised, eval_days=EVAL_DAYS)
+    model = build_model(config, data.num_items, torch.from_numpy(data.item_attributes),
+                        torch.from_numpy(data.item_text), data.user_feature_cardinalities,
+                        has_timestamps=True, has_labels=True,
+                        cold_items=torch.from_numpy(data.cold_ads),
+                        long_term_dim=long_term_dim(config, data))  # fmt: skip
+    windows = training_windows(data, config.max_len)
+    idx = np.arange(64)
+    batch = make_batch(data, windows.inputs[idx], windows.times[idx], windows.user_rows[idx],
+                       torch.device("cpu"), windows.target_labels[idx],
+                       windows.target_surfaces[idx], windows.long_term_rows[idx])  # fmt: skip
+    log_pop = torch.full((data.num_items + 1,), -float(np.log(data.num_items)))
+    loss = _TrainingLoss(model, config, log_pop)(batch, torch.from_numpy(windows.targets[idx]),
+                                                 torch.Generator().manual_seed(0))  # fmt: skip
+    loss.backward()
+    idle = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert idle == []

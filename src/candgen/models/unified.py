@@ -143,6 +143,12 @@ class UnifiedHSTU(HSTU):
             raise ValueError("short_term: without the short-term sequence the model needs a "
                              "long-term embedding (long_term_dim > 0)")  # fmt: skip
         self.short_term = short_term
+        if not short_term:
+            # Without the sequence, the encoder's own parameters would never get a gradient
+            # (which also stalls DDP's reduction): only the item table stays.
+            self.blocks = nn.ModuleList()
+            self.pos_emb = None  # type: ignore[assignment]
+            self.ln = None  # type: ignore[assignment]
         # Created only where there are long-term embeddings, as the content tower below.
         self.long_term = nn.Linear(long_term_dim, dim) if long_term_dim > 0 else None
         self.content: ContentTower | None = None
