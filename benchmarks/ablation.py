@@ -80,11 +80,18 @@ def run(args: argparse.Namespace) -> dict:
                  str(features), "--eval-days", str(args.eval_days), "--nproc", str(args.nproc),
                  "--seed", str(args.seed), "--out-dir", str(work / "runs" / "long-term"),
                  "--quiet"]  # fmt: skip
+    store = RESULTS / f"ablation_{args.machine}.json"
+    before = json.loads(store.read_text()) if args.resume and store.exists() else {}
     t0 = time.perf_counter()
-    _run(synth)
-    _run(build)
-    _run(long_term)
+    summarised = (features / "manifest.json").exists() and "long_term" in json.loads(
+        (features / "manifest.json").read_text())  # fmt: skip
+    if not (args.resume and summarised):
+        _run(synth)
+        _run(build)
+        _run(long_term)
     setup_seconds = round(time.perf_counter() - t0, 1)
+    if args.resume and summarised:
+        setup_seconds = before.get("data", {}).get("setup_seconds", setup_seconds)
     rows = []
     for name, extra in VARIANTS:
         out = work / "runs" / _slug(name)
@@ -94,10 +101,18 @@ def run(args: argparse.Namespace) -> dict:
                "--batch-size", "128", "--seed", str(args.seed), "--no-track", "--no-progress",
                "--out-dir", str(out), *extra]  # fmt: skip
         t0 = time.perf_counter()
-        _run(cmd)
-        test = json.loads((out / "metrics.json").read_text())["test"]
-        rows.append({"name": name, "command": _command_text(cmd),
-                     "seconds": round(time.perf_counter() - t0, 1), "test": test})  # fmt: skip
+        metrics = out / "metrics.json"
+        reused = args.resume and metrics.exists()
+        if reused:
+            print(f"{name}: reusing {metrics} (--resume)", flush=True)
+            seconds = json.loads(metrics.read_text()).get("wall_seconds", 0.0)
+        else:
+            _run(cmd)
+            seconds = time.perf_counter() - t0
+        test = json.loads(metrics.read_text())["test"]
+        rows.append({"name": name, "command": _command_text(cmd), "seconds": round(seconds, 1),
+                     "reused": reused,
+                     "test": test})  # fmt: skip
         said = [f"{lab} recall@100 {_value(test, f'label.{lab}.recall@100')}" for lab in LABELS]
         print(f"{name}: " + ", ".join(said), flush=True)
     quota_out = work / "quotas_compare.json"
@@ -157,7 +172,8 @@ def render(result: dict) -> str:
         t = row["test"]
         cells = [_value(t, f"label.{lab}.recall@{k}") for lab in LABELS for k in KS]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "Recall@K per surface:", "",
+    lines += ["", "Recall@K per surface (seconds: the wall time of the row's command; for a row "
+              "reused by `--resume`, the trainer's own):", "",
               "| variant | " + " | ".join(f"{s} R@{k}" for s in SURFACES for k in KS)
               + " | seconds |",
               "|---|" + "---|" * (len(SURFACES) * len(KS) + 1)]  # fmt: skip
@@ -284,6 +300,9 @@ def main() -> int:
     p.add_argument("--machine", default="cpu", help="label of the stored results (cpu, gpu)")
     p.add_argument("--workdir", default="data/ablation")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the data, the summaries and every variant already trained in "
+                   "--workdir (after an interrupted run); the rest runs as usual")  # fmt: skip
     args = p.parse_args()
     store = RESULTS / f"ablation_{args.machine}.json"
     if not args.render_only:

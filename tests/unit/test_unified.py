@@ -346,3 +346,22 @@ def test_a_model_without_text_has_no_content_tower() -> None:
         _model(item_text=torch.ones(3, 4))
     with pytest.raises(ConfigError, match=r"^content_dropout: must be in \[0, 1\)"):
         TrainConfig(content_dropout=1.0)
+
+
+def test_without_labels_or_surfaces_the_unified_model_is_hstu(tmp_path: Path) -> None:
+    """On a set such as Amazon Beauty there is nothing to adapt to: no heads, no mixture, and
+    the same training as HSTU, metric for metric."""
+    data = load_planted(seed=1)
+    results = {}
+    for model in ("unified", "hstu"):
+        config = TrainConfig(dataset="planted", model=model, epochs=2, eval_every=1, max_len=10,
+                             batch_size=64, progress=False, track=False,
+                             out_dir=str(tmp_path / model))  # fmt: skip
+        results[model] = train(config, data)
+    unified, _ = load_model(tmp_path / "unified" / "model.pt")
+    hstu, _ = load_model(tmp_path / "hstu" / "model.pt")
+    assert isinstance(unified, UnifiedHSTU) and unified.mixture is None and unified.heads is None
+    assert unified.state_dict().keys() == hstu.state_dict().keys()
+    assert results["unified"].test_metrics == results["hstu"].test_metrics
+    assert [h["loss"] for h in results["unified"].history] == [
+        h["loss"] for h in results["hstu"].history]  # fmt: skip

@@ -30,6 +30,7 @@ def build_model(
     has_labels: bool = False,
     cold_items: torch.Tensor | None = None,
     long_term_dim: int = 0,
+    has_surfaces: bool = True,
 ) -> RetrievalModel:
     """The model a config names, sized for the data.
 
@@ -39,7 +40,9 @@ def build_model(
 
     HSTU gets its time bias only where the data has timestamps: a parameter that never receives
     a gradient would stall DDP's gradient reduction. The unified model serves the click head
-    where the data has ad labels, else the organic one, unless ``serve_label`` says otherwise.
+    where the data has ad labels, else the organic one, unless ``serve_label`` says otherwise;
+    it has label heads only where the data has labels and a scenario mixture only where it has
+    surfaces (without either it is HSTU).
     """
     common = {"num_items": num_items, "dim": config.dim, "max_len": config.max_len,
               "dropout": config.dropout, "temperature": config.effective_temperature}  # fmt: skip
@@ -51,12 +54,14 @@ def build_model(
                     time_buckets=time_buckets, **common)  # fmt: skip
     if config.model == "unified":
         serve = config.serve_label or ("click" if has_labels else "organic")
-        return UnifiedHSTU(num_labels=len(LABELS), num_scenarios=NUM_SCENARIOS,
+        return UnifiedHSTU(num_labels=len(LABELS) if has_labels else 1,
+                           num_scenarios=NUM_SCENARIOS if has_surfaces else 1,
                            num_experts=config.num_experts, serve_label=LABELS.index(serve),
                            scenario_adaptive=config.scenario_adaptive,
                            item_text=item_text, cold_items=cold_items,
                            content_dropout=config.content_dropout,
                            long_term_dim=long_term_dim, short_term=config.short_term,
+                           long_term_dropout=config.long_term_dropout,
                            num_blocks=config.num_blocks, num_heads=config.num_heads,
                            time_buckets=time_buckets, **common)  # fmt: skip
     return TwoTower(
@@ -85,6 +90,7 @@ def load_model(path: Path, map_location: str = "cpu") -> tuple[RetrievalModel, d
         bool(saved.get("has_labels", False)),
         None,  # the cold-item mask is part of the state
         int(saved.get("long_term_dim", 0)),
+        bool(saved.get("has_surfaces", True)),
     )
     model.load_state_dict(state)
     model.eval()

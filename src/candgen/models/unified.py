@@ -89,10 +89,14 @@ class UnifiedHSTU(HSTU):
     Reads ``batch["scenarios"]`` ((B, L) or (B,) surface codes, 0 = unknown; default 0) and
     ``batch["labels"]`` ((B, L) or (B,) label codes into ``LABELS``; default ``serve_label``).
 
+    Where there is one label, there are no heads; where there is one scenario (the unknown
+    one), there is no mixture: on data without labels or surfaces (Amazon Beauty) the model is
+    the HSTU it extends, parameter for parameter.
+
     Args:
         num_items: catalogue size (ids 1..num_items, 0 = padding).
-        num_labels: query heads (organic, click, conversion).
-        num_scenarios: scenario codes, unknown included.
+        num_labels: query heads (organic, click, conversion); 1: none.
+        num_scenarios: scenario codes, unknown included; 1: no scenario mixture.
         num_experts: experts of the scenario mixture.
         serve_label: the head used when a batch names no label (what serving asks for).
         scenario_adaptive: condition on the scenario; False treats every request as an unknown
@@ -107,6 +111,8 @@ class UnifiedHSTU(HSTU):
             a linear projection; 0: the model reads none.
         short_term: read the recent sequence with the HSTU encoder; False leaves only the
             long-term embedding and the surface (needs long_term_dim).
+        long_term_dropout: in training, the probability of hiding a sequence's long-term
+            embedding, so the model does not lean on a summary fitted on the same days.
         **hstu: the HSTU encoder's arguments (dim, max_len, num_blocks, ...).
     """
 
@@ -125,17 +131,24 @@ class UnifiedHSTU(HSTU):
         content_dropout: float = 0.5,
         long_term_dim: int = 0,
         short_term: bool = True,
+        long_term_dropout: float = 0.0,
         **hstu: object,
     ) -> None:
         super().__init__(num_items, **hstu)  # type: ignore[arg-type]
         dim = self.dim
         if not 0 <= serve_label < num_labels:
             raise ValueError(f"serve_label: {serve_label} is not a head in 0..{num_labels - 1}")
-        if not 0.0 <= content_dropout < 1.0:
-            raise ValueError(f"content_dropout: must be in [0, 1), got {content_dropout}")
-        self.mixture = ScenarioMixture(dim, num_scenarios, num_experts)
+        for name, rate in (("content_dropout", content_dropout),
+                           ("long_term_dropout", long_term_dropout)):  # fmt: skip
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name}: must be in [0, 1), got {rate}")
+        self.long_term_dropout = long_term_dropout
+        self.num_labels, self.num_scenarios = num_labels, num_scenarios
+        self.mixture = (ScenarioMixture(dim, num_scenarios, num_experts) if num_scenarios > 1
+                        else None)  # fmt: skip
         # Each head starts as the identity, so at first every label asks the same query.
-        self.heads = nn.Parameter(torch.eye(dim).repeat(num_labels, 1, 1))
+        self.heads = (nn.Parameter(torch.eye(dim).repeat(num_labels, 1, 1)) if num_labels > 1
+                      else None)  # fmt: skip
         self.serve_label = serve_label
         self.scenario_adaptive = scenario_adaptive
         self.content_dropout = content_dropout
@@ -209,12 +222,18 @@ class UnifiedHSTU(HSTU):
         if self.long_term is not None and long_term is not None:
             if long_term.dim() == 2:
                 long_term = long_term[:, None, :].expand(*items.shape, long_term.shape[-1])
-            state = state + self.long_term(long_term.float())
-        scenarios = self._codes(batch, "scenarios", 0, self.mixture.num_scenarios)
+            long_term = long_term.float()
+            if self.training and self.long_term_dropout > 0:
+                hidden = torch.rand(items.shape[0], 1, 1, device=items.device)
+                long_term = long_term * (hidden >= self.long_term_dropout)
+            state = state + self.long_term(long_term)
+        scenarios = self._codes(batch, "scenarios", 0, self.num_scenarios)
         if not self.scenario_adaptive:
             scenarios = torch.zeros_like(scenarios)
-        labels = self._codes(batch, "labels", self.serve_label, self.heads.shape[0])
-        adapted = self.mixture(state, scenarios)
+        labels = self._codes(batch, "labels", self.serve_label, self.num_labels)
+        adapted = state if self.mixture is None else self.mixture(state, scenarios)
+        if self.heads is None:
+            return adapted
         every_head = torch.einsum("bld,hde->blhe", adapted, self.heads)
         index = labels[..., None, None].expand(*labels.shape, 1, every_head.shape[-1])
         return every_head.gather(2, index).squeeze(2)

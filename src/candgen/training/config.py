@@ -79,6 +79,9 @@ class TrainConfig:
             user_long_term_embedding table in features_dir) into the query where it has rows.
         short_term: unified only: read the recent engagement sequence; off leaves only the
             long-term embedding and the surface (the ablation without short-term features).
+        long_term_dropout: unified only: the probability that a training sequence's long-term
+            embedding is hidden, so the model does not lean on a summary that was fitted on the
+            same days it trains on.
     """
 
     dataset: str = "beauty"
@@ -124,6 +127,7 @@ class TrainConfig:
     time_bias: bool = True
     long_term: bool = True
     short_term: bool = True
+    long_term_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         choices = {
@@ -159,7 +163,7 @@ class TrainConfig:
                               f"{self.train_labels}")  # fmt: skip
         if self.dim % self.num_heads:
             raise ConfigError("num_heads", f"{self.num_heads} does not divide dim {self.dim}")
-        for name in ("dropout", "content_dropout"):
+        for name in ("dropout", "content_dropout", "long_term_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
         if not self.lr > 0:

@@ -190,6 +190,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         data.train_labels is not None,
         torch.from_numpy(data.cold_ads),
         long_term_dim(config, data),
+        data.train_surfaces is not None,
     ).to(device)
     pop = np.bincount(windows.targets.ravel(), minlength=data.num_items + 1).astype(np.float64)
     pop[0] = 0
@@ -316,6 +317,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
              "user_feature_cardinalities": data.user_feature_cardinalities,
              "has_timestamps": data.train_times is not None,
              "has_labels": data.train_labels is not None,
+             "has_surfaces": data.train_surfaces is not None,
              "long_term_dim": long_term_dim(config, data),
              "train_cutoff": data.train_cutoff,
              "long_term_summariser": data.long_term.summariser if data.long_term else "",
