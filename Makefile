@@ -14,12 +14,12 @@ BIN := $(VENV)/bin
 
 help:
 	@echo "make setup             build .venv (platform), .venv-serving (Triton runtime), .venv-tools"
-	@echo "make demo              data, features, Feast, a TorchX-trained model, MLflow registry"
+	@echo "make demo              the KFP pipeline locally, then the live Triton ensemble per surface"
 	@echo "make train             SASRec on Amazon Beauty in this process (MODEL=hstu, DATASET=games)"
 	@echo "make train-ddp         the same as a 2-process TorchX job (DDP over gloo)"
 	@echo "make benchmark-quality SASRec and HSTU on Beauty and Games -> docs/BENCHMARKS.md"
 	@echo "make benchmark-serving FAISS index and the live Triton ensemble on 1M ads -> docs/BENCHMARKS.md"
-	@echo "make benchmark-ablation unified vs single-task vs no scenario, per label and surface"
+	@echo "make benchmark-ablation unified vs single-task, scenario, long/short-term, cold start, quotas"
 	@echo "make mlflow-ui         browse runs and registered models (http://127.0.0.1:5000)"
 	@echo "make pipeline          the whole KFP pipeline with kfp.local (ARGS='--set epochs=5')"
 	@echo "make pipeline-compile  rewrite pipelines/pipeline.yaml after changing the pipeline"
