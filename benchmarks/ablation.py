@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> dict:
         _run(build)
         _run(long_term)
     setup_seconds = round(time.perf_counter() - t0, 1)
-    if args.resume and summarised:
-        setup_seconds = before.get("data", {}).get("setup_seconds", setup_seconds)
+    if args.resume and summarised:  # reused: the stored time, if the earlier run stored one
+        setup_seconds = before.get("data", {}).get("setup_seconds")
     rows = []
     for name, extra in VARIANTS:
         out = work / "runs" / _slug(name)
@@ -153,8 +153,13 @@ def render(result: dict) -> str:
         f"Synthetic marketplace: {d['users']:,} users, {d['ads']:,} ads, {d['days']} days, "
         f"{d['impressions_per_session']} ad impressions per session (`{d['command']}`), ad text "
         f"embedded by all-MiniLM-L6-v2 (`{d['features']}`), long-term summaries by a "
-        f"dense all-action summariser (`{d['long_term']}`; data, features and summaries took "
-        f"{d['setup_seconds']} s). The last {d['eval_days']} days are the test window, ranked "
+        f"dense all-action summariser (`{d['long_term']}`; data, features and summaries "
+        + (
+            f"took {d['setup_seconds']} s"
+            if d.get("setup_seconds") is not None
+            else "were reused from an interrupted run"
+        )
+        + f"). The last {d['eval_days']} days are the test window, ranked "
         f"from each user's history before it (full ranking over every item and ad, history "
         f"excluded; the days before are the validation window, and no model or summariser "
         f"trained on either). Users with targets: {users}; {cold_users} users clicked a "

@@ -19,6 +19,7 @@ def scenario_code(surface: str) -> int:
     """A surface's code in models: 1 + its index in ``SURFACES``, 0 when unknown."""
     return SURFACES.index(surface) + 1 if surface in SURFACES else 0
 
+
 # The narrow feature service the retrieve ensemble's features step reads (user_features_v2 holds
 # all of it); versioned, so a change to what serving reads is a new name.
 USER_SERVING_SERVICE: Final = "user_serving_v2"

@@ -360,3 +360,17 @@ def test_the_default_policy_serves_the_learned_table_where_there_is_one(tmp_path
     out = SelectStep(tmp_path)(_select_tensors(b"home", 80))
     assert out["QUOTA_POLICY"].tolist() == [b"learned"]
     assert config.effective_policy(True) == "learned" and config.effective_policy(False) == "fixed"
+
+
+def test_a_target_two_generators_find_counts_for_the_one_that_ranks_it_first() -> None:
+    # content repeats sequential's list one rank lower: its slots find nothing new.
+    seq = _ranked(100, 30)
+    cands = {"sequential": seq, "content": [(500, 1.0), *seq[:29]], "popularity": _ranked(300, 30)}
+    rows = [ReplayedRequest(LoggedRequest(1, "home", {100: "click", 101: "click"}), 80, cands)
+            for _ in range(40)]  # fmt: skip
+    table = fit(rows, QuotaLearnConfig(max_rank=30, prior_strength=0.0))
+    values = table.band_values("home", 80)
+    seq_i, content_i = GENERATORS.index("sequential"), GENERATORS.index("content")
+    assert values[seq_i, 0] == pytest.approx(2 / 5, abs=1e-3)  # 2 hits in 5 slots
+    assert values[content_i, 0] == pytest.approx(0.0, abs=1e-3)
+    assert table.quotas("home", 80, 5)["sequential"] == 5

@@ -4,8 +4,9 @@ The logged requests of a window are the (user, surface) pairs the log shows ads 
 outcomes are the ads the user then clicked there (a click with an attributed conversion counts
 as a conversion). Each request is replayed through the retrieval pipeline as it stood when the
 window began: the user's features as of then (``OfflineFeatures``, point in time from the
-offline tables), every generator's ranked candidates; a candidate that the user clicked is a
-hit, weighted by its label. Hits and slots per (surface, activity bucket, generator, rank band)
+offline tables), every generator's ranked candidates; a clicked ad is a hit for the generator
+that ranks it first (a copy further down another list adds nothing once slots are shared),
+weighted by its label. Hits and slots per (surface, activity bucket, generator, rank band)
 give a Beta posterior per cell, shrunk towards the cell's value pooled over contexts (empirical
 Bayes), so thin contexts borrow from the rest. ``LearnedQuotas`` then gives each request the K
 slots of highest value; Thompson sampling draws from the same posteriors.
@@ -60,7 +61,8 @@ class QuotaLearnConfig:
         max_rank: candidates replayed per generator (the deepest slot the quotas can give).
         click_weight: value of a clicked candidate.
         conversion_weight: value of a clicked candidate whose click converted.
-        prior_strength: pseudo-slots of the pooled value each context's posterior starts from.
+        prior_strength: how many requests' worth of slots at the value pooled over contexts
+            each context's posterior starts from (thin contexts lean on the pool).
         max_requests: fit on at most this many logged requests (0: all), sampled with ``seed``.
         seed: the request sample's seed.
     """
@@ -201,21 +203,26 @@ def fit(
     bucket = LearnedQuotas(GENERATORS, edges, act, {}, {}).bucket
     for r in replayed:
         c = contexts.index(f"{r.request.surface}/{bucket(r.activity)}")
-        for g, gen in enumerate(GENERATORS):
-            ids = np.array([ad for ad, _ in r.candidates.get(gen, [])[: edges[-1]]], np.int64)
-            if not len(ids):
-                continue
-            bands = band_of[: len(ids)]
-            value = np.array([weights[r.request.targets[a]] if a in r.request.targets else 0.0
-                              for a in ids.tolist()])  # fmt: skip
-            slots[c, g] += np.bincount(bands, minlength=len(edges))
-            hits[c, g] += np.bincount(bands, weights=value, minlength=len(edges))
+        lists = {g: [ad for ad, _ in r.candidates.get(gen, [])[: edges[-1]]]
+                 for g, gen in enumerate(GENERATORS)}  # fmt: skip
+        for g, ids in lists.items():
+            slots[c, g] += np.bincount(band_of[: len(ids)], minlength=len(edges))
+        # A target that several generators find counts once, for the one that ranks it first
+        # (ties: the generator order): the allocation takes each generator's top slots, so a
+        # later copy of it in another list adds nothing, and crediting every copy would overrate
+        # generators that mostly repeat the others.
+        for ad, label in r.request.targets.items():
+            found = [(ids.index(ad), g) for g, ids in lists.items() if ad in ids]
+            if found:
+                rank, g = min(found)
+                hits[c, g, band_of[rank]] += weights[label]
     pooled = hits.sum(0) / np.maximum(slots.sum(0), 1.0)
-    m = config.prior_strength
+    # The prior holds prior_strength requests' worth of each band's slots at the pooled value.
+    m = config.prior_strength * np.diff(np.r_[0, edges])[None, :]
     alpha = m * pooled + hits + 1e-3
     beta = m * np.clip(1.0 - pooled, 0.0, None) + np.clip(slots - hits, 0.0, None) + 1e-3
     fitted = {"requests": len(replayed), "label_weights": weights,
-              "prior_strength": m, **(meta or {})}  # fmt: skip
+              "prior_strength": config.prior_strength, **(meta or {})}  # fmt: skip
     return LearnedQuotas(
         GENERATORS, edges, act,
         {c: alpha[i].round(6).tolist() for i, c in enumerate(contexts)},
