@@ -24,8 +24,10 @@ def test_python_func_exports_around_the_upstream_index(
     select = Path(repo.path) / "candgen_select" / str(version)
     assert (select / "quotas.json").exists()
     config, _, provenance = read_serving_file(select)
-    assert config.quota_policy == "learned" and provenance["quota_policy"] == "learned"
-    assert config.policy(select).learned is not None
+    # The component's default policy is auto, which serves the table because one is there.
+    assert config.quota_policy == "auto" and provenance["quota_policy"] == "learned"
+    policy = config.policy(select)
+    assert policy.policy == "learned" and policy.learned is not None
 
 
 @pytest.mark.integration
