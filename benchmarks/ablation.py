@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> dict:
                      "test": test})  # fmt: skip
         said = [f"{lab} recall@100 {_value(test, f'label.{lab}.recall@100')}" for lab in LABELS]
         print(f"{name}: " + ", ".join(said), flush=True)
+    paired = _paired_comparisons(rows, work)
     quota_out = work / "quotas_compare.json"
     quotas = [*CANDGEN, "quotas", "compare", "--model", str(work / "runs" / _slug(UNIFIED) /
               "model.pt"), "--data", str(market), "--features-dir", str(features),
@@ -131,10 +132,48 @@ def run(args: argparse.Namespace) -> dict:
                  "impressions_per_session": args.impressions_per_session,
                  "command": _command_text(synth), "features": _command_text(build),
                  "long_term": _command_text(long_term), "setup_seconds": setup_seconds},
-        "epochs": args.epochs, "nproc": args.nproc, "rows": rows,
+        "epochs": args.epochs, "nproc": args.nproc, "rows": rows, "paired": paired,
         "quotas": {"command": _command_text(quotas),
                    "seconds": round(time.perf_counter() - t0, 1), **quota_result},
     }  # fmt: skip
+
+
+# (what the comparison asks, the row compared with the unified model); the best single-task
+# model of each label is added at run time.
+ABLATED = (("scenario adaptation", "unified, no scenario adaptation"),
+           ("the short-term sequence", "unified, no short-term sequence"),
+           ("the long-term summary", "unified, no long-term summary"))  # fmt: skip
+
+
+def _best_single_task(rows: list[dict], label: str) -> str:
+    singles = [r for r in rows if not r["name"].startswith("unified")]
+    key = f"label.{label}.recall@100"
+    return max(singles, key=lambda r: r["test"].get(key, 0.0))["name"]
+
+
+def _paired_comparisons(rows: list[dict], work: Path) -> list[dict]:
+    """The unified model against the best single-task model of each label and against each
+    ablated variant, per user on the test window (`candgen evaluate --against`)."""
+    pairs = [(f"the best single-task model on {lab}", _best_single_task(rows, lab))
+             for lab in LABELS]  # fmt: skip
+    pairs += list(ABLATED)
+    out, done = [], {}
+    for question, other in pairs:
+        if other not in done:
+            cmd = [*CANDGEN, "evaluate", "--model", str(work / "runs" / _slug(UNIFIED) /
+                   "model.pt"), "--against", str(work / "runs" / _slug(other) / "model.pt"),
+                   "--split", "test", "-k", "100"]  # fmt: skip
+            print("+ " + " ".join(cmd), flush=True)
+            done[other] = (
+                cmd,
+                json.loads(
+                    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+                ),
+            )
+        cmd, result = done[other]
+        out.append({"question": question, "against": other, "command": _command_text(cmd),
+                    "result": result})  # fmt: skip
+    return out
 
 
 def _value(test: dict, key: str) -> str:
@@ -196,13 +235,33 @@ def render(result: dict) -> str:
         cells = [_value(t, f"ads.cold.recall@{k}") for k in KS]
         lines.append(f"| {row['name']} | " + " | ".join(cells)
                      + f" | {_value(t, 'ads.warm.recall@100')} | {ratio} |")  # fmt: skip
+    lines += _paired_table(result.get("paired", []))
     lines += _quota_table(result.get("quotas"))
     lines += ["", "Commands:", ""]
     lines += [f"- {row['name']}: `{row['command']}`" for row in rows]
     if result.get("quotas"):
         lines.append(f"- quota policies: `{result['quotas']['command']}`")
-    lines += ["", *_targets(rows, result.get("quotas"))]
+    lines += [f"- unified vs {p['against']}: `{p['command']}`" for p in _unique(
+        result.get("paired", []))]  # fmt: skip
+    lines += ["", *_targets(rows, result.get("quotas"), result.get("paired", []))]
     return "\n".join(lines)
+
+
+def _paired_table(paired: list[dict]) -> list[str]:
+    if not paired:
+        return []
+    lines = ["", "The unified model minus another, recall@100 per user on the same test targets "
+             "(paired; 95% bootstrap interval; users where the unified model ranks more / "
+             "fewer of their targets in its top 100):", "",
+             "| unified vs | organic | click | conversion |", "|---|---|---|---|"]  # fmt: skip
+    seen = set()
+    for p in paired:
+        if p["against"] in seen:
+            continue
+        seen.add(p["against"])
+        cells = [_paired(p["result"].get(f"label.{lab}")) for lab in LABELS]
+        lines.append(f"| {p['against']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _quota_table(quotas: dict | None) -> list[str]:
@@ -228,14 +287,59 @@ def _quota_table(quotas: dict | None) -> list[str]:
     said = "; ".join(f"K={k}: " + ", ".join(f"{g} {w:.1f}" for g, w in splits[f"split@{k}"].items())
                      for k in KS)  # fmt: skip
     n_conv = int(policies["learned"].get("conversion.requests", 0))
+    strength = quotas.get("prior_strength")
+    pooled = (" The learned values were pooled across contexts with an estimated strength of "
+              + ", ".join(f"{g} {v:,.0f}" for g, v in strength.items())
+              + " requests (empirical Bayes; a context holds "
+              f"{quotas['fit_requests'] / 12:,.0f} requests on average)."
+              if isinstance(strength, dict) else "")  # fmt: skip
     lines += ["", f"The best fixed split (chosen per K by conversion recall on the validation "
-              f"window): {said}. {n_conv} test requests hold a conversion."]  # fmt: skip
+              f"window): {said}. {n_conv} test requests hold a conversion.{pooled}", "",
+              "Learned minus best fixed, per request (paired; 95% bootstrap interval; requests "
+              "where the learned quotas found more / fewer of the clicked ads):", "",
+              "| K | click | conversion |", "|---|---|---|"]  # fmt: skip
+    for k in KS:
+        cells = [_paired(policies["learned"].get(f"{lab}.vs_best_fixed@{k}"))
+                 for lab in ("click", "conversion")]  # fmt: skip
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _targets(rows: list[dict], quotas: dict | None) -> list[str]:
+def _unique(paired: list[dict]) -> list[dict]:
+    seen: dict[str, dict] = {}
+    for p in paired:
+        seen.setdefault(p["against"], p)
+    return list(seen.values())
+
+
+def _noise(d: dict | None) -> str:
+    """What a paired difference's interval says."""
+    if not d:
+        return ""
+    clear = d["low"] > 0 or d["high"] < 0
+    return f" (paired {d['mean']:+.4f}, 95% interval {d['low']:+.4f} to {d['high']:+.4f}: " + (
+        "beyond noise)" if clear else "within noise)"
+    )
+
+
+def _clear(d: dict | None) -> str:
+    """A mark for a paired difference whose interval excludes zero."""
+    return " (beyond noise)" if d and (d["low"] > 0 or d["high"] < 0) else ""
+
+
+def _paired(d: dict | None) -> str:
+    if not d:
+        return "n/a"
+    return (
+        f"{d['mean']:+.4f} ({d['low']:+.4f} to {d['high']:+.4f}; {d['wins']} / "
+        f"{d['losses']} of {d['n']})"
+    )
+
+
+def _targets(rows: list[dict], quotas: dict | None, paired: list[dict]) -> list[str]:
     """The issue's targets, met or not."""
     by = {r["name"]: r["test"] for r in rows}
+    vs = {p["against"]: p["result"] for p in paired}
     unified = by.get(UNIFIED, {})
     out = ["Targets (issue 6):", ""]
     singles = [n for n in by if not n.startswith("unified")]
@@ -248,6 +352,7 @@ def _targets(rows: list[dict], quotas: dict | None) -> list[str]:
         best_name = max(singles, key=lambda n: by[n].get(key, 0.0))
         best, got = by[best_name].get(key, 0.0), unified.get(key, 0.0)
         verdict = "met" if got >= best else "missed"
+        verdict += _noise(vs.get(best_name, {}).get(f"label.{lab}"))
         out.append(f"- {lab} recall@100: unified {got:.4f} vs the best single-task model "
                    f"({best_name}) {best:.4f}: {verdict}")  # fmt: skip
     conv = unified.get("label.conversion.recall@100", 0.0)
@@ -268,6 +373,12 @@ def _targets(rows: list[dict], quotas: dict | None) -> list[str]:
             got, best = p["learned"].get(key, 0.0), p["best fixed"].get(key, 0.0)
             oracle = p["best fixed on test"].get(key, 0.0)
             verdict = "met" if got > best else "missed"
+            paired = p["learned"].get(f"conversion.vs_best_fixed@{k}")
+            if paired:
+                clear = paired["low"] > 0 or paired["high"] < 0
+                verdict += (f", {paired['wins']} requests won and {paired['losses']} lost; "
+                            + ("the interval excludes 0" if clear
+                               else "within noise: the interval spans 0"))  # fmt: skip
             out.append(f"- learned quotas vs the best fixed quota, conversion recall@{k}: "
                        f"{got:.4f} vs {best:.4f}: {verdict} (the fixed split best on the test "
                        f"window itself: {oracle:.4f})")  # fmt: skip
@@ -285,7 +396,8 @@ def _targets(rows: list[dict], quotas: dict | None) -> list[str]:
         key = "label.{}.recall@100"
         gains = {lab: unified.get(key.format(lab), 0.0) - other.get(key.format(lab), 0.0)
                  for lab in LABELS}  # fmt: skip
-        said = ", ".join(f"{lab} {gain:+.4f}" for lab, gain in gains.items())
+        said = ", ".join(f"{lab} {gain:+.4f}{_clear(vs.get(name, {}).get(f'label.{lab}'))}"
+                         for lab, gain in gains.items())  # fmt: skip
         verdict = "a gain on every label" if min(gains.values()) > 0 else "not a consistent gain"
         out.append(f"- {what} (unified minus unified without it, recall@100): {said}: "
                    f"{verdict} on this marketplace")  # fmt: skip
@@ -300,7 +412,8 @@ def main() -> int:
     p.add_argument("--eval-days", type=int, default=3)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--impressions-per-session", type=float, default=3.0)
+    # Twice the marketplace's default, so that conversions are common enough to count.
+    p.add_argument("--impressions-per-session", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--machine", default="cpu", help="label of the stored results (cpu, gpu)")
     p.add_argument("--workdir", default="data/ablation")

@@ -17,6 +17,7 @@ def learn_quotas(
     max_rank: int = 1_000,
     click_weight: float = 1.0,
     conversion_weight: float = 4.0,
+    pooling: str = "empirical",
     prior_strength: float = 20.0,
     max_requests: int = 0,
     seed: int = 0,
@@ -33,8 +34,9 @@ def learn_quotas(
     from candgen.serving.quota_learning import QuotaLearnConfig, learn_quotas
 
     config = QuotaLearnConfig(eval_days=eval_days, max_rank=max_rank, click_weight=click_weight,
-                              conversion_weight=conversion_weight, prior_strength=prior_strength,
-                              max_requests=max_requests, seed=seed)  # fmt: skip
+                              conversion_weight=conversion_weight, pooling=pooling,
+                              prior_strength=prior_strength, max_requests=max_requests,
+                              seed=seed)  # fmt: skip
     table = learn_quotas(Path(trained.path) / "model.pt", Path(marketplace.path),
                          Path(features.path), config, Path(index.path),
                          progress=False)  # fmt: skip

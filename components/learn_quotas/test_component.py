@@ -17,6 +17,8 @@ def test_python_func_fits_the_quotas_on_the_validation_window(learned: Artifact)
     assert table.rank_edges[-1] == 200
     assert {key.split("/")[0] for key in table.alpha} == set(SURFACES)
     assert sum(table.quotas("home", 10, 100).values()) == 100
+    assert table.fitted["pooling"] == "empirical"
+    assert set(table.fitted["prior_strength"]) == {"sequential", "content", "popularity"}
 
 
 def test_a_bad_parameter_names_the_field(trainable_data: tuple, tmp_path: Path) -> None:
@@ -25,3 +27,7 @@ def test_a_bad_parameter_names_the_field(trainable_data: tuple, tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"^max_rank:"):
         learn_quotas.python_func(trained=none, marketplace=market, features=features, index=none,
                                  quotas=Artifact(uri=str(tmp_path / "q")), max_rank=0)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^pooling:"):
+        learn_quotas.python_func(trained=none, marketplace=market, features=features, index=none,
+                                 quotas=Artifact(uri=str(tmp_path / "q")),
+                                 pooling="hierarchical")  # fmt: skip

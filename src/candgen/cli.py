@@ -271,8 +271,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from candgen.evaluation.evaluate import evaluate_saved_model
+    from candgen.evaluation.evaluate import compare_saved_models, evaluate_saved_model
 
+    if args.against is not None:
+        _print_json(compare_saved_models(args.model, args.against, args.split, args.k))
+        return 0
     out = evaluate_saved_model(args.model, args.split, args.protocol or "")
     out.pop("primary_metric")
     _print_json(out)
@@ -384,6 +387,7 @@ def cmd_quotas_compare(args: argparse.Namespace) -> int:
     learned = fit(replays["valid"], config)
     result = {"fit_requests": len(replays["valid"]), "test_requests": len(replays["test"]),
               "activity_edges": learned.activity_edges,
+              "prior_strength": learned.fitted["prior_strength"],
               "policies": compare_policies(replays["valid"], replays["test"], learned, ks,
                                            DEFAULT_WEIGHTS)}  # fmt: skip
     if args.out is not None:
@@ -589,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", type=Path, required=True)
     ev.add_argument("--split", choices=["valid", "test"], default="test")
     ev.add_argument("--protocol", choices=["full", "sampled100"], default=None)
+    ev.add_argument("--against", type=Path, default=None,
+                    help="another model.pt on the same data: print recall@K of --model minus "
+                    "its, per user, overall and per label and surface, with 95%% paired "
+                    "bootstrap intervals")  # fmt: skip
+    ev.add_argument("-k", type=int, default=100, help="K of the --against comparison")
     ev.set_defaults(func=cmd_evaluate)
 
     reg = sub.add_parser("registry", help="the MLflow model registry").add_subparsers(

@@ -246,8 +246,42 @@ def test_the_fit_learns_which_generator_pays_in_which_context() -> None:
     result = compare_policies(rows, test, table, [4])
     assert result["learned"]["ads.recall@4"] > result["best fixed"]["ads.recall@4"]
     assert result["learned"]["ads.recall@4"] >= result["best fixed on test"]["ads.recall@4"]
+    lead = result["learned"]["ads.vs_best_fixed@4"]
+    assert lead["mean"] == pytest.approx(result["learned"]["ads.recall@4"]
+                                         - result["best fixed"]["ads.recall@4"])  # fmt: skip
+    assert lead["low"] > 0 and lead["wins"] > 0 and lead["n"] == len(test)
     with pytest.raises(CandgenError, match=r"^quotas: no logged request with an ad click"):
         fit([], config)
+
+
+def _noisy_requests(rng: np.random.Generator, rates: dict[str, float], n: int) -> list:
+    """``n`` requests per surface; on each, sequential's first slot holds the target with the
+    surface's probability in ``rates``, else popularity's first slot does."""
+    return [_replayed(surface, 80, {"sequential": [0]} if rng.random() < rate
+                      else {"popularity": [0]})
+            for surface, rate in rates.items() for _ in range(n)]  # fmt: skip
+
+
+def test_the_pooling_strength_follows_how_much_contexts_really_differ() -> None:
+    rng = np.random.default_rng(3)
+    seq = GENERATORS.index("sequential")
+    # The same truth on every surface: the contexts differ by sampling noise only, so they are
+    # pooled (the strength dwarfs the 60 requests each holds) and get the same values.
+    alike = fit(_noisy_requests(rng, {"home": 0.5, "search": 0.5, "related": 0.5}, 60),
+                QuotaLearnConfig(max_rank=30))  # fmt: skip
+    assert alike.fitted["pooling"] == "empirical"
+    assert alike.fitted["prior_strength"]["sequential"] >= 1_000
+    home, search = alike.band_values("home", 80), alike.band_values("search", 80)
+    assert abs(home[seq, 0] - search[seq, 0]) < 0.01
+    # Really different surfaces: little pooling, and each keeps its own value, where a fixed
+    # strength of 1,000 requests would have flattened them.
+    apart_rows = _noisy_requests(rng, {"home": 0.9, "search": 0.1, "related": 0.5}, 60)
+    apart = fit(apart_rows, QuotaLearnConfig(max_rank=30))
+    assert apart.fitted["prior_strength"]["sequential"] < 100
+    assert apart.band_values("home", 80)[seq, 0] > 2 * apart.band_values("search", 80)[seq, 0]
+    flat = fit(apart_rows, QuotaLearnConfig(max_rank=30, pooling="fixed", prior_strength=1e3))
+    home, search = flat.band_values("home", 80), flat.band_values("search", 80)
+    assert home[seq, 0] < 1.5 * search[seq, 0]
 
 
 def test_recall_by_label_counts_each_label_over_its_own_requests() -> None:
@@ -301,6 +335,8 @@ def test_bad_learning_settings_name_the_field() -> None:
         ({"max_rank": 0}, "max_rank"),
         ({"conversion_weight": -1.0}, "conversion_weight"),
         ({"click_weight": 0.0, "conversion_weight": 0.0}, "conversion_weight"),
+        ({"pooling": "hierarchical"}, "pooling"),
+        ({"prior_strength": -1.0}, "prior_strength"),
     ]
     for kwargs, field in cases:
         with pytest.raises(ConfigError, match=rf"^{field}: "):
@@ -368,7 +404,7 @@ def test_a_target_two_generators_find_counts_for_the_one_that_ranks_it_first() -
     cands = {"sequential": seq, "content": [(500, 1.0), *seq[:29]], "popularity": _ranked(300, 30)}
     rows = [ReplayedRequest(LoggedRequest(1, "home", {100: "click", 101: "click"}), 80, cands)
             for _ in range(40)]  # fmt: skip
-    table = fit(rows, QuotaLearnConfig(max_rank=30, prior_strength=0.0))
+    table = fit(rows, QuotaLearnConfig(max_rank=30, pooling="fixed", prior_strength=0.0))
     values = table.band_values("home", 80)
     seq_i, content_i = GENERATORS.index("sequential"), GENERATORS.index("content")
     assert values[seq_i, 0] == pytest.approx(2 / 5, abs=1e-3)  # 2 hits in 5 slots

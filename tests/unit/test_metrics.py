@@ -11,9 +11,11 @@ import torch
 from candgen.evaluation.metrics import (
     chunked_topk,
     coverage,
+    paired_difference,
     ranking_metrics,
     sampled_ranks,
     target_ranks,
+    user_recall,
 )
 
 
@@ -88,3 +90,26 @@ def test_sampled_ranks_never_draw_interacted_items() -> None:
     table[6] = -5.0
     ranks = sampled_ranks(torch.ones(1, 1), table, np.array([6]), [np.array([6])], seed=3)
     assert ranks.tolist() == [100]
+
+
+def test_the_paired_difference_says_when_a_lead_is_within_the_noise() -> None:
+    ours = np.array([1.0, 1.0, 0.0, 0.5, np.nan, 1.0])
+    theirs = np.array([0.0, 1.0, 1.0, 0.5, 1.0, np.nan])
+    small = paired_difference(ours, theirs)
+    assert small["n"] == 4 and small["wins"] == 1 and small["losses"] == 1
+    assert small["mean"] == 0.0 and small["low"] < 0.0 < small["high"]
+    # A lead on most of many units is clear of zero.
+    many = paired_difference(np.r_[np.ones(80), np.zeros(20)], np.zeros(100))
+    assert many["mean"] == pytest.approx(0.8) and many["low"] > 0.6 and many["wins"] == 80
+    with pytest.raises(ValueError, match="shapes"):
+        paired_difference(np.zeros(3), np.zeros(4))
+
+
+def test_user_recall_is_each_users_share_of_targets_in_the_top_k() -> None:
+    # user 0: 2 of 3 targets in the top 5; user 1: none of 1; user 2 has no target.
+    ranks = np.array([0, 4, 9, 7])
+    users = np.array([0, 0, 0, 1])
+    got = user_recall(ranks, users, 5, 3)
+    assert got[:2].tolist() == [pytest.approx(2 / 3), 0.0] and np.isnan(got[2])
+    # Its mean over users with targets is ranking_metrics' recall.
+    assert np.nanmean(got) == pytest.approx(ranking_metrics(ranks, users, (5,))["recall@5"])

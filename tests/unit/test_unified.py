@@ -4,6 +4,7 @@ routing, the weighted multi-task loss, and training on the marketplace's labels 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -365,3 +366,38 @@ def test_without_labels_or_surfaces_the_unified_model_is_hstu(tmp_path: Path) ->
     assert results["unified"].test_metrics == results["hstu"].test_metrics
     assert [h["loss"] for h in results["unified"].history] == [
         h["loss"] for h in results["hstu"].history]  # fmt: skip
+
+
+def test_two_models_are_compared_user_by_user_and_bad_pairs_name_the_field(
+    marketplace, features_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    from candgen.cli import main
+    from candgen.evaluation.evaluate import compare_saved_models
+
+    common = dict(dataset="marketplace", data_dir=str(marketplace.out_dir),
+                  features_dir=str(features_dir), epochs=1, eval_days=2, max_len=20,
+                  batch_size=64, progress=False, track=False, seed=3)  # fmt: skip
+    unified = train(TrainConfig(model="unified", out_dir=str(tmp_path / "u"), **common))
+    single = train(TrainConfig(model="hstu", train_labels=("organic",),
+                               out_dir=str(tmp_path / "s"), **common))  # fmt: skip
+    u, s = tmp_path / "u" / "model.pt", tmp_path / "s" / "model.pt"
+    assert main(["evaluate", "--model", str(u), "--against", str(s), "-k", "100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # Each side is the model's own test recall, as its training run measured it.
+    for group, key in (("all", "recall@100"), ("label.organic", "label.organic.recall@100"),
+                       ("label.click", "label.click.recall@100")):  # fmt: skip
+        assert out[group]["model"] == pytest.approx(unified.test_metrics[key])
+        assert out[group]["baseline"] == pytest.approx(single.test_metrics[key])
+        assert out[group]["mean"] == pytest.approx(out[group]["model"] - out[group]["baseline"])
+        assert out[group]["low"] <= out[group]["mean"] <= out[group]["high"]
+    assert out["label.organic"]["n"] == unified.test_metrics["label.organic.users"]
+    # A model against itself: no difference on any user.
+    same = compare_saved_models(u, u, k=50)
+    assert same["all"]["mean"] == same["all"]["low"] == same["all"]["high"] == 0.0
+    assert same["all"]["wins"] == same["all"]["losses"] == 0
+    # Models of different evaluation windows cannot be paired; nor can K be 0.
+    train(TrainConfig(model="hstu", out_dir=str(tmp_path / "d"), **{**common, "eval_days": 1}))
+    with pytest.raises(ConfigError, match=r"^eval_days: the models were trained on different"):
+        compare_saved_models(u, tmp_path / "d" / "model.pt")
+    assert main(["evaluate", "--model", str(u), "--against", str(s), "-k", "0"]) == 2
+    assert "k: must be >= 1" in capsys.readouterr().err

@@ -13,9 +13,11 @@ from candgen.evaluation.metrics import (
     KS,
     chunked_topk,
     coverage,
+    paired_difference,
     ranking_metrics,
     sampled_ranks,
     target_ranks,
+    user_recall,
 )
 from candgen.models.base import RetrievalModel
 from candgen.training.batches import eval_batches
@@ -133,8 +135,17 @@ def evaluate_contextual(
     each target is ranked by the query for its own label on its own surface (what serving asks
     for), then the metrics aggregate per user as for any model. Coverage counts every such list.
     """
-    assert eval_set.target_surface is not None
     ks = _cutoffs(ks, data.num_items)
+    ranks, lists = _contextual_ranks(model, data, eval_set, max_len, max(ks))
+    return _full_metrics(ranks, lists, data, eval_set, ks)
+
+
+def _contextual_ranks(
+    model: RetrievalModel, data: SequenceData, eval_set: EvalSet, max_len: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each target's rank in the top ``k`` of its own label's query on its own surface (``k``
+    where absent), and every such top-``k`` list."""
+    assert eval_set.target_surface is not None
     labels = label_codes(eval_set.target_label)
     surfaces = surface_codes(eval_set.target_surface)
     table = model.item_table()
@@ -153,10 +164,85 @@ def evaluate_contextual(
             target_label=eval_set.target_label[chosen],
         )  # fmt: skip
         queries = user_queries(model, data, part, max_len, context=(label, surface))
-        topk = chunked_topk(queries, table, max(ks), part.histories).numpy()
+        topk = chunked_topk(queries, table, k, part.histories).numpy()
         ranks[chosen] = target_ranks(topk, part.target_user, part.target_item)
         lists.append(topk)
-    return _full_metrics(ranks, np.concatenate(lists), data, eval_set, ks)
+    return ranks, np.concatenate(lists)
+
+
+@torch.no_grad()
+def full_ranks(
+    model: RetrievalModel, data: SequenceData, split: str, max_len: int, k: int
+) -> np.ndarray:
+    """(T,) each target's 0-based rank in a full ranking of the catalogue cut at ``k`` (``k``
+    where absent), ranked as ``evaluate_model`` ranks it (a contextual model by the query for
+    the target's own label and surface)."""
+    eval_set = _eval_set(data, split)
+    was_training = model.training
+    model.eval()
+    try:
+        if model.contextual and eval_set.target_surface is not None:
+            return _contextual_ranks(model, data, eval_set, max_len, k)[0]
+        queries = user_queries(model, data, eval_set, max_len)
+        topk = chunked_topk(queries, model.item_table(), k, eval_set.histories).numpy()
+    finally:
+        model.train(was_training)
+    return target_ranks(topk, eval_set.target_user, eval_set.target_item)
+
+
+def compare_saved_models(
+    model_path: Path | str, baseline_path: Path | str, split: str = "test", k: int = 100
+) -> dict[str, Any]:
+    """Recall@K of one ``model.pt`` minus another's, per user, on the same evaluation window:
+    overall and per target label (and surface), each with a 95% paired bootstrap interval and
+    the users each model wins (``candgen.evaluation.metrics.paired_difference``).
+
+    Raises:
+        ConfigError: the two models were not trained on the same data and split (named field).
+    """
+    from candgen.models.factory import load_model
+    from candgen.training.config import TrainConfig
+    from candgen.training.trainer import load_data
+
+    if k < 1:
+        raise ConfigError("k", f"must be >= 1, got {k}")
+    runs = []
+    for path in (model_path, baseline_path):
+        model, saved = load_model(Path(path))
+        runs.append((model, TrainConfig.from_dict(saved["config"])))
+    config, base_config = runs[0][1], runs[1][1]
+    for name in ("dataset", "data_dir", "eval_days", "protocol"):
+        ours, theirs = getattr(config, name), getattr(base_config, name)
+        if ours != theirs:
+            raise ConfigError(name, f"the models were trained on different data: {ours!r} vs "
+                              f"{theirs!r}")  # fmt: skip
+    if config.effective_protocol != "full":
+        raise ConfigError("protocol", "paired comparisons need the full protocol")
+    ranks, targets = [], None
+    for m, c in runs:
+        # Each model reads its own features (a summary one model fuses and the other ignores).
+        data = load_data(c)
+        eval_set = _eval_set(data, split)
+        ranks.append(full_ranks(m, data, split, c.max_len, min(k, data.num_items)))
+        if targets is None:
+            targets = eval_set
+        elif not np.array_equal(targets.target_item, eval_set.target_item):
+            raise ConfigError("data_dir", "the two models' evaluation windows hold different "
+                              "targets")  # fmt: skip
+    assert targets is not None
+    groups: dict[str, np.ndarray] = {"all": np.ones(len(targets.target_item), dtype=bool)}
+    for kind, values in (("label", targets.target_label), ("surface", targets.target_surface)):
+        if values is not None and len(set(values.tolist())) > 1:
+            groups.update({f"{kind}.{v}": values == v for v in sorted(set(values.tolist()))})
+    out: dict[str, Any] = {"model": str(model_path), "baseline": str(baseline_path),
+                           "split": split, "k": k}  # fmt: skip
+    n_users = len(targets)
+    for name, chosen in groups.items():
+        users = targets.target_user[chosen]
+        ours, theirs = (user_recall(r[chosen], users, k, n_users) for r in ranks)
+        out[name] = {"model": float(np.nanmean(ours)), "baseline": float(np.nanmean(theirs)),
+                     **paired_difference(ours, theirs)}  # fmt: skip
+    return out
 
 
 def _eval_set(data: SequenceData, split: str) -> EvalSet:
