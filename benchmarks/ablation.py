@@ -50,8 +50,8 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("unified, no short-term sequence", ["--model", "unified", "--no-short-term"]),
 ]
 UNIFIED = "unified"
-POLICY_ORDER = ("learned", "best fixed", "best fixed on test", "snake merge",
-                "hand-set per surface")  # fmt: skip
+POLICY_ORDER = ("learned", "best fixed", "best fixed per context", "best fixed on test",
+                "snake merge", "hand-set per surface")  # fmt: skip
 
 
 def _run(cmd: list[str]) -> None:
@@ -244,6 +244,10 @@ def render(result: dict) -> str:
     lines += [f"- unified vs {p['against']}: `{p['command']}`" for p in _unique(
         result.get("paired", []))]  # fmt: skip
     lines += ["", *_targets(rows, result.get("quotas"), result.get("paired", []))]
+    # What was measured beside the table (experiments, their commands and what they showed).
+    extra = RESULTS / "ablation_notes.md"
+    if extra.exists():
+        lines += ["", extra.read_text().strip()]
     return "\n".join(lines)
 
 

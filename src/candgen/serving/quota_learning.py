@@ -344,7 +344,8 @@ def compare_policies(
 ) -> dict[str, dict[str, Any]]:
     """Recall by label on ``test_set`` at each K for: the learned quotas; the best fixed split
     (one split for every request, chosen per K by conversion recall on ``fit_set``, as the
-    learned values were fitted there); the fixed split that is best on ``test_set`` itself (an
+    learned values were fitted there); the best fixed split of each context (chosen the same way
+    on that context's requests alone); the fixed split that is best on ``test_set`` itself (an
     upper bound no fixed split can beat); snake merge; and ``hand_set`` per-surface weights.
     The learned policy's entry also holds, per label and K, its paired difference from the best
     fixed split (``conversion.vs_best_fixed@100``: mean, 95% bootstrap interval, requests won
@@ -362,7 +363,8 @@ def compare_policies(
         return snake_merge(r.candidates, GENERATORS, k)
 
     grid = fixed_grid(step)
-    out: dict[str, dict[str, Any]] = {"learned": {}, "best fixed": {}, "best fixed on test": {},
+    out: dict[str, dict[str, Any]] = {"learned": {}, "best fixed": {},
+                                      "best fixed per context": {}, "best fixed on test": {},
                                       "snake merge": {}}  # fmt: skip
     for k in ks:
 
@@ -373,8 +375,19 @@ def compare_policies(
 
         best_fit = max(grid, key=lambda w: score(fit_set, w))
         best_test = max(grid, key=lambda w: score(test_set, w))
+        # The same choice made in each context alone: what per-context values amount to when
+        # nothing is pooled (a context the fit window lacks gets the overall best split).
+        per_context = {key: max(grid, key=lambda w, rows=rows: score(rows, w))
+                       for key, rows in _by_context(fit_set, learned).items()}  # fmt: skip
+
+        def contextual(r: ReplayedRequest, k: int, per_context: dict = per_context,
+                       best_fit: dict = best_fit) -> list[Candidate]:  # fmt: skip
+            split = per_context.get(_context_key(r, learned), best_fit)
+            return allocate(r.candidates, split, k)
+
         rows = {"learned": recall_by_label(test_set, learned_select, [k]),
                 "best fixed": recall_by_label(test_set, fixed(best_fit), [k]),
+                "best fixed per context": recall_by_label(test_set, contextual, [k]),
                 "best fixed on test": recall_by_label(test_set, fixed(best_test), [k]),
                 "snake merge": recall_by_label(test_set, snake, [k])}  # fmt: skip
         if hand_set is not None:
@@ -391,6 +404,18 @@ def compare_policies(
                 ours[label], theirs[label]
             )
         out["best fixed on test"][f"split@{k}"] = best_test
+    return out
+
+
+def _context_key(r: ReplayedRequest, learned: LearnedQuotas) -> str:
+    return f"{r.request.surface}/{learned.bucket(r.activity)}"
+
+
+def _by_context(rows: Sequence[ReplayedRequest], learned: LearnedQuotas
+                ) -> dict[str, list[ReplayedRequest]]:  # fmt: skip
+    out: dict[str, list[ReplayedRequest]] = {}
+    for r in rows:
+        out.setdefault(_context_key(r, learned), []).append(r)
     return out
 
 
