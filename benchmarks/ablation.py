@@ -8,7 +8,7 @@ policies over the unified model's generators (`candgen quotas compare`). Every r
 one command, printed beside it. Results are stored in docs/benchmarks/ablation_<machine>.json and
 rendered into docs/BENCHMARKS.md.
 
-    python benchmarks/ablation.py                  # data + every variant (about 15 min, 2 cores)
+    python benchmarks/ablation.py                  # data + every variant (about 20 min, 2 cores)
     python benchmarks/ablation.py --render-only    # rewrite the doc from the stored results
 """
 
@@ -389,8 +389,9 @@ def _targets(rows: list[dict], quotas: dict | None, paired: list[dict]) -> list[
     for lab in LABELS:
         n = int(unified.get(f"label.{lab}.users", 0))
         if 0 < n < 100:
-            out.append(f"- the {lab} comparisons rest on {n} users (one user moves recall by "
-                       f"about {1 / n:.3f}), so they are within noise")  # fmt: skip
+            out.append(f"- the {lab} rows rest on {n} users (one user moves recall by about "
+                       f"{1 / n:.3f}); the paired intervals say which differences exceed that "
+                       "noise")  # fmt: skip
     for name, what in (("unified, no scenario adaptation", "scenario adaptation"),
                        ("unified, no short-term sequence", "the short-term sequence"),
                        ("unified, no long-term summary", "the long-term summary")):  # fmt: skip
