@@ -258,11 +258,7 @@ def _paired_table(paired: list[dict]) -> list[str]:
              "(paired; 95% bootstrap interval; users where the unified model ranks more / "
              "fewer of their targets in its top 100):", "",
              "| unified vs | organic | click | conversion |", "|---|---|---|---|"]  # fmt: skip
-    seen = set()
-    for p in paired:
-        if p["against"] in seen:
-            continue
-        seen.add(p["against"])
+    for p in _unique(paired):
         cells = [_paired(p["result"].get(f"label.{lab}")) for lab in LABELS]
         lines.append(f"| {p['against']} | " + " | ".join(cells) + " |")
     return lines
@@ -316,11 +312,16 @@ def _unique(paired: list[dict]) -> list[dict]:
     return list(seen.values())
 
 
+def _beyond_noise(d: dict) -> bool:
+    """A paired difference whose 95% interval excludes zero."""
+    return d["low"] > 0 or d["high"] < 0
+
+
 def _noise(d: dict | None) -> str:
     """What a paired difference's interval says."""
     if not d:
         return ""
-    clear = d["low"] > 0 or d["high"] < 0
+    clear = _beyond_noise(d)
     return f" (paired {d['mean']:+.4f}, 95% interval {d['low']:+.4f} to {d['high']:+.4f}: " + (
         "beyond noise)" if clear else "within noise)"
     )
@@ -328,7 +329,7 @@ def _noise(d: dict | None) -> str:
 
 def _clear(d: dict | None) -> str:
     """A mark for a paired difference whose interval excludes zero."""
-    return " (beyond noise)" if d and (d["low"] > 0 or d["high"] < 0) else ""
+    return " (beyond noise)" if d and _beyond_noise(d) else ""
 
 
 def _paired(d: dict | None) -> str:
@@ -379,9 +380,8 @@ def _targets(rows: list[dict], quotas: dict | None, paired: list[dict]) -> list[
             verdict = "met" if got > best else "missed"
             paired = p["learned"].get(f"conversion.vs_best_fixed@{k}")
             if paired:
-                clear = paired["low"] > 0 or paired["high"] < 0
                 verdict += (f", {paired['wins']} requests won and {paired['losses']} lost; "
-                            + ("the interval excludes 0" if clear
+                            + ("the interval excludes 0" if _beyond_noise(paired)
                                else "within noise: the interval spans 0"))  # fmt: skip
             out.append(f"- learned quotas vs the best fixed quota, conversion recall@{k}: "
                        f"{got:.4f} vs {best:.4f}: {verdict} (the fixed split best on the test "

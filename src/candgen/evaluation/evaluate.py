@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -178,15 +180,11 @@ def full_ranks(
     where absent), ranked as ``evaluate_model`` ranks it (a contextual model by the query for
     the target's own label and surface)."""
     eval_set = _eval_set(data, split)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         if model.contextual and eval_set.target_surface is not None:
             return _contextual_ranks(model, data, eval_set, max_len, k)[0]
         queries = user_queries(model, data, eval_set, max_len)
         topk = chunked_topk(queries, model.item_table(), k, eval_set.histories).numpy()
-    finally:
-        model.train(was_training)
     return target_ranks(topk, eval_set.target_user, eval_set.target_item)
 
 
@@ -218,10 +216,12 @@ def compare_saved_models(
                               f"{theirs!r}")  # fmt: skip
     if config.effective_protocol != "full":
         raise ConfigError("protocol", "paired comparisons need the full protocol")
-    ranks, targets = [], None
+    ranks, targets, loaded = [], None, {}
     for m, c in runs:
-        # Each model reads its own features (a summary one model fuses and the other ignores).
-        data = load_data(c)
+        # Each model reads its own features (a summary one model fuses and the other ignores);
+        # the same data is loaded once.
+        key = (c.dataset, c.data_dir, c.features_dir, c.eval_days)
+        data = loaded[key] = loaded.get(key) or load_data(c)
         eval_set = _eval_set(data, split)
         ranks.append(full_ranks(m, data, split, c.max_len, min(k, data.num_items)))
         if targets is None:
@@ -245,6 +245,17 @@ def compare_saved_models(
     return out
 
 
+@contextmanager
+def _eval_mode(model: RetrievalModel) -> Iterator[None]:
+    """No dropout inside; the model's own mode again after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _eval_set(data: SequenceData, split: str) -> EvalSet:
     if split not in ("valid", "test"):
         raise ConfigError("split", f"must be 'valid' or 'test', got {split!r}")
@@ -261,15 +272,11 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Metrics of ``model`` (in eval mode: no dropout) on ``data.valid`` or ``data.test``."""
     eval_set = _eval_set(data, split)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         if model.contextual and protocol == "full" and eval_set.target_surface is not None:
             return evaluate_contextual(model, data, eval_set, max_len)
         queries = user_queries(model, data, eval_set, max_len)
         table = model.item_table()
-    finally:
-        model.train(was_training)
     return evaluate_vectors(queries, table, data, eval_set, protocol, seed=seed)
 
 

@@ -220,8 +220,12 @@ class LearnedQuotas:
     def bucket(self, activity: int) -> str:
         return ACTIVITY_BUCKETS[int(np.searchsorted(self.activity_edges, activity, "right"))]
 
+    def context_key(self, surface: str, activity: int) -> str:
+        """``"<surface>/<activity bucket>"``, whether or not the table holds it."""
+        return f"{surface}/{self.bucket(activity)}"
+
     def context(self, surface: str, activity: int) -> str:
-        key = f"{surface}/{self.bucket(activity)}"
+        key = self.context_key(surface, activity)
         if key not in self.alpha:
             raise ConfigError("scenario", f"the learned quotas hold no context {key!r}")
         return key

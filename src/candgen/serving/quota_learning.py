@@ -217,9 +217,9 @@ def fit(
     contexts = [f"{s}/{b}" for s in SURFACES for b in ACTIVITY_BUCKETS]
     shape = (len(contexts), len(GENERATORS), len(edges))
     hits, slots = np.zeros(shape), np.zeros(shape)
-    bucket = LearnedQuotas(GENERATORS, edges, act, {}, {}).bucket
+    context_key = LearnedQuotas(GENERATORS, edges, act, {}, {}).context_key
     for r in replayed:
-        c = contexts.index(f"{r.request.surface}/{bucket(r.activity)}")
+        c = contexts.index(context_key(r.request.surface, r.activity))
         lists = {g: [ad for ad, _ in r.candidates.get(gen, [])[: edges[-1]]]
                  for g, gen in enumerate(GENERATORS)}  # fmt: skip
         for g, ids in lists.items():
@@ -319,10 +319,17 @@ def recall_by_label(replayed: Sequence[ReplayedRequest], select: Selector, ks: S
     ``click.recall@100``, ``conversion.recall@100`` and ``ads.recall@100`` (both labels)."""
     out: dict[str, float] = {}
     for k in ks:
-        for label, values in request_recalls(replayed, select, k).items():
-            values = values[~np.isnan(values)]
-            out[f"{label}.recall@{k}"] = float(values.mean()) if len(values) else 0.0
-            out[f"{label}.requests"] = float(len(values))
+        out.update(_mean_recalls(request_recalls(replayed, select, k), k))
+    return out
+
+
+def _mean_recalls(recalls: dict[str, np.ndarray], k: int) -> dict[str, float]:
+    """``request_recalls``' arrays as each label's mean over the requests that hold it."""
+    out: dict[str, float] = {}
+    for label, values in recalls.items():
+        values = values[~np.isnan(values)]
+        out[f"{label}.recall@{k}"] = float(values.mean()) if len(values) else 0.0
+        out[f"{label}.requests"] = float(len(values))
     return out
 
 
@@ -382,11 +389,13 @@ def compare_policies(
 
         def contextual(r: ReplayedRequest, k: int, per_context: dict = per_context,
                        best_fit: dict = best_fit) -> list[Candidate]:  # fmt: skip
-            split = per_context.get(_context_key(r, learned), best_fit)
+            split = per_context.get(learned.context_key(r.request.surface, r.activity), best_fit)
             return allocate(r.candidates, split, k)
 
-        rows = {"learned": recall_by_label(test_set, learned_select, [k]),
-                "best fixed": recall_by_label(test_set, fixed(best_fit), [k]),
+        ours = request_recalls(test_set, learned_select, k)
+        theirs = request_recalls(test_set, fixed(best_fit), k)
+        rows = {"learned": _mean_recalls(ours, k),
+                "best fixed": _mean_recalls(theirs, k),
                 "best fixed per context": recall_by_label(test_set, contextual, [k]),
                 "best fixed on test": recall_by_label(test_set, fixed(best_test), [k]),
                 "snake merge": recall_by_label(test_set, snake, [k])}  # fmt: skip
@@ -397,8 +406,6 @@ def compare_policies(
         for name, metrics in rows.items():
             out.setdefault(name, {}).update(metrics)
         out["best fixed"][f"split@{k}"] = best_fit
-        ours = request_recalls(test_set, learned_select, k)
-        theirs = request_recalls(test_set, fixed(best_fit), k)
         for label in RECALL_LABELS:
             out["learned"][f"{label}.vs_best_fixed@{k}"] = paired_difference(
                 ours[label], theirs[label]
@@ -407,15 +414,11 @@ def compare_policies(
     return out
 
 
-def _context_key(r: ReplayedRequest, learned: LearnedQuotas) -> str:
-    return f"{r.request.surface}/{learned.bucket(r.activity)}"
-
-
 def _by_context(rows: Sequence[ReplayedRequest], learned: LearnedQuotas
                 ) -> dict[str, list[ReplayedRequest]]:  # fmt: skip
     out: dict[str, list[ReplayedRequest]] = {}
     for r in rows:
-        out.setdefault(_context_key(r, learned), []).append(r)
+        out.setdefault(learned.context_key(r.request.surface, r.activity), []).append(r)
     return out
 
 
