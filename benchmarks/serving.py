@@ -164,8 +164,8 @@ def _build_repository(args: argparse.Namespace, work: Path, items: np.ndarray,
                       market_ads: np.ndarray, feature_url: str) -> tuple[dict, np.ndarray,
                                                                          np.ndarray]:  # fmt: skip
     from candgen.data.synth import AD_ID_OFFSET
+    from candgen.endpoint.export import publish, stage_generators
     from candgen.index.ann import INDEX_FILE
-    from candgen.serving.export import publish, stage_generators
     from candgen.serving.generators import ContentGenerator
     from candgen.serving.steps import (
         STEPS,
@@ -217,7 +217,7 @@ def _build_repository(args: argparse.Namespace, work: Path, items: np.ndarray,
 def _load(url: str, users: np.ndarray, seconds: float, concurrency: int, seed: int) -> dict:
     import threading
 
-    from candgen.serving.client import RetrieveClient
+    from candgen.endpoint.client import RetrieveClient
 
     lat: list[list[float]] = [[] for _ in range(concurrency)]
     errors: list[str] = []
@@ -281,11 +281,11 @@ def _per_request_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
 def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
     import shutil
 
+    from candgen.endpoint.client import RetrieveClient
+    from candgen.endpoint.runtime import ServerConfig, start, stop
+    from candgen.features.client import FeatureServerClient
     from candgen.features.store import FeatureServerProcess
-    from candgen.serving.client import RetrieveClient
-    from candgen.serving.features import FeatureServerClient
     from candgen.serving.pipeline import user_context, user_vector
-    from candgen.serving.runtime import ServerConfig, start, stop
     from candgen.serving.steps import ENSEMBLE, STEPS, load_retriever
 
     work = Path(args.workdir).resolve()

@@ -20,7 +20,7 @@ def deploy(
     """
     from pathlib import Path
 
-    from candgen.serving.export import install, swap
+    from candgen.endpoint.export import install, swap
 
     version = install(Path(repository.path), Path(target_repository))
     if not triton_url:

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from candgen.endpoint.client import RetrieveClient
+from candgen.endpoint.runtime import ServerConfig, start, stop
 from candgen.errors import CandgenError
 from candgen.images import PLATFORM_IMAGE
-from candgen.serving.client import RetrieveClient
-from candgen.serving.runtime import ServerConfig, start, stop
 from candgen.serving.steps import pinned_version
 from components.build_index.component import build_index
 from components.deploy.component import deploy

@@ -29,7 +29,7 @@ def export_repository(
     """
     from pathlib import Path
 
-    from candgen.serving.export import ExportConfig, export
+    from candgen.endpoint.export import ExportConfig, export
     from candgen.serving.quota import QUOTA_FILE
     from candgen.serving.steps import ServingConfig
 

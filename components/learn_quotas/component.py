@@ -25,13 +25,13 @@ def learn_quotas(
     """Writes the learned table (``quotas.json``) to ``quotas``; returns the number of logged
     requests it was fitted on.
 
-    Parameters are ``candgen.serving.quota_learning.QuotaLearnConfig`` fields of the same names;
+    Parameters are ``candgen.quotas.learning.QuotaLearnConfig`` fields of the same names;
     the fit replays the model's validation window (``eval_days``) through its generators.
     """
     from pathlib import Path
 
+    from candgen.quotas.learning import QuotaLearnConfig, learn_quotas
     from candgen.serving.quota import QUOTA_FILE
-    from candgen.serving.quota_learning import QuotaLearnConfig, learn_quotas
 
     config = QuotaLearnConfig(eval_days=eval_days, max_rank=max_rank, click_weight=click_weight,
                               conversion_weight=conversion_weight, pooling=pooling,

@@ -42,8 +42,8 @@ def long_term_features(
     import shutil
     from pathlib import Path
 
-    from candgen.features.long_term import build_long_term_features, summariser_config
     from candgen.training.config import JobConfig
+    from candgen.training.long_term import build_long_term_features, summariser_config
 
     config = summariser_config(marketplace.path, summariser.path, eval_days, epochs=epochs,
                                max_len=max_len, all_action_days=all_action_days, seed=seed,

@@ -129,8 +129,9 @@ def cmd_features_build(args: argparse.Namespace) -> int:
 
 
 def cmd_features_long_term(args: argparse.Namespace) -> int:
-    from candgen.features.long_term import build_long_term_features, summarise, summariser_config
+    from candgen.features.long_term import summarise
     from candgen.training.config import JobConfig
+    from candgen.training.long_term import build_long_term_features, summariser_config
 
     features = _store_config(args).features_path
     if args.model is not None:
@@ -314,7 +315,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from candgen.serving.runtime import ServerConfig, start, status, stop
+    from candgen.endpoint.runtime import ServerConfig, start, status, stop
 
     cfg = config_from_args(ServerConfig, args)
     if args.stop:
@@ -328,8 +329,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_serving_export(args: argparse.Namespace) -> int:
+    from candgen.endpoint.export import ExportConfig, export
     from candgen.index.ann import IndexConfig
-    from candgen.serving.export import ExportConfig, export
     from candgen.serving.steps import ServingConfig
 
     serving_fields = {}
@@ -354,7 +355,7 @@ def cmd_serving_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quotas_learn(args: argparse.Namespace) -> int:
-    from candgen.serving.quota_learning import QuotaLearnConfig, learn_quotas
+    from candgen.quotas.learning import QuotaLearnConfig, learn_quotas
 
     config = config_from_args(QuotaLearnConfig, args)
     learned = learn_quotas(args.model, args.data, args.features_dir, config, args.index_dir,
@@ -367,13 +368,13 @@ def cmd_quotas_learn(args: argparse.Namespace) -> int:
 
 
 def cmd_quotas_compare(args: argparse.Namespace) -> int:
-    from candgen.serving.quota import DEFAULT_WEIGHTS
-    from candgen.serving.quota_learning import (
+    from candgen.quotas.learning import (
         QuotaLearnConfig,
         compare_policies,
         fit,
         replay_window,
     )
+    from candgen.serving.quota import DEFAULT_WEIGHTS
 
     ks = sorted(set(args.k))
     if ks[0] < 1:
@@ -423,14 +424,14 @@ def cmd_quotas_show(args: argparse.Namespace) -> int:
 
 
 def cmd_serving_swap(args: argparse.Namespace) -> int:
-    from candgen.serving.export import swap
+    from candgen.endpoint.export import swap
 
     _print_json(swap(args.url, args.model_repository, args.protocol))
     return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from candgen.serving.client import RetrieveClient
+    from candgen.endpoint.client import RetrieveClient
 
     client = RetrieveClient(args.url, args.protocol, timeout_s=args.timeout_s)
     recent = [int(x) for x in args.recent.split(",") if x.strip()] if args.recent else []
@@ -527,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--data", type=Path, default=DEFAULT_MARKETPLACE)
     build.add_argument("--quiet", action="store_true")
     add_config_flags(build, FeatureBuildConfig)
-    from candgen.features.long_term import SUMMARISER
+    from candgen.training.long_term import SUMMARISER
 
     lt = store_cmd("long-term", "train the long-term summariser (dense all-action objective) and "
                    "write its daily summaries (user_long_term_embedding)",
@@ -632,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(ib, IndexConfig)
     ib.set_defaults(func=cmd_index_build)
 
-    from candgen.serving.runtime import ServerConfig
+    from candgen.endpoint.runtime import ServerConfig
 
     serve = sub.add_parser("serve", help="start (or --stop) the local tritonserver")
     serve.add_argument("--stop", action="store_true", help="stop the running server")
@@ -640,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(serve, ServerConfig)
     serve.set_defaults(func=cmd_serve)
 
-    from candgen.serving.export import ExportConfig
+    from candgen.endpoint.export import ExportConfig
     from candgen.serving.steps import ServingConfig
 
     srv = sub.add_parser("serving", help="the Triton model repository").add_subparsers(
@@ -663,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--protocol", choices=["http", "grpc"], default="http")
     sw.set_defaults(func=cmd_serving_swap)
 
-    from candgen.serving.quota_learning import QuotaLearnConfig
+    from candgen.quotas.learning import QuotaLearnConfig
 
     quotas = sub.add_parser("quotas", help="the quotas across candidate generators").add_subparsers(
         dest="quotas_command", required=True

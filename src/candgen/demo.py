@@ -48,7 +48,7 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
     Returns:
         0 when the pipeline ran (a model the gate refuses is reported, not an error).
     """
-    from candgen.serving.runtime import ServerConfig, endpoints, start, stop
+    from candgen.endpoint.runtime import ServerConfig, endpoints, start, stop
 
     workdir = Path(workdir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -104,8 +104,8 @@ def _link_outputs(run: LocalRun, workdir: Path) -> None:
 
 def _query_live_ensemble(run: LocalRun, ends: dict[str, str]) -> None:
     """Serves the pipeline's feature store over HTTP and asks the live ensemble for ads."""
+    from candgen.endpoint.client import RetrieveClient
     from candgen.features.store import FeatureServerProcess, StoreConfig
-    from candgen.serving.client import RetrieveClient
 
     market = run.artifact("synth-data", "marketplace")
     features = run.artifact("build-features", "features")

@@ -23,3 +23,7 @@ def scenario_code(surface: str) -> int:
 # The narrow feature service the retrieve ensemble's features step reads (user_features_v2 holds
 # all of it); versioned, so a change to what serving reads is a new name.
 USER_SERVING_SERVICE: Final = "user_serving_v2"
+
+# The offline feature table of the long-term summaries: the features step writes it, the data
+# layer reads it into training sets.
+LONG_TERM_TABLE: Final = "user_long_term_embedding"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from candgen.features.client import FeatureServerClient, FeatureStoreUnavailable
 from candgen.features.store import StoreConfig, apply, materialize, online_features, open_store
-from candgen.serving.features import FeatureServerClient, FeatureStoreUnavailable
 from tests.net import free_ports
 
 pytestmark = pytest.mark.integration

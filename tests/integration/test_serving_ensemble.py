@@ -20,10 +20,10 @@ import pytest
 
 from candgen.cli import main
 from candgen.data.synth import SynthSummary
+from candgen.endpoint.client import RetrieveClient, ServingError
+from candgen.endpoint.runtime import ServerConfig, start, stop
 from candgen.features.store import FeatureServerProcess, StoreConfig, apply, materialize
 from candgen.registry import tracking
-from candgen.serving.client import RetrieveClient, ServingError
-from candgen.serving.runtime import ServerConfig, start, stop
 from candgen.serving.steps import STEPS, load_pipeline, pinned_version
 from candgen.training.config import TrainConfig
 from candgen.training.trainer import train
@@ -125,8 +125,8 @@ def test_learned_quotas_and_an_override_are_served_with_per_source_counts(
 ) -> None:
     import json
 
+    from candgen.quotas.learning import QuotaLearnConfig, learn_quotas
     from candgen.serving.quota import LearnedQuotas
-    from candgen.serving.quota_learning import QuotaLearnConfig, learn_quotas
 
     version = pinned_version(served.repo)
     model = served.repo / "candgen_user_encoder" / str(version) / "model.pt"
@@ -352,7 +352,7 @@ def test_a_polling_server_picks_up_an_installed_version_with_zero_failed_request
 ) -> None:
     # What k8s/ runs: Triton polls the model repository on the shared claim, and the pipeline's
     # deploy step (no triton_url) only installs the new version there.
-    from candgen.serving.export import install
+    from candgen.endpoint.export import install
 
     claim = tmp_path / "claim"
     first = install(served.repo, claim)

@@ -19,12 +19,12 @@ SCRIPT = """
 import sys
 import numpy
 from candgen.models.factory import load_model
-from candgen.registry.retriever import Retriever
+from candgen.models.retriever import Retriever
 from candgen.index.ann import AdIndex
 from candgen.serving.quota import allocate
 
 model, saved = load_model(sys.argv[1])
-ids, scores = Retriever(model, saved["item_ids"], max_len=20).retrieve([[1, 2, 3]], k=5)
+ids, scores = Retriever(model, saved.item_ids, max_len=20).retrieve([[1, 2, 3]], k=5)
 assert len(ids[0]) == 5 and not {1, 2, 3} & set(ids[0].tolist())
 heavy = sorted(m for m in ("pandas", "mlflow", "feast", "pyarrow") if m in sys.modules)
 print(numpy.__version__, heavy)

@@ -38,7 +38,7 @@ def test_two_process_torchx_run_matches_one_process(tmp_path: Path) -> None:
         one.test_metrics["hr@10"],
     )
     model, saved = load_model(tmp_path / "two" / "model.pt")
-    assert saved["config"]["model"] == "hstu" and model.num_items == 300
+    assert saved.model.model == "hstu" and model.num_items == 300
     ckpt = __import__("torch").load(tmp_path / "two" / CHECKPOINT, weights_only=False)
     assert ckpt["epoch"] == 12
     model.load_state_dict(ckpt["model"])  # the training checkpoint loads into the model too

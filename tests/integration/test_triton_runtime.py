@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from candgen.endpoint.runtime import ServerConfig, start, status, stop
 from candgen.errors import CandgenError
-from candgen.serving.runtime import ServerConfig, start, status, stop
 from tests.net import free_ports
 
 pytestmark = pytest.mark.integration

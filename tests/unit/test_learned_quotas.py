@@ -13,16 +13,7 @@ import pytest
 
 from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import IndexConfig
-from candgen.serving.quota import (
-    ACTIVITY_BUCKETS,
-    GENERATORS,
-    QUOTA_FILE,
-    LearnedQuotas,
-    QuotaPolicy,
-    describe,
-    snake_merge,
-)
-from candgen.serving.quota_learning import (
+from candgen.quotas.learning import (
     LoggedRequest,
     OfflineFeatures,
     QuotaLearnConfig,
@@ -31,6 +22,15 @@ from candgen.serving.quota_learning import (
     fit,
     logged_requests,
     recall_by_label,
+)
+from candgen.serving.quota import (
+    ACTIVITY_BUCKETS,
+    GENERATORS,
+    QUOTA_FILE,
+    LearnedQuotas,
+    QuotaPolicy,
+    describe,
+    snake_merge,
 )
 from candgen.serving.steps import SelectStep, ServingConfig, write_serving_file
 from candgen.vocab import SURFACES

@@ -14,17 +14,18 @@ import pytest
 import torch
 
 from candgen.cli import main
+from candgen.data.batches import training_windows
+from candgen.data.sequences import SECONDS_PER_DAY, load_marketplace, pq_metadata
 from candgen.errors import CandgenError, ConfigError
-from candgen.features.build import LONG_TERM_TABLE
-from candgen.features.long_term import build_long_term_features, summarise, summariser_config
+from candgen.features.long_term import summarise
 from candgen.models.factory import load_model
+from candgen.models.retriever import Retriever
 from candgen.models.unified import UnifiedHSTU
-from candgen.registry.retriever import Retriever
 from candgen.serving.pipeline import user_context, user_vector
-from candgen.training.batches import training_windows
 from candgen.training.config import TrainConfig
-from candgen.training.data import SECONDS_PER_DAY, load_marketplace, pq_metadata
+from candgen.training.long_term import build_long_term_features, summariser_config
 from candgen.training.trainer import train
+from candgen.vocab import LONG_TERM_TABLE
 
 EVAL_DAYS = 2
 
@@ -60,7 +61,7 @@ def test_all_action_targets_are_actions_of_the_next_days(marketplace) -> None:  
 
 
 def test_all_action_needs_timestamps_and_is_not_the_unified_objective() -> None:
-    from candgen.training.data import load_planted
+    from candgen.data.sequences import load_planted
 
     with pytest.raises(ConfigError, match=r"^objective: all_action needs timestamps"):
         training_windows(load_planted(seed=1), max_len=10, all_action_days=7.0)
@@ -137,7 +138,7 @@ def test_the_unified_model_fuses_the_long_term_embedding(
         result = train(config)
         assert "label.click.recall@100" in result.test_metrics
         model, saved = load_model(out / "model.pt")
-        assert isinstance(model, UnifiedHSTU) and saved["long_term_dim"] == 64
+        assert isinstance(model, UnifiedHSTU) and saved.long_term_dim == 64
         assert model.short_term == (not variant)
         items = torch.tensor([[0, 0, 3, 7], [1, 4, 9, 12]])
         lt = torch.randn(2, 64)
@@ -183,13 +184,13 @@ def test_request_time_fusion_of_short_and_long_term_features(
                          track=False, out_dir=str(tmp_path))  # fmt: skip
     train(config)
     model, saved = load_model(tmp_path / "model.pt")
-    retriever = Retriever(model, saved["item_ids"], max_len=20)
+    retriever = Retriever(model, saved.item_ids, max_len=20)
     table = pd.read_parquet(summarised / f"{LONG_TERM_TABLE}.parquet")
-    stored = {"recent_item_ids": [int(x) for x in saved["item_ids"][1:4]],
+    stored = {"recent_item_ids": [int(x) for x in saved.item_ids[1:4]],
               "recent_timestamps": [100, 200, 300], "category_affinity": None,
               "long_term_embedding": list(table["long_term_embedding"].iloc[0]),
               "engagements_total": 40, "ad_clicks_total": 2}  # fmt: skip
-    recent = [int(saved["item_ids"][10])]
+    recent = [int(saved.item_ids[10])]
     context = user_context(_Features(stored), 1, recent)
     # The stored sequence, then the request's real-time items (stamped at the newest time).
     assert context.history == [*stored["recent_item_ids"], *recent]
@@ -231,7 +232,7 @@ def test_the_long_term_command_summarises_and_rejects_bad_input(
 
 
 def test_summarise_needs_a_time_split_summariser(tmp_path: Path, summarised: Path) -> None:
-    from candgen.training.data import load_planted
+    from candgen.data.sequences import load_planted
 
     train(TrainConfig(dataset="planted", model="hstu", epochs=1, max_len=10, progress=False,
                       track=False, out_dir=str(tmp_path)), load_planted(seed=1))  # fmt: skip
@@ -244,8 +245,8 @@ def test_summarise_needs_a_time_split_summariser(tmp_path: Path, summarised: Pat
 def test_every_parameter_trains_so_ddp_can_reduce(marketplace, summarised: Path,  # type: ignore[no-untyped-def]
                                                    variant: dict) -> None:  # fmt: skip
     """DDP stalls on a parameter that gets no gradient (the ablation trains with 2 processes)."""
+    from candgen.data.batches import make_batch
     from candgen.models.factory import build_model
-    from candgen.training.batches import make_batch
     from candgen.training.trainer import _TrainingLoss, long_term_dim
 
     config = TrainConfig(dataset="marketplace", model="unified", max_len=20, **variant)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from candgen.evaluation.metrics import (
-    chunked_topk,
     coverage,
     paired_difference,
     ranking_metrics,
@@ -17,6 +16,7 @@ from candgen.evaluation.metrics import (
     target_ranks,
     user_recall,
 )
+from candgen.models.retriever import chunked_topk
 
 
 def test_single_target_users_by_hand() -> None:

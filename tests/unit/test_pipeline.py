@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from candgen.errors import ConfigError
+from candgen.features.client import FeatureStoreUnavailable
 from candgen.index.ann import AdIndex, IndexConfig, ad_rows
 from candgen.models.factory import load_model
-from candgen.registry.retriever import Retriever
-from candgen.serving.features import FeatureStoreUnavailable
+from candgen.models.retriever import Retriever
 from candgen.serving.generators import ContentGenerator, PacingPopularity
 from candgen.serving.pipeline import RetrievalPipeline
 from candgen.training.config import TrainConfig
@@ -49,8 +49,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> RetrievalPipeline:
                                batch_size=64, progress=False, track=False,
                                out_dir=str(out)))  # fmt: skip
     model, saved = load_model(Path(result.model_path))
-    retriever = Retriever(model, saved["item_ids"], max_len=20)
-    ids, vectors = ad_rows(saved["item_ids"], retriever.item_table.numpy(), FIRST_AD)
+    retriever = Retriever(model, saved.item_ids, max_len=20)
+    ids, vectors = ad_rows(saved.item_ids, retriever.item_table.numpy(), FIRST_AD)
     rng = np.random.default_rng(0)
     content = ContentGenerator(ids, rng.standard_normal((len(ids), 8)), (ids - FIRST_AD) % 4, 4)
     popularity = PacingPopularity(ids, clicks=ids % 7, impressions=np.full(len(ids), 100),

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from candgen.cli import main
+from candgen.endpoint.export import ExportConfig, ensemble_config, step_config
 from candgen.errors import ConfigError
 from candgen.index.ann import IndexConfig
 from candgen.serving.contract import INPUTS, OUTPUTS
-from candgen.serving.export import ExportConfig, ensemble_config, step_config
 from candgen.serving.pipeline import UserContext
 from candgen.serving.steps import (
     STEPS,

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from candgen.data.sequences import SequenceData, from_interactions, load_planted
 from candgen.errors import CandgenError, ConfigError
 from candgen.evaluation.evaluate import evaluate_popularity
 from candgen.models.factory import load_model
 from candgen.training.config import TrainConfig
-from candgen.training.data import SequenceData, from_interactions, load_planted
 from candgen.training.trainer import CHECKPOINT, train
 
 PLANTED_SEED = 42
@@ -62,7 +62,7 @@ def test_same_config_same_metrics_and_resume_repeats_the_run(
     assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0, 4.0]
     assert resumed.test_metrics == pytest.approx(full.test_metrics)
     _, saved = load_model(resumed.model_path)
-    assert saved["num_items"] == planted.num_items
+    assert saved.num_items == planted.num_items
     assert (tmp_path / "c" / "run" / CHECKPOINT).exists()
 
 

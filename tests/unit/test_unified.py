@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from candgen.data.batches import training_windows
+from candgen.data.sequences import SequenceData, load_marketplace, load_planted
 from candgen.errors import CandgenError, ConfigError
 from candgen.models.base import RetrievalModel
 from candgen.models.factory import load_model
 from candgen.models.sequential import HSTU
 from candgen.models.unified import UnifiedHSTU
-from candgen.training.batches import training_windows
 from candgen.training.config import TrainConfig
-from candgen.training.data import SequenceData, load_marketplace, load_planted
 from candgen.training.launch import config_flags
 from candgen.training.trainer import _TrainingLoss, train
 from candgen.vocab import LABELS
@@ -145,7 +145,7 @@ def test_the_unified_model_trains_on_labels_and_surfaces(
     assert losses[-1] < losses[0], losses
     assert "label.conversion.recall@100" in result.test_metrics
     model, saved = load_model(tmp_path / "run" / "model.pt")
-    assert isinstance(model, UnifiedHSTU) and saved["has_labels"]
+    assert isinstance(model, UnifiedHSTU) and saved.has_labels
     assert model.serve_label == LABELS.index("click")
 
 
@@ -206,8 +206,8 @@ class _LabelOracle(RetrievalModel):
 
 
 def test_each_target_is_ranked_by_the_query_for_its_own_label_and_surface() -> None:
+    from candgen.data.sequences import EvalSet, SequenceData
     from candgen.evaluation.evaluate import evaluate_model
-    from candgen.training.data import EvalSet, SequenceData
 
     test = EvalSet(users=np.array([0, 1]), histories=[np.array([9, 10]), np.array([11])],
                    history_times=None, target_user=np.array([0, 0, 1]),
@@ -231,7 +231,7 @@ def test_each_target_is_ranked_by_the_query_for_its_own_label_and_surface() -> N
 
 
 def test_serving_asks_the_unified_model_for_the_requests_surface() -> None:
-    from candgen.registry.retriever import Retriever
+    from candgen.models.retriever import Retriever
     from candgen.serving.pipeline import UserContext, user_vector
 
     item_ids = np.concatenate([[0], 1_000 + np.arange(1, 41)])
@@ -259,7 +259,7 @@ def test_serving_asks_the_unified_model_for_the_requests_surface() -> None:
 
 
 def test_a_single_task_baseline_trains_only_on_its_labels_targets(marketplace) -> None:  # type: ignore[no-untyped-def]
-    from candgen.training.batches import restrict_targets
+    from candgen.data.batches import restrict_targets
 
     data = load_marketplace(marketplace.out_dir, eval_days=2)
     windows = training_windows(data, max_len=20)

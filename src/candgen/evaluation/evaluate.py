@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from candgen.data.batches import eval_batches
+from candgen.data.sequences import EvalSet, SequenceData, label_codes, load_data, surface_codes
 from candgen.errors import ConfigError
 from candgen.evaluation.metrics import (
     KS,
-    chunked_topk,
     coverage,
     paired_difference,
     ranking_metrics,
@@ -22,8 +23,7 @@ from candgen.evaluation.metrics import (
     user_recall,
 )
 from candgen.models.base import RetrievalModel
-from candgen.training.batches import eval_batches
-from candgen.training.data import EvalSet, SequenceData, label_codes, surface_codes
+from candgen.models.retriever import chunked_topk
 
 PROTOCOLS = ("full", "sampled100")
 
@@ -199,31 +199,29 @@ def compare_saved_models(
         ConfigError: the two models were not trained on the same data and split (named field).
     """
     from candgen.models.factory import load_model
-    from candgen.training.config import TrainConfig
-    from candgen.training.trainer import load_data
 
     if k < 1:
         raise ConfigError("k", f"must be >= 1, got {k}")
-    runs = []
-    for path in (model_path, baseline_path):
-        model, saved = load_model(Path(path))
-        runs.append((model, TrainConfig.from_dict(saved["config"])))
-    config, base_config = runs[0][1], runs[1][1]
-    for name in ("dataset", "data_dir", "eval_days", "protocol"):
-        ours, theirs = getattr(config, name), getattr(base_config, name)
+    runs = [load_model(Path(path)) for path in (model_path, baseline_path)]
+    ours_h, theirs_h = runs[0].header, runs[1].header
+    for name in ("dataset", "data_dir", "eval_days"):
+        ours, theirs = getattr(ours_h.data, name), getattr(theirs_h.data, name)
         if ours != theirs:
             raise ConfigError(name, f"the models were trained on different data: {ours!r} vs "
                               f"{theirs!r}")  # fmt: skip
-    if config.effective_protocol != "full":
+    if ours_h.protocol != theirs_h.protocol:
+        raise ConfigError("protocol", f"the models were selected with different protocols: "
+                          f"{ours_h.protocol!r} vs {theirs_h.protocol!r}")  # fmt: skip
+    if ours_h.protocol != "full":
         raise ConfigError("protocol", "paired comparisons need the full protocol")
     ranks, targets, loaded = [], None, {}
-    for m, c in runs:
+    for m, h in runs:
         # Each model reads its own features (a summary one model fuses and the other ignores);
         # the same data is loaded once.
-        key = (c.dataset, c.data_dir, c.features_dir, c.eval_days)
-        data = loaded[key] = loaded.get(key) or load_data(c)
+        key = h.data
+        data = loaded[key] = loaded.get(key) or load_data(h.data, seed=h.seed)
         eval_set = _eval_set(data, split)
-        ranks.append(full_ranks(m, data, split, c.max_len, min(k, data.num_items)))
+        ranks.append(full_ranks(m, data, split, h.model.max_len, min(k, data.num_items)))
         if targets is None:
             targets = eval_set
         elif not np.array_equal(targets.target_item, eval_set.target_item):
@@ -312,19 +310,16 @@ def evaluate_saved_model(
     import dataclasses
 
     from candgen.models.factory import load_model
-    from candgen.training.config import TrainConfig
-    from candgen.training.trainer import load_data
 
-    model, saved = load_model(Path(model_path))
-    config = TrainConfig.from_dict(saved["config"])
+    model, header = load_model(Path(model_path))
     moved = {k: v for k, v in (("data_dir", data_dir), ("features_dir", features_dir)) if v}
-    config = dataclasses.replace(config, **moved)
-    data = load_data(config)
-    protocol = protocol or config.effective_protocol
+    data = load_data(dataclasses.replace(header.data, **moved), seed=header.seed)
+    protocol = protocol or header.protocol
+    seed, max_len = header.seed, header.model.max_len
     return {
         "split": split,
         "protocol": protocol,
-        "primary_metric": config.primary_metric,
-        "model": evaluate_model(model, data, split, protocol, config.max_len, config.seed),
-        "popularity": evaluate_popularity(data, split, protocol, config.seed),
+        "primary_metric": header.primary_metric,
+        "model": evaluate_model(model, data, split, protocol, max_len, seed),
+        "popularity": evaluate_popularity(data, split, protocol, seed),
     }

@@ -19,49 +19,6 @@ import torch
 KS: tuple[int, ...] = (5, 10, 20, 50, 100, 200)
 
 
-def chunked_topk(
-    queries: torch.Tensor,
-    item_table: torch.Tensor,
-    k: int,
-    exclude: Sequence[np.ndarray],
-    max_bytes: int = 256 << 20,
-) -> torch.Tensor:
-    """Exact top-``k`` item ids per query, excluding item 0 and each query's ``exclude`` items.
-
-    Scores are computed for as many queries at a time as fit in ``max_bytes`` of float32
-    scores, so memory stays bounded whatever the catalogue size.
-
-    Args:
-        queries: (M, D) query vectors.
-        item_table: (N + 1, D) item vectors; row 0 is padding.
-        k: how many to return (at most N).
-        exclude: per query, item ids never to return (its history).
-        max_bytes: the most score memory to hold at once.
-
-    Returns:
-        (M, k) int64 item ids, best first.
-    """
-    n_rows = item_table.shape[0]
-    if not 0 < k <= n_rows - 1:
-        raise ValueError(f"k: must be in 1..{n_rows - 1} (the catalogue size), got {k}")
-    if len(exclude) != queries.shape[0]:
-        raise ValueError(f"exclude: {len(exclude)} lists for {queries.shape[0]} queries")
-    chunk = max(1, max_bytes // (4 * n_rows))
-    out = []
-    for start in range(0, queries.shape[0], chunk):
-        q = queries[start : start + chunk]
-        scores = q @ item_table.T
-        scores[:, 0] = -torch.inf
-        rows = np.concatenate(
-            [np.full(len(e), i) for i, e in enumerate(exclude[start : start + len(q)])]
-            + [np.zeros(0)]
-        ).astype(np.int64)
-        cols = np.concatenate([*exclude[start : start + len(q)], np.zeros(0)]).astype(np.int64)
-        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
-        out.append(scores.topk(k, dim=1).indices.cpu())
-    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
-
-
 def target_ranks(topk: np.ndarray, target_user: np.ndarray, target_item: np.ndarray) -> np.ndarray:
     """0-based rank of each target in its user's top-K list, or K where it is absent."""
     k = topk.shape[1]

@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 from candgen.data.synth import AD_ID_OFFSET, snapshot_hash
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.text import EMBEDDING_DIM, MODEL_NAME, TextEmbedder
+from candgen.vocab import LONG_TERM_TABLE
 
 TS: Final = pa.timestamp("us", tz="UTC")
 SEQUENCE_EVENT_TYPES: Final = ("engage", "click", "conversion")
 # The users' long-term embeddings: written empty here, filled by the long-term summariser
 # (`candgen features long-term`), so that every feature view always has its source table.
-LONG_TERM_TABLE: Final = "user_long_term_embedding"
 FEATURE_TABLES: Final = (
     "user_profile",
     "user_short_term",

@@ -10,12 +10,13 @@ same name), stamped like the snapshot, so a point-in-time join and the online st
 day's summary from the time it could have been computed. The unified model fuses it with the
 short-term sequence at request time.
 
+This module only applies a trained summariser; ``candgen.training.long_term`` trains one.
+
     candgen features long-term --data data/marketplace --features-dir data/features
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,27 +29,8 @@ import pyarrow.parquet as pq
 
 from candgen.data.synth import snapshot_hash
 from candgen.errors import CandgenError
-from candgen.features.build import FEATURE_TABLES, LONG_TERM_SCHEMA, LONG_TERM_TABLE
-from candgen.training.config import JobConfig, TrainConfig
-
-# The summariser's settings where the caller gives none (PinnerFormer reads a long sequence; the
-# marketplace's user_long_term keeps the last 200 actions).
-SUMMARISER = {"model": "hstu", "objective": "all_action", "max_len": 200, "time_bias": False,
-              "epochs": 20, "lr": 3e-3, "batch_size": 128, "eval_every": 5,
-              "primary_metric": "recall@100"}  # fmt: skip
-
-
-def summariser_config(
-    data_dir: Path | str, out_dir: Path | str, eval_days: int, **overrides: Any
-) -> TrainConfig:
-    """The summariser's training config on a marketplace (``overrides`` are TrainConfig fields).
-
-    ``eval_days`` must be the one the models that read the summary train with: the summariser
-    then sees no action of their validation or test windows.
-    """
-    values = {**SUMMARISER, **overrides}
-    return TrainConfig(dataset="marketplace", data_dir=str(data_dir), out_dir=str(out_dir),
-                       eval_days=eval_days, track=False, **values)  # fmt: skip
+from candgen.features.build import FEATURE_TABLES, LONG_TERM_SCHEMA
+from candgen.vocab import LONG_TERM_TABLE
 
 
 def summarise(
@@ -66,12 +48,12 @@ def summarise(
     import torch
     from tqdm.auto import tqdm
 
-    from candgen.models.base import pad_left
+    from candgen.data.tensors import pad_left
     from candgen.models.factory import load_model
 
     features_dir = Path(features_dir)
     model, saved = load_model(Path(model_path))
-    cutoff = str(saved.get("train_cutoff", ""))
+    cutoff = saved.train_cutoff
     if not cutoff:
         raise CandgenError(
             f"model: {model_path} was not trained on a time-split marketplace, "
@@ -79,14 +61,14 @@ def summarise(
         )
     if model.contextual:
         raise CandgenError(f"model: {model_path} is a contextual model; summarise with a "
-                           "summariser (candgen.features.long_term.SUMMARISER)")  # fmt: skip
+                           "summariser (candgen.training.long_term)")  # fmt: skip
     source = features_dir / "user_long_term.parquet"
     if not source.exists():
         raise CandgenError(f"features_dir: {features_dir} holds no user_long_term table "
                            "(run `candgen features build`)")  # fmt: skip
     snaps = pd.read_parquet(source, columns=["user_id", "event_timestamp", "long_item_ids"])
-    index = {int(x): i for i, x in enumerate(saved["item_ids"]) if i > 0}
-    max_len = int(saved["config"]["max_len"])
+    index = {int(x): i for i, x in enumerate(saved.item_ids) if i > 0}
+    max_len = saved.model.max_len
     sequences = [
         np.fromiter((index[i] for i in ids if i in index), dtype=np.int64)[-max_len:]
         for ids in snaps["long_item_ids"]
@@ -132,31 +114,3 @@ def _update_manifest(features_dir: Path, summary: dict[str, Any]) -> None:
     manifest["long_term"] = {k: summary[k] for k in ("dim", "trained_before", "users")}
     manifest["snapshot"] = snapshot_hash(features_dir, FEATURE_TABLES)
     path.write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def build_long_term_features(
-    config: TrainConfig, features_dir: Path | str, job: JobConfig | None = None
-) -> dict[str, Any]:
-    """Trains the summariser (a TorchX job when ``job`` is given, else in this process) and
-    writes its summaries into ``features_dir``.
-
-    Returns:
-        The summary of ``summarise`` plus the summariser's test metrics on the held-out window.
-    """
-    from candgen.training.trainer import MODEL_FILE
-
-    if config.objective != "all_action":
-        raise CandgenError(f"objective: the long-term summariser trains with all_action, not "
-                           f"{config.objective}")  # fmt: skip
-    if job is not None:
-        from candgen.training.launch import launch
-
-        metrics = launch(config, job)["test"]
-    else:
-        from candgen.training.trainer import train
-
-        metrics = train(config).test_metrics
-    summary = summarise(Path(config.out_dir) / MODEL_FILE, features_dir, progress=config.progress)
-    keys = ("recall@100", "hr@10", "ndcg@10")
-    return {**summary, "summariser": {k: metrics[k] for k in keys if k in metrics},
-            "config": dataclasses.asdict(config)}  # fmt: skip

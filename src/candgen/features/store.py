@@ -377,7 +377,7 @@ class FeatureServerProcess:
         import time
         import urllib.request
 
-        from candgen.serving.features import FeatureServerClient
+        from candgen.features.client import FeatureServerClient
         from candgen.vocab import USER_SERVING_SERVICE
 
         c = self.cfg

@@ -47,7 +47,7 @@ def load_registered_embeddings(model_uri: str, tracking_uri: str = "") -> Regist
     table = np.load(art / "item_embeddings.npy")
     _, saved = load_model(art / "model.pt")
     return RegisteredEmbeddings(
-        item_ids=np.asarray(saved["item_ids"], dtype=np.int64),
+        item_ids=np.asarray(saved.item_ids, dtype=np.int64),
         table=table,
         config=json.loads((art / "config.json").read_text()),
         model_dir=art,

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Similarity = Literal["dot", "cosine"]
+from candgen.data.tensors import Batch
 
-# A batch is a dict of tensors. Every model reads "items" (B, L) int64, left-padded with 0;
-# sequential models may read "timestamps" (B, L) float seconds; the two-tower reads
-# "user_features" (B, F) int64 categorical ids.
-Batch = dict[str, torch.Tensor]
+Similarity = Literal["dot", "cosine"]
 
 
 class RetrievalModel(nn.Module):
@@ -87,22 +83,3 @@ class RetrievalModel(nn.Module):
         table = torch.cat(rows)
         table[0] = 0
         return table
-
-
-def relative_timestamps(times: np.ndarray) -> torch.Tensor:
-    """(B, L) float32 seconds relative to each row's newest item (the model's time input).
-
-    Absolute epoch seconds lose precision in float32; only gaps matter to the time bias.
-    Training and serving both go through here, so they feed the model the same values.
-    """
-    return torch.from_numpy((times - times.max(axis=1, keepdims=True)).astype(np.float32))
-
-
-def pad_left(seqs: list[np.ndarray], length: int, dtype: type = np.int64) -> np.ndarray:
-    """(len(seqs), length) array holding each sequence's last ``length`` values, right-aligned."""
-    out = np.zeros((len(seqs), length), dtype=dtype)
-    for i, s in enumerate(seqs):
-        tail = s[-length:]
-        if len(tail):
-            out[i, length - len(tail) :] = tail
-    return out

@@ -1,4 +1,4 @@
-"""Building a model from its training config, and loading a saved ``model.pt``.
+"""Building a model from its settings, and loading a saved ``model.pt``.
 
 Light on purpose (torch and the model classes only): the serving runtime, which has no pandas or
 Feast, loads models through it.
@@ -7,21 +7,20 @@ Feast, loads models through it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from candgen.errors import CandgenError
 from candgen.models.base import RetrievalModel
+from candgen.models.config import ModelConfig
+from candgen.models.saved import LoadedModel, read_header
 from candgen.models.sequential import HSTU, SASRec
 from candgen.models.two_tower import TwoTower
 from candgen.models.unified import UnifiedHSTU
-from candgen.training.config import TrainConfig
 from candgen.vocab import LABELS, NUM_SCENARIOS
 
 
 def build_model(
-    config: TrainConfig,
+    config: ModelConfig,
     num_items: int,
     item_attributes: torch.Tensor,
     item_text: torch.Tensor | None = None,
@@ -72,26 +71,26 @@ def build_model(
     )
 
 
-def load_model(path: Path, map_location: str = "cpu") -> tuple[RetrievalModel, dict[str, Any]]:
-    """Loads a ``model.pt`` written by ``train``: the model (eval mode) and its metadata."""
-    path = Path(path)
-    if not path.exists():
-        raise CandgenError(f"{path}: no such model file")
-    saved = torch.load(path, map_location=map_location, weights_only=False)
-    config = TrainConfig.from_dict(saved["config"])
-    state = saved["state_dict"]
+def load_model(path: Path | str, map_location: str = "cpu") -> LoadedModel:
+    """Loads a ``model.pt`` written by ``train``: the model (eval mode) and its header.
+
+    Raises:
+        CandgenError: the file is missing, foreign, of another format version or damaged.
+    """
+    header, state = read_header(path, map_location)
+    n = header.num_items
     model = build_model(
-        config,
-        int(saved["num_items"]),
-        state.get("item_attributes", torch.zeros(saved["num_items"] + 1, 1, dtype=torch.long)),
+        header.model,
+        n,
+        state.get("item_attributes", torch.zeros(n + 1, 1, dtype=torch.long)),
         state.get("item_text"),
-        tuple(saved.get("user_feature_cardinalities", ())),
-        bool(saved.get("has_timestamps", False)),
-        bool(saved.get("has_labels", False)),
+        header.user_feature_cardinalities,
+        header.has_timestamps,
+        header.has_labels,
         None,  # the cold-item mask is part of the state
-        int(saved.get("long_term_dim", 0)),
-        bool(saved.get("has_surfaces", True)),
+        header.long_term_dim,
+        header.has_surfaces,
     )
     model.load_state_dict(state)
     model.eval()
-    return model, saved
+    return LoadedModel(model, header)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from candgen.models.base import Batch, RetrievalModel, Similarity
+from candgen.data.tensors import Batch
+from candgen.models.base import RetrievalModel, Similarity
 
 
 class _SequenceEncoder(RetrievalModel):

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from candgen.models.base import Batch, RetrievalModel
+from candgen.data.tensors import Batch
+from candgen.models.base import RetrievalModel
 
 
 def _mlp(d_in: int, dim: int, dropout: float) -> nn.Sequential:

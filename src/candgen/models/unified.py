@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from candgen.models.base import Batch
+from candgen.data.tensors import Batch
 from candgen.models.sequential import HSTU
 
 

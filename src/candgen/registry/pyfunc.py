@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from candgen.errors import CandgenError
-from candgen.registry.retriever import DEFAULT_K, Retriever
+from candgen.models.retriever import DEFAULT_K, Retriever
 
 
 def _mlflow_pyfunc_base() -> type:
@@ -29,7 +29,7 @@ class RetrieverPyfunc(_mlflow_pyfunc_base()):  # type: ignore[misc]
         model, saved = load_model(Path(context.artifacts["model"]))
         table = np.load(context.artifacts["item_embeddings"])
         config = json.loads(Path(context.artifacts["config"]).read_text())
-        self.retriever = Retriever(model, saved["item_ids"], table, config["max_len"])
+        self.retriever = Retriever(model, saved.item_ids, table, config["max_len"])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None):  # type: ignore[no-untyped-def]
         if "history" not in model_input.columns:

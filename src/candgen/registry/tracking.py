@@ -152,7 +152,7 @@ def log_run(result: Any) -> str:
             table = model.item_table().numpy()
             np.save(tmp_path / "item_embeddings.npy", table)
             (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            example = pd.DataFrame({"history": [[int(x) for x in saved["item_ids"][1:4]]]})
+            example = pd.DataFrame({"history": [[int(x) for x in saved.item_ids[1:4]]]})
             signature = infer_signature(
                 example,
                 pd.DataFrame({"item_ids": [[1, 2]], "scores": [[0.5, 0.25]]}),

@@ -1,7 +1,7 @@
 """The non-model candidate generators: content (ad text, for cold start) and popularity/pacing.
 
 Both use only numpy and FAISS, so they run inside the Triton runtime. The sequential generator is
-the user encoder plus the ad index (``candgen.registry.retriever`` / ``candgen.index.ann``).
+the user encoder plus the ad index (``candgen.models.retriever`` / ``candgen.index.ann``).
 """
 
 from __future__ import annotations

@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from candgen.features.client import FeatureStoreUnavailable
 from candgen.index.ann import AdIndex
 from candgen.serving.contract import check_k
-from candgen.serving.features import FeatureStoreUnavailable
 from candgen.serving.generators import ContentGenerator, PacingPopularity
 from candgen.serving.quota import QuotaPolicy, source_counts
 from candgen.vocab import USER_SERVING_SERVICE
 
 if TYPE_CHECKING:  # torch is imported only by the step that encodes
-    from candgen.registry.retriever import Retriever
+    from candgen.models.retriever import Retriever
 
 USER_SERVICE = USER_SERVING_SERVICE
 COLD_START, FALLBACK = "cold_start", "fallback"

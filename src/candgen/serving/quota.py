@@ -6,7 +6,7 @@ the quota policy (``QuotaPolicy``):
 - ``fixed``: each surface gives every generator a hand-set weight (``QuotaConfig``);
 - ``learned``: each generator's expected value per slot, by rank band, for the request's context
   (surface x user-activity bucket), learned from logged outcomes (``LearnedQuotas``, fitted by
-  ``candgen.serving.quota_learning``); the K slots go to the highest-valued ones, so a generator
+  ``candgen.quotas.learning``); the K slots go to the highest-valued ones, so a generator
   gets more slots where its candidates are worth more;
 - ``snake``: round-robin over the generators' ranked lists (snake merge), the usual baseline.
 

@@ -29,9 +29,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from candgen.errors import CandgenError, ConfigError
+from candgen.features.client import FeatureServerClient
 from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig
 from candgen.serving.contract import check_k, parse_request
-from candgen.serving.features import FeatureServerClient
 from candgen.serving.generators import ContentGenerator, PacingPopularity
 from candgen.serving.pipeline import (
     COLD_START,
@@ -258,14 +258,14 @@ class FeaturesStep(Step):
         return context_tensors(context)
 
 
-def load_retriever(folder: Path):  # -> candgen.registry.retriever.Retriever
+def load_retriever(folder: Path):  # -> candgen.models.retriever.Retriever
     """The registered version's user encoder and item table (as its pyfunc loads them)."""
     from candgen.models.factory import load_model
-    from candgen.registry.retriever import Retriever
+    from candgen.models.retriever import Retriever
 
     model, saved = load_model(Path(folder) / MODEL_FILE)
     table = np.load(Path(folder) / TABLE_FILE)
-    return Retriever(model, saved["item_ids"], table, int(saved["config"]["max_len"]))
+    return Retriever(model, saved.item_ids, table, saved.model.max_len)
 
 
 class EncoderStep(Step):

@@ -6,36 +6,26 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from candgen.data.config import DataConfig
 from candgen.errors import ConfigError
 from candgen.images import PLATFORM_IMAGE
+from candgen.models.config import ModelConfig
 from candgen.vocab import LABELS
 
-DATASETS = ("beauty", "games", "marketplace", "planted")
-MODELS = ("sasrec", "hstu", "two_tower", "unified")
 LOSSES = ("sampled", "full")
 OBJECTIVES = ("next_item", "all_action")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_TEMPERATURE = {"sasrec": 1.0, "hstu": 0.05, "two_tower": 0.05, "unified": 0.05}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """How to train one retrieval model.
+class TrainConfig(DataConfig, ModelConfig):
+    """How to train one retrieval model: the data (``DataConfig``) and the model
+    (``ModelConfig``) it extends, plus the loss, the optimiser, evaluation, the run and tracking.
+
+    Flat on purpose: every field is one `candgen train` flag and one pipeline parameter, each
+    declared once, in the dataclass that owns it.
 
     Attributes:
-        dataset: beauty, games (../shared/data), marketplace (a `candgen data synth` folder)
-            or planted (a small set with planted structure, for tests).
-        data_dir: the data folder; empty means ../shared/data or data/marketplace.
-        features_dir: marketplace only: a `candgen features build` folder whose ad text
-            embeddings feed the two-tower item tower.
-        model: sasrec, hstu, two_tower or unified (HSTU with a scenario-adaptive mixture and
-            one query head per label, trained multi-task).
-        dim: embedding width.
-        num_blocks: attention blocks (sequential models).
-        num_heads: attention heads; must divide dim.
-        dropout: dropout rate.
-        max_len: the longest history the model reads.
-        temperature: softmax temperature; 0 means the model's default (SASRec 1.0, others 0.05).
         loss: sampled (log-Q-corrected sampled softmax) or full (softmax over all items).
         num_negatives: uniform negatives per step for the sampled loss.
         in_batch_negatives: also use the batch's other positives as negatives.
@@ -48,7 +38,6 @@ class TrainConfig:
         patience: stop after this many validations without improvement (0: never).
         primary_metric: the validation metric that picks the best epoch and gates promotion.
         protocol: full or sampled100; empty means sampled100 for games, else full.
-        eval_days: marketplace only: days in each of the validation and test windows.
         out_dir: where checkpoints, metrics and plots go.
         resume: continue from out_dir/checkpoint.pt if it exists.
         device: auto (cuda when present), cpu or cuda.
@@ -59,41 +48,14 @@ class TrainConfig:
         experiment: MLflow experiment name.
         register_as: if set, register the model under this name with alias challenger.
         label_weights: unified only: loss weight of organic, click and conversion targets.
-        num_experts: unified only: experts of the scenario mixture.
-        serve_label: unified only: the head serving asks for; empty means click where the data
-            has ad labels, else organic.
         train_labels: the labels whose targets train the model (all by default; one label
             gives a single-task baseline). Items of other labels still count as history.
-        scenario_adaptive: unified only: condition the query on the request's surface (off for
-            the ablation: every request looks like an unknown surface).
-        content_dropout: unified only, where ads have text: the probability that a training
-            step drops a warm ad's id embedding, so its text alone must place it (as a new ad's
-            text must).
         objective: next_item (each position predicts the next item) or all_action (each
             position predicts a random one of the user's actions in the next all_action_days:
             PinnerFormer's dense all-action objective, which trains the long-term summariser).
         all_action_days: the future window of the all_action objective, in days.
-        time_bias: let HSTU read timestamps (its time-gap bias) where the data has them; off
-            for the long-term summariser, whose input sequence (user_long_term) has none.
-        long_term: unified only: fuse the user's long-term embedding (the
-            user_long_term_embedding table in features_dir) into the query where it has rows.
-        short_term: unified only: read the recent engagement sequence; off leaves only the
-            long-term embedding and the surface (the ablation without short-term features).
-        long_term_dropout: unified only: the probability that a training sequence's long-term
-            embedding is hidden, so the model does not lean on a summary that was fitted on the
-            same days it trains on.
     """
 
-    dataset: str = "beauty"
-    data_dir: str = ""
-    features_dir: str = ""
-    model: str = "sasrec"
-    dim: int = 64
-    num_blocks: int = 2
-    num_heads: int = 1
-    dropout: float = 0.2
-    max_len: int = 50
-    temperature: float = 0.0
     loss: str = "sampled"
     num_negatives: int = 256
     in_batch_negatives: bool = True
@@ -106,7 +68,6 @@ class TrainConfig:
     patience: int = 0
     primary_metric: str = "ndcg@10"
     protocol: str = ""
-    eval_days: int = 1
     out_dir: str = "runs/train"
     resume: bool = False
     device: str = "auto"
@@ -117,32 +78,22 @@ class TrainConfig:
     experiment: str = "candgen"
     register_as: str = ""
     label_weights: tuple[float, float, float] = (1.0, 1.0, 2.0)
-    num_experts: int = 4
-    serve_label: str = ""
     train_labels: tuple[str, ...] = LABELS
-    scenario_adaptive: bool = True
-    content_dropout: float = 0.5
     objective: str = "next_item"
     all_action_days: float = 7.0
-    time_bias: bool = True
-    long_term: bool = True
-    short_term: bool = True
-    long_term_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        choices = {
-            "dataset": DATASETS, "model": MODELS, "loss": LOSSES, "device": DEVICES,
-            "protocol": ("", "full", "sampled100"), "objective": OBJECTIVES,
-        }  # fmt: skip
+        DataConfig.__post_init__(self)
+        ModelConfig.__post_init__(self)
+        choices = {"loss": LOSSES, "device": DEVICES, "protocol": ("", "full", "sampled100"),
+                   "objective": OBJECTIVES}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"{getattr(self, name)!r} is not one of {allowed}")
-        positive = ("dim", "num_blocks", "num_heads", "max_len", "epochs", "batch_size",
-                    "eval_every", "eval_days")  # fmt: skip
-        for name in positive:
+        for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("num_negatives", "patience", "threads", "weight_decay", "temperature"):
+        for name in ("num_negatives", "patience", "threads", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if (
@@ -153,19 +104,9 @@ class TrainConfig:
             raise ConfigError("label_weights", f"need {len(LABELS)} weights >= 0 "
                               f"({', '.join(LABELS)}) with a positive sum, got "
                               f"{self.label_weights}")  # fmt: skip
-        if self.num_experts < 1:
-            raise ConfigError("num_experts", f"must be >= 1, got {self.num_experts}")
-        if self.serve_label not in ("", *LABELS):
-            raise ConfigError("serve_label", f"{self.serve_label!r} is not one of "
-                              f"{LABELS} (or empty)")  # fmt: skip
         if not self.train_labels or not set(self.train_labels) <= set(LABELS):
             raise ConfigError("train_labels", f"need one or more of {LABELS}, got "
                               f"{self.train_labels}")  # fmt: skip
-        if self.dim % self.num_heads:
-            raise ConfigError("num_heads", f"{self.num_heads} does not divide dim {self.dim}")
-        for name in ("dropout", "content_dropout", "long_term_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         if self.loss == "sampled" and self.num_negatives == 0 and not self.in_batch_negatives:
@@ -179,9 +120,6 @@ class TrainConfig:
                 "all_action trains a long-term summariser (hstu, "
                 "sasrec, two_tower); the unified model trains next_item per label",
             )
-        if not self.short_term and not (self.model == "unified" and self.long_term):
-            raise ConfigError("short_term", "only the unified model with long_term can leave "
-                              "out the short-term sequence")  # fmt: skip
         metric, _, k = self.primary_metric.partition("@")
         if metric not in ("hr", "ndcg", "recall") or not k.isdigit():
             raise ConfigError("primary_metric", f"expected hr@K, ndcg@K or recall@K, got "
@@ -190,10 +128,6 @@ class TrainConfig:
     @property
     def effective_protocol(self) -> str:
         return self.protocol or ("sampled100" if self.dataset == "games" else "full")
-
-    @property
-    def effective_temperature(self) -> float:
-        return self.temperature or DEFAULT_TEMPERATURE[self.model]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,24 +140,6 @@ class TrainConfig:
             raise ConfigError(unknown[0], f"unknown training config field(s) {unknown}")
         # JSON (metrics.json, MLflow) turns tuples into lists
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-    def model_fields(self) -> dict[str, Any]:
-        """The fields that fix the model's shape (a resumed run must keep them)."""
-        names = (
-            "dataset",
-            "model",
-            "dim",
-            "num_blocks",
-            "num_heads",
-            "max_len",
-            "num_experts",
-            "serve_label",
-            "scenario_adaptive",
-            "time_bias",
-            "long_term",
-            "short_term",
-        )
-        return {n: getattr(self, n) for n in names}
 
 
 SCHEDULERS = ("local_cwd", "kubernetes")

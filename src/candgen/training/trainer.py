@@ -22,15 +22,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from candgen.data.batches import make_batch, restrict_targets, training_windows
+from candgen.data.config import DataConfig
+from candgen.data.sequences import SequenceData, load_data
+from candgen.data.tensors import Batch
 from candgen.errors import ConfigError
 from candgen.evaluation.evaluate import evaluate_model
-from candgen.models.base import Batch, RetrievalModel
+from candgen.models.base import RetrievalModel
+from candgen.models.config import ModelConfig
 from candgen.models.factory import build_model
 from candgen.models.losses import full_softmax_loss, sampled_softmax_loss
+from candgen.models.saved import ModelHeader, save_model
 from candgen.paths import replace_atomically
-from candgen.training.batches import make_batch, restrict_targets, training_windows
 from candgen.training.config import TrainConfig
-from candgen.training.data import SequenceData
 from candgen.vocab import LABELS
 
 CHECKPOINT = "checkpoint.pt"
@@ -58,19 +62,6 @@ class TrainResult:
     world_size: int = 1
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def load_data(config: TrainConfig) -> SequenceData:
-    """The data set a config names."""
-    from candgen.training import data as d
-
-    if config.dataset in ("beauty", "games"):
-        return d.load_amazon(config.dataset, Path(config.data_dir) if config.data_dir else None)
-    if config.dataset == "marketplace":
-        root = Path(config.data_dir or "data/marketplace")
-        feats = Path(config.features_dir) if config.features_dir else None
-        return d.load_marketplace(root, feats, eval_days=config.eval_days)
-    return d.load_planted(seed=config.seed)
 
 
 def long_term_dim(config: TrainConfig, data: SequenceData) -> int:
@@ -138,10 +129,12 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
-    before = TrainConfig.from_dict(saved["config"]).model_fields()
-    for key, value in config.model_fields().items():
-        if before[key] != value:
-            raise ConfigError(key, f"the checkpoint was trained with {before[key]!r}, not "
+    before = TrainConfig.from_dict(saved["config"])
+    shape = lambda c: {"dataset": c.dataset, **c.model_fields()}  # noqa: E731
+    before_shape = shape(before)
+    for key, value in shape(config).items():
+        if before_shape[key] != value:
+            raise ConfigError(key, f"the checkpoint was trained with {before_shape[key]!r}, not "
                               f"{value!r}; use another out_dir or keep the setting")  # fmt: skip
 
 
@@ -167,7 +160,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
     if config.batch_size < world:
         raise ConfigError("batch_size", f"{config.batch_size} < {world} processes")
 
-    data = data if data is not None else load_data(config)
+    data = data if data is not None else load_data(config, seed=config.seed)
     all_action = config.objective == "all_action"
     windows = training_windows(data, config.max_len, config.all_action_days if all_action else 0)
     if set(config.train_labels) != set(LABELS):
@@ -311,20 +304,20 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
                                        config.max_len, seed=config.seed)  # fmt: skip
         test_metrics = evaluate_model(model, data, "test", config.effective_protocol,
                                       config.max_len, seed=config.seed)  # fmt: skip
-        _atomic_save(
-            {"config": config.to_dict(), "state_dict": model.state_dict(),
-             "num_items": data.num_items, "item_ids": data.item_ids,
-             "user_feature_cardinalities": data.user_feature_cardinalities,
-             "has_timestamps": data.train_times is not None,
-             "has_labels": data.train_labels is not None,
-             "has_surfaces": data.train_surfaces is not None,
-             "long_term_dim": long_term_dim(config, data),
-             "train_cutoff": data.train_cutoff,
-             "long_term_summariser": data.long_term.summariser if data.long_term else "",
-             "snapshot": data.snapshot, "feature_service": data.feature_service,
-             "best_epoch": int(best["epoch"])},
-            model_path,
+        header = ModelHeader(
+            model=ModelConfig.of(config), data=DataConfig.of(config), item_ids=data.item_ids,
+            user_feature_cardinalities=data.user_feature_cardinalities,
+            has_timestamps=data.train_times is not None,
+            has_labels=data.train_labels is not None,
+            has_surfaces=data.train_surfaces is not None,
+            long_term_dim=long_term_dim(config, data), train_cutoff=data.train_cutoff,
+            long_term_summariser=data.long_term.summariser if data.long_term else "",
+            snapshot=data.snapshot, feature_service=data.feature_service,
+            best_epoch=int(best["epoch"]), seed=config.seed,
+            protocol=config.effective_protocol, primary_metric=config.primary_metric,
+            training=config.to_dict(),
         )  # fmt: skip
+        save_model(model_path, model, header)
     if world > 1:
         dist.barrier()
     result = TrainResult(

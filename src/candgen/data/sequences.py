@@ -1,4 +1,5 @@
-"""Turns each data set into what the trainer and the evaluator read: integer item sequences.
+"""Turns each data set into what the trainer, the evaluator, the quota learner and the long-term
+summariser read: integer item sequences.
 
 Item ids are re-indexed to 1..N (0 pads sequences); ``SequenceData.item_ids`` maps them back to
 the data set's own ids (for the marketplace, items 1..M and ads 1,000,000,000 + k share one space).
@@ -15,12 +16,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from candgen.data.config import DataConfig
 from candgen.data.interactions import leave_one_out, validate_interactions
 from candgen.errors import CandgenError, DataFormatError
-from candgen.features.build import LONG_TERM_TABLE
-from candgen.vocab import LABELS, scenario_code
+from candgen.vocab import LABELS, LONG_TERM_TABLE, scenario_code
 
 USER_FEATURE_COLUMNS = ("age_bucket", "country", "device")
+
+
+def load_data(config: DataConfig, seed: int = 0) -> SequenceData:
+    """The data set a config names; ``seed`` draws the planted set."""
+    if config.dataset in ("beauty", "games"):
+        return load_amazon(config.dataset, Path(config.data_dir) if config.data_dir else None)
+    if config.dataset == "marketplace":
+        root = Path(config.data_dir or "data/marketplace")
+        feats = Path(config.features_dir) if config.features_dir else None
+        return load_marketplace(root, feats, eval_days=config.eval_days)
+    return load_planted(seed=seed)
 
 
 @dataclass(frozen=True)

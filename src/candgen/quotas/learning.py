@@ -35,7 +35,6 @@ import pandas as pd
 
 from candgen.errors import CandgenError, ConfigError
 from candgen.evaluation.metrics import paired_difference
-from candgen.features.build import LONG_TERM_TABLE
 from candgen.serving.pipeline import USER_SERVICE, RetrievalPipeline, generate, user_context
 from candgen.serving.pipeline import user_vector as encode_user
 from candgen.serving.quota import (
@@ -47,7 +46,7 @@ from candgen.serving.quota import (
     allocate,
     snake_merge,
 )
-from candgen.vocab import SURFACES
+from candgen.vocab import LONG_TERM_TABLE, SURFACES
 
 # The offline tables and columns behind what the features step reads (user_serving_v2).
 OFFLINE_VIEWS: dict[str, tuple[str, ...]] = {
@@ -148,7 +147,7 @@ class LoggedRequest:
 def logged_requests(data_dir: Path, start: pd.Timestamp, stop: pd.Timestamp
                     ) -> list[LoggedRequest]:  # fmt: skip
     """The window's requests that led to at least one ad click, in (user, surface) order."""
-    from candgen.training.data import marketplace_interactions
+    from candgen.data.sequences import marketplace_interactions
 
     df = marketplace_interactions(Path(data_dir))
     window = df[(df["timestamp"] >= start) & (df["timestamp"] < stop)
@@ -433,18 +432,18 @@ def assemble_pipeline(
     then. The sequential index is the one built for the model (``index_dir``) or exact search
     over the model's ad embeddings."""
     from candgen.data.synth import AD_ID_OFFSET
+    from candgen.endpoint.export import ad_side
     from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig, ad_rows
     from candgen.models.factory import load_model
-    from candgen.registry.retriever import Retriever
-    from candgen.serving.export import ad_side
+    from candgen.models.retriever import Retriever
     from candgen.serving.generators import PacingPopularity
 
     model, saved = load_model(Path(model_path))
-    retriever = Retriever(model, saved["item_ids"], max_len=int(saved["config"]["max_len"]))
+    retriever = Retriever(model, saved.item_ids, max_len=saved.model.max_len)
     if index_dir is not None:
         ad_index = AdIndex.load(Path(index_dir) / INDEX_FILE)
     else:
-        ids, vectors = ad_rows(saved["item_ids"], retriever.item_table.numpy(), AD_ID_OFFSET)
+        ids, vectors = ad_rows(saved.item_ids, retriever.item_table.numpy(), AD_ID_OFFSET)
         ad_index = AdIndex.build(ids, vectors, IndexConfig(kind="flat"))
     content, delivery, _ = ad_side(Path(features_dir), as_of)
     return RetrievalPipeline(
@@ -460,8 +459,8 @@ def assemble_pipeline(
 
 def windows(data_dir: Path, eval_days: int) -> tuple[pd.Timestamp, pd.Timestamp, pd.Timestamp]:
     """(validation start, test start, end) of a marketplace split by ``eval_days``, as
-    ``candgen.training.data.load_marketplace`` splits it."""
-    from candgen.training.data import marketplace_interactions
+    ``candgen.data.sequences.load_marketplace`` splits it."""
+    from candgen.data.sequences import marketplace_interactions
 
     end = marketplace_interactions(Path(data_dir))["timestamp"].max().normalize()
     end = end + pd.Timedelta(days=1)

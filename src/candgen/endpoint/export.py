@@ -382,7 +382,7 @@ def swap(url: str, repository: Path, protocol: str = "http") -> dict[str, Any]:
     The steps are loaded first (the new version beside the one in use), then the ensemble is
     reloaded with its new pins; Triton keeps answering with the old ensemble until then.
     """
-    from candgen.serving.client import triton_client
+    from candgen.endpoint.client import triton_client
 
     client = triton_client(url, protocol)
     version = pinned_version(repository)

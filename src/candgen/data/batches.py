@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from candgen.data.sequences import EvalSet, SequenceData
+from candgen.data.tensors import Batch, pad_left, relative_timestamps
 from candgen.errors import ConfigError
-from candgen.models.base import Batch, pad_left, relative_timestamps
-from candgen.training.data import EvalSet, SequenceData
 
 
 @dataclass(frozen=True)

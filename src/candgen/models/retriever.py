@@ -1,0 +1,169 @@
+"""Top-K retrieval with a trained model: its user encoder plus its item embeddings, and the exact
+top-K that the evaluator shares.
+
+Imports neither MLflow nor pandas, so the serving runtime uses it as is;
+``candgen.registry.pyfunc`` wraps it as the registered MLflow model (input: a ``history`` column
+of item id lists; output: ``item_ids`` and ``scores``, best first, history excluded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from candgen.data.tensors import pad_left, relative_timestamps
+from candgen.errors import CandgenError
+from candgen.models.base import RetrievalModel
+from candgen.vocab import scenario_code
+
+DEFAULT_K = 100
+
+
+def chunked_topk(
+    queries: torch.Tensor,
+    item_table: torch.Tensor,
+    k: int,
+    exclude: Sequence[np.ndarray],
+    max_bytes: int = 256 << 20,
+) -> torch.Tensor:
+    """Exact top-``k`` item ids per query, excluding item 0 and each query's ``exclude`` items.
+
+    Scores are computed for as many queries at a time as fit in ``max_bytes`` of float32
+    scores, so memory stays bounded whatever the catalogue size.
+
+    Args:
+        queries: (M, D) query vectors.
+        item_table: (N + 1, D) item vectors; row 0 is padding.
+        k: how many to return (at most N).
+        exclude: per query, item ids never to return (its history).
+        max_bytes: the most score memory to hold at once.
+
+    Returns:
+        (M, k) int64 item ids, best first.
+    """
+    n_rows = item_table.shape[0]
+    if not 0 < k <= n_rows - 1:
+        raise ValueError(f"k: must be in 1..{n_rows - 1} (the catalogue size), got {k}")
+    if len(exclude) != queries.shape[0]:
+        raise ValueError(f"exclude: {len(exclude)} lists for {queries.shape[0]} queries")
+    chunk = max(1, max_bytes // (4 * n_rows))
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        q = queries[start : start + chunk]
+        scores = q @ item_table.T
+        scores[:, 0] = -torch.inf
+        rows = np.concatenate(
+            [np.full(len(e), i) for i, e in enumerate(exclude[start : start + len(q)])]
+            + [np.zeros(0)]
+        ).astype(np.int64)
+        cols = np.concatenate([*exclude[start : start + len(q)], np.zeros(0)]).astype(np.int64)
+        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+        out.append(scores.topk(k, dim=1).indices.cpu())
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+
+
+class Retriever:
+    """Top-K retrieval with a trained model, in the data set's own item ids.
+
+    Args:
+        model: the trained model (its user encoder is used).
+        item_ids: (N + 1,) external id of each internal id (row 0 is padding).
+        item_table: (N + 1, D) item embeddings; computed from the model when None.
+        max_len: the longest history the model reads.
+    """
+
+    def __init__(
+        self,
+        model: RetrievalModel,
+        item_ids: np.ndarray,
+        item_table: np.ndarray | None = None,
+        max_len: int = 50,
+    ) -> None:
+        self.model = model.eval()
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self.index = {int(x): i for i, x in enumerate(self.item_ids) if i > 0}
+        table = model.item_table() if item_table is None else torch.from_numpy(item_table)
+        self.item_table = table.float()
+        self.max_len = max_len
+        projection = getattr(model, "long_term", None)
+        # The width of the long-term embedding the model fuses (0: it reads none).
+        self.long_term_dim = int(projection.in_features) if projection is not None else 0
+
+    def encode(self, histories: list[list[int]]) -> np.ndarray:
+        """Maps external ids to internal ones; rejects ids outside the vocabulary."""
+        out = []
+        for row, hist in enumerate(histories):
+            internal = []
+            for item in hist:
+                if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+                    raise CandgenError(f"history[{row}]: item ids must be integers, got {item!r}")
+                if int(item) not in self.index:
+                    raise CandgenError(
+                        f"history[{row}]: item id {int(item)} is not in the model's vocabulary "
+                        f"({len(self.index):,} items)"
+                    )
+                internal.append(self.index[int(item)])
+            if not internal:
+                raise CandgenError(f"history[{row}]: empty; give at least one item id")
+            out.append(np.asarray(internal, dtype=np.int64))
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def user_vectors(
+        self,
+        histories: list[list[int]],
+        times: list[list[float]] | None = None,
+        scenarios: list[str] | None = None,
+        long_term: list[list[float] | None] | None = None,
+    ) -> np.ndarray:
+        """(len(histories), D) user embeddings: the user encoder after each history.
+
+        Args:
+            histories: external item ids, oldest first (all in the vocabulary).
+            times: seconds since the epoch of each history item, for models with a time bias
+                (HSTU trained on timestamped data); None where there are none.
+            scenarios: the surface of each request, for a contextual model (the unified one
+                conditions its query on it; others ignore it); None: unknown.
+            long_term: each user's long-term embedding (``user_long_term_embedding``), for a
+                model that fuses one (others ignore it); None or empty: none yet.
+        """
+        internal = self.encode(histories)
+        batch = {"items": torch.from_numpy(pad_left(internal, self.max_len))}
+        width = self.long_term_dim
+        if long_term is not None and width:
+            if len(long_term) != len(histories):
+                raise CandgenError("long_term: one embedding (or None) per history is needed")
+            rows = np.zeros((len(histories), width), dtype=np.float32)
+            for row, vector in enumerate(long_term):
+                if vector is None or len(vector) == 0:
+                    continue
+                if len(vector) != width:
+                    raise CandgenError(f"long_term[{row}]: {len(vector)} values, but the model "
+                                       f"fuses a {width}-d long-term embedding")  # fmt: skip
+                rows[row] = vector
+            batch["long_term"] = torch.from_numpy(rows)
+        if scenarios is not None and self.model.contextual:
+            if len(scenarios) != len(histories):
+                raise CandgenError("scenarios: one surface per history is needed")
+            batch["scenarios"] = torch.tensor([scenario_code(s) for s in scenarios])
+        if times is not None:
+            if [len(t) for t in times] != [len(h) for h in histories]:
+                raise CandgenError("times: one timestamp per history item is needed")
+            padded = pad_left([np.asarray(x, np.float64) for x in times], self.max_len, np.float64)
+            batch["timestamps"] = relative_timestamps(padded)
+        return self.model.user_embedding(batch).numpy()
+
+    @torch.no_grad()
+    def retrieve(
+        self, histories: list[list[int]], k: int = DEFAULT_K, times: list[list[float]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (item ids, scores), each (len(histories), k), best first, history excluded."""
+        if not 0 < k <= len(self.index):
+            raise CandgenError(f"k: must be in 1..{len(self.index)}, got {k}")
+        internal = self.encode(histories)
+        queries = torch.from_numpy(self.user_vectors(histories, times))
+        top = chunked_topk(queries, self.item_table, k, internal)
+        scores = torch.gather(queries @ self.item_table.T, 1, top)
+        return self.item_ids[top.numpy()], scores.numpy()
