@@ -15,7 +15,14 @@ On a cluster the feature store, train and deploy steps mount the ReadWriteMany v
 
 from kfp import dsl, kubernetes
 
-from candgen.training.config import JobConfig
+from candgen.data.synth import SynthConfig
+from candgen.features.build import FeatureBuildConfig
+from candgen.features.store import StoreConfig
+from candgen.index.ann import IndexConfig
+from candgen.quotas.learning import QuotaLearnConfig
+from candgen.serving.steps import ServingConfig
+from candgen.training.config import JobConfig, TrainConfig
+from candgen.training.long_term import SummariserConfig
 from components.build_features.component import build_features
 from components.build_index.component import build_index
 from components.deploy.component import deploy
@@ -30,45 +37,62 @@ from components.train.component import train
 from components.training_set.component import training_set
 
 PIPELINE_NAME = "candgen-retrieval"
-WORK_DIR = JobConfig().work_dir
+
+# The pipeline's defaults, each declared once: the library's config dataclasses, with what the
+# pipeline chooses differently said here (a demo-sized marketplace; the unified model at the
+# settings chosen on that marketplace's validation window; the learned quotas asked for by name,
+# so a missing table fails the export instead of falling back). Every parameter below and every
+# component's default is checked against these (tests/unit/test_declarations.py).
+SYNTH = SynthConfig(users=1_000, ads=1_500, seed=7)
+FEATURES = FeatureBuildConfig()
+STORE = StoreConfig()
+TRAINING = TrainConfig(dataset="marketplace", model="unified", epochs=30, lr=3e-3,
+                       batch_size=128, eval_days=2)  # fmt: skip
+SUMMARISER = SummariserConfig(eval_days=TRAINING.eval_days)
+JOB = JobConfig()
+INDEX = IndexConfig()
+QUOTAS = QuotaLearnConfig(eval_days=TRAINING.eval_days)
+SERVING = ServingConfig(quota_policy="learned")
+MODEL_NAME = "candgen-unified"
+WORK_DIR = JOB.work_dir
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n")[0])
 def retrieval_pipeline(
-    users: int = 1_000,
-    ads: int = 1_500,
-    days: int = 14,
-    seed: int = 7,
-    embed_text: bool = True,
-    online: str = "sqlite",
-    redis: str = "127.0.0.1:6379",
+    users: int = SYNTH.users,
+    ads: int = SYNTH.ads,
+    days: int = SYNTH.days,
+    seed: int = SYNTH.seed,
+    embed_text: bool = FEATURES.embed_text,
+    online: str = STORE.online,
+    redis: str = STORE.redis,
     feature_registry_dir: str = "",
     label: str = "click",
-    model: str = "unified",
-    epochs: int = 30,
-    lr: float = 3e-3,
-    max_len: int = 50,
-    batch_size: int = 128,
-    eval_days: int = 2,
-    long_term_epochs: int = 20,
-    scheduler: str = "local_cwd",
-    replicas: int = 1,
-    nproc: int = 2,
-    cpus: int = 4,
-    memory_mb: int = 16_384,
-    gpus: int = 0,
-    queue: str = "default",
-    namespace: str = "candgen",
-    work_volume: str = "candgen-work",
-    model_name: str = "candgen-unified",
-    tracking_uri: str = "",
-    experiment: str = "candgen",
-    kind: str = "auto",
-    ef_search: int = 256,
-    feature_server_url: str = "http://127.0.0.1:6566",
-    max_k: int = 1_000,
-    quota_policy: str = "learned",
-    conversion_weight: float = 4.0,
+    model: str = TRAINING.model,
+    epochs: int = TRAINING.epochs,
+    lr: float = TRAINING.lr,
+    max_len: int = TRAINING.max_len,
+    batch_size: int = TRAINING.batch_size,
+    eval_days: int = TRAINING.eval_days,
+    long_term_epochs: int = SUMMARISER.epochs,
+    scheduler: str = JOB.scheduler,
+    replicas: int = JOB.replicas,
+    nproc: int = JOB.nproc,
+    cpus: int = JOB.cpus,
+    memory_mb: int = JOB.memory_mb,
+    gpus: int = JOB.gpus,
+    queue: str = JOB.queue,
+    namespace: str = JOB.namespace,
+    work_volume: str = JOB.work_volume,
+    model_name: str = MODEL_NAME,
+    tracking_uri: str = TRAINING.tracking_uri,
+    experiment: str = TRAINING.experiment,
+    kind: str = INDEX.kind,
+    ef_search: int = INDEX.ef_search,
+    feature_server_url: str = SERVING.feature_server_url,
+    max_k: int = SERVING.max_k,
+    quota_policy: str = SERVING.quota_policy,
+    conversion_weight: float = QUOTAS.conversion_weight,
     target_repository: str = "data/model_repository",
     triton_url: str = "",
 ) -> str:

@@ -34,20 +34,25 @@ def long_term_features(
     daily user_long_term snapshot) to ``with_long_term``, the summariser to ``summariser``;
     returns the new feature snapshot.
 
-    ``eval_days`` ... ``seed`` are ``TrainConfig`` fields of the summariser (``eval_days`` must be
-    the trained model's, so the summariser never sees its evaluation windows) and ``scheduler``
-    ... ``work_dir`` ``JobConfig`` fields, as in the train step.
+    ``eval_days`` ... ``seed`` are ``SummariserConfig`` fields (``eval_days`` must be the trained
+    model's, so the summariser never sees its evaluation windows) and ``scheduler`` ...
+    ``work_dir`` ``JobConfig`` fields, as in the train step.
     """
     import json
     import shutil
     from pathlib import Path
 
     from candgen.training.config import JobConfig
-    from candgen.training.long_term import build_long_term_features, summariser_config
+    from candgen.training.long_term import SummariserConfig, build_long_term_features
 
-    config = summariser_config(marketplace.path, summariser.path, eval_days, epochs=epochs,
-                               max_len=max_len, all_action_days=all_action_days, seed=seed,
-                               progress=False)  # fmt: skip
+    config = SummariserConfig(
+        eval_days=eval_days,
+        epochs=epochs,
+        max_len=max_len,
+        all_action_days=all_action_days,
+        seed=seed,
+        out_dir=summariser.path,
+    ).train_config(marketplace.path, progress=False)
     job = JobConfig.with_image(image, scheduler=scheduler, replicas=replicas, nproc=nproc,
                                cpus=cpus, memory_mb=memory_mb, gpus=gpus, queue=queue,
                                namespace=namespace, service_account=service_account,

@@ -23,7 +23,7 @@ from candgen.models.retriever import Retriever
 from candgen.models.unified import UnifiedHSTU
 from candgen.serving.pipeline import user_context, user_vector
 from candgen.training.config import TrainConfig
-from candgen.training.long_term import build_long_term_features, summariser_config
+from candgen.training.long_term import SummariserConfig, build_long_term_features
 from candgen.training.trainer import train
 from candgen.vocab import LONG_TERM_TABLE
 
@@ -35,8 +35,8 @@ def summarised(marketplace, features_dir: Path, tmp_path_factory: pytest.TempPat
     """A copy of the session's feature tables with long-term summaries written into it."""
     out = tmp_path_factory.mktemp("lt") / "features"
     shutil.copytree(features_dir, out)
-    config = summariser_config(marketplace.out_dir, out.parent / "summariser", EVAL_DAYS,
-                               epochs=3, progress=False)  # fmt: skip
+    config = SummariserConfig(eval_days=EVAL_DAYS, epochs=3, out_dir=str(out.parent / "summariser"))
+    config = config.train_config(marketplace.out_dir, progress=False)
     build_long_term_features(config, out)
     return out
 

@@ -7,6 +7,7 @@ trained one to every daily snapshot).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +15,43 @@ from candgen.errors import CandgenError
 from candgen.features.long_term import summarise
 from candgen.training.config import JobConfig, TrainConfig
 
-# The summariser's settings where the caller gives none (PinnerFormer reads a long sequence; the
-# marketplace's user_long_term keeps the last 200 actions).
-SUMMARISER = {"model": "hstu", "objective": "all_action", "max_len": 200, "time_bias": False,
-              "epochs": 20, "lr": 3e-3, "batch_size": 128, "eval_every": 5,
-              "primary_metric": "recall@100"}  # fmt: skip
 
+@dataclass(frozen=True)
+class SummariserConfig:
+    """How the long-term summariser trains (`candgen features long-term` flags and the pipeline's
+    long_term_features step). The rest of its training config is fixed: an HSTU without time bias
+    (user_long_term holds ids only) trained with the dense all-action objective.
 
-def summariser_config(
-    data_dir: Path | str, out_dir: Path | str, eval_days: int, **overrides: Any
-) -> TrainConfig:
-    """The summariser's training config on a marketplace (``overrides`` are TrainConfig fields).
-
-    ``eval_days`` must be the one the models that read the summary train with: the summariser
-    then sees no action of their validation or test windows.
+    Attributes:
+        eval_days: the eval_days of the models that read the summaries: the summariser never
+            trains on their validation or test windows (a model with fewer days may read them
+            too; one with more is refused).
+        epochs: passes over the training users.
+        max_len: the longest history it reads (PinnerFormer reads a long sequence; the
+            marketplace's user_long_term keeps the last 200 actions).
+        all_action_days: the future window each position predicts an action of, in days.
+        lr: Adam learning rate.
+        batch_size: global batch (split across processes).
+        seed: the seed of its data order, negatives and initialisation.
+        out_dir: where the summariser (model.pt) goes.
     """
-    values = {**SUMMARISER, **overrides}
-    return TrainConfig(dataset="marketplace", data_dir=str(data_dir), out_dir=str(out_dir),
-                       eval_days=eval_days, track=False, **values)  # fmt: skip
+
+    eval_days: int = 2
+    epochs: int = 20
+    max_len: int = 200
+    all_action_days: float = 7.0
+    lr: float = 3e-3
+    batch_size: int = 128
+    seed: int = 42
+    out_dir: str = "runs/long-term"
+
+    def train_config(self, data_dir: Path | str, progress: bool = True) -> TrainConfig:
+        """The summariser's training config on the marketplace in ``data_dir``."""
+        return TrainConfig(
+            dataset="marketplace", data_dir=str(data_dir), model="hstu", objective="all_action",
+            time_bias=False, eval_every=5, primary_metric="recall@100", track=False,
+            progress=progress, **dataclasses.asdict(self),
+        )  # fmt: skip
 
 
 def build_long_term_features(
@@ -60,3 +80,15 @@ def build_long_term_features(
     keys = ("recall@100", "hr@10", "ndcg@10")
     return {**summary, "summariser": {k: metrics[k] for k in keys if k in metrics},
             "config": dataclasses.asdict(config)}  # fmt: skip
+
+
+# TODO(this change): the CLI moves to SummariserConfig's flags; these two go then.
+SUMMARISER = {"epochs": SummariserConfig.epochs}
+
+
+def summariser_config(data_dir: Path | str, out_dir: Path | str, eval_days: int, **overrides: Any
+                      ) -> TrainConfig:  # fmt: skip
+    progress = overrides.pop("progress", True)
+    return SummariserConfig(eval_days=eval_days, out_dir=str(out_dir), **overrides).train_config(
+        data_dir, progress
+    )
