@@ -41,3 +41,30 @@ def test_serving_env_loads_a_trained_model_without_platform_packages(tmp_path: P
     numpy_version, heavy = proc.stdout.strip().split(" ", 1)
     assert numpy_version.startswith("1."), numpy_version
     assert heavy == "[]"
+
+
+IMPORT_ALL = """
+import importlib
+import pkgutil
+import sys
+
+import candgen.serving
+
+names = sorted(m.name for m in pkgutil.walk_packages(candgen.serving.__path__, "candgen.serving."))
+for name in names:
+    importlib.import_module(name)
+platform = ("pandas", "pyarrow", "feast", "mlflow", "kfp", "torchx", "sentence_transformers")
+print(",".join(names))
+print(",".join(sorted(m for m in platform if m in sys.modules)))
+"""
+
+
+def test_every_request_path_module_imports_in_the_serving_env() -> None:
+    proc = subprocess.run([str(SERVING_PYTHON), "-c", IMPORT_ALL], capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    names, platform = proc.stdout.split("\n")[:2]
+    # Every module of the request path was imported (the walk found them), and none pulled in
+    # a platform package.
+    assert {"candgen.serving.steps", "candgen.serving.triton_model"} <= set(names.split(","))
+    assert platform == ""
