@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-unit test-integration lint format clean help train train-ddp \
 	benchmark-quality benchmark-serving benchmark-ablation mlflow-ui pipeline pipeline-compile images push-images \
-	k8s-render
+	k8s-render serving-definitions
 
 help:
 	@echo "make setup             build .venv (platform), .venv-serving (Triton runtime), .venv-tools"
@@ -23,6 +23,7 @@ help:
 	@echo "make mlflow-ui         browse runs and registered models (http://127.0.0.1:5000)"
 	@echo "make pipeline          the whole KFP pipeline with kfp.local (ARGS='--set epochs=5')"
 	@echo "make pipeline-compile  rewrite pipelines/pipeline.yaml after changing the pipeline"
+	@echo "make serving-definitions rewrite serving/model_repository after changing the ensemble"
 	@echo "make images            docker build every image under docker/ (push-images: and push)"
 	@echo "make k8s-render        print the manifests of k8s/overlays/\$$OVERLAY (default local)"
 	@echo "make test              lint + the whole test suite (needs Redis at 127.0.0.1:6379)"
@@ -79,6 +80,10 @@ pipeline: $(VENV)/.installed
 
 pipeline-compile: $(VENV)/.installed
 	$(BIN)/candgen pipeline compile
+
+# The checked-in Triton definitions; tests/unit/test_serving_repository.py fails until they match.
+serving-definitions: $(VENV)/.installed
+	$(BIN)/python -m candgen.endpoint.export definitions
 
 images: $(VENV)/.installed
 	$(BIN)/python -m candgen.images build

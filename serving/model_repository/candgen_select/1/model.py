@@ -1,0 +1,7 @@
+"""candgen's retrieve ensemble, step candgen_select (a thin shell; see candgen.serving)."""
+
+import triton_python_backend_utils as pb_utils
+
+from candgen.serving.triton_model import triton_model
+
+TritonPythonModel = triton_model("candgen_select", pb_utils)
