@@ -25,6 +25,7 @@ from candgen.errors import CandgenError
 from candgen.index.ann import IndexConfig
 from candgen.paths import REPO_ROOT
 from candgen.serving.steps import ENSEMBLE, STEPS, SelectStep, ServingConfig
+from tests.tools import OVERLAYS, objects, pod_specs, render
 
 # Set, so that publish need not resolve the user feature service from the feature repository.
 SERVING = ServingConfig(user_feature_refs=("user_profile:activity",))
@@ -115,6 +116,19 @@ def test_the_check_names_a_repository_another_candgen_exported(
     assert f"{config_file(SelectStep.MODEL)}: differs" in err and "export it again" in err
     assert main(["check", str(tmp_path / "empty")]) == 2
     assert "holds no exported candgen version" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_serving_pods_check_the_repository_triton_serves(overlay: str) -> None:
+    pod = pod_specs(objects(render(overlay)))["candgen-triton"]
+    (triton,) = pod["containers"]
+    (check,) = pod["initContainers"]
+    (served,) = [a.split("=", 1)[1] for a in triton["args"] if a.startswith("--model-repository=")]
+    assert check["command"] + check["args"] == [
+        "python", "-m", "candgen.endpoint.export", "check", served,
+    ]  # fmt: skip
+    assert check["image"] == triton["image"]  # the candgen whose shells Triton loads
+    assert check["volumeMounts"] == [m for m in triton["volumeMounts"] if m["name"] == "work"]
 
 
 @pytest.mark.integration
