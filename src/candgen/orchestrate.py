@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from candgen.errors import ConfigError
+from candgen.errors import CandgenError, ConfigError
 from candgen.paths import REPO_ROOT
 
 PIPELINE_YAML = REPO_ROOT / "pipelines" / "pipeline.yaml"
@@ -91,7 +91,7 @@ class LocalRun:
         try:
             return Path(outputs["artifacts"][name]["artifacts"][0]["uri"])
         except KeyError:
-            raise KeyError(f"task {task!r} has no output artifact {name!r}") from None
+            raise CandgenError(f"{task}: no output artifact {name!r} (did the task run?)") from None
 
     def outcomes(self) -> list[tuple[str, str]]:
         """One line per task saying what it did, in the order the tasks run."""
@@ -195,8 +195,6 @@ def submit(
     import warnings
 
     import kfp
-
-    from candgen.errors import CandgenError
 
     if not host.startswith(("http://", "https://")):
         raise ConfigError("host", f"must be the KFP API's http(s) URL, got {host!r}")

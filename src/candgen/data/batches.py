@@ -91,7 +91,9 @@ def training_windows(
             end = start + 1 if start > 0 else 0
         offset += len(seq)
     if not rows:
-        raise ValueError("the training data has no user with two or more interactions")
+        raise ConfigError(
+            "dataset", f"{data.name}: the training data has no user with two or more interactions"
+        )
     return TrainingWindows(
         inputs=pad_left(ins, max_len),
         targets=pad_left(outs, max_len),

@@ -69,9 +69,9 @@ def evaluate_vectors(
     Keys look like ``hr@10``, ``label.click.recall@50``, ``surface.search.ndcg@10``.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol: {protocol!r} is not one of {PROTOCOLS}")
+        raise ConfigError("protocol", f"{protocol!r} is not one of {PROTOCOLS}")
     if len(eval_set) == 0:
-        raise ValueError("eval set: no users to evaluate")
+        raise ConfigError("eval set", "no users to evaluate")
     ks = _cutoffs(ks, 100 if protocol == "sampled100" else data.num_items)
     if protocol == "sampled100":
         interacted = [

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from candgen.errors import ConfigError
+
 KS: tuple[int, ...] = (5, 10, 20, 50, 100, 200)
 
 
@@ -90,7 +92,11 @@ def sampled_ranks(
     negatives = np.zeros((len(target_item), num_negatives), dtype=np.int64)
     for i, seen in enumerate(interacted):
         if n - len(np.unique(seen)) < num_negatives:
-            raise ValueError(f"user {i}: fewer than {num_negatives} unseen items to sample")
+            raise ConfigError(
+                "protocol",
+                f"user {i}: fewer than {num_negatives} unseen items to sample (a catalogue this "
+                "small needs the full protocol)",
+            )
         chosen: list[int] = []
         seen_set = set(seen.tolist())
         while len(chosen) < num_negatives:

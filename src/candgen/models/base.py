@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from candgen.data.tensors import Batch
+from candgen.errors import ConfigError
 
 Similarity = Literal["dot", "cosine"]
 
@@ -48,12 +49,11 @@ class RetrievalModel(nn.Module):
         return F.normalize(x, dim=-1) if self.similarity == "cosine" else x
 
     def check_ids(self, ids: torch.Tensor, field: str = "items") -> None:
-        """Raises ValueError naming ``field`` when an id lies outside 0..num_items."""
+        """Raises ConfigError naming ``field`` when an id lies outside 0..num_items (ids come
+        from requests and data files, so a bad one is the caller's to fix)."""
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > self.num_items):
             bad = int(ids.max()) if int(ids.max()) > self.num_items else int(ids.min())
-            raise ValueError(
-                f"{field}: item id {bad} is outside the vocabulary 1..{self.num_items}"
-            )
+            raise ConfigError(field, f"item id {bad} is outside the vocabulary 1..{self.num_items}")
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns (B, L, D) queries: the user state after each position, ready to score."""

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from candgen.errors import ConfigError
+
 
 def sampled_softmax_loss(
     queries: torch.Tensor,
@@ -48,9 +50,11 @@ def sampled_softmax_loss(
     n = positive_ids.shape[0]
     use_batch = in_batch and n > 1
     if num_uniform <= 0 and not use_batch:
-        raise ValueError("sampled_softmax_loss needs num_uniform > 0 or in_batch with n > 1")
+        raise ConfigError(
+            "num_negatives", "the sampled loss needs num_uniform > 0 or in_batch with n > 1"
+        )
     if use_batch and log_popularity is None:
-        raise ValueError("in-batch negatives need log_popularity for the log-Q correction")
+        raise ConfigError("log_popularity", "in-batch negatives need it for the log-Q correction")
 
     def log_expected_count(ids: torch.Tensor) -> torch.Tensor:
         # Under the union of both samplers, item j is expected n * p(j) + U / N times.

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from candgen.data.tensors import pad_left, relative_timestamps
-from candgen.errors import CandgenError
+from candgen.errors import CandgenError, ConfigError
 from candgen.models.base import RetrievalModel
 from candgen.vocab import scenario_code
 
@@ -45,9 +45,9 @@ def chunked_topk(
     """
     n_rows = item_table.shape[0]
     if not 0 < k <= n_rows - 1:
-        raise ValueError(f"k: must be in 1..{n_rows - 1} (the catalogue size), got {k}")
+        raise ConfigError("k", f"must be in 1..{n_rows - 1} (the catalogue size), got {k}")
     if len(exclude) != queries.shape[0]:
-        raise ValueError(f"exclude: {len(exclude)} lists for {queries.shape[0]} queries")
+        raise ConfigError("exclude", f"{len(exclude)} lists for {queries.shape[0]} queries")
     chunk = max(1, max_bytes // (4 * n_rows))
     out = []
     for start in range(0, queries.shape[0], chunk):

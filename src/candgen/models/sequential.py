@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from candgen.data.tensors import Batch
+from candgen.errors import ConfigError
 from candgen.models.base import RetrievalModel, Similarity
 
 
@@ -51,7 +52,7 @@ class _SequenceEncoder(RetrievalModel):
         """(B, L, D) scaled item + position embeddings (zero at padding) and the (B, L, 1) mask."""
         n = items.shape[1]
         if n > self.max_len:
-            raise ValueError(f"items: sequence length {n} > max_len {self.max_len}")
+            raise ConfigError("items", f"sequence length {n} > max_len {self.max_len}")
         mask = (items > 0).unsqueeze(-1)
         pos = torch.arange(self.max_len - n, self.max_len, device=items.device)
         x = self._item_vectors(items) * math.sqrt(self.dim) + self.pos_emb(pos)

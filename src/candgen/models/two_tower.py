@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from candgen.data.tensors import Batch
+from candgen.errors import ConfigError
 from candgen.models.base import RetrievalModel
 
 
@@ -50,8 +51,8 @@ class TwoTower(RetrievalModel):
     ) -> None:
         super().__init__(num_items, "cosine", temperature)
         if item_attributes.shape[0] != num_items + 1:
-            raise ValueError(
-                f"item_attributes: {item_attributes.shape[0]} rows, expected {num_items + 1}"
+            raise ConfigError(
+                "item_attributes", f"{item_attributes.shape[0]} rows, expected {num_items + 1}"
             )
         self.dim = dim
         self.max_len = max_len
@@ -89,7 +90,7 @@ class TwoTower(RetrievalModel):
     def encode_positions(self, batch: Batch) -> torch.Tensor:
         items = batch["items"]
         if items.shape[1] > self.max_len:
-            raise ValueError(f"items: sequence length {items.shape[1]} > max_len {self.max_len}")
+            raise ConfigError("items", f"sequence length {items.shape[1]} > max_len {self.max_len}")
         mask = (items > 0).unsqueeze(-1).float()
         hist = self._item_input(items) * mask
         running_mean = hist.cumsum(1) / mask.cumsum(1).clamp(min=1.0)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from candgen.data.tensors import Batch
+from candgen.errors import ConfigError
 from candgen.models.sequential import HSTU
 
 
@@ -137,11 +138,11 @@ class UnifiedHSTU(HSTU):
         super().__init__(num_items, **hstu)  # type: ignore[arg-type]
         dim = self.dim
         if not 0 <= serve_label < num_labels:
-            raise ValueError(f"serve_label: {serve_label} is not a head in 0..{num_labels - 1}")
+            raise ConfigError("serve_label", f"{serve_label} is not a head in 0..{num_labels - 1}")
         for name, rate in (("content_dropout", content_dropout),
                            ("long_term_dropout", long_term_dropout)):  # fmt: skip
             if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name}: must be in [0, 1), got {rate}")
+                raise ConfigError(name, f"must be in [0, 1), got {rate}")
         self.long_term_dropout = long_term_dropout
         self.num_labels, self.num_scenarios = num_labels, num_scenarios
         self.mixture = (ScenarioMixture(dim, num_scenarios, num_experts) if num_scenarios > 1
@@ -153,8 +154,11 @@ class UnifiedHSTU(HSTU):
         self.scenario_adaptive = scenario_adaptive
         self.content_dropout = content_dropout
         if not short_term and long_term_dim <= 0:
-            raise ValueError("short_term: without the short-term sequence the model needs a "
-                             "long-term embedding (long_term_dim > 0)")  # fmt: skip
+            raise ConfigError(
+                "short_term",
+                "without the short-term sequence the model needs a long-term embedding "
+                "(long_term_dim > 0)",
+            )
         self.short_term = short_term
         if not short_term:
             # Without the sequence, the encoder's own parameters would never get a gradient
@@ -171,12 +175,16 @@ class UnifiedHSTU(HSTU):
         if has_text is not None and bool(has_text.any()):
             assert item_text is not None
             if item_text.shape[0] != num_items + 1:
-                raise ValueError(f"item_text: {item_text.shape[0]} rows, expected {num_items + 1}")
+                raise ConfigError(
+                    "item_text", f"{item_text.shape[0]} rows, expected {num_items + 1}"
+                )
             cold = torch.zeros(num_items + 1, dtype=torch.bool)
             if cold_items is not None:
                 if cold_items.shape != cold.shape:
-                    raise ValueError(f"cold_items: shape {tuple(cold_items.shape)}, expected "
-                                     f"{tuple(cold.shape)}")  # fmt: skip
+                    raise ConfigError(
+                        "cold_items",
+                        f"shape {tuple(cold_items.shape)}, expected {tuple(cold.shape)}",
+                    )
                 cold = cold_items.bool()
             self.register_buffer("item_text", item_text.float(), persistent=True)
             self.register_buffer("has_text", has_text, persistent=True)
@@ -197,7 +205,9 @@ class UnifiedHSTU(HSTU):
         """(M, D) item-space vectors of ads known only by their text (new ads), normalised as
         ``embed_items`` normalises; what a new ad's row in the index is."""
         if self.content is None:
-            raise ValueError("item_text: this model was trained without ad text (no content tower)")
+            raise ConfigError(
+                "item_text", "this model was trained without ad text (no content tower)"
+            )
         return self._finish(self.content(text.float()))
 
     def _codes(self, batch: Batch, key: str, default: int, high: int) -> torch.Tensor:
@@ -209,7 +219,7 @@ class UnifiedHSTU(HSTU):
         if codes.dim() == 1:
             codes = codes[:, None].expand(items.shape)
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= high):
-            raise ValueError(f"{key}: codes must lie in 0..{high - 1}")
+            raise ConfigError(key, f"codes must lie in 0..{high - 1}")
         return codes
 
     def encode_positions(self, batch: Batch) -> torch.Tensor:
