@@ -8,7 +8,7 @@ class CandgenError(Exception):
 
 
 class ConfigError(CandgenError, ValueError):
-    """A configuration value or CLI argument is invalid.
+    """A configuration value, CLI argument or request input (an item id, a K) is invalid.
 
     Args:
         field: the name of the offending field (as the CLI flag or dataclass field spells it).
