@@ -51,7 +51,7 @@ class HelpFormatter(argparse.HelpFormatter):
         if (
             default is None
             or default is False
-            or default == []
+            or (isinstance(default, str | list) and not default)  # nothing to show
             or default is argparse.SUPPRESS
             or "default" in help_text
             or action.option_strings == []  # a positional: its default is rarely news

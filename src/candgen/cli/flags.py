@@ -14,6 +14,7 @@ import inspect
 import re
 import types
 import typing
+from pathlib import PurePath
 from typing import Any
 
 from candgen.errors import ConfigError
@@ -23,6 +24,8 @@ from candgen.errors import ConfigError
 _SECTION = re.compile(r"^(?P<indent>\s*)(?:Attributes|Args):\s*$")
 # "name: text" or "a, b: text" (one entry documenting several fields).
 _ENTRY = re.compile(r"^(?P<names>[A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*:\s*(?P<text>.*)$")
+# "(default: ...)" or "sqlite (default)": the documentation already says what the default is.
+_SAYS_DEFAULT = re.compile(r"\(default\b|\bdefault:")
 
 
 def parse_field_docs(doc: str | None) -> dict[str, str]:
@@ -80,10 +83,13 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _help(doc: str, suffix: str) -> str:
+def _help(doc: str, suffix: str = "") -> str:
+    """The field's documentation with ``suffix`` (its default, "required") in parentheses."""
+    parts = [doc.rstrip(".")] if doc else []
+    if suffix:
+        parts.append(f"({suffix})" if doc else suffix)
     # argparse %-formats help strings: a literal % in a docstring must not become a format.
-    text = f"{doc.rstrip('.')} ({suffix})" if doc else suffix
-    return text.replace("%", "%%")
+    return " ".join(parts).replace("%", "%%")
 
 
 def add_config_flags(
@@ -114,7 +120,12 @@ def add_config_flags(
             )
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = _help(doc, f"default: {default!r}")
+        if _SAYS_DEFAULT.search(doc):
+            # The docs describe the default (what an empty value or None stands for).
+            help_text = _help(doc)
+        else:
+            shown = str(default) if isinstance(default, PurePath) else repr(default)
+            help_text = _help(doc, f"default: {shown}")
         if tp is bool:
             group.add_argument(
                 flag,

@@ -140,7 +140,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="the exported repository whose pinned version to load",
     )
     sw.add_argument("--url", default="127.0.0.1:8000", help="the server, host:port")
-    sw.add_argument("--protocol", choices=PROTOCOLS, default="http", help="how to talk to it")
+    sw.add_argument("--protocol", choices=PROTOCOLS, default="http", help="the server's protocol")
     sw.set_defaults(func=cmd_serving_swap)
 
 
@@ -156,7 +156,7 @@ def add_query_command(sub: argparse._SubParsersAction) -> None:
         default="",
         help="item ids engaged with in this session, comma-separated, newest last",
     )
-    q.add_argument("--protocol", choices=PROTOCOLS, default="http", help="how to talk to it")
+    q.add_argument("--protocol", choices=PROTOCOLS, default="http", help="the server's protocol")
     q.add_argument(
         "--url",
         default="",
