@@ -17,8 +17,11 @@ OBJECTIVES = ("next_item", "all_action")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+# DataConfig.of and ModelConfig.of each cut a config down to their own fields, so their
+# signatures differ and TrainConfig inherits both; they are only called on the bases
+# (DataConfig.of(config), ModelConfig.of(config)), never as TrainConfig.of.
 @dataclass(frozen=True)
-class TrainConfig(DataConfig, ModelConfig):
+class TrainConfig(DataConfig, ModelConfig):  # type: ignore[misc]
     """How to train one retrieval model: the data (``DataConfig``) and the model
     (``ModelConfig``) it extends, plus the loss, the optimiser, evaluation, the run and tracking.
 
@@ -139,7 +142,10 @@ class TrainConfig(DataConfig, ModelConfig):
         if unknown:
             raise ConfigError(unknown[0], f"unknown training config field(s) {unknown}")
         # JSON (metrics.json, MLflow) turns tuples into lists
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        fields: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+        }
+        return cls(**fields)
 
 
 SCHEDULERS = ("local_cwd", "kubernetes")
@@ -184,7 +190,8 @@ class JobConfig:
     def with_image(cls, image: str = "", **fields: Any) -> JobConfig:
         """The job of ``fields``; an empty ``image`` means the platform image (what a pipeline
         step passes when its own image should run the job)."""
-        return cls(**fields, **({"image": image} if image else {}))
+        chosen: dict[str, Any] = {"image": image} if image else {}
+        return cls(**fields, **chosen)
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:

@@ -98,7 +98,8 @@ def kubernetes_job(config: TrainConfig, job: JobConfig) -> dict[str, Any]:
     with get_runner() as runner:
         info = runner.dryrun_component(COMPONENT, component_args(config, job), "kubernetes",
                                        cfg=scheduler_args(job, validate=False))  # fmt: skip
-    return ApiClient().sanitize_for_serialization(info.request.resource)
+    rendered: dict[str, Any] = ApiClient().sanitize_for_serialization(info.request.resource)
+    return rendered
 
 
 def stage_on_volume(config: TrainConfig, job: JobConfig, name: str = "") -> TrainConfig:
@@ -112,7 +113,7 @@ def stage_on_volume(config: TrainConfig, job: JobConfig, name: str = "") -> Trai
         raise ConfigError("work_dir", f"{root} is not mounted here; mount the {job.work_volume} "
                           "volume in the launching pod too")  # fmt: skip
     staged = root / "jobs" / (name or f"train-{uuid.uuid4().hex[:12]}")
-    changes: dict[str, str] = {"out_dir": str(staged / "out")}
+    changes: dict[str, Any] = {"out_dir": str(staged / "out")}
     for field in ("data_dir", "features_dir"):
         source = getattr(config, field)
         if source:
@@ -146,4 +147,5 @@ def launch(config: TrainConfig, job: JobConfig | None = None) -> dict[str, Any]:
     if run_config is not config:
         shutil.copytree(run_config.out_dir, config.out_dir, dirs_exist_ok=True)
         metrics = Path(config.out_dir) / METRICS_FILE
-    return json.loads(metrics.read_text())
+    results: dict[str, Any] = json.loads(metrics.read_text())
+    return results

@@ -15,7 +15,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -74,8 +74,19 @@ def long_term_dim(config: TrainConfig, data: SequenceData) -> int:
     return data.long_term.dim
 
 
+class _Best(TypedDict):
+    """The best validation so far, as the checkpoint keeps it."""
+
+    metric: float
+    epoch: int
+    state: dict[str, torch.Tensor] | None
+    stale: int
+
+
 class _TrainingLoss(nn.Module):
     """Wraps a model so that DDP sees one forward that returns the loss."""
+
+    log_pop: torch.Tensor  # a buffer (register_buffer), so nn.Module's attribute lookup finds it
 
     def __init__(self, model: RetrievalModel, config: TrainConfig, log_pop: torch.Tensor):
         super().__init__()
@@ -130,7 +141,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def _check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
     before = TrainConfig.from_dict(saved["config"])
-    shape = lambda c: {"dataset": c.dataset, **c.model_fields()}  # noqa: E731
+
+    def shape(c: TrainConfig) -> dict[str, Any]:
+        return {"dataset": c.dataset, **c.model_fields()}
+
     before_shape = shape(before)
     for key, value in shape(config).items():
         if before_shape[key] != value:
@@ -197,7 +211,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
                                   weight_decay=config.weight_decay)  # fmt: skip
 
     history: list[dict[str, float]] = []
-    best = {"metric": -math.inf, "epoch": 0, "state": None, "stale": 0}
+    best: _Best = {"metric": -math.inf, "epoch": 0, "state": None, "stale": 0}
     start_epoch = 1
     ckpt_path = out_dir / CHECKPOINT
     if config.resume and ckpt_path.exists():
@@ -209,8 +223,13 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
 
     steps = max(1, len(windows) // config.batch_size)
     # Only a contextual model reads labels and scenarios; the others train exactly as before.
-    multitask = (model.contextual and windows.target_labels is not None
-                 and windows.target_surfaces is not None)  # fmt: skip
+    heads = (
+        (windows.target_labels, windows.target_surfaces)
+        if model.contextual
+        and windows.target_labels is not None
+        and windows.target_surfaces is not None
+        else None
+    )
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -232,14 +251,15 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         for step in range(steps):
             global_idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             idx = global_idx[rank::world]
+            labels, scenarios = (heads[0][idx], heads[1][idx]) if heads else (None, None)
             batch = make_batch(
                 data,
                 windows.inputs[idx],
                 windows.times[idx] if windows.times is not None else None,
                 windows.user_rows[idx],
                 device,
-                *((windows.target_labels[idx], windows.target_surfaces[idx])
-                  if multitask else (None, None)),
+                labels,
+                scenarios,
                 long_term_rows=None if windows.long_term_rows is None
                 else windows.long_term_rows[idx],
             )  # fmt: skip
