@@ -12,8 +12,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from candgen.data.config import DataConfig
@@ -92,7 +94,7 @@ class LongTermFeatures:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
-    def rows_before_day(self, user_row: int, seconds: np.ndarray) -> np.ndarray:
+    def rows_before_day(self, user_row: int, seconds: npt.ArrayLike) -> np.ndarray:
         """For each time, the row of the user's newest snapshot known before that time's UTC
         day began (what a daily batch job had published by then), or 0 where none was."""
         lo, hi = int(self.user_offsets[user_row]), int(self.user_offsets[user_row + 1])
@@ -203,7 +205,8 @@ class SequenceData:
         cutoff: a cold-start ad); all False where the data has no ads."""
         if self.ad_items is None:
             return np.zeros(self.num_items + 1, dtype=bool)
-        return self.ad_items & (self.train_popularity() == 0)
+        cold: np.ndarray = self.ad_items & (self.train_popularity() == 0)
+        return cold
 
     def train_popularity(self) -> np.ndarray:
         """(N + 1,) count of each item among training interactions (row 0 is 0)."""
@@ -227,7 +230,8 @@ def label_codes(labels: np.ndarray) -> np.ndarray:
     if codes.isna().any():
         bad = sorted(set(pd.Series(labels)[codes.isna()].astype(str)))
         raise CandgenError(f"label: unknown label(s) {bad}; expected one of {LABELS}")
-    return codes.to_numpy(np.int64)
+    out: np.ndarray = codes.to_numpy(np.int64)
+    return out
 
 
 def surface_codes(surfaces: np.ndarray) -> np.ndarray:
@@ -384,9 +388,19 @@ def planted_interactions(
     return df, attrs
 
 
-def load_planted(seed: int = 0, **kwargs: int | float) -> SequenceData:
+class PlantedShape(TypedDict, total=False):
+    """``planted_interactions``'s settings other than the seed."""
+
+    users: int
+    items: int
+    clusters: int
+    length: int
+    stay: float
+
+
+def load_planted(seed: int = 0, **kwargs: Unpack[PlantedShape]) -> SequenceData:
     """The planted-structure set (see ``planted_interactions``)."""
-    df, attrs = planted_interactions(seed=seed, **kwargs)  # type: ignore[arg-type]
+    df, attrs = planted_interactions(seed=seed, **kwargs)
     snap = hashlib.sha256(json.dumps({"seed": seed, **kwargs}, sort_keys=True).encode())
     return from_interactions(df, "planted", snap.hexdigest(), item_attributes=attrs)
 
@@ -504,7 +518,9 @@ def load_marketplace(
 
     def eval_set(start: pd.Timestamp, stop: pd.Timestamp) -> EvalSet:
         window = df[(df["timestamp"] >= start) & (df["timestamp"] < stop)]
-        rows, hists, times = [], [], []
+        rows: list[int] = []
+        hists: list[np.ndarray] = []
+        times: list[np.ndarray] = []
         t_user, t_item, t_label, t_surface = [], [], [], []
         for r, g in window.groupby("row", sort=True):
             history = before(int(r), start)

@@ -270,11 +270,13 @@ class _Catalog:
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    unit: np.ndarray = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return unit.astype(np.float32)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    y: np.ndarray = 1.0 / (1.0 + np.exp(-x))
+    return y
 
 
 def _ts(base_us: int, seconds: np.ndarray) -> pa.Array:
@@ -476,7 +478,9 @@ class MarketplaceGenerator:
 
     # -- users and events ---------------------------------------------------------------------
 
-    def user_chunk(self, chunk: int, lo: int, hi: int) -> tuple[pa.Table, pa.Table, dict]:
+    def user_chunk(
+        self, chunk: int, lo: int, hi: int
+    ) -> tuple[pa.Table, pa.Table, dict[str, np.ndarray]]:
         """Returns (users, truth users, per-chunk state) for user indices [lo, hi)."""
         c = self.cfg
         rng = _stream(c.seed, "users", chunk)
@@ -508,9 +512,10 @@ class MarketplaceGenerator:
     def _sample_category(self, rng: np.random.Generator, mixture: np.ndarray) -> np.ndarray:
         cum = np.cumsum(mixture, axis=1)
         u = rng.random(len(mixture))[:, None] * cum[:, -1:]
-        return np.minimum((cum < u).sum(axis=1), mixture.shape[1] - 1).astype(np.int16)
+        category: np.ndarray = np.minimum((cum < u).sum(axis=1), mixture.shape[1] - 1)
+        return category.astype(np.int16)
 
-    def events_chunk(self, chunk: int, state: dict) -> pa.Table:
+    def events_chunk(self, chunk: int, state: dict[str, np.ndarray]) -> pa.Table:
         """Simulates every day for the chunk's users and returns their events, sorted."""
         c = self.cfg
         rng = _stream(c.seed, "events", chunk)
@@ -525,6 +530,9 @@ class MarketplaceGenerator:
             m = len(kw["user"])
             for k in _EVENT_COLUMNS:
                 cols[k].append(kw[k] if k in kw else np.full(m, -1, dtype=_EVENT_COLUMNS[k]))
+
+        def sel(columns: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+            return {k: v[mask] for k, v in columns.items()}
 
         for day in range(c.days):
             n_sess = rng.poisson(activity)
@@ -645,7 +653,6 @@ class MarketplaceGenerator:
             )
             clicked = rng.random(m) < p_click
             t_click = t_imp + rng.exponential(5.0, m) + 1.0
-            sel = lambda d, mask: {k: v[mask] for k, v in d.items()}  # noqa: E731
             emit(
                 user=i_user[clicked],
                 t=t_click[clicked],

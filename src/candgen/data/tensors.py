@@ -6,7 +6,10 @@ encoder batches here too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import numpy.typing as npt
 import torch
 
 # A batch is a dict of tensors. Every model reads "items" (B, L) int64, left-padded with 0;
@@ -24,9 +27,12 @@ def relative_timestamps(times: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((times - times.max(axis=1, keepdims=True)).astype(np.float32))
 
 
-def pad_left(seqs: list[np.ndarray], length: int, dtype: type = np.int64) -> np.ndarray:
-    """(len(seqs), length) array holding each sequence's last ``length`` values, right-aligned."""
-    out = np.zeros((len(seqs), length), dtype=dtype)
+def pad_left(
+    seqs: Sequence[np.ndarray] | np.ndarray, length: int, dtype: npt.DTypeLike = np.int64
+) -> np.ndarray:
+    """(len(seqs), length) array holding each sequence's last ``length`` values, right-aligned
+    (``seqs``: a list of 1-D arrays, or an object array of them)."""
+    out: np.ndarray = np.zeros((len(seqs), length), dtype=dtype)
     for i, s in enumerate(seqs):
         tail = s[-length:]
         if len(tail):
