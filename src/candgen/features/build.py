@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import pandas as pd
@@ -81,19 +81,21 @@ class FeatureBuildConfig:
             raise ConfigError("long_seq_len", "must be at least short_seq_len")
 
 
-def _read_manifest(data_dir: Path) -> dict:
+def _read_manifest(data_dir: Path) -> dict[str, Any]:
     path = data_dir / "manifest.json"
     if not path.exists():
         raise CandgenError(
             f"{data_dir}: not a candgen marketplace (no manifest.json); "
             "create one with `candgen data synth`"
         )
-    return json.loads(path.read_text())
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest
 
 
 def _epoch_us(ts: pd.Series) -> np.ndarray:
     """Microseconds since the epoch of a tz-aware timestamp column."""
-    return ts.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[us]").astype(np.int64)
+    us: np.ndarray = ts.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[us]")
+    return us.astype(np.int64)
 
 
 def _tail_lists(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -> pa.ListArray:
@@ -177,7 +179,7 @@ def _ad_delivery(
     events: pd.DataFrame,
     ads: pd.DataFrame,
     campaigns: pd.DataFrame,
-    manifest: dict,
+    manifest: dict[str, Any],
     cfg: FeatureBuildConfig,
 ) -> pa.Table:
     """Ad delivery state: one row at creation, one at a pause, one per day with traffic."""
@@ -201,7 +203,8 @@ def _ad_delivery(
         shifted = np.zeros_like(c)
         w = cfg.delivery_window_days
         shifted[:, w:] = c[:, :-w]
-        return c - shifted
+        trailing_sum: np.ndarray = c - shifted
+        return trailing_sum
 
     imp, clk, conv = (trailing(counts[k]) for k in ("impression", "click", "conversion"))
     # Spend and budget per campaign, from clicks at the bid.
@@ -229,7 +232,8 @@ def _ad_delivery(
 
     def rate(num: np.ndarray, den: np.ndarray, prior: float) -> np.ndarray:
         # Smoothed so that a handful of impressions does not give a CTR of 0 or 1.
-        return ((num + prior * 20) / (den + 20)).astype(np.float32)
+        smoothed: np.ndarray = (num + prior * 20) / (den + 20)
+        return smoothed.astype(np.float32)
 
     ids = ads["ad_id"].to_numpy(np.int64)
     created_us = _epoch_us(ads["created_ts"])
@@ -294,7 +298,7 @@ def build_features(
     config: FeatureBuildConfig = FeatureBuildConfig(),
     text_cache: Path | None = None,
     progress: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Computes every offline feature table from a marketplace written by ``candgen data synth``.
 
     Args:

@@ -18,15 +18,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import pandas as pd
 import yaml
 
-from candgen.data.synth import SURFACES
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.build import FEATURE_TABLES
 from candgen.paths import feature_repo_dir, replace_atomically
+from candgen.vocab import SURFACES
+
+if TYPE_CHECKING:  # Feast is imported where a store is opened, not with this module
+    import subprocess
+
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
 
 ONLINE_STORES: Final = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml"}
 REPO_MODULES: Final = ("entities", "data_sources", "features", "feature_services")
@@ -82,7 +88,7 @@ class StoreConfig:
         return (self.state_dir or self.repo_dir / "data").resolve()
 
 
-def repo_config(cfg: StoreConfig):  # -> feast.RepoConfig
+def repo_config(cfg: StoreConfig) -> RepoConfig:
     """Reads the checked-in feature_store(.redis).yaml and points its paths at ``cfg``."""
     from feast.repo_config import RepoConfig
 
@@ -99,7 +105,7 @@ def repo_config(cfg: StoreConfig):  # -> feast.RepoConfig
     return config
 
 
-def open_store(cfg: StoreConfig = StoreConfig()):  # -> feast.FeatureStore
+def open_store(cfg: StoreConfig = StoreConfig()) -> FeatureStore:
     """A FeatureStore on ``cfg``'s registry and online store."""
     from feast import FeatureStore
 
@@ -153,12 +159,13 @@ def service_feature_refs(service: str, cfg: StoreConfig | None = None) -> list[s
     if service not in services:
         raise ConfigError("feature_service", f"unknown feature service {service!r}; the "
                           f"repository defines {sorted(services)}")  # fmt: skip
-    return [f"{proj.name_to_use()}:{feat.name}"
+    # Feast's FeatureViewProjection.name_to_use has no annotations.
+    return [f"{proj.name_to_use()}:{feat.name}"  # type: ignore[no-untyped-call]
             for proj in services[service].feature_view_projections
             for feat in proj.features]  # fmt: skip
 
 
-def check_feature_tables(cfg: StoreConfig) -> dict:
+def check_feature_tables(cfg: StoreConfig) -> dict[str, Any]:
     """Checks that every feature table exists; returns the tables' manifest."""
     missing = [t for t in FEATURE_TABLES if not (cfg.features_path / f"{t}.parquet").exists()]
     manifest = cfg.features_path / "manifest.json"
@@ -167,7 +174,8 @@ def check_feature_tables(cfg: StoreConfig) -> dict:
             f"features_dir: {cfg.features_path} lacks {missing or ['manifest.json']}; "
             "run `candgen features build` first"
         )
-    return json.loads(manifest.read_text())
+    tables: dict[str, Any] = json.loads(manifest.read_text())
+    return tables
 
 
 @dataclass
@@ -189,7 +197,7 @@ def apply(cfg: StoreConfig = StoreConfig()) -> ApplySummary:
     store = open_store(cfg)
     store.apply(objects)
 
-    def names(kind: type) -> list[str]:
+    def names(kind: type[Any]) -> list[str]:
         return sorted(o.name for o in objects if isinstance(o, kind))
 
     return ApplySummary(
@@ -255,16 +263,17 @@ def publish(cfg: StoreConfig, target: Path) -> list[Path]:
 
 
 def online_features(
-    store: Any, entity_rows: Sequence[dict[str, int]], service: str = "user_features_v1"
+    store: FeatureStore, entity_rows: Sequence[dict[str, int]], service: str = "user_features_v1"
 ) -> dict[str, list[Any]]:
     """Looks up a feature service online, e.g. ``[{"user_id": 7}]`` for user_features_v1.
 
     An unknown entity comes back with None values, never an error.
     """
-    return store.get_online_features(
+    found: dict[str, list[Any]] = store.get_online_features(
         features=store.get_feature_service(service),
         entity_rows=[{k: int(v) for k, v in row.items()} for row in entity_rows],
     ).to_dict()
+    return found
 
 
 @dataclass(frozen=True)
@@ -300,7 +309,9 @@ class Engagement:
             raise ConfigError("timestamp", "must be a timezone-aware datetime")
 
 
-def push_engagements(store: Any, engagements: Sequence[Engagement], max_len: int = 20) -> None:
+def push_engagements(
+    store: FeatureStore, engagements: Sequence[Engagement], max_len: int = 20
+) -> None:
     """Appends engagements to the users' short-term sequences in the online store.
 
     Reads each user's current sequence online, appends the new engagements in time order,
@@ -361,7 +372,7 @@ class FeatureServerProcess:
 
     def __init__(self, cfg: StoreConfig, port: int = 6566, log: Path | None = None) -> None:
         self.cfg, self.port, self.log = cfg, port, log
-        self.proc: Any = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +18,9 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from candgen.paths import replace_atomically
+
+if TYPE_CHECKING:  # a heavy import, made only when the model is loaded
+    from sentence_transformers import SentenceTransformer
 
 MODEL_NAME: Final = "all-MiniLM-L6-v2"
 EMBEDDING_DIM: Final = 384
@@ -28,7 +31,7 @@ def text_key(text: str) -> str:
     return hashlib.sha1(f"{MODEL_NAME}\x00{text}".encode()).hexdigest()
 
 
-def load_model():  # -> sentence_transformers.SentenceTransformer (heavy import kept local)
+def load_model() -> SentenceTransformer:
     """Loads all-MiniLM-L6-v2 from the installed package, on the CPU, with the hub offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -53,7 +56,7 @@ class TextEmbedder:
         self.cache_path = cache_path
         self.batch_size = batch_size
         self.progress = progress
-        self._model = None
+        self._model: SentenceTransformer | None = None
         self._cache: dict[str, np.ndarray] = {}
         if cache_path is not None and cache_path.exists():
             table = pq.read_table(cache_path)

@@ -5,12 +5,15 @@ before the row's timestamp (and within the view's ttl), never a later one."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import pandas as pd
 
 from candgen.errors import CandgenError, ConfigError
+
+if TYPE_CHECKING:  # Feast is imported by whoever opens the store
+    from feast import FeatureStore
 
 LABEL_KINDS: Final = ("click", "conversion")
 
@@ -55,7 +58,9 @@ def label_rows(data_dir: Path | str, label: str = "click") -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def training_set(store: Any, entity_df: pd.DataFrame, service: str = "training_v1") -> pd.DataFrame:
+def training_set(
+    store: FeatureStore, entity_df: pd.DataFrame, service: str = "training_v1"
+) -> pd.DataFrame:
     """Joins features onto label rows, point in time.
 
     Args:
@@ -79,7 +84,7 @@ def training_set(store: Any, entity_df: pd.DataFrame, service: str = "training_v
 
 def write_training_set(
     data_dir: Path | str,
-    store: Any,
+    store: FeatureStore,
     out: Path | str,
     label: str = "click",
     service: str = "training_v1",
