@@ -13,11 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from candgen.errors import ConfigError
+
+if TYPE_CHECKING:  # faiss loads when an index is built or read, not with this module
+    import faiss
+
+    # (ineligible set, tombstone count) -> the selector excluding both (None: nothing to exclude)
+    _StaticSelector = tuple[tuple[frozenset[int], int], faiss.IDSelector | None]
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 
@@ -92,6 +98,7 @@ class AdIndex:
         self.dim = dim
         self.config = config or IndexConfig()
         self.kind = self.config.resolved_kind(expected_size)
+        base: faiss.Index
         if self.kind == "hnsw":
             base = faiss.IndexHNSWFlat(dim, self.config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             base.hnsw.efConstruction = self.config.ef_construction
@@ -108,11 +115,14 @@ class AdIndex:
             if faiss.get_num_gpus() < 1:
                 raise ConfigError("device", "cuda was asked for but this FAISS build sees no GPU")
             base = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, base)
-        self.index = faiss.IndexIDMap2(base) if self.kind != "hnsw" else faiss.IndexIDMap(base)
-        self._base = base
+        # An IndexIDMap(2) over base; load() gives what read_index returns, or its GPU copy.
+        self.index: faiss.Index = (
+            faiss.IndexIDMap2(base) if self.kind != "hnsw" else faiss.IndexIDMap(base)
+        )
+        self._base: faiss.Index = base
         self._live: set[int] = set()
         self._tombstones: set[int] = set()
-        self._static: tuple[Any, Any] | None = None  # (key, selector) of _static_selector
+        self._static: _StaticSelector | None = None  # (key, selector) of _static_selector
 
     @classmethod
     def build(
@@ -201,6 +211,7 @@ class AdIndex:
         static = self._static_selector(ineligible)
         extra = np.asarray(sorted(set(map(int, exclude))), dtype=np.int64)
         dynamic = self.faiss.IDSelectorBatch(extra) if len(extra) else None
+        either: faiss.IDSelector | None
         if static is not None and dynamic is not None:
             either = self.faiss.IDSelectorOr(static, dynamic)
         else:
@@ -214,9 +225,10 @@ class AdIndex:
             out_scores.append(row_scores[keep])
         return out_ids, out_scores
 
-    def _static_selector(self, ineligible: frozenset[int]):  # type: ignore[no-untyped-def]
+    def _static_selector(self, ineligible: frozenset[int]) -> faiss.IDSelector | None:
         """The selector of ``ineligible`` and the HNSW tombstones, rebuilt only when they change."""
         key = (ineligible, len(self._tombstones))
+        cached: _StaticSelector | None
         cached = self._static
         if cached is None or cached[0][0] is not ineligible or cached[0][1] != key[1]:
             ids = np.asarray(sorted(set(ineligible) | self._tombstones), dtype=np.int64)
@@ -224,13 +236,17 @@ class AdIndex:
             self._static = cached
         return cached[1]
 
-    def _params(self, sel):  # type: ignore[no-untyped-def]
-        faiss = self.faiss
+    def _params(self, sel: faiss.IDSelector | None) -> faiss.SearchParameters | None:
+        # faiss's __init__.pyi has no SearchParametersHNSW and not the keyword constructors that
+        # its class_wrappers add at import: those lines carry the ignores.
+        params: faiss.SearchParameters | None
         if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=self.config.ef_search)
-        if self.kind == "ivfpq":
-            return faiss.SearchParametersIVF(sel=sel, nprobe=self.config.nprobe)
-        return faiss.SearchParameters(sel=sel) if sel is not None else None
+            params = self.faiss.SearchParametersHNSW(sel=sel, efSearch=self.config.ef_search)  # type: ignore[attr-defined]
+        elif self.kind == "ivfpq":
+            params = self.faiss.SearchParametersIVF(sel=sel, nprobe=self.config.nprobe)  # type: ignore[call-arg]
+        else:
+            params = self.faiss.SearchParameters(sel=sel) if sel is not None else None  # type: ignore[call-arg]
+        return params
 
     def save(self, path: Path) -> None:
         """Writes the index (CPU form) and its live/tombstone id sets."""
@@ -257,7 +273,8 @@ class AdIndex:
         obj.faiss, obj.dim, obj.config = faiss, stored.d, config
         obj.kind = str(meta["kind"])
         obj.index = stored
-        obj._base = faiss.downcast_index(stored.index)
+        # save() wrote an IndexIDMap(2); read_index returns it as its own class
+        obj._base = faiss.downcast_index(cast(faiss.IndexIDMap, stored).index)
         if config.device == "cuda":
             obj.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, stored)
         obj._live = set(meta["live"].tolist())
