@@ -17,6 +17,7 @@ Outputs:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +56,7 @@ def _scalar(name: str, value: np.ndarray) -> object:
     return value.reshape(-1)[0]
 
 
-def parse_request(tensors: dict[str, np.ndarray | None], max_k: int) -> Request:
+def parse_request(tensors: Mapping[str, np.ndarray | None], max_k: int) -> Request:
     """Checks names, dtypes, shapes and ranges; every error names the tensor at fault."""
     unknown = sorted(set(tensors) - set(INPUTS))
     if unknown:

@@ -298,7 +298,7 @@ class LearnedQuotas:
             raise ConfigError(sorted(missing)[0], "missing from the learned quota table")
         return cls(tuple(body["generators"]), tuple(body["rank_edges"]),
                    tuple(body["activity_edges"]), dict(body["alpha"]), dict(body["beta"]),
-                   dict(body.get("fitted", {})))  # type: ignore[arg-type]  # fmt: skip
+                   dict(body.get("fitted", {})))  # fmt: skip
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")

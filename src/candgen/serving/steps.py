@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -54,6 +54,9 @@ from candgen.serving.quota import (
     QuotaPolicy,
     source_counts,
 )
+
+if TYPE_CHECKING:  # the retriever loads with the model, in load_retriever
+    from candgen.models.retriever import Retriever
 
 SERVING_FILE = "serving.json"
 MODEL_FILE, TABLE_FILE = "model.pt", "item_embeddings.npy"
@@ -252,13 +255,13 @@ class FeaturesStep(Step):
         self.features = features or self.config.feature_client()
 
     def __call__(self, tensors: Tensors) -> Tensors:
-        request = parse_request(tensors, self.config.max_k)  # type: ignore[arg-type]
+        request = parse_request(tensors, self.config.max_k)
         self.quotas.for_surface(request.scenario)
         context = user_context(self.features, request.user_id, request.recent_item_ids)
         return context_tensors(context)
 
 
-def load_retriever(folder: Path):  # -> candgen.models.retriever.Retriever
+def load_retriever(folder: Path) -> Retriever:
     """The registered version's user encoder and item table (as its pyfunc loads them)."""
     from candgen.models.factory import load_model
     from candgen.models.retriever import Retriever

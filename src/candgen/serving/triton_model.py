@@ -35,7 +35,7 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
 
         def initialize(self, args: dict[str, str]) -> None:
             folder = Path(args["model_repository"]) / args["model_version"]
-            self.step = step_class(folder)  # type: ignore[call-arg]
+            self.step = step_class(folder)
             # The loaded assets are millions of long-lived objects (id sets, ranked lists); frozen,
             # the collector's full passes no longer walk them on some request's path.
             gc.collect()
