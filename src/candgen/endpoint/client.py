@@ -24,7 +24,7 @@ def client_module(protocol: str) -> Any:
     if protocol == "http":
         import tritonclient.http as module
     elif protocol == "grpc":
-        import tritonclient.grpc as module  # type: ignore[no-redef]
+        import tritonclient.grpc as module
     else:
         raise ConfigError("protocol", f"must be one of {PROTOCOLS}, got {protocol!r}")
     return module

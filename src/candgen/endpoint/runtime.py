@@ -19,6 +19,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from candgen.errors import CandgenError, ConfigError
 from candgen.paths import REPO_ROOT
@@ -105,7 +106,7 @@ def _ready(config: ServerConfig) -> bool:
     url = f"http://127.0.0.1:{config.http_port}/v2/health/ready"
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
+            return bool(resp.status == 200)
     except OSError:
         return False
 
@@ -191,7 +192,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def status(config: ServerConfig) -> dict[str, object]:
+def status(config: ServerConfig) -> dict[str, Any]:
     path = Path(config.state_dir).resolve() / STATE_FILE
     if not path.exists():
         return {"running": False, "pid": None}

@@ -23,6 +23,7 @@ table goes into the select step of the exported repository.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -383,11 +384,12 @@ def compare_policies(
         best_test = max(grid, key=lambda w: score(test_set, w))
         # The same choice made in each context alone: what per-context values amount to when
         # nothing is pooled (a context the fit window lacks gets the overall best split).
-        per_context = {key: max(grid, key=lambda w, rows=rows: score(rows, w))
+        per_context = {key: max(grid, key=functools.partial(score, rows))
                        for key, rows in _by_context(fit_set, learned).items()}  # fmt: skip
 
-        def contextual(r: ReplayedRequest, k: int, per_context: dict = per_context,
-                       best_fit: dict = best_fit) -> list[Candidate]:  # fmt: skip
+        def contextual(r: ReplayedRequest, k: int,
+                       per_context: dict[str, dict[str, float]] = per_context,
+                       best_fit: dict[str, float] = best_fit) -> list[Candidate]:  # fmt: skip
             split = per_context.get(learned.context_key(r.request.surface, r.activity), best_fit)
             return allocate(r.candidates, split, k)
 

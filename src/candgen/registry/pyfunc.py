@@ -9,18 +9,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel
 
 from candgen.errors import CandgenError
 from candgen.models.retriever import DEFAULT_K, Retriever
 
 
-def _mlflow_pyfunc_base() -> type:
-    import mlflow.pyfunc
-
-    return mlflow.pyfunc.PythonModel
-
-
-class RetrieverPyfunc(_mlflow_pyfunc_base()):  # type: ignore[misc]
+class RetrieverPyfunc(PythonModel):
     """The MLflow pyfunc wrapper around ``Retriever`` (artifacts: model, item_embeddings)."""
 
     def load_context(self, context: Any) -> None:
@@ -31,7 +26,9 @@ class RetrieverPyfunc(_mlflow_pyfunc_base()):  # type: ignore[misc]
         config = json.loads(Path(context.artifacts["config"]).read_text())
         self.retriever = Retriever(model, saved.item_ids, table, config["max_len"])
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None):  # type: ignore[no-untyped-def]
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         if "history" not in model_input.columns:
             raise CandgenError("history: the input needs a 'history' column of item id lists")
         k = int((params or {}).get("k", DEFAULT_K))
