@@ -80,15 +80,3 @@ def build_long_term_features(
     keys = ("recall@100", "hr@10", "ndcg@10")
     return {**summary, "summariser": {k: metrics[k] for k in keys if k in metrics},
             "config": dataclasses.asdict(config)}  # fmt: skip
-
-
-# TODO(this change): the CLI moves to SummariserConfig's flags; these two go then.
-SUMMARISER = {"epochs": SummariserConfig.epochs}
-
-
-def summariser_config(data_dir: Path | str, out_dir: Path | str, eval_days: int, **overrides: Any
-                      ) -> TrainConfig:  # fmt: skip
-    progress = overrides.pop("progress", True)
-    return SummariserConfig(eval_days=eval_days, out_dir=str(out_dir), **overrides).train_config(
-        data_dir, progress
-    )
