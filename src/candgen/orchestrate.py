@@ -99,7 +99,8 @@ class LocalRun:
 
 
 def _first_artifact(outputs: dict[str, Any], name: str) -> dict[str, Any]:
-    return outputs["artifacts"][name]["artifacts"][0].get("metadata", {})
+    metadata: dict[str, Any] = outputs["artifacts"][name]["artifacts"][0].get("metadata", {})
+    return metadata
 
 
 def describe_outcome(task: str, outputs: dict[str, Any] | None) -> str:

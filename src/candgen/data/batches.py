@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,7 +158,7 @@ def make_batch(
 
 def eval_batches(
     data: SequenceData, eval_set: EvalSet, max_len: int, batch_size: int, device: torch.device
-):  # type: ignore[no-untyped-def]
+) -> Iterator[tuple[slice, Batch]]:
     """Yields (slice of eval users, batch of their histories)."""
     for start in range(0, len(eval_set), batch_size):
         sl = slice(start, min(start + batch_size, len(eval_set)))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from candgen.data.batches import eval_batches
+from candgen.data.config import DataConfig
 from candgen.data.sequences import EvalSet, SequenceData, label_codes, load_data, surface_codes
 from candgen.errors import ConfigError
 from candgen.evaluation.metrics import (
@@ -214,7 +215,8 @@ def compare_saved_models(
                           f"{ours_h.protocol!r} vs {theirs_h.protocol!r}")  # fmt: skip
     if ours_h.protocol != "full":
         raise ConfigError("protocol", "paired comparisons need the full protocol")
-    ranks, targets, loaded = [], None, {}
+    ranks, targets = [], None
+    loaded: dict[DataConfig, SequenceData] = {}
     for m, h in runs:
         # Each model reads its own features (a summary one model fuses and the other ignores);
         # the same data is loaded once.
@@ -312,7 +314,9 @@ def evaluate_saved_model(
     from candgen.models.factory import load_model
 
     model, header = load_model(Path(model_path))
-    moved = {k: v for k, v in (("data_dir", data_dir), ("features_dir", features_dir)) if v}
+    moved: dict[str, Any] = {
+        k: v for k, v in (("data_dir", data_dir), ("features_dir", features_dir)) if v
+    }
     data = load_data(dataclasses.replace(header.data, **moved), seed=header.seed)
     protocol = protocol or header.protocol
     seed, max_len = header.seed, header.model.max_len

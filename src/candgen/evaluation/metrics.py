@@ -26,7 +26,8 @@ def target_ranks(topk: np.ndarray, target_user: np.ndarray, target_item: np.ndar
     k = topk.shape[1]
     rows = topk[target_user]
     hit = rows == target_item[:, None]
-    return np.where(hit.any(1), hit.argmax(1), k)
+    ranks: np.ndarray = np.where(hit.any(1), hit.argmax(1), k)
+    return ranks
 
 
 def ranking_metrics(
