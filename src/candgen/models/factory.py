@@ -7,6 +7,7 @@ Feast, loads models through it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -17,6 +18,16 @@ from candgen.models.sequential import HSTU, SASRec
 from candgen.models.two_tower import TwoTower
 from candgen.models.unified import UnifiedHSTU
 from candgen.vocab import LABELS, NUM_SCENARIOS
+
+
+class _CommonArgs(TypedDict):
+    """The arguments every model class takes."""
+
+    num_items: int
+    dim: int
+    max_len: int
+    dropout: float
+    temperature: float
 
 
 def build_model(
@@ -43,7 +54,7 @@ def build_model(
     it has label heads only where the data has labels and a scenario mixture only where it has
     surfaces (without either it is HSTU).
     """
-    common = {"num_items": num_items, "dim": config.dim, "max_len": config.max_len,
+    common: _CommonArgs = {"num_items": num_items, "dim": config.dim, "max_len": config.max_len,
               "dropout": config.dropout, "temperature": config.effective_temperature}  # fmt: skip
     time_buckets = 64 if has_timestamps and config.time_bias else 0
     if config.model == "sasrec":

@@ -91,7 +91,7 @@ class Retriever:
         # The width of the long-term embedding the model fuses (0: it reads none).
         self.long_term_dim = int(projection.in_features) if projection is not None else 0
 
-    def encode(self, histories: list[list[int]]) -> np.ndarray:
+    def encode(self, histories: list[list[int]]) -> list[np.ndarray]:
         """Maps external ids to internal ones; rejects ids outside the vocabulary."""
         out = []
         for row, hist in enumerate(histories):
@@ -108,7 +108,7 @@ class Retriever:
             if not internal:
                 raise CandgenError(f"history[{row}]: empty; give at least one item id")
             out.append(np.asarray(internal, dtype=np.int64))
-        return out  # type: ignore[return-value]
+        return out
 
     @torch.no_grad()
     def user_vectors(

@@ -8,6 +8,7 @@ output embeddings that the ANN index serves.
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,8 @@ class _SequenceEncoder(RetrievalModel):
 
     def _item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """(..., D) the shared input/output vectors of item ids (before scaling or norm)."""
-        return self.item_emb(ids)
+        vectors: torch.Tensor = self.item_emb(ids)
+        return vectors
 
     def raw_item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self._item_vectors(ids)
@@ -81,7 +83,8 @@ class _CausalSelfAttentionBlock(nn.Module):
             is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0,
         )  # fmt: skip
         x = x + self.dropout(self.proj(a.transpose(1, 2).reshape(b, n, d)))
-        return x + self.dropout(self.ffn(self.ln2(x)))
+        out: torch.Tensor = x + self.dropout(self.ffn(self.ln2(x)))
+        return out
 
 
 class SASRec(_SequenceEncoder):
@@ -120,7 +123,8 @@ class SASRec(_SequenceEncoder):
         x, mask = self._input(batch["items"])
         for block in self.blocks:
             x = block(x) * mask
-        return self.ln(x)
+        states: torch.Tensor = self.ln(x)
+        return states
 
 
 class _HSTUBlock(nn.Module):
@@ -159,7 +163,20 @@ class _HSTUBlock(nn.Module):
         attn = F.silu(scores) * causal / n
         y = torch.einsum("bhij,bjhd->bihd", attn, v).reshape(b, n, d)
         y = self.out(self.ln_attn(y) * u.reshape(b, n, d))
-        return x + self.dropout(y)
+        out: torch.Tensor = x + self.dropout(y)
+        return out
+
+
+class HSTUArgs(TypedDict, total=False):
+    """``HSTU``'s arguments after ``num_items`` (what a model that extends it passes on)."""
+
+    dim: int
+    max_len: int
+    num_blocks: int
+    num_heads: int
+    dropout: float
+    temperature: float
+    time_buckets: int
 
 
 class HSTU(_SequenceEncoder):
@@ -214,4 +231,5 @@ class HSTU(_SequenceEncoder):
         time_bucket = self._time_buckets(batch.get("timestamps"))
         for block in self.blocks:
             x = block(x, causal, time_bucket) * mask
-        return self.ln(x)
+        states: torch.Tensor = self.ln(x)
+        return states

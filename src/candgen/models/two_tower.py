@@ -38,6 +38,9 @@ class TwoTower(RetrievalModel):
         temperature: softmax temperature.
     """
 
+    item_attributes: torch.Tensor  # buffers (register_buffer), found by nn.Module's lookup
+    item_text: torch.Tensor
+
     def __init__(
         self,
         num_items: int,
@@ -79,13 +82,14 @@ class TwoTower(RetrievalModel):
         attrs = self.item_attributes[ids]
         attr_mask = (attrs > 0).unsqueeze(-1).float()
         attr = (self.attr_emb(attrs) * attr_mask).sum(-2) / attr_mask.sum(-2).clamp(min=1.0)
-        x = self.item_id_emb(ids) + attr
+        x: torch.Tensor = self.item_id_emb(ids) + attr
         if self.text_proj is not None:
             x = x + self.text_proj(self.item_text[ids])
         return x
 
     def raw_item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.item_mlp(self._item_input(ids))
+        vectors: torch.Tensor = self.item_mlp(self._item_input(ids))
+        return vectors
 
     def encode_positions(self, batch: Batch) -> torch.Tensor:
         items = batch["items"]
@@ -99,4 +103,5 @@ class TwoTower(RetrievalModel):
             feats = batch["user_features"]
             for col, emb in enumerate(self.user_feature_embs):
                 parts.append(emb(feats[:, col]).unsqueeze(1).expand_as(parts[0]))
-        return self.user_mlp(torch.cat(parts, dim=-1))
+        states: torch.Tensor = self.user_mlp(torch.cat(parts, dim=-1))
+        return states

@@ -17,12 +17,14 @@ an ad where its engagement would. New ads are then retrievable from their text o
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 from torch import nn
 
 from candgen.data.tensors import Batch
 from candgen.errors import ConfigError
-from candgen.models.sequential import HSTU
+from candgen.models.sequential import HSTU, HSTUArgs
 
 
 class ScenarioMixture(nn.Module):
@@ -59,7 +61,8 @@ class ScenarioMixture(nn.Module):
         context = self.scenario(scenarios).expand_as(state)
         outputs = torch.einsum("bld,edf->blef", state, self.experts)
         mixed = (self._gates(state, context).unsqueeze(-1) * outputs).sum(dim=-2)
-        return state + mixed + context
+        adapted: torch.Tensor = state + mixed + context
+        return adapted
 
 
 class ContentTower(nn.Module):
@@ -81,7 +84,8 @@ class ContentTower(nn.Module):
         )
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return self.net(text)
+        vectors: torch.Tensor = self.net(text)
+        return vectors
 
 
 class UnifiedHSTU(HSTU):
@@ -118,6 +122,10 @@ class UnifiedHSTU(HSTU):
     """
 
     contextual = True
+    # Buffers, registered only where some item has text (then ``content`` is set too).
+    item_text: torch.Tensor
+    has_text: torch.Tensor
+    cold_items: torch.Tensor
 
     def __init__(
         self,
@@ -133,9 +141,9 @@ class UnifiedHSTU(HSTU):
         long_term_dim: int = 0,
         short_term: bool = True,
         long_term_dropout: float = 0.0,
-        **hstu: object,
+        **hstu: Unpack[HSTUArgs],
     ) -> None:
-        super().__init__(num_items, **hstu)  # type: ignore[arg-type]
+        super().__init__(num_items, **hstu)
         dim = self.dim
         if not 0 <= serve_label < num_labels:
             raise ConfigError("serve_label", f"{serve_label} is not a head in 0..{num_labels - 1}")
@@ -192,7 +200,7 @@ class UnifiedHSTU(HSTU):
             self.content = ContentTower(item_text.shape[1], dim, float(hstu.get("dropout", 0.2)))
 
     def _item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
-        vectors = self.item_emb(ids)
+        vectors: torch.Tensor = self.item_emb(ids)
         if self.content is None:
             return vectors
         keep = ~self.cold_items[ids]
