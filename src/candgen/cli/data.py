@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from candgen.cli import DEFAULT_MARKETPLACE, add_config_flags, config_from_args, print_json
+from candgen.cli import DEFAULT_MARKETPLACE, Parser, add_config_flags, config_from_args, print_json
 from candgen.errors import ConfigError
 
 REAL_DATASETS = ("beauty", "games")
@@ -49,7 +49,7 @@ def cmd_data_real(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     from candgen.data.synth import SynthConfig
 
     data = sub.add_parser("data", help="real and synthetic data").add_subparsers(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from candgen.cli import Parser
 from candgen.cli.flags import check_at_least
 from candgen.errors import ConfigError
 
@@ -25,7 +26,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir, users=args.users, ads=args.ads, days=args.days)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     demo = sub.add_parser("demo", help="the end-to-end demo on a small synthetic marketplace")
     demo.add_argument(
         "--workdir",

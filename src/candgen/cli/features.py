@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from candgen.cli import DEFAULT_MARKETPLACE, add_config_flags, config_from_args, print_json
+from candgen.cli import DEFAULT_MARKETPLACE, Parser, add_config_flags, config_from_args, print_json
 from candgen.cli.flags import check_at_least, check_port
 from candgen.errors import ConfigError
 
@@ -155,7 +155,7 @@ def _add_long_term(store_cmd: Callable[..., argparse.ArgumentParser]) -> None:
     add_config_flags(lt, SummariserConfig)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     from candgen.features.build import FeatureBuildConfig
     from candgen.features.store import ACTION_TYPES, StoreConfig
 

@@ -119,7 +119,7 @@ def add_config_flags(
                 flag, dest=f.name, type=tp, required=True, help=_help(doc, "required")
             )
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         if _SAYS_DEFAULT.search(doc):
             # The docs describe the default (what an empty value or None stands for).
             help_text = _help(doc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from candgen.cli import add_config_flags, config_from_args, print_json
+from candgen.cli import Parser, add_config_flags, config_from_args, print_json
 from candgen.cli.flags import check_at_least, check_not_empty
 from candgen.cli.registry import TRACKING_HELP
 
@@ -30,7 +30,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     from candgen.index.ann import IndexConfig
 
     idx = sub.add_parser("index", help="the FAISS serving index").add_subparsers(

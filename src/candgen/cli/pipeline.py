@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from candgen.cli import print_json
+from candgen.cli import Parser, print_json
 from candgen.errors import ConfigError
 
 SET_HELP = "a pipeline parameter, e.g. --set epochs=5 (repeatable)"
@@ -56,7 +56,7 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     from candgen.orchestrate import PIPELINE_YAML
 
     pipe = sub.add_parser("pipeline", help="the KFP v2 retrieval pipeline").add_subparsers(

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from candgen.cli import DEFAULT_MARKETPLACE, add_config_flags, config_from_args, print_json
+from candgen.cli import DEFAULT_MARKETPLACE, Parser, add_config_flags, config_from_args, print_json
 from candgen.cli.flags import check_at_least
 from candgen.errors import ConfigError
 
@@ -114,7 +114,7 @@ def _add_replay_inputs(sp: argparse.ArgumentParser) -> None:
     )
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     from candgen.quotas.learning import QuotaLearnConfig
 
     quotas = sub.add_parser("quotas", help="the quotas across candidate generators").add_subparsers(

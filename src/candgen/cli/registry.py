@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from candgen.cli import print_json
+from candgen.cli import Parser, print_json
 from candgen.cli.flags import check_not_empty
 from candgen.errors import ConfigError
 
@@ -42,7 +42,7 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     reg = sub.add_parser("registry", help="the MLflow model registry").add_subparsers(
         dest="registry_command", required=True
     )

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from candgen.cli import add_config_flags, config_from_args, print_json
+from candgen.cli import Parser, add_config_flags, config_from_args, print_json
 from candgen.cli.flags import check_at_least, check_positive, parse_item_ids
 from candgen.errors import CandgenError, ConfigError
 
@@ -99,7 +99,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     from candgen.endpoint.export import ExportConfig
     from candgen.endpoint.runtime import ServerConfig
     from candgen.index.ann import IndexConfig
@@ -144,7 +144,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sw.set_defaults(func=cmd_serving_swap)
 
 
-def add_query_command(sub: argparse._SubParsersAction) -> None:
+def add_query_command(sub: argparse._SubParsersAction[Parser]) -> None:
     q = sub.add_parser("query", help="ask the live retrieve ensemble for a user's candidates")
     q.add_argument("user_id", type=int, help="the user to retrieve ads for")
     q.add_argument(

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from candgen.cli import add_config_flags, config_from_args, print_json
+from candgen.cli import Parser, add_config_flags, config_from_args, print_json
 from candgen.cli.flags import check_at_least
 
 HEADLINE = ("hr@10", "ndcg@10", "recall@50", "recall@100", "coverage@100", "users")
@@ -71,7 +71,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     from candgen.training.config import JobConfig, TrainConfig
 
     tr = sub.add_parser("train", help="train a retrieval model (in-process, or a TorchX job)")
