@@ -257,7 +257,8 @@ def stage_generators(
 ) -> None:
     """Writes the content generator and the delivery state beside an already saved ads index."""
     content.save(folder / CONTENT_DIR)
-    np.savez(folder / DELIVERY_FILE, **delivery)
+    # allow_pickle as savez's default, named so that no key of delivery can be taken for it
+    np.savez(folder / DELIVERY_FILE, allow_pickle=True, **delivery)
 
 
 def staging_dir(repository: Path, version: int) -> Path:
@@ -380,7 +381,7 @@ def _copy_index(index_dir: Path, dst: Path, model_uri: str) -> dict[str, Any]:
     manifest = index_dir / "index.json"
     if not manifest.exists():
         raise CandgenError(f"index_dir: {index_dir} holds no index.json (candgen index build)")
-    summary = json.loads(manifest.read_text())
+    summary: dict[str, Any] = json.loads(manifest.read_text())
     if summary["model_uri"] != model_uri:
         raise CandgenError(f"index_dir: {index_dir} was built for {summary['model_uri']}, "
                            f"not {model_uri}")  # fmt: skip
