@@ -28,7 +28,7 @@ help:
 	@echo "make k8s-render        print the manifests of k8s/overlays/\$$OVERLAY (default local)"
 	@echo "make test              lint + the whole test suite (needs Redis at 127.0.0.1:6379)"
 	@echo "make test-unit         only the tests that need no service"
-	@echo "make lint / format     ruff check + format --check / ruff format"
+	@echo "make lint / format     ruff check + format --check + mypy / ruff format"
 	@echo "make clean             remove generated data (keeps the environments)"
 
 setup: $(VENV)/.installed $(SERVING_VENV)/.installed $(TOOLS_VENV)/.installed
@@ -101,6 +101,7 @@ mlflow-ui: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format .
