@@ -50,8 +50,14 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("unified, no short-term sequence", ["--model", "unified", "--no-short-term"]),
 ]
 UNIFIED = "unified"
-POLICY_ORDER = ("learned", "best fixed", "best fixed per context", "best fixed on test",
-                "snake merge", "hand-set per surface")  # fmt: skip
+POLICY_ORDER = (
+    "learned",
+    "best fixed",
+    "best fixed per context",
+    "best fixed on test",
+    "snake merge",
+    "hand-set per surface",
+)
 
 
 def _run(cmd: list[str]) -> None:
@@ -70,21 +76,59 @@ def _slug(name: str) -> str:
 def run(args: argparse.Namespace) -> dict:
     work = Path(args.workdir)  # relative to the repository, where every command runs
     market, features = work / "marketplace", work / "features"
-    synth = [*CANDGEN, "data", "synth", "--out", str(market), "--overwrite", "--quiet",
-             "--users", str(args.users), "--ads", str(args.ads), "--days", str(args.days),
-             "--impressions-per-session", str(args.impressions_per_session),
-             "--seed", str(args.seed)]  # fmt: skip
-    build = [*CANDGEN, "features", "build", "--data", str(market), "--features-dir",
-             str(features), "--quiet"]  # fmt: skip
-    long_term = [*CANDGEN, "features", "long-term", "--data", str(market), "--features-dir",
-                 str(features), "--eval-days", str(args.eval_days), "--nproc", str(args.nproc),
-                 "--seed", str(args.seed), "--out-dir", str(work / "runs" / "long-term"),
-                 "--quiet"]  # fmt: skip
+    synth = [
+        *CANDGEN,
+        "data",
+        "synth",
+        "--out",
+        str(market),
+        "--overwrite",
+        "--quiet",
+        "--users",
+        str(args.users),
+        "--ads",
+        str(args.ads),
+        "--days",
+        str(args.days),
+        "--impressions-per-session",
+        str(args.impressions_per_session),
+        "--seed",
+        str(args.seed),
+    ]
+    build = [
+        *CANDGEN,
+        "features",
+        "build",
+        "--data",
+        str(market),
+        "--features-dir",
+        str(features),
+        "--quiet",
+    ]
+    long_term = [
+        *CANDGEN,
+        "features",
+        "long-term",
+        "--data",
+        str(market),
+        "--features-dir",
+        str(features),
+        "--eval-days",
+        str(args.eval_days),
+        "--nproc",
+        str(args.nproc),
+        "--seed",
+        str(args.seed),
+        "--out-dir",
+        str(work / "runs" / "long-term"),
+        "--quiet",
+    ]
     store = RESULTS / f"ablation_{args.machine}.json"
     before = json.loads(store.read_text()) if args.resume and store.exists() else {}
     t0 = time.perf_counter()
     summarised = (features / "manifest.json").exists() and "long_term" in json.loads(
-        (features / "manifest.json").read_text())  # fmt: skip
+        (features / "manifest.json").read_text()
+    )
     if not (args.resume and summarised):
         _run(synth)
         _run(build)
@@ -95,11 +139,33 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for name, extra in VARIANTS:
         out = work / "runs" / _slug(name)
-        cmd = [*CANDGEN, "train", "--nproc", str(args.nproc), "--dataset", "marketplace",
-               "--data-dir", str(market), "--features-dir", str(features),
-               "--epochs", str(args.epochs), "--lr", "3e-3", "--eval-days", str(args.eval_days),
-               "--batch-size", "128", "--seed", str(args.seed), "--no-track", "--no-progress",
-               "--out-dir", str(out), *extra]  # fmt: skip
+        cmd = [
+            *CANDGEN,
+            "train",
+            "--nproc",
+            str(args.nproc),
+            "--dataset",
+            "marketplace",
+            "--data-dir",
+            str(market),
+            "--features-dir",
+            str(features),
+            "--epochs",
+            str(args.epochs),
+            "--lr",
+            "3e-3",
+            "--eval-days",
+            str(args.eval_days),
+            "--batch-size",
+            "128",
+            "--seed",
+            str(args.seed),
+            "--no-track",
+            "--no-progress",
+            "--out-dir",
+            str(out),
+            *extra,
+        ]
         t0 = time.perf_counter()
         metrics = out / "metrics.json"
         reused = args.resume and metrics.exists()
@@ -110,39 +176,78 @@ def run(args: argparse.Namespace) -> dict:
             _run(cmd)
             seconds = time.perf_counter() - t0
         test = json.loads(metrics.read_text())["test"]
-        rows.append({"name": name, "command": _command_text(cmd), "seconds": round(seconds, 1),
-                     "reused": reused,
-                     "test": test})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "command": _command_text(cmd),
+                "seconds": round(seconds, 1),
+                "reused": reused,
+                "test": test,
+            }
+        )
         said = [f"{lab} recall@100 {_value(test, f'label.{lab}.recall@100')}" for lab in LABELS]
         print(f"{name}: " + ", ".join(said), flush=True)
     paired = _paired_comparisons(rows, work)
     quota_out = work / "quotas_compare.json"
-    quotas = [*CANDGEN, "quotas", "compare", "--model", str(work / "runs" / _slug(UNIFIED) /
-              "model.pt"), "--data", str(market), "--features-dir", str(features),
-              "--eval-days", str(args.eval_days), "-k", *map(str, KS), "--max-rank",
-              str(max(KS)), "--out", str(quota_out), "--quiet"]  # fmt: skip
+    quotas = [
+        *CANDGEN,
+        "quotas",
+        "compare",
+        "--model",
+        str(work / "runs" / _slug(UNIFIED) / "model.pt"),
+        "--data",
+        str(market),
+        "--features-dir",
+        str(features),
+        "--eval-days",
+        str(args.eval_days),
+        "-k",
+        *map(str, KS),
+        "--max-rank",
+        str(max(KS)),
+        "--out",
+        str(quota_out),
+        "--quiet",
+    ]
     t0 = time.perf_counter()
     subprocess.run(quotas, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     quota_result = json.loads(quota_out.read_text())
     return {
-        "machine": args.machine, "host": platform.node(), "python": platform.python_version(),
+        "machine": args.machine,
+        "host": platform.node(),
+        "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "data": {"users": args.users, "ads": args.ads, "days": args.days,
-                 "eval_days": args.eval_days, "seed": args.seed,
-                 "impressions_per_session": args.impressions_per_session,
-                 "command": _command_text(synth), "features": _command_text(build),
-                 "long_term": _command_text(long_term), "setup_seconds": setup_seconds},
-        "epochs": args.epochs, "nproc": args.nproc, "rows": rows, "paired": paired,
-        "quotas": {"command": _command_text(quotas),
-                   "seconds": round(time.perf_counter() - t0, 1), **quota_result},
-    }  # fmt: skip
+        "data": {
+            "users": args.users,
+            "ads": args.ads,
+            "days": args.days,
+            "eval_days": args.eval_days,
+            "seed": args.seed,
+            "impressions_per_session": args.impressions_per_session,
+            "command": _command_text(synth),
+            "features": _command_text(build),
+            "long_term": _command_text(long_term),
+            "setup_seconds": setup_seconds,
+        },
+        "epochs": args.epochs,
+        "nproc": args.nproc,
+        "rows": rows,
+        "paired": paired,
+        "quotas": {
+            "command": _command_text(quotas),
+            "seconds": round(time.perf_counter() - t0, 1),
+            **quota_result,
+        },
+    }
 
 
 # (what the comparison asks, the row compared with the unified model); the best single-task
 # model of each label is added at run time.
-ABLATED = (("scenario adaptation", "unified, no scenario adaptation"),
-           ("the short-term sequence", "unified, no short-term sequence"),
-           ("the long-term summary", "unified, no long-term summary"))  # fmt: skip
+ABLATED = (
+    ("scenario adaptation", "unified, no scenario adaptation"),
+    ("the short-term sequence", "unified, no short-term sequence"),
+    ("the long-term summary", "unified, no long-term summary"),
+)
 
 
 def _best_single_task(rows: list[dict], label: str) -> str:
@@ -154,15 +259,25 @@ def _best_single_task(rows: list[dict], label: str) -> str:
 def _paired_comparisons(rows: list[dict], work: Path) -> list[dict]:
     """The unified model against the best single-task model of each label and against each
     ablated variant, per user on the test window (`candgen evaluate --against`)."""
-    pairs = [(f"the best single-task model on {lab}", _best_single_task(rows, lab))
-             for lab in LABELS]  # fmt: skip
+    pairs = [
+        (f"the best single-task model on {lab}", _best_single_task(rows, lab)) for lab in LABELS
+    ]
     pairs += list(ABLATED)
     out, done = [], {}
     for question, other in pairs:
         if other not in done:
-            cmd = [*CANDGEN, "evaluate", "--model", str(work / "runs" / _slug(UNIFIED) /
-                   "model.pt"), "--against", str(work / "runs" / _slug(other) / "model.pt"),
-                   "--split", "test", "-k", "100"]  # fmt: skip
+            cmd = [
+                *CANDGEN,
+                "evaluate",
+                "--model",
+                str(work / "runs" / _slug(UNIFIED) / "model.pt"),
+                "--against",
+                str(work / "runs" / _slug(other) / "model.pt"),
+                "--split",
+                "test",
+                "-k",
+                "100",
+            ]
             print("+ " + " ".join(cmd), flush=True)
             done[other] = (
                 cmd,
@@ -171,8 +286,14 @@ def _paired_comparisons(rows: list[dict], work: Path) -> list[dict]:
                 ),
             )
         cmd, result = done[other]
-        out.append({"question": question, "against": other, "command": _command_text(cmd),
-                    "result": result})  # fmt: skip
+        out.append(
+            {
+                "question": question,
+                "against": other,
+                "command": _command_text(cmd),
+                "result": result,
+            }
+        )
     return out
 
 
@@ -216,33 +337,44 @@ def render(result: dict) -> str:
         t = row["test"]
         cells = [_value(t, f"label.{lab}.recall@{k}") for lab in LABELS for k in KS]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "Recall@K per surface (seconds: the wall time of the row's command; for a row "
-              "reused by `--resume`, the trainer's own):", "",
-              "| variant | " + " | ".join(f"{s} R@{k}" for s in SURFACES for k in KS)
-              + " | seconds |",
-              "|---|" + "---|" * (len(SURFACES) * len(KS) + 1)]  # fmt: skip
+    lines += [
+        "",
+        "Recall@K per surface (seconds: the wall time of the row's command; for a row "
+        "reused by `--resume`, the trainer's own):",
+        "",
+        "| variant | " + " | ".join(f"{s} R@{k}" for s in SURFACES for k in KS) + " | seconds |",
+        "|---|" + "---|" * (len(SURFACES) * len(KS) + 1),
+    ]
     for row in rows:
         t = row["test"]
         cells = [_value(t, f"surface.{s}.recall@{k}") for s in SURFACES for k in KS]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {row['seconds']} |")
-    lines += ["", "Cold-start ads (no training interaction) against warm ads, ad targets only:",
-              "", "| variant | cold R@50 | cold R@100 | cold R@200 | warm R@100 | cold / warm "
-              "at 100 |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Cold-start ads (no training interaction) against warm ads, ad targets only:",
+        "",
+        "| variant | cold R@50 | cold R@100 | cold R@200 | warm R@100 | cold / warm at 100 |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
         t = row["test"]
         cold, warm = t.get("ads.cold.recall@100", 0.0), t.get("ads.warm.recall@100", 0.0)
         ratio = f"{cold / warm:.2f}" if warm else "n/a"
         cells = [_value(t, f"ads.cold.recall@{k}") for k in KS]
-        lines.append(f"| {row['name']} | " + " | ".join(cells)
-                     + f" | {_value(t, 'ads.warm.recall@100')} | {ratio} |")  # fmt: skip
+        lines.append(
+            f"| {row['name']} | "
+            + " | ".join(cells)
+            + f" | {_value(t, 'ads.warm.recall@100')} | {ratio} |"
+        )
     lines += _paired_table(result.get("paired", []))
     lines += _quota_table(result.get("quotas"))
     lines += ["", "Commands:", ""]
     lines += [f"- {row['name']}: `{row['command']}`" for row in rows]
     if result.get("quotas"):
         lines.append(f"- quota policies: `{result['quotas']['command']}`")
-    lines += [f"- unified vs {p['against']}: `{p['command']}`" for p in _unique(
-        result.get("paired", []))]  # fmt: skip
+    lines += [
+        f"- unified vs {p['against']}: `{p['command']}`" for p in _unique(result.get("paired", []))
+    ]
     lines += ["", *_targets(rows, result.get("quotas"), result.get("paired", []))]
     # What was measured beside the table (experiments, their commands and what they showed).
     extra = RESULTS / "ablation_notes.md"
@@ -254,10 +386,15 @@ def render(result: dict) -> str:
 def _paired_table(paired: list[dict]) -> list[str]:
     if not paired:
         return []
-    lines = ["", "The unified model minus another, recall@100 per user on the same test targets "
-             "(paired; 95% bootstrap interval; users where the unified model ranks more / "
-             "fewer of their targets in its top 100):", "",
-             "| unified vs | organic | click | conversion |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        "The unified model minus another, recall@100 per user on the same test targets "
+        "(paired; 95% bootstrap interval; users where the unified model ranks more / "
+        "fewer of their targets in its top 100):",
+        "",
+        "| unified vs | organic | click | conversion |",
+        "|---|---|---|---|",
+    ]
     for p in _unique(paired):
         cells = [_paired(p["result"].get(f"label.{lab}")) for lab in LABELS]
         lines.append(f"| {p['against']} | " + " | ".join(cells) + " |")
@@ -268,15 +405,20 @@ def _quota_table(quotas: dict | None) -> list[str]:
     if not quotas:
         return []
     policies = quotas["policies"]
-    lines = ["", f"Quota policies over the unified model's generators (sequential, content, "
-             f"popularity), at equal K: the test window's {quotas['test_requests']:,} "
-             f"(user, surface) requests that led to ad clicks, each replayed through the "
-             f"generators as they stood when the window began; the learned values were fitted "
-             f"on the validation window's {quotas['fit_requests']:,} requests (activity buckets "
-             f"at {quotas['activity_edges']} lifetime actions). Recall per request:", "",
-             "| policy | " + " | ".join(f"{lab} R@{k}" for lab in ("click", "conversion")
-                                       for k in KS) + " |",
-             "|---|" + "---|" * (2 * len(KS))]  # fmt: skip
+    lines = [
+        "",
+        f"Quota policies over the unified model's generators (sequential, content, "
+        f"popularity), at equal K: the test window's {quotas['test_requests']:,} "
+        f"(user, surface) requests that led to ad clicks, each replayed through the "
+        f"generators as they stood when the window began; the learned values were fitted "
+        f"on the validation window's {quotas['fit_requests']:,} requests (activity buckets "
+        f"at {quotas['activity_edges']} lifetime actions). Recall per request:",
+        "",
+        "| policy | "
+        + " | ".join(f"{lab} R@{k}" for lab in ("click", "conversion") for k in KS)
+        + " |",
+        "|---|" + "---|" * (2 * len(KS)),
+    ]
     for name in POLICY_ORDER:
         if name not in policies:
             continue
@@ -284,23 +426,35 @@ def _quota_table(quotas: dict | None) -> list[str]:
         cells = [_value(m, f"{lab}.recall@{k}") for lab in ("click", "conversion") for k in KS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     splits = policies["best fixed"]
-    said = "; ".join(f"K={k}: " + ", ".join(f"{g} {w:.1f}" for g, w in splits[f"split@{k}"].items())
-                     for k in KS)  # fmt: skip
+    said = "; ".join(
+        f"K={k}: " + ", ".join(f"{g} {w:.1f}" for g, w in splits[f"split@{k}"].items()) for k in KS
+    )
     n_conv = int(policies["learned"].get("conversion.requests", 0))
     strength = quotas.get("prior_strength")
-    pooled = (" The learned values were pooled across contexts with an estimated strength of "
-              + ", ".join(f"{g} {v:,.0f}" for g, v in strength.items())
-              + " requests (empirical Bayes; a context holds "
-              f"{quotas['fit_requests'] / 12:,.0f} requests on average)."
-              if isinstance(strength, dict) else "")  # fmt: skip
-    lines += ["", f"The best fixed split (chosen per K by conversion recall on the validation "
-              f"window): {said}. {n_conv} test requests hold a conversion.{pooled}", "",
-              "Learned minus best fixed, per request (paired; 95% bootstrap interval; requests "
-              "where the learned quotas found more / fewer of the clicked ads):", "",
-              "| K | click | conversion |", "|---|---|---|"]  # fmt: skip
+    pooled = (
+        " The learned values were pooled across contexts with an estimated strength of "
+        + ", ".join(f"{g} {v:,.0f}" for g, v in strength.items())
+        + " requests (empirical Bayes; a context holds "
+        f"{quotas['fit_requests'] / 12:,.0f} requests on average)."
+        if isinstance(strength, dict)
+        else ""
+    )
+    lines += [
+        "",
+        f"The best fixed split (chosen per K by conversion recall on the validation "
+        f"window): {said}. {n_conv} test requests hold a conversion.{pooled}",
+        "",
+        "Learned minus best fixed, per request (paired; 95% bootstrap interval; requests "
+        "where the learned quotas found more / fewer of the clicked ads):",
+        "",
+        "| K | click | conversion |",
+        "|---|---|---|",
+    ]
     for k in KS:
-        cells = [_paired(policies["learned"].get(f"{lab}.vs_best_fixed@{k}"))
-                 for lab in ("click", "conversion")]  # fmt: skip
+        cells = [
+            _paired(policies["learned"].get(f"{lab}.vs_best_fixed@{k}"))
+            for lab in ("click", "conversion")
+        ]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines
 
@@ -351,26 +505,34 @@ def _targets(rows: list[dict], quotas: dict | None, paired: list[dict]) -> list[
     for lab in LABELS:
         key = f"label.{lab}.recall@100"
         if not unified.get(f"label.{lab}.users"):
-            out.append(f"- unified vs the best single-task model on {lab}: no {lab} target in "
-                       "the test window, not measured")  # fmt: skip
+            out.append(
+                f"- unified vs the best single-task model on {lab}: no {lab} target in "
+                "the test window, not measured"
+            )
             continue
         best_name = max(singles, key=lambda n: by[n].get(key, 0.0))
         best, got = by[best_name].get(key, 0.0), unified.get(key, 0.0)
         verdict = "met" if got >= best else "missed"
         verdict += _noise(vs.get(best_name, {}).get(f"label.{lab}"))
-        out.append(f"- {lab} recall@100: unified {got:.4f} vs the best single-task model "
-                   f"({best_name}) {best:.4f}: {verdict}")  # fmt: skip
+        out.append(
+            f"- {lab} recall@100: unified {got:.4f} vs the best single-task model "
+            f"({best_name}) {best:.4f}: {verdict}"
+        )
     conv = unified.get("label.conversion.recall@100", 0.0)
     tt = by.get("two-tower, ad clicks only", {}).get("label.conversion.recall@100", 0.0)
     verdict = "met" if conv >= 1.2 * tt and conv > 0 else "missed"
     if not unified.get("label.conversion.users"):
         verdict = "not measured (no conversion target in the test window)"
-    out.append(f"- unified conversion recall@100 {conv:.4f} vs 1.2 x the click-only two-tower "
-               f"({tt:.4f}): {verdict}")  # fmt: skip
+    out.append(
+        f"- unified conversion recall@100 {conv:.4f} vs 1.2 x the click-only two-tower "
+        f"({tt:.4f}): {verdict}"
+    )
     cold, warm = unified.get("ads.cold.recall@100", 0.0), unified.get("ads.warm.recall@100", 0.0)
     verdict = "met" if warm and cold >= 0.5 * warm else "missed"
-    out.append(f"- unified cold-start recall@100 {cold:.4f} vs half its warm-ad recall@100 "
-               f"({0.5 * warm:.4f}): {verdict}")  # fmt: skip
+    out.append(
+        f"- unified cold-start recall@100 {cold:.4f} vs half its warm-ad recall@100 "
+        f"({0.5 * warm:.4f}): {verdict}"
+    )
     if quotas:
         p = quotas["policies"]
         for k in KS:
@@ -380,32 +542,46 @@ def _targets(rows: list[dict], quotas: dict | None, paired: list[dict]) -> list[
             verdict = "met" if got > best else "missed"
             paired = p["learned"].get(f"conversion.vs_best_fixed@{k}")
             if paired:
-                verdict += (f", {paired['wins']} requests won and {paired['losses']} lost; "
-                            + ("the interval excludes 0" if _beyond_noise(paired)
-                               else "within noise: the interval spans 0"))  # fmt: skip
-            out.append(f"- learned quotas vs the best fixed quota, conversion recall@{k}: "
-                       f"{got:.4f} vs {best:.4f}: {verdict} (the fixed split best on the test "
-                       f"window itself: {oracle:.4f})")  # fmt: skip
+                verdict += f", {paired['wins']} requests won and {paired['losses']} lost; " + (
+                    "the interval excludes 0"
+                    if _beyond_noise(paired)
+                    else "within noise: the interval spans 0"
+                )
+            out.append(
+                f"- learned quotas vs the best fixed quota, conversion recall@{k}: "
+                f"{got:.4f} vs {best:.4f}: {verdict} (the fixed split best on the test "
+                f"window itself: {oracle:.4f})"
+            )
     for lab in LABELS:
         n = int(unified.get(f"label.{lab}.users", 0))
         if 0 < n < 100:
-            out.append(f"- the {lab} rows rest on {n} users (one user moves recall by about "
-                       f"{1 / n:.3f}); the paired intervals say which differences exceed that "
-                       "noise")  # fmt: skip
-    for name, what in (("unified, no scenario adaptation", "scenario adaptation"),
-                       ("unified, no short-term sequence", "the short-term sequence"),
-                       ("unified, no long-term summary", "the long-term summary")):  # fmt: skip
+            out.append(
+                f"- the {lab} rows rest on {n} users (one user moves recall by about "
+                f"{1 / n:.3f}); the paired intervals say which differences exceed that "
+                "noise"
+            )
+    for name, what in (
+        ("unified, no scenario adaptation", "scenario adaptation"),
+        ("unified, no short-term sequence", "the short-term sequence"),
+        ("unified, no long-term summary", "the long-term summary"),
+    ):
         other = by.get(name, {})
         if not other:
             continue
         key = "label.{}.recall@100"
-        gains = {lab: unified.get(key.format(lab), 0.0) - other.get(key.format(lab), 0.0)
-                 for lab in LABELS}  # fmt: skip
-        said = ", ".join(f"{lab} {gain:+.4f}{_clear(vs.get(name, {}).get(f'label.{lab}'))}"
-                         for lab, gain in gains.items())  # fmt: skip
+        gains = {
+            lab: unified.get(key.format(lab), 0.0) - other.get(key.format(lab), 0.0)
+            for lab in LABELS
+        }
+        said = ", ".join(
+            f"{lab} {gain:+.4f}{_clear(vs.get(name, {}).get(f'label.{lab}'))}"
+            for lab, gain in gains.items()
+        )
         verdict = "a gain on every label" if min(gains.values()) > 0 else "not a consistent gain"
-        out.append(f"- {what} (unified minus unified without it, recall@100): {said}: "
-                   f"{verdict} on this marketplace")  # fmt: skip
+        out.append(
+            f"- {what} (unified minus unified without it, recall@100): {said}: "
+            f"{verdict} on this marketplace"
+        )
     return out
 
 
@@ -423,9 +599,12 @@ def main() -> int:
     p.add_argument("--machine", default="cpu", help="label of the stored results (cpu, gpu)")
     p.add_argument("--workdir", default="data/ablation")
     p.add_argument("--render-only", action="store_true")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the data, the summaries and every variant already trained in "
-                   "--workdir (after an interrupted run); the rest runs as usual")  # fmt: skip
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the data, the summaries and every variant already trained in "
+        "--workdir (after an interrupted run); the rest runs as usual",
+    )
     args = p.parse_args()
     store = RESULTS / f"ablation_{args.machine}.json"
     if not args.render_only:

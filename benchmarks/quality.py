@@ -34,9 +34,18 @@ TIME_LIMIT_S = 30 * 60
 # Settings per data set, shared by both models (the models' own defaults add the rest:
 # SASRec scores by dot product at temperature 1, HSTU by cosine at temperature 0.05).
 _COMMON: dict[str, object] = dict(
-    dim=64, max_len=50, num_blocks=2, num_heads=1, dropout=0.5, lr=1e-3, batch_size=256,
-    num_negatives=256, epochs=100, eval_every=5, patience=4,
-)  # fmt: skip
+    dim=64,
+    max_len=50,
+    num_blocks=2,
+    num_heads=1,
+    dropout=0.5,
+    lr=1e-3,
+    batch_size=256,
+    num_negatives=256,
+    epochs=100,
+    eval_every=5,
+    patience=4,
+)
 # Games has 40% more users than Beauty, so an epoch costs 40% more: 60 epochs keep each CPU run
 # inside the 30-minute budget (its denser sequences also converge sooner).
 SETTINGS: dict[str, dict[str, object]] = {
@@ -88,10 +97,17 @@ def run_row(dataset: str, model: str, args: argparse.Namespace) -> dict[str, obj
     """Trains one row in this process and returns its record."""
     from candgen.training.trainer import train
 
-    cfg = TrainConfig(dataset=dataset, model=model, data_dir=args.data_dir, device=args.device,
-                      out_dir=str(Path(args.runs) / f"{dataset}-{model}"), progress=True,
-                      track=args.track, experiment="quality-benchmark",
-                      **(SETTINGS[dataset] | _overrides(args.set)))  # type: ignore[arg-type]  # fmt: skip
+    cfg = TrainConfig(
+        dataset=dataset,
+        model=model,
+        data_dir=args.data_dir,
+        device=args.device,
+        out_dir=str(Path(args.runs) / f"{dataset}-{model}"),
+        progress=True,
+        track=args.track,
+        experiment="quality-benchmark",
+        **(SETTINGS[dataset] | _overrides(args.set)),
+    )  # type: ignore[arg-type]
     result = train(cfg)
     m = result.test_metrics
     return {
@@ -160,8 +176,9 @@ def render(all_rows: dict[str, list[dict]]) -> str:
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             for name, hr, ndcg, source in PUBLISHED[ds]:
-                lines.append(f"| {name} (published: {source}) | {hr:.4f} | {ndcg:.4f} | | | | | "
-                             "| |")  # fmt: skip
+                lines.append(
+                    f"| {name} (published: {source}) | {hr:.4f} | {ndcg:.4f} | | | | | | |"
+                )
             for r in ds_rows:
                 mem = f"{r['peak_memory_mb']:,.0f} MB " + (
                     "GPU" if str(r["device"]).startswith("cuda") else "RSS"
@@ -191,10 +208,19 @@ def main() -> int:
     p.add_argument("--machine", default="cpu", help="results file tag: cpu, gpu, ...")
     p.add_argument("--data-dir", default="", help="default: ../shared/data")
     p.add_argument("--runs", default=str(ROOT / "runs" / "quality"))
-    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
-                   help="log each run to MLflow (needs the platform environment)")  # fmt: skip
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a setting (experiments: use another --machine)")  # fmt: skip
+    p.add_argument(
+        "--track",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log each run to MLflow (needs the platform environment)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a setting (experiments: use another --machine)",
+    )
     p.add_argument("--row", default="", help=argparse.SUPPRESS)  # internal: one row, JSON out
     p.add_argument("--render-only", action="store_true", help="rewrite the doc from stored rows")
     args = p.parse_args()
@@ -216,14 +242,24 @@ def main() -> int:
                     flags += ["--data-dir", args.data_dir]
                 if not args.track:
                     flags.append("--no-track")
-                shown = " ".join(["python benchmarks/quality.py", "--datasets", dataset,
-                                  "--models", model, *flags])  # fmt: skip
+                shown = " ".join(
+                    [
+                        "python benchmarks/quality.py",
+                        "--datasets",
+                        dataset,
+                        "--models",
+                        model,
+                        *flags,
+                    ]
+                )
                 print(f"\n== {dataset} / {model}: {shown}", flush=True)
                 t0 = time.perf_counter()
                 proc = subprocess.run(
                     [sys.executable, __file__, "--row", f"{dataset}:{model}", *flags],
-                    cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                )  # fmt: skip
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
                 if proc.returncode != 0 or not found:
                     print(proc.stdout[-4000:])
@@ -231,9 +267,11 @@ def main() -> int:
                     return 1
                 row = json.loads(found[-1][4:]) | {"command": shown}
                 took = (time.perf_counter() - t0) / 60
-                print(f"   HR@10 {row['hr@10']:.4f}  NDCG@10 {row['ndcg@10']:.4f}  "
-                      f"train {row['wall_seconds'] / 60:.1f} min  (row took {took:.1f} min)",
-                      flush=True)  # fmt: skip
+                print(
+                    f"   HR@10 {row['hr@10']:.4f}  NDCG@10 {row['ndcg@10']:.4f}  "
+                    f"train {row['wall_seconds'] / 60:.1f} min  (row took {took:.1f} min)",
+                    flush=True,
+                )
                 rows = [r for r in rows if (r["dataset"], r["model"]) != (dataset, model)]
                 rows.append(row)
                 rows.sort(key=lambda r: (r["dataset"], r["model"]))

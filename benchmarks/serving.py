@@ -88,9 +88,15 @@ def stage_index(args: argparse.Namespace) -> dict[str, object]:
     exact = AdIndex.build(ids, vectors, IndexConfig(kind="flat", device=args.device))
     build = time.perf_counter() - t0
     truth = exact.search(qs, K)[0]
-    rows.append({"index": "exact (flat IP)", "build_s": build, "recall@100": 1.0,
-                 "qps_batched": batched_qps(exact, qs),
-                 **latency_ms(exact, qs[: args.latency_queries])})  # fmt: skip
+    rows.append(
+        {
+            "index": "exact (flat IP)",
+            "build_s": build,
+            "recall@100": 1.0,
+            "qps_batched": batched_qps(exact, qs),
+            **latency_ms(exact, qs[: args.latency_queries]),
+        }
+    )
     print(rows[-1], flush=True)
     if args.device == "cpu":
         t0 = time.perf_counter()
@@ -98,20 +104,31 @@ def stage_index(args: argparse.Namespace) -> dict[str, object]:
         build = time.perf_counter() - t0
         for ef in (64, 128, 256):
             hnsw.config = IndexConfig(kind="hnsw", ef_search=ef, ef_construction=100)
-            rows.append({"index": f"HNSW M=32 efC=100 efSearch={ef}", "build_s": build,
-                         "recall@100": recall_at_k(hnsw.search(qs, K)[0], truth),
-                         "qps_batched": batched_qps(hnsw, qs),
-                         **latency_ms(hnsw, qs[: args.latency_queries])})  # fmt: skip
+            rows.append(
+                {
+                    "index": f"HNSW M=32 efC=100 efSearch={ef}",
+                    "build_s": build,
+                    "recall@100": recall_at_k(hnsw.search(qs, K)[0], truth),
+                    "qps_batched": batched_qps(hnsw, qs),
+                    **latency_ms(hnsw, qs[: args.latency_queries]),
+                }
+            )
             print(rows[-1], flush=True)
-    return {"rows": rows, "ads": args.ads, "dim": args.dim, "queries": args.queries,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), faiss "
-                       f"{__import__('faiss').__version__}, device {args.device}",
-            "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}  # fmt: skip
+    return {
+        "rows": rows,
+        "ads": args.ads,
+        "dim": args.dim,
+        "queries": args.queries,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), faiss "
+        f"{__import__('faiss').__version__}, device {args.device}",
+        "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
+    }
 
 
-def _model_file(path: Path, item_ids: np.ndarray, item_vectors: np.ndarray, max_len: int,
-                block_scale: float) -> None:  # fmt: skip
+def _model_file(
+    path: Path, item_ids: np.ndarray, item_vectors: np.ndarray, max_len: int, block_scale: float
+) -> None:
     """An HSTU whose item embeddings are the benchmark corpus, saved as training saves it.
 
     Its attention blocks' output weights are scaled by ``block_scale``: at 0.1 a user vector
@@ -120,11 +137,15 @@ def _model_file(path: Path, item_ids: np.ndarray, item_vectors: np.ndarray, max_
     """
     import torch
 
+    from candgen.data.config import DataConfig
+    from candgen.models.config import ModelConfig
     from candgen.models.factory import build_model
+    from candgen.models.saved import ModelHeader, save_model
     from candgen.training.config import TrainConfig
 
-    cfg = TrainConfig(dataset="marketplace", model="hstu", dim=item_vectors.shape[1],
-                      max_len=max_len, track=False)  # fmt: skip
+    cfg = TrainConfig(
+        dataset="marketplace", model="hstu", dim=item_vectors.shape[1], max_len=max_len, track=False
+    )
     n = len(item_ids) - 1
     torch.manual_seed(0)
     model = build_model(cfg, n, torch.zeros(n + 1, 1, dtype=torch.long), has_timestamps=True)
@@ -132,9 +153,14 @@ def _model_file(path: Path, item_ids: np.ndarray, item_vectors: np.ndarray, max_
         model.item_emb.weight[1:] = torch.from_numpy(item_vectors)
         for block in model.blocks:
             block.out.weight.mul_(block_scale)
-    torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict(), "num_items": n,
-                "item_ids": item_ids, "user_feature_cardinalities": (),
-                "has_timestamps": True}, path)  # fmt: skip
+    header = ModelHeader(
+        model=ModelConfig.of(cfg),
+        data=DataConfig.of(cfg),
+        item_ids=item_ids,
+        has_timestamps=True,
+        training=cfg.to_dict(),
+    )
+    save_model(path, model, header)
     model.eval()
     with torch.no_grad():
         np.save(path.parent / "item_embeddings.npy", model.item_table().numpy())
@@ -147,10 +173,15 @@ def _market(work: Path, seed: int):  # -> (store config, user ids, market item i
     from candgen.features.build import FeatureBuildConfig, build_features
     from candgen.features.store import StoreConfig, apply, materialize
 
-    summary = generate(SynthConfig(users=2_000, ads=2_000, items=2_000, days=7, seed=seed),
-                       work / "market", progress=False, overwrite=True)  # fmt: skip
-    build_features(summary.out_dir, work / "features", FeatureBuildConfig(embed_text=False),
-                   progress=False)  # fmt: skip
+    summary = generate(
+        SynthConfig(users=2_000, ads=2_000, items=2_000, days=7, seed=seed),
+        work / "market",
+        progress=False,
+        overwrite=True,
+    )
+    build_features(
+        summary.out_dir, work / "features", FeatureBuildConfig(embed_text=False), progress=False
+    )
     store = StoreConfig(features_dir=work / "features", state_dir=work / "feast")
     apply(store)
     materialize(store)
@@ -160,9 +191,13 @@ def _market(work: Path, seed: int):  # -> (store config, user ids, market item i
     return store, np.unique(users.to_numpy(np.int64)), items, ads
 
 
-def _build_repository(args: argparse.Namespace, work: Path, items: np.ndarray,
-                      market_ads: np.ndarray, feature_url: str) -> tuple[dict, np.ndarray,
-                                                                         np.ndarray]:  # fmt: skip
+def _build_repository(
+    args: argparse.Namespace,
+    work: Path,
+    items: np.ndarray,
+    market_ads: np.ndarray,
+    feature_url: str,
+) -> tuple[dict, np.ndarray, np.ndarray]:
     from candgen.data.synth import AD_ID_OFFSET
     from candgen.endpoint.export import publish, stage_generators
     from candgen.index.ann import INDEX_FILE
@@ -184,11 +219,17 @@ def _build_repository(args: argparse.Namespace, work: Path, items: np.ndarray,
     staging = work / "repo" / ".staging-1"
     for step in STEPS:
         (staging / step.MODEL).mkdir(parents=True, exist_ok=True)
-    _model_file(staging / EncoderStep.MODEL / "model.pt", item_ids, everything, args.max_len,
-                args.encoder_block_scale)  # fmt: skip
+    _model_file(
+        staging / EncoderStep.MODEL / "model.pt",
+        item_ids,
+        everything,
+        args.max_len,
+        args.encoder_block_scale,
+    )
     del everything
-    index_cfg = IndexConfig(kind="hnsw", ef_construction=args.ef_construction,
-                            ef_search=args.ef_search)  # fmt: skip
+    index_cfg = IndexConfig(
+        kind="hnsw", ef_construction=args.ef_construction, ef_search=args.ef_search
+    )
     gen = staging / GeneratorsStep.MODEL
     t1 = time.perf_counter()
     AdIndex.build(ad_ids, vectors, index_cfg).save(gen / INDEX_FILE)
@@ -200,17 +241,24 @@ def _build_repository(args: argparse.Namespace, work: Path, items: np.ndarray,
     content = ContentGenerator(ad_ids, text, categories, 24, index_cfg)
     content_build = time.perf_counter() - t1
     impressions = rng.integers(0, 5_000, args.ads)
-    stage_generators(gen, content, {
-        "ad_ids": ad_ids, "impressions": impressions,
-        "clicks": rng.binomial(impressions, 0.02),
-        "budget_left_fraction": rng.random(args.ads).astype(np.float32),
-        "ineligible": ad_ids[rng.random(args.ads) < 0.02],
-    })  # fmt: skip
-    serving = ServingConfig(feature_server_url=feature_url, max_k=1_000,
-                            instances=args.instances)  # fmt: skip
+    stage_generators(
+        gen,
+        content,
+        {
+            "ad_ids": ad_ids,
+            "impressions": impressions,
+            "clicks": rng.binomial(impressions, 0.02),
+            "budget_left_fraction": rng.random(args.ads).astype(np.float32),
+            "ineligible": ad_ids[rng.random(args.ads) < 0.02],
+        },
+    )
+    serving = ServingConfig(feature_server_url=feature_url, max_k=1_000, instances=args.instances)
     publish(work / "repo", staging, 1, serving, index_cfg, {"benchmark": "serving ensemble"})
-    info = {"build_s": time.perf_counter() - t0, "seq_index_build_s": seq_build,
-            "content_index_build_s": content_build}  # fmt: skip
+    info = {
+        "build_s": time.perf_counter() - t0,
+        "seq_index_build_s": seq_build,
+        "content_index_build_s": content_build,
+    }
     return info, ad_ids, vectors
 
 
@@ -248,10 +296,17 @@ def _load(url: str, users: np.ndarray, seconds: float, concurrency: int, seed: i
     wall = time.perf_counter() - t0
     times = np.concatenate([np.asarray(x) for x in lat])
     p50, p95, p99 = np.percentile(times, [50, 95, 99]) if len(times) else (np.nan,) * 3
-    return {"concurrency": concurrency, "requests": len(times), "errors": len(errors),
-            "fallbacks": sum(fallbacks),
-            "first_error": errors[0] if errors else "", "qps": len(times) / wall,
-            "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": len(times),
+        "errors": len(errors),
+        "fallbacks": sum(fallbacks),
+        "first_error": errors[0] if errors else "",
+        "qps": len(times) / wall,
+        "p50_ms": float(p50),
+        "p95_ms": float(p95),
+        "p99_ms": float(p99),
+    }
 
 
 def _step_stats(client, models: list[str]) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
@@ -273,8 +328,10 @@ def _per_request_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
     out = {}
     for name in after:
         n = after[name]["count"] - before[name]["count"]
-        out[name] = {k.replace("_ns", "_ms"): (after[name][k] - before[name][k]) / max(n, 1) / 1e6
-                     for k in ("queue_ns", "compute_ns")}  # fmt: skip
+        out[name] = {
+            k.replace("_ns", "_ms"): (after[name][k] - before[name][k]) / max(n, 1) / 1e6
+            for k in ("queue_ns", "compute_ns")
+        }
     return out
 
 
@@ -293,14 +350,21 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     store, users, items, market_ads = _market(work, args.seed)
-    print(f"marketplace + Feast store: {len(users):,} users in {time.perf_counter() - t0:.0f}s",
-          flush=True)  # fmt: skip
+    print(
+        f"marketplace + Feast store: {len(users):,} users in {time.perf_counter() - t0:.0f}s",
+        flush=True,
+    )
     features = FeatureServerProcess(store, port=args.feature_port, log=work / "feature_server.log")
     build, ad_ids, vectors = _build_repository(args, work, items, market_ads, features.url)
     print(f"repository: {build}", flush=True)
-    server = ServerConfig(model_repository=str(work / "repo"), state_dir=str(work / "triton"),
-                          http_port=args.http_port, grpc_port=args.http_port + 1,
-                          metrics_port=args.http_port + 2, ready_timeout_s=600)  # fmt: skip
+    server = ServerConfig(
+        model_repository=str(work / "repo"),
+        state_dir=str(work / "triton"),
+        http_port=args.http_port,
+        grpc_port=args.http_port + 1,
+        metrics_port=args.http_port + 2,
+        ready_timeout_s=600,
+    )
     grpc_url = f"127.0.0.1:{args.http_port + 1}"
     levels, profile = [], {}
     try:
@@ -330,29 +394,50 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
     retriever = load_retriever(work / "repo" / STEPS[1].MODEL / "1")
     qs = np.stack([v for c in contexts if (v := user_vector(retriever, c)) is not None])
     del retriever
-    ann = AdIndex.load(work / "repo" / STEPS[2].MODEL / "1" / "ads.faiss",
-                       IndexConfig(kind="hnsw", ef_search=args.ef_search))  # fmt: skip
+    ann = AdIndex.load(
+        work / "repo" / STEPS[2].MODEL / "1" / "ads.faiss",
+        IndexConfig(kind="hnsw", ef_search=args.ef_search),
+    )
     exact = AdIndex.build(ad_ids, vectors, IndexConfig(kind="flat"))
     truth = exact.search(qs, K)[0]
     stages = []
     for ef in sorted({args.ef_search, 128, 256, 512, 1024}):
         ann.config = IndexConfig(kind="hnsw", ef_search=ef, ef_construction=args.ef_construction)
-        stages.append({"stage": f"ANN only (HNSW efSearch={ef})" + (
-                       " (served)" if ef == args.ef_search else ""),
-                       "recall@100": recall_at_k(ann.search(qs, K)[0], truth),
-                       **latency_ms(ann, qs)})  # fmt: skip
-    stages.append({"stage": "exact search only (flat IP)", "recall@100": 1.0,
-                   **latency_ms(exact, qs[: args.latency_queries])})  # fmt: skip
+        stages.append(
+            {
+                "stage": f"ANN only (HNSW efSearch={ef})"
+                + (" (served)" if ef == args.ef_search else ""),
+                "recall@100": recall_at_k(ann.search(qs, K)[0], truth),
+                **latency_ms(ann, qs),
+            }
+        )
+    stages.append(
+        {
+            "stage": "exact search only (flat IP)",
+            "recall@100": 1.0,
+            **latency_ms(exact, qs[: args.latency_queries]),
+        }
+    )
     print(stages, flush=True)
-    return {"levels": levels, "profile": {str(k): v for k, v in profile.items()},
-            "stages": stages, "feature_lookup_ms": feature_ms, "queries": len(qs),
-            "ads": args.ads, "dim": args.dim, "instances": args.instances,
-            "encoder_block_scale": args.encoder_block_scale,
-            "ef_construction": args.ef_construction, "ef_search": args.ef_search,
-            "seconds_per_level": args.seconds, "server_load_s": load_s, **build,
-            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), Triton "
-                       "2.51 (nvidia-pytriton 0.7.0) python backend, CPU",
-            "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}  # fmt: skip
+    return {
+        "levels": levels,
+        "profile": {str(k): v for k, v in profile.items()},
+        "stages": stages,
+        "feature_lookup_ms": feature_ms,
+        "queries": len(qs),
+        "ads": args.ads,
+        "dim": args.dim,
+        "instances": args.instances,
+        "encoder_block_scale": args.encoder_block_scale,
+        "ef_construction": args.ef_construction,
+        "ef_search": args.ef_search,
+        "seconds_per_level": args.seconds,
+        "server_load_s": load_s,
+        **build,
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), Triton "
+        "2.51 (nvidia-pytriton 0.7.0) python backend, CPU",
+        "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
+    }
 
 
 def plot_ensemble(machine: str, res: dict) -> str:
@@ -369,8 +454,15 @@ def plot_ensemble(machine: str, res: dict) -> str:
     for q in ("p50", "p95", "p99"):
         ax1.plot(cs, [r[f"{q}_ms"] for r in levels], marker="o", label=q)
     ax1.axhline(20, color="grey", ls="--", lw=1, label="p99 target at c=1")
-    ax1.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="ms",
-            title="ensemble latency", xticks=cs, xticklabels=[str(c) for c in cs])  # fmt: skip
+    ax1.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrency",
+        ylabel="ms",
+        title="ensemble latency",
+        xticks=cs,
+        xticklabels=[str(c) for c in cs],
+    )
     ax1.legend()
     ax2.bar([str(c) for c in cs], [r["qps"] for r in levels])
     ax2.axhline(200, color="grey", ls="--", lw=1, label="target")
@@ -382,8 +474,15 @@ def plot_ensemble(machine: str, res: dict) -> str:
         for part, hatch in (("compute_ms", ""), ("queue_ms", "//")):
             vals = np.array([res["profile"][str(c)][step][part] for c in cs])
             label = f"{step.removeprefix('candgen_')} {part[:-3]}"
-            ax3.bar([str(c) for c in cs], vals, bottom=bottom, hatch=hatch, color=color,
-                    edgecolor="white", label=label)  # fmt: skip
+            ax3.bar(
+                [str(c) for c in cs],
+                vals,
+                bottom=bottom,
+                hatch=hatch,
+                color=color,
+                edgecolor="white",
+                label=label,
+            )
             bottom += vals
     ax3.set(xlabel="concurrency", ylabel="ms per request", title="time per step (Triton stats)")
     ax3.legend(fontsize=7)
@@ -395,36 +494,60 @@ def plot_ensemble(machine: str, res: dict) -> str:
 
 
 def render_ensemble(results: dict[str, dict]) -> str:
-    lines = ["## Serving: the whole ensemble (`benchmarks/serving.py --stage ensemble`)", "",
-             "Requests go over gRPC to the live `retrieve` ensemble (features from the Feast "
-             "feature server -> HSTU user encoder -> three generators over 1M ads -> quotas), "
-             "K = 100, users and surfaces drawn at random; the load generator runs on the same "
-             "machine. Targets (issue 4, this 2-core machine): ANN recall@100 >= 0.95, p99 <= 20 "
-             "ms at concurrency 1, >= 200 QPS at the best concurrency. Each profile and the "
-             "change it drove: [serving_notes.md](benchmarks/serving_notes.md).", ""]  # fmt: skip
+    lines = [
+        "## Serving: the whole ensemble (`benchmarks/serving.py --stage ensemble`)",
+        "",
+        "Requests go over gRPC to the live `retrieve` ensemble (features from the Feast "
+        "feature server -> HSTU user encoder -> three generators over 1M ads -> quotas), "
+        "K = 100, users and surfaces drawn at random; the load generator runs on the same "
+        "machine. Targets (issue 4, this 2-core machine): ANN recall@100 >= 0.95, p99 <= 20 "
+        "ms at concurrency 1, >= 200 QPS at the best concurrency. Each profile and the "
+        "change it drove: [serving_notes.md](benchmarks/serving_notes.md).",
+        "",
+    ]
     for machine, res in sorted(results.items()):
-        lines += [f"### {res['ads']:,} ads x {res['dim']}; {res['machine']} (`{machine}`)", "",
-                  f"Encoder block scale {res.get('encoder_block_scale', 1.0)}"
-                  + (f". {res['note']}" if res.get("note") else "") + ".", "",
-                  "| concurrency | requests | errors | fallback answers | QPS | p50 | p95 | p99 |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"### {res['ads']:,} ads x {res['dim']}; {res['machine']} (`{machine}`)",
+            "",
+            f"Encoder block scale {res.get('encoder_block_scale', 1.0)}"
+            + (f". {res['note']}" if res.get("note") else "")
+            + ".",
+            "",
+            "| concurrency | requests | errors | fallback answers | QPS | p50 | p95 | p99 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["levels"]:
-            lines.append(f"| {r['concurrency']} | {r['requests']:,} | {r['errors']} | "
-                         f"{r.get('fallbacks', 'not counted')} | "
-                         f"{r['qps']:.0f} | {r['p50_ms']:.1f} ms | {r['p95_ms']:.1f} ms | "
-                         f"{r['p99_ms']:.1f} ms |")  # fmt: skip
-        lines += ["", "Each stage alone, on the same user vectors "
-                  f"({res['queries']:,} users, one query at a time):", "",
-                  "| stage | recall@100 | p50 | p95 | p99 |", "|---|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {r['concurrency']} | {r['requests']:,} | {r['errors']} | "
+                f"{r.get('fallbacks', 'not counted')} | "
+                f"{r['qps']:.0f} | {r['p50_ms']:.1f} ms | {r['p95_ms']:.1f} ms | "
+                f"{r['p99_ms']:.1f} ms |"
+            )
+        lines += [
+            "",
+            "Each stage alone, on the same user vectors "
+            f"({res['queries']:,} users, one query at a time):",
+            "",
+            "| stage | recall@100 | p50 | p95 | p99 |",
+            "|---|---|---|---|---|",
+        ]
         for r in res["stages"]:
-            lines.append(f"| {r['stage']} | {r['recall@100']:.4f} | {r['p50_ms']:.2f} ms | "
-                         f"{r['p95_ms']:.2f} ms | {r['p99_ms']:.2f} ms |")  # fmt: skip
-        lines.append(f"| Feast feature server lookup (HTTP) | - | {res['feature_lookup_ms']:.2f}"
-                     " ms (mean) | | |")  # fmt: skip
-        lines += ["", "Profile: per request, time in each step's queue and compute (Triton "
-                  "statistics; the ensemble row is the whole request inside the server):", "",
-                  "| concurrency | " + " | ".join(res["profile"]["1"]) + " |",
-                  "|---|" + "---|" * len(res["profile"]["1"])]  # fmt: skip
+            lines.append(
+                f"| {r['stage']} | {r['recall@100']:.4f} | {r['p50_ms']:.2f} ms | "
+                f"{r['p95_ms']:.2f} ms | {r['p99_ms']:.2f} ms |"
+            )
+        lines.append(
+            f"| Feast feature server lookup (HTTP) | - | {res['feature_lookup_ms']:.2f}"
+            " ms (mean) | | |"
+        )
+        lines += [
+            "",
+            "Profile: per request, time in each step's queue and compute (Triton "
+            "statistics; the ensemble row is the whole request inside the server):",
+            "",
+            "| concurrency | " + " | ".join(res["profile"]["1"]) + " |",
+            "|---|" + "---|" * len(res["profile"]["1"]),
+        ]
         for c, steps in res["profile"].items():
             lines.append(
                 f"| {c} | "
@@ -446,20 +569,29 @@ def render_ensemble(results: dict[str, dict]) -> str:
 
 
 def render(results: dict[str, dict]) -> str:
-    lines = ["## Serving: index stage (`benchmarks/serving.py --stage index`)", "",
-             "Synthetic ads: a mixture of 1,000 Gaussian clusters, L2-normalised, inner product; "
-             "queries are fresh draws from the mixture. Recall@100 is against exact search on the "
-             "same queries. Latency is one query at a time (no batching); QPS is one batched "
-             "call over all queries. Target (issue 4): ANN recall@100 >= 0.95.", ""]  # fmt: skip
+    lines = [
+        "## Serving: index stage (`benchmarks/serving.py --stage index`)",
+        "",
+        "Synthetic ads: a mixture of 1,000 Gaussian clusters, L2-normalised, inner product; "
+        "queries are fresh draws from the mixture. Recall@100 is against exact search on the "
+        "same queries. Latency is one query at a time (no batching); QPS is one batched "
+        "call over all queries. Target (issue 4): ANN recall@100 >= 0.95.",
+        "",
+    ]
     for machine, res in sorted(results.items()):
-        lines += [f"### {res['ads']:,} ads x {res['dim']}, {res['queries']:,} queries; "
-                  f"{res['machine']} (`{machine}`)", "",
-                  "| index | build | recall@100 | p50 | p95 | p99 | QPS (batched) |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"### {res['ads']:,} ads x {res['dim']}, {res['queries']:,} queries; "
+            f"{res['machine']} (`{machine}`)",
+            "",
+            "| index | build | recall@100 | p50 | p95 | p99 | QPS (batched) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in res["rows"]:
-            lines.append(f"| {r['index']} | {r['build_s']:.1f} s | {r['recall@100']:.4f} | "
-                         f"{r['p50_ms']:.2f} ms | {r['p95_ms']:.2f} ms | {r['p99_ms']:.2f} ms | "
-                         f"{r['qps_batched']:,.0f} |")  # fmt: skip
+            lines.append(
+                f"| {r['index']} | {r['build_s']:.1f} s | {r['recall@100']:.4f} | "
+                f"{r['p50_ms']:.2f} ms | {r['p95_ms']:.2f} ms | {r['p99_ms']:.2f} ms | "
+                f"{r['qps_batched']:,.0f} |"
+            )
         lines += ["", f"Peak RSS {res['peak_rss_mb']:,.0f} MB. Command: `{res['command']}`", ""]
     return "\n".join(lines)
 
@@ -506,8 +638,10 @@ def main() -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / name).write_text(json.dumps(result, indent=2))
     for stage, fn in (("index", render), ("ensemble", render_ensemble)):
-        stored = {f.stem.removeprefix(f"serving_{stage}_"): json.loads(f.read_text())
-                  for f in sorted(RESULTS.glob(f"serving_{stage}_*.json"))}  # fmt: skip
+        stored = {
+            f.stem.removeprefix(f"serving_{stage}_"): json.loads(f.read_text())
+            for f in sorted(RESULTS.glob(f"serving_{stage}_*.json"))
+        }
         if stored:
             write_section(f"serving-{stage}", fn(stored))
     print("wrote docs/BENCHMARKS.md")

@@ -55,9 +55,18 @@ def trained_model(trainable_data, tracking_uri: str, tmp_path_factory):  # type:
     market, features = trainable_data
     root = tmp_path_factory.mktemp("trained")
     trained, metrics = Model(uri=str(root / "model")), Metrics(uri=str(root / "metrics"))
-    run_id = train.python_func(marketplace=market, features=features, trained=trained,
-                               metrics=metrics, epochs=2, max_len=20, batch_size=64, nproc=1,
-                               tracking_uri=tracking_uri, experiment="components")  # fmt: skip
+    run_id = train.python_func(
+        marketplace=market,
+        features=features,
+        trained=trained,
+        metrics=metrics,
+        epochs=2,
+        max_len=20,
+        batch_size=64,
+        nproc=1,
+        tracking_uri=tracking_uri,
+        experiment="components",
+    )
     return trained, metrics, run_id
 
 
@@ -78,9 +87,12 @@ def built_index(registered_uri: str, tracking_uri: str, tmp_path_factory):  # ty
 
     root = tmp_path_factory.mktemp("index")
     index = Artifact(uri=str(root / "index"))
-    build_index.python_func(model_uri=registered_uri, index=index,
-                            metrics=Metrics(uri=str(root / "m")),
-                            tracking_uri=tracking_uri)  # fmt: skip
+    build_index.python_func(
+        model_uri=registered_uri,
+        index=index,
+        metrics=Metrics(uri=str(root / "m")),
+        tracking_uri=tracking_uri,
+    )
     return index
 
 
@@ -93,21 +105,38 @@ def learned(trained_model, trainable_data, built_index, tmp_path_factory):  # ty
 
     market, features = trainable_data
     quotas = Artifact(uri=str(tmp_path_factory.mktemp("quotas") / "quotas"))
-    learn_quotas.python_func(trained=trained_model[0], marketplace=market, features=features,
-                             index=built_index, quotas=quotas, max_rank=200)  # fmt: skip
+    learn_quotas.python_func(
+        trained=trained_model[0],
+        marketplace=market,
+        features=features,
+        index=built_index,
+        quotas=quotas,
+        max_rank=200,
+    )
     return quotas
 
 
 @pytest.fixture(scope="session")
-def exported_repo(registered_uri: str, tracking_uri: str, trainable_data, built_index, learned,  # type: ignore[no-untyped-def]
-                  tmp_path_factory):  # fmt: skip
+def exported_repo(
+    registered_uri: str,
+    tracking_uri: str,
+    trainable_data,
+    built_index,
+    learned,  # type: ignore[no-untyped-def]
+    tmp_path_factory,
+):
     """(index artifact, repository artifact) of the registered version, by the components."""
     from kfp.dsl import Artifact
 
     from components.export_repository.component import export_repository
 
     repo = Artifact(uri=str(tmp_path_factory.mktemp("exported") / "repo"))
-    export_repository.python_func(model_uri=registered_uri, features=trainable_data[1],
-                                  index=built_index, quotas=learned, repository=repo,
-                                  tracking_uri=tracking_uri)  # fmt: skip
+    export_repository.python_func(
+        model_uri=registered_uri,
+        features=trainable_data[1],
+        index=built_index,
+        quotas=learned,
+        repository=repo,
+        tracking_uri=tracking_uri,
+    )
     return built_index, repo

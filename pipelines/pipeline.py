@@ -46,8 +46,9 @@ PIPELINE_NAME = "candgen-retrieval"
 SYNTH = SynthConfig(users=1_000, ads=1_500, seed=7)
 FEATURES = FeatureBuildConfig()
 STORE = StoreConfig()
-TRAINING = TrainConfig(dataset="marketplace", model="unified", epochs=30, lr=3e-3,
-                       batch_size=128, eval_days=2)  # fmt: skip
+TRAINING = TrainConfig(
+    dataset="marketplace", model="unified", epochs=30, lr=3e-3, batch_size=128, eval_days=2
+)
 SUMMARISER = SummariserConfig(eval_days=TRAINING.eval_days)
 JOB = JobConfig()
 INDEX = IndexConfig()
@@ -98,41 +99,88 @@ def retrieval_pipeline(
 ) -> str:
     market = synth_data(users=users, ads=ads, days=days, seed=seed)
     tables = build_features(marketplace=market.outputs["marketplace"], embed_text=embed_text)
-    job = {"scheduler": scheduler, "replicas": replicas, "nproc": nproc, "cpus": cpus,
-           "memory_mb": memory_mb, "gpus": gpus, "queue": queue, "namespace": namespace,
-           "work_volume": work_volume, "work_dir": WORK_DIR}  # fmt: skip
-    summaries = long_term_features(marketplace=market.outputs["marketplace"],
-                                   features=tables.outputs["features"], eval_days=eval_days,
-                                   epochs=long_term_epochs, seed=seed, **job)  # fmt: skip
+    job = {
+        "scheduler": scheduler,
+        "replicas": replicas,
+        "nproc": nproc,
+        "cpus": cpus,
+        "memory_mb": memory_mb,
+        "gpus": gpus,
+        "queue": queue,
+        "namespace": namespace,
+        "work_volume": work_volume,
+        "work_dir": WORK_DIR,
+    }
+    summaries = long_term_features(
+        marketplace=market.outputs["marketplace"],
+        features=tables.outputs["features"],
+        eval_days=eval_days,
+        epochs=long_term_epochs,
+        seed=seed,
+        **job,
+    )
     feats = summaries.outputs["with_long_term"]
-    store = feature_store(features=feats, online=online, redis=redis,
-                          publish_dir=feature_registry_dir)  # fmt: skip
-    training_set(marketplace=market.outputs["marketplace"], features=feats,
-                 store=store.outputs["store"], label=label, online=online,
-                 redis=redis)  # fmt: skip
-    trained = train(marketplace=market.outputs["marketplace"], features=feats,
-                    model=model, epochs=epochs, lr=lr, max_len=max_len, batch_size=batch_size,
-                    eval_days=eval_days, seed=seed, tracking_uri=tracking_uri,
-                    experiment=experiment, **job)  # fmt: skip
+    store = feature_store(
+        features=feats, online=online, redis=redis, publish_dir=feature_registry_dir
+    )
+    training_set(
+        marketplace=market.outputs["marketplace"],
+        features=feats,
+        store=store.outputs["store"],
+        label=label,
+        online=online,
+        redis=redis,
+    )
+    trained = train(
+        marketplace=market.outputs["marketplace"],
+        features=feats,
+        model=model,
+        epochs=epochs,
+        lr=lr,
+        max_len=max_len,
+        batch_size=batch_size,
+        eval_days=eval_days,
+        seed=seed,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        **job,
+    )
     for task in (summaries, store, trained):
         kubernetes.mount_pvc(task, pvc_name=work_volume, mount_path=WORK_DIR)
-    evaluate(marketplace=market.outputs["marketplace"], features=feats,
-             trained=trained.outputs["trained"])  # fmt: skip
-    gate = register_gate(trained=trained.outputs["trained"], model_name=model_name,
-                         tracking_uri=tracking_uri)  # fmt: skip
+    evaluate(
+        marketplace=market.outputs["marketplace"],
+        features=feats,
+        trained=trained.outputs["trained"],
+    )
+    gate = register_gate(
+        trained=trained.outputs["trained"], model_name=model_name, tracking_uri=tracking_uri
+    )
     decision = gate_open(promoted=gate.outputs["promoted"], message=gate.outputs["message"])
     with dsl.If(decision.output == True, name="gate-passed"):  # noqa: E712 - a KFP condition
-        index = build_index(model_uri=gate.outputs["model_uri"], kind=kind, ef_search=ef_search,
-                            tracking_uri=tracking_uri)  # fmt: skip
-        learned = learn_quotas(trained=trained.outputs["trained"],
-                               marketplace=market.outputs["marketplace"], features=feats,
-                               index=index.outputs["index"], eval_days=eval_days,
-                               conversion_weight=conversion_weight)  # fmt: skip
-        repo = export_repository(model_uri=gate.outputs["model_uri"], features=feats,
-                                 index=index.outputs["index"], quotas=learned.outputs["quotas"],
-                                 feature_server_url=feature_server_url, max_k=max_k,
-                                 quota_policy=quota_policy,
-                                 tracking_uri=tracking_uri)  # fmt: skip
+        index = build_index(
+            model_uri=gate.outputs["model_uri"],
+            kind=kind,
+            ef_search=ef_search,
+            tracking_uri=tracking_uri,
+        )
+        learned = learn_quotas(
+            trained=trained.outputs["trained"],
+            marketplace=market.outputs["marketplace"],
+            features=feats,
+            index=index.outputs["index"],
+            eval_days=eval_days,
+            conversion_weight=conversion_weight,
+        )
+        repo = export_repository(
+            model_uri=gate.outputs["model_uri"],
+            features=feats,
+            index=index.outputs["index"],
+            quotas=learned.outputs["quotas"],
+            feature_server_url=feature_server_url,
+            max_k=max_k,
+            quota_policy=quota_policy,
+            tracking_uri=tracking_uri,
+        )
         deployed = deploy(
             repository=repo.outputs["repository"],
             target_repository=target_repository,

@@ -23,9 +23,12 @@ def build_features(
 
     from candgen.features.build import FeatureBuildConfig, build_features
 
-    config = FeatureBuildConfig(short_seq_len=short_seq_len, long_seq_len=long_seq_len,
-                                delivery_window_days=delivery_window_days,
-                                embed_text=embed_text)  # fmt: skip
+    config = FeatureBuildConfig(
+        short_seq_len=short_seq_len,
+        long_seq_len=long_seq_len,
+        delivery_window_days=delivery_window_days,
+        embed_text=embed_text,
+    )
     manifest = build_features(Path(marketplace.path), Path(features.path), config, progress=False)
     features.metadata.update({"snapshot": manifest["snapshot"], **manifest["rows"]})
     return manifest["snapshot"]

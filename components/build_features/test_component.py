@@ -20,8 +20,9 @@ def marketplace(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
 
 def test_python_func_writes_the_feature_tables(marketplace: Dataset, tmp_path: Path) -> None:
     features = Dataset(uri=str(tmp_path / "f"))
-    snapshot = build_features.python_func(marketplace=marketplace, features=features,
-                                          short_seq_len=8, embed_text=False)  # fmt: skip
+    snapshot = build_features.python_func(
+        marketplace=marketplace, features=features, short_seq_len=8, embed_text=False
+    )
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
     assert manifest["snapshot"] == snapshot == features.metadata["snapshot"]
     assert manifest["config"]["short_seq_len"] == 8
@@ -30,9 +31,12 @@ def test_python_func_writes_the_feature_tables(marketplace: Dataset, tmp_path: P
 
 def test_a_bad_parameter_names_the_field(marketplace: Dataset, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^short_seq_len:"):
-        build_features.python_func(marketplace=marketplace,
-                                   features=Dataset(uri=str(tmp_path / "f")),
-                                   short_seq_len=0, embed_text=False)  # fmt: skip
+        build_features.python_func(
+            marketplace=marketplace,
+            features=Dataset(uri=str(tmp_path / "f")),
+            short_seq_len=0,
+            embed_text=False,
+        )
 
 
 @pytest.mark.integration

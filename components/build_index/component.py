@@ -30,12 +30,20 @@ def build_index(
     from candgen.index.ann import IndexConfig
     from candgen.index.build import build_index as build
 
-    config = IndexConfig(kind=kind, ef_construction=ef_construction, ef_search=ef_search,
-                         hnsw_m=hnsw_m, exact_max=exact_max, device=device)  # fmt: skip
-    summary = build(model_uri, Path(index.path), config, recall_k=recall_k,
-                    tracking_uri=tracking_uri)  # fmt: skip
+    config = IndexConfig(
+        kind=kind,
+        ef_construction=ef_construction,
+        ef_search=ef_search,
+        hnsw_m=hnsw_m,
+        exact_max=exact_max,
+        device=device,
+    )
+    summary = build(
+        model_uri, Path(index.path), config, recall_k=recall_k, tracking_uri=tracking_uri
+    )
     recall = float(next(v for k, v in summary.items() if k.startswith("recall_at_")))
     metrics.log_metric(f"recall_at_{recall_k}", recall)
-    index.metadata.update({"model_uri": model_uri, "kind": summary["kind"],
-                           "size": summary["size"]})  # fmt: skip
+    index.metadata.update(
+        {"model_uri": model_uri, "kind": summary["kind"], "size": summary["size"]}
+    )
     return recall

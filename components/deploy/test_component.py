@@ -31,9 +31,14 @@ def test_index_export_and_deploy_switch_a_running_triton_under_kfp_local(
     target = tmp_path / "served"
     target.mkdir()
     http, grpc, metrics, feature_port = free_ports(4)
-    server = ServerConfig(model_repository=str(target), http_port=http, grpc_port=grpc,
-                          metrics_port=metrics, state_dir=str(tmp_path / "triton"),
-                          ready_timeout_s=120)  # fmt: skip
+    server = ServerConfig(
+        model_repository=str(target),
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        state_dir=str(tmp_path / "triton"),
+        ready_timeout_s=120,
+    )
 
     # kfp.local feeds a step only artifacts of upstream steps: these two bring the fixtures'.
     @dsl.component(base_image=PLATFORM_IMAGE)
@@ -49,8 +54,15 @@ def test_index_export_and_deploy_switch_a_running_triton_under_kfp_local(
         shutil.copytree(source, model.path)
 
     @dsl.pipeline
-    def ship(uri: str, model_uri: str, market: str, source: str, trained: str,
-             target_repository: str, url: str) -> str:  # fmt: skip
+    def ship(
+        uri: str,
+        model_uri: str,
+        market: str,
+        source: str,
+        trained: str,
+        target_repository: str,
+        url: str,
+    ) -> str:
         feats = as_dataset(source=source).outputs["data"]
         index = build_index(model_uri=model_uri, tracking_uri=uri)
         model = as_model(source=trained).outputs["model"]
@@ -61,18 +73,31 @@ def test_index_export_and_deploy_switch_a_running_triton_under_kfp_local(
             index=index.outputs["index"],
             max_rank=100,
         )
-        repo = export_repository(model_uri=model_uri, features=feats,
-                                 index=index.outputs["index"], quotas=quotas.outputs["quotas"],
-                                 tracking_uri=uri,
-                                 feature_server_url=f"http://127.0.0.1:{feature_port}")  # fmt: skip
-        return deploy(repository=repo.outputs["repository"], target_repository=target_repository,
-                      triton_url=url).output  # fmt: skip
+        repo = export_repository(
+            model_uri=model_uri,
+            features=feats,
+            index=index.outputs["index"],
+            quotas=quotas.outputs["quotas"],
+            tracking_uri=uri,
+            feature_server_url=f"http://127.0.0.1:{feature_port}",
+        )
+        return deploy(
+            repository=repo.outputs["repository"],
+            target_repository=target_repository,
+            triton_url=url,
+        ).output
 
     start(server)  # an empty repository: nothing is served yet
     try:
-        run = ship(uri=tracking_uri, model_uri=registered_uri, market=market_path,
-                   source=features_path, trained=trained_model[0].path,
-                   target_repository=str(target), url=f"127.0.0.1:{http}")  # fmt: skip
+        run = ship(
+            uri=tracking_uri,
+            model_uri=registered_uri,
+            market=market_path,
+            source=features_path,
+            trained=trained_model[0].path,
+            target_repository=str(target),
+            url=f"127.0.0.1:{http}",
+        )
         version = pinned_version(target)
         assert run.output == f"v{version} installed in {target} and serving at 127.0.0.1:{http}"
         res = RetrieveClient(f"127.0.0.1:{http}").retrieve(1, "home", 10)
@@ -101,5 +126,7 @@ def test_an_empty_export_is_a_clear_error(tmp_path: Path) -> None:
 
     (tmp_path / "exported" / "retrieve").mkdir(parents=True)
     with pytest.raises(CandgenError, match="holds no exported candgen version"):
-        deploy.python_func(repository=Artifact(uri=str(tmp_path / "exported")),
-                           target_repository=str(tmp_path / "t"))  # fmt: skip
+        deploy.python_func(
+            repository=Artifact(uri=str(tmp_path / "exported")),
+            target_repository=str(tmp_path / "t"),
+        )

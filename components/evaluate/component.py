@@ -21,8 +21,12 @@ def evaluate(
 
     from candgen.evaluation.evaluate import evaluate_saved_model
 
-    out = evaluate_saved_model(Path(trained.path) / "model.pt", split,
-                               data_dir=marketplace.path, features_dir=features.path)  # fmt: skip
+    out = evaluate_saved_model(
+        Path(trained.path) / "model.pt",
+        split,
+        data_dir=marketplace.path,
+        features_dir=features.path,
+    )
     for name, value in out["model"].items():
         if "." not in name:  # the overall metrics; per-label and per-surface ones are in MLflow
             metrics.log_metric(name, float(value))

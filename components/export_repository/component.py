@@ -33,15 +33,25 @@ def export_repository(
     from candgen.serving.quota import QUOTA_FILE
     from candgen.serving.steps import ServingConfig
 
-    serving = ServingConfig(feature_server_url=feature_server_url,
-                            feature_timeout_s=feature_timeout_s, max_k=max_k,
-                            instances=instances, quota_policy=quota_policy,
-                            quota_exploration=quota_exploration)  # fmt: skip
-    config = ExportConfig(model_uri=model_uri, out=repository.path, features_dir=features.path,
-                          tracking_uri=tracking_uri, index_dir=index.path,
-                          quotas=str(Path(quotas.path) / QUOTA_FILE),
-                          serving=serving)  # fmt: skip
+    serving = ServingConfig(
+        feature_server_url=feature_server_url,
+        feature_timeout_s=feature_timeout_s,
+        max_k=max_k,
+        instances=instances,
+        quota_policy=quota_policy,
+        quota_exploration=quota_exploration,
+    )
+    config = ExportConfig(
+        model_uri=model_uri,
+        out=repository.path,
+        features_dir=features.path,
+        tracking_uri=tracking_uri,
+        index_dir=index.path,
+        quotas=str(Path(quotas.path) / QUOTA_FILE),
+        serving=serving,
+    )
     out = export(config, progress=False)
-    repository.metadata.update({k: out[k] for k in ("version", "model_uri", "run_id",
-                                                    "git_commit")})  # fmt: skip
+    repository.metadata.update(
+        {k: out[k] for k in ("version", "model_uri", "run_id", "git_commit")}
+    )
     return int(out["version"])

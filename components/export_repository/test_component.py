@@ -44,10 +44,14 @@ def test_an_index_of_another_version_is_refused(
     version = register(trained_model[2], "other-m", "ndcg@10", tracking_uri)["version"]
     other = f"models:/other-m/{version}"
     with pytest.raises(CandgenError, match=r"index_dir: .* was built for models:/components-m/"):
-        export_repository.python_func(model_uri=other, features=trainable_data[1],
-                                      index=exported_repo[0], quotas=learned,
-                                      repository=Artifact(uri=str(tmp_path / "r")),
-                                      tracking_uri=tracking_uri)  # fmt: skip
+        export_repository.python_func(
+            model_uri=other,
+            features=trainable_data[1],
+            index=exported_repo[0],
+            quotas=learned,
+            repository=Artifact(uri=str(tmp_path / "r")),
+            tracking_uri=tracking_uri,
+        )
 
 
 @pytest.mark.integration
@@ -62,12 +66,21 @@ def test_the_learned_policy_without_a_table_is_refused(
 
     empty = Artifact(uri=str(tmp_path / "no-quotas"))
     with pytest.raises(CandgenError, match=r"^quotas: .*does not exist"):
-        export_repository.python_func(model_uri=registered_uri, features=trainable_data[1],
-                                      index=built_index, quotas=empty,
-                                      repository=Artifact(uri=str(tmp_path / "r")),
-                                      tracking_uri=tracking_uri)  # fmt: skip
+        export_repository.python_func(
+            model_uri=registered_uri,
+            features=trainable_data[1],
+            index=built_index,
+            quotas=empty,
+            repository=Artifact(uri=str(tmp_path / "r")),
+            tracking_uri=tracking_uri,
+        )
     with pytest.raises(ConfigError, match=r"^quota_policy: 'bandit' is not one of"):
-        export_repository.python_func(model_uri=registered_uri, features=trainable_data[1],
-                                      index=built_index, quotas=empty, quota_policy="bandit",
-                                      repository=Artifact(uri=str(tmp_path / "r")),
-                                      tracking_uri=tracking_uri)  # fmt: skip
+        export_repository.python_func(
+            model_uri=registered_uri,
+            features=trainable_data[1],
+            index=built_index,
+            quotas=empty,
+            quota_policy="bandit",
+            repository=Artifact(uri=str(tmp_path / "r")),
+            tracking_uri=tracking_uri,
+        )

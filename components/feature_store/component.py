@@ -26,15 +26,25 @@ def feature_store(
 
     from candgen.features.store import StoreConfig, apply, materialize, publish
 
-    config = StoreConfig(online=online, features_dir=Path(features.path),
-                         state_dir=Path(store.path), redis=redis, project=project)  # fmt: skip
+    config = StoreConfig(
+        online=online,
+        features_dir=Path(features.path),
+        state_dir=Path(store.path),
+        redis=redis,
+        project=project,
+    )
     Path(store.path).mkdir(parents=True, exist_ok=True)
     applied = apply(config)
     end = materialize(config)
     if publish_dir:
         publish(config, Path(publish_dir))
-    store.metadata.update({
-        "online": online, "project": project, "materialized_to": end.isoformat(),
-        "feature_services": applied.feature_services, "published_to": publish_dir,
-    })  # fmt: skip
+    store.metadata.update(
+        {
+            "online": online,
+            "project": project,
+            "materialized_to": end.isoformat(),
+            "feature_services": applied.feature_services,
+            "published_to": publish_dir,
+        }
+    )
     return end.isoformat()

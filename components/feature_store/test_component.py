@@ -34,8 +34,9 @@ def test_python_func_applies_and_materializes(features: Dataset, tmp_path: Path)
 
 def test_a_bad_parameter_names_the_field(features: Dataset, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^online:"):
-        feature_store.python_func(features=features, store=Artifact(uri=str(tmp_path / "s")),
-                                  online="cassandra")  # fmt: skip
+        feature_store.python_func(
+            features=features, store=Artifact(uri=str(tmp_path / "s")), online="cassandra"
+        )
 
 
 @pytest.mark.integration
@@ -46,8 +47,9 @@ def test_runs_under_kfp_local_with_redis(kfp_local: Path) -> None:
     def three_steps() -> str:
         market = synth_data(**SMALL)
         feats = build_features(marketplace=market.outputs["marketplace"], embed_text=False)
-        store = feature_store(features=feats.outputs["features"], online="redis",
-                              project="candgen_kfp_test")  # fmt: skip
+        store = feature_store(
+            features=feats.outputs["features"], online="redis", project="candgen_kfp_test"
+        )
         return store.outputs["Output"]
 
     run = three_steps()

@@ -33,16 +33,31 @@ def learn_quotas(
     from candgen.quotas.learning import QuotaLearnConfig, learn_quotas
     from candgen.serving.quota import QUOTA_FILE
 
-    config = QuotaLearnConfig(eval_days=eval_days, max_rank=max_rank, click_weight=click_weight,
-                              conversion_weight=conversion_weight, pooling=pooling,
-                              prior_strength=prior_strength, max_requests=max_requests,
-                              seed=seed)  # fmt: skip
-    table = learn_quotas(Path(trained.path) / "model.pt", Path(marketplace.path),
-                         Path(features.path), config, Path(index.path),
-                         progress=False)  # fmt: skip
+    config = QuotaLearnConfig(
+        eval_days=eval_days,
+        max_rank=max_rank,
+        click_weight=click_weight,
+        conversion_weight=conversion_weight,
+        pooling=pooling,
+        prior_strength=prior_strength,
+        max_requests=max_requests,
+        seed=seed,
+    )
+    table = learn_quotas(
+        Path(trained.path) / "model.pt",
+        Path(marketplace.path),
+        Path(features.path),
+        config,
+        Path(index.path),
+        progress=False,
+    )
     Path(quotas.path).mkdir(parents=True, exist_ok=True)
     table.save(Path(quotas.path) / QUOTA_FILE)
-    quotas.metadata.update({"requests": table.fitted["requests"],
-                            "window": table.fitted["window"],
-                            "activity_edges": list(table.activity_edges)})  # fmt: skip
+    quotas.metadata.update(
+        {
+            "requests": table.fitted["requests"],
+            "window": table.fitted["window"],
+            "activity_edges": list(table.activity_edges),
+        }
+    )
     return int(table.fitted["requests"])

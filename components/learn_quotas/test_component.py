@@ -25,9 +25,20 @@ def test_a_bad_parameter_names_the_field(trainable_data: tuple, tmp_path: Path) 
     market, features = trainable_data
     none = Artifact(uri=str(tmp_path / "none"))
     with pytest.raises(ConfigError, match=r"^max_rank:"):
-        learn_quotas.python_func(trained=none, marketplace=market, features=features, index=none,
-                                 quotas=Artifact(uri=str(tmp_path / "q")), max_rank=0)  # fmt: skip
+        learn_quotas.python_func(
+            trained=none,
+            marketplace=market,
+            features=features,
+            index=none,
+            quotas=Artifact(uri=str(tmp_path / "q")),
+            max_rank=0,
+        )
     with pytest.raises(ConfigError, match=r"^pooling:"):
-        learn_quotas.python_func(trained=none, marketplace=market, features=features, index=none,
-                                 quotas=Artifact(uri=str(tmp_path / "q")),
-                                 pooling="hierarchical")  # fmt: skip
+        learn_quotas.python_func(
+            trained=none,
+            marketplace=market,
+            features=features,
+            index=none,
+            quotas=Artifact(uri=str(tmp_path / "q")),
+            pooling="hierarchical",
+        )

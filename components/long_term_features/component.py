@@ -53,14 +53,29 @@ def long_term_features(
         seed=seed,
         out_dir=summariser.path,
     ).train_config(marketplace.path, progress=False)
-    job = JobConfig.with_image(image, scheduler=scheduler, replicas=replicas, nproc=nproc,
-                               cpus=cpus, memory_mb=memory_mb, gpus=gpus, queue=queue,
-                               namespace=namespace, service_account=service_account,
-                               work_volume=work_volume, work_dir=work_dir)  # fmt: skip
+    job = JobConfig.with_image(
+        image,
+        scheduler=scheduler,
+        replicas=replicas,
+        nproc=nproc,
+        cpus=cpus,
+        memory_mb=memory_mb,
+        gpus=gpus,
+        queue=queue,
+        namespace=namespace,
+        service_account=service_account,
+        work_volume=work_volume,
+        work_dir=work_dir,
+    )
     shutil.copytree(features.path, with_long_term.path, dirs_exist_ok=True)
     summary = build_long_term_features(config, with_long_term.path, job)
     snapshot = json.loads((Path(with_long_term.path) / "manifest.json").read_text())["snapshot"]
-    with_long_term.metadata.update({"snapshot": snapshot, "long_term_rows": summary["rows"],
-                                    "trained_before": summary["trained_before"]})  # fmt: skip
+    with_long_term.metadata.update(
+        {
+            "snapshot": snapshot,
+            "long_term_rows": summary["rows"],
+            "trained_before": summary["trained_before"],
+        }
+    )
     summariser.metadata.update({f"test.{k}": v for k, v in summary["summariser"].items()})
     return snapshot

@@ -41,8 +41,10 @@ def register_gate(
         message = f"gate refused v{registered['version']}: {refused}; nothing is deployed"
         print(message, flush=True)
         return GateOutputs(False, uri, message)
-    message = (f"gate passed: {model_name} v{out['champion']} is the champion "
-               f"({out['metric']} = {float(out['challenger_value']):.4f})")  # fmt: skip
+    message = (
+        f"gate passed: {model_name} v{out['champion']} is the champion "
+        f"({out['metric']} = {float(out['challenger_value']):.4f})"
+    )
     print(message, flush=True)
     return GateOutputs(True, uri, message)
 

@@ -12,15 +12,17 @@ def test_the_gate_promotes_a_first_model_and_refuses_a_worse_one(
     trained_model: tuple, tracking_uri: str
 ) -> None:
     trained = trained_model[0]
-    first = register_gate.python_func(trained=trained, model_name="gate-m",
-                                      tracking_uri=tracking_uri)  # fmt: skip
+    first = register_gate.python_func(
+        trained=trained, model_name="gate-m", tracking_uri=tracking_uri
+    )
     assert first.promoted and first.model_uri == "models:/gate-m/1"
     assert "gate passed: gate-m v1 is the champion" in first.message
     mc = client(tracking_uri)
     # Make the champion unbeatable; the same run registered again must then be refused.
     mc.set_model_version_tag("gate-m", "1", "primary_metric_value", "1.0")
-    second = register_gate.python_func(trained=trained, model_name="gate-m",
-                                       tracking_uri=tracking_uri)  # fmt: skip
+    second = register_gate.python_func(
+        trained=trained, model_name="gate-m", tracking_uri=tracking_uri
+    )
     assert not second.promoted
     assert "gate refused v2" in second.message and "nothing is deployed" in second.message
     assert str(mc.get_model_version_by_alias("gate-m", "champion").version) == "1"
@@ -40,13 +42,23 @@ def test_train_evaluate_and_gate_run_under_kfp_local(kfp_local: Path, tracking_u
     def train_and_gate(uri: str) -> str:
         market = synth_data(**TRAINABLE)
         feats = build_features(marketplace=market.outputs["marketplace"], embed_text=False)
-        trained = train(marketplace=market.outputs["marketplace"],
-                        features=feats.outputs["features"], epochs=1, max_len=20, nproc=1,
-                        tracking_uri=uri, experiment="components")  # fmt: skip
-        evaluate(marketplace=market.outputs["marketplace"], features=feats.outputs["features"],
-                 trained=trained.outputs["trained"])  # fmt: skip
-        gate = register_gate(trained=trained.outputs["trained"], model_name="kfp-local-m",
-                             tracking_uri=uri)  # fmt: skip
+        trained = train(
+            marketplace=market.outputs["marketplace"],
+            features=feats.outputs["features"],
+            epochs=1,
+            max_len=20,
+            nproc=1,
+            tracking_uri=uri,
+            experiment="components",
+        )
+        evaluate(
+            marketplace=market.outputs["marketplace"],
+            features=feats.outputs["features"],
+            trained=trained.outputs["trained"],
+        )
+        gate = register_gate(
+            trained=trained.outputs["trained"], model_name="kfp-local-m", tracking_uri=uri
+        )
         return gate.outputs["message"]
 
     run = train_and_gate(uri=tracking_uri)

@@ -24,8 +24,9 @@ def synth_data(
 
     from candgen.data.synth import SynthConfig, generate
 
-    config = SynthConfig(users=users, ads=ads, items=items, days=days, categories=categories,
-                         seed=seed)  # fmt: skip
+    config = SynthConfig(
+        users=users, ads=ads, items=items, days=days, categories=categories, seed=seed
+    )
     summary = generate(config, Path(marketplace.path), overwrite=True, progress=False)
     marketplace.metadata.update({"snapshot": summary.snapshot, **summary.rows})
     return summary.snapshot

@@ -48,19 +48,42 @@ def train(
     from candgen.training.launch import launch
 
     config = TrainConfig(
-        dataset="marketplace", data_dir=marketplace.path, features_dir=features.path,
-        model=model, epochs=epochs, lr=lr, dim=dim, max_len=max_len, batch_size=batch_size,
-        eval_days=eval_days, seed=seed, primary_metric=primary_metric, out_dir=trained.path,
-        progress=False, tracking_uri=tracking_uri, experiment=experiment,
-    )  # fmt: skip
-    job = JobConfig.with_image(image, scheduler=scheduler, replicas=replicas, nproc=nproc,
-                               cpus=cpus, memory_mb=memory_mb, gpus=gpus, queue=queue,
-                               namespace=namespace, service_account=service_account,
-                               work_volume=work_volume, work_dir=work_dir)  # fmt: skip
+        dataset="marketplace",
+        data_dir=marketplace.path,
+        features_dir=features.path,
+        model=model,
+        epochs=epochs,
+        lr=lr,
+        dim=dim,
+        max_len=max_len,
+        batch_size=batch_size,
+        eval_days=eval_days,
+        seed=seed,
+        primary_metric=primary_metric,
+        out_dir=trained.path,
+        progress=False,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+    )
+    job = JobConfig.with_image(
+        image,
+        scheduler=scheduler,
+        replicas=replicas,
+        nproc=nproc,
+        cpus=cpus,
+        memory_mb=memory_mb,
+        gpus=gpus,
+        queue=queue,
+        namespace=namespace,
+        service_account=service_account,
+        work_volume=work_volume,
+        work_dir=work_dir,
+    )
     result = launch(config, job)
     for name, value in result["test"].items():
         if "." not in name:  # the overall metrics; per-label and per-surface ones are in MLflow
             metrics.log_metric(name, float(value))
-    trained.metadata.update({"run_id": result["run_id"], "model": model,
-                             "primary_metric": primary_metric})  # fmt: skip
+    trained.metadata.update(
+        {"run_id": result["run_id"], "model": model, "primary_metric": primary_metric}
+    )
     return result["run_id"]

@@ -25,9 +25,13 @@ def test_python_func_trains_through_torchx_and_logs_the_run(
 def test_a_bad_parameter_names_the_field(trainable_data: tuple, tmp_path: Path) -> None:
     market, features = trainable_data
     with pytest.raises(ConfigError, match=r"^model:"):
-        train.python_func(marketplace=market, features=features,
-                          trained=Model(uri=str(tmp_path / "m")),
-                          metrics=Metrics(uri=str(tmp_path / "x")), model="gpt")  # fmt: skip
+        train.python_func(
+            marketplace=market,
+            features=features,
+            trained=Model(uri=str(tmp_path / "m")),
+            metrics=Metrics(uri=str(tmp_path / "x")),
+            model="gpt",
+        )
 
 
 @pytest.mark.parametrize(
@@ -45,6 +49,10 @@ def test_a_bad_job_parameter_names_the_field(
 ) -> None:
     market, features = trainable_data
     with pytest.raises(ConfigError, match=rf"^{field}:"):
-        train.python_func(marketplace=market, features=features,
-                          trained=Model(uri=str(tmp_path / "m")),
-                          metrics=Metrics(uri=str(tmp_path / "x")), **job)  # fmt: skip
+        train.python_func(
+            marketplace=market,
+            features=features,
+            trained=Model(uri=str(tmp_path / "m")),
+            metrics=Metrics(uri=str(tmp_path / "x")),
+            **job,
+        )

@@ -30,11 +30,27 @@ def training_set(
     from candgen.features.store import StoreConfig, open_store
     from candgen.features.training_set import write_training_set
 
-    config = StoreConfig(online=online, features_dir=Path(features.path),
-                         state_dir=Path(store.path), redis=redis, project=project)  # fmt: skip
-    out = write_training_set(marketplace.path, open_store(config),
-                             Path(rows.path) / "training_set.parquet", label, service,
-                             limit)  # fmt: skip
-    rows.metadata.update({"label": label, "service": service, "rows": out["rows"],
-                          "positive_rate": out["positive_rate"]})  # fmt: skip
+    config = StoreConfig(
+        online=online,
+        features_dir=Path(features.path),
+        state_dir=Path(store.path),
+        redis=redis,
+        project=project,
+    )
+    out = write_training_set(
+        marketplace.path,
+        open_store(config),
+        Path(rows.path) / "training_set.parquet",
+        label,
+        service,
+        limit,
+    )
+    rows.metadata.update(
+        {
+            "label": label,
+            "service": service,
+            "rows": out["rows"],
+            "positive_rate": out["positive_rate"],
+        }
+    )
     return int(out["rows"])

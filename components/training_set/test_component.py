@@ -24,8 +24,9 @@ def test_python_func_joins_features_point_in_time(
 ) -> None:
     market, features = trainable_data
     rows = Dataset(uri=str(tmp_path / "rows"))
-    n = training_set.python_func(marketplace=market, features=features, store=store, rows=rows,
-                                 limit=300)  # fmt: skip
+    n = training_set.python_func(
+        marketplace=market, features=features, store=store, rows=rows, limit=300
+    )
     df = pd.read_parquet(tmp_path / "rows" / "training_set.parquet")
     assert n == len(df) == 300 == rows.metadata["rows"]
     assert {"label", "recent_item_ids", "ctr_7d"} <= set(df.columns)
@@ -38,5 +39,10 @@ def test_a_bad_parameter_names_the_field(
 ) -> None:
     market, features = trainable_data
     with pytest.raises(ConfigError, match=r"^limit:"):
-        training_set.python_func(marketplace=market, features=features, store=store,
-                                 rows=Dataset(uri=str(tmp_path / "r")), limit=-1)  # fmt: skip
+        training_set.python_func(
+            marketplace=market,
+            features=features,
+            store=store,
+            rows=Dataset(uri=str(tmp_path / "r")),
+            limit=-1,
+        )

@@ -55,31 +55,45 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
     repo = workdir / "model_repository"
     repo.mkdir(parents=True)
     tracking_uri = default_tracking_uri()
-    server = ServerConfig(model_repository=str(repo), state_dir=str(workdir / "triton"),
-                          ready_timeout_s=180)  # fmt: skip
+    server = ServerConfig(
+        model_repository=str(repo), state_dir=str(workdir / "triton"), ready_timeout_s=180
+    )
     print(f"candgen demo: users={users:,} ads={ads:,} days={days} -> {workdir}/")
-    _step(1, "start tritonserver on an empty model repository (explicit model control)",
-          lambda: start(server))  # fmt: skip
+    _step(
+        1,
+        "start tritonserver on an empty model repository (explicit model control)",
+        lambda: start(server),
+    )
     ends = endpoints(server)
     print(f"    HTTP {ends['http']}, gRPC {ends['grpc']}, metrics {ends['metrics']}")
     try:
         arguments = {
-            "users": users, "ads": ads, "days": days, "epochs": DEMO_EPOCHS,
-            "model_name": DEMO_MODEL_NAME, "tracking_uri": tracking_uri,
-            "target_repository": str(repo), "triton_url": ends["http"],
+            "users": users,
+            "ads": ads,
+            "days": days,
+            "epochs": DEMO_EPOCHS,
+            "model_name": DEMO_MODEL_NAME,
+            "tracking_uri": tracking_uri,
+            "target_repository": str(repo),
+            "triton_url": ends["http"],
             "feature_server_url": f"http://127.0.0.1:{FEATURE_SERVER_PORT}",
-        }  # fmt: skip
+        }
         root = workdir / "pipeline_root"
-        run = _step(2, "run the KFP pipeline retrieval_pipeline with kfp.local (each step's "
-                    "log follows)", lambda: run_local(arguments, root))  # fmt: skip
+        run = _step(
+            2,
+            "run the KFP pipeline retrieval_pipeline with kfp.local (each step's log follows)",
+            lambda: run_local(arguments, root),
+        )
         print("\n[3] what each step did")
         for task, outcome in run.outcomes():
             print(f"    {task:<18} {outcome}")
         print(f"    {run.message}")
         _link_outputs(run, workdir)
         if run.outputs("deploy") is None:
-            print("    The gate refused the model, so nothing was deployed and there is nothing "
-                  "new to query.")  # fmt: skip
+            print(
+                "    The gate refused the model, so nothing was deployed and there is nothing "
+                "new to query."
+            )
         else:
             _query_live_ensemble(run, ends)
     finally:
@@ -90,16 +104,20 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
 
 
 # Stable names for the run's artifacts, which the README's commands use.
-SHORTCUTS = {"marketplace": ("synth-data", "marketplace"),
-             "features": ("build-features", "features"),
-             "feast": ("feature-store", "store")}  # fmt: skip
+SHORTCUTS = {
+    "marketplace": ("synth-data", "marketplace"),
+    "features": ("build-features", "features"),
+    "feast": ("feature-store", "store"),
+}
 
 
 def _link_outputs(run: LocalRun, workdir: Path) -> None:
     for name, (task, artifact) in SHORTCUTS.items():
         (workdir / name).symlink_to(run.artifact(task, artifact), target_is_directory=True)
-    print(f"    {workdir}/{{{','.join(SHORTCUTS)}}} link to the run's marketplace, features and "
-          "Feast store")  # fmt: skip
+    print(
+        f"    {workdir}/{{{','.join(SHORTCUTS)}}} link to the run's marketplace, features and "
+        "Feast store"
+    )
 
 
 def _query_live_ensemble(run: LocalRun, ends: dict[str, str]) -> None:
@@ -114,8 +132,12 @@ def _query_live_ensemble(run: LocalRun, ends: dict[str, str]) -> None:
     feature_server = FeatureServerProcess(store, port=FEATURE_SERVER_PORT, log=log)
     titles = dict(pd.read_parquet(market / "ads.parquet", columns=["ad_id", "title"]).values)
     try:
-        _step(4, f"start the Feast feature server ({feature_server.url}) over the store the "
-              "pipeline materialized", feature_server.start)  # fmt: skip
+        _step(
+            4,
+            f"start the Feast feature server ({feature_server.url}) over the store the "
+            "pipeline materialized",
+            feature_server.start,
+        )
 
         def ask() -> None:
             http, grpc = RetrieveClient(ends["http"], "http"), RetrieveClient(ends["grpc"], "grpc")
@@ -128,11 +150,14 @@ def _query_live_ensemble(run: LocalRun, ends: dict[str, str]) -> None:
                     mix = ", ".join(f"{s} {n}" for s, n in res.source_counts.items())
                     flag = "  [cold start]" if res.cold_start else ""
                     flag += "  [fallback]" if res.fallback else ""
-                    print(f"    user {uid} on {surface:<8} {len(res.ad_ids)} ads in {ms:5.1f} ms "
-                          f"over {rc.protocol:<4} ({res.quota_policy} quotas: {mix})"
-                          f"{flag}")  # fmt: skip
-                    for ad, score, source in list(zip(res.ad_ids, res.scores, res.sources,
-                                                      strict=True))[:3]:  # fmt: skip
+                    print(
+                        f"    user {uid} on {surface:<8} {len(res.ad_ids)} ads in {ms:5.1f} ms "
+                        f"over {rc.protocol:<4} ({res.quota_policy} quotas: {mix})"
+                        f"{flag}"
+                    )
+                    for ad, score, source in list(
+                        zip(res.ad_ids, res.scores, res.sources, strict=True)
+                    )[:3]:
                         print(f"        {score:7.3f}  {source:<10}  {titles.get(ad, ad)}")
 
         _step(5, "ask the live ensemble for 100 ads per user and surface (top 3 shown)", ask)
@@ -154,10 +179,14 @@ def _print_next(run: LocalRun, tracking_uri: str, repo: Path) -> None:
     if train:
         run_id = train["parameterValues"]["Output"]
         experiment = client(tracking_uri).get_run(run_id).info.experiment_id
-        print(f"  mlflow ui --backend-store-uri {tracking_uri}   # the training run: "
-              f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")  # fmt: skip
+        print(
+            f"  mlflow ui --backend-store-uri {tracking_uri}   # the training run: "
+            f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
+        )
     print(f"  candgen registry show --name {DEMO_MODEL_NAME}")
-    print(f"  candgen serve --model-repository {repo}   # then: candgen query <user> "
-          "--scenario search -k 20 (with the feature server up)")  # fmt: skip
+    print(
+        f"  candgen serve --model-repository {repo}   # then: candgen query <user> "
+        "--scenario search -k 20 (with the feature server up)"
+    )
     print("  make pipeline ARGS='--set epochs=5'   # the same pipeline, other parameters")
     print("  make test   # the whole suite, against real SQLite, DuckDB, Redis and PostgreSQL")

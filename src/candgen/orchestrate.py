@@ -18,9 +18,21 @@ from candgen.paths import REPO_ROOT
 
 PIPELINE_YAML = REPO_ROOT / "pipelines" / "pipeline.yaml"
 # The pipeline's tasks in the order they run (kfp names them after their components).
-TASKS = ("synth-data", "build-features", "long-term-features", "feature-store", "training-set",
-         "train", "evaluate", "register-gate", "gate-open", "build-index", "learn-quotas",
-         "export-repository", "deploy")  # fmt: skip
+TASKS = (
+    "synth-data",
+    "build-features",
+    "long-term-features",
+    "feature-store",
+    "training-set",
+    "train",
+    "evaluate",
+    "register-gate",
+    "gate-open",
+    "build-index",
+    "learn-quotas",
+    "export-repository",
+    "deploy",
+)
 
 
 def pipeline_function() -> Any:
@@ -47,8 +59,7 @@ def pipeline_parameters() -> dict[str, tuple[type, Any]]:
 
     fn = pipeline_function().pipeline_func
     hints = typing.get_type_hints(fn)
-    return {name: (hints[name], p.default)
-            for name, p in inspect.signature(fn).parameters.items()}  # fmt: skip
+    return {name: (hints[name], p.default) for name, p in inspect.signature(fn).parameters.items()}
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -58,8 +69,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         name, sep, raw = pair.partition("=")
         if not sep or name not in params:
-            raise ConfigError(name or pair, f"not a pipeline parameter; expected NAME=VALUE with "
-                              f"NAME one of {sorted(params)}")  # fmt: skip
+            raise ConfigError(
+                name or pair,
+                f"not a pipeline parameter; expected NAME=VALUE with NAME one of {sorted(params)}",
+            )
         tp = params[name][0]
         try:
             if tp is bool:
@@ -111,49 +124,70 @@ def describe_outcome(task: str, outputs: dict[str, Any] | None) -> str:
     value = outputs.get("parameterValues", {})
     if task == "synth-data":
         m = _first_artifact(outputs, "marketplace")
-        return (f"{m['events']:,} events of {m['users']:,} users on {m['ads']:,} ads, "
-                f"{m['surfaces']} surfaces (snapshot {m['snapshot'][:12]})")  # fmt: skip
+        return (
+            f"{m['events']:,} events of {m['users']:,} users on {m['ads']:,} ads, "
+            f"{m['surfaces']} surfaces (snapshot {m['snapshot'][:12]})"
+        )
     if task == "build-features":
         m = _first_artifact(outputs, "features")
-        return (f"{m['user_short_term']:,} user sequences, {m['ad_attributes']:,} ads, "
-                f"{m['ad_delivery']:,} delivery rows (snapshot {m['snapshot'][:12]})")  # fmt: skip
+        return (
+            f"{m['user_short_term']:,} user sequences, {m['ad_attributes']:,} ads, "
+            f"{m['ad_delivery']:,} delivery rows (snapshot {m['snapshot'][:12]})"
+        )
     if task == "long-term-features":
         m = _first_artifact(outputs, "with_long_term")
-        return (f"{m['long_term_rows']:,} daily long-term summaries (summariser trained before "
-                f"{m['trained_before'][:10]}; snapshot {m['snapshot'][:12]})")  # fmt: skip
+        return (
+            f"{m['long_term_rows']:,} daily long-term summaries (summariser trained before "
+            f"{m['trained_before'][:10]}; snapshot {m['snapshot'][:12]})"
+        )
     if task == "feature-store":
         m = _first_artifact(outputs, "store")
-        return (f"applied {', '.join(m['feature_services'])}; {m['online']} online store "
-                f"materialized to {m['materialized_to']}")  # fmt: skip
+        return (
+            f"applied {', '.join(m['feature_services'])}; {m['online']} online store "
+            f"materialized to {m['materialized_to']}"
+        )
     if task == "training-set":
         m = _first_artifact(outputs, "rows")
-        return (f"{m['rows']:,} point-in-time rows ({m['service']}, {m['label']} rate "
-                f"{m['positive_rate']:.2%})")  # fmt: skip
+        return (
+            f"{m['rows']:,} point-in-time rows ({m['service']}, {m['label']} rate "
+            f"{m['positive_rate']:.2%})"
+        )
     if task == "train":
         m = _first_artifact(outputs, "metrics")
-        return (f"MLflow run {value['Output']}: test ndcg@10 {m['ndcg@10']:.4f}, "
-                f"hr@10 {m['hr@10']:.4f}, recall@100 {m['recall@100']:.4f}")  # fmt: skip
+        return (
+            f"MLflow run {value['Output']}: test ndcg@10 {m['ndcg@10']:.4f}, "
+            f"hr@10 {m['hr@10']:.4f}, recall@100 {m['recall@100']:.4f}"
+        )
     if task == "evaluate":
         m = _first_artifact(outputs, "metrics")
-        return " | ".join(f"{k} {m[k]:.4f} vs popularity {m['popularity.' + k]:.4f}"
-                          for k in ("ndcg@10", "recall@100") if k in m)  # fmt: skip
+        return " | ".join(
+            f"{k} {m[k]:.4f} vs popularity {m['popularity.' + k]:.4f}"
+            for k in ("ndcg@10", "recall@100")
+            if k in m
+        )
     if task == "register-gate":
         return str(value["message"])
     if task == "gate-open":
         return "open: the model goes on" if value["Output"] else "closed: nothing is deployed"
     if task == "build-index":
         m, index = _first_artifact(outputs, "metrics"), _first_artifact(outputs, "index")
-        return (f"{index['kind']} index of {index['size']:,} ads for {index['model_uri']}, "
-                f"recall@100 vs exact {m['recall_at_100']:.3f}")  # fmt: skip
+        return (
+            f"{index['kind']} index of {index['size']:,} ads for {index['model_uri']}, "
+            f"recall@100 vs exact {m['recall_at_100']:.3f}"
+        )
     if task == "learn-quotas":
         m = _first_artifact(outputs, "quotas")
-        return (f"quotas learned from {m['requests']:,} logged requests of "
-                f"{m['window'][0][:10]}..{m['window'][1][:10]}, activity buckets at "
-                f"{m['activity_edges']}")  # fmt: skip
+        return (
+            f"quotas learned from {m['requests']:,} logged requests of "
+            f"{m['window'][0][:10]}..{m['window'][1][:10]}, activity buckets at "
+            f"{m['activity_edges']}"
+        )
     if task == "export-repository":
         m = _first_artifact(outputs, "repository")
-        return (f"Triton repository v{m['version']} of {m['model_uri']} (run {m['run_id'][:12]}, "
-                f"commit {m['git_commit'][:12]})")  # fmt: skip
+        return (
+            f"Triton repository v{m['version']} of {m['model_uri']} (run {m['run_id'][:12]}, "
+            f"commit {m['git_commit'][:12]})"
+        )
     return str(value.get("Output", value))
 
 
@@ -164,8 +198,10 @@ def run_local(arguments: dict[str, Any], pipeline_root: Path) -> LocalRun:
     from kfp import local
 
     # The steps run in this environment on purpose: it is the platform image's environment.
-    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses "
-                            "custom or non-Python base image")  # fmt: skip
+    warnings.filterwarnings(
+        "ignore",
+        message="You may be attemping to run a task that uses custom or non-Python base image",
+    )
     pipeline_root = Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     pattern = f"{pipeline_function().name}-*"
@@ -208,9 +244,12 @@ def submit(
         try:
             client = kfp.Client(host=host, namespace=namespace or None)
             run = client.create_run_from_pipeline_package(
-                str(package), arguments=arguments, run_name=run_name or None,
-                experiment_name=experiment, namespace=namespace or None,
-            )  # fmt: skip
+                str(package),
+                arguments=arguments,
+                run_name=run_name or None,
+                experiment_name=experiment,
+                namespace=namespace or None,
+            )
         except Exception as e:  # kfp raises urllib3, ApiException and ValueError alike
             raise CandgenError(f"host: submitting to {host} failed: {e}") from None
     return {"run_id": run.run_id, "host": host, "experiment": experiment}

@@ -50,8 +50,9 @@ class TrainingWindows:
             raise ValueError("all_action_targets: the windows were built without all_action_days")
         lo, hi = self.future_lo[idx], self.future_hi[idx]
         span = hi - lo
-        pick = np.minimum(lo + np.floor(rng.random(lo.shape) * span).astype(np.int64),
-                          len(self.flat_items) - 1)  # fmt: skip
+        pick = np.minimum(
+            lo + np.floor(rng.random(lo.shape) * span).astype(np.int64), len(self.flat_items) - 1
+        )
         return np.where(span > 0, self.flat_items[pick], 0)
 
 
@@ -123,11 +124,14 @@ def restrict_targets(windows: TrainingWindows, labels: Sequence[int]) -> Trainin
         return None if a is None else a[rows]
 
     return TrainingWindows(
-        inputs=windows.inputs[rows], targets=np.where(keep, windows.targets, 0)[rows],
-        times=pick(windows.times), user_rows=windows.user_rows[rows],
-        target_labels=pick(windows.target_labels), target_surfaces=pick(windows.target_surfaces),
+        inputs=windows.inputs[rows],
+        targets=np.where(keep, windows.targets, 0)[rows],
+        times=pick(windows.times),
+        user_rows=windows.user_rows[rows],
+        target_labels=pick(windows.target_labels),
+        target_surfaces=pick(windows.target_surfaces),
         long_term_rows=pick(windows.long_term_rows),
-    )  # fmt: skip
+    )
 
 
 def make_batch(
@@ -169,5 +173,4 @@ def eval_batches(
             else None
         )
         lt_rows = None if eval_set.long_term_rows is None else eval_set.long_term_rows[sl]
-        yield sl, make_batch(data, hist, times, eval_set.users[sl], device,
-                             long_term_rows=lt_rows)  # fmt: skip
+        yield sl, make_batch(data, hist, times, eval_set.users[sl], device, long_term_rows=lt_rows)

@@ -126,8 +126,10 @@ def load_long_term(
         )
     known = table[table["user_id"].isin(user_ids)]
     row_of = pd.Series(np.arange(len(user_ids)), index=user_ids)
-    known = known.assign(row=row_of.loc[known["user_id"].to_numpy()].to_numpy(),
-                         sec=known["event_timestamp"].astype("int64") / 1e6)  # fmt: skip
+    known = known.assign(
+        row=row_of.loc[known["user_id"].to_numpy()].to_numpy(),
+        sec=known["event_timestamp"].astype("int64") / 1e6,
+    )
     known = known.sort_values(["row", "sec"], kind="stable")
     counts = np.bincount(known["row"].to_numpy(), minlength=len(user_ids))
     vectors = np.stack(known["long_term_embedding"].to_numpy()).astype(np.float32)
@@ -311,8 +313,9 @@ def from_interactions(
     attrs = np.zeros((len(item_ids), 1), dtype=np.int64)
     if item_attributes:
         width = max((len(v) for v in item_attributes.values()), default=1) or 1
-        vocab = {a: i + 1 for i, a in enumerate(sorted({a for v in item_attributes.values()
-                                                        for a in v}))}  # fmt: skip
+        vocab = {
+            a: i + 1 for i, a in enumerate(sorted({a for v in item_attributes.values() for a in v}))
+        }
         attrs = np.zeros((len(item_ids), width), dtype=np.int64)
         for ext, internal in index.items():
             codes = [vocab[a] for a in item_attributes.get(ext, [])]
@@ -338,9 +341,12 @@ def load_amazon(dataset: str, data_dir: Path | None = None) -> SequenceData:
     root = Path(data_dir) if data_dir else shared_data_dir()
     files = {"beauty": amazon.BEAUTY_FILE, "games": amazon.GAMES_FILE}
     if dataset in files and not (root / files[dataset]).exists():
-        raise DataFormatError(str(root / files[dataset]), None,
-                              "no such file; set data_dir (or $CANDGEN_SHARED_DATA) to the "
-                              "folder that holds amazon-beauty/ and amazon-games/")  # fmt: skip
+        raise DataFormatError(
+            str(root / files[dataset]),
+            None,
+            "no such file; set data_dir (or $CANDGEN_SHARED_DATA) to the "
+            "folder that holds amazon-beauty/ and amazon-games/",
+        )
     if dataset == "beauty":
         df = amazon.load_beauty(root)
         attrs = amazon.load_beauty_attributes(root)
@@ -418,8 +424,16 @@ def marketplace_interactions(data_dir: Path) -> pd.DataFrame:
     path = Path(data_dir) / "events"
     if not path.exists():
         raise DataFormatError(str(path), None, "no events: run `candgen data synth` first")
-    cols = ["event_id", "user_id", "event_ts", "surface", "event_type", "item_id", "ad_id",
-            "caused_by_event_id"]  # fmt: skip
+    cols = [
+        "event_id",
+        "user_id",
+        "event_ts",
+        "surface",
+        "event_type",
+        "item_id",
+        "ad_id",
+        "caused_by_event_id",
+    ]
     ev = pd.read_parquet(path, columns=cols)
     converted = set(ev.loc[ev["event_type"] == "conversion", "caused_by_event_id"].astype("int64"))
     engage = ev[ev["event_type"] == "engage"]
@@ -543,10 +557,12 @@ def load_marketplace(
             target_item=np.asarray(t_item, dtype=np.int64),
             target_label=np.asarray(t_label, dtype=object),
             target_surface=np.asarray(t_surface, dtype=object),
-            long_term_rows=None if long_term is None else np.asarray(
-                [long_term.rows_before_day(r, [start.timestamp()])[0] for r in rows],
-                dtype=np.int64),
-        )  # fmt: skip
+            long_term_rows=None
+            if long_term is None
+            else np.asarray(
+                [long_term.rows_before_day(r, [start.timestamp()])[0] for r in rows], dtype=np.int64
+            ),
+        )
 
     ads = pd.read_parquet(data_dir / "ads.parquet", columns=["ad_id", "category", "advertiser_id"])
     items = pd.read_parquet(data_dir / "items.parquet", columns=["item_id", "category"])
@@ -564,8 +580,9 @@ def load_marketplace(
     text = None
     snapshot = json.loads((data_dir / "manifest.json").read_text()).get("snapshot", "")
     if features_dir is not None and (Path(features_dir) / "ad_attributes.parquet").exists():
-        emb = pd.read_parquet(Path(features_dir) / "ad_attributes.parquet",
-                              columns=["ad_id", "text_embedding"])  # fmt: skip
+        emb = pd.read_parquet(
+            Path(features_dir) / "ad_attributes.parquet", columns=["ad_id", "text_embedding"]
+        )
         emb = emb.dropna().drop_duplicates("ad_id", keep="last")
         if len(emb):
             mat = np.stack(emb["text_embedding"].to_numpy()).astype(np.float32)

@@ -69,9 +69,27 @@ BENEFITS: Final = (
 )
 
 BRAND_SYLLABLES: Final = (
-    "zen", "nova", "lumi", "aero", "kai", "vera", "orbi", "tera", "mira", "flux",
-    "echo", "sola", "rivo", "pico", "nex", "ora", "velo", "quin", "astra", "moda",
-)  # fmt: skip
+    "zen",
+    "nova",
+    "lumi",
+    "aero",
+    "kai",
+    "vera",
+    "orbi",
+    "tera",
+    "mira",
+    "flux",
+    "echo",
+    "sola",
+    "rivo",
+    "pico",
+    "nex",
+    "ora",
+    "velo",
+    "quin",
+    "astra",
+    "moda",
+)
 
 CATEGORIES: Final = tuple(name for name, _ in CATEGORY_NOUNS)
 

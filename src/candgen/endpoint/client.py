@@ -33,8 +33,9 @@ def client_module(protocol: str) -> Any:
 def triton_client(url: str, protocol: str = "http", timeout_s: float = 10.0) -> Any:
     module = client_module(protocol)
     if protocol == "http":
-        return module.InferenceServerClient(url, connection_timeout=timeout_s,
-                                            network_timeout=timeout_s)  # fmt: skip
+        return module.InferenceServerClient(
+            url, connection_timeout=timeout_s, network_timeout=timeout_s
+        )
     return module.InferenceServerClient(url)
 
 
@@ -48,8 +49,13 @@ class RetrieveClient:
         timeout_s: per request.
     """
 
-    def __init__(self, url: str = "", protocol: str = "http", model: str = "retrieve",
-                 timeout_s: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str = "",
+        protocol: str = "http",
+        model: str = "retrieve",
+        timeout_s: float = 10.0,
+    ) -> None:
         self.module = client_module(protocol)
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
@@ -79,8 +85,9 @@ class RetrieveClient:
             raise ServingError(e.message() or str(e)) from None
         return {n: result.as_numpy(n) for n in OUTPUTS}
 
-    def retrieve(self, user_id: int, scenario: str, k: int,
-                 recent_item_ids: Sequence[int] = ()) -> RetrievalResult:  # fmt: skip
+    def retrieve(
+        self, user_id: int, scenario: str, k: int, recent_item_ids: Sequence[int] = ()
+    ) -> RetrievalResult:
         tensors = {
             "USER_ID": np.array([user_id], dtype=np.int64),
             "SCENARIO": np.array([scenario.encode()], dtype=np.object_),

@@ -63,8 +63,13 @@ from candgen.serving.steps import (
     write_serving_file,
 )
 
-TRITON_TYPES = {np.int64: "TYPE_INT64", np.int32: "TYPE_INT32", np.float32: "TYPE_FP32",
-                np.float64: "TYPE_FP64", np.object_: "TYPE_STRING"}  # fmt: skip
+TRITON_TYPES = {
+    np.int64: "TYPE_INT64",
+    np.int32: "TYPE_INT32",
+    np.float32: "TYPE_FP32",
+    np.float64: "TYPE_FP64",
+    np.object_: "TYPE_STRING",
+}
 MODEL_PY = '''"""candgen's retrieve ensemble, step {model} (a thin shell; see candgen.serving)."""
 
 import triton_python_backend_utils as pb_utils
@@ -106,8 +111,11 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if not self.model_uri.startswith("models:/"):
-            raise ConfigError("model_uri", f"must be a registry URI (models:/<name>@<alias> or "
-                              f"models:/<name>/<version>), got {self.model_uri!r}")  # fmt: skip
+            raise ConfigError(
+                "model_uri",
+                f"must be a registry URI (models:/<name>@<alias> or "
+                f"models:/<name>/<version>), got {self.model_uri!r}",
+            )
         if self.keep_versions < 1:
             raise ConfigError("keep_versions", f"must be >= 1, got {self.keep_versions}")
         if self.serving.quota_policy == "learned" and not self.quotas:
@@ -126,16 +134,20 @@ def _tensors(kind: str, spec: Spec) -> str:
     rows = []
     for name, (dtype, dims, optional) in spec.items():
         opt = " optional: true" if optional else ""
-        rows.append(f'  {{ name: "{name}" data_type: {TRITON_TYPES[dtype]} '
-                    f"dims: [ {_dims(dims)} ]{opt} }}")  # fmt: skip
+        rows.append(
+            f'  {{ name: "{name}" data_type: {TRITON_TYPES[dtype]} dims: [ {_dims(dims)} ]{opt} }}'
+        )
     return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
 
 
 def step_config(step: type[Step], instances: int) -> str:
-    return (f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: 0\n'
-            "version_policy: { all { } }\n"
-            + _tensors("input", step.INPUTS) + _tensors("output", step.OUTPUTS)
-            + f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n")  # fmt: skip
+    return (
+        f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: 0\n'
+        "version_policy: { all { } }\n"
+        + _tensors("input", step.INPUTS)
+        + _tensors("output", step.OUTPUTS)
+        + f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n"
+    )
 
 
 def ensemble_config(version: int) -> str:
@@ -146,11 +158,18 @@ def ensemble_config(version: int) -> str:
     for step in STEPS:
         maps = "".join(f'      input_map {{ key: "{n}" value: "{n}" }}\n' for n in step.INPUTS)
         maps += "".join(f'      output_map {{ key: "{n}" value: "{n}" }}\n' for n in step.OUTPUTS)
-        steps.append(f'    {{\n      model_name: "{step.MODEL}"\n      model_version: {version}\n'
-                     f"{maps}    }}")  # fmt: skip
-    return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: 0\n'
-            + _tensors("input", ins) + _tensors("output", outs)
-            + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")  # fmt: skip
+        steps.append(
+            f'    {{\n      model_name: "{step.MODEL}"\n      model_version: {version}\n'
+            f"{maps}    }}"
+        )
+    return (
+        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: 0\n'
+        + _tensors("input", ins)
+        + _tensors("output", outs)
+        + "ensemble_scheduling {\n  step [\n"
+        + ",\n".join(steps)
+        + "\n  ]\n}\n"
+    )
 
 
 # The checked-in definitions are rendered for this version with the default ServingConfig: what
@@ -218,8 +237,10 @@ def write_definitions(out: Path = DEFINITIONS_DIR) -> list[str]:
     """
     out = Path(out)
     if out.is_dir() and any(out.rglob(SERVING_FILE)):
-        raise CandgenError(f"{out} holds an exported version; definitions go into their own "
-                           "folder (candgen serving export writes a repository)")  # fmt: skip
+        raise CandgenError(
+            f"{out} holds an exported version; definitions go into their own "
+            "folder (candgen serving export writes a repository)"
+        )
     # Built beside it and swapped in, so a stale file (a step renamed since) does not survive.
     fresh = out.parent / f".{out.name}.fresh"
     shutil.rmtree(fresh, ignore_errors=True)
@@ -239,8 +260,9 @@ def check_repository(repository: Path) -> list[str]:
     repository = Path(repository)
     version = pinned_version(repository)
     serving, _, _ = read_serving_file(repository / ENSEMBLE / str(version))
-    return definition_drift(repository, repository_definitions(version, serving.instances),
-                            exact=False)  # fmt: skip
+    return definition_drift(
+        repository, repository_definitions(version, serving.instances), exact=False
+    )
 
 
 def versions(repository: Path, model: str) -> list[int]:
@@ -338,15 +360,19 @@ def ad_side(
 
     manifest_path = features_dir / "manifest.json"
     if not manifest_path.exists():
-        raise CandgenError(f"features_dir: {features_dir} holds no feature tables "
-                           "(run `candgen features build`)")  # fmt: skip
+        raise CandgenError(
+            f"features_dir: {features_dir} holds no feature tables (run `candgen features build`)"
+        )
     manifest = json.loads(manifest_path.read_text())
     if "categories" not in manifest:
-        raise CandgenError(f"features_dir: {features_dir} was built before manifests named the "
-                           "categories; rebuild it with `candgen features build`")  # fmt: skip
+        raise CandgenError(
+            f"features_dir: {features_dir} was built before manifests named the "
+            "categories; rebuild it with `candgen features build`"
+        )
     cat_index = {c: i for i, c in enumerate(manifest["categories"])}
-    attrs = pd.read_parquet(features_dir / "ad_attributes.parquet",
-                            columns=["ad_id", "category", "text_embedding"])  # fmt: skip
+    attrs = pd.read_parquet(
+        features_dir / "ad_attributes.parquet", columns=["ad_id", "category", "text_embedding"]
+    )
     content = ContentGenerator(
         attrs["ad_id"].to_numpy(np.int64),
         np.stack(attrs["text_embedding"].to_numpy()).astype(np.float32),
@@ -383,8 +409,9 @@ def _copy_index(index_dir: Path, dst: Path, model_uri: str) -> dict[str, Any]:
         raise CandgenError(f"index_dir: {index_dir} holds no index.json (candgen index build)")
     summary: dict[str, Any] = json.loads(manifest.read_text())
     if summary["model_uri"] != model_uri:
-        raise CandgenError(f"index_dir: {index_dir} was built for {summary['model_uri']}, "
-                           f"not {model_uri}")  # fmt: skip
+        raise CandgenError(
+            f"index_dir: {index_dir} was built for {summary['model_uri']}, not {model_uri}"
+        )
     dst.mkdir(parents=True, exist_ok=True)
     for path in (index_dir / INDEX_FILE, ids_file(index_dir / INDEX_FILE), manifest):
         shutil.copy2(path, dst / path.name)
@@ -422,11 +449,18 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     if config.index_dir:
         summary = _copy_index(Path(config.index_dir), generators, config.model_uri)
     else:
-        summary = build_index(config.model_uri, generators, config.index,
-                              tracking_uri=config.tracking_uri, embeddings=emb)  # fmt: skip
+        summary = build_index(
+            config.model_uri,
+            generators,
+            config.index,
+            tracking_uri=config.tracking_uri,
+            embeddings=emb,
+        )
     recall = next(v for k, v in summary.items() if k.startswith("recall_at_"))
-    say(f"ad index: {summary['kind']}, {summary['size']:,} ads x {summary['dim']}, "
-        f"recall vs exact {recall:.4f} (logged to the run)")  # fmt: skip
+    say(
+        f"ad index: {summary['kind']}, {summary['size']:,} ads x {summary['dim']}, "
+        f"recall vs exact {recall:.4f} (logged to the run)"
+    )
     content, delivery, features_snapshot = ad_side(features_dir)
     stage_generators(generators, content, delivery)
     say(
@@ -440,8 +474,10 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
         learned = LearnedQuotas.load(Path(config.quotas))  # checked before it is installed
         learned.save(staging / SelectStep.MODEL / QUOTA_FILE)
         quota_fit = learned.fitted
-        say(f"quotas: learned table fitted on {quota_fit.get('requests', '?')} logged "
-            f"requests; policy {config.serving.effective_policy(True)}")  # fmt: skip
+        say(
+            f"quotas: learned table fitted on {quota_fit.get('requests', '?')} logged "
+            f"requests; policy {config.serving.effective_policy(True)}"
+        )
     provenance = {
         "model_uri": config.model_uri,
         "model_name": mv.name,
@@ -455,8 +491,9 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
         "quotas_fitted_on": quota_fit.get("window", []),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = publish(repository, staging, version, config.serving, config.index, provenance,
-                  config.keep_versions)  # fmt: skip
+    out = publish(
+        repository, staging, version, config.serving, config.index, provenance, config.keep_versions
+    )
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -498,8 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     """``definitions``: rewrite serving/model_repository (``make serving-definitions``);
     ``check REPOSITORY``: exit 1 when an exported repository's definitions are not this
     candgen's (the serving pods' init container runs it on the claim before Triton starts)."""
-    parser = argparse.ArgumentParser(prog="python -m candgen.endpoint.export",
-                                     description=main.__doc__)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m candgen.endpoint.export", description=main.__doc__
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser(
         "definitions", help="rewrite serving/model_repository from the code"

@@ -70,8 +70,11 @@ class ServerConfig:
         if self.repository_poll_s < 0:
             raise ConfigError("repository_poll_s", f"must be >= 0, got {self.repository_poll_s}")
         if self.repository_poll_s and self.explicit_models:
-            raise ConfigError("explicit_models", "a polling server loads every model it finds; "
-                              "leave explicit_models empty or repository_poll_s at 0")  # fmt: skip
+            raise ConfigError(
+                "explicit_models",
+                "a polling server loads every model it finds; "
+                "leave explicit_models empty or repository_poll_s at 0",
+            )
 
 
 def _tritonserver_root(serving_env: Path) -> Path:
@@ -85,9 +88,11 @@ def _backend_dir(root: Path, state: Path) -> Path:
     backends = state / "backends"
     python = backends / "python"
     python.mkdir(parents=True, exist_ok=True)
-    for src in (root / "backends/python/libtriton_python.so",
-                root / "backends/python/triton_python_backend_utils.py",
-                root / "python_backend_stubs/3.11/triton_python_backend_stub"):  # fmt: skip
+    for src in (
+        root / "backends/python/libtriton_python.so",
+        root / "backends/python/triton_python_backend_utils.py",
+        root / "python_backend_stubs/3.11/triton_python_backend_stub",
+    ):
         dst = python / src.name
         if not dst.exists():
             shutil.copy2(src, dst)
@@ -124,8 +129,9 @@ def start(config: ServerConfig) -> dict[str, object]:
         raise CandgenError(f"model_repository: {repo} is not a folder")
     running = status(config)
     if running["running"]:
-        raise CandgenError(f"a server from {state} is running (pid {running['pid']}); "
-                           "`candgen serve --stop` first")  # fmt: skip
+        raise CandgenError(
+            f"a server from {state} is running (pid {running['pid']}); `candgen serve --stop` first"
+        )
     env_dir = Path(config.serving_env)
     root = _tritonserver_root(env_dir)
     backends = _backend_dir(root, state)
@@ -149,28 +155,35 @@ def start(config: ServerConfig) -> dict[str, object]:
         sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())
     )
     if config.repository_poll_s:
-        cmd += ["--model-control-mode=poll",
-                f"--repository-poll-secs={config.repository_poll_s}"]  # fmt: skip
+        cmd += ["--model-control-mode=poll", f"--repository-poll-secs={config.repository_poll_s}"]
     else:
         cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
     log = state / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # fmt: skip
-    info = {"pid": proc.pid, "log": str(log), "config": asdict(config), **endpoints(config),
-            "models": list(models)}  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    info = {
+        "pid": proc.pid,
+        "log": str(log),
+        "config": asdict(config),
+        **endpoints(config),
+        "models": list(models),
+    }
     (state / STATE_FILE).write_text(json.dumps(info, indent=2))
     deadline = time.monotonic() + config.ready_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise CandgenError(f"tritonserver exited with {proc.returncode}; log tail:\n"
-                               + _tail(log))  # fmt: skip
+            raise CandgenError(
+                f"tritonserver exited with {proc.returncode}; log tail:\n" + _tail(log)
+            )
         if _ready(config):
             return info
         time.sleep(0.25)
     stop(config)
-    raise CandgenError(f"tritonserver not ready after {config.ready_timeout_s:.0f}s; log tail:\n"
-                       + _tail(log))  # fmt: skip
+    raise CandgenError(
+        f"tritonserver not ready after {config.ready_timeout_s:.0f}s; log tail:\n" + _tail(log)
+    )
 
 
 def _tail(log: Path, lines: int = 25) -> str:

@@ -160,12 +160,13 @@ def _contextual_ranks(
         part = EvalSet(
             users=eval_set.users[users],
             histories=[eval_set.histories[u] for u in users],
-            history_times=None if eval_set.history_times is None
+            history_times=None
+            if eval_set.history_times is None
             else [eval_set.history_times[u] for u in users],
             target_user=position.astype(np.int64),
             target_item=eval_set.target_item[chosen],
             target_label=eval_set.target_label[chosen],
-        )  # fmt: skip
+        )
         queries = user_queries(model, data, part, max_len, context=(label, surface))
         topk = chunked_topk(queries, table, k, part.histories).numpy()
         ranks[chosen] = target_ranks(topk, part.target_user, part.target_item)
@@ -208,11 +209,15 @@ def compare_saved_models(
     for name in ("dataset", "data_dir", "eval_days"):
         ours, theirs = getattr(ours_h.data, name), getattr(theirs_h.data, name)
         if ours != theirs:
-            raise ConfigError(name, f"the models were trained on different data: {ours!r} vs "
-                              f"{theirs!r}")  # fmt: skip
+            raise ConfigError(
+                name, f"the models were trained on different data: {ours!r} vs {theirs!r}"
+            )
     if ours_h.protocol != theirs_h.protocol:
-        raise ConfigError("protocol", f"the models were selected with different protocols: "
-                          f"{ours_h.protocol!r} vs {theirs_h.protocol!r}")  # fmt: skip
+        raise ConfigError(
+            "protocol",
+            f"the models were selected with different protocols: "
+            f"{ours_h.protocol!r} vs {theirs_h.protocol!r}",
+        )
     if ours_h.protocol != "full":
         raise ConfigError("protocol", "paired comparisons need the full protocol")
     ranks, targets = [], None
@@ -227,21 +232,29 @@ def compare_saved_models(
         if targets is None:
             targets = eval_set
         elif not np.array_equal(targets.target_item, eval_set.target_item):
-            raise ConfigError("data_dir", "the two models' evaluation windows hold different "
-                              "targets")  # fmt: skip
+            raise ConfigError(
+                "data_dir", "the two models' evaluation windows hold different targets"
+            )
     assert targets is not None
     groups: dict[str, np.ndarray] = {"all": np.ones(len(targets.target_item), dtype=bool)}
     for kind, values in (("label", targets.target_label), ("surface", targets.target_surface)):
         if values is not None and len(set(values.tolist())) > 1:
             groups.update({f"{kind}.{v}": values == v for v in sorted(set(values.tolist()))})
-    out: dict[str, Any] = {"model": str(model_path), "baseline": str(baseline_path),
-                           "split": split, "k": k}  # fmt: skip
+    out: dict[str, Any] = {
+        "model": str(model_path),
+        "baseline": str(baseline_path),
+        "split": split,
+        "k": k,
+    }
     n_users = len(targets)
     for name, chosen in groups.items():
         users = targets.target_user[chosen]
         ours, theirs = (user_recall(r[chosen], users, k, n_users) for r in ranks)
-        out[name] = {"model": float(np.nanmean(ours)), "baseline": float(np.nanmean(theirs)),
-                     **paired_difference(ours, theirs)}  # fmt: skip
+        out[name] = {
+            "model": float(np.nanmean(ours)),
+            "baseline": float(np.nanmean(theirs)),
+            **paired_difference(ours, theirs),
+        }
     return out
 
 

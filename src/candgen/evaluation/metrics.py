@@ -121,8 +121,9 @@ def user_recall(ranks: np.ndarray, target_user: np.ndarray, k: int, num_users: i
         return np.where(counts > 0, hits / counts, np.nan)
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2_000, seed: int = 0
-                      ) -> dict[str, float]:  # fmt: skip
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, resamples: int = 2_000, seed: int = 0
+) -> dict[str, float]:
     """Mean of ``a - b`` over the units (users, requests) both score (not NaN), with a 95%
     paired bootstrap interval and how many units each side wins: whether a lead exceeds the
     noise of the units it was measured on.
@@ -140,6 +141,11 @@ def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2_000, seed
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)
     low, high = np.quantile(means, [0.025, 0.975])
-    return {"mean": float(diff.mean()), "low": float(low), "high": float(high),
-            "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()),
-            "n": len(diff)}  # fmt: skip
+    return {
+        "mean": float(diff.mean()),
+        "low": float(low),
+        "high": float(high),
+        "wins": int((diff > 0).sum()),
+        "losses": int((diff < 0).sum()),
+        "n": len(diff),
+    }

@@ -44,9 +44,12 @@ FEATURE_TABLES: Final = (
     "advertiser_profile",
 )
 LONG_TERM_SCHEMA: Final = pa.schema(
-    [("user_id", pa.int64()), ("event_timestamp", TS),
-     ("long_term_embedding", pa.list_(pa.float32()))]
-)  # fmt: skip
+    [
+        ("user_id", pa.int64()),
+        ("event_timestamp", TS),
+        ("long_term_embedding", pa.list_(pa.float32())),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -324,9 +327,15 @@ def build_features(
     events = pd.read_parquet(
         data_dir / "events",
         columns=[
-            "user_id", "arrival_ts", "surface", "event_type", "action_type", "item_id", "ad_id",
+            "user_id",
+            "arrival_ts",
+            "surface",
+            "event_type",
+            "action_type",
+            "item_id",
+            "ad_id",
         ],
-    )  # fmt: skip
+    )
     cat_index = {name: i for i, name in enumerate(manifest["categories"])}
     category_of = {
         "item": items["category"].map(cat_index).to_numpy(np.int64),

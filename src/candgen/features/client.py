@@ -32,8 +32,9 @@ class FeatureServerClient:
             answers in about half the time of a request by service name (docs/BENCHMARKS.md).
     """
 
-    def __init__(self, url: str, timeout_s: float = 0.5,
-                 service_refs: dict[str, list[str]] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, url: str, timeout_s: float = 0.5, service_refs: dict[str, list[str]] | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.service_refs = dict(service_refs or {})
@@ -54,8 +55,7 @@ class FeatureServerClient:
     def _post(self, body: str) -> Any:
         conn = self._connection()
         try:
-            conn.request("POST", "/get-online-features", body,
-                         {"Content-Type": "application/json"})  # fmt: skip
+            conn.request("POST", "/get-online-features", body, {"Content-Type": "application/json"})
             resp = conn.getresponse()
             data = resp.read()
         except (OSError, http.client.HTTPException):
@@ -69,9 +69,10 @@ class FeatureServerClient:
     def lookup(self, service: str, entity: str, key: int) -> dict[str, Any] | None:
         """The service's features for one entity, or None if the store has none of them."""
         what: dict[str, Any] = (
-            {"features": self.service_refs[service]} if service in self.service_refs
+            {"features": self.service_refs[service]}
+            if service in self.service_refs
             else {"feature_service": service}
-        )  # fmt: skip
+        )
         body = json.dumps({**what, "entities": {entity: [int(key)]}})
         try:
             try:

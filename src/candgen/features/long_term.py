@@ -60,12 +60,16 @@ def summarise(
             "so its training cutoff is unknown; train it on dataset marketplace"
         )
     if model.contextual:
-        raise CandgenError(f"model: {model_path} is a contextual model; summarise with a "
-                           "summariser (candgen.training.long_term)")  # fmt: skip
+        raise CandgenError(
+            f"model: {model_path} is a contextual model; summarise with a "
+            "summariser (candgen.training.long_term)"
+        )
     source = features_dir / "user_long_term.parquet"
     if not source.exists():
-        raise CandgenError(f"features_dir: {features_dir} holds no user_long_term table "
-                           "(run `candgen features build`)")  # fmt: skip
+        raise CandgenError(
+            f"features_dir: {features_dir} holds no user_long_term table "
+            "(run `candgen features build`)"
+        )
     snaps = pd.read_parquet(source, columns=["user_id", "event_timestamp", "long_item_ids"])
     index = {int(x): i for i, x in enumerate(saved.item_ids) if i > 0}
     max_len = saved.model.max_len
@@ -81,8 +85,12 @@ def summarise(
     vectors = np.zeros((len(snaps), dim), dtype=np.float32)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc="long-term summaries",
-                          unit="batch", disable=not progress):  # fmt: skip
+        for start in tqdm(
+            range(0, len(order), batch_size),
+            desc="long-term summaries",
+            unit="batch",
+            disable=not progress,
+        ):
             rows = order[start : start + batch_size]
             width = int(lengths[rows].max())
             items = torch.from_numpy(pad_left([sequences[r] for r in rows], width))
@@ -98,9 +106,13 @@ def summarise(
         }
     ).replace_schema_metadata({"trained_before": cutoff, "summariser": str(model_path)})
     pq.write_table(table, features_dir / f"{LONG_TERM_TABLE}.parquet", compression="zstd")
-    summary = {"rows": len(keep), "users": int(written["user_id"].nunique()),
-               "dim": int(vectors.shape[1]), "trained_before": cutoff,
-               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    summary = {
+        "rows": len(keep),
+        "users": int(written["user_id"].nunique()),
+        "dim": int(vectors.shape[1]),
+        "trained_before": cutoff,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     _update_manifest(features_dir, summary)
     return summary
 

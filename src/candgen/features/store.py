@@ -154,15 +154,20 @@ def service_feature_refs(service: str, cfg: StoreConfig | None = None) -> list[s
     definitions (the serving runtime, which cannot import Feast, asks for these by name)."""
     from feast import FeatureService
 
-    services = {o.name: o for o in load_definitions(cfg or StoreConfig())
-                if isinstance(o, FeatureService)}  # fmt: skip
+    services = {
+        o.name: o for o in load_definitions(cfg or StoreConfig()) if isinstance(o, FeatureService)
+    }
     if service not in services:
-        raise ConfigError("feature_service", f"unknown feature service {service!r}; the "
-                          f"repository defines {sorted(services)}")  # fmt: skip
+        raise ConfigError(
+            "feature_service",
+            f"unknown feature service {service!r}; the repository defines {sorted(services)}",
+        )
     # Feast's FeatureViewProjection.name_to_use has no annotations.
-    return [f"{proj.name_to_use()}:{feat.name}"  # type: ignore[no-untyped-call]
-            for proj in services[service].feature_view_projections
-            for feat in proj.features]  # fmt: skip
+    return [
+        f"{proj.name_to_use()}:{feat.name}"  # type: ignore[no-untyped-call]
+        for proj in services[service].feature_view_projections
+        for feat in proj.features
+    ]
 
 
 def check_feature_tables(cfg: StoreConfig) -> dict[str, Any]:
@@ -392,24 +397,45 @@ class FeatureServerProcess:
         from candgen.vocab import USER_SERVING_SERVICE
 
         c = self.cfg
-        cmd = [sys.executable, "-m", "candgen.cli", "features", "serve", "--port", str(self.port),
-               "--features-dir", str(c.features_path), "--state-dir", str(c.state_path),
-               "--online", c.online, "--redis", c.redis, "--project", c.project,
-               "--repo-dir", str(c.repo_dir)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "candgen.cli",
+            "features",
+            "serve",
+            "--port",
+            str(self.port),
+            "--features-dir",
+            str(c.features_path),
+            "--state-dir",
+            str(c.state_path),
+            "--online",
+            c.online,
+            "--redis",
+            c.redis,
+            "--project",
+            c.project,
+            "--repo-dir",
+            str(c.repo_dir),
+        ]
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise CandgenError(f"feature server exited with {self.proc.returncode}"
-                                   + (f"; see {self.log}" if self.log else ""))  # fmt: skip
+                raise CandgenError(
+                    f"feature server exited with {self.proc.returncode}"
+                    + (f"; see {self.log}" if self.log else "")
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
                     if resp.status == 200:
                         left = max(deadline - time.monotonic(), 1.0)
-                        FeatureServerClient(self.url, left).lookup(USER_SERVING_SERVICE,
-                                                                   "user_id", 0)  # fmt: skip
+                        FeatureServerClient(self.url, left).lookup(
+                            USER_SERVING_SERVICE, "user_id", 0
+                        )
                         return self.url
             except OSError:
                 time.sleep(0.25)

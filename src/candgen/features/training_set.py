@@ -33,9 +33,16 @@ def label_rows(data_dir: Path | str, label: str = "click") -> pd.DataFrame:
         raise ConfigError("label", f"must be one of {LABEL_KINDS}, got {label!r}")
     events = pd.read_parquet(
         Path(data_dir) / "events",
-        columns=["event_id", "user_id", "ad_id", "surface", "event_ts", "event_type",
-                 "caused_by_event_id"],
-    )  # fmt: skip
+        columns=[
+            "event_id",
+            "user_id",
+            "ad_id",
+            "surface",
+            "event_ts",
+            "event_type",
+            "caused_by_event_id",
+        ],
+    )
     imps = events[events["event_type"] == "impression"]
     clicks = events[events["event_type"] == "click"]
     positive_imps = set(clicks["caused_by_event_id"].astype(np.int64))

@@ -107,8 +107,9 @@ class AdIndex:
                 raise ConfigError("pq_m", f"{self.config.pq_m} does not divide dim {dim}")
             nlist = self.config.ivf_nlist or max(1, int(4 * np.sqrt(max(expected_size, 1))))
             quantizer = faiss.IndexFlatIP(dim)
-            base = faiss.IndexIVFPQ(quantizer, dim, nlist, self.config.pq_m, 8,
-                                    faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+            base = faiss.IndexIVFPQ(
+                quantizer, dim, nlist, self.config.pq_m, 8, faiss.METRIC_INNER_PRODUCT
+            )
         else:
             base = faiss.IndexFlatIP(dim)
         if self.config.device == "cuda":
@@ -158,12 +159,14 @@ class AdIndex:
 
     def add(self, ids: Iterable[int] | np.ndarray, vectors: np.ndarray) -> None:
         """Adds ads (an id already present is replaced); they are searchable at once."""
-        ids, vectors = self._check(np.asarray(list(ids) if not isinstance(ids, np.ndarray)
-                                              else ids), vectors)  # fmt: skip
+        ids, vectors = self._check(
+            np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids), vectors
+        )
         present = [i for i in ids.tolist() if i in self._live or i in self._tombstones]
         if present and self.kind == "hnsw":
-            raise ConfigError("ids", f"HNSW cannot replace ads in place ({present[:5]}...); "
-                              "rebuild the index")  # fmt: skip
+            raise ConfigError(
+                "ids", f"HNSW cannot replace ads in place ({present[:5]}...); rebuild the index"
+            )
         if present:
             self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(present, np.int64)))
         self.index.add_with_ids(vectors, ids)
@@ -256,9 +259,12 @@ class AdIndex:
         if self.config.device == "cuda":
             index = self.faiss.index_gpu_to_cpu(index)
         self.faiss.write_index(index, str(path))
-        np.savez(ids_file(path), live=np.asarray(sorted(self._live), np.int64),
-                 tombstones=np.asarray(sorted(self._tombstones), np.int64),
-                 kind=np.asarray(self.kind))  # fmt: skip
+        np.savez(
+            ids_file(path),
+            live=np.asarray(sorted(self._live), np.int64),
+            tombstones=np.asarray(sorted(self._tombstones), np.int64),
+            kind=np.asarray(self.kind),
+        )
 
     @classmethod
     def load(cls, path: Path, config: IndexConfig | None = None) -> AdIndex:

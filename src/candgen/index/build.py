@@ -101,9 +101,15 @@ def build_index(
     recall = recall_at_k(index.search(queries, k)[0], exact_search(ids, vectors, queries, k))
     out_dir = Path(out_dir)
     index.save(out_dir / INDEX_FILE)
-    summary = {"model_uri": model_uri, "kind": index.kind, "size": len(index), "dim": index.dim,
-               f"recall_at_{k}": recall, "build_seconds": build_seconds,
-               "index": str(out_dir / INDEX_FILE)}  # fmt: skip
+    summary = {
+        "model_uri": model_uri,
+        "kind": index.kind,
+        "size": len(index),
+        "dim": index.dim,
+        f"recall_at_{k}": recall,
+        "build_seconds": build_seconds,
+        "index": str(out_dir / INDEX_FILE),
+    }
     (out_dir / "index.json").write_text(json.dumps(summary, indent=2))
     _log_to_registry(model_uri, summary, k, tracking_uri)
     return summary

@@ -76,16 +76,19 @@ class ModelConfig:
         if self.num_experts < 1:
             raise ConfigError("num_experts", f"must be >= 1, got {self.num_experts}")
         if self.serve_label not in ("", *LABELS):
-            raise ConfigError("serve_label", f"{self.serve_label!r} is not one of "
-                              f"{LABELS} (or empty)")  # fmt: skip
+            raise ConfigError(
+                "serve_label", f"{self.serve_label!r} is not one of {LABELS} (or empty)"
+            )
         if self.dim % self.num_heads:
             raise ConfigError("num_heads", f"{self.num_heads} does not divide dim {self.dim}")
         for name in ("dropout", "content_dropout", "long_term_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
         if not self.short_term and not (self.model == "unified" and self.long_term):
-            raise ConfigError("short_term", "only the unified model with long_term can leave "
-                              "out the short-term sequence")  # fmt: skip
+            raise ConfigError(
+                "short_term",
+                "only the unified model with long_term can leave out the short-term sequence",
+            )
 
     @property
     def effective_temperature(self) -> float:

@@ -54,26 +54,42 @@ def build_model(
     it has label heads only where the data has labels and a scenario mixture only where it has
     surfaces (without either it is HSTU).
     """
-    common: _CommonArgs = {"num_items": num_items, "dim": config.dim, "max_len": config.max_len,
-              "dropout": config.dropout, "temperature": config.effective_temperature}  # fmt: skip
+    common: _CommonArgs = {
+        "num_items": num_items,
+        "dim": config.dim,
+        "max_len": config.max_len,
+        "dropout": config.dropout,
+        "temperature": config.effective_temperature,
+    }
     time_buckets = 64 if has_timestamps and config.time_bias else 0
     if config.model == "sasrec":
         return SASRec(num_blocks=config.num_blocks, num_heads=config.num_heads, **common)
     if config.model == "hstu":
-        return HSTU(num_blocks=config.num_blocks, num_heads=config.num_heads,
-                    time_buckets=time_buckets, **common)  # fmt: skip
+        return HSTU(
+            num_blocks=config.num_blocks,
+            num_heads=config.num_heads,
+            time_buckets=time_buckets,
+            **common,
+        )
     if config.model == "unified":
         serve = config.serve_label or ("click" if has_labels else "organic")
-        return UnifiedHSTU(num_labels=len(LABELS) if has_labels else 1,
-                           num_scenarios=NUM_SCENARIOS if has_surfaces else 1,
-                           num_experts=config.num_experts, serve_label=LABELS.index(serve),
-                           scenario_adaptive=config.scenario_adaptive,
-                           item_text=item_text, cold_items=cold_items,
-                           content_dropout=config.content_dropout,
-                           long_term_dim=long_term_dim, short_term=config.short_term,
-                           long_term_dropout=config.long_term_dropout,
-                           num_blocks=config.num_blocks, num_heads=config.num_heads,
-                           time_buckets=time_buckets, **common)  # fmt: skip
+        return UnifiedHSTU(
+            num_labels=len(LABELS) if has_labels else 1,
+            num_scenarios=NUM_SCENARIOS if has_surfaces else 1,
+            num_experts=config.num_experts,
+            serve_label=LABELS.index(serve),
+            scenario_adaptive=config.scenario_adaptive,
+            item_text=item_text,
+            cold_items=cold_items,
+            content_dropout=config.content_dropout,
+            long_term_dim=long_term_dim,
+            short_term=config.short_term,
+            long_term_dropout=config.long_term_dropout,
+            num_blocks=config.num_blocks,
+            num_heads=config.num_heads,
+            time_buckets=time_buckets,
+            **common,
+        )
     return TwoTower(
         item_attributes=item_attributes,
         user_feature_cardinalities=user_feature_cardinalities,

@@ -140,8 +140,10 @@ class Retriever:
                 if vector is None or len(vector) == 0:
                     continue
                 if len(vector) != width:
-                    raise CandgenError(f"long_term[{row}]: {len(vector)} values, but the model "
-                                       f"fuses a {width}-d long-term embedding")  # fmt: skip
+                    raise CandgenError(
+                        f"long_term[{row}]: {len(vector)} values, but the model "
+                        f"fuses a {width}-d long-term embedding"
+                    )
                 rows[row] = vector
             batch["long_term"] = torch.from_numpy(rows)
         if scenarios is not None and self.model.contextual:

@@ -97,8 +97,12 @@ class LoadedModel(NamedTuple):
 
 def save_model(path: Path, model: RetrievalModel, header: ModelHeader) -> None:
     """Writes ``model.pt`` (atomically: a reader never sees half a file)."""
-    state = {"format": FORMAT, "version": VERSION, "header": header.to_dict(),
-             "state_dict": model.state_dict()}  # fmt: skip
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "header": header.to_dict(),
+        "state_dict": model.state_dict(),
+    }
     replace_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -117,12 +121,16 @@ def read_header(path: Path | str, map_location: str = "cpu") -> tuple[ModelHeade
         raise CandgenError(f"{path}: not a model file torch can read ({exc})") from exc
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         if isinstance(saved, dict) and "config" in saved and "state_dict" in saved:
-            raise CandgenError(f"{path}: a model file of an older candgen (format 1, without a "
-                               f"header); retrain it to get a format {VERSION} file")  # fmt: skip
+            raise CandgenError(
+                f"{path}: a model file of an older candgen (format 1, without a "
+                f"header); retrain it to get a format {VERSION} file"
+            )
         raise CandgenError(f"{path}: not a candgen model file (no {FORMAT!r} header)")
     if saved.get("version") != VERSION:
-        raise CandgenError(f"{path}: model file format {saved.get('version')!r}; this candgen "
-                           f"reads format {VERSION}")  # fmt: skip
+        raise CandgenError(
+            f"{path}: model file format {saved.get('version')!r}; this candgen "
+            f"reads format {VERSION}"
+        )
     try:
         header = ModelHeader.from_dict(saved["header"])
     except (KeyError, TypeError) as exc:

@@ -79,9 +79,12 @@ class _CausalSelfAttentionBlock(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
         a = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0,
-        )  # fmt: skip
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
         x = x + self.dropout(self.proj(a.transpose(1, 2).reshape(b, n, d)))
         out: torch.Tensor = x + self.dropout(self.ffn(self.ln2(x)))
         return out

@@ -147,17 +147,21 @@ class UnifiedHSTU(HSTU):
         dim = self.dim
         if not 0 <= serve_label < num_labels:
             raise ConfigError("serve_label", f"{serve_label} is not a head in 0..{num_labels - 1}")
-        for name, rate in (("content_dropout", content_dropout),
-                           ("long_term_dropout", long_term_dropout)):  # fmt: skip
+        for name, rate in (
+            ("content_dropout", content_dropout),
+            ("long_term_dropout", long_term_dropout),
+        ):
             if not 0.0 <= rate < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {rate}")
         self.long_term_dropout = long_term_dropout
         self.num_labels, self.num_scenarios = num_labels, num_scenarios
-        self.mixture = (ScenarioMixture(dim, num_scenarios, num_experts) if num_scenarios > 1
-                        else None)  # fmt: skip
+        self.mixture = (
+            ScenarioMixture(dim, num_scenarios, num_experts) if num_scenarios > 1 else None
+        )
         # Each head starts as the identity, so at first every label asks the same query.
-        self.heads = (nn.Parameter(torch.eye(dim).repeat(num_labels, 1, 1)) if num_labels > 1
-                      else None)  # fmt: skip
+        self.heads = (
+            nn.Parameter(torch.eye(dim).repeat(num_labels, 1, 1)) if num_labels > 1 else None
+        )
         self.serve_label = serve_label
         self.scenario_adaptive = scenario_adaptive
         self.content_dropout = content_dropout

@@ -120,7 +120,8 @@ class OfflineFeatures:
                 continue
             table = pd.read_parquet(path, columns=["user_id", "event_timestamp", *columns])
             table = table[table["event_timestamp"] < as_of].sort_values(
-                ["user_id", "event_timestamp"], kind="stable")  # fmt: skip
+                ["user_id", "event_timestamp"], kind="stable"
+            )
             newest = table.groupby("user_id").tail(1)
             for record in newest.to_dict("records"):
                 user = int(record.pop("user_id"))
@@ -145,14 +146,12 @@ class LoggedRequest:
     targets: dict[int, str]
 
 
-def logged_requests(data_dir: Path, start: pd.Timestamp, stop: pd.Timestamp
-                    ) -> list[LoggedRequest]:  # fmt: skip
+def logged_requests(data_dir: Path, start: pd.Timestamp, stop: pd.Timestamp) -> list[LoggedRequest]:
     """The window's requests that led to at least one ad click, in (user, surface) order."""
     from candgen.data.sequences import marketplace_interactions
 
     df = marketplace_interactions(Path(data_dir))
-    window = df[(df["timestamp"] >= start) & (df["timestamp"] < stop)
-                & df["label"].isin(AD_LABELS)]  # fmt: skip
+    window = df[(df["timestamp"] >= start) & (df["timestamp"] < stop) & df["label"].isin(AD_LABELS)]
     out = []
     for (user, surface), g in window.groupby(["user_id", "surface"], sort=True):
         targets: dict[int, str] = {}
@@ -186,8 +185,15 @@ def replay(
     for req in tqdm(requests, desc="replay logged requests", unit="request", disable=not progress):
         context = user_context(pipeline.features, req.user_id)
         vector = encode_user(pipeline.retriever, context, req.surface)
-        found = generate(context, vector, max_rank, pipeline.ad_index, pipeline.content,
-                         pipeline.popularity, pipeline.ineligible)  # fmt: skip
+        found = generate(
+            context,
+            vector,
+            max_rank,
+            pipeline.ad_index,
+            pipeline.content,
+            pipeline.popularity,
+            pipeline.ineligible,
+        )
         out.append(ReplayedRequest(req, context.activity, found))
     return out
 
@@ -208,8 +214,9 @@ def fit(
 ) -> LearnedQuotas:
     """The Beta posteriors per context, generator and rank band (see the module docstring)."""
     if not replayed:
-        raise CandgenError("quotas: no logged request with an ad click in the fit window; "
-                           "nothing to learn from")  # fmt: skip
+        raise CandgenError(
+            "quotas: no logged request with an ad click in the fit window; nothing to learn from"
+        )
     edges = config.rank_edges
     weights = {"click": config.click_weight, "conversion": config.conversion_weight}
     act = activity_edges(replayed)
@@ -220,8 +227,10 @@ def fit(
     context_key = LearnedQuotas(GENERATORS, edges, act, {}, {}).context_key
     for r in replayed:
         c = contexts.index(context_key(r.request.surface, r.activity))
-        lists = {g: [ad for ad, _ in r.candidates.get(gen, [])[: edges[-1]]]
-                 for g, gen in enumerate(GENERATORS)}  # fmt: skip
+        lists = {
+            g: [ad for ad, _ in r.candidates.get(gen, [])[: edges[-1]]]
+            for g, gen in enumerate(GENERATORS)
+        }
         for g, ids in lists.items():
             slots[c, g] += np.bincount(band_of[: len(ids)], minlength=len(edges))
         # A target that several generators find counts once, for the one that ranks it first
@@ -243,16 +252,21 @@ def fit(
     m = strength[:, None] * widths[None, :]
     alpha = m * pooled + hits + 1e-3
     beta = m * np.clip(1.0 - pooled, 0.0, None) + np.clip(slots - hits, 0.0, None) + 1e-3
-    fitted = {"requests": len(replayed), "label_weights": weights, "pooling": config.pooling,
-              "prior_strength": dict(zip(GENERATORS, np.round(strength, 1).tolist(),
-                                         strict=True)),
-              **(meta or {})}  # fmt: skip
+    fitted = {
+        "requests": len(replayed),
+        "label_weights": weights,
+        "pooling": config.pooling,
+        "prior_strength": dict(zip(GENERATORS, np.round(strength, 1).tolist(), strict=True)),
+        **(meta or {}),
+    }
     return LearnedQuotas(
-        GENERATORS, edges, act,
+        GENERATORS,
+        edges,
+        act,
         {c: alpha[i].round(6).tolist() for i, c in enumerate(contexts)},
         {c: beta[i].round(6).tolist() for i, c in enumerate(contexts)},
         fitted,
-    )  # fmt: skip
+    )
 
 
 def pooling_strength(hits: np.ndarray, slots: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -299,8 +313,9 @@ Selector = Callable[[ReplayedRequest, int], list[Candidate]]
 RECALL_LABELS = ("click", "conversion", "ads")
 
 
-def request_recalls(replayed: Sequence[ReplayedRequest], select: Selector, k: int
-                    ) -> dict[str, np.ndarray]:  # fmt: skip
+def request_recalls(
+    replayed: Sequence[ReplayedRequest], select: Selector, k: int
+) -> dict[str, np.ndarray]:
     """Per label (``click``, ``conversion``, ``ads``: both), each request's recall at ``k`` under
     the allocation ``select``; NaN where the request holds no target of that label."""
     out = {label: np.full(len(replayed), np.nan) for label in RECALL_LABELS}
@@ -313,8 +328,9 @@ def request_recalls(replayed: Sequence[ReplayedRequest], select: Selector, k: in
     return out
 
 
-def recall_by_label(replayed: Sequence[ReplayedRequest], select: Selector, ks: Sequence[int]
-                    ) -> dict[str, float]:  # fmt: skip
+def recall_by_label(
+    replayed: Sequence[ReplayedRequest], select: Selector, ks: Sequence[int]
+) -> dict[str, float]:
     """Mean recall per request of each ad label at each K, for one allocation ``select``:
     ``click.recall@100``, ``conversion.recall@100`` and ``ads.recall@100`` (both labels)."""
     out: dict[str, float] = {}
@@ -336,9 +352,11 @@ def _mean_recalls(recalls: dict[str, np.ndarray], k: int) -> dict[str, float]:
 def fixed_grid(step: float = 0.1) -> list[dict[str, float]]:
     """Every split of the slots among the generators in multiples of ``step``."""
     n = round(1 / step)
-    return [{g: round(i * step, 6) for g, i in zip(GENERATORS, parts, strict=True)}
-            for parts in itertools.product(range(n + 1), repeat=len(GENERATORS))
-            if sum(parts) == n]  # fmt: skip
+    return [
+        {g: round(i * step, 6) for g, i in zip(GENERATORS, parts, strict=True)}
+        for parts in itertools.product(range(n + 1), repeat=len(GENERATORS))
+        if sum(parts) == n
+    ]
 
 
 def compare_policies(
@@ -370,13 +388,18 @@ def compare_policies(
         return snake_merge(r.candidates, GENERATORS, k)
 
     grid = fixed_grid(step)
-    out: dict[str, dict[str, Any]] = {"learned": {}, "best fixed": {},
-                                      "best fixed per context": {}, "best fixed on test": {},
-                                      "snake merge": {}}  # fmt: skip
+    out: dict[str, dict[str, Any]] = {
+        "learned": {},
+        "best fixed": {},
+        "best fixed per context": {},
+        "best fixed on test": {},
+        "snake merge": {},
+    }
     for k in ks:
 
-        def score(rows: Sequence[ReplayedRequest], w: dict[str, float], k: int = k
-                  ) -> tuple[float, float]:  # fmt: skip
+        def score(
+            rows: Sequence[ReplayedRequest], w: dict[str, float], k: int = k
+        ) -> tuple[float, float]:
             m = recall_by_label(rows, fixed(w), [k])
             return m[f"conversion.recall@{k}"], m[f"ads.recall@{k}"]
 
@@ -384,26 +407,33 @@ def compare_policies(
         best_test = max(grid, key=lambda w: score(test_set, w))
         # The same choice made in each context alone: what per-context values amount to when
         # nothing is pooled (a context the fit window lacks gets the overall best split).
-        per_context = {key: max(grid, key=functools.partial(score, rows))
-                       for key, rows in _by_context(fit_set, learned).items()}  # fmt: skip
+        per_context = {
+            key: max(grid, key=functools.partial(score, rows))
+            for key, rows in _by_context(fit_set, learned).items()
+        }
 
-        def contextual(r: ReplayedRequest, k: int,
-                       per_context: dict[str, dict[str, float]] = per_context,
-                       best_fit: dict[str, float] = best_fit) -> list[Candidate]:  # fmt: skip
+        def contextual(
+            r: ReplayedRequest,
+            k: int,
+            per_context: dict[str, dict[str, float]] = per_context,
+            best_fit: dict[str, float] = best_fit,
+        ) -> list[Candidate]:
             split = per_context.get(learned.context_key(r.request.surface, r.activity), best_fit)
             return allocate(r.candidates, split, k)
 
         ours = request_recalls(test_set, learned_select, k)
         theirs = request_recalls(test_set, fixed(best_fit), k)
-        rows = {"learned": _mean_recalls(ours, k),
-                "best fixed": _mean_recalls(theirs, k),
-                "best fixed per context": recall_by_label(test_set, contextual, [k]),
-                "best fixed on test": recall_by_label(test_set, fixed(best_test), [k]),
-                "snake merge": recall_by_label(test_set, snake, [k])}  # fmt: skip
+        rows = {
+            "learned": _mean_recalls(ours, k),
+            "best fixed": _mean_recalls(theirs, k),
+            "best fixed per context": recall_by_label(test_set, contextual, [k]),
+            "best fixed on test": recall_by_label(test_set, fixed(best_test), [k]),
+            "snake merge": recall_by_label(test_set, snake, [k]),
+        }
         if hand_set is not None:
             rows["hand-set per surface"] = recall_by_label(
-                test_set, lambda r, k: allocate(r.candidates, hand_set[r.request.surface], k),
-                [k])  # fmt: skip
+                test_set, lambda r, k: allocate(r.candidates, hand_set[r.request.surface], k), [k]
+            )
         for name, metrics in rows.items():
             out.setdefault(name, {}).update(metrics)
         out["best fixed"][f"split@{k}"] = best_fit
@@ -415,8 +445,9 @@ def compare_policies(
     return out
 
 
-def _by_context(rows: Sequence[ReplayedRequest], learned: LearnedQuotas
-                ) -> dict[str, list[ReplayedRequest]]:  # fmt: skip
+def _by_context(
+    rows: Sequence[ReplayedRequest], learned: LearnedQuotas
+) -> dict[str, list[ReplayedRequest]]:
     out: dict[str, list[ReplayedRequest]] = {}
     for r in rows:
         out.setdefault(learned.context_key(r.request.surface, r.activity), []).append(r)
@@ -452,11 +483,15 @@ def assemble_pipeline(
         retriever=retriever,
         ad_index=ad_index,
         content=content,
-        popularity=PacingPopularity(delivery["ad_ids"], delivery["clicks"],
-                                    delivery["impressions"], delivery["budget_left_fraction"]),
+        popularity=PacingPopularity(
+            delivery["ad_ids"],
+            delivery["clicks"],
+            delivery["impressions"],
+            delivery["budget_left_fraction"],
+        ),
         features=OfflineFeatures(Path(features_dir), as_of),
         ineligible=frozenset(delivery["ineligible"].tolist()),
-    )  # fmt: skip
+    )
 
 
 def windows(data_dir: Path, eval_days: int) -> tuple[pd.Timestamp, pd.Timestamp, pd.Timestamp]:
@@ -487,8 +522,9 @@ def replay_window(
     start, stop = (valid_start, test_start) if window == "valid" else (test_start, end)
     requests = logged_requests(data_dir, start, stop)
     if config.max_requests and len(requests) > config.max_requests:
-        pick = np.random.default_rng(config.seed).choice(len(requests), config.max_requests,
-                                                         replace=False)  # fmt: skip
+        pick = np.random.default_rng(config.seed).choice(
+            len(requests), config.max_requests, replace=False
+        )
         requests = [requests[i] for i in sorted(pick)]
     pipeline = assemble_pipeline(model_path, features_dir, start, index_dir)
     return replay(pipeline, requests, config.max_rank, progress)
@@ -504,9 +540,13 @@ def learn_quotas(
 ) -> LearnedQuotas:
     """Fits the quotas on the logged outcomes of the model's validation window."""
     t0 = time.perf_counter()
-    replayed = replay_window(model_path, data_dir, features_dir, config, "valid", index_dir,
-                             progress)  # fmt: skip
+    replayed = replay_window(
+        model_path, data_dir, features_dir, config, "valid", index_dir, progress
+    )
     valid_start, test_start, _ = windows(data_dir, config.eval_days)
-    meta = {"window": [valid_start.isoformat(), test_start.isoformat()],
-            "model": str(model_path), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    meta = {
+        "window": [valid_start.isoformat(), test_start.isoformat()],
+        "model": str(model_path),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     return fit(replayed, config, meta)

@@ -42,8 +42,9 @@ def git_commit() -> str:
     try:
 
         def git(*args: str) -> str:
-            out = subprocess.run(["git", *args], cwd=REPO_ROOT, check=True, capture_output=True,
-                                 text=True)  # fmt: skip
+            out = subprocess.run(
+                ["git", *args], cwd=REPO_ROOT, check=True, capture_output=True, text=True
+            )
             return out.stdout.strip()
 
         head = git("rev-parse", "HEAD")
@@ -91,8 +92,11 @@ def _plots(result: Any, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [h["epoch"] for h in result.history]
     ax.plot(epochs, [h["loss"] for h in result.history], marker=".")
-    ax.set(xlabel="epoch", ylabel="training loss", title=f"{result.config.model} on "
-           f"{result.config.dataset}: loss")  # fmt: skip
+    ax.set(
+        xlabel="epoch",
+        ylabel="training loss",
+        title=f"{result.config.model} on {result.config.dataset}: loss",
+    )
     ax.grid(alpha=0.3)
     paths.append(out / "loss.png")
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
@@ -102,8 +106,12 @@ def _plots(result: Any, out: Path) -> list[Path]:
     for split, metrics in (("valid", result.valid_metrics), ("test", result.test_metrics)):
         ks = [k for k in KS if f"recall@{k}" in metrics]
         ax.plot(ks, [metrics[f"recall@{k}"] for k in ks], marker="o", label=split)
-    ax.set(xscale="log", xlabel="K", ylabel="Recall@K",
-           title=f"Recall@K ({result.config.effective_protocol} protocol)")  # fmt: skip
+    ax.set(
+        xscale="log",
+        xlabel="K",
+        ylabel="Recall@K",
+        title=f"Recall@K ({result.config.effective_protocol} protocol)",
+    )
     ax.legend()
     ax.grid(alpha=0.3)
     paths.append(out / "recall_at_k.png")
@@ -130,20 +138,25 @@ def log_run(result: Any) -> str:
     model, saved = load_model(result.model_path)
     with mlflow.start_run(experiment_id=exp, run_name=f"{cfg.model}-{cfg.dataset}") as run:
         mlflow.log_params(cfg.to_dict())
-        mlflow.set_tags({
-            "data_snapshot": result.snapshot,
-            "feature_service": result.feature_service or "none",
-            "git_commit": git_commit(),
-            "world_size": str(result.world_size),
-            "device": result.device,
-        })  # fmt: skip
+        mlflow.set_tags(
+            {
+                "data_snapshot": result.snapshot,
+                "feature_service": result.feature_service or "none",
+                "git_commit": git_commit(),
+                "world_size": str(result.world_size),
+                "device": result.device,
+            }
+        )
         for h in result.history:
             step = int(h["epoch"])
             mlflow.log_metrics({metric_key(k): v for k, v in h.items() if k != "epoch"}, step)
         final = {f"valid.{k}": v for k, v in result.valid_metrics.items()}
         final |= {f"test.{k}": v for k, v in result.test_metrics.items()}
-        final |= {"wall_seconds": result.wall_seconds, "peak_memory_mb": result.peak_memory_mb,
-                  "best_epoch": float(result.best_epoch)}  # fmt: skip
+        final |= {
+            "wall_seconds": result.wall_seconds,
+            "peak_memory_mb": result.peak_memory_mb,
+            "best_epoch": float(result.best_epoch),
+        }
         mlflow.log_metrics({metric_key(k): float(v) for k, v in final.items()})
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
@@ -200,16 +213,23 @@ def register(run_id: str, name: str, primary_metric: str, tracking_uri: str = ""
     if model_uri is None:
         raise CandgenError(f"run_id: run {run_id} has no candgen model (tag {MODEL_URI_TAG})")
     version = mlflow.register_model(model_uri, name)
-    tags = {k: run.data.tags.get(k, "") for k in ("data_snapshot", "feature_service",
-                                                   "git_commit")}  # fmt: skip
-    tags |= {"primary_metric": key, "primary_metric_value": repr(float(value)),
-             "dataset": run.data.params.get("dataset", ""),
-             "model": run.data.params.get("model", "")}  # fmt: skip
+    tags = {k: run.data.tags.get(k, "") for k in ("data_snapshot", "feature_service", "git_commit")}
+    tags |= {
+        "primary_metric": key,
+        "primary_metric_value": repr(float(value)),
+        "dataset": run.data.params.get("dataset", ""),
+        "model": run.data.params.get("model", ""),
+    }
     for k, v in tags.items():
         mc.set_model_version_tag(name, version.version, k, v)
     mc.set_registered_model_alias(name, CHALLENGER, version.version)
-    return {"name": name, "version": str(version.version), "alias": CHALLENGER,
-            "primary_metric": key, "value": repr(float(value))}  # fmt: skip
+    return {
+        "name": name,
+        "version": str(version.version),
+        "alias": CHALLENGER,
+        "primary_metric": key,
+        "value": repr(float(value)),
+    }
 
 
 def resolve_version(model_uri: str, tracking_uri: str = "") -> Any | None:
@@ -233,8 +253,10 @@ def resolve_version(model_uri: str, tracking_uri: str = "") -> Any | None:
             return mc.get_model_version(name, number)
     except MlflowException as e:
         raise CandgenError(f"model_uri: cannot resolve {model_uri!r}: {e.message}") from None
-    raise CandgenError(f"model_uri: {model_uri!r} names no alias or version "
-                       "(models:/<name>@<alias> or models:/<name>/<version>)")  # fmt: skip
+    raise CandgenError(
+        f"model_uri: {model_uri!r} names no alias or version "
+        "(models:/<name>@<alias> or models:/<name>/<version>)"
+    )
 
 
 def _by_alias(mc: Any, name: str, alias: str) -> Any | None:
@@ -276,17 +298,23 @@ def promote(name: str, tracking_uri: str = "") -> dict[str, str]:
     champion = _by_alias(mc, name, CHAMPION)
     c_metric = challenger.tags.get("primary_metric", "")
     c_value = float(challenger.tags.get("primary_metric_value", "nan"))
-    out = {"name": name, "challenger": str(challenger.version), "metric": c_metric,
-           "challenger_value": repr(c_value)}  # fmt: skip
+    out = {
+        "name": name,
+        "challenger": str(challenger.version),
+        "metric": c_metric,
+        "challenger_value": repr(c_value),
+    }
     if champion is not None:
         if champion.version == challenger.version:
             return out | {"champion": str(champion.version), "status": "already champion"}
         p_metric = champion.tags.get("primary_metric", "")
         p_value = float(champion.tags.get("primary_metric_value", "nan"))
         if p_metric != c_metric:
-            raise CandgenError(f"{name}: champion v{champion.version} was measured on "
-                               f"{p_metric!r}, challenger v{challenger.version} on "
-                               f"{c_metric!r}; they cannot be compared")  # fmt: skip
+            raise CandgenError(
+                f"{name}: champion v{champion.version} was measured on "
+                f"{p_metric!r}, challenger v{challenger.version} on "
+                f"{c_metric!r}; they cannot be compared"
+            )
         if not c_value >= p_value:
             raise PromotionRefused(
                 f"{name}: refused to promote v{challenger.version}: its {c_metric} = "

@@ -93,9 +93,13 @@ class ContentGenerator:
         return None
 
     def candidates(
-        self, recent_ids: Iterable[int], category_affinity: Iterable[float] | None, k: int,
-        exclude: Iterable[int] = (), ineligible: frozenset[int] = frozenset(),
-    ) -> list[tuple[int, float]]:  # fmt: skip
+        self,
+        recent_ids: Iterable[int],
+        category_affinity: Iterable[float] | None,
+        k: int,
+        exclude: Iterable[int] = (),
+        ineligible: frozenset[int] = frozenset(),
+    ) -> list[tuple[int, float]]:
         q = self.query(recent_ids, category_affinity)
         if q is None:
             return []

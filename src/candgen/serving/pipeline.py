@@ -78,12 +78,14 @@ class UserContext:
 
     @property
     def flags(self) -> list[str]:
-        return [name for name, on in ((COLD_START, self.cold_start), (FALLBACK, self.fallback))
-                if on]  # fmt: skip
+        return [
+            name for name, on in ((COLD_START, self.cold_start), (FALLBACK, self.fallback)) if on
+        ]
 
 
-def user_context(features: FeatureSource, user_id: int, recent_item_ids: Sequence[int] = ()
-                 ) -> UserContext:  # fmt: skip
+def user_context(
+    features: FeatureSource, user_id: int, recent_item_ids: Sequence[int] = ()
+) -> UserContext:
     """Step 1: the user's online features joined with the request's real-time items."""
     fallback = False
     try:
@@ -121,8 +123,9 @@ def user_vector(
     if not known:
         return None
     ids = [i for i, _ in known]
-    query = retriever.user_vectors([ids], [[t for _, t in known]] if context.times else None,
-                                   [scenario], [context.long_term])  # fmt: skip
+    query = retriever.user_vectors(
+        [ids], [[t for _, t in known]] if context.times else None, [scenario], [context.long_term]
+    )
     return np.asarray(query[0], dtype=np.float32)
 
 
@@ -148,8 +151,9 @@ def generate(
     if vector is not None:
         found, scores = ad_index.search(vector[None], k, history, ineligible)
         candidates["sequential"] = list(zip(found[0].tolist(), scores[0].tolist(), strict=True))
-    candidates["content"] = content.candidates(context.history, context.affinity, k, history,
-                                               ineligible)  # fmt: skip
+    candidates["content"] = content.candidates(
+        context.history, context.affinity, k, history, ineligible
+    )
     candidates["popularity"] = popularity.candidates(k, history, ineligible)
     return candidates
 
@@ -200,8 +204,9 @@ class RetrievalPipeline:
         self.quotas.fixed.for_surface(scenario)  # an unknown surface is an error naming it
         context = user_context(self.features, user_id, recent_item_ids)
         vector = user_vector(self.retriever, context, scenario)
-        candidates = generate(context, vector, k, self.ad_index, self.content, self.popularity,
-                              self.ineligible)  # fmt: skip
+        candidates = generate(
+            context, vector, k, self.ad_index, self.content, self.popularity, self.ineligible
+        )
         chosen = self.quotas.select(candidates, scenario, context.activity, k, self.rng)
         return RetrievalResult(
             ad_ids=[c.ad_id for c in chosen],

@@ -58,16 +58,20 @@ class QuotaConfig:
                 raise ConfigError(f"weights.{surface}", f"must map generator -> share, got {w!r}")
             unknown = set(w) - set(GENERATORS)
             if unknown:
-                raise ConfigError(f"weights.{surface}", f"unknown generator(s) {sorted(unknown)}; "
-                                  f"expected some of {GENERATORS}")  # fmt: skip
+                raise ConfigError(
+                    f"weights.{surface}",
+                    f"unknown generator(s) {sorted(unknown)}; expected some of {GENERATORS}",
+                )
             if any(v < 0 for v in w.values()) or not np.isclose(sum(w.values()), 1.0):
-                raise ConfigError(f"weights.{surface}",
-                                  f"weights must be >= 0 and sum to 1, got {w}")  # fmt: skip
+                raise ConfigError(
+                    f"weights.{surface}", f"weights must be >= 0 and sum to 1, got {w}"
+                )
 
     def for_surface(self, surface: str) -> dict[str, float]:
         if surface not in self.weights:
-            raise ConfigError("scenario", f"unknown surface {surface!r}; expected one of "
-                              f"{sorted(self.weights)}")  # fmt: skip
+            raise ConfigError(
+                "scenario", f"unknown surface {surface!r}; expected one of {sorted(self.weights)}"
+            )
         return self.weights[surface]
 
 
@@ -136,8 +140,9 @@ def allocate(
     return out[:k]
 
 
-def snake_merge(candidates: dict[str, list[tuple[int, float]]], order: Sequence[str], k: int
-                ) -> list[Candidate]:  # fmt: skip
+def snake_merge(
+    candidates: dict[str, list[tuple[int, float]]], order: Sequence[str], k: int
+) -> list[Candidate]:
     """Round-robin over the generators' ranked lists in ``order`` (snake merge), skipping ads
     already taken, until ``k`` ads are taken or every list is exhausted."""
     if k <= 0:
@@ -203,19 +208,26 @@ class LearnedQuotas:
             raise ConfigError("rank_edges", f"need increasing positive ranks, got {edges}")
         act = list(self.activity_edges)
         if len(act) != len(ACTIVITY_BUCKETS) - 1 or act != sorted(act) or act[0] < 1:
-            raise ConfigError("activity_edges", f"need {len(ACTIVITY_BUCKETS) - 1} "
-                              f"non-decreasing counts >= 1, got {act}")  # fmt: skip
+            raise ConfigError(
+                "activity_edges",
+                f"need {len(ACTIVITY_BUCKETS) - 1} non-decreasing counts >= 1, got {act}",
+            )
         shape = (len(self.generators), len(edges))
         for key in {*self.alpha, *self.beta}:
             surface, _, bucket = key.partition("/")
             if surface not in SURFACES or bucket not in ACTIVITY_BUCKETS:
-                raise ConfigError("contexts", f"{key!r} is not <surface>/<activity bucket> of "
-                                  f"{SURFACES} and {ACTIVITY_BUCKETS}")  # fmt: skip
+                raise ConfigError(
+                    "contexts",
+                    f"{key!r} is not <surface>/<activity bucket> of "
+                    f"{SURFACES} and {ACTIVITY_BUCKETS}",
+                )
             for name, table in (("alpha", self.alpha), ("beta", self.beta)):
                 values = np.asarray(table.get(key, []), dtype=np.float64)
                 if values.shape != shape or not (values > 0).all():
-                    raise ConfigError(f"{name}.{key}", f"need {shape[0]} x {shape[1]} positive "
-                                      f"values, got shape {values.shape}")  # fmt: skip
+                    raise ConfigError(
+                        f"{name}.{key}",
+                        f"need {shape[0]} x {shape[1]} positive values, got shape {values.shape}",
+                    )
 
     def bucket(self, activity: int) -> str:
         return ACTIVITY_BUCKETS[int(np.searchsorted(self.activity_edges, activity, "right"))]
@@ -287,18 +299,28 @@ class LearnedQuotas:
         return {g: n / total for g, n in quotas.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"generators": list(self.generators), "rank_edges": list(self.rank_edges),
-                "activity_edges": list(self.activity_edges), "alpha": self.alpha,
-                "beta": self.beta, "fitted": self.fitted}  # fmt: skip
+        return {
+            "generators": list(self.generators),
+            "rank_edges": list(self.rank_edges),
+            "activity_edges": list(self.activity_edges),
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "fitted": self.fitted,
+        }
 
     @classmethod
     def from_dict(cls, body: Mapping[str, Any]) -> LearnedQuotas:
         missing = {"generators", "rank_edges", "activity_edges", "alpha", "beta"} - set(body)
         if missing:
             raise ConfigError(sorted(missing)[0], "missing from the learned quota table")
-        return cls(tuple(body["generators"]), tuple(body["rank_edges"]),
-                   tuple(body["activity_edges"]), dict(body["alpha"]), dict(body["beta"]),
-                   dict(body.get("fitted", {})))  # fmt: skip
+        return cls(
+            tuple(body["generators"]),
+            tuple(body["rank_edges"]),
+            tuple(body["activity_edges"]),
+            dict(body["alpha"]),
+            dict(body["beta"]),
+            dict(body.get("fitted", {})),
+        )
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
@@ -344,11 +366,14 @@ class QuotaPolicy:
         if self.policy not in POLICIES:
             raise ConfigError("quota_policy", f"{self.policy!r} is not one of {POLICIES}")
         if self.exploration not in EXPLORATION:
-            raise ConfigError("quota_exploration", f"{self.exploration!r} is not one of "
-                              f"{EXPLORATION}")  # fmt: skip
+            raise ConfigError(
+                "quota_exploration", f"{self.exploration!r} is not one of {EXPLORATION}"
+            )
         if self.policy == "learned" and self.learned is None:
-            raise ConfigError("quota_policy", "learned needs a learned quota table "
-                              f"({QUOTA_FILE}; candgen quotas learn)")  # fmt: skip
+            raise ConfigError(
+                "quota_policy",
+                f"learned needs a learned quota table ({QUOTA_FILE}; candgen quotas learn)",
+            )
         unknown = set(self.overrides) - set(SURFACES)
         if unknown:
             raise ConfigError("quota_overrides", f"unknown surface(s) {sorted(unknown)}")
@@ -409,8 +434,11 @@ def describe(policy: QuotaPolicy, k: int = 100) -> list[dict[str, Any]]:
             elif source == "snake":
                 row["slots"] = {g: k // len(GENERATORS) for g in GENERATORS}
             else:
-                weights = (policy.overrides[surface] if source == "override"
-                           else policy.fixed.for_surface(surface))  # fmt: skip
+                weights = (
+                    policy.overrides[surface]
+                    if source == "override"
+                    else policy.fixed.for_surface(surface)
+                )
                 row["slots"] = initial_quotas(weights, k)
             rows.append(row)
     return rows

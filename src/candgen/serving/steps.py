@@ -108,8 +108,9 @@ class ServingConfig:
 
     def __post_init__(self) -> None:
         if not self.feature_server_url.startswith(("http://", "https://")):
-            raise ConfigError("feature_server_url", f"must be an http(s) URL, got "
-                              f"{self.feature_server_url!r}")  # fmt: skip
+            raise ConfigError(
+                "feature_server_url", f"must be an http(s) URL, got {self.feature_server_url!r}"
+            )
         if self.feature_timeout_s <= 0:
             raise ConfigError("feature_timeout_s", f"must be > 0, got {self.feature_timeout_s}")
         if self.max_k < 1:
@@ -118,8 +119,9 @@ class ServingConfig:
             raise ConfigError("instances", f"must be >= 1, got {self.instances}")
         QuotaConfig(self.weights)  # validates the weights, naming the surface at fault
         if self.quota_policy not in ("auto", *POLICIES):
-            raise ConfigError("quota_policy", f"{self.quota_policy!r} is not one of "
-                              f"{('auto', *POLICIES)}")  # fmt: skip
+            raise ConfigError(
+                "quota_policy", f"{self.quota_policy!r} is not one of {('auto', *POLICIES)}"
+            )
         # Validates the overrides and the exploration (the learned table is checked where it is
         # read: at export, and when the select step loads).
         QuotaPolicy("fixed", self.quotas, self.quota_overrides, None, self.quota_exploration)
@@ -138,8 +140,13 @@ class ServingConfig:
         """The quota policy of the select step whose version folder is ``folder``."""
         table = Path(folder) / QUOTA_FILE
         learned = LearnedQuotas.load(table) if table.exists() else None
-        return QuotaPolicy(self.effective_policy(learned is not None), self.quotas,
-                           self.quota_overrides, learned, self.quota_exploration)  # fmt: skip
+        return QuotaPolicy(
+            self.effective_policy(learned is not None),
+            self.quotas,
+            self.quota_overrides,
+            learned,
+            self.quota_exploration,
+        )
 
 
 def write_serving_file(
@@ -240,15 +247,20 @@ class FeaturesStep(Step):
     """Validates the request and reads the user's online features (Feast feature server)."""
 
     MODEL = "candgen_features"
-    INPUTS: ClassVar[Spec] = {"USER_ID": (I64, [1], False), "SCENARIO": (STR, [1], False),
-                              "K": (np.int32, [1], False),
-                              "RECENT_ITEM_IDS": (I64, [-1], True)}  # fmt: skip
-    OUTPUTS: ClassVar[Spec] = {"HISTORY_IDS": (I64, [-1], False),
-                               "HISTORY_TIMES": (F64, [-1], False),
-                               "AFFINITY": (F32, [-1], False),
-                               "LONG_TERM": (F32, [-1], False),
-                               "ACTIVITY": (I64, [1], False),
-                               "CONTEXT_FLAGS": (STR, [-1], False)}  # fmt: skip
+    INPUTS: ClassVar[Spec] = {
+        "USER_ID": (I64, [1], False),
+        "SCENARIO": (STR, [1], False),
+        "K": (np.int32, [1], False),
+        "RECENT_ITEM_IDS": (I64, [-1], True),
+    }
+    OUTPUTS: ClassVar[Spec] = {
+        "HISTORY_IDS": (I64, [-1], False),
+        "HISTORY_TIMES": (F64, [-1], False),
+        "AFFINITY": (F32, [-1], False),
+        "LONG_TERM": (F32, [-1], False),
+        "ACTIVITY": (I64, [1], False),
+        "CONTEXT_FLAGS": (STR, [-1], False),
+    }
 
     def __init__(self, folder: Path, features: FeatureSource | None = None) -> None:
         super().__init__(folder)
@@ -276,10 +288,12 @@ class EncoderStep(Step):
     request's surface (a contextual model, the unified one, conditions its query on it)."""
 
     MODEL = "candgen_user_encoder"
-    INPUTS: ClassVar[Spec] = {"HISTORY_IDS": (I64, [-1], False),
-                              "HISTORY_TIMES": (F64, [-1], False),
-                              "LONG_TERM": (F32, [-1], False),
-                              "SCENARIO": (STR, [1], False)}  # fmt: skip
+    INPUTS: ClassVar[Spec] = {
+        "HISTORY_IDS": (I64, [-1], False),
+        "HISTORY_TIMES": (F64, [-1], False),
+        "LONG_TERM": (F32, [-1], False),
+        "SCENARIO": (STR, [1], False),
+    }
     OUTPUTS: ClassVar[Spec] = {"USER_VECTOR": (F32, [-1], False)}
 
     def __init__(self, folder: Path) -> None:
@@ -327,12 +341,17 @@ class GeneratorsStep(Step):
     """ANN retrieval per candidate generator: sequential, content and popularity/pacing."""
 
     MODEL = "candgen_generators"
-    INPUTS: ClassVar[Spec] = {"HISTORY_IDS": (I64, [-1], False), "AFFINITY": (F32, [-1], False),
-                              "USER_VECTOR": (F32, [-1], False),
-                              "K": (np.int32, [1], False)}  # fmt: skip
-    OUTPUTS: ClassVar[Spec] = {"CANDIDATE_IDS": (I64, [-1], False),
-                               "CANDIDATE_SCORES": (F32, [-1], False),
-                               "CANDIDATE_SOURCES": (STR, [-1], False)}  # fmt: skip
+    INPUTS: ClassVar[Spec] = {
+        "HISTORY_IDS": (I64, [-1], False),
+        "AFFINITY": (F32, [-1], False),
+        "USER_VECTOR": (F32, [-1], False),
+        "K": (np.int32, [1], False),
+    }
+    OUTPUTS: ClassVar[Spec] = {
+        "CANDIDATE_IDS": (I64, [-1], False),
+        "CANDIDATE_SCORES": (F32, [-1], False),
+        "CANDIDATE_SOURCES": (STR, [-1], False),
+    }
 
     def __init__(self, folder: Path) -> None:
         import faiss
@@ -345,9 +364,15 @@ class GeneratorsStep(Step):
     def __call__(self, tensors: Tensors) -> Tensors:
         g = self.generators
         vector = np.asarray(tensors["USER_VECTOR"], dtype=np.float32)
-        found = generate(context_from(tensors), vector if vector.size else None,
-                         _k(tensors, self.config.max_k), g.ad_index, g.content, g.popularity,
-                         g.ineligible)  # fmt: skip
+        found = generate(
+            context_from(tensors),
+            vector if vector.size else None,
+            _k(tensors, self.config.max_k),
+            g.ad_index,
+            g.content,
+            g.popularity,
+            g.ineligible,
+        )
         rows = [(ad, score, source) for source, cands in found.items() for ad, score in cands]
         return {
             "CANDIDATE_IDS": np.asarray([r[0] for r in rows], dtype=np.int64),
@@ -361,17 +386,24 @@ class SelectStep(Step):
     activity) by the quota policy, with dedup; reports each generator's count."""
 
     MODEL = "candgen_select"
-    INPUTS: ClassVar[Spec] = {"CANDIDATE_IDS": (I64, [-1], False),
-                              "CANDIDATE_SCORES": (F32, [-1], False),
-                              "CANDIDATE_SOURCES": (STR, [-1], False),
-                              "SCENARIO": (STR, [1], False), "K": (np.int32, [1], False),
-                              "ACTIVITY": (I64, [1], False),
-                              "CONTEXT_FLAGS": (STR, [-1], False)}  # fmt: skip
-    OUTPUTS: ClassVar[Spec] = {"AD_IDS": (I64, [-1], False), "SCORES": (F32, [-1], False),
-                               "SOURCES": (STR, [-1], False), "FLAGS": (STR, [-1], False),
-                               "SOURCE_NAMES": (STR, [-1], False),
-                               "SOURCE_COUNTS": (np.int32, [-1], False),
-                               "QUOTA_POLICY": (STR, [1], False)}  # fmt: skip
+    INPUTS: ClassVar[Spec] = {
+        "CANDIDATE_IDS": (I64, [-1], False),
+        "CANDIDATE_SCORES": (F32, [-1], False),
+        "CANDIDATE_SOURCES": (STR, [-1], False),
+        "SCENARIO": (STR, [1], False),
+        "K": (np.int32, [1], False),
+        "ACTIVITY": (I64, [1], False),
+        "CONTEXT_FLAGS": (STR, [-1], False),
+    }
+    OUTPUTS: ClassVar[Spec] = {
+        "AD_IDS": (I64, [-1], False),
+        "SCORES": (F32, [-1], False),
+        "SOURCES": (STR, [-1], False),
+        "FLAGS": (STR, [-1], False),
+        "SOURCE_NAMES": (STR, [-1], False),
+        "SOURCE_COUNTS": (np.int32, [-1], False),
+        "QUOTA_POLICY": (STR, [1], False),
+    }
 
     def __init__(self, folder: Path) -> None:
         super().__init__(folder)
@@ -388,10 +420,12 @@ class SelectStep(Step):
         for ad, score, source in zip(ids, scores, sources, strict=True):
             candidates.setdefault(source, []).append((ad, score))
         activity = int(np.asarray(tensors.get("ACTIVITY", [0])).reshape(-1)[0])
-        chosen = self.policy.select(candidates, scenario, activity,
-                                    _k(tensors, self.config.max_k), self.rng)  # fmt: skip
-        return source_tensors(chosen, _strings(tensors.get("CONTEXT_FLAGS")),
-                              self.policy.source(scenario))  # fmt: skip
+        chosen = self.policy.select(
+            candidates, scenario, activity, _k(tensors, self.config.max_k), self.rng
+        )
+        return source_tensors(
+            chosen, _strings(tensors.get("CONTEXT_FLAGS")), self.policy.source(scenario)
+        )
 
 
 STEPS: tuple[type[Step], ...] = (FeaturesStep, EncoderStep, GeneratorsStep, SelectStep)
@@ -405,8 +439,10 @@ def pinned_version(repository: Path) -> int:
     path = Path(repository) / ENSEMBLE / "config.pbtxt"
     found = re.findall(r"model_version: (\d+)", path.read_text()) if path.exists() else []
     if not found:
-        raise CandgenError(f"model_repository: {repository} holds no exported candgen version "
-                           "(run `candgen serving export`)")  # fmt: skip
+        raise CandgenError(
+            f"model_repository: {repository} holds no exported candgen version "
+            "(run `candgen serving export`)"
+        )
     return int(found[0])
 
 

@@ -51,9 +51,11 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
                         if t is not None:
                             tensors[name] = t.as_numpy()
                     out = self.step(tensors)
-                    responses.append(pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor(n, v) for n, v in out.items()]
-                    ))  # fmt: skip
+                    responses.append(
+                        pb_utils.InferenceResponse(
+                            output_tensors=[pb_utils.Tensor(n, v) for n, v in out.items()]
+                        )
+                    )
                 except ConfigError as e:
                     responses.append(error(str(e), "INVALID_ARG"))
                 except CandgenError as e:

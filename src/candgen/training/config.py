@@ -88,8 +88,12 @@ class TrainConfig(DataConfig, ModelConfig):  # type: ignore[misc]
     def __post_init__(self) -> None:
         DataConfig.__post_init__(self)
         ModelConfig.__post_init__(self)
-        choices = {"loss": LOSSES, "device": DEVICES, "protocol": ("", "full", "sampled100"),
-                   "objective": OBJECTIVES}  # fmt: skip
+        choices = {
+            "loss": LOSSES,
+            "device": DEVICES,
+            "protocol": ("", "full", "sampled100"),
+            "objective": OBJECTIVES,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"{getattr(self, name)!r} is not one of {allowed}")
@@ -104,17 +108,22 @@ class TrainConfig(DataConfig, ModelConfig):  # type: ignore[misc]
             or min(self.label_weights) < 0
             or not (sum(self.label_weights) > 0)
         ):
-            raise ConfigError("label_weights", f"need {len(LABELS)} weights >= 0 "
-                              f"({', '.join(LABELS)}) with a positive sum, got "
-                              f"{self.label_weights}")  # fmt: skip
+            raise ConfigError(
+                "label_weights",
+                f"need {len(LABELS)} weights >= 0 "
+                f"({', '.join(LABELS)}) with a positive sum, got "
+                f"{self.label_weights}",
+            )
         if not self.train_labels or not set(self.train_labels) <= set(LABELS):
-            raise ConfigError("train_labels", f"need one or more of {LABELS}, got "
-                              f"{self.train_labels}")  # fmt: skip
+            raise ConfigError(
+                "train_labels", f"need one or more of {LABELS}, got {self.train_labels}"
+            )
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         if self.loss == "sampled" and self.num_negatives == 0 and not self.in_batch_negatives:
-            raise ConfigError("num_negatives", "the sampled loss needs negatives: set > 0 "
-                              "or --in-batch-negatives")  # fmt: skip
+            raise ConfigError(
+                "num_negatives", "the sampled loss needs negatives: set > 0 or --in-batch-negatives"
+            )
         if not self.all_action_days > 0:
             raise ConfigError("all_action_days", f"must be > 0, got {self.all_action_days}")
         if self.objective == "all_action" and self.model == "unified":
@@ -125,8 +134,9 @@ class TrainConfig(DataConfig, ModelConfig):  # type: ignore[misc]
             )
         metric, _, k = self.primary_metric.partition("@")
         if metric not in ("hr", "ndcg", "recall") or not k.isdigit():
-            raise ConfigError("primary_metric", f"expected hr@K, ndcg@K or recall@K, got "
-                              f"{self.primary_metric!r}")  # fmt: skip
+            raise ConfigError(
+                "primary_metric", f"expected hr@K, ndcg@K or recall@K, got {self.primary_metric!r}"
+            )
 
     @property
     def effective_protocol(self) -> str:

@@ -52,9 +52,18 @@ def component_args(config: TrainConfig, job: JobConfig) -> list[str]:
     """The ``dist.torchrun`` arguments of the job (the same for ``torchx run`` and the dry run)."""
     args = ["-j", f"{job.replicas}x{job.nproc}", "--name", f"candgen-train-{config.model}"]
     if job.scheduler == "kubernetes":
-        args += ["--image", job.image, "--cpu", str(job.cpus), "--memMB", str(job.memory_mb),
-                 "--gpu", str(job.gpus),
-                 "--mounts", f"type=volume,src={job.work_volume},dst={job.work_dir}"]  # fmt: skip
+        args += [
+            "--image",
+            job.image,
+            "--cpu",
+            str(job.cpus),
+            "--memMB",
+            str(job.memory_mb),
+            "--gpu",
+            str(job.gpus),
+            "--mounts",
+            f"type=volume,src={job.work_volume},dst={job.work_dir}",
+        ]
     return [*args, "-m", "candgen.cli", "--", "train", *config_flags(config)]
 
 
@@ -96,8 +105,12 @@ def kubernetes_job(config: TrainConfig, job: JobConfig) -> dict[str, Any]:
     if job.scheduler != "kubernetes":
         raise ConfigError("scheduler", f"a dry run renders the kubernetes job, not {job.scheduler}")
     with get_runner() as runner:
-        info = runner.dryrun_component(COMPONENT, component_args(config, job), "kubernetes",
-                                       cfg=scheduler_args(job, validate=False))  # fmt: skip
+        info = runner.dryrun_component(
+            COMPONENT,
+            component_args(config, job),
+            "kubernetes",
+            cfg=scheduler_args(job, validate=False),
+        )
     rendered: dict[str, Any] = ApiClient().sanitize_for_serialization(info.request.resource)
     return rendered
 
@@ -110,8 +123,11 @@ def stage_on_volume(config: TrainConfig, job: JobConfig, name: str = "") -> Trai
     """
     root = Path(job.work_dir)
     if not root.is_dir():
-        raise ConfigError("work_dir", f"{root} is not mounted here; mount the {job.work_volume} "
-                          "volume in the launching pod too")  # fmt: skip
+        raise ConfigError(
+            "work_dir",
+            f"{root} is not mounted here; mount the {job.work_volume} "
+            "volume in the launching pod too",
+        )
     staged = root / "jobs" / (name or f"train-{uuid.uuid4().hex[:12]}")
     changes: dict[str, Any] = {"out_dir": str(staged / "out")}
     for field in ("data_dir", "features_dir"):

@@ -48,10 +48,17 @@ class SummariserConfig:
     def train_config(self, data_dir: Path | str, progress: bool = True) -> TrainConfig:
         """The summariser's training config on the marketplace in ``data_dir``."""
         return TrainConfig(
-            dataset="marketplace", data_dir=str(data_dir), model="hstu", objective="all_action",
-            time_bias=False, eval_every=5, primary_metric="recall@100", track=False,
-            progress=progress, **dataclasses.asdict(self),
-        )  # fmt: skip
+            dataset="marketplace",
+            data_dir=str(data_dir),
+            model="hstu",
+            objective="all_action",
+            time_bias=False,
+            eval_every=5,
+            primary_metric="recall@100",
+            track=False,
+            progress=progress,
+            **dataclasses.asdict(self),
+        )
 
 
 def build_long_term_features(
@@ -66,8 +73,9 @@ def build_long_term_features(
     from candgen.training.trainer import MODEL_FILE
 
     if config.objective != "all_action":
-        raise CandgenError(f"objective: the long-term summariser trains with all_action, not "
-                           f"{config.objective}")  # fmt: skip
+        raise CandgenError(
+            f"objective: the long-term summariser trains with all_action, not {config.objective}"
+        )
     if job is not None:
         from candgen.training.launch import launch
 
@@ -78,5 +86,8 @@ def build_long_term_features(
         metrics = train(config).test_metrics
     summary = summarise(Path(config.out_dir) / MODEL_FILE, features_dir, progress=config.progress)
     keys = ("recall@100", "hr@10", "ndcg@10")
-    return {**summary, "summariser": {k: metrics[k] for k in keys if k in metrics},
-            "config": dataclasses.asdict(config)}  # fmt: skip
+    return {
+        **summary,
+        "summariser": {k: metrics[k] for k in keys if k in metrics},
+        "config": dataclasses.asdict(config),
+    }

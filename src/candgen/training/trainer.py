@@ -68,8 +68,11 @@ def long_term_dim(config: TrainConfig, data: SequenceData) -> int:
     """The width of the long-term embedding the model reads (0: it reads none)."""
     if config.model != "unified" or not config.long_term or data.long_term is None:
         if not config.short_term:
-            raise ConfigError("short_term", "leaving out the short-term sequence needs the "
-                              "long-term embeddings (candgen features long-term)")  # fmt: skip
+            raise ConfigError(
+                "short_term",
+                "leaving out the short-term sequence needs the "
+                "long-term embeddings (candgen features long-term)",
+            )
         return 0
     return data.long_term.dim
 
@@ -107,11 +110,17 @@ class _TrainingLoss(nn.Module):
             loss = full_softmax_loss(q, pos, table, self.model.temperature, reduction=reduction)
         else:
             loss = sampled_softmax_loss(
-                q, pos, self.model.embed_items,
-                num_uniform=cfg.num_negatives, num_items=self.model.num_items,
-                log_popularity=self.log_pop, temperature=self.model.temperature,
-                in_batch=cfg.in_batch_negatives, generator=gen, reduction=reduction,
-            )  # fmt: skip
+                q,
+                pos,
+                self.model.embed_items,
+                num_uniform=cfg.num_negatives,
+                num_items=self.model.num_items,
+                log_popularity=self.log_pop,
+                temperature=self.model.temperature,
+                in_batch=cfg.in_batch_negatives,
+                generator=gen,
+                reduction=reduction,
+            )
         if not weighted:
             return loss
         weights = torch.tensor(cfg.label_weights, dtype=loss.dtype, device=loss.device)
@@ -148,8 +157,11 @@ def _check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
     before_shape = shape(before)
     for key, value in shape(config).items():
         if before_shape[key] != value:
-            raise ConfigError(key, f"the checkpoint was trained with {before_shape[key]!r}, not "
-                              f"{value!r}; use another out_dir or keep the setting")  # fmt: skip
+            raise ConfigError(
+                key,
+                f"the checkpoint was trained with {before_shape[key]!r}, not "
+                f"{value!r}; use another out_dir or keep the setting",
+            )
 
 
 def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
@@ -179,8 +191,11 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
     windows = training_windows(data, config.max_len, config.all_action_days if all_action else 0)
     if set(config.train_labels) != set(LABELS):
         if all_action:
-            raise ConfigError("train_labels", "the all_action objective trains on every action "
-                              "in the window; leave train_labels at all labels")  # fmt: skip
+            raise ConfigError(
+                "train_labels",
+                "the all_action objective trains on every action "
+                "in the window; leave train_labels at all labels",
+            )
         windows = restrict_targets(windows, [LABELS.index(x) for x in config.train_labels])
     out_dir = Path(config.out_dir)
     if rank == 0:
@@ -207,8 +222,9 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         wrapped = nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[local_rank] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
 
     history: list[dict[str, float]] = []
     best: _Best = {"metric": -math.inf, "epoch": 0, "state": None, "stale": 0}
@@ -260,9 +276,10 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
                 device,
                 labels,
                 scenarios,
-                long_term_rows=None if windows.long_term_rows is None
+                long_term_rows=None
+                if windows.long_term_rows is None
                 else windows.long_term_rows[idx],
-            )  # fmt: skip
+            )
             if all_action:
                 # Drawn for the global batch, so one and two processes train on the same targets.
                 draw = np.random.default_rng([config.seed, epoch, step])
@@ -284,19 +301,29 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         stop = False
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             if rank == 0:
-                metrics = evaluate_model(model, data, "valid", config.effective_protocol,
-                                         config.max_len, seed=config.seed)  # fmt: skip
+                metrics = evaluate_model(
+                    model,
+                    data,
+                    "valid",
+                    config.effective_protocol,
+                    config.max_len,
+                    seed=config.seed,
+                )
                 record.update({f"valid.{k}": v for k, v in metrics.items() if "." not in k})
                 value = metrics[config.primary_metric]
                 if value > best["metric"]:
-                    best = {"metric": value, "epoch": epoch, "stale": 0,
-                            "state": {k: v.detach().cpu().clone()
-                                      for k, v in model.state_dict().items()}}  # fmt: skip
+                    best = {
+                        "metric": value,
+                        "epoch": epoch,
+                        "stale": 0,
+                        "state": {
+                            k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                        },
+                    }
                 else:
                     best["stale"] = int(best["stale"]) + 1
                 stop = bool(config.patience) and best["stale"] >= config.patience
-                bar.set_postfix(loss=f"{mean_loss:.4f}",
-                                **{config.primary_metric: f"{value:.4f}"})  # fmt: skip
+                bar.set_postfix(loss=f"{mean_loss:.4f}", **{config.primary_metric: f"{value:.4f}"})
             if world > 1:
                 flag = torch.tensor([int(stop)], device=device)
                 dist.broadcast(flag, 0)
@@ -304,11 +331,16 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         history.append(record)
         if rank == 0:
             _atomic_save(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "history": history, "best": best,
-                 "config": config.to_dict()},
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "best": best,
+                    "config": config.to_dict(),
+                },
                 ckpt_path,
-            )  # fmt: skip
+            )
         if stop:
             break
     bar.close()
@@ -320,23 +352,31 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
     if rank == 0:
         if best["state"] is not None:
             model.load_state_dict(best["state"])
-        valid_metrics = evaluate_model(model, data, "valid", config.effective_protocol,
-                                       config.max_len, seed=config.seed)  # fmt: skip
-        test_metrics = evaluate_model(model, data, "test", config.effective_protocol,
-                                      config.max_len, seed=config.seed)  # fmt: skip
+        valid_metrics = evaluate_model(
+            model, data, "valid", config.effective_protocol, config.max_len, seed=config.seed
+        )
+        test_metrics = evaluate_model(
+            model, data, "test", config.effective_protocol, config.max_len, seed=config.seed
+        )
         header = ModelHeader(
-            model=ModelConfig.of(config), data=DataConfig.of(config), item_ids=data.item_ids,
+            model=ModelConfig.of(config),
+            data=DataConfig.of(config),
+            item_ids=data.item_ids,
             user_feature_cardinalities=data.user_feature_cardinalities,
             has_timestamps=data.train_times is not None,
             has_labels=data.train_labels is not None,
             has_surfaces=data.train_surfaces is not None,
-            long_term_dim=long_term_dim(config, data), train_cutoff=data.train_cutoff,
+            long_term_dim=long_term_dim(config, data),
+            train_cutoff=data.train_cutoff,
             long_term_summariser=data.long_term.summariser if data.long_term else "",
-            snapshot=data.snapshot, feature_service=data.feature_service,
-            best_epoch=int(best["epoch"]), seed=config.seed,
-            protocol=config.effective_protocol, primary_metric=config.primary_metric,
+            snapshot=data.snapshot,
+            feature_service=data.feature_service,
+            best_epoch=int(best["epoch"]),
+            seed=config.seed,
+            protocol=config.effective_protocol,
+            primary_metric=config.primary_metric,
             training=config.to_dict(),
-        )  # fmt: skip
+        )
         save_model(model_path, model, header)
     if world > 1:
         dist.barrier()
@@ -363,9 +403,11 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         result.extra["run_id"] = log_run(result)
         if config.register_as:
             result.extra["registered"] = register(
-                result.extra["run_id"], config.register_as, config.primary_metric,
+                result.extra["run_id"],
+                config.register_as,
+                config.primary_metric,
                 config.tracking_uri,
-            )  # fmt: skip
+            )
     if rank == 0:
         (out_dir / METRICS_FILE).write_text(json.dumps(_result_json(result), indent=2))
     if world > 1:
