@@ -137,8 +137,6 @@ def _model_file(
     """
     import torch
 
-    from candgen.data.config import DataConfig
-    from candgen.models.config import ModelConfig
     from candgen.models.factory import build_model
     from candgen.models.saved import ModelHeader, save_model
     from candgen.training.config import TrainConfig
@@ -154,8 +152,8 @@ def _model_file(
         for block in model.blocks:
             block.out.weight.mul_(block_scale)
     header = ModelHeader(
-        model=ModelConfig.of(cfg),
-        data=DataConfig.of(cfg),
+        model=cfg.model_config(),
+        data=cfg.data_config(),
         item_ids=item_ids,
         has_timestamps=True,
         training=cfg.to_dict(),

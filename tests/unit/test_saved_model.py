@@ -50,9 +50,9 @@ def test_the_header_holds_only_the_model_s_own_settings() -> None:
     from candgen.training.config import TrainConfig
 
     train_config = TrainConfig(dataset="planted", model="hstu", epochs=3)
-    assert type(ModelConfig.of(train_config)) is ModelConfig
-    assert "epochs" not in _header(model=ModelConfig.of(train_config)).to_dict()["model"]
-    assert DataConfig.of(train_config) == DataConfig(dataset="planted")
+    assert type(train_config.model_config()) is ModelConfig
+    assert "epochs" not in _header(model=train_config.model_config()).to_dict()["model"]
+    assert train_config.data_config() == DataConfig(dataset="planted")
 
 
 def test_a_model_file_of_an_older_candgen_is_refused_by_name(tmp_path: Path) -> None:

@@ -39,7 +39,6 @@ class DataConfig:
         """This config's own fields (a subclass's other fields left out)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)}
 
-    @classmethod
-    def of(cls, config: DataConfig) -> DataConfig:
-        """The data settings alone, out of a config that extends them."""
-        return config if type(config) is cls else cls(**config.data_fields())
+    def data_config(self) -> DataConfig:
+        """The data settings alone (a config that extends them gives just these)."""
+        return self if type(self) is DataConfig else DataConfig(**self.data_fields())

@@ -99,7 +99,6 @@ class ModelConfig:
         left out)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
 
-    @classmethod
-    def of(cls, config: ModelConfig) -> ModelConfig:
-        """The model settings alone, out of a config that extends them."""
-        return config if type(config) is cls else cls(**config.model_fields())
+    def model_config(self) -> ModelConfig:
+        """The model settings alone (a config that extends them gives just these)."""
+        return self if type(self) is ModelConfig else ModelConfig(**self.model_fields())

@@ -17,11 +17,8 @@ OBJECTIVES = ("next_item", "all_action")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-# DataConfig.of and ModelConfig.of each cut a config down to their own fields, so their
-# signatures differ and TrainConfig inherits both; they are only called on the bases
-# (DataConfig.of(config), ModelConfig.of(config)), never as TrainConfig.of.
 @dataclass(frozen=True)
-class TrainConfig(DataConfig, ModelConfig):  # type: ignore[misc]
+class TrainConfig(DataConfig, ModelConfig):
     """How to train one retrieval model: the data (``DataConfig``) and the model
     (``ModelConfig``) it extends, plus the loss, the optimiser, evaluation, the run and tracking.
 

@@ -23,13 +23,11 @@ import torch.distributed as dist
 from torch import nn
 
 from candgen.data.batches import make_batch, restrict_targets, training_windows
-from candgen.data.config import DataConfig
 from candgen.data.sequences import SequenceData, load_data
 from candgen.data.tensors import Batch
 from candgen.errors import ConfigError
 from candgen.evaluation.evaluate import evaluate_model
 from candgen.models.base import RetrievalModel
-from candgen.models.config import ModelConfig
 from candgen.models.factory import build_model
 from candgen.models.losses import full_softmax_loss, sampled_softmax_loss
 from candgen.models.saved import ModelHeader, save_model
@@ -359,8 +357,8 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
             model, data, "test", config.effective_protocol, config.max_len, seed=config.seed
         )
         header = ModelHeader(
-            model=ModelConfig.of(config),
-            data=DataConfig.of(config),
+            model=config.model_config(),
+            data=config.data_config(),
             item_ids=data.item_ids,
             user_feature_cardinalities=data.user_feature_cardinalities,
             has_timestamps=data.train_times is not None,
