@@ -69,8 +69,45 @@ def test_every_surface_and_event_type_occurs(events: pd.DataFrame) -> None:
     assert set(events["surface"]) == set(SURFACES)
     assert set(events["event_type"]) == {"engage", "impression", "click", "conversion"}
     search = events[events.surface == "search"]
-    assert search["query_category"].notna().all()
-    assert events[events.surface != "search"]["query_category"].isna().all()
+    assert search["query"].notna().all() and (search["query"].str.len() > 0).all()
+    assert events[events.surface != "search"]["query"].isna().all()
+    related = events[events.surface == "related"]
+    assert related["context_item_id"].notna().all()
+    assert events[events.surface != "related"]["context_item_id"].isna().all()
+
+
+def test_context_shapes_what_users_do(marketplace: SynthSummary, events: pd.DataFrame) -> None:
+    out = marketplace.out_dir
+    items = pd.read_parquet(out / "items.parquet").set_index("item_id")["category"]
+    eng = events[events.event_type == "engage"]
+    cat = items.loc[eng["item_id"].astype(np.int64)].to_numpy()
+    # A related session engages mostly within its context item's category.
+    rel = eng["surface"].to_numpy() == "related"
+    ctx_cat = items.loc[eng.loc[rel, "context_item_id"].astype(np.int64)].to_numpy()
+    assert (cat[rel] == ctx_cat).mean() > 0.7
+    # A search query names its session's intent: its nouns are the category's.
+    from candgen.data.synth_text import CATEGORY_NOUNS
+
+    search = eng["surface"].to_numpy() == "search"
+    words = {name: " ".join(n.lower() for n in nouns) for name, nouns in CATEGORY_NOUNS}
+    named = [
+        any(w in words[c] or w == c for w in q.split())
+        for q, c in zip(
+            eng.loc[search, "query"], eng.loc[search, "true_intent_category"], strict=True
+        )
+    ]
+    assert np.mean(named) > 0.8
+    # Searches wander outside the user's usual mix far more than the home feed does.
+    truth = pd.read_parquet(out / "truth" / "users.parquet").set_index("user_id")["interest"]
+    cats = json.loads((out / "manifest.json").read_text())["categories"]
+
+    def usual_share(surface: str) -> float:
+        part = eng[eng["surface"] == surface]
+        mix = np.stack(truth.loc[part["user_id"]].to_numpy())
+        idx = pd.Index(cats).get_indexer(part["true_intent_category"])
+        return float((mix[np.arange(len(idx)), idx] > 0.05).mean())
+
+    assert usual_share("search") < usual_share("home") - 0.1
 
 
 def test_conversions_follow_their_click_within_the_window(events: pd.DataFrame) -> None:

@@ -19,6 +19,7 @@ Output layout (all parquet)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -40,6 +41,7 @@ from candgen.data.synth_text import (
     CATEGORIES,
     CATEGORY_NOUNS,
     brand_name,
+    query_text,
 )
 from candgen.errors import ConfigError
 from candgen.vocab import SURFACES
@@ -54,6 +56,7 @@ COUNTRIES: Final = ("US", "GB", "DE", "FR", "JP", "BR", "IN", "CA")
 DEVICES: Final = ("ios", "android", "web")
 _SURFACE_CLICK_OFFSET: Final = np.array([0.0, 0.6, 0.3])  # search shows intent; related, context
 _SECONDS_PER_DAY: Final = 86_400
+_CANDIDATES: Final = 16  # what the incumbent shows per engagement, for the user to pick from
 _US_PER_SECOND: Final = 1_000_000
 _MAX_USERS: Final = 100_000_000
 _MAX_ADS: Final = 2_000_000_000 - 1
@@ -91,6 +94,14 @@ class SynthConfig:
         intent_stay_prob: probability that a session keeps the previous session's intent.
         intent_explore_prob: probability that a new intent is outside the user's long-term mix.
         paused_campaign_fraction: fraction of campaigns paused at some day of the simulation.
+        search_explore_prob: probability that a search session's intent is outside the user's
+            long-term mix (people search for what their feed does not show them).
+        taste_strength: how strongly a user's own taste picks among a category's items and ads
+            (0: by popularity alone, as if every user liked the same things).
+        context_strength: how strongly a related-items session follows its context item.
+        query_vague_prob: probability that a search query names only a category.
+        query_brand_prob: probability that a search query names a brand of the category.
+        query_typo_prob: probability that a search query has a typo.
         chunk_users: users generated and written per chunk (bounds memory).
     """
 
@@ -117,6 +128,12 @@ class SynthConfig:
     intent_stay_prob: float = 0.6
     intent_explore_prob: float = 0.15
     paused_campaign_fraction: float = 0.1
+    search_explore_prob: float = 0.5
+    taste_strength: float = 8.0
+    context_strength: float = 10.0
+    query_vague_prob: float = 0.1
+    query_brand_prob: float = 0.15
+    query_typo_prob: float = 0.05
     chunk_users: int = 5_000
 
     def __post_init__(self) -> None:
@@ -161,6 +178,10 @@ class SynthConfig:
             "report_delay_hours",
         ):
             positive(name)
+        for name in ("taste_strength", "context_strength"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and 0 <= v <= 100):
+                raise ConfigError(name, f"must be a number in [0, 100], got {v!r}")
         for name in (
             "ctr_min",
             "ctr_max",
@@ -169,6 +190,10 @@ class SynthConfig:
             "intent_stay_prob",
             "intent_explore_prob",
             "paused_campaign_fraction",
+            "search_explore_prob",
+            "query_vague_prob",
+            "query_brand_prob",
+            "query_typo_prob",
         ):
             prob(name)
         if not self.ctr_min < self.ctr_max:
@@ -308,6 +333,7 @@ class MarketplaceGenerator:
         n = c.n_advertisers
         ids = np.arange(1, n + 1, dtype=np.int64)
         self.adv_vertical = rng.integers(0, c.categories, n).astype(np.int16)
+        self.adv_of_vertical = [np.flatnonzero(self.adv_vertical == k) for k in range(c.categories)]
         self.adv_paused = rng.random(n) < 0.03
         budget = np.round(rng.lognormal(6.0, 1.0, n), 2)
         return pa.table(
@@ -386,6 +412,8 @@ class MarketplaceGenerator:
         ids = AD_ID_OFFSET + np.arange(1, n + 1, dtype=np.int64)
         adj = rng.integers(0, len(ADJECTIVES), n)
         noun = rng.integers(0, 4, n)
+        self.ad_category, self.ad_noun, self.ad_advertiser = category, noun, advertiser
+        self.ad_dev = self._taste_part(latent, category)
         aud = rng.integers(0, len(AUDIENCES), n)
         ben = rng.integers(0, len(BENEFITS), n)
         names = [brand_name(int(a) + 1) for a in range(c.n_advertisers)]
@@ -436,6 +464,56 @@ class MarketplaceGenerator:
         )
         return n
 
+    def _taste_part(self, latent: np.ndarray, category: np.ndarray) -> np.ndarray:
+        """What sets an entry apart within its category: its latent vector less the part along
+        its category's centroid (where a user's own taste, ``pref``, looks)."""
+        centre = self.centroids[category]
+        along = np.einsum("nd,nd->n", latent, centre)[:, None] * centre
+        part: np.ndarray = (latent - along).astype(np.float32)
+        return part
+
+    def _choose(
+        self,
+        rng: np.random.Generator,
+        catalog: _Catalog,
+        part: np.ndarray,
+        categories: np.ndarray,
+        day: int,
+        pref: np.ndarray,
+        bonus: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """One entry per row: ``_CANDIDATES`` drawn from the row's category as the incumbent
+        system would show them, of which the user picks by taste (logit ``taste_strength *
+        <pref, part>`` plus ``bonus``'s (rows, candidates) -> logits, if any).
+
+        Returns original indices, -1 where the category has nothing yet.
+        """
+        n = len(categories)
+        if n == 0:
+            return np.zeros(0, np.int64)
+        cand = catalog.sample(rng, np.repeat(categories, _CANDIDATES), day).reshape(n, -1)
+        safe = np.maximum(cand, 0)
+        logit = self.cfg.taste_strength * np.einsum("nd,ncd->nc", pref, part[safe])
+        if bonus is not None:
+            logit = logit + bonus(safe)
+        logit = np.where(cand >= 0, logit, -np.inf)
+        pick = np.argmax(logit + rng.gumbel(size=logit.shape), axis=1)
+        chosen: np.ndarray = cand[np.arange(n), pick]
+        return chosen
+
+    def _organic_bonus(
+        self, cand: np.ndarray, noun: np.ndarray, category: np.ndarray, context: np.ndarray
+    ) -> np.ndarray:
+        """(rows, candidates) logits an organic pick adds for the request's context: the noun a
+        search named (-1: none) in its category, and closeness to a context item's taste part
+        (zeros: none)."""
+        named = (self.item_noun[cand] == noun[:, None]) & (
+            self.item_category[cand] == category[:, None]
+        )
+        near = np.einsum("nd,ncd->nc", context, self.item_dev[cand])
+        bonus: np.ndarray = 2.0 * named + self.cfg.context_strength * near
+        return bonus
+
     def items(self, out_dir: Path) -> int:
         c = self.cfg
         rng = _stream(c.seed, "items")
@@ -447,6 +525,8 @@ class MarketplaceGenerator:
         self.item_catalog = _Catalog.build(category, latent, popularity, created, c.categories)
         ids = np.arange(1, n + 1, dtype=np.int64)
         noun = rng.integers(0, 4, n)
+        self.item_category, self.item_noun = category, noun
+        self.item_dev = self._taste_part(latent, category)
         _write(
             pa.table(
                 {
@@ -507,7 +587,13 @@ class MarketplaceGenerator:
                 ),
             }
         )
-        return users, truth, {"mixture": mixture, "activity": activity, "ids": ids}
+        # Each user's own taste within a category (what tells apart two runners).
+        pref = _unit(rng.normal(size=(n, c.latent_dim)))
+        truth = truth.append_column(
+            "taste",
+            pa.FixedSizeListArray.from_arrays(pa.array(pref.ravel()), c.latent_dim),
+        )
+        return users, truth, {"mixture": mixture, "activity": activity, "ids": ids, "pref": pref}
 
     def _sample_category(self, rng: np.random.Generator, mixture: np.ndarray) -> np.ndarray:
         cum = np.cumsum(mixture, axis=1)
@@ -515,11 +601,37 @@ class MarketplaceGenerator:
         category: np.ndarray = np.minimum((cum < u).sum(axis=1), mixture.shape[1] - 1)
         return category.astype(np.int16)
 
+    def _queries(
+        self, rng: np.random.Generator, intents: np.ndarray
+    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """A query per search session of these intents: (texts, the noun each names or -1 for
+        a vague one, the advertiser each names or -1)."""
+        c = self.cfg
+        n = len(intents)
+        vague = rng.random(n) < c.query_vague_prob
+        noun = np.where(vague, -1, rng.integers(0, 4, n))
+        adjective = np.where(rng.random(n) < 0.3, rng.integers(0, len(ADJECTIVES), n), -1)
+        branded = ~vague & (rng.random(n) < c.query_brand_prob)
+        typo = rng.random(n) < c.query_typo_prob
+        brand = np.full(n, -1, np.int64)
+        texts = []
+        for j in range(n):
+            advertisers = self.adv_of_vertical[int(intents[j])]
+            if branded[j] and len(advertisers):
+                brand[j] = advertisers[int(rng.integers(0, len(advertisers)))]
+            name = brand_name(int(brand[j]) + 1) if brand[j] >= 0 else ""
+            texts.append(
+                query_text(int(intents[j]), int(noun[j]), int(adjective[j]), name, typo[j], rng)
+            )
+        return texts, noun, brand
+
     def events_chunk(self, chunk: int, state: dict[str, np.ndarray]) -> pa.Table:
         """Simulates every day for the chunk's users and returns their events, sorted."""
         c = self.cfg
         rng = _stream(c.seed, "events", chunk)
         mixture, activity, user_ids = state["mixture"], state["activity"], state["ids"]
+        pref = state["pref"]
+        query_texts: list[str] = []
         n = len(user_ids)
         long_vec = _unit(mixture @ self.centroids)
         intent = self._sample_category(rng, mixture)
@@ -534,6 +646,7 @@ class MarketplaceGenerator:
         def sel(columns: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
             return {k: v[mask] for k, v in columns.items()}
 
+        search, related = SURFACES.index("search"), SURFACES.index("related")
         for day in range(c.days):
             n_sess = rng.poisson(activity)
             s_user = np.repeat(np.arange(n), n_sess)
@@ -542,16 +655,20 @@ class MarketplaceGenerator:
             s_time = rng.uniform(0, _SECONDS_PER_DAY - 3_600, len(s_user))
             order = np.lexsort((s_time, s_user))
             s_user, s_time = s_user[order], s_time[order]
+            n_s = len(s_user)
+            s_surface = rng.choice(len(SURFACES), n_s, p=np.asarray(c.surface_mix))
             first = np.r_[True, s_user[1:] != s_user[:-1]]
-            rank = np.arange(len(s_user)) - np.maximum.accumulate(
-                np.where(first, np.arange(len(s_user)), 0)
-            )
-            s_intent = np.empty(len(s_user), dtype=np.int16)
+            rank = np.arange(n_s) - np.maximum.accumulate(np.where(first, np.arange(n_s), 0))
+            s_intent = np.empty(n_s, dtype=np.int16)
             for k in range(int(rank.max()) + 1):
                 at = np.flatnonzero(rank == k)
                 users_k = s_user[at]
-                stay = rng.random(len(at)) < c.intent_stay_prob
-                explore = rng.random(len(at)) < c.intent_explore_prob
+                searching = s_surface[at] == search
+                # A search names a fresh intent, often one the user's feed does not show.
+                stay = ~searching & (rng.random(len(at)) < c.intent_stay_prob)
+                explore = rng.random(len(at)) < np.where(
+                    searching, c.search_explore_prob, c.intent_explore_prob
+                )
                 fresh = np.where(
                     explore,
                     rng.integers(0, c.categories, len(at)),
@@ -559,13 +676,32 @@ class MarketplaceGenerator:
                 )
                 intent[users_k] = np.where(stay, intent[users_k], fresh)
                 s_intent[at] = intent[users_k]
-            n_s = len(s_user)
             s_id = (np.int64(chunk) << 36) + session_counter + np.arange(n_s, dtype=np.int64)
             session_counter += n_s
-            s_surface = rng.choice(len(SURFACES), n_s, p=np.asarray(c.surface_mix))
             day_base = day * _SECONDS_PER_DAY
 
-            # Organic engagements: items from the session intent, sometimes the long-term mix.
+            # The request context: a search session's query, a related session's context item
+            # (the item the user is looking at, picked by taste; a page view, not an engagement).
+            is_search, is_related = s_surface == search, s_surface == related
+            s_query = np.full(n_s, -1, np.int64)
+            s_qnoun = np.full(n_s, -1, np.int64)
+            s_qbrand = np.full(n_s, -1, np.int64)
+            texts, q_noun, q_brand = self._queries(rng, s_intent[is_search])
+            s_query[is_search] = len(query_texts) + np.arange(len(texts))
+            query_texts.extend(texts)
+            s_qnoun[is_search], s_qbrand[is_search] = q_noun, q_brand
+            ctx = np.full(n_s, -1, np.int64)
+            rel = np.flatnonzero(is_related)
+            ctx[rel] = self._choose(
+                rng, self.item_catalog, self.item_dev, s_intent[rel], day, pref[s_user[rel]]
+            )
+            is_related &= ctx >= 0
+            ctx_part = np.where(is_related[:, None], self.item_dev[np.maximum(ctx, 0)], 0.0).astype(
+                np.float32
+            )
+
+            # Organic engagements: items from the session intent, sometimes the long-term mix,
+            # picked by the user's taste, the query's noun and the context item.
             n_org = rng.poisson(c.organic_per_session, n_s)
             o_sess = np.repeat(np.arange(n_s), n_org)
             o_cat = np.where(
@@ -573,18 +709,26 @@ class MarketplaceGenerator:
                 s_intent[o_sess],
                 self._sample_category(rng, mixture[s_user[o_sess]]),
             ).astype(np.int64)
-            o_item = self.item_catalog.sample(rng, o_cat, day)
+
+            o_item = self._choose(
+                rng,
+                self.item_catalog,
+                self.item_dev,
+                o_cat,
+                day,
+                pref[s_user[o_sess]],
+                functools.partial(
+                    self._organic_bonus,
+                    noun=s_qnoun[o_sess],
+                    category=s_intent[o_sess],
+                    context=ctx_part[o_sess],
+                ),
+            )
             keep = o_item >= 0
             o_sess, o_item = o_sess[keep], o_item[keep]
             o_offset = _within_session_offsets(rng, o_sess, 40.0)
             o_action = rng.choice(len(ORGANIC_ACTIONS), len(o_sess), p=ORGANIC_ACTION_PROBS)
-            # The context item on the related surface is the first organic item of the session.
-            ctx = np.full(n_s, -1, np.int64)
-            if len(o_sess):
-                first_o = np.r_[True, o_sess[1:] != o_sess[:-1]]
-                ctx[o_sess[first_o]] = o_item[first_o] + 1
-            ctx = np.where(s_surface == SURFACES.index("related"), ctx, -1)
-            query = np.where(s_surface == SURFACES.index("search"), s_intent, -1)
+            ctx_id = np.where(is_related, ctx + 1, -1)
             emit(
                 user=s_user[o_sess],
                 session=s_id[o_sess],
@@ -595,15 +739,16 @@ class MarketplaceGenerator:
                 action=o_action.astype(np.int8),
                 item=o_item.astype(np.int64) + 1,
                 intent=s_intent[o_sess],
-                query=query[o_sess],
-                context=ctx[o_sess],
+                query=s_query[o_sess],
+                context=ctx_id[o_sess],
             )
 
-            # Ad impressions by the incumbent system: half on intent, half anywhere.
+            # Ad impressions by the incumbent system: on intent (a search's keywords more
+            # often), else anywhere.
             n_imp = rng.poisson(c.impressions_per_session, n_s)
             i_sess = np.repeat(np.arange(n_s), n_imp)
             i_cat = np.where(
-                rng.random(len(i_sess)) < 0.5,
+                rng.random(len(i_sess)) < np.where(is_search[i_sess], 0.7, 0.5),
                 s_intent[i_sess],
                 rng.integers(0, c.categories, len(i_sess)),
             ).astype(np.int64)
@@ -616,10 +761,25 @@ class MarketplaceGenerator:
             i_user = s_user[i_sess]
             taste = _unit(long_vec[i_user] + self.centroids[s_intent[i_sess]])
             affinity = np.einsum("nd,nd->n", taste, self.ad_catalog.latent[i_ad])
+            own = np.einsum("nd,nd->n", pref[i_user], self.ad_dev[i_ad])
+            # A click follows the query (its noun, its brand) and the context item too.
+            named = (self.ad_noun[i_ad] == s_qnoun[i_sess]) & (
+                self.ad_category[i_ad] == s_intent[i_sess]
+            )
+            brand = (self.ad_advertiser[i_ad] == s_qbrand[i_sess]) & (s_qbrand[i_sess] >= 0)
+            near = np.einsum("nd,nd->n", ctx_part[i_sess], self.ad_dev[i_ad])
+            on_context = is_related[i_sess] & (self.ad_category[i_ad] == s_intent[i_sess])
+            match = (
+                0.5 * c.taste_strength * own
+                + 1.5 * named
+                + 1.5 * brand
+                + 0.5 * c.context_strength * near
+                + 1.0 * on_context
+            )
             quality = self.ad_quality[i_ad]
             surf = s_surface[i_sess]
             p_click = c.ctr_min + (c.ctr_max - c.ctr_min) * _sigmoid(
-                5.0 * affinity + quality + _SURFACE_CLICK_OFFSET[surf] - 5.0
+                5.0 * affinity + quality + match + _SURFACE_CLICK_OFFSET[surf] - 5.0
             )
             p_conv = c.cvr_min + (c.cvr_max - c.cvr_min) * _sigmoid(
                 3.0 * affinity + quality + 0.5 * (surf == 1) - 2.5
@@ -637,8 +797,8 @@ class MarketplaceGenerator:
                 p_click=p_click.astype(np.float32),
                 p_conv=p_conv.astype(np.float32),
                 intent=s_intent[i_sess],
-                query=query[i_sess],
-                context=ctx[i_sess],
+                query=s_query[i_sess],
+                context=ctx_id[i_sess],
             )
             # ad_key ties an impression, its click and its conversion together within the chunk.
             imp_ref = (np.int64(day) << 32) + np.arange(m, dtype=np.int64)
@@ -680,10 +840,14 @@ class MarketplaceGenerator:
                 ad_key=imp_ref[converted],
                 **sel(common, converted),
             )
-        return self._events_table(chunk, cols, user_ids)
+        return self._events_table(chunk, cols, user_ids, query_texts)
 
     def _events_table(
-        self, chunk: int, cols: dict[str, list[np.ndarray]], user_ids: np.ndarray
+        self,
+        chunk: int,
+        cols: dict[str, list[np.ndarray]],
+        user_ids: np.ndarray,
+        query_texts: list[str],
     ) -> pa.Table:
         cat = {
             k: np.concatenate(v) if v else np.empty(0, _EVENT_COLUMNS[k]) for k, v in cols.items()
@@ -726,8 +890,8 @@ class MarketplaceGenerator:
                 "campaign_id": nullable(cat["campaign"], pa.int64()),
                 "advertiser_id": nullable(cat["advertiser"], pa.int64()),
                 "caused_by_event_id": nullable(cause, pa.int64()),
-                "query_category": pa.array(
-                    np.array(CATEGORIES, dtype=object)[np.maximum(cat["query"], 0)],
+                "query": pa.array(
+                    np.array([*query_texts, ""], dtype=object)[cat["query"]],
                     type=pa.string(),
                     mask=cat["query"] < 0,
                 ),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Final
 
+import numpy as np
+
 CATEGORY_NOUNS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("running", ("running shoes", "trail sneakers", "marathon socks", "sports watch")),
     ("skincare", ("face serum", "moisturizer", "sunscreen SPF 50", "night cream")),
@@ -100,3 +102,47 @@ def brand_name(advertiser_id: int) -> str:
     a, b = BRAND_SYLLABLES[advertiser_id % n], BRAND_SYLLABLES[(advertiser_id // n) % n]
     suffix = "" if advertiser_id < n * n else str(advertiser_id // (n * n))
     return f"{a.capitalize()}{b}{suffix}"
+
+
+VAGUE_QUERY_FORMS: Final = ("{}", "best {}", "{} deals", "{} ideas", "cheap {}", "{} gifts")
+"""Queries that name only a category (a vague search): ``{}`` is the category word."""
+
+
+def misspell(word: str, rng: np.random.Generator) -> str:
+    """The word with one typo: a letter dropped, doubled, or swapped with its neighbour."""
+    letters = [i for i, ch in enumerate(word) if ch.isalpha()]
+    if len(letters) < 3:
+        return word
+    i = letters[int(rng.integers(1, len(letters) - 1))]
+    kind = int(rng.integers(0, 3))
+    if kind == 0:
+        return word[:i] + word[i + 1 :]
+    if kind == 1:
+        return word[:i] + word[i] + word[i:]
+    return word[: i - 1] + word[i] + word[i - 1] + word[i + 1 :]
+
+
+def query_text(
+    category: int,
+    noun: int,
+    adjective: int,
+    brand: str,
+    typo: bool,
+    rng: np.random.Generator,
+) -> str:
+    """A search query for an intent: the category's noun (``noun`` = -1: a vague query that
+    names only the category), sometimes an adjective (``adjective`` >= 0) or a brand (non-empty
+    ``brand``), with one typo where ``typo``."""
+    if noun < 0:
+        form = VAGUE_QUERY_FORMS[int(rng.integers(0, len(VAGUE_QUERY_FORMS)))]
+        words = form.format(CATEGORY_NOUNS[category][0]).split()
+    else:
+        words = CATEGORY_NOUNS[category][1][noun].lower().split()
+        if adjective >= 0:
+            words = [ADJECTIVES[adjective], *words]
+        if brand:
+            words = [brand.lower(), *words]
+    if typo:
+        at = int(rng.integers(0, len(words)))
+        words[at] = misspell(words[at], rng)
+    return " ".join(words)
