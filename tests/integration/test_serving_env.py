@@ -68,3 +68,34 @@ def test_every_request_path_module_imports_in_the_serving_env() -> None:
     # a platform package.
     assert {"candgen.serving.steps", "candgen.serving.triton_model"} <= set(names.split(","))
     assert platform == ""
+
+
+ENCODE = """
+import sys
+import numpy
+from candgen.serving.query_encoder import QueryEncoder
+
+vector = QueryEncoder(sys.argv[1]).encode(sys.argv[2])
+platform = ("pandas", "pyarrow", "transformers", "sentence_transformers")
+print(numpy.__version__, ",".join(sorted(m for m in platform if m in sys.modules)))
+print(" ".join(repr(float(v)) for v in vector))
+"""
+
+
+def test_the_serving_env_embeds_a_query_as_the_ads_text_model_does(tmp_path: Path) -> None:
+    import numpy as np
+
+    from candgen.endpoint.text_onnx import export_onnx
+    from candgen.features.text import TextEmbedder
+
+    export_onnx(tmp_path / "query_encoder")
+    text = "waterproof hiking boots"
+    proc = subprocess.run([str(SERVING_PYTHON), "-c", ENCODE, str(tmp_path / "query_encoder"),
+                           text], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    versions, values = proc.stdout.strip().split("\n")
+    numpy_version, heavy = versions.split(" ")
+    assert numpy_version.startswith("1.") and heavy == ""
+    got = np.array([float(v) for v in values.split()], dtype=np.float32)
+    want = TextEmbedder(None, progress=False).embed([text])[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -27,7 +27,14 @@ LAYERS: dict[str, int] = {
 # The modules that tritonserver's python backend imports, and what the serving environment
 # offers them besides the standard library.
 REQUEST_PATH = "candgen.serving"
-SERVING_ENV = {"numpy", "torch", "faiss", "triton_python_backend_utils"}
+SERVING_ENV = {
+    "numpy",
+    "torch",
+    "faiss",
+    "triton_python_backend_utils",
+    "onnxruntime",
+    "tokenizers",
+}
 
 
 def _edges() -> list[tuple[str, str]]:
