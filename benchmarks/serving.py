@@ -197,7 +197,7 @@ def _build_repository(
     feature_url: str,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
     from candgen.data.synth import AD_ID_OFFSET
-    from candgen.endpoint.export import publish, stage_generators
+    from candgen.endpoint.export import publish, stage_generators, stage_query_encoder
     from candgen.index.ann import INDEX_FILE
     from candgen.serving.generators import ContentGenerator
     from candgen.serving.steps import (
@@ -225,6 +225,8 @@ def _build_repository(
         args.encoder_block_scale,
     )
     del everything
+    # The encoder step loads its query encoder even though this load sends no query text.
+    stage_query_encoder(staging / EncoderStep.MODEL)
     index_cfg = IndexConfig(
         kind="hnsw", ef_construction=args.ef_construction, ef_search=args.ef_search
     )

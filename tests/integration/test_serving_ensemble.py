@@ -7,6 +7,7 @@ environment, with the Feast feature server (SQLite online store) in front of the
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -98,7 +99,7 @@ def _same(a, b) -> None:  # type: ignore[no-untyped-def]
     assert a.ad_ids == b.ad_ids
     assert a.sources == b.sources
     assert a.scores == pytest.approx(b.scores, rel=1e-4, abs=1e-5)
-    assert (a.cold_start, a.fallback) == (b.cold_start, b.fallback)
+    assert (a.cold_start, a.fallback, a.flags) == (b.cold_start, b.fallback, b.flags)
     assert (a.source_counts, a.quota_policy) == (b.source_counts, b.quota_policy)
     assert a.source_counts == {g: a.sources.count(g) for g in a.source_counts}
 
@@ -159,7 +160,8 @@ def test_learned_quotas_and_an_override_are_served_with_per_source_counts(
                 assert got.quota_policy == "learned" and sum(got.source_counts.values()) == 100
             overridden = client.retrieve(user, "related", 50)
             assert overridden.quota_policy == "override"
-            assert overridden.source_counts == {"sequential": 0, "content": 0, "popularity": 50}
+            assert overridden.source_counts == {
+                "sequential": 0, "content": 0, "query": 0, "item": 0, "popularity": 50}  # fmt: skip
     finally:
         stop(server)
 
@@ -184,6 +186,114 @@ def test_candgen_query_prints_the_ads_over_both_protocols(
     assert main(["query", str(user), "--scenario", "inbox", "--protocol", protocol,
                  "--url", client.url]) == 2  # fmt: skip
     assert "scenario: unknown surface 'inbox'" in capsys.readouterr().err
+
+
+def _organic_item(served: Served) -> int:
+    """An organic item the served model knows (the context of a related-items page)."""
+    offline = load_pipeline(served.repo)
+    ads = set(offline.content.text)
+    return min(i for i in offline.retriever.index if i not in ads and i not in offline.ad_index)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_search_follows_the_query_and_related_the_context_item(
+    served: Served, protocol: str
+) -> None:
+    offline = load_pipeline(served.repo)
+    client = served.http if protocol == "http" else served.grpc
+    item = _organic_item(served)
+    for user in served.users[:3]:
+        for query in ("running shoes", "organic coffee beans", "sofá de couro"):
+            got = client.retrieve(user, "search", 50, query=query)
+            _same(got, offline.retrieve(user, "search", 50, query=query))
+            assert got.source_counts["query"] > 0 and got.flags == []
+        got = client.retrieve(user, "related", 50, context_item_id=item)
+        _same(got, offline.retrieve(user, "related", 50, context_item_id=item))
+        assert got.source_counts["item"] > 0 and got.flags == []
+    # The query's generator follows the text: two queries get different ads from it.
+    first, second = (client.retrieve(served.users[0], "search", 50, query=q)
+                     for q in ("running shoes", "organic coffee beans"))  # fmt: skip
+    query_ads = [{a for a, s in zip(r.ad_ids, r.sources, strict=True) if s == "query"}
+                 for r in (first, second)]  # fmt: skip
+    assert query_ads[0] != query_ads[1]
+
+
+@pytest.mark.parametrize(("scenario", "context", "flags"), [
+    ("search", {}, ["no_query"]),
+    ("search", {"query": "   "}, ["no_query"]),
+    ("related", {}, ["no_context_item"]),
+    ("home", {"query": "running shoes"}, ["query_ignored"]),
+    ("related", {"query": "running shoes", "context_item_id": "organic"}, ["query_ignored"]),
+    ("home", {"context_item_id": "organic"}, ["context_item_ignored"]),
+    ("search", {"query": "shoes", "context_item_id": "organic"}, ["context_item_ignored"]),
+    ("related", {"context_item_id": 999_999_999}, ["unknown_context_item"]),
+])  # fmt: skip
+def test_a_missing_or_misplaced_context_is_answered_without_it_and_flagged(
+    served: Served, scenario: str, context: dict, flags: list[str]
+) -> None:
+    if context.get("context_item_id") == "organic":
+        context = context | {"context_item_id": _organic_item(served)}
+    user = served.users[1]
+    offline = load_pipeline(served.repo)
+    for client in (served.http, served.grpc):
+        got = client.retrieve(user, scenario, 40, **context)
+        assert got.flags == flags and len(got.ad_ids) == 40
+        _same(got, offline.retrieve(user, scenario, 40, **context))
+        # what was ignored or unknown changes nothing: the answer is the context-free one, but
+        # for the surface's own context where it was kept
+        kept = {k: v for k, v in context.items()
+                if (k, scenario) in (("query", "search"), ("context_item_id", "related"))
+                and not (k == "context_item_id" and "unknown_context_item" in flags)}  # fmt: skip
+        assert got.ad_ids == client.retrieve(user, scenario, 40, **kept).ad_ids
+    _still_answers(served)
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("QUERY", np.array([b"x" * 513], np.object_), "QUERY: at most 512 UTF-8 bytes, got 513"),
+    ("QUERY", np.array(["é".encode() * 257], np.object_), "QUERY: at most 512 UTF-8 bytes"),
+    ("QUERY", np.array([b"shoes \xff\xfe"], np.object_), "QUERY: not valid UTF-8"),
+    ("QUERY", np.array([b"a", b"b"], np.object_), r"QUERY"),
+    ("QUERY", np.array([7], np.int64), "QUERY"),
+    ("CONTEXT_ITEM_ID", np.array([0], np.int64), "CONTEXT_ITEM_ID: item ids are >= 1, got 0"),
+    ("CONTEXT_ITEM_ID", np.array([1.5]), "CONTEXT_ITEM_ID"),
+    ("CONTEXT_ITEM_ID", np.array([3, 4], np.int64), "CONTEXT_ITEM_ID"),
+])  # fmt: skip
+def test_a_bad_query_or_context_item_is_a_clear_error(
+    served: Served, name: str, value: np.ndarray, message: str
+) -> None:
+    scenario = b"search" if name == "QUERY" else b"related"
+    for client in (served.http, served.grpc):
+        tensors = _good() | {"SCENARIO": np.array([scenario], np.object_), name: value}
+        with pytest.raises(ServingError, match=message):
+            client.infer(tensors)
+    _still_answers(served)
+
+
+def test_an_ad_as_the_context_item_is_a_clear_error(served: Served) -> None:
+    ad = min(load_pipeline(served.repo).content.text)
+    for client in (served.http, served.grpc):
+        with pytest.raises(ServingError, match=rf"CONTEXT_ITEM_ID: {ad} is an ad"):
+            client.retrieve(served.users[0], "related", 10, context_item_id=ad)
+    _still_answers(served)
+
+
+def test_candgen_query_sends_the_query_and_the_context_item(
+    served: Served, capsys: pytest.CaptureFixture
+) -> None:
+    user, item = served.users[0], _organic_item(served)
+    assert main(["query", str(user), "--scenario", "search", "-k", "20", "--query",
+                 "running shoes", "--url", served.http.url]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"user {user} on search for 'running shoes': 20 ads" in out
+    want = served.http.retrieve(user, "search", 20, query="running shoes")
+    assert str(want.ad_ids[0]) in out.splitlines()[3]
+    assert main(["query", str(user), "--scenario", "related", "--context-item-id", str(item),
+                 "--url", served.http.url, "--json"]) == 0  # fmt: skip
+    body = json.loads(capsys.readouterr().out)
+    assert body["source_counts"]["item"] > 0 and body["flags"] == []
+    assert main(["query", str(user), "--scenario", "home", "--query", "shoes", "--url",
+                 served.http.url]) == 0  # fmt: skip
+    assert "[query_ignored]" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_the_exported_version_traces_to_its_run_commit_and_snapshots(served: Served) -> None:

@@ -59,3 +59,30 @@ def test_bad_input_names_the_field() -> None:
         PacingPopularity(np.array([1]), np.array([1]), np.array([1]), np.array([1.0])).candidates(0)
     with pytest.raises(ConfigError, match=r"categories: must lie in 0\.\.2"):
         ContentGenerator(np.array([1]), np.ones((1, 4)), np.array([5]), 3)
+
+
+def test_the_query_and_item_generators_search_with_their_context_vectors() -> None:
+    from candgen.index.ann import AdIndex, IndexConfig
+    from candgen.serving.pipeline import UserContext, check_context_item, generate
+
+    content, ids, centers = _content()
+    rng = np.random.default_rng(1)
+    ad_vectors = rng.standard_normal((len(ids), 8)).astype(np.float32)
+    ad_vectors /= np.linalg.norm(ad_vectors, axis=1, keepdims=True)  # inner product = cosine
+    ad_index = AdIndex.build(ids, ad_vectors, IndexConfig(kind="flat"))
+    pop = PacingPopularity(ids, np.ones(len(ids)), np.full(len(ids), 100), np.ones(len(ids)))
+    user = UserContext(history=[int(ids[1])])
+    plain = generate(user, None, 5, ad_index, content, pop, frozenset())
+    assert set(plain) == {"content", "popularity"}  # no context: neither context generator runs
+    query = (centers[2] / np.linalg.norm(centers[2])).astype(np.float32)
+    found = generate(user, None, 5, ad_index, content, pop, frozenset(), query, ad_vectors[7])
+    assert list(found) == ["content", "query", "item", "popularity"]
+    # query: the ads whose text is nearest the query's embedding (category 2's), the user's own
+    # history excluded; item: the ads nearest the item's vector in the ad index.
+    assert all((ad - AD) % 3 == 2 for ad, _ in found["query"])
+    assert found["item"][0][0] == ids[7]
+    assert int(ids[1]) not in [ad for ad, _ in found["item"]]
+    check_context_item(None, ad_index, content)
+    check_context_item(12345, ad_index, content)  # an organic item
+    with pytest.raises(ConfigError, match=rf"^CONTEXT_ITEM_ID: {ids[3]} is an ad"):
+        check_context_item(int(ids[3]), ad_index, content)

@@ -36,6 +36,9 @@ from candgen.serving.steps import SelectStep, ServingConfig, write_serving_file
 from candgen.vocab import SURFACES
 
 EDGES = (5, 10, 20)
+# The hand-made tables below hold the generators that existed before query and item: a table
+# fitted then still loads and serves, the new generators getting no slot from it.
+TABLE_GENERATORS = ("sequential", "content", "popularity")
 
 
 def _table(values: dict[str, list[float]], edges: tuple[int, ...] = EDGES) -> LearnedQuotas:
@@ -49,7 +52,7 @@ def _table(values: dict[str, list[float]], edges: tuple[int, ...] = EDGES) -> Le
             rows = [[m * 0.5**b for b in range(len(edges))] for m in means]
             alpha[key] = [[1000 * v + 1e-3 for v in row] for row in rows]
             beta[key] = [[1000 * (1 - v) + 1e-3 for v in row] for row in rows]
-    return LearnedQuotas(GENERATORS, edges, (1, 10, 50), alpha, beta)
+    return LearnedQuotas(TABLE_GENERATORS, edges, (1, 10, 50), alpha, beta)
 
 
 def _ranked(start: int, n: int) -> list[tuple[int, float]]:
@@ -85,12 +88,12 @@ def test_values_never_grow_along_a_generators_ranks() -> None:
              for k, v in table.alpha.items()}  # fmt: skip
     beta = {k: ([[1000 * (1 - v) for v in r] for r in rising] if k == key else v)
             for k, v in table.beta.items()}  # fmt: skip
-    values = LearnedQuotas(GENERATORS, EDGES, (1, 10, 50), alpha, beta).band_values("home", 0)
+    values = LearnedQuotas(TABLE_GENERATORS, EDGES, (1, 10, 50), alpha, beta).band_values("home", 0)
     assert np.allclose(values, 0.1)
 
 
 def test_thompson_draws_vary_while_the_mean_is_fixed() -> None:
-    weak = LearnedQuotas(GENERATORS, EDGES, (1, 10, 50),
+    weak = LearnedQuotas(TABLE_GENERATORS, EDGES, (1, 10, 50),
                          {f"{s}/{b}": [[1.0] * 3] * 3 for s in SURFACES for b in ACTIVITY_BUCKETS},
                          {f"{s}/{b}": [[3.0] * 3] * 3 for s in SURFACES
                           for b in ACTIVITY_BUCKETS})  # fmt: skip
@@ -146,7 +149,7 @@ def test_the_policy_picks_the_shares_and_overrides_win() -> None:
     assert {c.source for c in overridden.select(CANDIDATES, "home", 80, 20)} == {"popularity"}
     assert overridden.source("home") == "override" and overridden.source("search") == "learned"
     snake = QuotaPolicy("snake").select(CANDIDATES, "home", 0, 9)
-    assert [c.source for c in snake[:3]] == list(GENERATORS)
+    assert [c.source for c in snake[:3]] == [g for g in GENERATORS if g in CANDIDATES]
     with pytest.raises(ConfigError, match=r"^quota_policy: learned needs a learned quota table"):
         QuotaPolicy("learned")
     with pytest.raises(ConfigError, match=r"^quota_policy: 'bandit' is not one of"):
@@ -190,11 +193,15 @@ def test_the_select_step_serves_the_learned_quotas_and_reports_each_source(tmp_p
                           out["SOURCE_COUNTS"].tolist(), strict=True))  # fmt: skip
         sources = [s.decode() for s in out["SOURCES"]]
         assert counts == {g: sources.count(g) for g in GENERATORS}
-        assert counts == table.quotas(scenario.decode(), activity, 20)
+        # query and item, which the table predates, get nothing
+        assert counts == dict.fromkeys(GENERATORS, 0) | table.quotas(
+            scenario.decode(), activity, 20
+        )
         assert out["QUOTA_POLICY"].tolist() == [b"learned"]
     out = step(_select_tensors(b"related", 0))
     assert out["QUOTA_POLICY"].tolist() == [b"override"]
-    assert out["SOURCE_COUNTS"].tolist() == [0, 10, 10]
+    assert dict(zip(GENERATORS, out["SOURCE_COUNTS"].tolist(), strict=True)) == {
+        "sequential": 0, "content": 10, "query": 0, "item": 0, "popularity": 10}  # fmt: skip
     (tmp_path / QUOTA_FILE).unlink()
     with pytest.raises(ConfigError, match=r"^quota_policy: learned needs a learned quota table"):
         SelectStep(tmp_path)
@@ -233,7 +240,7 @@ def test_the_fit_learns_which_generator_pays_in_which_context() -> None:
     assert table.fitted["requests"] == len(rows) and table.fitted["window"] == ["a", "b"]
     home = table.band_values("home", 80)
     search = table.band_values("search", 80)
-    seq, content, pop = (GENERATORS.index(g) for g in GENERATORS)
+    seq, content, pop = (GENERATORS.index(g) for g in ("sequential", "content", "popularity"))
     assert home[seq, 0] > home[content, 0] and search[content, 0] > search[seq, 0]
     # A conversion is worth four clicks: popularity's one conversion in half the search requests
     # beats content's two clicks in the other half.
@@ -412,4 +419,7 @@ def test_a_target_two_generators_find_counts_for_the_one_that_ranks_it_first() -
     seq_i, content_i = GENERATORS.index("sequential"), GENERATORS.index("content")
     assert values[seq_i, 0] == pytest.approx(2 / 5, abs=1e-3)  # 2 hits in 5 slots
     assert values[content_i, 0] == pytest.approx(0.0, abs=1e-3)
-    assert table.quotas("home", 80, 5)["sequential"] == 5
+    # (offered only the generators that found candidates, as serving does: query and item had
+    # none here, and a generator never seen holds no evidence either way)
+    available = {g: len(c) for g, c in cands.items()}
+    assert table.quotas("home", 80, 5, available)["sequential"] == 5

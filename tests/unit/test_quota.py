@@ -64,3 +64,37 @@ def test_bad_input_names_the_field() -> None:
         QuotaConfig({"home": {"bandit": 1.0}})
     with pytest.raises(ConfigError, match="scenario: unknown surface 'inbox'"):
         QuotaConfig().for_surface("inbox")
+
+
+def test_each_surface_gives_its_own_context_generator_a_real_share() -> None:
+    from candgen.serving.quota import DEFAULT_WEIGHTS, GENERATORS
+
+    assert {g for w in DEFAULT_WEIGHTS.values() for g in w} == set(GENERATORS)
+    assert DEFAULT_WEIGHTS["home"]["query"] == DEFAULT_WEIGHTS["home"]["item"] == 0.0
+    assert DEFAULT_WEIGHTS["search"]["query"] >= 0.3 and DEFAULT_WEIGHTS["search"]["item"] == 0.0
+    assert DEFAULT_WEIGHTS["related"]["item"] >= 0.3 and DEFAULT_WEIGHTS["related"]["query"] == 0.0
+    full = {g: _ranked(1000 * i, 100) for i, g in enumerate(GENERATORS)}
+    search = [c.source for c in allocate(full, QuotaConfig().for_surface("search"), 20)]
+    assert search.count("query") == 8 and "item" not in search
+    # A search without a query: the query generator found nothing, and its slots go to the others.
+    no_query = {g: c for g, c in full.items() if g != "query"}
+    out = allocate(no_query, QuotaConfig().for_surface("search"), 20)
+    assert len(out) == 20 and {c.source for c in out} == {"sequential", "content", "popularity"}
+
+
+def test_a_learned_table_from_before_the_context_generators_gives_them_nothing() -> None:
+    from candgen.serving.quota import ACTIVITY_BUCKETS, GENERATORS, LearnedQuotas, QuotaPolicy
+    from candgen.vocab import SURFACES
+
+    old = ("sequential", "content", "popularity")
+    body = {
+        "generators": list(old),
+        "rank_edges": [10, 20],
+        "activity_edges": [1, 10, 50],
+        "alpha": {f"{s}/{b}": [[5.0, 2.0]] * 3 for s in SURFACES for b in ACTIVITY_BUCKETS},
+        "beta": {f"{s}/{b}": [[5.0, 8.0]] * 3 for s in SURFACES for b in ACTIVITY_BUCKETS},
+    }
+    table = LearnedQuotas.from_dict(body)  # as candgen quotas learn wrote it then
+    full = {g: _ranked(1000 * i, 100) for i, g in enumerate(GENERATORS)}
+    out = QuotaPolicy("learned", learned=table).select(full, "search", 0, 30)
+    assert len(out) == 30 and not {c.source for c in out} & {"query", "item"}

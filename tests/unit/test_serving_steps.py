@@ -13,9 +13,10 @@ from candgen.endpoint.export import ExportConfig, ensemble_config, step_config
 from candgen.errors import ConfigError
 from candgen.index.ann import IndexConfig
 from candgen.serving.contract import INPUTS, OUTPUTS
-from candgen.serving.pipeline import UserContext
+from candgen.serving.pipeline import UserContext, user_vector
 from candgen.serving.steps import (
     STEPS,
+    FeaturesStep,
     SelectStep,
     ServingConfig,
     context_from,
@@ -65,11 +66,12 @@ def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> 
         "CANDIDATE_SOURCES": np.array([b"sequential"] * 3 + [b"content", b"popularity"], object),
         "SCENARIO": np.array([b"home"], object),
         "K": np.array([4], np.int32),
-        "CONTEXT_FLAGS": np.array([b"fallback"], object),
+        "CONTEXT_FLAGS": np.array([b"fallback", b"no_context_item"], object),
+        "CANDIDATE_FLAGS": np.array([b"unknown_context_item"], object),
     })  # fmt: skip
     assert len(out["AD_IDS"]) == len(set(out["AD_IDS"].tolist())) == 4
     assert set(out["AD_IDS"].tolist()) <= {11, 12, 13, 21}
-    assert out["FLAGS"].tolist() == [b"fallback"]
+    assert out["FLAGS"].tolist() == [b"fallback", b"no_context_item", b"unknown_context_item"]
     with pytest.raises(ConfigError, match=r"K: must be in 1\.\.50, got 51"):
         step({"CANDIDATE_IDS": np.zeros(0, np.int64),
               "CANDIDATE_SCORES": np.zeros(0, np.float32),
@@ -82,6 +84,7 @@ def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> 
     ({"feature_timeout_s": 0}, "feature_timeout_s"),
     ({"max_k": 0}, "max_k"),
     ({"instances": 0}, "instances"),
+    ({"query_cache_size": -1}, "query_cache_size"),
     ({"weights": {"home": {"sequential": 0.5}}}, "weights.home"),
     ({"weights": {"home": {"sequential": 0.5, "magic": 0.5}}}, "weights.home"),
     ({"weights": {"home": 1.0}}, "weights.home"),
@@ -127,3 +130,69 @@ def test_query_rejects_an_unknown_protocol_before_connecting(capsys: pytest.Capt
     with pytest.raises(SystemExit):
         main(["query", "1", "--protocol", "smtp"])
     assert "--protocol" in capsys.readouterr().err
+
+
+class _Features:
+    """A feature store that knows one user (a stand-in for the Feast feature server)."""
+
+    def lookup(self, service: str, entity: str, key: int) -> dict | None:
+        return {"recent_item_ids": [5, 6], "recent_timestamps": [1.0, 2.0]} if key == 1 else None
+
+
+def _request(scenario: bytes, **context: np.ndarray) -> dict[str, np.ndarray]:
+    return {"USER_ID": np.array([1], np.int64), "SCENARIO": np.array([scenario], object),
+            "K": np.array([10], np.int32), **context}  # fmt: skip
+
+
+def test_the_features_step_passes_on_the_context_its_surface_reads(tmp_path: Path) -> None:
+    write_serving_file(tmp_path, ServingConfig(), IndexConfig(), {})
+    step = FeaturesStep(tmp_path, _Features())
+    query = {"QUERY": np.array([b" running shoes "], object)}
+    item = {"CONTEXT_ITEM_ID": np.array([77], np.int64)}
+    search = step(_request(b"search", **query, **item))
+    assert search["QUERY_TEXT"].tolist() == [b"running shoes"]
+    assert search["CONTEXT_ITEM"].size == 0
+    assert search["CONTEXT_FLAGS"].tolist() == [b"context_item_ignored"]
+    assert search["HISTORY_IDS"].tolist() == [5, 6]
+    related = step(_request(b"related", **item))
+    assert related["CONTEXT_ITEM"].tolist() == [77] and related["QUERY_TEXT"].size == 0
+    assert related["CONTEXT_FLAGS"].size == 0
+    bare = step(_request(b"search"))
+    assert bare["QUERY_TEXT"].size == 0 and bare["CONTEXT_FLAGS"].tolist() == [b"no_query"]
+    cold = step(_request(b"related") | {"USER_ID": np.array([2], np.int64)})
+    assert cold["CONTEXT_FLAGS"].tolist() == [b"cold_start", b"no_context_item"]
+    with pytest.raises(ConfigError, match=r"^QUERY: at most 512 UTF-8 bytes"):
+        step(_request(b"search", QUERY=np.array([b"q" * 600], object)))
+
+
+class _Retriever:
+    """Records how the encoder step calls the model (``Retriever.user_vectors``'s signature)."""
+
+    def __init__(self, query_text_dim: int = 0, reads_context_items: bool = False) -> None:
+        self.index = {5: 1, 6: 2, 9: 3}
+        if query_text_dim:
+            self.query_text_dim = query_text_dim
+        if reads_context_items:
+            self.reads_context_items = True
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def user_vectors(self, *args: object, **kwargs: object) -> np.ndarray:
+        self.calls.append((args, kwargs))
+        return np.ones((1, 4), np.float32)
+
+
+def test_the_encoder_passes_the_context_only_to_a_model_that_reads_it() -> None:
+    user = UserContext(history=[5, 6, 404], times=[1.0, 2.0, 3.0])
+    embedding = np.full(384, 0.05, np.float32)
+    plain = _Retriever()
+    assert user_vector(plain, user, "search", embedding, 9) is not None  # type: ignore[arg-type]
+    (args, kwargs), = plain.calls  # fmt: skip
+    assert args == ([[5, 6]], [[1.0, 2.0]], ["search"], [None]) and kwargs == {}
+    reads = _Retriever(query_text_dim=384, reads_context_items=True)
+    user_vector(reads, user, "related", None, 9)  # type: ignore[arg-type]
+    user_vector(reads, user, "search", embedding, None)  # type: ignore[arg-type]
+    user_vector(reads, user, "related", None, 404)  # type: ignore[arg-type]
+    related, search, unknown = (kwargs for _, kwargs in reads.calls)
+    assert related == {"queries": [None], "context_items": [9]}
+    assert search["queries"][0] is embedding and search["context_items"] == [None]
+    assert unknown["context_items"] == [None]  # an item the model does not know is not passed

@@ -80,14 +80,18 @@ def cmd_query(args: argparse.Namespace) -> int:
     from candgen.endpoint.client import RetrieveClient
 
     client = RetrieveClient(args.url, args.protocol, timeout_s=args.timeout_s)
-    res = client.retrieve(args.user_id, args.scenario, args.k, recent)
+    res = client.retrieve(
+        args.user_id, args.scenario, args.k, recent, args.query, args.context_item_id
+    )
     if args.json:
         print_json(dataclasses.asdict(res))
         return 0
-    flags = [f for f, on in (("cold_start", res.cold_start), ("fallback", res.fallback)) if on]
-    marks = f"  [{', '.join(flags)}]" if flags else ""
+    marks = f"  [{', '.join(res.flags)}]" if res.flags else ""
+    context = f" for {args.query!r}" if args.query is not None else ""
+    if args.context_item_id is not None:
+        context += f" beside item {args.context_item_id}"
     print(
-        f"user {args.user_id} on {args.scenario}: {len(res.ad_ids)} ads via "
+        f"user {args.user_id} on {args.scenario}{context}: {len(res.ad_ids)} ads via "
         f"{client.protocol}://{client.url}{marks}"
     )
     counts = ", ".join(f"{s} {n}" for s, n in res.source_counts.items())
@@ -155,6 +159,13 @@ def add_query_command(sub: argparse._SubParsersAction[Parser]) -> None:
         "--recent",
         default="",
         help="item ids engaged with in this session, comma-separated, newest last",
+    )
+    q.add_argument("--query", default=None, help="the search query (read on the search surface)")
+    q.add_argument(
+        "--context-item-id",
+        type=int,
+        default=None,
+        help="the item the related-items page shows (read on the related surface)",
     )
     q.add_argument("--protocol", choices=PROTOCOLS, default="http", help="the server's protocol")
     q.add_argument(

@@ -86,8 +86,16 @@ class RetrieveClient:
         return {n: result.as_numpy(n) for n in OUTPUTS}
 
     def retrieve(
-        self, user_id: int, scenario: str, k: int, recent_item_ids: Sequence[int] = ()
+        self,
+        user_id: int,
+        scenario: str,
+        k: int,
+        recent_item_ids: Sequence[int] = (),
+        query: str | bytes | None = None,
+        context_item_id: int | None = None,
     ) -> RetrievalResult:
+        """Candidates for ``user_id`` on ``scenario``, with the search ``query`` (text, or raw
+        bytes sent as they are) and the related page's ``context_item_id`` when given."""
         tensors = {
             "USER_ID": np.array([user_id], dtype=np.int64),
             "SCENARIO": np.array([scenario.encode()], dtype=np.object_),
@@ -95,8 +103,14 @@ class RetrieveClient:
         }
         if recent_item_ids:
             tensors["RECENT_ITEM_IDS"] = np.asarray(recent_item_ids, dtype=np.int64)
+        if query is not None:
+            raw = query.encode() if isinstance(query, str) else query
+            tensors["QUERY"] = np.array([raw], dtype=np.object_)
+        if context_item_id is not None:
+            tensors["CONTEXT_ITEM_ID"] = np.array([context_item_id], dtype=np.int64)
         out = self.infer(tensors)
-        flags = {f.decode() for f in out["FLAGS"].reshape(-1)}
+        flag_list = [f.decode() for f in out["FLAGS"].reshape(-1)]
+        flags = set(flag_list)
         names = [s.decode() for s in out["SOURCE_NAMES"].reshape(-1)]
         return RetrievalResult(
             ad_ids=out["AD_IDS"].astype(np.int64).tolist(),
@@ -106,4 +120,5 @@ class RetrieveClient:
             fallback=FALLBACK in flags,
             source_counts=dict(zip(names, out["SOURCE_COUNTS"].reshape(-1).tolist(), strict=True)),
             quota_policy=out["QUOTA_POLICY"].reshape(-1)[0].decode(),
+            flags=flag_list,
         )

@@ -42,6 +42,7 @@ from candgen.paths import REPO_ROOT, replace_atomically
 from candgen.serving.contract import INPUTS, OUTPUTS
 from candgen.serving.generators import ContentGenerator
 from candgen.serving.pipeline import USER_SERVICE
+from candgen.serving.query_encoder import QUERY_ENCODER_DIR
 from candgen.serving.quota import QUOTA_FILE, LearnedQuotas
 from candgen.serving.steps import (
     CONTENT_DIR,
@@ -283,6 +284,14 @@ def stage_generators(
     np.savez(folder / DELIVERY_FILE, allow_pickle=True, **delivery)
 
 
+def stage_query_encoder(folder: Path) -> dict[str, Any]:
+    """Writes the query encoder (all-MiniLM-L6-v2 as ONNX, ``candgen.endpoint.text_onnx``) into
+    a user encoder step's staged folder; returns its settings."""
+    from candgen.endpoint.text_onnx import export_onnx
+
+    return export_onnx(Path(folder) / QUERY_ENCODER_DIR)
+
+
 def staging_dir(repository: Path, version: int) -> Path:
     """Where a version is assembled before it moves in: beside the repository, on the same file
     system (so the move is a rename), and never inside it, where a server polling the repository
@@ -445,6 +454,8 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     shutil.copy2(emb.model_dir / "model.pt", encoder / MODEL_FILE)
     shutil.copy2(emb.model_dir / "item_embeddings.npy", encoder / TABLE_FILE)
     say(f"{mv.name} v{version} (run {mv.run_id}): user encoder and item table")
+    query_model = stage_query_encoder(encoder)
+    say(f"query encoder: {query_model['model']} as ONNX ({query_model['dim']}-d)")
     generators = staging / GeneratorsStep.MODEL
     if config.index_dir:
         summary = _copy_index(Path(config.index_dir), generators, config.model_uri)
@@ -462,6 +473,11 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
         f"recall vs exact {recall:.4f} (logged to the run)"
     )
     content, delivery, features_snapshot = ad_side(features_dir)
+    if content.index.dim != query_model["dim"]:
+        raise CandgenError(
+            f"features_dir: the ads' text embeddings are {content.index.dim}-d, but the query "
+            f"encoder ({query_model['model']}) gives {query_model['dim']}-d ones"
+        )
     stage_generators(generators, content, delivery)
     say(
         f"content generator: {len(content.text):,} ads' text embeddings; "

@@ -1,7 +1,8 @@
 """One retrieval request end to end, in library form (the Triton models are thin over it).
 
-features (Feast feature server) -> user encoder -> candidates per generator (sequential ANN,
-content, popularity/pacing) -> quota allocation per surface -> dedup and eligibility.
+features (Feast feature server) and the surface's context (query, context item) -> query
+embedding and user encoder -> candidates per generator (sequential ANN, content, query, item,
+popularity/pacing) -> quota allocation per surface -> dedup and eligibility.
 """
 
 from __future__ import annotations
@@ -12,15 +13,23 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from candgen.errors import CandgenError, ConfigError
 from candgen.features.client import FeatureStoreUnavailable
 from candgen.index.ann import AdIndex
-from candgen.serving.contract import check_k
+from candgen.serving.contract import (
+    UNKNOWN_CONTEXT_ITEM,
+    check_k,
+    parse_context_item,
+    parse_query,
+    surface_context,
+)
 from candgen.serving.generators import ContentGenerator, PacingPopularity
 from candgen.serving.quota import QuotaPolicy, source_counts
 from candgen.vocab import USER_SERVING_SERVICE
 
-if TYPE_CHECKING:  # torch is imported only by the step that encodes
+if TYPE_CHECKING:  # torch and onnxruntime are imported only by the step that encodes
     from candgen.models.retriever import Retriever
+    from candgen.serving.query_encoder import QueryEncoder
 
 USER_SERVICE = USER_SERVING_SERVICE
 COLD_START, FALLBACK = "cold_start", "fallback"
@@ -41,6 +50,8 @@ class RetrievalResult:
             request itself carried and from the fallback generators.
         source_counts: how many of the ads each generator contributed.
         quota_policy: where this request's quotas came from: fixed, learned, snake or override.
+        flags: every flag of the request, in FLAGS order: cold_start, fallback, then the
+            context's (no_query, query_ignored, unknown_context_item...; see contract.py).
     """
 
     ad_ids: list[int]
@@ -50,6 +61,7 @@ class RetrievalResult:
     fallback: bool = False
     source_counts: dict[str, int] = field(default_factory=dict)
     quota_policy: str = ""
+    flags: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -112,21 +124,60 @@ def user_context(
     )
 
 
+def context_item_vector(retriever: Retriever, item: int | None) -> np.ndarray | None:
+    """The context item's own vector in the model's item table; None when there is no item or
+    the model does not know it (a new item: the request goes on without it)."""
+    if item is None or item not in retriever.index:
+        return None
+    return retriever.item_table[retriever.index[item]].numpy().astype(np.float32)
+
+
 def user_vector(
-    retriever: Retriever, context: UserContext, scenario: str = ""
+    retriever: Retriever,
+    context: UserContext,
+    scenario: str = "",
+    query_embedding: np.ndarray | None = None,
+    context_item: int | None = None,
 ) -> np.ndarray | None:
     """Step 2: the user encoder over the history items it knows, for the request's surface
     (which a contextual model conditions on), fused with the user's long-term embedding where the
-    model reads one; None when it knows none of the items."""
+    model reads one; None when it knows none of the items.
+
+    A model that reads the surface's context (``Retriever.query_text_dim`` > 0,
+    ``Retriever.reads_context_items``) also gets the query's embedding and the context item
+    (only one it knows); a model that reads none is called exactly as before."""
     times = context.times or [0.0] * len(context.history)
     known = [(i, t) for i, t in zip(context.history, times, strict=True) if i in retriever.index]
     if not known:
         return None
     ids = [i for i, _ in known]
+    extra: dict[str, Any] = {}
+    if getattr(retriever, "query_text_dim", 0):
+        extra["queries"] = [query_embedding]
+    if getattr(retriever, "reads_context_items", False):
+        known_item = context_item if context_item in retriever.index else None
+        extra["context_items"] = [known_item]
     query = retriever.user_vectors(
-        [ids], [[t for _, t in known]] if context.times else None, [scenario], [context.long_term]
+        [ids],
+        [[t for _, t in known]] if context.times else None,
+        [scenario],
+        [context.long_term],
+        **extra,
     )
     return np.asarray(query[0], dtype=np.float32)
+
+
+def check_context_item(item: int | None, ad_index: AdIndex, content: ContentGenerator) -> None:
+    """A context item must be an organic item, not an ad of this version.
+
+    Raises:
+        ConfigError: naming CONTEXT_ITEM_ID.
+    """
+    if item is not None and (item in ad_index or item in content.text):
+        raise ConfigError(
+            "CONTEXT_ITEM_ID",
+            f"{item} is an ad; the context is the organic item the related page shows",
+        )
 
 
 def generate(
@@ -137,8 +188,14 @@ def generate(
     content: ContentGenerator,
     popularity: PacingPopularity,
     ineligible: frozenset[int] | set[int],
+    query_embedding: np.ndarray | None = None,
+    item_vector: np.ndarray | None = None,
 ) -> dict[str, list[tuple[int, float]]]:
     """Step 3: up to ``k`` eligible candidates per generator, best first.
+
+    ``query`` (search) takes the query's MiniLM embedding against the content generator's index
+    of the ads' text vectors; ``item`` (related) takes the context item's vector in the model's
+    item table against the sequential ad index. Each runs only with its vector.
 
     Ads the user already engaged with and ineligible ads (paused, budget exhausted) are
     excluded at query time. Pass ``ineligible`` as a frozenset that lives across requests: the
@@ -148,12 +205,20 @@ def generate(
         ineligible = frozenset(ineligible)
     history = set(context.history)
     candidates: dict[str, list[tuple[int, float]]] = {}
+
+    def search(index: AdIndex, query: np.ndarray) -> list[tuple[int, float]]:
+        found, scores = index.search(np.asarray(query, np.float32)[None], k, history, ineligible)
+        return list(zip(found[0].tolist(), scores[0].tolist(), strict=True))
+
     if vector is not None:
-        found, scores = ad_index.search(vector[None], k, history, ineligible)
-        candidates["sequential"] = list(zip(found[0].tolist(), scores[0].tolist(), strict=True))
+        candidates["sequential"] = search(ad_index, vector)
     candidates["content"] = content.candidates(
         context.history, context.affinity, k, history, ineligible
     )
+    if query_embedding is not None:
+        candidates["query"] = search(content.index, query_embedding)
+    if item_vector is not None:
+        candidates["item"] = search(ad_index, item_vector)
     candidates["popularity"] = popularity.candidates(k, history, ineligible)
     return candidates
 
@@ -173,6 +238,7 @@ class RetrievalPipeline:
         max_k: the largest K a request may ask for.
         ineligible: ads that must not be returned now (paused, budget exhausted).
         seed: the seed of the Thompson-sampling draws (with the learned policy's exploration).
+        query_encoder: embeds search queries (None: a request with a query is refused).
     """
 
     retriever: Retriever
@@ -184,6 +250,7 @@ class RetrievalPipeline:
     max_k: int = 1_000
     ineligible: frozenset[int] | set[int] = frozenset()
     seed: int = 0
+    query_encoder: QueryEncoder | None = None
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -194,20 +261,48 @@ class RetrievalPipeline:
         scenario: str,
         k: int,
         recent_item_ids: Sequence[int] = (),
+        query: str | bytes | None = None,
+        context_item_id: int | None = None,
     ) -> RetrievalResult:
-        """Candidates for ``user_id`` on surface ``scenario``.
+        """Candidates for ``user_id`` on surface ``scenario``, with the surface's context: the
+        search ``query``, the related page's ``context_item_id`` (contract.py says what each
+        surface reads, and which misfits are flagged or refused).
 
         Raises:
-            ConfigError: K outside 1..max_k or an unknown scenario (named in the message).
+            ConfigError: K outside 1..max_k, an unknown scenario, a bad query or context item
+                (named in the message).
         """
         check_k(k, self.max_k)
         self.quotas.fixed.for_surface(scenario)  # an unknown surface is an error naming it
+        surface = surface_context(
+            scenario,
+            parse_query(query) if query is not None else None,
+            parse_context_item(int(context_item_id)) if context_item_id is not None else None,
+        )
+        check_context_item(surface.context_item, self.ad_index, self.content)
         context = user_context(self.features, user_id, recent_item_ids)
-        vector = user_vector(self.retriever, context, scenario)
+        query_embedding = None
+        if surface.query is not None:
+            if self.query_encoder is None:
+                raise CandgenError("query_encoder: this pipeline has none to embed the query")
+            query_embedding = self.query_encoder.encode(surface.query)
+        vector = user_vector(
+            self.retriever, context, scenario, query_embedding, surface.context_item
+        )
+        item_vector = context_item_vector(self.retriever, surface.context_item)
         candidates = generate(
-            context, vector, k, self.ad_index, self.content, self.popularity, self.ineligible
+            context,
+            vector,
+            k,
+            self.ad_index,
+            self.content,
+            self.popularity,
+            self.ineligible,
+            query_embedding,
+            item_vector,
         )
         chosen = self.quotas.select(candidates, scenario, context.activity, k, self.rng)
+        unknown = surface.context_item is not None and item_vector is None
         return RetrievalResult(
             ad_ids=[c.ad_id for c in chosen],
             scores=[c.score for c in chosen],
@@ -216,4 +311,5 @@ class RetrievalPipeline:
             fallback=context.fallback,
             source_counts=source_counts(chosen),
             quota_policy=self.quotas.source(scenario),
+            flags=[*context.flags, *surface.flags, *([UNKNOWN_CONTEXT_ITEM] if unknown else [])],
         )

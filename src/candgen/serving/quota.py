@@ -34,13 +34,16 @@ import numpy as np
 from candgen.errors import CandgenError, ConfigError
 from candgen.vocab import SURFACES
 
-GENERATORS = ("sequential", "content", "popularity")
+# query: the search query's text embedding against the ads' text (search only); item: the
+# related page's item against the ad index (related only). Each finds nothing without its context.
+GENERATORS = ("sequential", "content", "query", "item", "popularity")
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
-    # The home feed follows the user's history; search leans on content (the query's topic
-    # shows up in the short-term sequence and in ad text); related items mix both.
-    "home": {"sequential": 0.6, "content": 0.25, "popularity": 0.15},
-    "search": {"sequential": 0.4, "content": 0.45, "popularity": 0.15},
-    "related": {"sequential": 0.5, "content": 0.35, "popularity": 0.15},
+    # The home feed follows the user's history. Search follows the query first, then the user;
+    # related follows the item on the page first. A search without a query (or a related page
+    # without an item) hands the context generator's slots to the others (``allocate``).
+    "home": {"sequential": 0.6, "content": 0.25, "query": 0.0, "item": 0.0, "popularity": 0.15},
+    "search": {"sequential": 0.25, "content": 0.2, "query": 0.4, "item": 0.0, "popularity": 0.15},
+    "related": {"sequential": 0.3, "content": 0.2, "query": 0.0, "item": 0.35, "popularity": 0.15},
 }
 
 
@@ -181,8 +184,11 @@ class LearnedQuotas:
     made non-increasing along the ranks of each generator (a later slot of a list is never
     worth more than an earlier one), so taking the K best slots gives each generator a prefix.
 
+    A table fitted before a generator existed lacks it: that generator is worth nothing there
+    (it gets no slot), and the table loads as it was.
+
     Attributes:
-        generators: the generators, in tie-break order.
+        generators: the generators, in tie-break order (some of ``GENERATORS``).
         rank_edges: band b holds ranks ``[rank_edges[b-1], rank_edges[b])`` (0-based; band 0
             starts at rank 0); ranks beyond the last edge are worth 0.
         activity_edges: a user with activity below ``activity_edges[0]`` is ``new``, below

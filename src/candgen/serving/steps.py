@@ -5,18 +5,27 @@ Each Triton python-backend model is a thin shell around one ``Step`` here (see
 model's version folder: ``<repository>/<model>/<version>/``, written by ``export.py``.
 
     retrieve (ensemble)
-      candgen_features      USER_ID, SCENARIO, K, RECENT_ITEM_IDS? -> HISTORY_IDS, HISTORY_TIMES,
-                            AFFINITY, LONG_TERM, ACTIVITY, CONTEXT_FLAGS
-                            (validates the request; Feast online)
-      candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES, LONG_TERM, SCENARIO -> USER_VECTOR
-      candgen_generators    HISTORY_IDS, AFFINITY, USER_VECTOR, K
-                            -> CANDIDATE_IDS, CANDIDATE_SCORES, CANDIDATE_SOURCES  (FAISS)
+      candgen_features      USER_ID, SCENARIO, K, RECENT_ITEM_IDS?, QUERY?, CONTEXT_ITEM_ID?
+                            -> HISTORY_IDS, HISTORY_TIMES, AFFINITY, LONG_TERM, ACTIVITY,
+                               CONTEXT_FLAGS, QUERY_TEXT, CONTEXT_ITEM
+                            (validates the request and fits its context to the surface; Feast)
+      candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES, LONG_TERM, SCENARIO, QUERY_TEXT,
+                            CONTEXT_ITEM -> USER_VECTOR, QUERY_EMBEDDING, CONTEXT_VECTOR
+                            (torch; the query's MiniLM embedding with ONNX Runtime)
+      candgen_generators    HISTORY_IDS, AFFINITY, USER_VECTOR, K, QUERY_EMBEDDING, CONTEXT_ITEM,
+                            CONTEXT_VECTOR -> CANDIDATE_IDS, CANDIDATE_SCORES, CANDIDATE_SOURCES,
+                            CANDIDATE_FLAGS  (FAISS)
       candgen_select        CANDIDATE_*, SCENARIO, K, ACTIVITY, CONTEXT_FLAGS
                             -> AD_IDS, SCORES, SOURCES, FLAGS, SOURCE_NAMES, SOURCE_COUNTS,
                                QUOTA_POLICY  (the quota policy, dedup)
 
+The query is embedded inside the user encoder step rather than in a step of its own: a model
+that reads the query needs its embedding before it can encode the user, so a separate step could
+not run beside the encoder, and would add a hop (docs/benchmarks/serving_notes.md).
+
 Empty tensors stand for "none": no times, no affinity, no long-term embedding, no user vector
-(the encoder knew none of the history), no flags.
+(the encoder knew none of the history), no query or context item (none, or not this surface's),
+no query embedding, no context vector (the model does not know the item), no flags.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import numpy as np
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.client import FeatureServerClient
 from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig
-from candgen.serving.contract import check_k, parse_request
+from candgen.serving.contract import UNKNOWN_CONTEXT_ITEM, check_k, parse_request, surface_context
 from candgen.serving.generators import ContentGenerator, PacingPopularity
 from candgen.serving.pipeline import (
     COLD_START,
@@ -40,10 +49,13 @@ from candgen.serving.pipeline import (
     FeatureSource,
     RetrievalPipeline,
     UserContext,
+    check_context_item,
+    context_item_vector,
     generate,
     user_context,
     user_vector,
 )
+from candgen.serving.query_encoder import QUERY_ENCODER_DIR
 from candgen.serving.quota import (
     DEFAULT_WEIGHTS,
     POLICIES,
@@ -57,6 +69,7 @@ from candgen.serving.quota import (
 
 if TYPE_CHECKING:  # the retriever loads with the model, in load_retriever
     from candgen.models.retriever import Retriever
+    from candgen.serving.query_encoder import QueryEncoder
 
 SERVING_FILE = "serving.json"
 MODEL_FILE, TABLE_FILE = "model.pt", "item_embeddings.npy"
@@ -89,6 +102,8 @@ class ServingConfig:
         quota_overrides: surface -> generator -> share; such a surface uses these shares
             whatever the policy.
         quota_seed: the seed of the Thompson-sampling draws of each step instance.
+        query_cache_size: recent search queries whose embeddings the user encoder step keeps
+            (an LRU cache; 0: none).
     """
 
     feature_server_url: str = "http://127.0.0.1:6566"
@@ -101,6 +116,7 @@ class ServingConfig:
     quota_exploration: str = "mean"
     quota_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     quota_seed: int = 0
+    query_cache_size: int = 10_000
 
     def feature_client(self) -> FeatureServerClient:
         refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
@@ -117,6 +133,8 @@ class ServingConfig:
             raise ConfigError("max_k", f"must be >= 1, got {self.max_k}")
         if self.instances < 1:
             raise ConfigError("instances", f"must be >= 1, got {self.instances}")
+        if self.query_cache_size < 0:
+            raise ConfigError("query_cache_size", f"must be >= 0, got {self.query_cache_size}")
         QuotaConfig(self.weights)  # validates the weights, naming the surface at fault
         if self.quota_policy not in ("auto", *POLICIES):
             raise ConfigError(
@@ -196,15 +214,30 @@ def _k(tensors: Tensors, max_k: int) -> int:
     return k
 
 
-def context_tensors(context: UserContext) -> Tensors:
+def context_tensors(context: UserContext, extra_flags: tuple[str, ...] = ()) -> Tensors:
     return {
         "HISTORY_IDS": np.asarray(context.history, dtype=np.int64),
         "HISTORY_TIMES": np.asarray(context.times or [], dtype=np.float64),
         "AFFINITY": np.asarray(context.affinity or [], dtype=np.float32),
         "LONG_TERM": np.asarray(context.long_term or [], dtype=np.float32),
         "ACTIVITY": np.asarray([context.activity], dtype=np.int64),
-        "CONTEXT_FLAGS": _bytes(context.flags),
+        "CONTEXT_FLAGS": _bytes([*context.flags, *extra_flags]),
     }
+
+
+def _optional_vector(tensors: Tensors, name: str) -> np.ndarray | None:
+    value = tensors.get(name)
+    return np.asarray(value, dtype=np.float32) if value is not None and value.size else None
+
+
+def _optional_item(tensors: Tensors) -> int | None:
+    value = tensors.get("CONTEXT_ITEM")
+    return int(np.asarray(value).reshape(-1)[0]) if value is not None and value.size else None
+
+
+def _optional_query(tensors: Tensors) -> str | None:
+    texts = _strings(tensors.get("QUERY_TEXT"))
+    return texts[0] if texts else None
 
 
 def context_from(tensors: Tensors) -> UserContext:
@@ -252,6 +285,8 @@ class FeaturesStep(Step):
         "SCENARIO": (STR, [1], False),
         "K": (np.int32, [1], False),
         "RECENT_ITEM_IDS": (I64, [-1], True),
+        "QUERY": (STR, [1], True),
+        "CONTEXT_ITEM_ID": (I64, [1], True),
     }
     OUTPUTS: ClassVar[Spec] = {
         "HISTORY_IDS": (I64, [-1], False),
@@ -260,6 +295,8 @@ class FeaturesStep(Step):
         "LONG_TERM": (F32, [-1], False),
         "ACTIVITY": (I64, [1], False),
         "CONTEXT_FLAGS": (STR, [-1], False),
+        "QUERY_TEXT": (STR, [-1], False),
+        "CONTEXT_ITEM": (I64, [-1], False),
     }
 
     def __init__(self, folder: Path, features: FeatureSource | None = None) -> None:
@@ -269,8 +306,13 @@ class FeaturesStep(Step):
     def __call__(self, tensors: Tensors) -> Tensors:
         request = parse_request(tensors, self.config.max_k)
         self.quotas.for_surface(request.scenario)
+        surface = surface_context(request.scenario, request.query, request.context_item_id)
         context = user_context(self.features, request.user_id, request.recent_item_ids)
-        return context_tensors(context)
+        item = surface.context_item
+        return context_tensors(context, surface.flags) | {
+            "QUERY_TEXT": _bytes([surface.query] if surface.query is not None else []),
+            "CONTEXT_ITEM": np.asarray([item] if item is not None else [], dtype=np.int64),
+        }
 
 
 def load_retriever(folder: Path) -> Retriever:
@@ -283,9 +325,31 @@ def load_retriever(folder: Path) -> Retriever:
     return Retriever(model, saved.item_ids, table, saved.model.max_len)
 
 
+def load_query_encoder(folder: Path, cache_size: int) -> QueryEncoder:
+    """The version's query encoder (``query_encoder/`` in the user encoder step's folder)."""
+    from candgen.serving.query_encoder import QueryEncoder
+
+    return QueryEncoder(Path(folder) / QUERY_ENCODER_DIR, cache_size)
+
+
+def check_query_width(retriever: Retriever, encoder: QueryEncoder) -> None:
+    """A model that reads query text must read the query encoder's width."""
+    width = getattr(retriever, "query_text_dim", 0)
+    if width and width != encoder.dim:
+        raise CandgenError(
+            f"query encoder: the model reads {width}-d query embeddings, but "
+            f"{encoder.model} gives {encoder.dim}-d ones"
+        )
+
+
+def _empty(vector: np.ndarray | None) -> np.ndarray:
+    return vector if vector is not None else np.zeros(0, np.float32)
+
+
 class EncoderStep(Step):
     """The sequential model's user encoder (torch) over the history items it knows, for the
-    request's surface (a contextual model, the unified one, conditions its query on it)."""
+    request's surface and its context (a contextual model conditions its query on them); embeds
+    the search query (MiniLM, ONNX Runtime, cached) and looks up the context item's vector."""
 
     MODEL = "candgen_user_encoder"
     INPUTS: ClassVar[Spec] = {
@@ -293,8 +357,14 @@ class EncoderStep(Step):
         "HISTORY_TIMES": (F64, [-1], False),
         "LONG_TERM": (F32, [-1], False),
         "SCENARIO": (STR, [1], False),
+        "QUERY_TEXT": (STR, [-1], False),
+        "CONTEXT_ITEM": (I64, [-1], False),
     }
-    OUTPUTS: ClassVar[Spec] = {"USER_VECTOR": (F32, [-1], False)}
+    OUTPUTS: ClassVar[Spec] = {
+        "USER_VECTOR": (F32, [-1], False),
+        "QUERY_EMBEDDING": (F32, [-1], False),
+        "CONTEXT_VECTOR": (F32, [-1], False),
+    }
 
     def __init__(self, folder: Path) -> None:
         import torch
@@ -304,11 +374,20 @@ class EncoderStep(Step):
         # processes for the cores (0.72 vs 0.85 ms per request measured in-process, 2 cores).
         torch.set_num_threads(1)
         self.retriever = load_retriever(self.folder)
+        self.query_encoder = load_query_encoder(self.folder, self.config.query_cache_size)
+        check_query_width(self.retriever, self.query_encoder)
 
     def __call__(self, tensors: Tensors) -> Tensors:
         scenario = _strings(tensors["SCENARIO"])[0]
-        vector = user_vector(self.retriever, context_from(tensors), scenario)
-        return {"USER_VECTOR": vector if vector is not None else np.zeros(0, np.float32)}
+        query = _optional_query(tensors)
+        item = _optional_item(tensors)
+        embedding = self.query_encoder.encode(query) if query is not None else None
+        vector = user_vector(self.retriever, context_from(tensors), scenario, embedding, item)
+        return {
+            "USER_VECTOR": _empty(vector),
+            "QUERY_EMBEDDING": _empty(embedding),
+            "CONTEXT_VECTOR": _empty(context_item_vector(self.retriever, item)),
+        }
 
 
 @dataclass
@@ -338,7 +417,9 @@ class Generators:
 
 
 class GeneratorsStep(Step):
-    """ANN retrieval per candidate generator: sequential, content and popularity/pacing."""
+    """ANN retrieval per candidate generator: sequential, content, query (search), item
+    (related) and popularity/pacing. Refuses an ad as the context item; flags a context item the
+    model does not know (``unknown_context_item``)."""
 
     MODEL = "candgen_generators"
     INPUTS: ClassVar[Spec] = {
@@ -346,11 +427,15 @@ class GeneratorsStep(Step):
         "AFFINITY": (F32, [-1], False),
         "USER_VECTOR": (F32, [-1], False),
         "K": (np.int32, [1], False),
+        "QUERY_EMBEDDING": (F32, [-1], False),
+        "CONTEXT_ITEM": (I64, [-1], False),
+        "CONTEXT_VECTOR": (F32, [-1], False),
     }
     OUTPUTS: ClassVar[Spec] = {
         "CANDIDATE_IDS": (I64, [-1], False),
         "CANDIDATE_SCORES": (F32, [-1], False),
         "CANDIDATE_SOURCES": (STR, [-1], False),
+        "CANDIDATE_FLAGS": (STR, [-1], False),
     }
 
     def __init__(self, folder: Path) -> None:
@@ -363,21 +448,27 @@ class GeneratorsStep(Step):
 
     def __call__(self, tensors: Tensors) -> Tensors:
         g = self.generators
-        vector = np.asarray(tensors["USER_VECTOR"], dtype=np.float32)
+        item = _optional_item(tensors)
+        check_context_item(item, g.ad_index, g.content)
+        item_vector = _optional_vector(tensors, "CONTEXT_VECTOR")
         found = generate(
             context_from(tensors),
-            vector if vector.size else None,
+            _optional_vector(tensors, "USER_VECTOR"),
             _k(tensors, self.config.max_k),
             g.ad_index,
             g.content,
             g.popularity,
             g.ineligible,
+            _optional_vector(tensors, "QUERY_EMBEDDING"),
+            item_vector,
         )
         rows = [(ad, score, source) for source, cands in found.items() for ad, score in cands]
+        unknown = item is not None and item_vector is None
         return {
             "CANDIDATE_IDS": np.asarray([r[0] for r in rows], dtype=np.int64),
             "CANDIDATE_SCORES": np.asarray([r[1] for r in rows], dtype=np.float32),
             "CANDIDATE_SOURCES": _bytes([r[2] for r in rows]),
+            "CANDIDATE_FLAGS": _bytes([UNKNOWN_CONTEXT_ITEM] if unknown else []),
         }
 
 
@@ -394,6 +485,7 @@ class SelectStep(Step):
         "K": (np.int32, [1], False),
         "ACTIVITY": (I64, [1], False),
         "CONTEXT_FLAGS": (STR, [-1], False),
+        "CANDIDATE_FLAGS": (STR, [-1], False),
     }
     OUTPUTS: ClassVar[Spec] = {
         "AD_IDS": (I64, [-1], False),
@@ -423,9 +515,8 @@ class SelectStep(Step):
         chosen = self.policy.select(
             candidates, scenario, activity, _k(tensors, self.config.max_k), self.rng
         )
-        return source_tensors(
-            chosen, _strings(tensors.get("CONTEXT_FLAGS")), self.policy.source(scenario)
-        )
+        flags = _strings(tensors.get("CONTEXT_FLAGS")) + _strings(tensors.get("CANDIDATE_FLAGS"))
+        return source_tensors(chosen, flags, self.policy.source(scenario))
 
 
 STEPS: tuple[type[Step], ...] = (FeaturesStep, EncoderStep, GeneratorsStep, SelectStep)
@@ -456,8 +547,11 @@ def load_pipeline(
     folder = {s.MODEL: repository / s.MODEL / str(version) for s in STEPS}
     config, index_config, _ = read_serving_file(folder[GeneratorsStep.MODEL])
     g = Generators.load(folder[GeneratorsStep.MODEL], index_config)
+    retriever = load_retriever(folder[EncoderStep.MODEL])
+    query_encoder = load_query_encoder(folder[EncoderStep.MODEL], config.query_cache_size)
+    check_query_width(retriever, query_encoder)
     return RetrievalPipeline(
-        retriever=load_retriever(folder[EncoderStep.MODEL]),
+        retriever=retriever,
         ad_index=g.ad_index,
         content=g.content,
         popularity=g.popularity,
@@ -466,4 +560,5 @@ def load_pipeline(
         max_k=config.max_k,
         ineligible=g.ineligible,
         seed=config.quota_seed,
+        query_encoder=query_encoder,
     )
