@@ -2,9 +2,10 @@
 embedded with, run by ONNX Runtime from the graph that ``candgen serving export`` writes
 (``candgen.features.text_onnx``), with an LRU cache of recent queries.
 
-Measured in-process on one thread (docs/benchmarks/serving_notes.md): a cache miss costs about
-6-7 ms for a short query (torch eager: 15-19 ms; int8 dynamic quantisation was faster but moved
-the vectors, cosine 0.94-0.97 to the reference), a hit a few microseconds.
+Measured in-process on one thread (docs/benchmarks/serving_notes.md, benchmarks/query_encoder.py):
+a cache miss costs about 5 ms for a short query (torch eager: 16 ms; int8 dynamic quantisation,
+torch's or ONNX Runtime's, was faster but moved the vectors to a cosine of 0.95-0.98 with the
+ads' text model), a hit a few microseconds.
 """
 
 from __future__ import annotations
