@@ -27,3 +27,8 @@ USER_SERVING_SERVICE: Final = "user_serving_v2"
 # The offline feature table of the long-term summaries: the features step writes it, the data
 # layer reads it into training sets.
 LONG_TERM_TABLE: Final = "user_long_term_embedding"
+
+# The search queries of the log with their text embeddings (the same language model as the ads'):
+# the features step writes it, the data layer reads it into training sets. Not a feature view:
+# serving embeds each request's query itself.
+QUERY_TABLE: Final = "query_embedding"

@@ -165,34 +165,31 @@ def test_the_features_step_passes_on_the_context_its_surface_reads(tmp_path: Pat
         step(_request(b"search", QUERY=np.array([b"q" * 600], object)))
 
 
-class _Retriever:
-    """Records how the encoder step calls the model (``Retriever.user_vectors``'s signature)."""
+def _unified(**kw: object) -> object:
+    import torch
 
-    def __init__(self, query_text_dim: int = 0, reads_context_items: bool = False) -> None:
-        self.index = {5: 1, 6: 2, 9: 3}
-        if query_text_dim:
-            self.query_text_dim = query_text_dim
-        if reads_context_items:
-            self.reads_context_items = True
-        self.calls: list[tuple[tuple, dict]] = []
+    from candgen.models.retriever import Retriever
+    from candgen.models.unified import UnifiedHSTU
 
-    def user_vectors(self, *args: object, **kwargs: object) -> np.ndarray:
-        self.calls.append((args, kwargs))
-        return np.ones((1, 4), np.float32)
+    torch.manual_seed(0)
+    model = UnifiedHSTU(num_items=40, dim=16, max_len=8, num_blocks=1, dropout=0.0,
+                        time_buckets=0, **kw)  # type: ignore[arg-type]  # fmt: skip
+    with torch.no_grad():
+        model.mixture.scenario.weight.normal_()
+    return Retriever(model, np.concatenate([[0], np.arange(1, 41)]), max_len=8)
 
 
 def test_the_encoder_passes_the_context_only_to_a_model_that_reads_it() -> None:
     user = UserContext(history=[5, 6, 404], times=[1.0, 2.0, 3.0])
     embedding = np.full(384, 0.05, np.float32)
-    plain = _Retriever()
-    assert user_vector(plain, user, "search", embedding, 9) is not None  # type: ignore[arg-type]
-    (args, kwargs), = plain.calls  # fmt: skip
-    assert args == ([[5, 6]], [[1.0, 2.0]], ["search"], [None]) and kwargs == {}
-    reads = _Retriever(query_text_dim=384, reads_context_items=True)
-    user_vector(reads, user, "related", None, 9)  # type: ignore[arg-type]
-    user_vector(reads, user, "search", embedding, None)  # type: ignore[arg-type]
-    user_vector(reads, user, "related", None, 404)  # type: ignore[arg-type]
-    related, search, unknown = (kwargs for _, kwargs in reads.calls)
-    assert related == {"queries": [None], "context_items": [9]}
-    assert search["queries"][0] is embedding and search["context_items"] == [None]
-    assert unknown["context_items"] == [None]  # an item the model does not know is not passed
+    plain = _unified()
+    bare = user_vector(plain, user, "search")  # type: ignore[arg-type]
+    given = user_vector(plain, user, "search", embedding, 9)  # type: ignore[arg-type]
+    assert bare is not None and np.array_equal(bare, given)  # a model that reads none
+    reads = _unified(query_text_dim=384, context_items=True)
+    search = [user_vector(reads, user, "search", q) for q in (None, embedding)]  # type: ignore[arg-type]
+    assert not np.allclose(search[0], search[1])
+    related = [user_vector(reads, user, "related", None, i) for i in (None, 9, 404)]  # type: ignore[arg-type]
+    assert not np.allclose(related[0], related[1])
+    # An item the model does not know is not passed: the answer is the one without an item.
+    assert np.array_equal(related[0], related[2])

@@ -63,7 +63,8 @@ def test_the_scenario_routes_the_query_through_a_gated_mixture() -> None:
     items = _items()
     with torch.no_grad():
         state = model.encode_positions({"items": items, "scenarios": torch.tensor([1, 1])})
-        gates = model.mixture.gates(torch.zeros(2, 8, 16), torch.tensor([[1] * 8, [3] * 8]))
+        surfaces = model.mixture.scenario(torch.tensor([[1] * 8, [3] * 8]))
+        gates = model.mixture.gates(torch.zeros(2, 8, 16), surfaces)
         home = model.user_embedding({"items": items, "scenarios": torch.tensor([1, 1])})
         search = model.user_embedding({"items": items, "scenarios": torch.tensor([2, 2])})
         unknown = model.user_embedding({"items": items})
@@ -203,6 +204,12 @@ class _LabelOracle(RetrievalModel):
         labels = batch.get("labels", torch.ones(items.shape[0], dtype=torch.long))
         query = 10 * torch.eye(3, 8)[labels] + self.anchor
         return query[:, None, :].expand(items.shape[0], items.shape[1], 8)
+
+    def user_states(self, batch: dict) -> torch.Tensor:
+        return torch.zeros(*batch["items"].shape, 8)
+
+    def context_queries(self, states: torch.Tensor, context: dict) -> torch.Tensor:
+        return 10 * torch.eye(3, 8)[context["labels"]] + self.anchor + states
 
 
 def test_each_target_is_ranked_by_the_query_for_its_own_label_and_surface() -> None:
@@ -401,3 +408,45 @@ def test_two_models_are_compared_user_by_user_and_bad_pairs_name_the_field(
         compare_saved_models(u, tmp_path / "d" / "model.pt")
     assert main(["evaluate", "--model", str(u), "--against", str(s), "-k", "0"]) == 2
     assert "k: must be >= 1" in capsys.readouterr().err
+
+
+def test_the_request_context_conditions_the_query_and_is_optional() -> None:
+    model = _as_if_trained(_model(query_text_dim=6, context_items=True))
+    items = _items()
+    text = torch.zeros(2, 6)
+    text[0, 2] = 1.0  # the first request has a query, the second none
+    with torch.no_grad():
+        plain = model.user_embedding({"items": items, "scenarios": torch.tensor([2, 2])})
+        queried = model.user_embedding(
+            {"items": items, "scenarios": torch.tensor([2, 2]), "query_text": text}
+        )
+        viewed = model.user_embedding(
+            {"items": items, "scenarios": torch.tensor([3, 3]), "context_items": torch.tensor([0, 17])}
+        )
+        related = model.user_embedding({"items": items, "scenarios": torch.tensor([3, 3])})
+        # The evaluator's split path (states once, a query per request) gives the same queries.
+        states = model.user_states({"items": items})[:, -1]
+        split = model.context_queries(
+            states, {"scenarios": torch.tensor([2, 2]), "query_text": text}
+        )
+    assert not torch.allclose(queried[0], plain[0])
+    assert torch.allclose(queried[1], plain[1])  # a zero row is no query
+    assert torch.allclose(viewed[0], related[0]) and not torch.allclose(viewed[1], related[1])
+    assert torch.allclose(split, queried, atol=1e-6)
+    with pytest.raises(ConfigError, match="context_items"):
+        model.user_embedding({"items": items, "context_items": torch.tensor([0, 41])})
+
+
+def test_without_context_the_model_has_no_context_towers() -> None:
+    from candgen.models.config import ModelConfig
+    from candgen.models.factory import build_model
+
+    attrs = torch.zeros(41, 1, dtype=torch.long)
+    on = build_model(ModelConfig(model="unified", dim=16), 40, attrs, has_labels=True,
+                     query_text_dim=6, has_context_items=True)  # fmt: skip
+    off = build_model(ModelConfig(model="unified", dim=16, context=False), 40, attrs,
+                      has_labels=True, query_text_dim=6, has_context_items=True)  # fmt: skip
+    assert on.query_tower is not None and on.context_item is not None
+    assert off.query_tower is None and off.context_item is None
+    with pytest.raises(ConfigError, match="context_dropout"):
+        ModelConfig(model="unified", context_dropout=1.0)

@@ -62,10 +62,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_at_least("k", args.k, 1)
     from candgen.evaluation.evaluate import compare_saved_models, evaluate_saved_model
 
+    context = not args.no_context
     if args.against is not None:
-        print_json(compare_saved_models(args.model, args.against, args.split, args.k))
+        print_json(
+            compare_saved_models(
+                args.model, args.against, args.split, args.k, baseline_context=context
+            )
+        )
         return 0
-    out = evaluate_saved_model(args.model, args.split, args.protocol or "")
+    out = evaluate_saved_model(args.model, args.split, args.protocol or "", context=context)
     out.pop("primary_metric")
     print_json(out)
     return 0
@@ -112,4 +117,11 @@ def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
         "overall and per label and surface, with 95%% paired bootstrap intervals",
     )
     ev.add_argument("-k", type=int, default=100, help="K of the --against comparison")
+    ev.add_argument(
+        "--no-context",
+        action="store_true",
+        help="rank without each request's search query and context item (its surface and label "
+        "stay): alone, the model's context-free metrics; with --against, the baseline is ranked "
+        "so (--against the same model.pt: what the context is worth, paired per user)",
+    )
     ev.set_defaults(func=cmd_evaluate)

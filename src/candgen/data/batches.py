@@ -22,7 +22,9 @@ class TrainingWindows:
     ``target_labels`` and ``target_surfaces`` give each target's label code and the surface it
     happened on (the scenario of the request that the position's query answers), and
     ``long_term_rows`` each position's row in ``SequenceData.long_term.vectors`` (the user's
-    long-term embedding published before that position's day; 0: none yet).
+    long-term embedding published before that position's day; 0: none yet), and
+    ``target_queries`` / ``target_contexts`` the search query code and context item of the request
+    each target answered (its own event's logged context; 0: none).
 
     With ``all_action_days``, position j may also be trained on any of the user's actions in the
     following days: they are ``flat_items[future_lo[j]:future_hi[j]]`` (see
@@ -39,6 +41,8 @@ class TrainingWindows:
     flat_items: np.ndarray | None = None
     future_lo: np.ndarray | None = None
     future_hi: np.ndarray | None = None
+    target_queries: np.ndarray | None = None
+    target_contexts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.user_rows)
@@ -63,7 +67,9 @@ def training_windows(
     position's future window of actions)."""
     if all_action_days and data.train_times is None:
         raise ConfigError("objective", f"all_action needs timestamps; {data.name} has none")
-    ins, outs, times, rows, labels, surfaces, lt_rows, lo_s, hi_s = ([] for _ in range(9))
+    ins, outs, times, rows, labels, surfaces, lt_rows, lo_s, hi_s, queries, contexts = (
+        [] for _ in range(11)
+    )
     offset = 0
     for r, seq in enumerate(data.train):
         secs = data.train_times[r] if data.train_times is not None else None
@@ -88,6 +94,10 @@ def training_windows(
                 labels.append(data.train_labels[r][start + 1 : end])
             if data.train_surfaces is not None:
                 surfaces.append(data.train_surfaces[r][start + 1 : end])
+            if data.train_queries is not None:
+                queries.append(data.train_queries[r][start + 1 : end])
+            if data.train_contexts is not None:
+                contexts.append(data.train_contexts[r][start + 1 : end])
             rows.append(r)
             end = start + 1 if start > 0 else 0
         offset += len(seq)
@@ -106,6 +116,8 @@ def training_windows(
         flat_items=np.concatenate(data.train).astype(np.int64) if all_action_days else None,
         future_lo=pad_left(lo_s, max_len) if all_action_days else None,
         future_hi=pad_left(hi_s, max_len) if all_action_days else None,
+        target_queries=pad_left(queries, max_len) if queries else None,
+        target_contexts=pad_left(contexts, max_len) if contexts else None,
     )
 
 
@@ -131,6 +143,8 @@ def restrict_targets(windows: TrainingWindows, labels: Sequence[int]) -> Trainin
         target_labels=pick(windows.target_labels),
         target_surfaces=pick(windows.target_surfaces),
         long_term_rows=pick(windows.long_term_rows),
+        target_queries=pick(windows.target_queries),
+        target_contexts=pick(windows.target_contexts),
     )
 
 
@@ -143,9 +157,12 @@ def make_batch(
     labels: np.ndarray | None = None,
     scenarios: np.ndarray | None = None,
     long_term_rows: np.ndarray | None = None,
+    queries: np.ndarray | None = None,
+    contexts: np.ndarray | None = None,
 ) -> Batch:
     """A model batch from padded arrays (and the users' static features, the label heads and
-    scenarios to query for, and the users' long-term embeddings by their rows, if any)."""
+    scenarios to query for, the users' long-term embeddings by their rows, and the requests'
+    search queries by their codes and context items, if any)."""
     batch: Batch = {"items": torch.from_numpy(items).to(device)}
     if long_term_rows is not None and data.long_term is not None:
         batch["long_term"] = torch.from_numpy(data.long_term.vectors[long_term_rows]).to(device)
@@ -153,6 +170,10 @@ def make_batch(
         batch["labels"] = torch.from_numpy(labels).to(device)
     if scenarios is not None:
         batch["scenarios"] = torch.from_numpy(scenarios).to(device)
+    if queries is not None and data.query_embeddings is not None:
+        batch["query_text"] = torch.from_numpy(data.query_embeddings[queries]).to(device)
+    if contexts is not None:
+        batch["context_items"] = torch.from_numpy(contexts).to(device)
     if times is not None:
         batch["timestamps"] = relative_timestamps(times).to(device)
     if data.user_features is not None:

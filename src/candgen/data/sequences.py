@@ -21,7 +21,7 @@ import pandas as pd
 from candgen.data.config import DataConfig
 from candgen.data.interactions import leave_one_out, validate_interactions
 from candgen.errors import CandgenError, DataFormatError
-from candgen.vocab import LABELS, LONG_TERM_TABLE, scenario_code
+from candgen.vocab import LABELS, LONG_TERM_TABLE, QUERY_TABLE, scenario_code
 
 USER_FEATURE_COLUMNS = ("age_bucket", "country", "device")
 
@@ -52,6 +52,10 @@ class EvalSet:
         target_surface: (T,) surface of each target, or None where the data has none.
         long_term_rows: (M,) each user's row in ``SequenceData.long_term.vectors`` as of the
             window's start (0: none), or None where the data has no long-term embeddings.
+        target_query: (T,) the code of each target's logged search query (its row in
+            ``SequenceData.query_embeddings``; 0: none), or None where the data has none.
+        target_context: (T,) the internal id of each target's logged context item (0: none),
+            or None where the data has none.
     """
 
     users: np.ndarray
@@ -62,6 +66,8 @@ class EvalSet:
     target_label: np.ndarray
     target_surface: np.ndarray | None = None
     long_term_rows: np.ndarray | None = None
+    target_query: np.ndarray | None = None
+    target_context: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -176,6 +182,13 @@ class SequenceData:
         long_term: the users' long-term embeddings, or None.
         train_cutoff: where the data is split by time, the start of the validation window (ISO
             time): training saw nothing at or after it.
+        train_queries: per user, the code of each training item's logged search query (0:
+            none), or None where the data has no queries.
+        train_contexts: per user, the internal id of each training item's logged context item
+            (0: none), or None.
+        query_texts: the search queries of the log; query code ``i`` is ``query_texts[i - 1]``.
+        query_embeddings: (Q + 1, T) each query's text embedding (row 0 and queries the
+            features do not cover are zeros), or None where the features have none.
     """
 
     name: str
@@ -196,6 +209,10 @@ class SequenceData:
     ad_items: np.ndarray | None = None
     long_term: LongTermFeatures | None = None
     train_cutoff: str = ""
+    train_queries: list[np.ndarray] | None = None
+    train_contexts: list[np.ndarray] | None = None
+    query_texts: tuple[str, ...] = ()
+    query_embeddings: np.ndarray | None = None
 
     @property
     def num_items(self) -> int:
@@ -419,7 +436,8 @@ def marketplace_interactions(data_dir: Path) -> pd.DataFrame:
 
     Returns:
         Columns user_id, item_id (items and ads in one id space), timestamp, label, surface,
-        in time order.
+        and the request's context: query (search text or None) and context_item_id (or NA), in
+        time order.
     """
     path = Path(data_dir) / "events"
     if not path.exists():
@@ -433,6 +451,8 @@ def marketplace_interactions(data_dir: Path) -> pd.DataFrame:
         "item_id",
         "ad_id",
         "caused_by_event_id",
+        "query",
+        "context_item_id",
     ]
     ev = pd.read_parquet(path, columns=cols)
     converted = set(ev.loc[ev["event_type"] == "conversion", "caused_by_event_id"].astype("int64"))
@@ -447,6 +467,8 @@ def marketplace_interactions(data_dir: Path) -> pd.DataFrame:
                     "timestamp": engage["event_ts"],
                     "label": "organic",
                     "surface": engage["surface"],
+                    "query": engage["query"],
+                    "context_item_id": engage["context_item_id"],
                 }
             ),
             pd.DataFrame(
@@ -456,6 +478,8 @@ def marketplace_interactions(data_dir: Path) -> pd.DataFrame:
                     "timestamp": clicks["event_ts"],
                     "label": np.where(clicks["event_id"].isin(converted), "conversion", "click"),
                     "surface": clicks["surface"],
+                    "query": clicks["query"],
+                    "context_item_id": clicks["context_item_id"],
                 }
             ),
         ],
@@ -507,6 +531,13 @@ def load_marketplace(
     df["row"] = user_row.loc[df["user_id"].to_numpy()].to_numpy()
     df["label_code"] = label_codes(df["label"].to_numpy())
     df["surface_code"] = surface_codes(df["surface"].to_numpy())
+    query_texts = tuple(sorted(set(df["query"].dropna())))
+    df["query_code"] = (
+        df["query"].map({q: i + 1 for i, q in enumerate(query_texts)}).fillna(0).astype(np.int64)
+    )
+    context = df["context_item_id"].dropna().astype(np.int64)
+    df["context_code"] = 0
+    df.loc[context.index, "context_code"] = _map(index, context.to_numpy())
     by_user = {r: g for r, g in df.groupby("row", sort=True)}
     empty = np.zeros(0, np.int64)
 
@@ -517,13 +548,17 @@ def load_marketplace(
     def column(g: pd.DataFrame | None, name: str) -> np.ndarray:
         return empty if g is None else g[name].to_numpy()
 
-    train, train_times, train_labels, train_surfaces = [], [], [], []
+    train, train_times, train_labels, train_surfaces, train_queries, train_contexts = (
+        [] for _ in range(6)
+    )
     for r in range(len(users)):
         g = before(r, valid_start)
         train.append(column(g, "iid"))
         train_times.append(column(g, "sec").astype(np.float64))
         train_labels.append(column(g, "label_code"))
         train_surfaces.append(column(g, "surface_code"))
+        train_queries.append(column(g, "query_code"))
+        train_contexts.append(column(g, "context_code"))
 
     long_term = None
     lt_path = Path(features_dir) / f"{LONG_TERM_TABLE}.parquet" if features_dir else None
@@ -535,7 +570,7 @@ def load_marketplace(
         rows: list[int] = []
         hists: list[np.ndarray] = []
         times: list[np.ndarray] = []
-        t_user, t_item, t_label, t_surface = [], [], [], []
+        t_user, t_item, t_label, t_surface, t_query, t_context = ([] for _ in range(6))
         for r, g in window.groupby("row", sort=True):
             history = before(int(r), start)
             h, s = column(history, "iid"), column(history, "sec")
@@ -549,6 +584,8 @@ def load_marketplace(
             t_item.extend(g["iid"].tolist())
             t_label.extend(g["label"].tolist())
             t_surface.extend(g["surface"].tolist())
+            t_query.extend(g["query_code"].tolist())
+            t_context.extend(g["context_code"].tolist())
         return EvalSet(
             users=np.asarray(rows, dtype=np.int64),
             histories=hists,
@@ -557,6 +594,8 @@ def load_marketplace(
             target_item=np.asarray(t_item, dtype=np.int64),
             target_label=np.asarray(t_label, dtype=object),
             target_surface=np.asarray(t_surface, dtype=object),
+            target_query=np.asarray(t_query, dtype=np.int64),
+            target_context=np.asarray(t_context, dtype=np.int64),
             long_term_rows=None
             if long_term is None
             else np.asarray(
@@ -588,6 +627,16 @@ def load_marketplace(
             mat = np.stack(emb["text_embedding"].to_numpy()).astype(np.float32)
             text = np.zeros((len(item_ids), mat.shape[1]), dtype=np.float32)
             text[_map(index, emb["ad_id"].to_numpy())] = mat
+    query_embeddings = None
+    query_path = Path(features_dir) / f"{QUERY_TABLE}.parquet" if features_dir else None
+    if query_path is not None and query_path.exists():
+        known = pd.read_parquet(query_path)
+        if len(known):
+            mat = np.stack(known["text_embedding"].to_numpy()).astype(np.float32)
+            query_embeddings = np.zeros((len(query_texts) + 1, mat.shape[1]), np.float32)
+            code = pd.Series(np.arange(1, len(query_texts) + 1), index=list(query_texts))
+            found = known["query"].isin(code.index).to_numpy()
+            query_embeddings[code.loc[known["query"][found]].to_numpy()] = mat[found]
     return SequenceData(
         name="marketplace",
         item_ids=item_ids,
@@ -608,4 +657,8 @@ def load_marketplace(
         ad_items=is_ad,
         long_term=long_term,
         train_cutoff=valid_start.isoformat(),
+        train_queries=train_queries,
+        train_contexts=train_contexts,
+        query_texts=query_texts,
+        query_embeddings=query_embeddings,
     )

@@ -23,7 +23,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -480,7 +480,7 @@ class MarketplaceGenerator:
         categories: np.ndarray,
         day: int,
         pref: np.ndarray,
-        bonus: np.ndarray | None = None,
+        bonus: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> np.ndarray:
         """One entry per row: ``_CANDIDATES`` drawn from the row's category as the incumbent
         system would show them, of which the user picks by taste (logit ``taste_strength *

@@ -13,6 +13,7 @@ import torch
 from candgen.data.batches import eval_batches
 from candgen.data.config import DataConfig
 from candgen.data.sequences import EvalSet, SequenceData, label_codes, load_data, surface_codes
+from candgen.data.tensors import Batch
 from candgen.errors import ConfigError
 from candgen.evaluation.metrics import (
     KS,
@@ -36,21 +37,13 @@ def user_queries(
     eval_set: EvalSet,
     max_len: int,
     batch_size: int = 512,
-    context: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """(M, D) user embeddings after each evaluated user's history (call in eval mode).
-
-    ``context`` = (label code, surface code) asks a contextual model for that label's query on
-    that surface.
-    """
+    """(M, D) user embeddings after each evaluated user's history (call in eval mode)."""
     device = next(model.parameters()).device
-    out = []
-    for _, batch in eval_batches(data, eval_set, max_len, batch_size, device):
-        if context is not None:
-            n = batch["items"].shape[0]
-            batch["labels"] = torch.full((n,), context[0], dtype=torch.long, device=device)
-            batch["scenarios"] = torch.full((n,), context[1], dtype=torch.long, device=device)
-        out.append(model.user_embedding(batch))
+    out = [
+        model.user_embedding(batch)
+        for _, batch in eval_batches(data, eval_set, max_len, batch_size, device)
+    ]
     return torch.cat(out) if out else torch.zeros(0, 1, device=device)
 
 
@@ -133,69 +126,108 @@ def evaluate_contextual(
     eval_set: EvalSet,
     max_len: int,
     ks: tuple[int, ...] = KS,
+    context: bool = True,
 ) -> dict[str, float]:
-    """Full-ranking metrics of a model whose query depends on the request's label and surface:
-    each target is ranked by the query for its own label on its own surface (what serving asks
-    for), then the metrics aggregate per user as for any model. Coverage counts every such list.
+    """Full-ranking metrics of a model whose query depends on the request: each target is
+    ranked by the query for its own label on its own surface, with its own logged search query
+    and context item (what serving asks for; ``context=False`` leaves out the query and the
+    context item, for a paired comparison), then the metrics aggregate per user as for any
+    model. Coverage counts every such list.
     """
     ks = _cutoffs(ks, data.num_items)
-    ranks, lists = _contextual_ranks(model, data, eval_set, max_len, max(ks))
+    ranks, lists = _contextual_ranks(model, data, eval_set, max_len, max(ks), context)
     return _full_metrics(ranks, lists, data, eval_set, ks)
 
 
-def _contextual_ranks(
-    model: RetrievalModel, data: SequenceData, eval_set: EvalSet, max_len: int, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each target's rank in the top ``k`` of its own label's query on its own surface (``k``
-    where absent), and every such top-``k`` list."""
+def target_context(
+    data: SequenceData, eval_set: EvalSet, chosen: np.ndarray, context: bool, device: torch.device
+) -> Batch:
+    """The request context of the ``chosen`` targets: label, surface and, with ``context``,
+    the logged search query (its text embedding) and context item."""
     assert eval_set.target_surface is not None
-    labels = label_codes(eval_set.target_label)
-    surfaces = surface_codes(eval_set.target_surface)
+    out: Batch = {
+        "labels": torch.from_numpy(label_codes(eval_set.target_label[chosen])).to(device),
+        "scenarios": torch.from_numpy(surface_codes(eval_set.target_surface[chosen])).to(device),
+    }
+    if not context:
+        return out
+    if eval_set.target_query is not None and data.query_embeddings is not None:
+        text = data.query_embeddings[eval_set.target_query[chosen]]
+        out["query_text"] = torch.from_numpy(text).to(device)
+    if eval_set.target_context is not None:
+        out["context_items"] = torch.from_numpy(eval_set.target_context[chosen]).to(device)
+    return out
+
+
+def _contextual_ranks(
+    model: RetrievalModel,
+    data: SequenceData,
+    eval_set: EvalSet,
+    max_len: int,
+    k: int,
+    context: bool = True,
+    chunk: int = 4_096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each target's rank in the top ``k`` of its own request's query (``k`` where absent),
+    and every such top-``k`` list. The user's history is encoded once; each target then gets
+    its own query from its label, surface and (with ``context``) query text and context item."""
+    device = next(model.parameters()).device
+    states = torch.cat(
+        [
+            model.user_states(batch)[:, -1]
+            for _, batch in eval_batches(data, eval_set, max_len, 512, device)
+        ]
+    )
     table = model.item_table()
-    ranks = np.zeros(len(labels), dtype=np.int64)
+    n = len(eval_set.target_item)
+    ranks = np.zeros(n, dtype=np.int64)
     lists = []
-    for label, surface in sorted(set(zip(labels.tolist(), surfaces.tolist(), strict=True))):
-        chosen = (labels == label) & (surfaces == surface)
-        users, position = np.unique(eval_set.target_user[chosen], return_inverse=True)
-        part = EvalSet(
-            users=eval_set.users[users],
-            histories=[eval_set.histories[u] for u in users],
-            history_times=None
-            if eval_set.history_times is None
-            else [eval_set.history_times[u] for u in users],
-            target_user=position.astype(np.int64),
-            target_item=eval_set.target_item[chosen],
-            target_label=eval_set.target_label[chosen],
+    for start in range(0, n, chunk):
+        chosen = np.arange(start, min(start + chunk, n))
+        users = eval_set.target_user[chosen]
+        queries = model.context_queries(
+            states[torch.from_numpy(users).to(device)],
+            target_context(data, eval_set, chosen, context, device),
         )
-        queries = user_queries(model, data, part, max_len, context=(label, surface))
-        topk = chunked_topk(queries, table, k, part.histories).numpy()
-        ranks[chosen] = target_ranks(topk, part.target_user, part.target_item)
+        topk = chunked_topk(queries, table, k, [eval_set.histories[u] for u in users]).numpy()
+        ranks[chosen] = target_ranks(topk, np.arange(len(chosen)), eval_set.target_item[chosen])
         lists.append(topk)
-    return ranks, np.concatenate(lists)
+    return ranks, np.concatenate(lists) if lists else np.zeros((0, k), np.int64)
 
 
 @torch.no_grad()
 def full_ranks(
-    model: RetrievalModel, data: SequenceData, split: str, max_len: int, k: int
+    model: RetrievalModel,
+    data: SequenceData,
+    split: str,
+    max_len: int,
+    k: int,
+    context: bool = True,
 ) -> np.ndarray:
     """(T,) each target's 0-based rank in a full ranking of the catalogue cut at ``k`` (``k``
     where absent), ranked as ``evaluate_model`` ranks it (a contextual model by the query for
-    the target's own label and surface)."""
+    the target's own request: label, surface and, with ``context``, query and context item)."""
     eval_set = _eval_set(data, split)
     with _eval_mode(model):
         if model.contextual and eval_set.target_surface is not None:
-            return _contextual_ranks(model, data, eval_set, max_len, k)[0]
+            return _contextual_ranks(model, data, eval_set, max_len, k, context)[0]
         queries = user_queries(model, data, eval_set, max_len)
         topk = chunked_topk(queries, model.item_table(), k, eval_set.histories).numpy()
     return target_ranks(topk, eval_set.target_user, eval_set.target_item)
 
 
 def compare_saved_models(
-    model_path: Path | str, baseline_path: Path | str, split: str = "test", k: int = 100
+    model_path: Path | str,
+    baseline_path: Path | str,
+    split: str = "test",
+    k: int = 100,
+    baseline_context: bool = True,
 ) -> dict[str, Any]:
     """Recall@K of one ``model.pt`` minus another's, per user, on the same evaluation window:
     overall and per target label (and surface), each with a 95% paired bootstrap interval and
-    the users each model wins (``candgen.evaluation.metrics.paired_difference``).
+    the users each model wins (``candgen.evaluation.metrics.paired_difference``). With
+    ``baseline_context=False`` the baseline ranks without the requests' search query and
+    context item: against the same file, what the context is worth.
 
     Raises:
         ConfigError: the two models were not trained on the same data and split (named field).
@@ -222,13 +254,13 @@ def compare_saved_models(
         raise ConfigError("protocol", "paired comparisons need the full protocol")
     ranks, targets = [], None
     loaded: dict[DataConfig, SequenceData] = {}
-    for m, h in runs:
+    for (m, h), context in zip(runs, (True, baseline_context), strict=True):
         # Each model reads its own features (a summary one model fuses and the other ignores);
         # the same data is loaded once.
         key = h.data
         data = loaded[key] = loaded.get(key) or load_data(h.data, seed=h.seed)
         eval_set = _eval_set(data, split)
-        ranks.append(full_ranks(m, data, split, h.model.max_len, min(k, data.num_items)))
+        ranks.append(full_ranks(m, data, split, h.model.max_len, min(k, data.num_items), context))
         if targets is None:
             targets = eval_set
         elif not np.array_equal(targets.target_item, eval_set.target_item):
@@ -245,6 +277,7 @@ def compare_saved_models(
         "baseline": str(baseline_path),
         "split": split,
         "k": k,
+        "baseline_context": baseline_context,
     }
     n_users = len(targets)
     for name, chosen in groups.items():
@@ -282,12 +315,15 @@ def evaluate_model(
     protocol: str = "full",
     max_len: int = 50,
     seed: int = 0,
+    context: bool = True,
 ) -> dict[str, float]:
-    """Metrics of ``model`` (in eval mode: no dropout) on ``data.valid`` or ``data.test``."""
+    """Metrics of ``model`` (in eval mode: no dropout) on ``data.valid`` or ``data.test``
+    (``context=False``: a contextual model ranks without the requests' query and context
+    item)."""
     eval_set = _eval_set(data, split)
     with _eval_mode(model):
         if model.contextual and protocol == "full" and eval_set.target_surface is not None:
-            return evaluate_contextual(model, data, eval_set, max_len)
+            return evaluate_contextual(model, data, eval_set, max_len, context=context)
         queries = user_queries(model, data, eval_set, max_len)
         table = model.item_table()
     return evaluate_vectors(queries, table, data, eval_set, protocol, seed=seed)
@@ -311,6 +347,7 @@ def evaluate_saved_model(
     protocol: str = "",
     data_dir: str = "",
     features_dir: str = "",
+    context: bool = True,
 ) -> dict[str, Any]:
     """A ``model.pt`` and the popularity baseline on the data it was trained on.
 
@@ -318,6 +355,7 @@ def evaluate_saved_model(
         protocol: ``full`` or ``sampled100`` (default: the training config's).
         data_dir, features_dir: where that data sits now, when it has moved since training
             (another pod of a pipeline); default: the paths in the training config.
+        context: rank with each request's search query and context item (False: without).
 
     Returns:
         ``{"split", "protocol", "primary_metric", "model": {...}, "popularity": {...}}``.
@@ -337,6 +375,7 @@ def evaluate_saved_model(
         "split": split,
         "protocol": protocol,
         "primary_metric": header.primary_metric,
-        "model": evaluate_model(model, data, split, protocol, max_len, seed),
+        "context": context,
+        "model": evaluate_model(model, data, split, protocol, max_len, seed, context),
         "popularity": evaluate_popularity(data, split, protocol, seed),
     }

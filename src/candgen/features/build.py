@@ -8,7 +8,7 @@ a value that was computed from later events.
 Tables written to ``out_dir`` (names match the feature views)::
 
     user_profile  user_short_term  user_long_term  ad_attributes  ad_delivery
-    advertiser_profile   manifest.json
+    advertiser_profile   query_embedding (the log's search queries, embedded)   manifest.json
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from candgen.data.synth import AD_ID_OFFSET, snapshot_hash
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.text import EMBEDDING_DIM, MODEL_NAME, TextEmbedder
-from candgen.vocab import LONG_TERM_TABLE
+from candgen.vocab import LONG_TERM_TABLE, QUERY_TABLE
 
 TS: Final = pa.timestamp("us", tz="UTC")
 SEQUENCE_EVENT_TYPES: Final = ("engage", "click", "conversion")
@@ -43,6 +43,8 @@ FEATURE_TABLES: Final = (
     "ad_delivery",
     "advertiser_profile",
 )
+# What the features' snapshot hash covers: the feature views' tables and the query embeddings.
+SNAPSHOT_TABLES: Final = (*FEATURE_TABLES, QUERY_TABLE)
 LONG_TERM_SCHEMA: Final = pa.schema(
     [
         ("user_id", pa.int64()),
@@ -334,6 +336,7 @@ def build_features(
             "action_type",
             "item_id",
             "ad_id",
+            "query",
         ],
     )
     cat_index = {name: i for i, name in enumerate(manifest["categories"])}
@@ -355,6 +358,7 @@ def build_features(
         events, category_of, n_categories, config
     )
     texts = (ads["title"] + ". " + ads["description"]).tolist()
+    queries = sorted(set(events["query"].dropna()))
     if config.embed_text:
         embedder = TextEmbedder(
             text_cache or out_dir / "text_cache.parquet",
@@ -362,8 +366,11 @@ def build_features(
             progress=progress,
         )
         emb = embedder.embed(texts)
+        query_emb = embedder.embed(queries, what="search queries")
     else:
         emb = np.zeros((len(texts), EMBEDDING_DIM), np.float32)
+        query_emb = np.zeros((0, EMBEDDING_DIM), np.float32)
+        queries = []
     tables["ad_attributes"] = pa.table(
         {
             "ad_id": ads["ad_id"].to_numpy(np.int64),
@@ -389,6 +396,14 @@ def build_features(
             "status": advertisers["status"].to_numpy(object),
         }
     )
+    tables[QUERY_TABLE] = pa.table(
+        {
+            "query": pa.array(queries, type=pa.string()),
+            "text_embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(query_emb.ravel(), type=pa.float32()), EMBEDDING_DIM
+            ).cast(pa.list_(pa.float32())),
+        }
+    )
     for name, table in tables.items():
         pq.write_table(table, out_dir / f"{name}.parquet", compression="zstd")
     end = pd.Timestamp(manifest["config"]["start_date"], tz="UTC") + timedelta(
@@ -402,13 +417,13 @@ def build_features(
         "data_start": min(
             pd.Timestamp(t.column("event_timestamp").combine_chunks().to_pandas().min())
             for t in tables.values()
-            if t.num_rows
+            if t.num_rows and "event_timestamp" in t.column_names
         ).isoformat(),
         "data_end": end.isoformat(),
         "rows": {name: t.num_rows for name, t in tables.items()},
         # The order of category_affinity's entries (serving maps ad categories onto it).
         "categories": list(manifest["categories"]),
-        "snapshot": snapshot_hash(out_dir, FEATURE_TABLES),
+        "snapshot": snapshot_hash(out_dir, SNAPSHOT_TABLES),
     }
     (out_dir / "manifest.json").write_text(json.dumps(feature_manifest, indent=2) + "\n")
     return feature_manifest

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from candgen.data.synth import snapshot_hash
 from candgen.errors import CandgenError
-from candgen.features.build import FEATURE_TABLES, LONG_TERM_SCHEMA
+from candgen.features.build import LONG_TERM_SCHEMA, SNAPSHOT_TABLES
 from candgen.vocab import LONG_TERM_TABLE
 
 
@@ -124,5 +124,5 @@ def _update_manifest(features_dir: Path, summary: dict[str, Any]) -> None:
     manifest = json.loads(path.read_text())
     manifest.setdefault("rows", {})[LONG_TERM_TABLE] = summary["rows"]
     manifest["long_term"] = {k: summary[k] for k in ("dim", "trained_before", "users")}
-    manifest["snapshot"] = snapshot_hash(features_dir, FEATURE_TABLES)
+    manifest["snapshot"] = snapshot_hash(features_dir, SNAPSHOT_TABLES)
     path.write_text(json.dumps(manifest, indent=2) + "\n")

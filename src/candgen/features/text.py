@@ -65,8 +65,9 @@ class TextEmbedder:
             )
             self._cache = dict(zip(table.column("key").to_pylist(), vecs, strict=True))
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """Returns a float32 [len(texts), 384] array of L2-normalised embeddings."""
+    def embed(self, texts: list[str], what: str = "ad texts") -> np.ndarray:
+        """Returns a float32 [len(texts), 384] array of L2-normalised embeddings (``what``
+        names the texts on the progress bar)."""
         keys = [text_key(t) for t in texts]
         todo = {k: t for k, t in zip(keys, texts, strict=True) if k not in self._cache}
         if todo:
@@ -76,7 +77,7 @@ class TextEmbedder:
             new_texts = [todo[k] for k in new_keys]
             out = []
             bar = tqdm(
-                total=len(new_texts), desc="embed ad texts", unit="text", disable=not self.progress
+                total=len(new_texts), desc=f"embed {what}", unit="text", disable=not self.progress
             )
             for i in range(0, len(new_texts), self.batch_size):
                 batch = new_texts[i : i + self.batch_size]

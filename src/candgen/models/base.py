@@ -45,6 +45,15 @@ class RetrievalModel(nn.Module):
         """Returns (M, D) un-normalised output embeddings of item ids."""
         raise NotImplementedError
 
+    def user_states(self, batch: Batch) -> torch.Tensor:
+        """A contextual model's (B, L, D) user states before the request's context."""
+        raise NotImplementedError(f"{type(self).__name__} is not a contextual model")
+
+    def context_queries(self, states: torch.Tensor, context: Batch) -> torch.Tensor:
+        """A contextual model's (T, D) queries from (T, D) user states and each request's
+        context (labels, scenarios, query text, context items)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a contextual model")
+
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.similarity == "cosine" else x
 

@@ -47,6 +47,11 @@ class ModelConfig:
         long_term_dropout: unified only: the probability that a training sequence's long-term
             embedding is hidden, so the model does not lean on a summary that was fitted on the
             same days it trains on.
+        context: unified only: condition the query on the request's context where the data
+            logs one: the search query's text (through a query tower over its MiniLM
+            embedding) and the item a related-items request is about.
+        context_dropout: unified only: the probability that a training position's query or
+            context item is hidden, so the model also answers requests that come without one.
     """
 
     model: str = "sasrec"
@@ -64,6 +69,8 @@ class ModelConfig:
     long_term: bool = True
     short_term: bool = True
     long_term_dropout: float = 0.0
+    context: bool = True
+    context_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -81,7 +88,7 @@ class ModelConfig:
             )
         if self.dim % self.num_heads:
             raise ConfigError("num_heads", f"{self.num_heads} does not divide dim {self.dim}")
-        for name in ("dropout", "content_dropout", "long_term_dropout"):
+        for name in ("dropout", "content_dropout", "long_term_dropout", "context_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
         if not self.short_term and not (self.model == "unified" and self.long_term):

@@ -41,12 +41,16 @@ def build_model(
     cold_items: torch.Tensor | None = None,
     long_term_dim: int = 0,
     has_surfaces: bool = True,
+    query_text_dim: int = 0,
+    has_context_items: bool = False,
 ) -> RetrievalModel:
     """The model a config names, sized for the data.
 
     ``cold_items`` marks the items with no training interaction; the unified model represents
     those that have text by their content vector alone. ``long_term_dim`` is the width of the
-    long-term embedding the unified model fuses (0: none).
+    long-term embedding the unified model fuses (0: none); ``query_text_dim`` (0: none) and
+    ``has_context_items`` say which request context the data logs, which the unified model
+    reads unless ``config.context`` is off.
 
     HSTU gets its time bias only where the data has timestamps: a parameter that never receives
     a gradient would stall DDP's gradient reduction. The unified model serves the click head
@@ -85,6 +89,9 @@ def build_model(
             long_term_dim=long_term_dim,
             short_term=config.short_term,
             long_term_dropout=config.long_term_dropout,
+            query_text_dim=query_text_dim if config.context and has_surfaces else 0,
+            context_items=has_context_items and config.context and has_surfaces,
+            context_dropout=config.context_dropout,
             num_blocks=config.num_blocks,
             num_heads=config.num_heads,
             time_buckets=time_buckets,
@@ -117,6 +124,8 @@ def load_model(path: Path | str, map_location: str = "cpu") -> LoadedModel:
         None,  # the cold-item mask is part of the state
         header.long_term_dim,
         header.has_surfaces,
+        header.query_text_dim,
+        header.has_context_items,
     )
     model.load_state_dict(state)
     model.eval()

@@ -90,6 +90,11 @@ class Retriever:
         projection = getattr(model, "long_term", None)
         # The width of the long-term embedding the model fuses (0: it reads none).
         self.long_term_dim = int(projection.in_features) if projection is not None else 0
+        # The request context the model reads: the query text's width (0: none) and whether
+        # it reads the context item.
+        tower = getattr(model, "query_tower", None)
+        self.query_text_dim = int(tower.net[0].in_features) if tower is not None else 0
+        self.reads_context_items = getattr(model, "context_item", None) is not None
 
     def encode(self, histories: list[list[int]]) -> list[np.ndarray]:
         """Maps external ids to internal ones; rejects ids outside the vocabulary."""
@@ -117,6 +122,8 @@ class Retriever:
         times: list[list[float]] | None = None,
         scenarios: list[str] | None = None,
         long_term: list[list[float] | None] | None = None,
+        queries: list[np.ndarray | None] | None = None,
+        context_items: list[int | None] | None = None,
     ) -> np.ndarray:
         """(len(histories), D) user embeddings: the user encoder after each history.
 
@@ -128,6 +135,10 @@ class Retriever:
                 conditions its query on it; others ignore it); None: unknown.
             long_term: each user's long-term embedding (``user_long_term_embedding``), for a
                 model that fuses one (others ignore it); None or empty: none yet.
+            queries: each request's search query embedded by the ads' language model, for a
+                model that reads queries (others ignore it); None: no query.
+            context_items: each request's context item (external id), for a model that reads
+                one (others ignore it); None: none.
         """
         internal = self.encode(histories)
         batch = {"items": torch.from_numpy(pad_left(internal, self.max_len))}
@@ -146,6 +157,25 @@ class Retriever:
                     )
                 rows[row] = vector
             batch["long_term"] = torch.from_numpy(rows)
+        if queries is not None and self.query_text_dim:
+            if len(queries) != len(histories):
+                raise CandgenError("queries: one query embedding (or None) per history is needed")
+            text = np.zeros((len(histories), self.query_text_dim), dtype=np.float32)
+            for row, embedding in enumerate(queries):
+                if embedding is None or len(embedding) == 0:
+                    continue
+                if len(embedding) != self.query_text_dim:
+                    raise CandgenError(
+                        f"queries[{row}]: {len(embedding)} values, but the model reads a "
+                        f"{self.query_text_dim}-d query embedding"
+                    )
+                text[row] = embedding
+            batch["query_text"] = torch.from_numpy(text)
+        if context_items is not None and self.reads_context_items:
+            if len(context_items) != len(histories):
+                raise CandgenError("context_items: one item id (or None) per history is needed")
+            viewed = [0 if i is None else self.encode([[i]])[0][0] for i in context_items]
+            batch["context_items"] = torch.tensor(viewed, dtype=torch.long)
         if scenarios is not None and self.model.contextual:
             if len(scenarios) != len(histories):
                 raise CandgenError("scenarios: one surface per history is needed")

@@ -38,6 +38,8 @@ class ModelHeader:
         has_timestamps, has_labels, has_surfaces: what the training data had (they fix which
             parts the model was built with).
         long_term_dim: the width of the long-term embedding the model fuses (0: none).
+        query_text_dim: the width of the query text embedding the model reads (0: none).
+        has_context_items: the model reads the request's context item.
         train_cutoff: where the data was split by time (ISO time; empty where it was not).
         long_term_summariser: the summariser whose summaries the model read (empty: none).
         snapshot: a hash of the training data, for lineage.
@@ -57,6 +59,8 @@ class ModelHeader:
     has_labels: bool = False
     has_surfaces: bool = True
     long_term_dim: int = 0
+    query_text_dim: int = 0
+    has_context_items: bool = False
     train_cutoff: str = ""
     long_term_summariser: str = ""
     snapshot: str = ""

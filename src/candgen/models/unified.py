@@ -28,7 +28,9 @@ from candgen.models.sequential import HSTU, HSTUArgs
 
 
 class ScenarioMixture(nn.Module):
-    """A residual gated mixture of experts conditioned on the scenario (surface).
+    """A residual gated mixture of experts conditioned on the request's context: its surface
+    (``scenario``, an embedding per surface) plus whatever the caller adds to that vector (the
+    query's text, the item being viewed).
 
     Args:
         dim: width of the user state.
@@ -50,17 +52,14 @@ class ScenarioMixture(nn.Module):
         self.experts = nn.Parameter(torch.zeros(num_experts, dim, dim))
         self.num_scenarios = num_scenarios
 
-    def gates(self, state: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
-        """(B, L, E) softmax weights of the experts for each position."""
-        return self._gates(state, self.scenario(scenarios).expand_as(state))
-
-    def _gates(self, state: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def gates(self, state: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """(B, L, E) softmax weights of the experts for each position, given (B, L, D) context
+        vectors."""
         return torch.softmax(self.gate(torch.cat([state, context], dim=-1)), dim=-1)
 
-    def forward(self, state: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
-        context = self.scenario(scenarios).expand_as(state)
+    def forward(self, state: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         outputs = torch.einsum("bld,edf->blef", state, self.experts)
-        mixed = (self._gates(state, context).unsqueeze(-1) * outputs).sum(dim=-2)
+        mixed = (self.gates(state, context).unsqueeze(-1) * outputs).sum(dim=-2)
         adapted: torch.Tensor = state + mixed + context
         return adapted
 
@@ -91,8 +90,11 @@ class ContentTower(nn.Module):
 class UnifiedHSTU(HSTU):
     """HSTU with a scenario-adaptive mixture and one query head per label.
 
-    Reads ``batch["scenarios"]`` ((B, L) or (B,) surface codes, 0 = unknown; default 0) and
-    ``batch["labels"]`` ((B, L) or (B,) label codes into ``LABELS``; default ``serve_label``).
+    Reads ``batch["scenarios"]`` ((B, L) or (B,) surface codes, 0 = unknown; default 0),
+    ``batch["labels"]`` ((B, L) or (B,) label codes into ``LABELS``; default ``serve_label``),
+    and the request's context where the model reads it: ``batch["query_text"]`` ((B, L, T) or
+    (B, T) text embeddings of the search query, zero rows where none) and
+    ``batch["context_items"]`` ((B, L) or (B,) ids of the item being viewed, 0 where none).
 
     Where there is one label, there are no heads; where there is one scenario (the unknown
     one), there is no mixture: on data without labels or surfaces (Amazon Beauty) the model is
@@ -118,6 +120,12 @@ class UnifiedHSTU(HSTU):
             long-term embedding and the surface (needs long_term_dim).
         long_term_dropout: in training, the probability of hiding a sequence's long-term
             embedding, so the model does not lean on a summary fitted on the same days.
+        query_text_dim: width of the query text embedding read through a query tower into the
+            mixture's context (0: the model reads no query).
+        context_items: read the context item (its id embedding, projected) into the
+            mixture's context.
+        context_dropout: in training, the probability of hiding a position's query or context
+            item, so the model also answers a request that comes without one.
         **hstu: the HSTU encoder's arguments (dim, max_len, num_blocks, ...).
     """
 
@@ -141,6 +149,9 @@ class UnifiedHSTU(HSTU):
         long_term_dim: int = 0,
         short_term: bool = True,
         long_term_dropout: float = 0.0,
+        query_text_dim: int = 0,
+        context_items: bool = False,
+        context_dropout: float = 0.0,
         **hstu: Unpack[HSTUArgs],
     ) -> None:
         super().__init__(num_items, **hstu)
@@ -150,6 +161,7 @@ class UnifiedHSTU(HSTU):
         for name, rate in (
             ("content_dropout", content_dropout),
             ("long_term_dropout", long_term_dropout),
+            ("context_dropout", context_dropout),
         ):
             if not 0.0 <= rate < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {rate}")
@@ -158,6 +170,16 @@ class UnifiedHSTU(HSTU):
         self.mixture = (
             ScenarioMixture(dim, num_scenarios, num_experts) if num_scenarios > 1 else None
         )
+        # The request's context enters through the mixture, so only a model with one reads it.
+        if (query_text_dim > 0 or context_items) and self.mixture is None:
+            raise ConfigError("context", "the request's context needs surfaces (a mixture)")
+        self.query_tower = (
+            ContentTower(query_text_dim, dim, float(hstu.get("dropout", 0.2)))
+            if query_text_dim > 0
+            else None
+        )
+        self.context_item = nn.Linear(dim, dim) if context_items else None
+        self.context_dropout = context_dropout
         # Each head starts as the identity, so at first every label asks the same query.
         self.heads = (
             nn.Parameter(torch.eye(dim).repeat(num_labels, 1, 1)) if num_labels > 1 else None
@@ -222,19 +244,54 @@ class UnifiedHSTU(HSTU):
             )
         return self._finish(self.content(text.float()))
 
-    def _codes(self, batch: Batch, key: str, default: int, high: int) -> torch.Tensor:
-        items = batch["items"]
+    def _codes(
+        self, batch: Batch, key: str, shape: torch.Size, default: int, high: int
+    ) -> torch.Tensor:
+        device = self.item_emb.weight.device
         codes = batch.get(key)
         if codes is None:
-            return torch.full(items.shape, default, dtype=torch.long, device=items.device)
-        codes = codes.long()
-        if codes.dim() == 1:
-            codes = codes[:, None].expand(items.shape)
+            return torch.full(tuple(shape), default, dtype=torch.long, device=device)
+        codes = self._per_position(codes.long(), shape, 0)
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= high):
             raise ConfigError(key, f"codes must lie in 0..{high - 1}")
         return codes
 
-    def encode_positions(self, batch: Batch) -> torch.Tensor:
+    @staticmethod
+    def _per_position(values: torch.Tensor, shape: torch.Size, width: int) -> torch.Tensor:
+        """(B, L, ...) values given per position or, with one dimension fewer, per request
+        (``width``: the dimensions of one value, 1 for a text embedding, 0 for an id)."""
+        if values.dim() == 1 + width:
+            values = values.unsqueeze(1).expand(shape[0], shape[1], *values.shape[1:])
+        return values
+
+    def _hidden(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """(B, L, 1) 0 where training hides a position's context, else 1."""
+        if not (self.training and self.context_dropout > 0):
+            return torch.ones(*shape, 1, device=device)
+        return (torch.rand(*shape, 1, device=device) >= self.context_dropout).float()
+
+    def _request_context(self, batch: Batch, shape: torch.Size) -> torch.Tensor | float:
+        """(B, L, D) what the request's query text and context item add to its surface's
+        context vector (0 where the model reads neither or the batch has neither)."""
+        device = self.item_emb.weight.device
+        extra: torch.Tensor | float = 0.0
+        text = batch.get("query_text")
+        if self.query_tower is not None and text is not None:
+            text = self._per_position(text.float(), shape, 1)
+            given = (text.abs().sum(-1, keepdim=True) > 0).float()
+            extra = extra + self.query_tower(text) * given * self._hidden(shape, device)
+        viewed = batch.get("context_items")
+        if self.context_item is not None and viewed is not None:
+            viewed = self._per_position(viewed.long(), shape, 0)
+            self.check_ids(viewed, "context_items")
+            given = (viewed > 0).unsqueeze(-1).float()
+            vectors = self.context_item(self.item_emb(viewed))
+            extra = extra + vectors * given * self._hidden(shape, device)
+        return extra
+
+    def user_states(self, batch: Batch) -> torch.Tensor:
+        """(B, L, D) the user state after each position, before the request's context: the
+        encoded sequence plus the long-term embedding."""
         items = batch["items"]
         if self.short_term:
             state = super().encode_positions(batch)
@@ -249,13 +306,31 @@ class UnifiedHSTU(HSTU):
                 hidden = torch.rand(items.shape[0], 1, 1, device=items.device)
                 long_term = long_term * (hidden >= self.long_term_dropout)
             state = state + self.long_term(long_term)
-        scenarios = self._codes(batch, "scenarios", 0, self.num_scenarios)
+        return state
+
+    def contextualise(self, state: torch.Tensor, context: Batch) -> torch.Tensor:
+        """(B, L, D) queries from user states and each request's context (``context``'s
+        ``scenarios``, ``labels``, ``query_text``, ``context_items``, per request or per
+        position; absent: unknown surface, the serving label, no query, no context item)."""
+        shape = state.shape[:2]
+        scenarios = self._codes(context, "scenarios", shape, 0, self.num_scenarios)
         if not self.scenario_adaptive:
             scenarios = torch.zeros_like(scenarios)
-        labels = self._codes(batch, "labels", self.serve_label, self.num_labels)
-        adapted = state if self.mixture is None else self.mixture(state, scenarios)
+        labels = self._codes(context, "labels", shape, self.serve_label, self.num_labels)
+        adapted = state
+        if self.mixture is not None:
+            vectors = self.mixture.scenario(scenarios) + self._request_context(context, shape)
+            adapted = self.mixture(state, vectors)
         if self.heads is None:
             return adapted
         every_head = torch.einsum("bld,hde->blhe", adapted, self.heads)
         index = labels[..., None, None].expand(*labels.shape, 1, every_head.shape[-1])
         return every_head.gather(2, index).squeeze(2)
+
+    def encode_positions(self, batch: Batch) -> torch.Tensor:
+        return self.contextualise(self.user_states(batch), batch)
+
+    def context_queries(self, states: torch.Tensor, context: Batch) -> torch.Tensor:
+        """(T, D) scoring queries for T requests from (T, D) user states (``user_states`` at
+        each user's newest position) and each request's context (see ``contextualise``)."""
+        return self._finish(self.contextualise(states[:, None, :], context)[:, 0])

@@ -145,24 +145,20 @@ def user_vector(
 
     A model that reads the surface's context (``Retriever.query_text_dim`` > 0,
     ``Retriever.reads_context_items``) also gets the query's embedding and the context item
-    (only one it knows); a model that reads none is called exactly as before."""
+    (only one it knows); the retriever gives a model only what it reads."""
     times = context.times or [0.0] * len(context.history)
     known = [(i, t) for i, t in zip(context.history, times, strict=True) if i in retriever.index]
     if not known:
         return None
     ids = [i for i, _ in known]
-    extra: dict[str, Any] = {}
-    if getattr(retriever, "query_text_dim", 0):
-        extra["queries"] = [query_embedding]
-    if getattr(retriever, "reads_context_items", False):
-        known_item = context_item if context_item in retriever.index else None
-        extra["context_items"] = [known_item]
+    known_item = context_item if context_item in retriever.index else None
     query = retriever.user_vectors(
         [ids],
         [[t for _, t in known]] if context.times else None,
         [scenario],
         [context.long_term],
-        **extra,
+        queries=[query_embedding],
+        context_items=[known_item],
     )
     return np.asarray(query[0], dtype=np.float32)
 

@@ -75,6 +75,16 @@ def long_term_dim(config: TrainConfig, data: SequenceData) -> int:
     return data.long_term.dim
 
 
+def request_context(config: TrainConfig, data: SequenceData) -> tuple[int, bool]:
+    """What request context the model reads: (the width of the query text embedding, 0 for
+    none; whether it reads the context item). Only the unified model with ``context`` on reads
+    any, and only what the data logs."""
+    if config.model != "unified" or not config.context or data.train_surfaces is None:
+        return 0, False
+    width = 0 if data.query_embeddings is None else int(data.query_embeddings.shape[1])
+    return width, data.train_contexts is not None
+
+
 class _Best(TypedDict):
     """The best validation so far, as the checkpoint keeps it."""
 
@@ -211,6 +221,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         torch.from_numpy(data.cold_ads),
         long_term_dim(config, data),
         data.train_surfaces is not None,
+        *request_context(config, data),
     ).to(device)
     pop = np.bincount(windows.targets.ravel(), minlength=data.num_items + 1).astype(np.float64)
     pop[0] = 0
@@ -236,13 +247,19 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         history, best, start_epoch = saved["history"], saved["best"], saved["epoch"] + 1
 
     steps = max(1, len(windows) // config.batch_size)
-    # Only a contextual model reads labels and scenarios; the others train exactly as before.
+    # Only a contextual model reads labels, scenarios and the requests' context; the others
+    # train exactly as before.
     heads = (
         (windows.target_labels, windows.target_surfaces)
         if model.contextual
         and windows.target_labels is not None
         and windows.target_surfaces is not None
         else None
+    )
+    requests = (
+        (windows.target_queries, windows.target_contexts)
+        if heads is not None and any(request_context(config, data))
+        else (None, None)
     )
     from tqdm.auto import tqdm
 
@@ -277,6 +294,8 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
                 long_term_rows=None
                 if windows.long_term_rows is None
                 else windows.long_term_rows[idx],
+                queries=None if requests[0] is None else requests[0][idx],
+                contexts=None if requests[1] is None else requests[1][idx],
             )
             if all_action:
                 # Drawn for the global batch, so one and two processes train on the same targets.
@@ -365,6 +384,8 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
             has_labels=data.train_labels is not None,
             has_surfaces=data.train_surfaces is not None,
             long_term_dim=long_term_dim(config, data),
+            query_text_dim=request_context(config, data)[0],
+            has_context_items=request_context(config, data)[1],
             train_cutoff=data.train_cutoff,
             long_term_summariser=data.long_term.summariser if data.long_term else "",
             snapshot=data.snapshot,
