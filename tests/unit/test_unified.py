@@ -421,7 +421,11 @@ def test_the_request_context_conditions_the_query_and_is_optional() -> None:
             {"items": items, "scenarios": torch.tensor([2, 2]), "query_text": text}
         )
         viewed = model.user_embedding(
-            {"items": items, "scenarios": torch.tensor([3, 3]), "context_items": torch.tensor([0, 17])}
+            {
+                "items": items,
+                "scenarios": torch.tensor([3, 3]),
+                "context_items": torch.tensor([0, 17]),
+            }
         )
         related = model.user_embedding({"items": items, "scenarios": torch.tensor([3, 3])})
         # The evaluator's split path (states once, a query per request) gives the same queries.
