@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_doc import write_section  # noqa: E402
+from bench_doc import write_headline, write_section  # noqa: E402
 
 RESULTS = ROOT / "docs" / "benchmarks"
 CANDGEN = [sys.executable, "-m", "candgen.cli"]
@@ -46,10 +46,14 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ),
     ("unified", ["--model", "unified"]),
     ("unified, no scenario adaptation", ["--model", "unified", "--no-scenario-adaptive"]),
+    ("unified, no context", ["--model", "unified", "--no-context"]),
     ("unified, no long-term summary", ["--model", "unified", "--no-long-term"]),
     ("unified, no short-term sequence", ["--model", "unified", "--no-short-term"]),
 ]
 UNIFIED = "unified"
+POPULARITY = "popularity"
+# The paired comparison of the unified model with itself ranked without the request's context.
+WITHOUT_CONTEXT = "unified, ranked without its context"
 POLICY_ORDER = (
     "learned",
     "best fixed",
@@ -187,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         )
         said = [f"{lab} recall@100 {_value(test, f'label.{lab}.recall@100')}" for lab in LABELS]
         print(f"{name}: " + ", ".join(said), flush=True)
+    rows.append(_popularity_row(work))
     paired = _paired_comparisons(rows, work)
     quota_out = work / "quotas_compare.json"
     quotas = [
@@ -247,11 +252,37 @@ ABLATED = (
     ("scenario adaptation", "unified, no scenario adaptation"),
     ("the short-term sequence", "unified, no short-term sequence"),
     ("the long-term summary", "unified, no long-term summary"),
+    ("the context modules (query tower, context item)", "unified, no context"),
 )
 
 
+def _popularity_row(work: Path) -> dict:
+    """The trivial baseline on the same test window: every user gets the items most popular in
+    training (`candgen evaluate` prints it beside the model)."""
+    cmd = [
+        *CANDGEN,
+        "evaluate",
+        "--model",
+        str(work / "runs" / _slug(UNIFIED) / "model.pt"),
+        "--split",
+        "test",
+    ]
+    print("+ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    out = json.loads(
+        subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    )
+    return {
+        "name": POPULARITY,
+        "command": _command_text(cmd) + "  (its popularity block)",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "reused": False,
+        "test": out["popularity"],
+    }
+
+
 def _best_single_task(rows: list[dict], label: str) -> str:
-    singles = [r for r in rows if not r["name"].startswith("unified")]
+    singles = [r for r in rows if not r["name"].startswith("unified") and r["name"] != POPULARITY]
     key = f"label.{label}.recall@100"
     return max(singles, key=lambda r: r["test"].get(key, 0.0))["name"]
 
@@ -263,20 +294,24 @@ def _paired_comparisons(rows: list[dict], work: Path) -> list[dict]:
         (f"the best single-task model on {lab}", _best_single_task(rows, lab)) for lab in LABELS
     ]
     pairs += list(ABLATED)
+    pairs.append(("the request's context (query, context item)", WITHOUT_CONTEXT))
     out, done = [], {}
     for question, other in pairs:
         if other not in done:
+            # Without its context: the same file as baseline, ranked by --no-context.
+            against = UNIFIED if other == WITHOUT_CONTEXT else other
             cmd = [
                 *CANDGEN,
                 "evaluate",
                 "--model",
                 str(work / "runs" / _slug(UNIFIED) / "model.pt"),
                 "--against",
-                str(work / "runs" / _slug(other) / "model.pt"),
+                str(work / "runs" / _slug(against) / "model.pt"),
                 "--split",
                 "test",
                 "-k",
                 "100",
+                *(["--no-context"] if other == WITHOUT_CONTEXT else []),
             ]
             print("+ " + " ".join(cmd), flush=True)
             done[other] = (
@@ -376,6 +411,12 @@ def render(result: dict) -> str:
         f"- unified vs {p['against']}: `{p['command']}`" for p in _unique(result.get("paired", []))
     ]
     lines += ["", *_targets(rows, result.get("quotas"), result.get("paired", []))]
+    figures = context_figures(result)
+    lines += ["", "Targets (issue 14, surface context):", ""]
+    lines += [
+        f"- {f['how']}: {f['value']} vs target {f['target']}: " + ("met" if f["met"] else "missed")
+        for f in figures.values()
+    ]
     # What was measured beside the table (experiments, their commands and what they showed).
     extra = RESULTS / "ablation_notes.md"
     if extra.exists():
@@ -585,6 +626,71 @@ def _targets(rows: list[dict], quotas: dict | None, paired: list[dict]) -> list[
     return out
 
 
+def _ratio(d: dict | None) -> tuple[float, bool]:
+    """(model / baseline mean recall, whether the paired difference is beyond noise)."""
+    if not d or not d.get("baseline"):
+        return float("nan"), False
+    return d["model"] / d["baseline"], _beyond_noise(d)
+
+
+def context_figures(result: dict) -> dict[str, dict]:
+    """The issue-14 figures of an ablation run, each with its target and whether it is met
+    (what docs/benchmarks/headline.json gets)."""
+    vs = {p["against"]: p for p in result.get("paired", [])}
+    by = {r["name"]: r["test"] for r in result["rows"]}
+    out: dict[str, dict] = {}
+    ctx = vs.get(WITHOUT_CONTEXT)
+    for surface, target in (("search", 1.5), ("related", 1.3)):
+        if ctx is None:
+            break
+        d = ctx["result"].get(f"surface.{surface}.label.click")
+        ratio, clear = _ratio(d)
+        out[f"context.{surface}_click_recall100_ratio"] = {
+            "value": round(ratio, 3),
+            "target": f">= {target} and beyond noise",
+            "met": bool(ratio >= target and clear),
+            "how": f"{surface} click recall@100, the unified model with its context over the "
+            f"same model without (paired per user{_noise(d)}; `{ctx['command']}`)",
+        }
+    home = vs.get("unified, no context")
+    if home is not None:
+        d = home["result"].get("surface.home")
+        out["context.home_recall100_vs_no_context_model"] = {
+            "value": round(d["mean"], 4) if d else None,
+            "target": "within noise or better (no regression)",
+            "met": bool(d and d["high"] >= 0),
+            "how": "home recall@100, the unified model minus the same model trained without "
+            f"the context modules (paired per user{_noise(d)}; `{home['command']}`)",
+        }
+    unified, pop = by.get(UNIFIED, {}), by.get(POPULARITY, {})
+    key = "label.organic.recall@100"
+    if unified.get(key) and pop.get(key):
+        ratio = unified[key] / pop[key]
+        out["context.organic_recall100_vs_popularity"] = {
+            "value": round(ratio, 3),
+            "target": ">= 1.5",
+            "met": bool(ratio >= 1.5),
+            "how": f"organic recall@100 of the unified model ({unified[key]:.4f}) over "
+            f"popularity's ({pop[key]:.4f}) on the ablation's test window",
+        }
+    quotas = result.get("quotas")
+    if quotas:
+        p = quotas["policies"]
+        got, best = (
+            p["learned"].get("click.recall@100", 0.0),
+            p["best fixed"].get("click.recall@100", 0.0),
+        )
+        d = p["learned"].get("click.vs_best_fixed@100")
+        out["context.learned_quotas_click_recall100_vs_best_fixed"] = {
+            "value": round(got - best, 4),
+            "target": "> 0 and beyond noise",
+            "met": bool(d and got > best and _beyond_noise(d)),
+            "how": f"click recall@100 of the learned quotas ({got:.4f}) minus the best fixed "
+            f"split's ({best:.4f}){_noise(d)} (`{quotas['command']}`)",
+        }
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--users", type=int, default=3_000)
@@ -612,6 +718,7 @@ def main() -> int:
         store.write_text(json.dumps(run(args), indent=2))
     result = json.loads(store.read_text())
     write_section("ablation", render(result))
+    write_headline(context_figures(result))
     print(render(result))
     print("wrote docs/BENCHMARKS.md")
     return 0

@@ -21,3 +21,17 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text}\n{block}\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+HEADLINE = ROOT / "docs" / "benchmarks" / "headline.json"
+
+
+def write_headline(figures: dict[str, dict], path: Path = HEADLINE) -> None:
+    """Merges figures into the flat headline file every benchmark updates: key -> {"value",
+    "target", "met", "how"} (how: what was measured, and with which command)."""
+    import json
+
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(figures)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(sorted(current.items())), indent=2) + "\n")

@@ -225,7 +225,8 @@ def compare_saved_models(
 ) -> dict[str, Any]:
     """Recall@K of one ``model.pt`` minus another's, per user, on the same evaluation window:
     overall and per target label (and surface), each with a 95% paired bootstrap interval and
-    the users each model wins (``candgen.evaluation.metrics.paired_difference``). With
+    the users each model wins (``candgen.evaluation.metrics.paired_difference``); per label on
+    each surface too (``surface.search.label.click``). With
     ``baseline_context=False`` the baseline ranks without the requests' search query and
     context item: against the same file, what the context is worth.
 
@@ -272,6 +273,13 @@ def compare_saved_models(
     for kind, values in (("label", targets.target_label), ("surface", targets.target_surface)):
         if values is not None and len(set(values.tolist())) > 1:
             groups.update({f"{kind}.{v}": values == v for v in sorted(set(values.tolist()))})
+    if targets.target_surface is not None and len(set(targets.target_surface.tolist())) > 1:
+        # Each label on each surface (what the request's context is worth differs by both).
+        for surface in sorted(set(targets.target_surface.tolist())):
+            for label in sorted(set(targets.target_label.tolist())):
+                chosen = (targets.target_surface == surface) & (targets.target_label == label)
+                if chosen.any():
+                    groups[f"surface.{surface}.label.{label}"] = chosen
     out: dict[str, Any] = {
         "model": str(model_path),
         "baseline": str(baseline_path),
