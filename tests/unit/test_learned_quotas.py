@@ -1,6 +1,7 @@
 """Learned dynamic quotas (issue 6): the value table, the allocation it gives per context, its
-fit from logged outcomes, the policies (fixed, learned, snake, overrides), the select step's
-per-source counts, and the commands that learn and show them."""
+fit from logged outcomes (each logged request replayed with its own query or context item,
+issue 14), the policies (fixed, learned, snake, overrides), the select step's per-source
+counts, and the commands that learn and show them."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from candgen.quotas.learning import (
     compare_policies,
     fit,
     logged_requests,
+    query_embeddings,
     recall_by_label,
+    replay_window,
 )
 from candgen.serving.quota import (
     ACTIVITY_BUCKETS,
@@ -33,7 +36,7 @@ from candgen.serving.quota import (
     snake_merge,
 )
 from candgen.serving.steps import SelectStep, ServingConfig, write_serving_file
-from candgen.vocab import SURFACES
+from candgen.vocab import QUERY_TABLE, SURFACES
 
 EDGES = (5, 10, 20)
 # The hand-made tables below hold the generators that existed before query and item: a table
@@ -321,22 +324,145 @@ def test_offline_features_answer_as_of_a_past_time(features_dir: Path) -> None:
         latest.lookup("user_features_v1", "user_id", user)
 
 
-def test_logged_requests_hold_the_windows_ad_clicks_per_user_and_surface(marketplace) -> None:  # type: ignore[no-untyped-def]
+def _window(marketplace) -> tuple[pd.DataFrame, pd.Timestamp, pd.Timestamp]:  # type: ignore[no-untyped-def]
     events = pd.read_parquet(marketplace.out_dir / "events")
     start = events["event_ts"].min().normalize() + pd.Timedelta(days=3)
-    stop = start + pd.Timedelta(days=2)
+    return events, start, start + pd.Timedelta(days=2)
+
+
+def test_logged_requests_hold_the_windows_ad_clicks_per_user_surface_and_context(
+    marketplace,
+) -> None:  # type: ignore[no-untyped-def]
+    events, start, stop = _window(marketplace)
     requests = logged_requests(marketplace.out_dir, start, stop)
+    assert requests == logged_requests(marketplace.out_dir, start, stop)  # deterministic
     clicks = events[(events["event_type"] == "click") & (events["event_ts"] >= start)
                     & (events["event_ts"] < stop)]  # fmt: skip
-    assert sum(len(r.targets) for r in requests) == len(
-        clicks.drop_duplicates(["user_id", "surface", "ad_id"]))  # fmt: skip
+    clicks = clicks.assign(query=clicks["query"].fillna(""),
+                           context_item_id=clicks["context_item_id"].fillna(0))  # fmt: skip
+    keys = ["user_id", "surface", "query", "context_item_id"]
+    assert sum(len(r.targets) for r in requests) == len(clicks.drop_duplicates([*keys, "ad_id"]))
     converted = set(events.loc[events["event_type"] == "conversion", "caused_by_event_id"])
+    seen = set()
     for r in requests:
-        mine = clicks[(clicks["user_id"] == r.user_id) & (clicks["surface"] == r.surface)]
+        # each request carries the context its surface logged, and only that
+        assert (r.query is not None) == (r.surface == "search")
+        assert r.context_item is None or r.surface == "related"
+        key = (r.user_id, r.surface, r.query or "", r.context_item or 0)
+        assert key not in seen
+        seen.add(key)
+        mine = clicks[(clicks[keys] == key).all(axis=1)]
         assert set(r.targets) == set(mine["ad_id"])
         for ad, label in r.targets.items():
             ids = set(mine.loc[mine["ad_id"] == ad, "event_id"])
             assert (label == "conversion") == bool(ids & converted)
+    assert [(r.user_id, r.surface, r.query or "", r.context_item or 0) for r in requests] == sorted(
+        seen
+    )
+    related = [r for r in requests if r.surface == "related"]
+    assert related and sum(r.context_item is not None for r in related) > 0.9 * len(related)
+    # one user's two searches are two requests, each with its own query
+    searches = pd.Series([r.user_id for r in requests if r.surface == "search"])
+    assert searches.duplicated().any()
+
+
+@pytest.fixture(scope="module")
+def unified_model(
+    marketplace, features_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:  # type: ignore[no-untyped-def]
+    """A unified model trained one epoch on the small marketplace (it reads the query and the
+    context item)."""
+    from candgen.training.config import TrainConfig
+    from candgen.training.trainer import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(dataset="marketplace", model="unified", data_dir=str(marketplace.out_dir),
+                      features_dir=str(features_dir), epochs=1, eval_days=2, max_len=20,
+                      progress=False, track=False, out_dir=str(out)))  # fmt: skip
+    return out / "model.pt"
+
+
+def _rank_of_hit(r: ReplayedRequest, generator: str) -> int | None:
+    """Where ``generator`` ranks the request's best-placed target, if it finds one first (the
+    fit credits a target to the generator that ranks it first)."""
+    lists = {g: [ad for ad, _ in r.candidates.get(g, [])] for g in GENERATORS}
+    ranks = []
+    for ad in r.request.targets:
+        found = [(ids.index(ad), GENERATORS.index(g)) for g, ids in lists.items() if ad in ids]
+        if found and GENERATORS[min(found)[1]] == generator:
+            ranks.append(min(found)[0])
+    return min(ranks, default=None)
+
+
+def test_each_request_is_replayed_with_its_query_or_context_item(
+    marketplace,
+    features_dir: Path,
+    unified_model: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    config = QuotaLearnConfig(eval_days=2, max_rank=100)
+    replayed = replay_window(unified_model, marketplace.out_dir, features_dir, config,
+                             progress=False)  # fmt: skip
+    by_surface = {s: [r for r in replayed if r.request.surface == s] for s in SURFACES}
+    assert all(by_surface.values())
+    # search: the query generator answers every request, from the query's own MiniLM vector
+    # (the features' table) against the ads' text; two queries, two lists
+    assert all(r.candidates.get("query") for r in by_surface["search"])
+    assert len({tuple(r.candidates["query"][:5]) for r in by_surface["search"]}) > 1
+    vectors = query_embeddings(features_dir)
+    ads = pd.read_parquet(features_dir / "ad_attributes.parquet",
+                          columns=["ad_id", "text_embedding"]).set_index("ad_id")  # fmt: skip
+    for r in by_surface["search"][:5]:
+        got = r.candidates["query"][:5]
+        cosine = [float(ads.loc[ad, "text_embedding"] @ vectors[r.request.query]) for ad, _ in got]
+        assert np.allclose([score for _, score in got], cosine, atol=1e-4)
+    # related: the item generator answers every request whose item the model knows
+    with_item = [r for r in by_surface["related"] if r.request.context_item is not None]
+    assert sum(bool(r.candidates.get("item")) for r in with_item) > 0.9 * len(with_item)
+    # home carries no context: neither runs
+    assert not any(r.candidates.get(g) for r in by_surface["home"] for g in ("query", "item"))
+    assert not any(r.candidates.get("query") for r in by_surface["related"])
+    assert not any(r.candidates.get("item") for r in by_surface["search"])
+
+    # The fit now credits both where they hit: on this log the query's list holds the clicked
+    # ad first in many searches, the item's in a few related pages (where no other generator
+    # ranks it higher). Unpooled, a band's posterior holds exactly the hits replayed in it.
+    raw = QuotaLearnConfig(max_rank=100, pooling="fixed", prior_strength=0.0)
+    table = fit(replayed, raw)
+    assert table.fitted["requests_with_candidates"]["query"] == len(by_surface["search"])
+    assert table.fitted["requests_with_candidates"]["item"] == sum(
+        bool(r.candidates.get("item")) for r in replayed)  # fmt: skip
+    for surface, gen in (("search", "query"), ("related", "item")):
+        g = GENERATORS.index(gen)
+        hits = [
+            (r, rank) for r in by_surface[surface] if (rank := _rank_of_hit(r, gen)) is not None
+        ]
+        assert hits, f"no {gen} hit on {surface}"
+        for r, rank in hits:
+            key = table.context_key(surface, r.activity)
+            band = int(np.searchsorted(table.rank_edges, rank, side="right"))
+            alpha, beta = table.alpha[key][g][band], table.beta[key][g][band]
+            assert alpha >= 1.0 and alpha / (alpha + beta) > 1e-3
+    # Served values (pooled, monotone in rank): the query's first slots on search are worth
+    # several percent; without their context (the old replay) the same requests left query
+    # and item at about zero.
+    blind = [ReplayedRequest(r.request, r.activity,
+                             {g: c for g, c in r.candidates.items() if g not in ("query", "item")})
+             for r in replayed]  # fmt: skip
+    activity = by_surface["search"][0].activity
+    query = GENERATORS.index("query")
+    served = fit(replayed, config).band_values("search", activity)[query, 0]
+    before = fit(blind, config).band_values("search", activity)[query, 0]
+    assert served > 0.01 and before < 1e-6
+
+
+def test_a_features_dir_without_the_query_table_is_named(
+    features_dir: Path, tmp_path: Path
+) -> None:
+    vectors = query_embeddings(features_dir)
+    assert vectors and all(v.shape == (384,) for v in vectors.values())
+    assert all(abs(float(np.linalg.norm(v)) - 1.0) < 1e-3 for v in vectors.values())
+    with pytest.raises(CandgenError, match=rf"^features_dir: .* has no {QUERY_TABLE}\.parquet"):
+        query_embeddings(tmp_path)
 
 
 def test_bad_learning_settings_name_the_field() -> None:
@@ -356,22 +482,18 @@ def test_bad_learning_settings_name_the_field() -> None:
 def test_the_quota_commands_learn_show_and_reject_bad_input(
     marketplace,
     features_dir: Path,
+    unified_model: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture,  # type: ignore[no-untyped-def]
 ) -> None:
     from candgen.cli import main
-    from candgen.training.config import TrainConfig
-    from candgen.training.trainer import train
 
-    train(TrainConfig(dataset="marketplace", model="unified", data_dir=str(marketplace.out_dir),
-                      features_dir=str(features_dir), epochs=1, eval_days=2, max_len=20,
-                      progress=False, track=False, out_dir=str(tmp_path / "run")))  # fmt: skip
     out = tmp_path / "quotas.json"
     learn = [
         "quotas",
         "learn",
         "--model",
-        str(tmp_path / "run" / "model.pt"),
+        str(unified_model),
         "--data",
         str(marketplace.out_dir),
         "--features-dir",
@@ -388,7 +510,7 @@ def test_the_quota_commands_learn_show_and_reject_bad_input(
     shown = capsys.readouterr().out
     assert "quota policy learned; slots of K=50 per context" in shown
     assert shown.count("learned") == len(SURFACES) * len(ACTIVITY_BUCKETS) + 1
-    assert main(["quotas", "learn", "--model", str(tmp_path / "run" / "model.pt"),
+    assert main(["quotas", "learn", "--model", str(unified_model),
                  "--max-rank", "0", "--out", str(out)]) == 2  # fmt: skip
     assert "max_rank: must be >= 1, got 0" in capsys.readouterr().err
     assert main(["quotas", "show"]) == 2

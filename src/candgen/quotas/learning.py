@@ -1,10 +1,16 @@
 """Learning the quotas from logged outcomes: an offline fit of each generator's value per slot.
 
-The logged requests of a window are the (user, surface) pairs the log shows ads to; their
-outcomes are the ads the user then clicked there (a click with an attributed conversion counts
-as a conversion). Each request is replayed through the retrieval pipeline as it stood when the
-window began: the user's features as of then (``OfflineFeatures``, point in time from the
-offline tables), every generator's ranked candidates; a clicked ad is a hit for the generator
+The logged requests of a window are its requests that led to ad clicks, each with the context
+the surface logged for it: a search request's query text, a related page's context item, none
+on home (``logged_requests``: one per user, surface and context). Their outcomes are the ads the
+user then clicked there (a click with an attributed conversion counts as a conversion). Each
+request is replayed through the retrieval pipeline as it stood when the window began and as
+serving answers it: the user's features as of then (``OfflineFeatures``, point in time from the
+offline tables), the query embedded with the MiniLM vectors the features step wrote
+(``query_embedding.parquet``; no language model runs here), the query and the context item
+passed to the user encoder and to the generators, so ``query`` finds candidates on search and
+``item`` on related. Every generator's ranked candidates are kept; a clicked ad is a hit for the
+generator
 that ranks it first (a copy further down another list adds nothing once slots are shared),
 weighted by its label. Hits and slots per (surface, activity bucket, generator, rank band)
 give a Beta posterior per cell, shrunk towards the cell's value pooled over contexts. How hard
@@ -26,7 +32,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +42,14 @@ import pandas as pd
 
 from candgen.errors import CandgenError, ConfigError
 from candgen.evaluation.metrics import paired_difference
-from candgen.serving.pipeline import USER_SERVICE, RetrievalPipeline, generate, user_context
+from candgen.serving.contract import surface_context
+from candgen.serving.pipeline import (
+    USER_SERVICE,
+    RetrievalPipeline,
+    context_item_vector,
+    generate,
+    user_context,
+)
 from candgen.serving.pipeline import user_vector as encode_user
 from candgen.serving.quota import (
     ACTIVITY_BUCKETS,
@@ -47,7 +60,7 @@ from candgen.serving.quota import (
     allocate,
     snake_merge,
 )
-from candgen.vocab import LONG_TERM_TABLE, SURFACES
+from candgen.vocab import LONG_TERM_TABLE, QUERY_TABLE, SURFACES
 
 # The offline tables and columns behind what the features step reads (user_serving_v2).
 OFFLINE_VIEWS: dict[str, tuple[str, ...]] = {
@@ -139,27 +152,81 @@ class OfflineFeatures:
 
 @dataclass(frozen=True)
 class LoggedRequest:
-    """One (user, surface) of a log window and the ads the user clicked there (ad -> label)."""
+    """One logged request of a window and the ads the user clicked in it (ad -> label).
+
+    Attributes:
+        user_id, surface: who asked, where.
+        targets: the ads clicked in answer (ad -> ``click`` or ``conversion``).
+        query: the search query's text (search; None elsewhere).
+        context_item: the item the related page showed (related; None elsewhere).
+    """
 
     user_id: int
     surface: str
     targets: dict[int, str]
+    query: str | None = None
+    context_item: int | None = None
 
 
 def logged_requests(data_dir: Path, start: pd.Timestamp, stop: pd.Timestamp) -> list[LoggedRequest]:
-    """The window's requests that led to at least one ad click, in (user, surface) order."""
+    """The window's requests that led to at least one ad click, each with its logged context.
+
+    A request is a user's clicks on one surface under one context: a search query, a related
+    page's item, or (home) none; in (user, surface, query, context item) order. The log's
+    interactions carry no session id, so two sessions of a user with the same context (two
+    home visits, or the same query searched twice) make one request: their replays would be
+    the same (features as of the window start, the same context), and only their targets join.
+    """
     from candgen.data.sequences import marketplace_interactions
 
     df = marketplace_interactions(Path(data_dir))
     window = df[(df["timestamp"] >= start) & (df["timestamp"] < stop) & df["label"].isin(AD_LABELS)]
+    # "" and 0 stand for no context in the grouping keys: item ids are >= 1, and pandas would
+    # drop missing keys. They go back to None below.
+    keys = window.assign(
+        query=window["query"].fillna(""),
+        context_item_id=window["context_item_id"].fillna(0).astype("int64"),
+    )
     out = []
-    for (user, surface), g in window.groupby(["user_id", "surface"], sort=True):
+    for (user, surface, query, item), g in keys.groupby(
+        ["user_id", "surface", "query", "context_item_id"], sort=True
+    ):
         targets: dict[int, str] = {}
         for ad, label in zip(g["item_id"], g["label"], strict=True):
             if targets.get(int(ad)) != "conversion":  # a conversion outranks a plain click
                 targets[int(ad)] = str(label)
-        out.append(LoggedRequest(int(user), str(surface), targets))
+        out.append(
+            LoggedRequest(
+                int(user),
+                str(surface),
+                targets,
+                query=str(query) or None,
+                context_item=int(item) or None,
+            )
+        )
     return out
+
+
+def query_embeddings(features_dir: Path) -> dict[str, np.ndarray]:
+    """The log's queries and their MiniLM embeddings, as the features step wrote them
+    (``query_embedding.parquet``): the vectors serving's query encoder gives the same texts.
+    Empty when the features were built without text embeddings.
+
+    Raises:
+        CandgenError: naming features_dir when the table is missing (features built before
+            requests carried a query).
+    """
+    path = Path(features_dir) / f"{QUERY_TABLE}.parquet"
+    if not path.exists():
+        raise CandgenError(
+            f"features_dir: {features_dir} has no {path.name}, so search requests cannot be "
+            "replayed with their query; rebuild it with `candgen features build`"
+        )
+    table = pd.read_parquet(path, columns=["query", "text_embedding"])
+    return {
+        str(q): np.asarray(v, dtype=np.float32)
+        for q, v in zip(table["query"], table["text_embedding"], strict=True)
+    }
 
 
 @dataclass(frozen=True)
@@ -176,15 +243,25 @@ def replay(
     requests: Sequence[LoggedRequest],
     max_rank: int,
     progress: bool = True,
+    queries: Mapping[str, np.ndarray] | None = None,
 ) -> list[ReplayedRequest]:
-    """Every generator's top ``max_rank`` for each request (the pipeline's features source
-    answers as of the window start)."""
+    """Every generator's top ``max_rank`` for each request, asked as serving asks it (the
+    pipeline's features source answers as of the window start).
+
+    The surface keeps the context it reads (``surface_context``); the query's embedding comes
+    from ``queries`` (``query_embeddings``); a query it lacks is replayed without one, as a
+    request whose query was not embedded, and the ``query`` generator finds nothing for it. The
+    embedding and the context item go to the user encoder and to ``generate``.
+    """
     from tqdm.auto import tqdm
 
+    queries = queries or {}
     out = []
     for req in tqdm(requests, desc="replay logged requests", unit="request", disable=not progress):
+        surface = surface_context(req.surface, req.query, req.context_item)
+        query = queries.get(surface.query) if surface.query is not None else None
         context = user_context(pipeline.features, req.user_id)
-        vector = encode_user(pipeline.retriever, context, req.surface)
+        vector = encode_user(pipeline.retriever, context, req.surface, query, surface.context_item)
         found = generate(
             context,
             vector,
@@ -193,6 +270,8 @@ def replay(
             pipeline.content,
             pipeline.popularity,
             pipeline.ineligible,
+            query,
+            context_item_vector(pipeline.retriever, surface.context_item),
         )
         out.append(ReplayedRequest(req, context.activity, found))
     return out
@@ -254,6 +333,11 @@ def fit(
     beta = m * np.clip(1.0 - pooled, 0.0, None) + np.clip(slots - hits, 0.0, None) + 1e-3
     fitted = {
         "requests": len(replayed),
+        # How many requests each generator found candidates for (query: search requests whose
+        # query was embedded; item: related requests whose item the model knows).
+        "requests_with_candidates": {
+            gen: sum(bool(r.candidates.get(gen)) for r in replayed) for gen in GENERATORS
+        },
         "label_weights": weights,
         "pooling": config.pooling,
         "prior_strength": dict(zip(GENERATORS, np.round(strength, 1).tolist(), strict=True)),
@@ -514,11 +598,12 @@ def replay_window(
     index_dir: Path | None = None,
     progress: bool = True,
 ) -> list[ReplayedRequest]:
-    """The logged requests of the model's ``valid`` or ``test`` window, replayed through its
-    pipeline as it stood when the window began."""
+    """The logged requests of the model's ``valid`` or ``test`` window, each with its logged
+    query or context item, replayed through its pipeline as it stood when the window began."""
     valid_start, test_start, end = windows(data_dir, config.eval_days)
     if window not in ("valid", "test"):
         raise ConfigError("window", f"must be 'valid' or 'test', got {window!r}")
+    queries = query_embeddings(features_dir)
     start, stop = (valid_start, test_start) if window == "valid" else (test_start, end)
     requests = logged_requests(data_dir, start, stop)
     if config.max_requests and len(requests) > config.max_requests:
@@ -527,7 +612,7 @@ def replay_window(
         )
         requests = [requests[i] for i in sorted(pick)]
     pipeline = assemble_pipeline(model_path, features_dir, start, index_dir)
-    return replay(pipeline, requests, config.max_rank, progress)
+    return replay(pipeline, requests, config.max_rank, progress, queries)
 
 
 def learn_quotas(
