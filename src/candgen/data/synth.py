@@ -522,7 +522,10 @@ class MarketplaceGenerator:
         latent = _unit(self.centroids[category] + 0.5 * rng.normal(size=(n, c.latent_dim)))
         popularity = rng.zipf(1.6, n).astype(np.float64).clip(max=10_000)
         created = rng.integers(-365, c.days, n).astype(np.int32)
-        self.item_catalog = _Catalog.build(category, latent, popularity, created, c.categories)
+        # What the incumbent feed shows leans on popularity, less than in proportion to it: a
+        # feed that showed only the head would leave taste nothing to choose from.
+        shown = np.sqrt(popularity)
+        self.item_catalog = _Catalog.build(category, latent, shown, created, c.categories)
         ids = np.arange(1, n + 1, dtype=np.int64)
         noun = rng.integers(0, 4, n)
         self.item_category, self.item_noun = category, noun
