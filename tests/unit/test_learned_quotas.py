@@ -21,10 +21,13 @@ from candgen.quotas.learning import (
     ReplayedRequest,
     compare_policies,
     fit,
+    fixed_grid,
     logged_requests,
     query_embeddings,
     recall_by_label,
+    recall_table,
     replay_window,
+    request_recalls,
 )
 from candgen.serving.quota import (
     ACTIVITY_BUCKETS,
@@ -32,6 +35,7 @@ from candgen.serving.quota import (
     QUOTA_FILE,
     LearnedQuotas,
     QuotaPolicy,
+    allocate,
     describe,
     snake_merge,
 )
@@ -518,6 +522,31 @@ def test_the_quota_commands_learn_show_and_reject_bad_input(
     assert main(["quotas", "show", str(out), "-k", "0"]) == 2
     assert "k: must be >= 1" in capsys.readouterr().err
 
+    # compare: every policy over the five generators, on requests replayed with their context
+    result = tmp_path / "compare.json"
+    compare = [*learn[:1], "compare", *learn[2:], "-k", "20", "50", "--max-rank", "50"]
+    assert main([*compare, "--out", str(result), "--quiet"]) == 0
+    capsys.readouterr()
+    got = json.loads(result.read_text())
+    assert got["fit_requests"] == summary["requests"] and got["test_requests"] > 0
+    policies = got["policies"]
+    assert set(policies) == {
+        "learned",
+        "best fixed",
+        "best fixed per context",
+        "best fixed on test",
+        "snake merge",
+        "hand-set per surface",
+    }
+    for name, metrics in policies.items():
+        assert 0.0 <= metrics["ads.recall@50"] <= 1.0, name
+    for k in (20, 50):
+        split = policies["best fixed"][f"split@{k}"]
+        assert list(split) == list(GENERATORS) and sum(split.values()) == pytest.approx(1.0)
+        assert all(round(v * 5) == pytest.approx(v * 5) for v in split.values())  # fifths
+    assert main([*compare, "--fixed-step", "0.3"]) == 2
+    assert "fixed_step: must divide 1 into whole parts" in capsys.readouterr().err
+
 
 def test_the_default_policy_serves_the_learned_table_where_there_is_one(tmp_path: Path) -> None:
     config = ServingConfig(max_k=50)
@@ -545,3 +574,29 @@ def test_a_target_two_generators_find_counts_for_the_one_that_ranks_it_first() -
     # none here, and a generator never seen holds no evidence either way)
     available = {g: len(c) for g, c in cands.items()}
     assert table.quotas("home", 80, 5, available)["sequential"] == 5
+
+
+def test_the_recall_table_equals_each_splits_own_allocation() -> None:
+    """The comparison scores every fixed split from one table per window; it must be what
+    allocating each split for each request gives, requests it skips (no target within reach)
+    included."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(40):
+        # overlapping lists (the dedup at work), some empty (a context the surface lacks)
+        cands = {g: [(int(a), 1.0 - j / 100) for j, a in
+                     enumerate(rng.choice(120, rng.integers(0, 40), replace=False))]
+                 for g in GENERATORS}  # fmt: skip
+        targets = {int(a): ("conversion" if rng.random() < 0.3 else "click")
+                   for a in rng.choice(160, rng.integers(1, 4), replace=False)}  # fmt: skip
+        rows.append(ReplayedRequest(LoggedRequest(i, "home", targets), 1, cands))
+    grid = fixed_grid(0.25)
+    for k in (5, 12, 30):
+        table = recall_table(rows, grid, k)
+        for s, split in enumerate(grid):
+            want = request_recalls(rows, lambda r, k, w=split: allocate(r.candidates, w, k), k)
+            for label, values in want.items():
+                np.testing.assert_array_equal(table[label][s], values)
+    with pytest.raises(ConfigError, match=r"^fixed_step: must divide 1 into whole parts"):
+        fixed_grid(0.3)
+    assert len(fixed_grid()) == 126 and len(fixed_grid(0.1)) == 1001

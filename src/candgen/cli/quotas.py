@@ -33,11 +33,18 @@ def cmd_quotas_learn(args: argparse.Namespace) -> int:
 
 
 def cmd_quotas_compare(args: argparse.Namespace) -> int:
-    from candgen.quotas.learning import QuotaLearnConfig, compare_policies, fit, replay_window
+    from candgen.quotas.learning import (
+        QuotaLearnConfig,
+        compare_policies,
+        fit,
+        fixed_grid,
+        replay_window,
+    )
     from candgen.serving.quota import DEFAULT_WEIGHTS
 
     ks = sorted(set(args.k))
     check_at_least("k", ks[0], 1)
+    fixed_grid(args.fixed_step)  # a bad step is an error before the replays
     config = config_from_args(QuotaLearnConfig, args)
     if config.max_rank < ks[-1]:
         raise ConfigError("max_rank", f"must be >= the largest K ({ks[-1]}), got {config.max_rank}")
@@ -60,7 +67,7 @@ def cmd_quotas_compare(args: argparse.Namespace) -> int:
         "activity_edges": learned.activity_edges,
         "prior_strength": learned.fitted["prior_strength"],
         "policies": compare_policies(
-            replays["valid"], replays["test"], learned, ks, DEFAULT_WEIGHTS
+            replays["valid"], replays["test"], learned, ks, DEFAULT_WEIGHTS, args.fixed_step
         ),
     }
     if args.out is not None:
@@ -115,7 +122,7 @@ def _add_replay_inputs(sp: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
-    from candgen.quotas.learning import QuotaLearnConfig
+    from candgen.quotas.learning import FIXED_STEP, QuotaLearnConfig
 
     quotas = sub.add_parser("quotas", help="the quotas across candidate generators").add_subparsers(
         dest="quotas_command", required=True
@@ -135,12 +142,21 @@ def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
 
     qc = quotas.add_parser(
         "compare",
-        help="learned quotas vs the best fixed split, snake merge and the hand-set weights: "
-        "recall by label on the model's test window, fitted on its validation window",
+        help="learned quotas vs the best fixed split (overall and per context), snake merge and "
+        "the hand-set weights over the five generators: recall by label on the model's test "
+        "window, fitted on its validation window, each request replayed with its query or "
+        "context item",
     )
     _add_replay_inputs(qc)
     qc.add_argument(
         "-k", "--k", type=int, nargs="+", default=[50, 100, 200], help="the K of each comparison"
+    )
+    qc.add_argument(
+        "--fixed-step",
+        type=float,
+        default=FIXED_STEP,
+        help="the fixed splits' grid step: every split of the slots among the five generators "
+        "in multiples of it (0.2: 126 splits; 0.1: 1,001, about eight times slower)",
     )
     qc.add_argument("--out", type=Path, default=None, help="also write the result here (JSON)")
     qc.add_argument("--quiet", action="store_true", help="no progress bar")

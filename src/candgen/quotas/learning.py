@@ -29,7 +29,6 @@ table goes into the select step of the exported repository.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -433,14 +432,71 @@ def _mean_recalls(recalls: dict[str, np.ndarray], k: int) -> dict[str, float]:
     return out
 
 
-def fixed_grid(step: float = 0.1) -> list[dict[str, float]]:
+# The fixed splits' grid step. Every split of the five generators in tenths is 1,001 splits
+# (three generators made 66), and each split is allocated for every request of both windows at
+# every K: measured on the test marketplace (45 fit and 33 test requests, K = 50, 100, 200, two
+# shared cores) the comparison took 117 s, so the ablation's ~800 requests per window would take
+# about half an hour. In fifths it is 126 splits (see the README's measurement); a split in
+# fifths is as fine as the hand-set weights' granularity needs, and the learned table is not
+# bound to any grid.
+FIXED_STEP = 0.2
+
+
+def fixed_grid(step: float = FIXED_STEP) -> list[dict[str, float]]:
     """Every split of the slots among the generators in multiples of ``step``."""
     n = round(1 / step)
+    if n < 1 or not np.isclose(n * step, 1.0):
+        raise ConfigError("fixed_step", f"must divide 1 into whole parts, got {step}")
     return [
         {g: round(i * step, 6) for g, i in zip(GENERATORS, parts, strict=True)}
         for parts in itertools.product(range(n + 1), repeat=len(GENERATORS))
         if sum(parts) == n
     ]
+
+
+def recall_table(
+    rows: Sequence[ReplayedRequest], splits: Sequence[dict[str, float]], k: int
+) -> dict[str, np.ndarray]:
+    """Per label, each fixed split's recall at ``k`` on each request: (splits, requests), NaN
+    where the request holds no target of the label (``request_recalls`` of each split).
+
+    A request none of whose targets any generator lists within its first ``k + generators``
+    ranks scores 0 under every split without being allocated: ``allocate`` reads a generator's
+    list only up to the ads taken so far (its own, and the others' it skips as duplicates), at
+    most K plus one per generator in its last round."""
+    out = {label: np.full((len(splits), len(rows)), np.nan) for label in RECALL_LABELS}
+    depth = k + len(GENERATORS)
+    reachable = []
+    for i, r in enumerate(rows):
+        listed = {ad for cands in r.candidates.values() for ad, _ in cands[:depth]}
+        if listed & set(r.request.targets):
+            reachable.append(i)
+        for label in RECALL_LABELS:
+            if any(label in ("ads", lab) for lab in r.request.targets.values()):
+                out[label][:, i] = 0.0
+    picked = [rows[i] for i in reachable]
+    for s, split in enumerate(splits):
+        got = request_recalls(picked, _fixed(split), k)
+        for label in RECALL_LABELS:
+            out[label][s, reachable] = got[label]
+    return out
+
+
+def _fixed(split: dict[str, float]) -> Selector:
+    return lambda r, k: allocate(r.candidates, split, k)
+
+
+def _best_split(table: dict[str, np.ndarray], columns: np.ndarray | slice) -> int:
+    """The split with the highest conversion recall over ``columns``' requests, then ads recall
+    (the first such in grid order); a label no request holds counts as recall 0."""
+
+    def means(label: str) -> np.ndarray:
+        values = table[label][:, columns]
+        held = ~np.isnan(values[0])
+        return values[:, held].mean(1) if held.any() else np.zeros(len(values))
+
+    conversion, ads = means("conversion"), means("ads")
+    return max(range(len(conversion)), key=lambda s: (conversion[s], ads[s]))
 
 
 def compare_policies(
@@ -449,19 +505,18 @@ def compare_policies(
     learned: LearnedQuotas,
     ks: Sequence[int],
     hand_set: dict[str, dict[str, float]] | None = None,
-    step: float = 0.1,
+    step: float = FIXED_STEP,
 ) -> dict[str, dict[str, Any]]:
     """Recall by label on ``test_set`` at each K for: the learned quotas; the best fixed split
     (one split for every request, chosen per K by conversion recall on ``fit_set``, as the
     learned values were fitted there); the best fixed split of each context (chosen the same way
     on that context's requests alone); the fixed split that is best on ``test_set`` itself (an
     upper bound no fixed split can beat); snake merge; and ``hand_set`` per-surface weights.
-    The learned policy's entry also holds, per label and K, its paired difference from the best
-    fixed split (``conversion.vs_best_fixed@100``: mean, 95% bootstrap interval, requests won
-    and lost; ``candgen.evaluation.metrics.paired_difference``)."""
-
-    def fixed(w: dict[str, float]) -> Selector:
-        return lambda r, k: allocate(r.candidates, w, k)
+    Fixed splits are the grid of ``step`` over every generator (``fixed_grid``), sequential,
+    content, query, item and popularity. The learned policy's entry also holds, per label and K,
+    its paired difference from the best fixed split (``conversion.vs_best_fixed@100``: mean,
+    95% bootstrap interval, requests won and lost;
+    ``candgen.evaluation.metrics.paired_difference``)."""
 
     def learned_select(r: ReplayedRequest, k: int) -> list[Candidate]:
         available = {g: len(c) for g, c in r.candidates.items()}
@@ -472,6 +527,9 @@ def compare_policies(
         return snake_merge(r.candidates, GENERATORS, k)
 
     grid = fixed_grid(step)
+    contexts: dict[str, list[int]] = {}
+    for i, r in enumerate(fit_set):
+        contexts.setdefault(learned.context_key(r.request.surface, r.activity), []).append(i)
     out: dict[str, dict[str, Any]] = {
         "learned": {},
         "best fixed": {},
@@ -480,20 +538,15 @@ def compare_policies(
         "snake merge": {},
     }
     for k in ks:
-
-        def score(
-            rows: Sequence[ReplayedRequest], w: dict[str, float], k: int = k
-        ) -> tuple[float, float]:
-            m = recall_by_label(rows, fixed(w), [k])
-            return m[f"conversion.recall@{k}"], m[f"ads.recall@{k}"]
-
-        best_fit = max(grid, key=lambda w: score(fit_set, w))
-        best_test = max(grid, key=lambda w: score(test_set, w))
+        # Each split is allocated once per request of each window; the choices below only
+        # average the table over different requests.
+        fit_table = recall_table(fit_set, grid, k)
+        best_fit = grid[_best_split(fit_table, slice(None))]
+        best_test = grid[_best_split(recall_table(test_set, grid, k), slice(None))]
         # The same choice made in each context alone: what per-context values amount to when
         # nothing is pooled (a context the fit window lacks gets the overall best split).
         per_context = {
-            key: max(grid, key=functools.partial(score, rows))
-            for key, rows in _by_context(fit_set, learned).items()
+            key: grid[_best_split(fit_table, np.array(cols))] for key, cols in contexts.items()
         }
 
         def contextual(
@@ -506,12 +559,12 @@ def compare_policies(
             return allocate(r.candidates, split, k)
 
         ours = request_recalls(test_set, learned_select, k)
-        theirs = request_recalls(test_set, fixed(best_fit), k)
+        theirs = request_recalls(test_set, _fixed(best_fit), k)
         rows = {
             "learned": _mean_recalls(ours, k),
             "best fixed": _mean_recalls(theirs, k),
             "best fixed per context": recall_by_label(test_set, contextual, [k]),
-            "best fixed on test": recall_by_label(test_set, fixed(best_test), [k]),
+            "best fixed on test": recall_by_label(test_set, _fixed(best_test), [k]),
             "snake merge": recall_by_label(test_set, snake, [k]),
         }
         if hand_set is not None:
@@ -526,15 +579,6 @@ def compare_policies(
                 ours[label], theirs[label]
             )
         out["best fixed on test"][f"split@{k}"] = best_test
-    return out
-
-
-def _by_context(
-    rows: Sequence[ReplayedRequest], learned: LearnedQuotas
-) -> dict[str, list[ReplayedRequest]]:
-    out: dict[str, list[ReplayedRequest]] = {}
-    for r in rows:
-        out.setdefault(learned.context_key(r.request.surface, r.activity), []).append(r)
     return out
 
 
