@@ -5,7 +5,7 @@ import pytest
 from kfp.dsl import Artifact
 
 from candgen.errors import ConfigError
-from candgen.serving.quota import LearnedQuotas
+from candgen.serving.quota import GENERATORS, LearnedQuotas
 from candgen.vocab import SURFACES
 from components.learn_quotas.component import learn_quotas
 
@@ -18,7 +18,7 @@ def test_python_func_fits_the_quotas_on_the_validation_window(learned: Artifact)
     assert {key.split("/")[0] for key in table.alpha} == set(SURFACES)
     assert sum(table.quotas("home", 10, 100).values()) == 100
     assert table.fitted["pooling"] == "empirical"
-    assert set(table.fitted["prior_strength"]) == {"sequential", "content", "popularity"}
+    assert set(table.fitted["prior_strength"]) == set(GENERATORS)
 
 
 def test_a_bad_parameter_names_the_field(trainable_data: tuple, tmp_path: Path) -> None:
