@@ -174,7 +174,8 @@ def logged_requests(data_dir: Path, start: pd.Timestamp, stop: pd.Timestamp) -> 
     page's item, or (home) none; in (user, surface, query, context item) order. The log's
     interactions carry no session id, so two sessions of a user with the same context (two
     home visits, or the same query searched twice) make one request: their replays would be
-    the same (features as of the window start, the same context), and only their targets join.
+    the same (features as of the window start, the same context), and only their targets join
+    (on the test marketplace, 137 sessions with ad clicks make 132 requests).
     """
     from candgen.data.sequences import marketplace_interactions
 
