@@ -446,11 +446,16 @@ def _quota_table(quotas: dict | None) -> list[str]:
     if not quotas:
         return []
     policies = quotas["policies"]
+    strength = quotas.get("prior_strength")
+    generators = list(strength) if isinstance(strength, dict) else ["sequential", "content"]
+    # Three surfaces x the activity buckets (edges + 1) are the contexts the values are fitted in.
+    contexts = 3 * (len(quotas["activity_edges"]) + 1)
     lines = [
         "",
-        f"Quota policies over the unified model's generators (sequential, content, "
-        f"popularity), at equal K: the test window's {quotas['test_requests']:,} "
-        f"(user, surface) requests that led to ad clicks, each replayed through the "
+        f"Quota policies over the unified model's generators ({', '.join(generators)}), at "
+        f"equal K: the test window's {quotas['test_requests']:,} requests (a user's ad clicks "
+        f"on one surface under one context: a search query, a related page's item, or none "
+        f"on home) that led to ad clicks, each replayed with its own context through the "
         f"generators as they stood when the window began; the learned values were fitted "
         f"on the validation window's {quotas['fit_requests']:,} requests (activity buckets "
         f"at {quotas['activity_edges']} lifetime actions). Recall per request:",
@@ -471,12 +476,11 @@ def _quota_table(quotas: dict | None) -> list[str]:
         f"K={k}: " + ", ".join(f"{g} {w:.1f}" for g, w in splits[f"split@{k}"].items()) for k in KS
     )
     n_conv = int(policies["learned"].get("conversion.requests", 0))
-    strength = quotas.get("prior_strength")
     pooled = (
         " The learned values were pooled across contexts with an estimated strength of "
         + ", ".join(f"{g} {v:,.0f}" for g, v in strength.items())
         + " requests (empirical Bayes; a context holds "
-        f"{quotas['fit_requests'] / 12:,.0f} requests on average)."
+        f"{quotas['fit_requests'] / contexts:,.0f} requests on average)."
         if isinstance(strength, dict)
         else ""
     )
