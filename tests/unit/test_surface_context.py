@@ -15,6 +15,7 @@ from candgen.endpoint.surface_context import (
     most_clicking_users,
     overlap_at_k,
 )
+from candgen.errors import ConfigError
 
 ITEMS = pd.DataFrame(
     {
@@ -136,7 +137,7 @@ def test_overlap_counts_shared_ads_of_the_top_k_against_k() -> None:
     # Only the top k count, and a short list counts against k.
     assert overlap_at_k(home, [9, 8, 7, 1], 3) == 0.0
     assert overlap_at_k(home, [1], 4) == 0.25
-    with pytest.raises(ValueError, match="k"):
+    with pytest.raises(ConfigError, match=r"^k: must be at least 1"):
         overlap_at_k(home, home, 0)
 
 

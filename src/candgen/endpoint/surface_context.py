@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from candgen.data.synth_text import CATEGORY_NOUNS
+from candgen.errors import ConfigError
 
 EVENT_COLUMNS = (
     "user_id",
@@ -130,7 +131,7 @@ def overlap_at_k(a: Sequence[int], b: Sequence[int], k: int) -> float:
     A list shorter than k still counts against k: missing ads are not shared ones.
     """
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise ConfigError("k", f"must be at least 1, got {k}")
     return len(set(a[:k]) & set(b[:k])) / k
 
 
