@@ -64,6 +64,25 @@ def chunked_topk(
     return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
 
 
+def _rows(
+    name: str, values: Sequence[Sequence[float] | np.ndarray | None], n: int, width: int
+) -> torch.Tensor:
+    """(n, width) float32 rows of per-request vectors (zeros where a request has none), or a
+    CandgenError naming ``name`` when their number or a vector's width is wrong."""
+    if len(values) != n:
+        raise CandgenError(f"{name}: one vector (or None) per history is needed")
+    rows = np.zeros((n, width), dtype=np.float32)
+    for row, vector in enumerate(values):
+        if vector is None or len(vector) == 0:
+            continue
+        if len(vector) != width:
+            raise CandgenError(
+                f"{name}[{row}]: {len(vector)} values, but the model fuses a {width}-d vector"
+            )
+        rows[row] = vector
+    return torch.from_numpy(rows)
+
+
 class Retriever:
     """Top-K retrieval with a trained model, in the data set's own item ids.
 
@@ -142,39 +161,21 @@ class Retriever:
         """
         internal = self.encode(histories)
         batch = {"items": torch.from_numpy(pad_left(internal, self.max_len))}
-        width = self.long_term_dim
-        if long_term is not None and width:
-            if len(long_term) != len(histories):
-                raise CandgenError("long_term: one embedding (or None) per history is needed")
-            rows = np.zeros((len(histories), width), dtype=np.float32)
-            for row, vector in enumerate(long_term):
-                if vector is None or len(vector) == 0:
-                    continue
-                if len(vector) != width:
-                    raise CandgenError(
-                        f"long_term[{row}]: {len(vector)} values, but the model "
-                        f"fuses a {width}-d long-term embedding"
-                    )
-                rows[row] = vector
-            batch["long_term"] = torch.from_numpy(rows)
+        if long_term is not None and self.long_term_dim:
+            batch["long_term"] = _rows("long_term", long_term, len(histories), self.long_term_dim)
         if queries is not None and self.query_text_dim:
-            if len(queries) != len(histories):
-                raise CandgenError("queries: one query embedding (or None) per history is needed")
-            text = np.zeros((len(histories), self.query_text_dim), dtype=np.float32)
-            for row, embedding in enumerate(queries):
-                if embedding is None or len(embedding) == 0:
-                    continue
-                if len(embedding) != self.query_text_dim:
-                    raise CandgenError(
-                        f"queries[{row}]: {len(embedding)} values, but the model reads a "
-                        f"{self.query_text_dim}-d query embedding"
-                    )
-                text[row] = embedding
-            batch["query_text"] = torch.from_numpy(text)
+            batch["query_text"] = _rows("queries", queries, len(histories), self.query_text_dim)
         if context_items is not None and self.reads_context_items:
             if len(context_items) != len(histories):
                 raise CandgenError("context_items: one item id (or None) per history is needed")
-            viewed = [0 if i is None else self.encode([[i]])[0][0] for i in context_items]
+            viewed = []
+            for row, item in enumerate(context_items):
+                if item is not None and int(item) not in self.index:
+                    raise CandgenError(
+                        f"context_items[{row}]: item id {int(item)} is not in the model's "
+                        f"vocabulary ({len(self.index):,} items)"
+                    )
+                viewed.append(0 if item is None else self.index[int(item)])
             batch["context_items"] = torch.tensor(viewed, dtype=torch.long)
         if scenarios is not None and self.model.contextual:
             if len(scenarios) != len(histories):

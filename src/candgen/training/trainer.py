@@ -210,6 +210,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
+    context_dims = request_context(config, data)
     model = build_model(
         config,
         data.num_items,
@@ -221,7 +222,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         torch.from_numpy(data.cold_ads),
         long_term_dim(config, data),
         data.train_surfaces is not None,
-        *request_context(config, data),
+        *context_dims,
     ).to(device)
     pop = np.bincount(windows.targets.ravel(), minlength=data.num_items + 1).astype(np.float64)
     pop[0] = 0
@@ -258,7 +259,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
     )
     requests = (
         (windows.target_queries, windows.target_contexts)
-        if heads is not None and any(request_context(config, data))
+        if heads is not None and any(context_dims)
         else (None, None)
     )
     from tqdm.auto import tqdm
@@ -384,8 +385,8 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
             has_labels=data.train_labels is not None,
             has_surfaces=data.train_surfaces is not None,
             long_term_dim=long_term_dim(config, data),
-            query_text_dim=request_context(config, data)[0],
-            has_context_items=request_context(config, data)[1],
+            query_text_dim=context_dims[0],
+            has_context_items=context_dims[1],
             train_cutoff=data.train_cutoff,
             long_term_summariser=data.long_term.summariser if data.long_term else "",
             snapshot=data.snapshot,
