@@ -29,7 +29,7 @@ def main() -> int:
     ref = TextEmbedder(None, progress=False).embed(texts)
     work = Path(tempfile.mkdtemp())
     try:
-        export_onnx(work / "fp32")
+        export_onnx(work / "fp32", "fp32")
         graph = onnx.load(str(work / "fp32" / ONNX_FILE)).graph
         matmuls = [n.name for n in graph.node if n.op_type == "MatMul"]
         rows = {"fp32": measure(QueryEncoder(work / "fp32", cache_size=0).encode, texts, ref)}

@@ -42,7 +42,7 @@ from candgen.paths import REPO_ROOT, replace_atomically
 from candgen.serving.contract import INPUTS, OUTPUTS
 from candgen.serving.generators import ContentGenerator
 from candgen.serving.pipeline import USER_SERVICE
-from candgen.serving.query_encoder import QUERY_ENCODER_DIR
+from candgen.serving.query_encoder import QUERY_ENCODER_DIR, check_precision
 from candgen.serving.quota import QUOTA_FILE, LearnedQuotas
 from candgen.serving.steps import (
     CONTENT_DIR,
@@ -96,6 +96,10 @@ class ExportConfig:
             pipeline's index step); empty: build it here.
         quotas: a learned quota table (``candgen quotas learn``) for the select step; the
             learned quota policy needs one.
+        query_encoder_precision: the search query's MiniLM graph: ``int8`` (int8 weights on
+            every MatMul but the first layer's: about 40% faster on a cache miss, and 97% of
+            the query generator's top 100 ads are the ones fp32 finds) or ``fp32`` (exactly the
+            ads' text model).
         serving: how the ensemble serves.
         index: the sequential generator's ANN index.
     """
@@ -107,6 +111,7 @@ class ExportConfig:
     tracking_uri: str = ""
     index_dir: str = ""
     quotas: str = ""
+    query_encoder_precision: str = "int8"
     serving: ServingConfig = field(default_factory=ServingConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
 
@@ -119,6 +124,7 @@ class ExportConfig:
             )
         if self.keep_versions < 1:
             raise ConfigError("keep_versions", f"must be >= 1, got {self.keep_versions}")
+        check_precision(self.query_encoder_precision)
         if self.serving.quota_policy == "learned" and not self.quotas:
             raise ConfigError(
                 "quotas",
@@ -284,12 +290,12 @@ def stage_generators(
     np.savez(folder / DELIVERY_FILE, allow_pickle=True, **delivery)
 
 
-def stage_query_encoder(folder: Path) -> dict[str, Any]:
+def stage_query_encoder(folder: Path, precision: str = "int8") -> dict[str, Any]:
     """Writes the query encoder (all-MiniLM-L6-v2 as ONNX, ``candgen.endpoint.text_onnx``) into
     a user encoder step's staged folder; returns its settings."""
     from candgen.endpoint.text_onnx import export_onnx
 
-    return export_onnx(Path(folder) / QUERY_ENCODER_DIR)
+    return export_onnx(Path(folder) / QUERY_ENCODER_DIR, precision)
 
 
 def staging_dir(repository: Path, version: int) -> Path:
@@ -454,8 +460,11 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     shutil.copy2(emb.model_dir / "model.pt", encoder / MODEL_FILE)
     shutil.copy2(emb.model_dir / "item_embeddings.npy", encoder / TABLE_FILE)
     say(f"{mv.name} v{version} (run {mv.run_id}): user encoder and item table")
-    query_model = stage_query_encoder(encoder)
-    say(f"query encoder: {query_model['model']} as ONNX ({query_model['dim']}-d)")
+    query_model = stage_query_encoder(encoder, config.query_encoder_precision)
+    say(
+        f"query encoder: {query_model['model']} as ONNX ({query_model['dim']}-d, "
+        f"{query_model['precision']})"
+    )
     generators = staging / GeneratorsStep.MODEL
     if config.index_dir:
         summary = _copy_index(Path(config.index_dir), generators, config.model_uri)

@@ -3,9 +3,8 @@ embedded with, run by ONNX Runtime from the graph that ``candgen serving export`
 (``candgen.features.text_onnx``), with an LRU cache of recent queries.
 
 Measured in-process on one thread (docs/benchmarks/serving_notes.md, benchmarks/query_encoder.py):
-a cache miss costs about 5 ms for a short query (torch eager: 16 ms; int8 dynamic quantisation,
-torch's or ONNX Runtime's, was faster but moved the vectors to a cosine of 0.95-0.98 with the
-ads' text model), a hit a few microseconds.
+a cache miss costs a few milliseconds for a short query (the int8 graph export writes by default
+about 40% less than fp32, torch eager 3x more), a hit a few microseconds.
 """
 
 from __future__ import annotations
@@ -17,11 +16,20 @@ from typing import Any
 
 import numpy as np
 
-from candgen.errors import CandgenError
+from candgen.errors import CandgenError, ConfigError
 
 QUERY_ENCODER_DIR = "query_encoder"
 ONNX_FILE, TOKENIZER_FILE, SETTINGS_FILE = "model.onnx", "tokenizer.json", "query_encoder.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+PRECISIONS = ("int8", "fp32")
+
+
+def check_precision(precision: str) -> None:
+    """Raises a ConfigError naming ``query_encoder_precision`` unless it is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            "query_encoder_precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
 
 
 class QueryEncoder:
