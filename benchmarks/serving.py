@@ -18,7 +18,8 @@ latency p50/p95/p99 and throughput at concurrency 1, 4 and 16 through the whole 
 ANN-only and exact search on the same user vectors, and, as the profile, the time each step
 spends per request from Triton's own statistics.
 
-Traffic comes in three kinds, on the same server: without context (no request carries a query
+Traffic comes in three kinds, on the same server, interleaved request by request at concurrency
+1 (the p99 comparison) and sent alone at 4 and 16: without context (no request carries a query
 or a context item, as before the surfaces had any); with logged context (search requests carry
 a query drawn from the marketplace's search log, repeats included, so the query encoder's cache
 warms as it would in production; related requests carry an item); and with unseen queries (each
@@ -202,6 +203,17 @@ def _market(work: Path, seed: int):  # -> (store config, users, items, ads, logg
     return store, np.unique(users.to_numpy(np.int64)), items, ads, logged
 
 
+def _corpus_ids(
+    args: argparse.Namespace, items: np.ndarray, market_ads: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder's item vectors (organic items, then ads: one mixture) and the ads' ids."""
+    from candgen.data.synth import AD_ID_OFFSET
+
+    everything, _ = corpus(len(items) + args.ads, args.dim, args.seed)
+    extra = AD_ID_OFFSET + 10_000_000 + np.arange(1, args.ads - len(market_ads) + 1)
+    return everything, np.concatenate([market_ads, extra]).astype(np.int64)
+
+
 def _build_repository(
     args: argparse.Namespace,
     work: Path,
@@ -209,23 +221,20 @@ def _build_repository(
     market_ads: np.ndarray,
     feature_url: str,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
-    from candgen.data.synth import AD_ID_OFFSET
     from candgen.endpoint.export import publish, stage_generators, stage_query_encoder
     from candgen.index.ann import INDEX_FILE
     from candgen.serving.generators import ContentGenerator
     from candgen.serving.steps import (
         STEPS,
         EncoderStep,
+        FeaturesStep,
         GeneratorsStep,
         ServingConfig,
     )
 
     t0 = time.perf_counter()
-    # Organic items and ads are drawn from the same mixture; the ads are the last rows.
-    everything, _ = corpus(len(items) + args.ads, args.dim, args.seed)
+    everything, ad_ids = _corpus_ids(args, items, market_ads)
     vectors = everything[len(items) :]
-    extra = AD_ID_OFFSET + 10_000_000 + np.arange(1, args.ads - len(market_ads) + 1)
-    ad_ids = np.concatenate([market_ads, extra]).astype(np.int64)
     item_ids = np.concatenate([[0], items, ad_ids]).astype(np.int64)
     staging = work / "repo" / ".staging-1"
     for step in STEPS:
@@ -238,7 +247,7 @@ def _build_repository(
         args.encoder_block_scale,
     )
     del everything
-    query_model = stage_query_encoder(staging / EncoderStep.MODEL, args.query_encoder_precision)
+    query_model = stage_query_encoder(staging / FeaturesStep.MODEL, args.query_encoder_precision)
     if args.text_dim != query_model["dim"]:
         raise SystemExit(
             f"--text-dim {args.text_dim}: the query generator searches the ads' text vectors with "
@@ -305,16 +314,24 @@ class Traffic:
 
 
 def _load(
-    url: str, users: np.ndarray, seconds: float, concurrency: int, seed: int, traffic: Traffic
-) -> dict:
+    url: str,
+    users: np.ndarray,
+    seconds: float,
+    concurrency: int,
+    seed: int,
+    traffics: list[Traffic],
+) -> list[dict]:
+    """Closed-loop load; each request takes one of ``traffics`` at random, so that kinds sent
+    together meet the same machine (this shared VM's speed drifts by more than the effects
+    measured). Returns one level per kind."""
     import threading
+    from collections import defaultdict
 
     from candgen.endpoint.client import RetrieveClient
 
-    lat: list[list[float]] = [[] for _ in range(concurrency)]
-    errors: list[str] = []
-    fallbacks = [0] * concurrency  # answered without features (the feature server was late)
-    searches, repeats = [0] * concurrency, [0] * concurrency
+    lat: dict[str, list[float]] = defaultdict(list)  # list.append is atomic under the GIL
+    errors: dict[str, list[str]] = defaultdict(list)
+    counts: dict[str, list[int]] = {t.kind: [0, 0, 0] for t in traffics}  # fallbacks, q, seen
     stop_at = time.perf_counter() + seconds
 
     def worker(i: int) -> None:
@@ -322,21 +339,23 @@ def _load(
         rng = np.random.default_rng(seed * 100 + i)
         surfaces = ("home", "search", "related")
         while time.perf_counter() < stop_at:
+            traffic = traffics[int(rng.integers(len(traffics)))]
+            n = counts[traffic.kind]
             user = int(users[rng.integers(len(users))])
             surface = surfaces[int(rng.integers(3))]
             query, item = traffic.context(surface, rng)
             if query is not None:
-                searches[i] += 1
-                repeats[i] += query in traffic.sent
+                n[1] += 1
+                n[2] += query in traffic.sent
                 traffic.sent.add(query)
             t0 = time.perf_counter()
             try:
                 res = client.retrieve(user, surface, K, query=query, context_item_id=item)
             except Exception as e:  # counted and reported, never hidden
-                errors.append(repr(e))
+                errors[traffic.kind].append(repr(e))
                 continue
-            lat[i].append((time.perf_counter() - t0) * 1e3)
-            fallbacks[i] += res.fallback
+            lat[traffic.kind].append((time.perf_counter() - t0) * 1e3)
+            n[0] += res.fallback  # answered without features (the feature server was late)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
@@ -345,22 +364,43 @@ def _load(
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    times = np.concatenate([np.asarray(x) for x in lat])
-    p50, p95, p99 = np.percentile(times, [50, 95, 99]) if len(times) else (np.nan,) * 3
-    return {
-        "traffic": traffic.kind,
-        "concurrency": concurrency,
-        "requests": len(times),
-        "queries": sum(searches),
-        "repeated_queries": sum(repeats),
-        "errors": len(errors),
-        "fallbacks": sum(fallbacks),
-        "first_error": errors[0] if errors else "",
-        "qps": len(times) / wall,
-        "p50_ms": float(p50),
-        "p95_ms": float(p95),
-        "p99_ms": float(p99),
-    }
+    levels = []
+    for t in traffics:
+        times = np.asarray(lat[t.kind])
+        p50, p95, p99 = np.percentile(times, [50, 95, 99]) if len(times) else (np.nan,) * 3
+        fallbacks, queries, seen = counts[t.kind]
+        levels.append(
+            {
+                "traffic": t.kind,
+                "concurrency": concurrency,
+                "interleaved_with": [o.kind for o in traffics if o is not t],
+                "requests": len(times),
+                "queries": queries,
+                "repeated_queries": seen,
+                "errors": len(errors[t.kind]),
+                "fallbacks": fallbacks,
+                "first_error": errors[t.kind][0] if errors[t.kind] else "",
+                "qps": len(times) / wall,
+                "p50_ms": float(p50),
+                "p95_ms": float(p95),
+                "p99_ms": float(p99),
+                "_times": times,  # for p99_rise; dropped before the result is stored
+            }
+        )
+    return levels
+
+
+def p99_rise(with_context: np.ndarray, without: np.ndarray, seed: int) -> dict[str, float]:
+    """p99(with) - p99(without) and its 90% bootstrap interval (each kind resampled alone)."""
+    rng = np.random.default_rng(seed)
+    draws = [
+        np.percentile(rng.choice(with_context, len(with_context)), 99)
+        - np.percentile(rng.choice(without, len(without)), 99)
+        for _ in range(2_000)
+    ]
+    low, high = np.percentile(draws, [5, 95])
+    rise = np.percentile(with_context, 99) - np.percentile(without, 99)
+    return {"rise_ms": float(rise), "low_ms": float(low), "high_ms": float(high)}
 
 
 def _step_stats(client, models: list[str]) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
@@ -389,6 +429,13 @@ def _per_request_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def _build_args(args: argparse.Namespace) -> dict[str, object]:
+    """What the built repository depends on (a reused one must have been built with these)."""
+    names = ("ads", "dim", "text_dim", "seed", "ef_construction", "ef_search", "instances")
+    names += ("max_len", "encoder_block_scale", "query_encoder_precision", "feature_port")
+    return {n: getattr(args, n) for n in names}
+
+
 def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
     import shutil
 
@@ -400,7 +447,13 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
     from candgen.serving.steps import ENSEMBLE, STEPS, load_retriever
 
     work = Path(args.workdir).resolve()
-    shutil.rmtree(work / "repo", ignore_errors=True)
+    built = work / "repository_build.json"
+    reuse = args.reuse_repository and built.exists() and (work / "repo").exists()
+    if reuse and json.loads(built.read_text())["args"] != _build_args(args):
+        raise SystemExit(f"--reuse-repository: {work / 'repo'} was built with other settings")
+    if not reuse:
+        built.unlink(missing_ok=True)
+        shutil.rmtree(work / "repo", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     store, users, items, market_ads, logged = _market(work, args.seed)
@@ -409,8 +462,15 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         flush=True,
     )
     features = FeatureServerProcess(store, port=args.feature_port, log=work / "feature_server.log")
-    build, ad_ids, vectors = _build_repository(args, work, items, market_ads, features.url)
-    print(f"repository: {build}", flush=True)
+    if reuse:
+        build = json.loads(built.read_text())["build"]
+        everything, ad_ids = _corpus_ids(args, items, market_ads)
+        vectors = everything[len(items) :]
+        del everything
+    else:
+        build, ad_ids, vectors = _build_repository(args, work, items, market_ads, features.url)
+        built.write_text(json.dumps({"args": _build_args(args), "build": build}))
+    print(f"repository{' (reused)' if reuse else ''}: {build}", flush=True)
     server = ServerConfig(
         model_repository=str(work / "repo"),
         state_dir=str(work / "triton"),
@@ -432,14 +492,26 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         sent: set[str] = set()
         fresh = itertools.count()
         traffic = {kind: Traffic(kind, logged, items, sent, fresh) for kind in TRAFFIC}
-        _load(grpc_url, users, 5.0, 2, args.seed, traffic["logged context"])  # warm-up
-        plan = [("no context", c) for c in (1, 4, 16)]
-        plan += [("logged context", c) for c in (1, 4, 16)] + [("unseen queries", 1)]
-        for kind, c in plan:
+        _load(grpc_url, users, 5.0, 2, args.seed, [traffic["logged context"]])  # warm-up
+        # Concurrency 1 sends the three kinds interleaved, five times as long, for the p99
+        # comparison; the profile of that level is the mix's.
+        plan = [(list(TRAFFIC), 1, 5 * args.seconds)]
+        plan += [([kind], c, args.seconds) for kind in TRAFFIC[:2] for c in (4, 16)]
+        for kinds, c, seconds in plan:
             before = _step_stats(stats_client, models)
-            levels.append(_load(grpc_url, users, args.seconds, c, args.seed + c, traffic[kind]))
-            profile[f"{c} ({kind})"] = _per_request_ms(before, _step_stats(stats_client, models))
-            print(levels[-1], profile[f"{c} ({kind})"], flush=True)
+            got = _load(grpc_url, users, seconds, c, args.seed + c, [traffic[k] for k in kinds])
+            name = f"{c} ({' + '.join(kinds) if len(kinds) < len(TRAFFIC) else 'all kinds'})"
+            profile[name] = _per_request_ms(before, _step_stats(stats_client, models))
+            if c == 1:
+                times = {level["traffic"]: level["_times"] for level in got}
+                rises = {
+                    kind: p99_rise(times[kind], times[TRAFFIC[0]], args.seed)
+                    for kind in TRAFFIC[1:]
+                }
+            for level in got:
+                level.pop("_times")
+            levels += got
+            print(got, profile[name], flush=True)
         # The same user vectors the encoder step computes, for ANN-only and exact search.
         lookup = FeatureServerClient(features.url, timeout_s=2.0)
         rng = np.random.default_rng(args.seed)
@@ -480,6 +552,7 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
     print(stages, flush=True)
     by = {(r["traffic"], r["concurrency"]): r["p99_ms"] for r in levels}
     added = by["unseen queries", 1] - by["no context", 1]
+    unseen, logged = rises["unseen queries"], rises["logged context"]
     write_headline(
         {
             "context.query_encoder_p99_ms_added": {
@@ -490,15 +563,17 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
                 "every search query unseen (each a cache miss of the "
                 f"{args.query_encoder_precision} query encoder, then the query generator's "
                 "search) minus the same server's p99 "
-                f"without context: {by['unseen queries', 1]:.2f} - {by['no context', 1]:.2f} ms; "
-                f"with the log's queries (repeats hit the cache) "
-                f"{by['logged context', 1] - by['no context', 1]:+.2f} ms. "
+                f"without context: {by['unseen queries', 1]:.2f} - {by['no context', 1]:.2f} ms "
+                f"(90% bootstrap interval {unseen['low_ms']:+.2f} to {unseen['high_ms']:+.2f}); "
+                f"with the log's queries (repeats hit the cache) {logged['rise_ms']:+.2f} ms "
+                f"({logged['low_ms']:+.2f} to {logged['high_ms']:+.2f}). "
                 f"`python benchmarks/serving.py {' '.join(sys.argv[1:])}`",
             }
         }
     )
     return {
         "levels": levels,
+        "p99_rise_at_1": rises,
         "profile": profile,
         "stages": stages,
         "feature_lookup_ms": feature_ms,
@@ -527,8 +602,12 @@ def _levels(res: dict, kind: str) -> list[dict]:
 
 
 def _profile(res: dict, concurrency: int, kind: str) -> dict[str, dict[str, float]]:
+    """A level's per-step profile; concurrency 1 sends all kinds at once (the mix's profile)."""
     profile: dict[str, dict[str, dict[str, float]]] = res["profile"]
-    return profile.get(f"{concurrency} ({kind})") or profile[str(concurrency)]
+    for name in (f"{concurrency} ({kind})", f"{concurrency} (all kinds)", str(concurrency)):
+        if name in profile:
+            return profile[name]
+    raise KeyError(f"no profile for concurrency {concurrency}")
 
 
 def plot_ensemble(machine: str, res: dict) -> str:
@@ -599,7 +678,9 @@ def render_ensemble(results: dict[str, dict]) -> str:
         "## Serving: the whole ensemble (`benchmarks/serving.py --stage ensemble`)",
         "",
         "Requests go over gRPC to the live `retrieve` ensemble (features from the Feast "
-        "feature server -> HSTU user encoder -> three generators over 1M ads -> quotas), "
+        "feature server, beside the search query's embedding -> HSTU user encoder -> "
+        "generators over 1M ads: sequential, content, popularity, and query (search) and item "
+        "(related) where the request has that context -> quotas), "
         "K = 100, users and surfaces drawn at random; the load generator runs on the same "
         "machine. Targets (issue 4, this 2-core machine): ANN recall@100 >= 0.95, p99 <= 20 "
         "ms at concurrency 1, >= 200 QPS at the best concurrency; (issue 14) the query "
@@ -635,6 +716,13 @@ def render_ensemble(results: dict[str, dict]) -> str:
                 f"{r['qps']:.0f} | {r['p50_ms']:.1f} ms | {r['p95_ms']:.1f} ms | "
                 f"{r['p99_ms']:.1f} ms |"
             )
+        if res.get("p99_rise_at_1"):
+            rises = [
+                f"{kind} {r['rise_ms']:+.2f} ms (90% bootstrap interval {r['low_ms']:+.2f} to "
+                f"{r['high_ms']:+.2f})"
+                for kind, r in res["p99_rise_at_1"].items()
+            ]
+            lines += ["", "p99 at concurrency 1 over *no context*: " + "; ".join(rises) + "."]
         lines += [
             "",
             "Each stage alone, on the same user vectors "
@@ -742,6 +830,12 @@ def main() -> int:
         help="ensemble: HNSW build beam",
     )
     p.add_argument("--instances", type=int, default=1, help="ensemble: instances per step")
+    p.add_argument(
+        "--reuse-repository",
+        action="store_true",
+        help="ensemble: serve the repository the last run built in --workdir with the same "
+        "settings (the 1M-ad build takes about 15 minutes on 2 cores)",
+    )
     p.add_argument("--max-len", type=int, default=50, help="ensemble: encoder history length")
     p.add_argument(
         "--encoder-block-scale",

@@ -85,6 +85,7 @@ def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> 
     ({"max_k": 0}, "max_k"),
     ({"instances": 0}, "instances"),
     ({"query_cache_size": -1}, "query_cache_size"),
+    ({"query_encoder_threads": 0}, "query_encoder_threads"),
     ({"weights": {"home": {"sequential": 0.5}}}, "weights.home"),
     ({"weights": {"home": {"sequential": 0.5, "magic": 0.5}}}, "weights.home"),
     ({"weights": {"home": 1.0}}, "weights.home"),
@@ -144,21 +145,39 @@ def _request(scenario: bytes, **context: np.ndarray) -> dict[str, np.ndarray]:
             "K": np.array([10], np.int32), **context}  # fmt: skip
 
 
+class _Encoder:
+    """A query encoder stand-in: the text's length, and the thread it ran on."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def encode(self, text: str) -> np.ndarray:
+        import threading
+
+        self.seen.append((text, threading.current_thread().name))
+        return np.array([len(text), 1.0], np.float32)
+
+
 def test_the_features_step_passes_on_the_context_its_surface_reads(tmp_path: Path) -> None:
     write_serving_file(tmp_path, ServingConfig(), IndexConfig(), {})
-    step = FeaturesStep(tmp_path, _Features())
+    encoder = _Encoder()
+    step = FeaturesStep(tmp_path, _Features(), encoder)
     query = {"QUERY": np.array([b" running shoes "], object)}
     item = {"CONTEXT_ITEM_ID": np.array([77], np.int64)}
     search = step(_request(b"search", **query, **item))
-    assert search["QUERY_TEXT"].tolist() == [b"running shoes"]
+    # The query is embedded (trimmed), beside the lookup, on the step's encoder thread.
+    assert search["QUERY_EMBEDDING"].tolist() == [13.0, 1.0]
+    assert encoder.seen and encoder.seen[0][0] == "running shoes"
+    assert encoder.seen[0][1].startswith("query-encoder")
     assert search["CONTEXT_ITEM"].size == 0
     assert search["CONTEXT_FLAGS"].tolist() == [b"context_item_ignored"]
     assert search["HISTORY_IDS"].tolist() == [5, 6]
     related = step(_request(b"related", **item))
-    assert related["CONTEXT_ITEM"].tolist() == [77] and related["QUERY_TEXT"].size == 0
+    assert related["CONTEXT_ITEM"].tolist() == [77] and related["QUERY_EMBEDDING"].size == 0
     assert related["CONTEXT_FLAGS"].size == 0
     bare = step(_request(b"search"))
-    assert bare["QUERY_TEXT"].size == 0 and bare["CONTEXT_FLAGS"].tolist() == [b"no_query"]
+    assert bare["QUERY_EMBEDDING"].size == 0 and bare["CONTEXT_FLAGS"].tolist() == [b"no_query"]
+    assert len(encoder.seen) == 1  # only the search with a query was embedded
     cold = step(_request(b"related") | {"USER_ID": np.array([2], np.int64)})
     assert cold["CONTEXT_FLAGS"].tolist() == [b"cold_start", b"no_context_item"]
     with pytest.raises(ConfigError, match=r"^QUERY: at most 512 UTF-8 bytes"):

@@ -292,7 +292,7 @@ def stage_generators(
 
 def stage_query_encoder(folder: Path, precision: str = "int8") -> dict[str, Any]:
     """Writes the query encoder (all-MiniLM-L6-v2 as ONNX, ``candgen.endpoint.text_onnx``) into
-    a user encoder step's staged folder; returns its settings."""
+    a features step's staged folder; returns its settings."""
     from candgen.endpoint.text_onnx import export_onnx
 
     return export_onnx(Path(folder) / QUERY_ENCODER_DIR, precision)
@@ -460,7 +460,15 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     shutil.copy2(emb.model_dir / "model.pt", encoder / MODEL_FILE)
     shutil.copy2(emb.model_dir / "item_embeddings.npy", encoder / TABLE_FILE)
     say(f"{mv.name} v{version} (run {mv.run_id}): user encoder and item table")
-    query_model = stage_query_encoder(encoder, config.query_encoder_precision)
+    query_model = stage_query_encoder(staging / FeaturesStep.MODEL, config.query_encoder_precision)
+    from candgen.models.saved import read_header
+
+    reads, _ = read_header(encoder / MODEL_FILE)
+    if reads.query_text_dim and reads.query_text_dim != query_model["dim"]:
+        raise CandgenError(
+            f"model_uri: the model reads {reads.query_text_dim}-d query embeddings, but the "
+            f"query encoder ({query_model['model']}) gives {query_model['dim']}-d ones"
+        )
     say(
         f"query encoder: {query_model['model']} as ONNX ({query_model['dim']}-d, "
         f"{query_model['precision']})"

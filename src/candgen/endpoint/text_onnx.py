@@ -2,7 +2,7 @@
 it: one ONNX graph from token ids to the L2-normalised, mean-pooled 384-d sentence embedding,
 beside the model's own tokenizer.
 
-``candgen serving export`` writes it into the user encoder step, which embeds each search query
+``candgen serving export`` writes it into the features step, which embeds each search query
 with ONNX Runtime (``candgen.serving.query_encoder``): the serving environment then needs neither
 sentence-transformers nor transformers. ONNX Runtime ran the fp32 graph 3x faster than torch
 eager on one thread, and int8 weights on every MatMul but the first layer's cut a cache miss by

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,6 +22,12 @@ QUERY_ENCODER_DIR = "query_encoder"
 ONNX_FILE, TOKENIZER_FILE, SETTINGS_FILE = "model.onnx", "tokenizer.json", "query_encoder.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 PRECISIONS = ("int8", "fp32")
+
+
+class TextEncoder(Protocol):
+    """What embeds a query: ``QueryEncoder``, or a stand-in in unit tests of the steps."""
+
+    def encode(self, text: str) -> np.ndarray: ...
 
 
 def check_precision(precision: str) -> None:
@@ -39,9 +45,10 @@ class QueryEncoder:
     Args:
         folder: what ``candgen.features.text_onnx.export_onnx`` wrote.
         cache_size: recent queries whose embeddings are kept (0: no cache).
+        threads: ONNX Runtime's intra-op threads for one query.
     """
 
-    def __init__(self, folder: Path, cache_size: int = 10_000) -> None:
+    def __init__(self, folder: Path, cache_size: int = 10_000, threads: int = 1) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -61,8 +68,7 @@ class QueryEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(int(settings["max_tokens"]))
         options = ort.SessionOptions()
-        # One query per request: more threads only fight the other steps' processes for cores.
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(

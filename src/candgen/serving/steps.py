@@ -7,11 +7,11 @@ model's version folder: ``<repository>/<model>/<version>/``, written by ``export
     retrieve (ensemble)
       candgen_features      USER_ID, SCENARIO, K, RECENT_ITEM_IDS?, QUERY?, CONTEXT_ITEM_ID?
                             -> HISTORY_IDS, HISTORY_TIMES, AFFINITY, LONG_TERM, ACTIVITY,
-                               CONTEXT_FLAGS, QUERY_TEXT, CONTEXT_ITEM
-                            (validates the request and fits its context to the surface; Feast)
-      candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES, LONG_TERM, SCENARIO, QUERY_TEXT,
-                            CONTEXT_ITEM -> USER_VECTOR, QUERY_EMBEDDING, CONTEXT_VECTOR
-                            (torch; the query's MiniLM embedding with ONNX Runtime)
+                               CONTEXT_FLAGS, QUERY_EMBEDDING, CONTEXT_ITEM
+                            (validates the request and fits its context to the surface; Feast;
+                            the query's MiniLM embedding with ONNX Runtime)
+      candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES, LONG_TERM, SCENARIO, QUERY_EMBEDDING,
+                            CONTEXT_ITEM -> USER_VECTOR, CONTEXT_VECTOR  (torch)
       candgen_generators    HISTORY_IDS, AFFINITY, USER_VECTOR, K, QUERY_EMBEDDING, CONTEXT_ITEM,
                             CONTEXT_VECTOR -> CANDIDATE_IDS, CANDIDATE_SCORES, CANDIDATE_SOURCES,
                             CANDIDATE_FLAGS  (FAISS)
@@ -19,9 +19,11 @@ model's version folder: ``<repository>/<model>/<version>/``, written by ``export
                             -> AD_IDS, SCORES, SOURCES, FLAGS, SOURCE_NAMES, SOURCE_COUNTS,
                                QUOTA_POLICY  (the quota policy, dedup)
 
-The query is embedded inside the user encoder step rather than in a step of its own: a model
-that reads the query needs its embedding before it can encode the user, so a separate step could
-not run beside the encoder, and would add a hop (docs/benchmarks/serving_notes.md).
+The query is embedded inside the features step, on a thread of its own while the feature lookup
+waits on the feature server: a model that reads the query needs its embedding before it can
+encode the user, so a step of its own would run in series and add a hop, and inside the encoder
+step a cache miss added its whole cost to the request; beside the lookup most of it is hidden
+(docs/benchmarks/serving_notes.md, sections 4 and 5).
 
 Empty tensors stand for "none": no times, no affinity, no long-term embedding, no user vector
 (the encoder knew none of the history), no query or context item (none, or not this surface's),
@@ -55,7 +57,7 @@ from candgen.serving.pipeline import (
     user_context,
     user_vector,
 )
-from candgen.serving.query_encoder import QUERY_ENCODER_DIR
+from candgen.serving.query_encoder import QUERY_ENCODER_DIR, TextEncoder
 from candgen.serving.quota import (
     DEFAULT_WEIGHTS,
     POLICIES,
@@ -102,8 +104,9 @@ class ServingConfig:
         quota_overrides: surface -> generator -> share; such a surface uses these shares
             whatever the policy.
         quota_seed: the seed of the Thompson-sampling draws of each step instance.
-        query_cache_size: recent search queries whose embeddings the user encoder step keeps
+        query_cache_size: recent search queries whose embeddings the features step keeps
             (an LRU cache; 0: none).
+        query_encoder_threads: ONNX Runtime threads for one query's embedding (a cache miss).
     """
 
     feature_server_url: str = "http://127.0.0.1:6566"
@@ -117,6 +120,7 @@ class ServingConfig:
     quota_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     quota_seed: int = 0
     query_cache_size: int = 10_000
+    query_encoder_threads: int = 1
 
     def feature_client(self) -> FeatureServerClient:
         refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
@@ -135,6 +139,10 @@ class ServingConfig:
             raise ConfigError("instances", f"must be >= 1, got {self.instances}")
         if self.query_cache_size < 0:
             raise ConfigError("query_cache_size", f"must be >= 0, got {self.query_cache_size}")
+        if self.query_encoder_threads < 1:
+            raise ConfigError(
+                "query_encoder_threads", f"must be >= 1, got {self.query_encoder_threads}"
+            )
         QuotaConfig(self.weights)  # validates the weights, naming the surface at fault
         if self.quota_policy not in ("auto", *POLICIES):
             raise ConfigError(
@@ -235,11 +243,6 @@ def _optional_item(tensors: Tensors) -> int | None:
     return int(np.asarray(value).reshape(-1)[0]) if value is not None and value.size else None
 
 
-def _optional_query(tensors: Tensors) -> str | None:
-    texts = _strings(tensors.get("QUERY_TEXT"))
-    return texts[0] if texts else None
-
-
 def context_from(tensors: Tensors) -> UserContext:
     times = tensors.get("HISTORY_TIMES")
     affinity = tensors.get("AFFINITY")
@@ -295,22 +298,40 @@ class FeaturesStep(Step):
         "LONG_TERM": (F32, [-1], False),
         "ACTIVITY": (I64, [1], False),
         "CONTEXT_FLAGS": (STR, [-1], False),
-        "QUERY_TEXT": (STR, [-1], False),
+        "QUERY_EMBEDDING": (F32, [-1], False),
         "CONTEXT_ITEM": (I64, [-1], False),
     }
 
-    def __init__(self, folder: Path, features: FeatureSource | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        features: FeatureSource | None = None,
+        query_encoder: TextEncoder | None = None,
+    ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         super().__init__(folder)
         self.features = features or self.config.feature_client()
+        self.query_encoder = query_encoder or load_query_encoder(self.folder, self.config)
+        # One worker: the encoder's cache is only ever touched from this thread.
+        self._embedding = ThreadPoolExecutor(1, thread_name_prefix="query-encoder")
 
     def __call__(self, tensors: Tensors) -> Tensors:
         request = parse_request(tensors, self.config.max_k)
         self.quotas.for_surface(request.scenario)
         surface = surface_context(request.scenario, request.query, request.context_item_id)
+        # ONNX Runtime and the lookup's socket wait both release the GIL, so a cache miss runs
+        # while the feature server answers (measured: +0.7 ms instead of +3 ms at p50).
+        pending = (
+            self._embedding.submit(self.query_encoder.encode, surface.query)
+            if surface.query is not None
+            else None
+        )
         context = user_context(self.features, request.user_id, request.recent_item_ids)
+        embedding = pending.result() if pending is not None else None
         item = surface.context_item
         return context_tensors(context, surface.flags) | {
-            "QUERY_TEXT": _bytes([surface.query] if surface.query is not None else []),
+            "QUERY_EMBEDDING": _empty(embedding),
             "CONTEXT_ITEM": np.asarray([item] if item is not None else [], dtype=np.int64),
         }
 
@@ -325,11 +346,13 @@ def load_retriever(folder: Path) -> Retriever:
     return Retriever(model, saved.item_ids, table, saved.model.max_len)
 
 
-def load_query_encoder(folder: Path, cache_size: int) -> QueryEncoder:
-    """The version's query encoder (``query_encoder/`` in the user encoder step's folder)."""
+def load_query_encoder(folder: Path, config: ServingConfig) -> QueryEncoder:
+    """The version's query encoder (``query_encoder/`` in the features step's folder)."""
     from candgen.serving.query_encoder import QueryEncoder
 
-    return QueryEncoder(Path(folder) / QUERY_ENCODER_DIR, cache_size)
+    return QueryEncoder(
+        Path(folder) / QUERY_ENCODER_DIR, config.query_cache_size, config.query_encoder_threads
+    )
 
 
 def check_query_width(retriever: Retriever, encoder: QueryEncoder) -> None:
@@ -348,8 +371,8 @@ def _empty(vector: np.ndarray | None) -> np.ndarray:
 
 class EncoderStep(Step):
     """The sequential model's user encoder (torch) over the history items it knows, for the
-    request's surface and its context (a contextual model conditions its query on them); embeds
-    the search query (MiniLM, ONNX Runtime, cached) and looks up the context item's vector."""
+    request's surface and its context (a contextual model conditions its query on them, the
+    search query's embedding among them); looks up the context item's vector."""
 
     MODEL = "candgen_user_encoder"
     INPUTS: ClassVar[Spec] = {
@@ -357,12 +380,11 @@ class EncoderStep(Step):
         "HISTORY_TIMES": (F64, [-1], False),
         "LONG_TERM": (F32, [-1], False),
         "SCENARIO": (STR, [1], False),
-        "QUERY_TEXT": (STR, [-1], False),
+        "QUERY_EMBEDDING": (F32, [-1], False),
         "CONTEXT_ITEM": (I64, [-1], False),
     }
     OUTPUTS: ClassVar[Spec] = {
         "USER_VECTOR": (F32, [-1], False),
-        "QUERY_EMBEDDING": (F32, [-1], False),
         "CONTEXT_VECTOR": (F32, [-1], False),
     }
 
@@ -374,18 +396,14 @@ class EncoderStep(Step):
         # processes for the cores (0.72 vs 0.85 ms per request measured in-process, 2 cores).
         torch.set_num_threads(1)
         self.retriever = load_retriever(self.folder)
-        self.query_encoder = load_query_encoder(self.folder, self.config.query_cache_size)
-        check_query_width(self.retriever, self.query_encoder)
 
     def __call__(self, tensors: Tensors) -> Tensors:
         scenario = _strings(tensors["SCENARIO"])[0]
-        query = _optional_query(tensors)
         item = _optional_item(tensors)
-        embedding = self.query_encoder.encode(query) if query is not None else None
+        embedding = _optional_vector(tensors, "QUERY_EMBEDDING")
         vector = user_vector(self.retriever, context_from(tensors), scenario, embedding, item)
         return {
             "USER_VECTOR": _empty(vector),
-            "QUERY_EMBEDDING": _empty(embedding),
             "CONTEXT_VECTOR": _empty(context_item_vector(self.retriever, item)),
         }
 
@@ -548,7 +566,7 @@ def load_pipeline(
     config, index_config, _ = read_serving_file(folder[GeneratorsStep.MODEL])
     g = Generators.load(folder[GeneratorsStep.MODEL], index_config)
     retriever = load_retriever(folder[EncoderStep.MODEL])
-    query_encoder = load_query_encoder(folder[EncoderStep.MODEL], config.query_cache_size)
+    query_encoder = load_query_encoder(folder[FeaturesStep.MODEL], config)
     check_query_width(retriever, query_encoder)
     return RetrievalPipeline(
         retriever=retriever,
