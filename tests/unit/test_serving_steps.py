@@ -10,7 +10,7 @@ import pytest
 
 from candgen.cli import main
 from candgen.endpoint.export import ExportConfig, ensemble_config, step_config
-from candgen.errors import ConfigError
+from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import IndexConfig
 from candgen.serving.contract import INPUTS, OUTPUTS
 from candgen.serving.pipeline import UserContext, user_vector
@@ -19,6 +19,7 @@ from candgen.serving.steps import (
     FeaturesStep,
     SelectStep,
     ServingConfig,
+    check_query_width,
     context_from,
     context_tensors,
     write_serving_file,
@@ -182,6 +183,36 @@ def test_the_features_step_passes_on_the_context_its_surface_reads(tmp_path: Pat
     assert cold["CONTEXT_FLAGS"].tolist() == [b"cold_start", b"no_context_item"]
     with pytest.raises(ConfigError, match=r"^QUERY: at most 512 UTF-8 bytes"):
         step(_request(b"search", QUERY=np.array([b"q" * 600], object)))
+
+
+class _DownFeatures:
+    """A feature store whose first lookup fails (the feature server went away)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def lookup(self, service: str, entity: str, key: int) -> dict | None:
+        self.calls += 1
+        if self.calls == 1:
+            raise CandgenError("feature server: connection refused")
+        return None
+
+
+def test_a_failed_lookup_beside_a_pending_query_fails_that_request_only(tmp_path: Path) -> None:
+    write_serving_file(tmp_path, ServingConfig(), IndexConfig(), {})
+    step = FeaturesStep(tmp_path, _DownFeatures(), _Encoder())
+    query = {"QUERY": np.array([b"lamp"], object)}
+    with pytest.raises(CandgenError, match="connection refused"):
+        step(_request(b"search", **query))
+    after = step(_request(b"search", QUERY=np.array([b"desk lamp"], object)))
+    assert after["QUERY_EMBEDDING"].tolist() == [9.0, 1.0]
+
+
+def test_a_model_must_read_the_query_encoders_width() -> None:
+    check_query_width(0, 384, "all-MiniLM-L6-v2")  # a model that reads no query text
+    check_query_width(384, 384, "all-MiniLM-L6-v2")
+    with pytest.raises(CandgenError, match=r"model reads 64-d .* all-MiniLM-L6-v2 gives 384-d"):
+        check_query_width(64, 384, "all-MiniLM-L6-v2")
 
 
 def _unified(**kw: object) -> object:

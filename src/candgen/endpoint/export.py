@@ -59,6 +59,7 @@ from candgen.serving.steps import (
     ServingConfig,
     Spec,
     Step,
+    check_query_width,
     pinned_version,
     read_serving_file,
     write_serving_file,
@@ -460,15 +461,12 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     shutil.copy2(emb.model_dir / "model.pt", encoder / MODEL_FILE)
     shutil.copy2(emb.model_dir / "item_embeddings.npy", encoder / TABLE_FILE)
     say(f"{mv.name} v{version} (run {mv.run_id}): user encoder and item table")
-    query_model = stage_query_encoder(staging / FeaturesStep.MODEL, config.query_encoder_precision)
+    from candgen.features.text import EMBEDDING_DIM, MODEL_NAME
     from candgen.models.saved import read_header
 
     reads, _ = read_header(encoder / MODEL_FILE)
-    if reads.query_text_dim and reads.query_text_dim != query_model["dim"]:
-        raise CandgenError(
-            f"model_uri: the model reads {reads.query_text_dim}-d query embeddings, but the "
-            f"query encoder ({query_model['model']}) gives {query_model['dim']}-d ones"
-        )
+    check_query_width(reads.query_text_dim, EMBEDDING_DIM, MODEL_NAME)  # before the ONNX export
+    query_model = stage_query_encoder(staging / FeaturesStep.MODEL, config.query_encoder_precision)
     say(
         f"query encoder: {query_model['model']} as ONNX ({query_model['dim']}-d, "
         f"{query_model['precision']})"

@@ -1,6 +1,6 @@
 """The search query's embedding at request time: all-MiniLM-L6-v2, the model the ads' texts were
 embedded with, run by ONNX Runtime from the graph that ``candgen serving export`` writes
-(``candgen.features.text_onnx``), with an LRU cache of recent queries.
+(``candgen.endpoint.text_onnx``), with an LRU cache of recent queries.
 
 Measured in-process on one thread (docs/benchmarks/serving_notes.md, benchmarks/query_encoder.py):
 a cache miss costs a few milliseconds for a short query (the int8 graph export writes by default
@@ -39,11 +39,11 @@ def check_precision(precision: str) -> None:
 
 
 class QueryEncoder:
-    """Query text -> (dim,) float32 L2-normalised embedding, the same vector as
-    ``candgen.features.text.TextEmbedder`` gives the same text.
+    """Query text -> (dim,) float32 L2-normalised embedding: from the fp32 graph the vector
+    ``candgen.features.text.TextEmbedder`` gives the same text, from the int8 one a close one.
 
     Args:
-        folder: what ``candgen.features.text_onnx.export_onnx`` wrote.
+        folder: what ``candgen.endpoint.text_onnx.export_onnx`` wrote.
         cache_size: recent queries whose embeddings are kept (0: no cache).
         threads: ONNX Runtime's intra-op threads for one query.
     """

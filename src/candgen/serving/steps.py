@@ -312,7 +312,11 @@ class FeaturesStep(Step):
 
         super().__init__(folder)
         self.features = features or self.config.feature_client()
-        self.query_encoder = query_encoder or load_query_encoder(self.folder, self.config)
+        self.query_encoder = (
+            query_encoder
+            if query_encoder is not None
+            else load_query_encoder(self.folder, self.config)
+        )
         # One worker: the encoder's cache is only ever touched from this thread.
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="query-encoder")
 
@@ -327,7 +331,12 @@ class FeaturesStep(Step):
             if surface.query is not None
             else None
         )
-        context = user_context(self.features, request.user_id, request.recent_item_ids)
+        try:
+            context = user_context(self.features, request.user_id, request.recent_item_ids)
+        except BaseException:
+            if pending is not None:
+                pending.cancel()  # not yet started: the next request's query goes first
+            raise
         embedding = pending.result() if pending is not None else None
         item = surface.context_item
         return context_tensors(context, surface.flags) | {
@@ -355,13 +364,16 @@ def load_query_encoder(folder: Path, config: ServingConfig) -> QueryEncoder:
     )
 
 
-def check_query_width(retriever: Retriever, encoder: QueryEncoder) -> None:
-    """A model that reads query text must read the query encoder's width."""
-    width = getattr(retriever, "query_text_dim", 0)
-    if width and width != encoder.dim:
+def check_query_width(model_width: int, encoder_dim: int, encoder_model: str) -> None:
+    """A model that reads query text (``model_width`` > 0) must read the query encoder's width.
+
+    Export checks it before it writes a version, and ``load_pipeline`` when it loads one; in the
+    ensemble a mismatched embedding is refused per request (``Retriever``, naming ``queries``).
+    """
+    if model_width and model_width != encoder_dim:
         raise CandgenError(
-            f"query encoder: the model reads {width}-d query embeddings, but "
-            f"{encoder.model} gives {encoder.dim}-d ones"
+            f"query encoder: the model reads {model_width}-d query embeddings, but "
+            f"{encoder_model} gives {encoder_dim}-d ones"
         )
 
 
@@ -567,7 +579,9 @@ def load_pipeline(
     g = Generators.load(folder[GeneratorsStep.MODEL], index_config)
     retriever = load_retriever(folder[EncoderStep.MODEL])
     query_encoder = load_query_encoder(folder[FeaturesStep.MODEL], config)
-    check_query_width(retriever, query_encoder)
+    check_query_width(
+        getattr(retriever, "query_text_dim", 0), query_encoder.dim, query_encoder.model
+    )
     return RetrievalPipeline(
         retriever=retriever,
         ad_index=g.ad_index,
