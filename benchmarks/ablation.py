@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_doc import write_headline, write_section  # noqa: E402
 
+from candgen.quotas.learning import COMPARED_POLICIES  # noqa: E402
+
 RESULTS = ROOT / "docs" / "benchmarks"
 CANDGEN = [sys.executable, "-m", "candgen.cli"]
 LABELS = ("organic", "click", "conversion")
@@ -54,14 +56,6 @@ UNIFIED = "unified"
 POPULARITY = "popularity"
 # The paired comparison of the unified model with itself ranked without the request's context.
 WITHOUT_CONTEXT = "unified, ranked without its context"
-POLICY_ORDER = (
-    "learned",
-    "best fixed",
-    "best fixed per context",
-    "best fixed on test",
-    "snake merge",
-    "hand-set per surface",
-)
 
 
 def _run(cmd: list[str]) -> None:
@@ -465,7 +459,7 @@ def _quota_table(quotas: dict | None) -> list[str]:
         + " |",
         "|---|" + "---|" * (2 * len(KS)),
     ]
-    for name in POLICY_ORDER:
+    for name in COMPARED_POLICIES:
         if name not in policies:
             continue
         m = policies[name]

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-import onnx
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
 from query_encoder import measure, queries
 
-from candgen.endpoint.text_onnx import export_onnx
+from candgen.endpoint.text_onnx import export_onnx, quantise
 from candgen.features.text import TextEmbedder
 from candgen.serving.query_encoder import ONNX_FILE, QueryEncoder
 
@@ -30,28 +29,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp())
     try:
         export_onnx(work / "fp32", "fp32")
-        graph = onnx.load(str(work / "fp32" / ONNX_FILE)).graph
-        matmuls = [n.name for n in graph.node if n.op_type == "MatMul"]
         rows = {"fp32": measure(QueryEncoder(work / "fp32", cache_size=0).encode, texts, ref)}
-        # The MatMuls each variant leaves in fp32.
-        variants = {
-            "int8 except the attention MatMuls": [n for n in matmuls if "attention" in n.lower()],
-            "int8 except the last 2 layers": [
-                n for n in matmuls if "layer.4" in n or "layer.5" in n
-            ],
-            "int8 except the first layer": [n for n in matmuls if "layer.0" in n],
+        # Which MatMuls each variant leaves in fp32.
+        variants: dict[str, Callable[[str], bool]] = {
+            "int8 except the attention MatMuls": lambda n: "attention" in n.lower(),
+            "int8 except the last 2 layers": lambda n: "layer.4" in n or "layer.5" in n,
+            "int8 except the first layer": lambda n: "layer.0" in n,
         }
-        for name, kept in variants.items():
+        for name, keep_fp32 in variants.items():
             out = work / name.replace(" ", "_")
             shutil.copytree(work / "fp32", out)
-            quantize_dynamic(
-                work / "fp32" / ONNX_FILE,
-                out / ONNX_FILE,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                op_types_to_quantize=["MatMul"],
-                nodes_to_exclude=kept,
-            )
+            kept, _ = quantise(work / "fp32" / ONNX_FILE, out / ONNX_FILE, keep_fp32)
             encoder = QueryEncoder(out, cache_size=0)
             rows[f"{name} ({len(kept)} fp32)"] = measure(encoder.encode, texts, ref)
     finally:

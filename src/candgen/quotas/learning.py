@@ -500,6 +500,17 @@ def _best_split(table: dict[str, np.ndarray], columns: np.ndarray | slice) -> in
     return max(range(len(conversion)), key=lambda s: (conversion[s], ads[s]))
 
 
+# What ``compare_policies`` reports, in this order (the hand-set weights only where given).
+COMPARED_POLICIES = (
+    "learned",
+    "best fixed",
+    "best fixed per context",
+    "best fixed on test",
+    "snake merge",
+    "hand-set per surface",
+)
+
+
 def compare_policies(
     fit_set: Sequence[ReplayedRequest],
     test_set: Sequence[ReplayedRequest],
@@ -531,13 +542,7 @@ def compare_policies(
     contexts: dict[str, list[int]] = {}
     for i, r in enumerate(fit_set):
         contexts.setdefault(learned.context_key(r.request.surface, r.activity), []).append(i)
-    out: dict[str, dict[str, Any]] = {
-        "learned": {},
-        "best fixed": {},
-        "best fixed per context": {},
-        "best fixed on test": {},
-        "snake merge": {},
-    }
+    out: dict[str, dict[str, Any]] = {name: {} for name in COMPARED_POLICIES[:-1]}
     for k in ks:
         # Each split is allocated once per request of each window; the choices below only
         # average the table over different requests.
