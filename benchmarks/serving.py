@@ -31,6 +31,7 @@ p99 rise at concurrency 1 from the first kind to the last is ``context.query_enc
 from __future__ import annotations
 
 import argparse
+import bisect
 import itertools
 import json
 import os
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_doc import write_headline, write_section  # noqa: E402
 
+from candgen.endpoint.trace import RequestTrace, read_trace  # noqa: E402
 from candgen.index.ann import AdIndex, IndexConfig, recall_at_k  # noqa: E402
 from candgen.serving.query_encoder import PRECISIONS  # noqa: E402
 
@@ -315,6 +317,9 @@ class Traffic:
         return (query if self.kind == "logged context" else f"{query} {next(self.fresh)}"), None
 
 
+Request = tuple[float, str, float, int, int]  # start s, surface, ms, start ns, end ns
+
+
 def _load(
     url: str,
     users: np.ndarray,
@@ -326,14 +331,15 @@ def _load(
     """Closed-loop load; each request takes one of ``traffics`` at random, so that kinds sent
     together meet the same machine (this shared VM's speed drifts by more than the effects
     measured). Returns one level per kind; ``_requests`` (dropped before a result is stored)
-    holds each answered request's (start second, surface, latency ms) for ``p99_rise``."""
+    holds each answered request's (start second, surface, latency ms, start and end on the
+    monotonic clock in ns) for ``p99_rise`` and ``trace_tail``."""
     import threading
     from collections import defaultdict
 
     from candgen.endpoint.client import RetrieveClient
 
     lock = threading.Lock()
-    done: dict[str, list[tuple[float, str, float]]] = defaultdict(list)
+    done: dict[str, list[Request]] = defaultdict(list)
     errors: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, list[int]] = {t.kind: [0, 0, 0] for t in traffics}  # fallbacks, q, seen
     start = time.perf_counter()
@@ -353,15 +359,16 @@ def _load(
                     counts[traffic.kind][1] += 1
                     counts[traffic.kind][2] += query in traffic.sent
                     traffic.sent.add(query)
-            t0 = time.perf_counter()
+            t0, t0_ns = time.perf_counter(), time.monotonic_ns()
             try:
                 res = client.retrieve(user, surface, K, query=query, context_item_id=item)
             except Exception as e:  # counted and reported, never hidden
                 with lock:
                     errors[traffic.kind].append(repr(e))
                 continue
+            ms = (time.perf_counter() - t0) * 1e3
             with lock:
-                done[traffic.kind].append((t0 - start, surface, (time.perf_counter() - t0) * 1e3))
+                done[traffic.kind].append((t0 - start, surface, ms, t0_ns, time.monotonic_ns()))
                 counts[traffic.kind][0] += res.fallback  # answered without features
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
@@ -400,8 +407,8 @@ def _load(
 
 
 def p99_rise(
-    with_context: list[tuple[float, str, float]],
-    without: list[tuple[float, str, float]],
+    with_context: list[Request],
+    without: list[Request],
     seed: int,
     surface: str = "",
     window_s: float = 10.0,
@@ -412,8 +419,8 @@ def p99_rise(
     as it did in the run (a request-level bootstrap would take its tail samples as independent).
     """
 
-    def rows(requests: list[tuple[float, str, float]]) -> tuple[np.ndarray, np.ndarray]:
-        kept = [(t, ms) for t, s, ms in requests if not surface or s == surface]
+    def rows(requests: list[Request]) -> tuple[np.ndarray, np.ndarray]:
+        kept = [(r[0], r[2]) for r in requests if not surface or r[1] == surface]
         if len(kept) < 100:
             raise SystemExit(f"p99_rise: {len(kept)} requests of {surface or 'all'} surfaces")
         arr = np.asarray(kept)
@@ -437,6 +444,63 @@ def p99_rise(
         "high_ms": float(high),
         "windows": len(windows),
     }
+
+
+def trace_tail(
+    traces: list[RequestTrace], done: dict[str, list[Request]], steps: list[str]
+) -> list[dict]:
+    """Where the time of the slowest 1% went against the middle of the distribution, per
+    traffic kind and surface, from Triton's trace of a concurrency-1 level: each client request
+    is matched to the trace that started inside it. ``outside`` is the client's latency minus
+    the server's (gRPC, the client library), ``between steps`` the server's time outside any
+    step (the ensemble scheduler and the tensor copies between steps)."""
+    starts = [t.start_ns for t in traces]
+    rows = []
+    for kind, requests in done.items():
+        matched = []
+        for r in requests:
+            i = bisect.bisect_left(starts, r[3])
+            if i < len(traces) and starts[i] <= r[4]:
+                matched.append((r[1], r[2], traces[i]))
+        for surface in ("home", "search", "related"):
+            group = [(ms, t) for s, ms, t in matched if s == surface]
+            if len(group) < 100:
+                continue
+            ms = np.asarray([g[0] for g in group])
+            p40, p60, p99 = np.percentile(ms, [40, 60, 99])
+            for band, keep in (("p40-p60", (ms >= p40) & (ms <= p60)), ("slowest 1%", ms >= p99)):
+                picked = [g for g, k in zip(group, keep, strict=True) if k]
+                parts: dict[str, float] = {"client": float(np.mean([g[0] for g in picked]))}
+                parts["outside"] = parts["client"] - float(np.mean([t.total_ms for _, t in picked]))
+                for step in steps:
+                    for part in ("queue_ms", "compute_ms"):
+                        parts[f"{step} {part[:-3]}"] = float(
+                            np.mean(
+                                [
+                                    sum(getattr(x, part) for x in t.steps if x.model == step)
+                                    for _, t in picked
+                                ]
+                            )
+                        )
+                parts["between steps"] = float(
+                    np.mean(
+                        [
+                            t.total_ms - sum(x.queue_ms + x.compute_ms for x in t.steps)
+                            for _, t in picked
+                        ]
+                    )
+                )
+                rows.append(
+                    {
+                        "traffic": kind,
+                        "surface": surface,
+                        "band": band,
+                        "requests": len(picked),
+                        "matched_of": len(group),
+                        **{k: round(v, 3) for k, v in parts.items()},
+                    }
+                )
+    return rows
 
 
 def _step_stats(client, models: list[str]) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
@@ -529,9 +593,13 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         build, ad_ids, vectors = _build_repository(args, work, items, market_ads, features.url)
         built.write_text(json.dumps({"args": _build_args(args), "build": build}))
     print(f"repository{' (reused)' if reuse else ''}: {build}", flush=True)
+    trace_file = work / "trace.json"
+    trace_file.unlink(missing_ok=True)
     server = ServerConfig(
         model_repository=str(work / "repo"),
         state_dir=str(work / "triton"),
+        trace_file=str(trace_file) if args.trace else "",
+        trace_rate=1,
         http_port=args.http_port,
         grpc_port=args.http_port + 1,
         metrics_port=args.http_port + 2,
@@ -562,6 +630,7 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
             profile[name] = _per_request_ms(before, _step_stats(stats_client, models))
             if c == 1:
                 done = {level["traffic"]: level["_requests"] for level in got}
+                traced = done
                 rises = {
                     f"{kind}{', search only' if surface else ''}": p99_rise(
                         done[kind], done[TRAFFIC[0]], args.seed, surface
@@ -583,6 +652,11 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
     finally:
         stop(server)
         features.stop()
+    tail = (
+        trace_tail(read_trace(trace_file), traced, [s.MODEL for s in STEPS]) if args.trace else []
+    )
+    for row in tail:
+        print(row, flush=True)
     retriever = load_retriever(work / "repo" / STEPS[1].MODEL / "1")
     qs = np.stack([v for c in contexts if (v := user_vector(retriever, c)) is not None])
     del retriever
@@ -637,6 +711,7 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
     return {
         "levels": levels,
         "p99_rise_at_1": rises,
+        "trace_tail_at_1": tail,
         "profile": profile,
         "stages": stages,
         "feature_lookup_ms": feature_ms,
@@ -794,6 +869,27 @@ def render_ensemble(results: dict[str, dict]) -> str:
                 for kind, r in res["p99_rise_at_1"].items()
             ]
             lines += ["", "p99 at concurrency 1 over *no context*: " + "; ".join(rises) + "."]
+        if res.get("trace_tail_at_1"):
+            steps = [k[: -len(" queue")] for k in res["trace_tail_at_1"][0] if k.endswith(" queue")]
+            lines += [
+                "",
+                "Where the time went at concurrency 1 (Triton's trace of every request, `--trace`; "
+                "mean ms of the middle 20% of each group and of its slowest 1%; each step as "
+                "queue + compute; *outside* is gRPC and the client, *between* the scheduler "
+                "between steps):",
+                "",
+                "| traffic | surface | band | requests | client | outside | "
+                + " | ".join(steps)
+                + " | between |",
+                "|---|---|---|---|---|---|" + "---|" * (len(steps) + 1),
+            ]
+            for r in res["trace_tail_at_1"]:
+                lines.append(
+                    f"| {r['traffic']} | {r['surface']} | {r['band']} | {r['requests']} | "
+                    f"{r['client']:.1f} | {r['outside']:.1f} | "
+                    + " | ".join(f"{r[f'{s} queue']:.1f} + {r[f'{s} compute']:.1f}" for s in steps)
+                    + f" | {r['between steps']:.1f} |"
+                )
         lines += [
             "",
             "Each stage alone, on the same user vectors "
@@ -889,6 +985,12 @@ def main() -> int:
     p.add_argument("--render-only", action="store_true", help="rewrite the doc from stored runs")
     p.add_argument("--workdir", default="data/bench_serving", help="ensemble: scratch folder")
     p.add_argument("--seconds", type=float, default=20.0, help="ensemble: seconds per level")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="ensemble: trace every request (Triton TIMESTAMPS) and report where the slowest "
+        "1%% of each kind's requests spent their time at concurrency 1",
+    )
     p.add_argument(
         "--ef-search",
         type=int,

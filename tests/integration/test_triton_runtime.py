@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from candgen.endpoint.runtime import ServerConfig, start, status, stop
+from candgen.endpoint.trace import read_trace
 from candgen.errors import CandgenError
 from tests.net import free_ports
 
@@ -67,6 +69,24 @@ class TritonPythonModel:
 """
 
 
+# "double" twice in a row, so that a trace has an ensemble with two steps.
+ENSEMBLE_CONFIG = """
+name: "quadruple"
+platform: "ensemble"
+max_batch_size: 0
+input [ { name: "X", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] } ]
+ensemble_scheduling {
+  step [
+    { model_name: "double", model_version: -1,
+      input_map { key: "X", value: "X" }, output_map { key: "Y", value: "TWICE" } },
+    { model_name: "double", model_version: -1,
+      input_map { key: "X", value: "TWICE" }, output_map { key: "Y", value: "Y" } }
+  ]
+}
+"""
+
+
 @pytest.fixture
 def server_config(tmp_path: Path) -> ServerConfig:
     repo = tmp_path / "repo"
@@ -109,6 +129,41 @@ def test_start_infer_over_http_and_grpc_then_stop(server_config: ServerConfig) -
     assert not stop(server_config)  # stopping twice is harmless
 
 
+def test_a_traced_server_writes_each_request_with_its_steps(
+    server_config: ServerConfig, tmp_path: Path
+) -> None:
+    import tritonclient.grpc as grpcclient
+
+    repo = Path(server_config.model_repository)
+    (repo / "quadruple" / "1").mkdir(parents=True)
+    (repo / "quadruple" / "config.pbtxt").write_text(textwrap.dedent(ENSEMBLE_CONFIG))
+    traced = replace(server_config, trace_file=str(tmp_path / "trace.json"), trace_rate=1)
+    info = start(traced)
+    try:
+        client = grpcclient.InferenceServerClient(url=info["grpc"])
+        for _ in range(3):
+            inp = grpcclient.InferInput("X", [2], "FP32")
+            inp.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
+            assert client.infer("quadruple", [inp]).as_numpy("Y").tolist() == [4.0, 8.0]
+    finally:
+        stop(traced)
+    traces = read_trace(tmp_path / "trace.json")
+    assert [t.model for t in traces] == ["quadruple"] * 3
+    for t in traces:
+        assert [s.model for s in t.steps] == ["double", "double"]
+        assert all(s.compute_ms > 0 for s in t.steps)
+        assert t.total_ms >= sum(s.queue_ms + s.compute_ms for s in t.steps)
+
+
+def test_a_trace_file_in_a_missing_folder_is_a_clear_error(
+    server_config: ServerConfig, tmp_path: Path
+) -> None:
+    traced = replace(server_config, trace_file=str(tmp_path / "none" / "trace.json"))
+    with pytest.raises(CandgenError, match=r"^trace_file: folder .* does not exist"):
+        start(traced)
+    assert not status(traced)["running"]
+
+
 def test_a_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CandgenError, match=r"model_repository: .* is not a folder"):
         start(ServerConfig(model_repository=str(tmp_path / "none"),
@@ -121,6 +176,7 @@ def test_a_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
         ({"repository_poll_s": -1}, r"^repository_poll_s: must be >= 0"),
         ({"repository_poll_s": 5, "explicit_models": ("retrieve",)}, r"^explicit_models: "),
         ({"http_port": 0}, r"^http_port: must be a TCP port"),
+        ({"trace_rate": 0}, r"^trace_rate: must be >= 1"),
     ],
 )
 def test_a_bad_server_config_names_the_field(fields: dict, message: str) -> None:

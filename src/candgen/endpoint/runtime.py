@@ -45,6 +45,10 @@ class ServerConfig:
             installed there by itself, as the Triton replicas of k8s/ do.
         ready_timeout_s: how long to wait for readiness.
         shm_mb: shared memory per python-backend model (Docker's /dev/shm is 64 MB).
+        trace_file: where Triton writes a timestamp trace of sampled requests (JSON, one
+            record per request and per ensemble step, written when the server stops); empty:
+            no tracing.
+        trace_rate: with ``trace_file``, trace one request in this many (1: every request).
     """
 
     model_repository: str = "data/model_repository"
@@ -57,6 +61,8 @@ class ServerConfig:
     repository_poll_s: int = 0
     ready_timeout_s: float = 60.0
     shm_mb: int = 16
+    trace_file: str = ""
+    trace_rate: int = 1000
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -69,6 +75,8 @@ class ServerConfig:
             raise ConfigError("ready_timeout_s", "must be > 0")
         if self.repository_poll_s < 0:
             raise ConfigError("repository_poll_s", f"must be >= 0, got {self.repository_poll_s}")
+        if self.trace_rate < 1:
+            raise ConfigError("trace_rate", f"must be >= 1, got {self.trace_rate}")
         if self.repository_poll_s and self.explicit_models:
             raise ConfigError(
                 "explicit_models",
@@ -151,6 +159,15 @@ def start(config: ServerConfig) -> dict[str, object]:
         f"--backend-config=python,shm-default-byte-size={config.shm_mb * 2**20}",
         "--log-verbose=0",
     ]
+    if config.trace_file:
+        trace = Path(config.trace_file).resolve()
+        if not trace.parent.is_dir():
+            raise CandgenError(f"trace_file: folder {trace.parent} does not exist")
+        cmd += [
+            f"--trace-config=triton,file={trace}",
+            "--trace-config=level=TIMESTAMPS",
+            f"--trace-config=rate={config.trace_rate}",
+        ]
     models = config.explicit_models or tuple(
         sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())
     )

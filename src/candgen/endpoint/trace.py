@@ -1,0 +1,117 @@
+"""Triton's request traces read back: where each request's time went, step by step.
+
+``tritonserver --trace-config level=TIMESTAMPS`` (``ServerConfig.trace_file``) writes a JSON
+array of records. One traced request of the ensemble has a record of its own and one per
+composing step (``parent_id`` is the ensemble's ``id``); a request's fields may be spread over
+several records of the same ``id``. Timestamps are the server's steady clock in ns, the clock
+of Python's ``time.monotonic_ns()`` on Linux, so a client on the same machine can match its
+requests to the traces by time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from candgen.errors import CandgenError
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """One composing step of a traced ensemble request.
+
+    Attributes:
+        model: the step's model name.
+        queue_ms: time between the step's queue start and its compute start.
+        compute_ms: the step's compute (for the python backend: the stub's execute and the
+            tensor transfers to and from it).
+    """
+
+    model: str
+    queue_ms: float
+    compute_ms: float
+
+
+@dataclass(frozen=True)
+class RequestTrace:
+    """One traced top-level request.
+
+    Attributes:
+        model: the model the client called (the ensemble).
+        start_ns: the server's ``REQUEST_START``, steady clock.
+        total_ms: ``REQUEST_START`` to ``REQUEST_END``.
+        steps: the composing steps in the order they started.
+    """
+
+    model: str
+    start_ns: int
+    total_ms: float
+    steps: tuple[StepTime, ...]
+
+    def step_ms(self, model: str) -> float:
+        """Queue plus compute of ``model`` (0 when the request did not run it)."""
+        return sum(s.queue_ms + s.compute_ms for s in self.steps if s.model == model)
+
+
+def _merge(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    merged: dict[int, dict[str, Any]] = {}
+    for record in records:
+        if "id" not in record:
+            continue
+        into = merged.setdefault(int(record["id"]), {"timestamps": {}})
+        for key, value in record.items():
+            if key == "timestamps":
+                into["timestamps"].update({t["name"]: int(t["ns"]) for t in value})
+            else:
+                into[key] = value
+    return merged
+
+
+def _span_ms(stamps: dict[str, int], first: str, last: str) -> float:
+    return (stamps[last] - stamps[first]) / 1e6 if first in stamps and last in stamps else 0.0
+
+
+def read_trace(path: Path) -> list[RequestTrace]:
+    """The top-level requests of a Triton trace file, each with its steps' times, by start.
+
+    Raises:
+        CandgenError: the file is missing or is not a Triton trace.
+    """
+    try:
+        records = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CandgenError(f"trace_file: cannot read {path}: {e}") from e
+    if not isinstance(records, list):
+        raise CandgenError(f"trace_file: {path} is not a JSON array of trace records")
+    merged = _merge(records)
+    children: dict[int, list[dict[str, Any]]] = {}
+    for record in merged.values():
+        parent = int(record.get("parent_id", 0))
+        if parent:
+            children.setdefault(parent, []).append(record)
+    traces = []
+    for trace_id, record in merged.items():
+        stamps = record["timestamps"]
+        if record.get("parent_id") or "REQUEST_START" not in stamps:
+            continue
+        steps = sorted(
+            children.get(trace_id, []), key=lambda r: r["timestamps"].get("QUEUE_START", 0)
+        )
+        traces.append(
+            RequestTrace(
+                model=str(record.get("model_name", "")),
+                start_ns=stamps["REQUEST_START"],
+                total_ms=_span_ms(stamps, "REQUEST_START", "REQUEST_END"),
+                steps=tuple(
+                    StepTime(
+                        model=str(s.get("model_name", "")),
+                        queue_ms=_span_ms(s["timestamps"], "QUEUE_START", "COMPUTE_START"),
+                        compute_ms=_span_ms(s["timestamps"], "COMPUTE_START", "COMPUTE_END"),
+                    )
+                    for s in steps
+                ),
+            )
+        )
+    return sorted(traces, key=lambda t: t.start_ns)

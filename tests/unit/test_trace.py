@@ -1,0 +1,65 @@
+"""Reading Triton's request traces back into per-step times."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from candgen.endpoint.trace import read_trace
+from candgen.errors import CandgenError
+
+
+def _stamps(**ns: int) -> list[dict[str, object]]:
+    return [{"name": name, "ns": value} for name, value in ns.items()]
+
+
+def _write(tmp_path: Path, records: list[dict[str, object]]) -> Path:
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_an_ensemble_request_gets_its_steps_in_order_from_split_records(tmp_path: Path) -> None:
+    ms = 1_000_000
+    records: list[dict[str, object]] = [
+        {"id": 1, "model_name": "retrieve", "model_version": 1},
+        {"id": 1, "timestamps": _stamps(REQUEST_START=0, QUEUE_START=0)},
+        {"id": 1, "timestamps": _stamps(REQUEST_END=10 * ms)},
+        # The second step is written first: steps are ordered by when they were queued.
+        {"id": 3, "model_name": "b", "parent_id": 1},
+        {"id": 3, "timestamps": _stamps(QUEUE_START=5 * ms, COMPUTE_START=6 * ms)},
+        {"id": 3, "timestamps": _stamps(COMPUTE_END=9 * ms)},
+        {"id": 2, "model_name": "a", "parent_id": 1},
+        {"id": 2, "timestamps": _stamps(QUEUE_START=ms, COMPUTE_START=ms, COMPUTE_END=4 * ms)},
+        # A second top-level request that started earlier comes first.
+        {"id": 4, "model_name": "retrieve", "parent_id": 0},
+        {"id": 4, "timestamps": _stamps(REQUEST_START=-5 * ms, REQUEST_END=-3 * ms)},
+    ]
+    first, second = read_trace(_write(tmp_path, records))
+    assert (first.start_ns, first.total_ms, first.steps) == (-5 * ms, 2.0, ())
+    assert second.model == "retrieve" and second.total_ms == 10.0
+    assert [(s.model, s.queue_ms, s.compute_ms) for s in second.steps] == [
+        ("a", 0.0, 3.0),
+        ("b", 1.0, 3.0),
+    ]
+    assert second.step_ms("b") == 4.0 and second.step_ms("missing") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("{", r"^trace_file: cannot read"), ('{"id": 1}', r"^trace_file: .* is not a JSON array")],
+)
+def test_a_file_that_is_not_a_trace_is_a_clear_error(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "trace.json"
+    path.write_text(content)
+    with pytest.raises(CandgenError, match=message):
+        read_trace(path)
+
+
+def test_a_missing_trace_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CandgenError, match=r"^trace_file: cannot read"):
+        read_trace(tmp_path / "absent.json")
