@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from candgen.data.synth import AD_ID_OFFSET, snapshot_hash
 from candgen.errors import CandgenError, ConfigError
-from candgen.features.text import EMBEDDING_DIM, MODEL_NAME, TextEmbedder
+from candgen.features.text import EMBEDDING_DIM, MODEL_NAME, TextEmbedder, ad_texts
 from candgen.vocab import LONG_TERM_TABLE, QUERY_TABLE
 
 TS: Final = pa.timestamp("us", tz="UTC")
@@ -357,7 +357,7 @@ def build_features(
     tables["user_short_term"], tables["user_long_term"] = _user_sequences(
         events, category_of, n_categories, config
     )
-    texts = (ads["title"] + ". " + ads["description"]).tolist()
+    texts = ad_texts(ads["title"], ads["description"])
     queries = sorted(set(events["query"].dropna()))
     if config.embed_text:
         embedder = TextEmbedder(

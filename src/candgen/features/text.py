@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -24,6 +25,11 @@ if TYPE_CHECKING:  # a heavy import, made only when the model is loaded
 
 MODEL_NAME: Final = "all-MiniLM-L6-v2"
 EMBEDDING_DIM: Final = 384
+
+
+def ad_texts(titles: Iterable[str], descriptions: Iterable[str]) -> list[str]:
+    """What is embedded of an ad: its title and description as one text."""
+    return [f"{t}. {d}" for t, d in zip(titles, descriptions, strict=True)]
 
 
 def text_key(text: str) -> str:
