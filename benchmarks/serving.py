@@ -297,8 +297,8 @@ def _build_repository(
     t1 = time.perf_counter()
     AdIndex.build(ad_ids, vectors, index_cfg).save(gen / INDEX_FILE)
     seq_build = time.perf_counter() - t1
-    rng = np.random.default_rng(args.seed + 7)
     text = _ad_text_vectors(args.ads, work, args.seed)
+    rng = np.random.default_rng(args.seed + 8)  # not the text centres' stream (seed + 7)
     categories = rng.integers(0, 24, args.ads)
     t1 = time.perf_counter()
     content = ContentGenerator(ad_ids, text, categories, 24, index_cfg)
@@ -481,12 +481,13 @@ def p99_rise(
 
 def trace_tail(
     traces: list[RequestTrace], done: dict[str, list[Request]], steps: list[str]
-) -> list[dict]:
+) -> list[dict[str, object]]:
     """Where the time of the slowest 1% went against the middle of the distribution, per
     traffic kind and surface, from Triton's trace of a concurrency-1 level: each client request
     is matched to the trace that started inside it. ``outside`` is the client's latency minus
     the server's (gRPC, the client library), ``between steps`` the server's time outside any
-    step (the ensemble scheduler and the tensor copies between steps)."""
+    step (the ensemble scheduler and the tensor copies between steps). Stops when fewer than
+    99% of a kind's requests have a trace."""
     starts = [t.start_ns for t in traces]
     rows = []
     for kind, requests in done.items():
@@ -495,6 +496,10 @@ def trace_tail(
             i = bisect.bisect_left(starts, r[3])
             if i < len(traces) and starts[i] <= r[4]:
                 matched.append((r[1], r[2], traces[i]))
+        if len(matched) < 0.99 * len(requests):  # another clock, or traces lost: say so
+            raise SystemExit(
+                f"--trace: only {len(matched):,} of {len(requests):,} {kind} requests have a trace"
+            )
         for surface in ("home", "search", "related"):
             group = [(ms, t) for s, ms, t in matched if s == surface]
             if len(group) < 100:
@@ -529,7 +534,7 @@ def trace_tail(
                         "surface": surface,
                         "band": band,
                         "requests": len(picked),
-                        "matched_of": len(group),
+                        "of": len(group),
                         **{k: round(v, 3) for k, v in parts.items()},
                     }
                 )
@@ -586,10 +591,14 @@ def _build_args(args: argparse.Namespace) -> dict[str, object]:
     """What the built repository depends on (a reused one must have been built with these)."""
     names = ("ads", "dim", "text_dim", "seed", "ef_construction", "ef_search", "instances")
     names += ("max_len", "encoder_block_scale", "query_encoder_precision", "feature_port")
-    return {n: getattr(args, n) for n in names} | {"ad_text": f"minilm {AD_TEXTS} {TEXT_SPREAD}"}
+    return {n: getattr(args, n) for n in names} | {
+        "ad_text": f"minilm {AD_TEXTS} {TEXT_SPREAD}, categories apart"
+    }
 
 
-def _query_generator_stage(args: argparse.Namespace, work: Path, logged: list[str]) -> dict:
+def _query_generator_stage(
+    args: argparse.Namespace, work: Path, logged: list[str]
+) -> dict[str, object]:
     """The query generator's search alone: the logged queries' embeddings (the served int8
     encoder) against the ads' text index at the served beam, recall against exact search."""
     from candgen.serving.query_encoder import QUERY_ENCODER_DIR, QueryEncoder
@@ -598,7 +607,8 @@ def _query_generator_stage(args: argparse.Namespace, work: Path, logged: list[st
     version = work / "repo"
     encoder = QueryEncoder(version / FeaturesStep.MODEL / "1" / QUERY_ENCODER_DIR, 0)
     rng = np.random.default_rng(args.seed)
-    texts = [logged[i] for i in rng.choice(len(logged), min(args.latency_queries, len(logged)))]
+    n = min(args.latency_queries, len(logged))
+    texts = [logged[i] for i in rng.choice(len(logged), n, replace=False)]
     qs = np.stack([encoder.encode(t) for t in texts]).astype(np.float32)
     folder = version / GeneratorsStep.MODEL / "1" / CONTENT_DIR
     arrays = np.load(folder / "content.npz")

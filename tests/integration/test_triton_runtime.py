@@ -151,8 +151,8 @@ def test_a_traced_server_writes_each_request_with_its_steps(
     assert [t.model for t in traces] == ["quadruple"] * 3
     for t in traces:
         assert [s.model for s in t.steps] == ["double", "double"]
-        assert all(s.compute_ms > 0 for s in t.steps)
-        assert t.total_ms >= sum(s.queue_ms + s.compute_ms for s in t.steps)
+        assert all(s.compute_ms > 0 and s.queue_ms >= 0 for s in t.steps)
+        assert t.total_ms > max(s.compute_ms for s in t.steps)
 
 
 def test_a_trace_file_in_a_missing_folder_is_a_clear_error(

@@ -49,7 +49,22 @@ def test_an_ensemble_request_gets_its_steps_in_order_from_split_records(tmp_path
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("{", r"^trace_file: cannot read"), ('{"id": 1}', r"^trace_file: .* is not a JSON array")],
+    [
+        ("{", r"^trace_file: cannot read"),
+        ('{"id": 1}', r"^trace_file: .* is not a JSON array"),
+        ('[{"id": 1}, 7]', r"^trace_file: record 1 of .* is not a Triton trace record"),
+        ('[{"id": "x"}]', r"^trace_file: record 0 of .* is not a Triton trace record"),
+        ('[{"id": 1, "timestamps": [{"ns": 5}]}]', r"^trace_file: record 0 of "),
+        # A step cut short (the server stopped before it answered) is not read as 0 ms.
+        (
+            '[{"id": 1, "timestamps": [{"name": "REQUEST_START", "ns": 0}, '
+            '{"name": "REQUEST_END", "ns": 9}]}, {"id": 2, "parent_id": 1, "model_name": "a", '
+            '"timestamps": [{"name": "QUEUE_START", "ns": 1}, '
+            '{"name": "COMPUTE_START", "ns": 2}]}]',
+            r"^trace_file: trace 2 \(a\) has no COMPUTE_END timestamp",
+        ),
+        ('[{"id": 1, "timestamps": [{"name": "REQUEST_START", "ns": 0}]}]', r"no REQUEST_END"),
+    ],
 )
 def test_a_file_that_is_not_a_trace_is_a_clear_error(
     tmp_path: Path, content: str, message: str

@@ -55,29 +55,40 @@ class RequestTrace:
         return sum(s.queue_ms + s.compute_ms for s in self.steps if s.model == model)
 
 
-def _merge(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+def _merge(records: list[Any], path: Path) -> dict[int, dict[str, Any]]:
     merged: dict[int, dict[str, Any]] = {}
-    for record in records:
-        if "id" not in record:
-            continue
-        into = merged.setdefault(int(record["id"]), {"timestamps": {}})
-        for key, value in record.items():
-            if key == "timestamps":
-                into["timestamps"].update({t["name"]: int(t["ns"]) for t in value})
-            else:
-                into[key] = value
+    for i, record in enumerate(records):
+        try:
+            into = merged.setdefault(int(record["id"]), {"timestamps": {}})
+            for key, value in record.items():
+                if key == "timestamps":
+                    into["timestamps"].update({t["name"]: int(t["ns"]) for t in value})
+                else:
+                    into[key] = int(value) if key == "parent_id" else value
+        except (TypeError, KeyError, ValueError, AttributeError) as e:
+            raise CandgenError(
+                f"trace_file: record {i} of {path} is not a Triton trace record ({e!r})"
+            ) from e
     return merged
 
 
-def _span_ms(stamps: dict[str, int], first: str, last: str) -> float:
-    return (stamps[last] - stamps[first]) / 1e6 if first in stamps and last in stamps else 0.0
+def _span_ms(record: dict[str, Any], first: str, last: str) -> float:
+    stamps = record["timestamps"]
+    for name in (first, last):
+        if name not in stamps:
+            raise CandgenError(
+                f"trace_file: trace {record.get('id')} ({record.get('model_name', '?')}) has no "
+                f"{name} timestamp (was the server stopped before it answered?)"
+            )
+    return float(stamps[last] - stamps[first]) / 1e6
 
 
 def read_trace(path: Path) -> list[RequestTrace]:
     """The top-level requests of a Triton trace file, each with its steps' times, by start.
 
     Raises:
-        CandgenError: the file is missing or is not a Triton trace.
+        CandgenError: the file is missing or is not a Triton trace, or a request or step lacks
+            one of the timestamps its times are measured between.
     """
     try:
         records = json.loads(Path(path).read_text())
@@ -85,33 +96,34 @@ def read_trace(path: Path) -> list[RequestTrace]:
         raise CandgenError(f"trace_file: cannot read {path}: {e}") from e
     if not isinstance(records, list):
         raise CandgenError(f"trace_file: {path} is not a JSON array of trace records")
-    merged = _merge(records)
+    merged = _merge(records, path)
     children: dict[int, list[dict[str, Any]]] = {}
-    for record in merged.values():
-        parent = int(record.get("parent_id", 0))
+    for trace_id, record in merged.items():
+        record["id"] = trace_id
+        parent = int(record.get("parent_id") or 0)
         if parent:
             children.setdefault(parent, []).append(record)
     traces = []
     for trace_id, record in merged.items():
-        stamps = record["timestamps"]
-        if record.get("parent_id") or "REQUEST_START" not in stamps:
+        if record.get("parent_id"):
             continue
-        steps = sorted(
-            children.get(trace_id, []), key=lambda r: r["timestamps"].get("QUEUE_START", 0)
-        )
+        steps = [
+            StepTime(
+                model=str(s.get("model_name", "")),
+                queue_ms=_span_ms(s, "QUEUE_START", "COMPUTE_START"),
+                compute_ms=_span_ms(s, "COMPUTE_START", "COMPUTE_END"),
+            )
+            for s in sorted(
+                children.get(trace_id, []), key=lambda r: r["timestamps"].get("QUEUE_START", 0)
+            )
+        ]
+        total_ms = _span_ms(record, "REQUEST_START", "REQUEST_END")
         traces.append(
             RequestTrace(
                 model=str(record.get("model_name", "")),
-                start_ns=stamps["REQUEST_START"],
-                total_ms=_span_ms(stamps, "REQUEST_START", "REQUEST_END"),
-                steps=tuple(
-                    StepTime(
-                        model=str(s.get("model_name", "")),
-                        queue_ms=_span_ms(s["timestamps"], "QUEUE_START", "COMPUTE_START"),
-                        compute_ms=_span_ms(s["timestamps"], "COMPUTE_START", "COMPUTE_END"),
-                    )
-                    for s in steps
-                ),
+                start_ns=int(record["timestamps"]["REQUEST_START"]),
+                total_ms=total_ms,
+                steps=tuple(steps),
             )
         )
     return sorted(traces, key=lambda t: t.start_ns)
