@@ -601,11 +601,17 @@ def _query_generator_stage(
 ) -> dict[str, object]:
     """The query generator's search alone: the logged queries' embeddings (the served int8
     encoder) against the ads' text index at the served beam, recall against exact search."""
-    from candgen.serving.query_encoder import QUERY_ENCODER_DIR, QueryEncoder
-    from candgen.serving.steps import CONTENT_DIR, FeaturesStep, GeneratorsStep
+    from candgen.serving.steps import (
+        CONTENT_DIR,
+        FeaturesStep,
+        GeneratorsStep,
+        load_query_encoder,
+        read_serving_file,
+    )
 
     version = work / "repo"
-    encoder = QueryEncoder(version / FeaturesStep.MODEL / "1" / QUERY_ENCODER_DIR, 0)
+    features = version / FeaturesStep.MODEL / "1"
+    encoder = load_query_encoder(features, read_serving_file(features)[0])
     rng = np.random.default_rng(args.seed)
     n = min(args.latency_queries, len(logged))
     texts = [logged[i] for i in rng.choice(len(logged), n, replace=False)]
