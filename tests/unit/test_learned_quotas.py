@@ -332,7 +332,7 @@ def test_offline_features_answer_as_of_a_past_time(features_dir: Path) -> None:
 def _window(marketplace) -> tuple[pd.DataFrame, pd.Timestamp, pd.Timestamp]:  # type: ignore[no-untyped-def]
     events = pd.read_parquet(marketplace.out_dir / "events")
     start = events["event_ts"].min().normalize() + pd.Timedelta(days=3)
-    return events, start, start + pd.Timedelta(days=2)
+    return events, start, start + pd.Timedelta(days=4)
 
 
 def test_logged_requests_hold_the_windows_ad_clicks_per_user_surface_and_context(

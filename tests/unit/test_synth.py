@@ -32,7 +32,16 @@ def test_other_seed_other_data(marketplace: SynthSummary, tmp_path: Path) -> Non
 
 def test_tables_and_manifest(marketplace: SynthSummary) -> None:
     out = marketplace.out_dir
-    for name in ("users", "advertisers", "campaigns", "ads", "items", "surfaces"):
+    for name in (
+        "users",
+        "advertisers",
+        "campaigns",
+        "ads",
+        "items",
+        "surfaces",
+        "delivery_plan",
+        "hidden_advertisers",
+    ):
         assert (out / f"{name}.parquet").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["snapshot"] == marketplace.snapshot
@@ -43,7 +52,8 @@ def test_tables_and_manifest(marketplace: SynthSummary) -> None:
     assert ads["title"].str.len().min() > 5 and ads["description"].str.len().min() > 10
     assert set(ads["status"]) <= {"active", "paused"}
     camps = pd.read_parquet(out / "campaigns.parquet")
-    assert (camps["total_budget"] > 0).all()
+    assert (camps["daily_budget"] > 0).all()
+    assert set(camps["pacing"]) <= {"even", "asap"}
     assert set(pd.read_parquet(out / "surfaces.parquet")["surface"]) == set(SURFACES)
     truth = pd.read_parquet(out / "truth" / "users.parquet")
     mix = np.stack(truth["interest"].to_numpy())
@@ -195,3 +205,89 @@ def test_nothing_arrives_after_the_log_ends(events: pd.DataFrame) -> None:
     end = pd.Timestamp(SMALL.start_date, tz="UTC") + pd.Timedelta(days=SMALL.days)
     assert (events["arrival_ts"] < end).all()
     assert (events["arrival_ts"] >= events["event_ts"]).all()
+
+
+@pytest.fixture(scope="module")
+def impressions(marketplace: SynthSummary, events: pd.DataFrame) -> pd.DataFrame:
+    out = marketplace.out_dir
+    users = pd.read_parquet(out / "users.parquet")
+    campaigns = pd.read_parquet(out / "campaigns.parquet")
+    imps = events[events.event_type == "impression"]
+    return imps.merge(users, on="user_id").merge(
+        campaigns.drop(columns=["advertiser_id"]), on="campaign_id"
+    )
+
+
+def test_impressions_reach_only_targeted_users_and_surfaces(impressions: pd.DataFrame) -> None:
+    targeted = 0
+    for column, target in (
+        ("country", "target_countries"),
+        ("age_bucket", "target_age_buckets"),
+        ("device", "target_devices"),
+        ("surface", "target_surfaces"),
+    ):
+        lists = impressions[target].to_numpy()
+        values = impressions[column].to_numpy()
+        allowed = np.array([len(t) == 0 or v in t for v, t in zip(values, lists, strict=True)])
+        assert allowed.all(), f"{column}: {int((~allowed).sum())} impressions outside targeting"
+        targeted += sum(len(t) > 0 for t in lists)
+    assert targeted > 0  # the check above had targeted campaigns to hold to
+
+
+def test_targeting_leaves_a_typical_user_30_to_70_percent_of_ads(
+    marketplace: SynthSummary,
+) -> None:
+    out = marketplace.out_dir
+    campaigns = pd.read_parquet(out / "campaigns.parquet")
+    ads = pd.read_parquet(out / "ads.parquet").merge(campaigns, on="campaign_id")
+    users = pd.read_parquet(out / "users.parquet")
+    eligible = []
+    for user in users.head(50).itertuples():
+        ok = np.ones(len(ads), bool)
+        for value, target in (
+            (user.country, "target_countries"),
+            (user.age_bucket, "target_age_buckets"),
+            (user.device, "target_devices"),
+        ):
+            ok &= np.array([len(t) == 0 or value in t for t in ads[target]])
+        eligible.append(ok.mean())
+    assert 0.3 <= float(np.median(eligible)) <= 0.7
+
+
+def test_hidden_advertisers_get_no_impressions_after_hiding(
+    marketplace: SynthSummary, events: pd.DataFrame
+) -> None:
+    hidden = pd.read_parquet(marketplace.out_dir / "hidden_advertisers.parquet")
+    assert len(hidden) > 0
+    assert not hidden.duplicated(["user_id", "advertiser_id"]).any()
+    imps = events[events.event_type == "impression"].merge(hidden, on=["user_id", "advertiser_id"])
+    assert not (imps["event_ts"] >= imps["hidden_ts"]).any()
+
+
+def test_frequency_caps_hold_per_user_and_day(events: pd.DataFrame) -> None:
+    imps = events[events.event_type == "impression"]
+    per_ad = imps.groupby(["user_id", "ad_id", "day"]).size()
+    per_advertiser = imps.groupby(["user_id", "advertiser_id", "day"]).size()
+    assert per_ad.max() <= SMALL.frequency_cap
+    assert per_advertiser.max() <= SMALL.advertiser_frequency_cap
+    assert per_ad.max() > 1  # the cap, not chance, is what held it
+
+
+def test_no_impression_after_the_day_plan_exhausts_a_campaign(
+    marketplace: SynthSummary, events: pd.DataFrame
+) -> None:
+    out = marketplace.out_dir
+    plan = pd.read_parquet(out / "delivery_plan.parquet")
+    campaigns = pd.read_parquet(out / "campaigns.parquet")
+    assert len(plan) == len(campaigns) * SMALL.days
+    assert plan["throttle"].between(0, 1).all()
+    assert (plan["throttle"] < 1).any() and plan["exhausted_ts"].notna().any()
+    start = pd.Timestamp(SMALL.start_date, tz="UTC")
+    imps = events[events.event_type == "impression"].assign(
+        day_ts=lambda d: start + pd.to_timedelta(d["day"].astype(int), unit="D")
+    )
+    joined = imps.merge(plan, on=["campaign_id", "day_ts"])
+    assert len(joined) == len(imps)
+    assert not (joined["event_ts"] >= joined["exhausted_ts"]).any()
+    budgets = campaigns["daily_budget"]
+    assert (budgets >= campaigns["cpc_bid"]).all()

@@ -6,11 +6,23 @@ The generator streams users in chunks (``chunk_users``), so memory is bounded by
 the ad/item catalogues, not by the number of users. It is deterministic for a given config: each
 random stream is seeded from ``(seed, stream, chunk)``.
 
+Ad delivery follows the constraints a real ads system enforces, so the log is consistent with
+them: an impression goes only to a user its campaign targets (country, age bucket, device,
+surface), never for a paused campaign, never for an advertiser the user has hidden, within the
+frequency caps (per user, ad and day; per user, advertiser and day) and within the campaign's
+delivery plan for the day: a pacing controller that forecasts the day's demand against the daily
+budget throttles an ``even`` campaign (it takes part in a share of its auctions) and lets an
+``asap`` campaign run until the forecast says its budget is spent (``exhausted_ts``). Where the
+incumbent's first pick breaks a constraint it picks again (up to ``_RESAMPLES`` times).
+
 Output layout (all parquet)::
 
     manifest.json          config, row counts, and the snapshot hash of every file
     users.parquet          visible user attributes
-    advertisers.parquet    campaigns.parquet    ads.parquet    items.parquet    surfaces.parquet
+    advertisers.parquet    campaigns.parquet (with targeting and daily budget)
+    ads.parquet    items.parquet    surfaces.parquet
+    delivery_plan.parquet  per campaign and day: pacing throttle, budget exhaustion time
+    hidden_advertisers.parquet   which user hid which advertiser, and when
     events/part-NNNNN.parquet
     truth/users.parquet    long-term interest mixture and activity rate
     truth/ads.parquet      latent vector and quality   truth/items.parquet
@@ -43,6 +55,14 @@ from candgen.data.synth_text import (
     brand_name,
     query_text,
 )
+from candgen.data.targeting import (
+    AGE_BUCKETS,
+    COUNTRIES,
+    DEVICES,
+    TARGET_COLUMNS,
+    dimension_mask,
+    targeting_lists,
+)
 from candgen.errors import ConfigError
 from candgen.vocab import SURFACES
 
@@ -51,15 +71,14 @@ AD_ID_OFFSET: Final = 1_000_000_000
 
 ORGANIC_ACTIONS: Final = ("view", "like", "save")
 ORGANIC_ACTION_PROBS: Final = (0.75, 0.2, 0.05)
-AGE_BUCKETS: Final = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
-COUNTRIES: Final = ("US", "GB", "DE", "FR", "JP", "BR", "IN", "CA")
-DEVICES: Final = ("ios", "android", "web")
 _SURFACE_CLICK_OFFSET: Final = np.array([0.0, 0.6, 0.3])  # search shows intent; related, context
 _SECONDS_PER_DAY: Final = 86_400
 _CANDIDATES: Final = 16  # what the incumbent shows per engagement, for the user to pick from
 _US_PER_SECOND: Final = 1_000_000
 _MAX_USERS: Final = 100_000_000
 _MAX_ADS: Final = 2_000_000_000 - 1
+_RESAMPLES: Final = 8  # picks per impression slot before the slot goes unfilled
+PACING_MODES: Final = ("even", "asap")
 
 
 def _stream(seed: int, name: str, *extra: int) -> np.random.Generator:
@@ -102,6 +121,12 @@ class SynthConfig:
         query_vague_prob: probability that a search query names only a category.
         query_brand_prob: probability that a search query names a brand of the category.
         query_typo_prob: probability that a search query has a typo.
+        untargeted_campaign_fraction: fraction of campaigns that target everyone.
+        hidden_advertiser_prob: probability that a user hides advertisers (one to three).
+        frequency_cap: most impressions of one ad to one user in a day.
+        advertiser_frequency_cap: most impressions of one advertiser's ads to one user in a day.
+        budget_pressure: median of a campaign's forecast daily demand over its daily budget
+            (above 1, most campaigns are throttled or run out of budget each day).
         chunk_users: users generated and written per chunk (bounds memory).
     """
 
@@ -134,6 +159,11 @@ class SynthConfig:
     query_vague_prob: float = 0.1
     query_brand_prob: float = 0.15
     query_typo_prob: float = 0.05
+    untargeted_campaign_fraction: float = 0.3
+    hidden_advertiser_prob: float = 0.05
+    frequency_cap: int = 3
+    advertiser_frequency_cap: int = 10
+    budget_pressure: float = 0.8
     chunk_users: int = 5_000
 
     def __post_init__(self) -> None:
@@ -163,6 +193,8 @@ class SynthConfig:
         whole("categories", 1, len(CATEGORY_NOUNS))
         whole("latent_dim", 2, 1_024)
         whole("chunk_users", 1, 10_000_000)
+        whole("frequency_cap", 1, 1_000)
+        whole("advertiser_frequency_cap", 1, 10_000)
         try:
             datetime.fromisoformat(self.start_date)
         except (TypeError, ValueError):
@@ -176,6 +208,7 @@ class SynthConfig:
             "attribution_window_days",
             "conversion_delay_hours",
             "report_delay_hours",
+            "budget_pressure",
         ):
             positive(name)
         for name in ("taste_strength", "context_strength"):
@@ -194,6 +227,8 @@ class SynthConfig:
             "query_vague_prob",
             "query_brand_prob",
             "query_typo_prob",
+            "untargeted_campaign_fraction",
+            "hidden_advertiser_prob",
         ):
             prob(name)
         if not self.ctr_min < self.ctr_max:
@@ -294,6 +329,12 @@ class _Catalog:
         return np.where(empty, -1, out)
 
 
+def _popcount(masks: np.ndarray) -> np.ndarray:
+    bits: np.ndarray = np.unpackbits(masks.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1)
+    count: np.ndarray = bits.sum(axis=1)
+    return count
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     unit: np.ndarray = x / np.linalg.norm(x, axis=-1, keepdims=True)
     return unit.astype(np.float32)
@@ -347,7 +388,9 @@ class MarketplaceGenerator:
             }
         )
 
-    def campaigns(self) -> pa.Table:
+    def campaigns(self) -> None:
+        """Draws the campaigns: advertiser, flight, pause, bid, objective and targeting (the
+        table is written by ``campaigns_table`` once the ads give the budgets their demand)."""
         c = self.cfg
         rng = _stream(c.seed, "campaigns")
         n = max(1, c.ads // 5)
@@ -360,19 +403,118 @@ class MarketplaceGenerator:
         self.camp_advertiser = advertiser
         self.camp_start_day = start_day
         self.camp_pause_day = pause_day
-        total_budget = np.round(rng.lognormal(8.0, 1.0, n), 2)
-        cpc = np.round(rng.uniform(0.2, 3.0, n), 2)
-        self.camp_cpc = cpc
-        objective = np.where(rng.random(n) < 0.5, "clicks", "conversions")
-        status = np.where(pause_day < c.days, "paused", "active")
+        self.camp_cpc = np.round(rng.uniform(0.2, 3.0, n), 2)
+        self.camp_objective = np.where(rng.random(n) < 0.5, "clicks", "conversions")
+        self.camp_target = self._targeting(n)
+
+    def _targeting(self, n: int) -> dict[str, np.ndarray]:
+        """Each campaign's audience as one bit mask per dimension (all bits: everyone).
+
+        An advertiser's vertical has a core age range, and a campaign that targets ages picks a
+        range around it: age targeting follows what the ads are about, as it does in practice.
+        """
+        c = self.cfg
+        rng = _stream(c.seed, "targeting")
+        core_age = _stream(c.seed, "world", 1).integers(0, len(AGE_BUCKETS), c.categories)
+        targeted = rng.random(n) >= c.untargeted_campaign_fraction
+
+        def subsets(n_values: int, p: float, max_size: int) -> np.ndarray:
+            size = rng.integers(1, max_size + 1, n)
+            keys = rng.random((n, n_values))
+            # The `size` values with the smallest keys: a uniform subset of that size.
+            rank = keys.argsort(axis=1).argsort(axis=1)
+            bits = ((rank < size[:, None]) << np.arange(n_values)).sum(axis=1)
+            full = (1 << n_values) - 1
+            return np.where(targeted & (rng.random(n) < p), bits, full).astype(np.int64)
+
+        centre = core_age[self.adv_vertical[self.camp_advertiser]]
+        lo = np.clip(centre - rng.integers(0, 2, n), 0, len(AGE_BUCKETS) - 1)
+        hi = np.clip(centre + rng.integers(0, 2, n), 0, len(AGE_BUCKETS) - 1)
+        ages = (1 << (hi + 1)) - (1 << lo)
+        full_age = (1 << len(AGE_BUCKETS)) - 1
+        return {
+            "country": subsets(len(COUNTRIES), 0.6, 4),
+            "age": np.where(targeted & (rng.random(n) < 0.6), ages, full_age).astype(np.int64),
+            "device": subsets(len(DEVICES), 0.3, 2),
+            "surface": subsets(len(SURFACES), 0.3, 2),
+        }
+
+    def delivery_plan(self) -> pa.Table:
+        """The pacing controller's plan per campaign and day, from a forecast of the day's
+        demand: daily budgets (kept in ``camp_daily_budget``), an ``even`` campaign's throttle
+        and an ``asap`` campaign's exhaustion time."""
+        c = self.cfg
+        rng = _stream(c.seed, "pacing")
+        n = len(self.camp_advertiser)
+        # Forecast clicks a day: the impressions a campaign's ads draw within their categories
+        # (the incumbent samples by weight per category), times a typical CTR, less the share
+        # of users the targeting leaves out.
+        cat = self.ad_catalog.category
+        cat_weight = np.bincount(cat, self.ad_catalog.weight, minlength=c.categories)
+        share = self.ad_catalog.weight / np.maximum(cat_weight[cat], 1e-12) / c.categories
+        per_day = c.users * c.sessions_per_user_day * c.impressions_per_session
+        ad_clicks = per_day * share * (c.ctr_min + 0.25 * (c.ctr_max - c.ctr_min))
+        audience = np.ones(n)
+        for dim, values in (("country", COUNTRIES), ("age", AGE_BUCKETS), ("device", DEVICES)):
+            audience *= _popcount(self.camp_target[dim]) / len(values)
+        demand = np.bincount(self.ad_campaign, ad_clicks, minlength=n) * audience * self.camp_cpc
+        # A daily budget buys at least one click.
+        budget = np.maximum(
+            np.round(demand / c.budget_pressure * rng.lognormal(0.0, 0.5, n), 2), self.camp_cpc
+        )
+        self.camp_daily_budget = budget
+        self.camp_pacing = np.where(rng.random(n) < 0.7, 0, 1)  # index into PACING_MODES
+        ratio = (demand / budget)[:, None] * rng.lognormal(0.0, 0.3, (n, c.days))
+        even = self.camp_pacing[:, None] == 0
+        self.plan_throttle = np.where(even, 1.0 / np.maximum(ratio, 1.0), 1.0)
+        # An asap campaign spends at full speed until its forecast spend reaches the budget.
+        self.plan_exhausted = np.where(
+            ~even & (ratio > 1.0), _SECONDS_PER_DAY / np.maximum(ratio, 1.0), np.inf
+        )
+        day = np.broadcast_to(np.arange(c.days), (n, c.days)).ravel()
+        exhausted = self.plan_exhausted.ravel()
+        never = ~np.isfinite(exhausted)
+        return pa.table(
+            {
+                "campaign_id": np.repeat(np.arange(1, n + 1, dtype=np.int64), c.days),
+                "day_ts": _ts(self.start_us, day * float(_SECONDS_PER_DAY)),
+                "throttle": self.plan_throttle.ravel().astype(np.float32),
+                "exhausted_ts": pa.array(
+                    np.where(
+                        never,
+                        0,
+                        self.start_us
+                        + np.round(
+                            (day * _SECONDS_PER_DAY + np.where(never, 0, exhausted)) * 1e6
+                        ).astype(np.int64),
+                    ),
+                    type=pa.timestamp("us", tz="UTC"),
+                    mask=never,
+                ),
+            }
+        )
+
+    def campaigns_table(self) -> pa.Table:
+        c = self.cfg
+        n = len(self.camp_advertiser)
+        pause_day = self.camp_pause_day
+
+        masks = sum(dimension_mask(dim, bits) for dim, bits in self.camp_target.items())
+        lists = [targeting_lists(m) for m in np.asarray(masks).tolist()]
+        targeting = {
+            column: pa.array([row[column] for row in lists], type=pa.list_(pa.string()))
+            for column in TARGET_COLUMNS
+        }
         return pa.table(
             {
                 "campaign_id": np.arange(1, n + 1, dtype=np.int64),
-                "advertiser_id": (advertiser + 1).astype(np.int64),
-                "objective": objective,
-                "total_budget": total_budget,
-                "cpc_bid": cpc,
-                "start_ts": _ts(self.start_us, start_day * float(_SECONDS_PER_DAY)),
+                "advertiser_id": (self.camp_advertiser + 1).astype(np.int64),
+                "objective": self.camp_objective,
+                "daily_budget": self.camp_daily_budget,
+                "pacing": np.array(PACING_MODES)[self.camp_pacing],
+                "cpc_bid": self.camp_cpc,
+                **targeting,
+                "start_ts": _ts(self.start_us, self.camp_start_day * float(_SECONDS_PER_DAY)),
                 "paused_ts": pa.array(
                     np.where(
                         pause_day < c.days,
@@ -382,7 +524,7 @@ class MarketplaceGenerator:
                     type=pa.timestamp("us", tz="UTC"),
                     mask=pause_day >= c.days,
                 ),
-                "status": status,
+                "status": np.where(pause_day < c.days, "paused", "active"),
             }
         )
 
@@ -572,12 +714,15 @@ class MarketplaceGenerator:
         mixture /= mixture.sum(axis=1, keepdims=True)
         activity = c.sessions_per_user_day * rng.lognormal(-0.125, 0.5, n)
         ids = np.arange(lo + 1, hi + 1, dtype=np.int64)
+        age = rng.integers(0, len(AGE_BUCKETS), n)
+        country = rng.integers(0, len(COUNTRIES), n)
+        device = rng.integers(0, len(DEVICES), n)
         users = pa.table(
             {
                 "user_id": ids,
-                "age_bucket": pa.array(np.array(AGE_BUCKETS)[rng.integers(0, 6, n)]),
-                "country": pa.array(np.array(COUNTRIES)[rng.integers(0, len(COUNTRIES), n)]),
-                "device": pa.array(np.array(DEVICES)[rng.integers(0, 3, n)]),
+                "age_bucket": pa.array(np.array(AGE_BUCKETS)[age]),
+                "country": pa.array(np.array(COUNTRIES)[country]),
+                "device": pa.array(np.array(DEVICES)[device]),
                 "signup_ts": _ts(self.start_us, -rng.uniform(1, 720, n) * _SECONDS_PER_DAY),
             }
         )
@@ -596,7 +741,49 @@ class MarketplaceGenerator:
             "taste",
             pa.FixedSizeListArray.from_arrays(pa.array(pref.ravel()), c.latent_dim),
         )
-        return users, truth, {"mixture": mixture, "activity": activity, "ids": ids, "pref": pref}
+        state = {
+            "mixture": mixture,
+            "activity": activity,
+            "ids": ids,
+            "pref": pref,
+            "age": age,
+            "country": country,
+            "device": device,
+        }
+        return users, truth, state
+
+    def hidden_chunk(self, chunk: int, state: dict[str, np.ndarray]) -> pa.Table:
+        """The advertisers this chunk's users hide, and when: advertisers of the verticals a user
+        is interested in (those whose ads they see). Adds the sorted (user, advertiser) keys and
+        hide times to ``state`` for the event simulation."""
+        c = self.cfg
+        rng = _stream(c.seed, "hidden", chunk)
+        n = len(state["ids"])
+        hides = np.where(rng.random(n) < c.hidden_advertiser_prob, rng.integers(1, 4, n), 0)
+        user = np.repeat(np.arange(n), hides)
+        vertical = self._sample_category(rng, state["mixture"][user])
+        advertiser = np.array(
+            [
+                pool[int(rng.integers(0, len(pool)))] if len(pool) else -1
+                for pool in (self.adv_of_vertical[int(v)] for v in vertical)
+            ],
+            dtype=np.int64,
+        )
+        when = rng.uniform(-30, c.days, len(user)) * _SECONDS_PER_DAY
+        keep = advertiser >= 0
+        user, advertiser, when = user[keep], advertiser[keep], when[keep]
+        key = user * c.n_advertisers + advertiser
+        # A user who hides one advertiser twice: the first time counts.
+        order = np.lexsort((when, key))
+        order = order[np.r_[True, key[order][1:] != key[order][:-1]][: len(order)]]
+        state["hidden_key"], state["hidden_at"] = key[order], when[order]
+        return pa.table(
+            {
+                "user_id": state["ids"][user[order]],
+                "advertiser_id": advertiser[order] + 1,
+                "hidden_ts": _ts(self.start_us, when[order]),
+            }
+        )
 
     def _sample_category(self, rng: np.random.Generator, mixture: np.ndarray) -> np.ndarray:
         cum = np.cumsum(mixture, axis=1)
@@ -755,13 +942,23 @@ class MarketplaceGenerator:
                 s_intent[i_sess],
                 rng.integers(0, c.categories, len(i_sess)),
             ).astype(np.int64)
-            i_ad = self.ad_catalog.sample(rng, i_cat, day)
-            live = i_ad >= 0
-            live[live] &= self.ad_pause_day[i_ad[live]] > day
-            i_sess, i_ad = i_sess[live], i_ad[live]
-            m = len(i_sess)
             i_offset = _within_session_offsets(rng, i_sess, 50.0)
-            i_user = s_user[i_sess]
+            i_user, i_surface = s_user[i_sess], s_surface[i_sess]
+            i_time = s_time[i_sess] + i_offset
+            i_ad = np.full(len(i_sess), -1, np.int64)
+            pending = np.arange(len(i_sess))
+            for _ in range(_RESAMPLES):
+                pick = self.ad_catalog.sample(rng, i_cat[pending], day)
+                ok = self._deliverable(
+                    rng, state, pick, i_user[pending], i_surface[pending], day, i_time[pending]
+                )
+                i_ad[pending[ok]] = pick[ok]
+                pending = pending[~ok]
+                if len(pending) == 0:
+                    break
+            live = (i_ad >= 0) & self._under_caps(i_user, i_ad, i_time)
+            i_sess, i_ad, i_offset, i_user = i_sess[live], i_ad[live], i_offset[live], i_user[live]
+            m = len(i_sess)
             taste = _unit(long_vec[i_user] + self.centroids[s_intent[i_sess]])
             affinity = np.einsum("nd,nd->n", taste, self.ad_catalog.latent[i_ad])
             own = np.einsum("nd,nd->n", pref[i_user], self.ad_dev[i_ad])
@@ -844,6 +1041,59 @@ class MarketplaceGenerator:
                 **sel(common, converted),
             )
         return self._events_table(chunk, cols, user_ids, query_texts)
+
+    def _deliverable(
+        self,
+        rng: np.random.Generator,
+        state: dict[str, np.ndarray],
+        ad: np.ndarray,
+        user: np.ndarray,
+        surface: np.ndarray,
+        day: int,
+        time: np.ndarray,
+    ) -> np.ndarray:
+        """Which picks may be shown: a live ad whose campaign runs (not paused, within the
+        day's plan: before its exhaustion, through its throttle), targets the user and the
+        surface, of an advertiser the user has not hidden by then."""
+        ok = ad >= 0
+        safe = np.maximum(ad, 0)
+        camp = self.ad_campaign[safe]
+        target = self.camp_target
+        for dim, value in (
+            ("country", state["country"][user]),
+            ("age", state["age"][user]),
+            ("device", state["device"][user]),
+            ("surface", surface),
+        ):
+            ok &= (target[dim][camp] >> value) & 1 == 1
+        ok &= self.ad_pause_day[safe] > day
+        ok &= time < self.plan_exhausted[camp, day]
+        ok &= rng.random(len(ad)) < self.plan_throttle[camp, day]
+        key = user * self.cfg.n_advertisers + self.camp_advertiser[camp]
+        hidden_key, hidden_at = state["hidden_key"], state["hidden_at"]
+        at = np.minimum(np.searchsorted(hidden_key, key), max(len(hidden_key) - 1, 0))
+        if len(hidden_key):
+            ok &= ~((hidden_key[at] == key) & (hidden_at[at] <= day * _SECONDS_PER_DAY + time))
+        return ok
+
+    def _under_caps(self, user: np.ndarray, ad: np.ndarray, time: np.ndarray) -> np.ndarray:
+        """Which of a day's impressions keep within the frequency caps, earliest first: at most
+        ``frequency_cap`` of one ad and ``advertiser_frequency_cap`` of one advertiser's ads to
+        one user."""
+        c = self.cfg
+        keep = ad >= 0
+        advertiser = self.camp_advertiser[self.ad_campaign[np.maximum(ad, 0)]]
+        for entity, cap in ((ad, c.frequency_cap), (advertiser, c.advertiser_frequency_cap)):
+            idx = np.flatnonzero(keep)
+            order = idx[np.lexsort((time[idx], entity[idx], user[idx]))]
+            group = np.r_[
+                True,
+                (user[order][1:] != user[order][:-1]) | (entity[order][1:] != entity[order][:-1]),
+            ]
+            pos = np.arange(len(order))
+            rank = pos - np.maximum.accumulate(np.where(group, pos, 0))
+            keep[order[rank >= cap]] = False
+        return keep
 
     def _events_table(
         self,
@@ -1022,18 +1272,23 @@ def _generate_into(config: SynthConfig, out: Path, progress: bool) -> SynthSumma
     gen = MarketplaceGenerator(config)
     summary = SynthSummary(out_dir=out)
     advertisers = gen.advertisers()
-    campaigns = gen.campaigns()
+    gen.campaigns()
     _write(advertisers, out / "advertisers.parquet")
-    _write(campaigns, out / "campaigns.parquet")
     _write(surfaces_table(), out / "surfaces.parquet")
     summary.rows["advertisers"] = advertisers.num_rows
-    summary.rows["campaigns"] = campaigns.num_rows
     summary.rows["ads"] = gen.ads(out)
+    plan = gen.delivery_plan()
+    campaigns = gen.campaigns_table()
+    _write(campaigns, out / "campaigns.parquet")
+    _write(plan, out / "delivery_plan.parquet")
+    summary.rows["campaigns"] = campaigns.num_rows
+    summary.rows["delivery_plan"] = plan.num_rows
     summary.rows["items"] = gen.items(out)
     summary.rows["surfaces"] = len(SURFACES)
 
     n_chunks = math.ceil(config.users / config.chunk_users)
-    users_writer = truth_writer = None
+    users_writer = truth_writer = hidden_writer = None
+    hidden = 0
     events = 0
     by_type: dict[str, int] = dict.fromkeys(_KIND, 0)
     (out / "events").mkdir()
@@ -1050,6 +1305,11 @@ def _generate_into(config: SynthConfig, out: Path, progress: bool) -> SynthSumma
             users_writer.write_table(users)
             assert truth_writer is not None
             truth_writer.write_table(truth)
+            hides = gen.hidden_chunk(chunk, state)
+            if hidden_writer is None:
+                hidden_writer = pq.ParquetWriter(out / "hidden_advertisers.parquet", hides.schema)
+            hidden_writer.write_table(hides)
+            hidden += hides.num_rows
             table = gen.events_chunk(chunk, state)
             pq.write_table(table, out / "events" / f"part-{chunk:05d}.parquet", compression="zstd")
             events += table.num_rows
@@ -1062,10 +1322,11 @@ def _generate_into(config: SynthConfig, out: Path, progress: bool) -> SynthSumma
             bar.set_postfix(events=f"{events:,}")
     finally:
         bar.close()
-        for w in (users_writer, truth_writer):
+        for w in (users_writer, truth_writer, hidden_writer):
             if w is not None:
                 w.close()
     summary.rows["users"] = config.users
+    summary.rows["hidden_advertisers"] = hidden
     summary.rows["events"] = events
     summary.events_by_type = by_type
     summary.snapshot = snapshot_hash(out)
