@@ -22,3 +22,17 @@ advertiser = Entity(
     value_type=ValueType.INT64,
     description="The account that owns campaigns and ads.",
 )
+
+campaign = Entity(
+    name="campaign",
+    join_keys=["campaign_id"],
+    value_type=ValueType.INT64,
+    description="An advertiser's campaign: targeting, daily budget, pacing; owns ads.",
+)
+
+delivery_shard = Entity(
+    name="delivery_shard",
+    join_keys=["delivery_shard_id"],
+    value_type=ValueType.INT64,
+    description="campaign_id % 16: one slice of the live delivery state that serving watches.",
+)

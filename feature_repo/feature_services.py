@@ -6,6 +6,10 @@ from features import (
     ad_attributes,
     ad_delivery,
     advertiser_profile,
+    campaign_delivery,
+    delivery_shard,
+    user_ad_impressions,
+    user_hidden_advertisers,
     user_long_term,
     user_long_term_embedding,
     user_profile,
@@ -67,4 +71,30 @@ user_serving_v2 = FeatureService(
     description="What the retrieve ensemble's features step reads: user_serving_v1, the "
     "long-term summary the unified model fuses, and the lifetime counts that set the user's "
     "activity bucket for the learned quotas.",
+)
+
+user_serving_v3 = FeatureService(
+    name="user_serving_v3",
+    features=[
+        user_short_term[["recent_item_ids", "recent_timestamps"]],
+        user_long_term[["category_affinity", "engagements_total", "ad_clicks_total"]],
+        user_long_term_embedding[["long_term_embedding"]],
+        user_profile,
+        user_ad_impressions,
+        user_hidden_advertisers,
+    ],
+    description="user_serving_v2 and what eligibility reads per user: the profile that "
+    "targeting matches, the day's impression counts (frequency caps), hidden advertisers.",
+)
+
+campaign_delivery_v1 = FeatureService(
+    name="campaign_delivery_v1",
+    features=[campaign_delivery],
+    description="A campaign's targeting, budget, pacing and status.",
+)
+
+delivery_shards_v1 = FeatureService(
+    name="delivery_shards_v1",
+    features=[delivery_shard],
+    description="The live delivery state, by shard, that the generators step watches.",
 )

@@ -6,12 +6,17 @@ from data_sources import (
     ad_attributes_source,
     ad_delivery_source,
     advertiser_profile_source,
+    campaign_delivery_push,
+    delivery_shard_push,
+    user_ad_impressions_push,
+    user_hidden_advertisers_push,
     user_long_term_embedding_source,
     user_long_term_source,
     user_profile_source,
     user_short_term_push,
 )
-from entities import ad, advertiser, user
+from entities import ad, advertiser, campaign, user
+from entities import delivery_shard as shard
 from feast import FeatureView, Field
 from feast.types import Array, Float32, Int64, String
 
@@ -109,4 +114,64 @@ advertiser_profile = FeatureView(
         Field(name="status", dtype=String),
     ],
     source=advertiser_profile_source,
+)
+
+campaign_delivery = FeatureView(
+    name="campaign_delivery",
+    entities=[campaign],
+    ttl=timedelta(0),  # the last known state holds until it changes
+    schema=[
+        Field(name="status", dtype=String),
+        Field(name="throttle", dtype=Float32),
+        Field(name="daily_budget", dtype=Float32),
+        Field(name="pacing", dtype=String),
+        Field(name="target_countries", dtype=Array(String)),
+        Field(name="target_age_buckets", dtype=Array(String)),
+        Field(name="target_devices", dtype=Array(String)),
+        Field(name="target_surfaces", dtype=Array(String)),
+    ],
+    source=campaign_delivery_push,
+    description="Targeting (an empty list: everyone), daily budget, pacing mode, status "
+    "(active, paused, exhausted) and the pacing throttle (share of requests it takes part in).",
+)
+
+delivery_shard = FeatureView(
+    name="delivery_shard",
+    entities=[shard],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="campaign_ids", dtype=Array(Int64)),
+        Field(name="statuses", dtype=Array(String)),
+        Field(name="throttles", dtype=Array(Float32)),
+        Field(name="targeting_masks", dtype=Array(Int64)),
+        Field(name="version", dtype=Int64),
+    ],
+    source=delivery_shard_push,
+    description="The campaigns of one shard that are not simply active (paused, exhausted, "
+    "throttled) or whose targeting changed, as serving reads them; version counts the pushes.",
+)
+
+user_ad_impressions = FeatureView(
+    name="user_ad_impressions",
+    entities=[user],
+    ttl=timedelta(days=2),
+    schema=[
+        Field(name="impression_day", dtype=String),
+        Field(name="impressed_ad_ids", dtype=Array(Int64)),
+        Field(name="ad_impression_counts", dtype=Array(Int64)),
+        Field(name="impressed_advertiser_ids", dtype=Array(Int64)),
+        Field(name="advertiser_impression_counts", dtype=Array(Int64)),
+    ],
+    source=user_ad_impressions_push,
+    description="The user's impressions on impression_day (UTC), per ad and per advertiser: "
+    "what the frequency caps count. Pushed on each impression.",
+)
+
+user_hidden_advertisers = FeatureView(
+    name="user_hidden_advertisers",
+    entities=[user],
+    ttl=timedelta(0),
+    schema=[Field(name="hidden_advertiser_ids", dtype=Array(Int64))],
+    source=user_hidden_advertisers_push,
+    description="Advertisers the user chose not to see again.",
 )

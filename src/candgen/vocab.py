@@ -32,3 +32,8 @@ LONG_TERM_TABLE: Final = "user_long_term_embedding"
 # the features step writes it, the data layer reads it into training sets. Not a feature view:
 # serving embeds each request's query itself.
 QUERY_TABLE: Final = "query_embedding"
+
+# The live delivery state serving watches is split by campaign_id % DELIVERY_SHARDS (the
+# delivery_shard feature view): a pause rewrites one shard, and serving rereads only the shards
+# whose version moved.
+DELIVERY_SHARDS: Final = 16

@@ -16,8 +16,10 @@ from candgen.features.build import (
     LONG_TERM_TABLE,
     FeatureBuildConfig,
     build_features,
+    check_campaign_targeting,
 )
 from candgen.features.text import EMBEDDING_DIM, TextEmbedder
+from candgen.vocab import DELIVERY_SHARDS
 
 
 def test_every_table_and_manifest(features_dir: Path, marketplace: SynthSummary) -> None:
@@ -117,3 +119,91 @@ def test_bad_feature_config_names_the_field(kwargs: dict, field: str) -> None:
 def test_build_rejects_a_folder_that_is_not_a_marketplace(tmp_path: Path) -> None:
     with pytest.raises(CandgenError, match="candgen data synth"):
         build_features(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_campaign_delivery_follows_the_plan_and_the_pauses(
+    features_dir: Path, marketplace: SynthSummary
+) -> None:
+    delivery = pd.read_parquet(features_dir / "campaign_delivery.parquet")
+    campaigns = pd.read_parquet(marketplace.out_dir / "campaigns.parquet").set_index("campaign_id")
+    plan = pd.read_parquet(marketplace.out_dir / "delivery_plan.parquet")
+    assert set(delivery["status"]) == {"active", "paused", "exhausted"}
+    assert delivery["throttle"].between(0, 1).all() and (delivery["throttle"] < 1).any()
+    # every exhaustion in the plan of a running, unpaused campaign is a row at that time
+    exhausted = delivery[delivery["status"] == "exhausted"]
+    planned = plan.dropna(subset=["exhausted_ts"])
+    assert set(exhausted["event_timestamp"]) <= set(planned["exhausted_ts"])
+    paused = campaigns.dropna(subset=["paused_ts"])
+    last = delivery.sort_values("event_timestamp").groupby("campaign_id").last()
+    assert (last.loc[paused.index, "status"] == "paused").all()
+    for column in ("target_countries", "target_surfaces", "pacing"):
+        got = last[column].map(lambda v: list(v) if isinstance(v, np.ndarray) else v)
+        want = campaigns.loc[last.index, column]
+        assert (
+            got.tolist() == want.map(lambda v: list(v) if isinstance(v, np.ndarray) else v).tolist()
+        )
+    assert np.allclose(last["daily_budget"], campaigns.loc[last.index, "daily_budget"], rtol=1e-6)
+
+
+def test_delivery_shards_list_every_campaign_not_simply_active(features_dir: Path) -> None:
+    delivery = pd.read_parquet(features_dir / "campaign_delivery.parquet")
+    shards = pd.read_parquet(features_dir / "delivery_shard.parquet")
+    assert sorted(shards["delivery_shard_id"]) == list(range(DELIVERY_SHARDS))
+    last = delivery.sort_values("event_timestamp").groupby("campaign_id").last()
+    special = set(last.index[(last["status"] != "active") | (last["throttle"] < 1)])
+    listed = {}
+    for row in shards.itertuples():
+        assert len(row.campaign_ids) == len(row.statuses) == len(row.targeting_masks)
+        for cid, status in zip(row.campaign_ids, row.statuses, strict=True):
+            assert cid % DELIVERY_SHARDS == row.delivery_shard_id
+            listed[int(cid)] = status
+    assert set(listed) == special and special
+    assert all(listed[c] == last.loc[c, "status"] for c in listed)
+
+
+def test_impression_counts_per_user_day_sum_to_the_log(
+    features_dir: Path, marketplace: SynthSummary
+) -> None:
+    counts = pd.read_parquet(features_dir / "user_ad_impressions.parquet")
+    events = pd.read_parquet(marketplace.out_dir / "events", columns=["event_type", "user_id"])
+    assert (
+        counts["ad_impression_counts"].map(sum).sum()
+        == (events["event_type"] == "impression").sum()
+    )
+    assert (
+        counts["ad_impression_counts"].map(sum) == counts["advertiser_impression_counts"].map(sum)
+    ).all()
+    assert counts["ad_impression_counts"].map(max).max() <= 3  # the marketplace's cap
+    assert not counts.duplicated(["user_id", "impression_day"]).any()
+
+
+def test_hidden_advertiser_lists_grow_per_hide(
+    features_dir: Path, marketplace: SynthSummary
+) -> None:
+    lists = pd.read_parquet(features_dir / "user_hidden_advertisers.parquet")
+    hides = pd.read_parquet(marketplace.out_dir / "hidden_advertisers.parquet")
+    assert len(lists) == len(hides) > 0
+    last = lists.sort_values("event_timestamp").groupby("user_id")["hidden_advertiser_ids"].last()
+    want = hides.groupby("user_id")["advertiser_id"].agg(set)
+    assert {u: set(v) for u, v in last.items()} == want.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("target_countries", ["US", "Atlantis"], "unknown value(s) ['Atlantis']"),
+        ("target_devices", "ios", "must be a list of strings"),
+        ("target_age_buckets", [17], "must be a list of strings"),
+    ],
+)
+def test_malformed_targeting_names_the_campaign_and_field(
+    marketplace: SynthSummary, column: str, value: object, message: str
+) -> None:
+    campaigns = pd.read_parquet(marketplace.out_dir / "campaigns.parquet")
+    campaigns[column] = campaigns[column].astype(object)
+    campaigns.at[3, column] = value
+    cid = int(campaigns.at[3, "campaign_id"])
+    with pytest.raises(ConfigError) as err:
+        check_campaign_targeting(campaigns)
+    assert err.value.field == column
+    assert f"campaign {cid}: " in str(err.value) and message in str(err.value)

@@ -9,6 +9,8 @@ Tables written to ``out_dir`` (names match the feature views)::
 
     user_profile  user_short_term  user_long_term  ad_attributes  ad_delivery
     advertiser_profile   query_embedding (the log's search queries, embedded)   manifest.json
+    campaign_delivery (targeting, budget, pacing, status)   delivery_shard (what serving watches)
+    user_ad_impressions (the day's counts, for frequency caps)   user_hidden_advertisers
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from candgen.data.synth import AD_ID_OFFSET, snapshot_hash
+from candgen.data.targeting import TARGET_COLUMNS, targeting_masks
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.text import EMBEDDING_DIM, MODEL_NAME, TextEmbedder, ad_texts
-from candgen.vocab import LONG_TERM_TABLE, QUERY_TABLE
+from candgen.vocab import DELIVERY_SHARDS, LONG_TERM_TABLE, QUERY_TABLE
 
 TS: Final = pa.timestamp("us", tz="UTC")
 SEQUENCE_EVENT_TYPES: Final = ("engage", "click", "conversion")
@@ -42,6 +45,10 @@ FEATURE_TABLES: Final = (
     "ad_attributes",
     "ad_delivery",
     "advertiser_profile",
+    "campaign_delivery",
+    "delivery_shard",
+    "user_ad_impressions",
+    "user_hidden_advertisers",
 )
 # What the features' snapshot hash covers: the feature views' tables and the query embeddings.
 SNAPSHOT_TABLES: Final = (*FEATURE_TABLES, QUERY_TABLE)
@@ -184,10 +191,12 @@ def _ad_delivery(
     events: pd.DataFrame,
     ads: pd.DataFrame,
     campaigns: pd.DataFrame,
+    plan: pd.DataFrame,
     manifest: dict[str, Any],
     cfg: FeatureBuildConfig,
 ) -> pa.Table:
-    """Ad delivery state: one row at creation, one at a pause, one per day with traffic."""
+    """Ad delivery state: one row at creation, one at a pause, one per day with traffic (the
+    budget left of that day's)."""
     days = int(manifest["config"]["days"])
     start = pd.Timestamp(manifest["config"]["start_date"], tz="UTC")
     n_ads = len(ads)
@@ -212,14 +221,20 @@ def _ad_delivery(
         return trailing_sum
 
     imp, clk, conv = (trailing(counts[k]) for k in ("impression", "click", "conversion"))
-    # Spend and budget per campaign, from clicks at the bid.
+    # The day's spend per campaign, from clicks at the bid, against the daily budget; the
+    # campaign is exhausted at the end of a day whose delivery plan ran out of budget.
     camp_idx = ads["campaign_id"].to_numpy(np.int64) - 1
     cpc = campaigns["cpc_bid"].to_numpy(np.float64)
     camp_spend = np.zeros((len(campaigns), days))
     np.add.at(camp_spend, camp_idx, counts["click"] * cpc[camp_idx][:, None])
-    remaining = np.maximum(
-        campaigns["total_budget"].to_numpy()[:, None] - np.cumsum(camp_spend, axis=1), 0.0
-    )[camp_idx]
+    daily_budget = campaigns["daily_budget"].to_numpy(np.float64)
+    remaining = np.maximum(daily_budget[:, None] - camp_spend, 0.0)[camp_idx]
+    plan_day = ((plan["day_ts"] - start).dt.total_seconds() // 86_400).to_numpy(np.int64)
+    camp_exhausted = np.zeros((len(campaigns), days), bool)
+    camp_exhausted[plan["campaign_id"].to_numpy(np.int64) - 1, plan_day] = (
+        plan["exhausted_ts"].notna().to_numpy()
+    )
+    exhausted = camp_exhausted[camp_idx]
     paused_ts = ads["paused_ts"]
     pause_day = np.where(
         paused_ts.notna(),
@@ -228,7 +243,7 @@ def _ad_delivery(
     ).astype(np.int64)
     day_grid = np.arange(days)[None, :]
     status = np.where(
-        pause_day[:, None] <= day_grid, "paused", np.where(remaining <= 0, "exhausted", "active")
+        pause_day[:, None] <= day_grid, "paused", np.where(exhausted, "exhausted", "active")
     )
     a_idx, d_idx = np.nonzero(imp > 0)
     day_end_us = (int(start.timestamp() * 10**6) + (d_idx + 1) * 86_400 * 10**6 - 1).astype(
@@ -242,7 +257,7 @@ def _ad_delivery(
 
     ids = ads["ad_id"].to_numpy(np.int64)
     created_us = _epoch_us(ads["created_ts"])
-    budget = campaigns["total_budget"].to_numpy()[camp_idx]
+    budget = daily_budget[camp_idx]
     start_us = int(start.timestamp() * 10**6)
     created_day = (created_us - start_us) // (86_400 * 10**6)
     creation = pd.DataFrame(
@@ -297,6 +312,183 @@ def _ad_delivery(
     )
 
 
+def _campaign_delivery(
+    campaigns: pd.DataFrame, plan: pd.DataFrame, manifest: dict[str, Any]
+) -> pd.DataFrame:
+    """Campaign delivery state (targeting, budget, pacing, status, throttle): a row when a
+    campaign that began before the log starts it, at the start of each day it runs (the day's
+    throttle), when the day's plan exhausts its budget, and when it is paused."""
+    days = int(manifest["config"]["days"])
+    start = pd.Timestamp(manifest["config"]["start_date"], tz="UTC")
+    n = len(campaigns)
+    ids = campaigns["campaign_id"].to_numpy(np.int64)
+    check_campaign_targeting(campaigns)
+    begin_us = _epoch_us(campaigns["start_ts"])
+    start_us = int(start.timestamp() * 10**6)
+    day_us = 86_400 * 10**6
+    paused = campaigns["paused_ts"]
+    pause_us = np.where(paused.notna(), _epoch_us(paused.fillna(start)), np.iinfo(np.int64).max)
+    throttle = np.ones((n, days), np.float32)
+    exhausted_us = np.full((n, days), -1, np.int64)
+    row = plan["campaign_id"].to_numpy(np.int64) - 1
+    day = ((plan["day_ts"] - start).dt.total_seconds() // 86_400).to_numpy(np.int64)
+    throttle[row, day] = plan["throttle"].to_numpy(np.float32)
+    has = plan["exhausted_ts"].notna().to_numpy()
+    exhausted_us[row[has], day[has]] = _epoch_us(plan["exhausted_ts"][has])
+
+    frames = []
+
+    def rows(idx: np.ndarray, ts: np.ndarray, status: np.ndarray, thr: np.ndarray) -> None:
+        frames.append(
+            pd.DataFrame(
+                {"campaign_id": ids[idx], "event_timestamp": ts, "status": status, "throttle": thr}
+            )
+        )
+
+    before = np.flatnonzero(begin_us < start_us)
+    rows(
+        before,
+        begin_us[before],
+        np.where(pause_us[before] <= begin_us[before], "paused", "active"),
+        np.ones(len(before), np.float32),
+    )
+    c_idx, d_idx = np.nonzero(begin_us[:, None] <= start_us + np.arange(days) * day_us)
+    at = start_us + d_idx * day_us
+    rows(c_idx, at, np.where(pause_us[c_idx] <= at, "paused", "active"), throttle[c_idx, d_idx])
+    c_idx, d_idx = np.nonzero(exhausted_us >= 0)
+    at = exhausted_us[c_idx, d_idx]
+    live = (pause_us[c_idx] > at) & (begin_us[c_idx] <= at)
+    rows(c_idx[live], at[live], np.full(int(live.sum()), "exhausted"), throttle[c_idx, d_idx][live])
+    p_idx = np.flatnonzero((pause_us >= begin_us) & (pause_us < start_us + days * day_us))
+    p_day = np.clip((pause_us[p_idx] - start_us) // day_us, 0, days - 1)
+    rows(p_idx, pause_us[p_idx], np.full(len(p_idx), "paused"), throttle[p_idx, p_day])
+    out = pd.concat(frames, ignore_index=True)
+    # A pause at a day's start meets that day's row: the pause, listed last, wins.
+    out = out.drop_duplicates(["campaign_id", "event_timestamp"], keep="last")
+    out = out.sort_values(["campaign_id", "event_timestamp"], kind="stable", ignore_index=True)
+    fixed = campaigns.set_index("campaign_id").loc[
+        out["campaign_id"], ["daily_budget", "pacing", *TARGET_COLUMNS]
+    ]
+    for column in fixed.columns:
+        out[column] = fixed[column].to_numpy()
+    out["daily_budget"] = out["daily_budget"].astype(np.float32)
+    return out
+
+
+def check_campaign_targeting(campaigns: pd.DataFrame) -> np.ndarray:
+    """The campaigns' targeting masks; refuses a malformed targeting list, naming the campaign
+    and the field."""
+    missing = [c for c in TARGET_COLUMNS if c not in campaigns.columns]
+    if missing:
+        raise ConfigError(
+            missing[0], "campaigns.parquet lacks this targeting column (regenerate the data)"
+        )
+    return targeting_masks(
+        {c: campaigns[c].to_numpy(object) for c in TARGET_COLUMNS},
+        campaigns["campaign_id"].to_numpy(np.int64),
+    )
+
+
+def _user_ad_impressions(events: pd.DataFrame) -> pa.Table:
+    """Each user's impressions of the day so far per ad and per advertiser (the frequency caps'
+    counts): a row per user and day, stamped at the day's last impression."""
+    imps = events[events["event_type"] == "impression"]
+    day = imps["arrival_ts"].dt.strftime("%Y-%m-%d").to_numpy(object)
+    frame = pd.DataFrame(
+        {
+            "user_id": imps["user_id"].to_numpy(np.int64),
+            "day": day,
+            "ad_id": imps["ad_id"].to_numpy(np.int64),
+            "advertiser_id": imps["advertiser_id"].to_numpy(np.int64),
+            "ts": _epoch_us(imps["arrival_ts"]),
+        }
+    )
+    keys = ["user_id", "day"]
+    last = frame.groupby(keys, sort=True)["ts"].max()
+
+    def counted(entity: str) -> tuple[pd.Series, pd.Series]:
+        per = frame.groupby([*keys, entity], sort=True).size().reset_index(name="n")
+        grouped = per.groupby(keys, sort=True)
+        return grouped[entity].agg(list), grouped["n"].agg(list)
+
+    ad_ids, ad_counts = counted("ad_id")
+    adv_ids, adv_counts = counted("advertiser_id")
+    return pa.table(
+        {
+            "user_id": last.index.get_level_values(0).to_numpy(np.int64),
+            "event_timestamp": pa.array(last.to_numpy(), type=TS),
+            "impression_day": pa.array(last.index.get_level_values(1).to_numpy(object)),
+            "impressed_ad_ids": pa.array(ad_ids.tolist(), type=pa.list_(pa.int64())),
+            "ad_impression_counts": pa.array(ad_counts.tolist(), type=pa.list_(pa.int64())),
+            "impressed_advertiser_ids": pa.array(adv_ids.tolist(), type=pa.list_(pa.int64())),
+            "advertiser_impression_counts": pa.array(
+                adv_counts.tolist(), type=pa.list_(pa.int64())
+            ),
+        }
+    )
+
+
+def _user_hidden_advertisers(hidden: pd.DataFrame) -> pa.Table:
+    """The advertisers each user has hidden: a row per hide, with every advertiser hidden so
+    far."""
+    hidden = hidden.sort_values(["user_id", "hidden_ts", "advertiser_id"], kind="stable")
+    so_far: list[list[int]] = []
+    current: list[int] = []
+    previous = None
+    for user, advertiser in zip(hidden["user_id"], hidden["advertiser_id"], strict=True):
+        if user != previous:
+            current, previous = [], user
+        current = [*current, int(advertiser)]
+        so_far.append(current)
+    return pa.table(
+        {
+            "user_id": hidden["user_id"].to_numpy(np.int64),
+            "event_timestamp": pa.array(hidden["hidden_ts"], type=TS),
+            "hidden_advertiser_ids": pa.array(so_far, type=pa.list_(pa.int64())),
+        }
+    )
+
+
+def _delivery_shards(campaign_delivery: pd.DataFrame, campaigns: pd.DataFrame) -> pa.Table:
+    """The live delivery state that serving watches, as it stands at the end of the log: per
+    shard (``campaign_id % DELIVERY_SHARDS``) the campaigns not simply active (paused,
+    exhausted or throttled), with their targeting masks."""
+    last = campaign_delivery.groupby("campaign_id").last()
+    special = last[(last["status"] != "active") | (last["throttle"] < 1.0)]
+    masks = pd.Series(
+        check_campaign_targeting(campaigns), index=campaigns["campaign_id"].to_numpy(np.int64)
+    )
+    ids = special.index.to_numpy(np.int64)
+    shard = ids % DELIVERY_SHARDS
+    stamp = int(campaign_delivery["event_timestamp"].max())
+    out = []
+    for s in range(DELIVERY_SHARDS):
+        mine = shard == s
+        out.append(
+            {
+                "delivery_shard_id": s,
+                "event_timestamp": stamp,
+                "campaign_ids": ids[mine].tolist(),
+                "statuses": special["status"].to_numpy(object)[mine].tolist(),
+                "throttles": special["throttle"].to_numpy(np.float32)[mine].tolist(),
+                "targeting_masks": masks.loc[ids[mine]].to_numpy(np.int64).tolist(),
+                "version": 0,
+            }
+        )
+    frame = pd.DataFrame(out)
+    return pa.table(
+        {
+            "delivery_shard_id": frame["delivery_shard_id"].to_numpy(np.int64),
+            "event_timestamp": pa.array(frame["event_timestamp"].to_numpy(np.int64), type=TS),
+            "campaign_ids": pa.array(frame["campaign_ids"], type=pa.list_(pa.int64())),
+            "statuses": pa.array(frame["statuses"], type=pa.list_(pa.string())),
+            "throttles": pa.array(frame["throttles"], type=pa.list_(pa.float32())),
+            "targeting_masks": pa.array(frame["targeting_masks"], type=pa.list_(pa.int64())),
+            "version": frame["version"].to_numpy(np.int64),
+        }
+    )
+
+
 def build_features(
     data_dir: Path | str,
     out_dir: Path | str,
@@ -336,6 +528,7 @@ def build_features(
             "action_type",
             "item_id",
             "ad_id",
+            "advertiser_id",
             "query",
         ],
     )
@@ -386,7 +579,17 @@ def build_features(
         }
     )
     tables[LONG_TERM_TABLE] = LONG_TERM_SCHEMA.empty_table()
-    tables["ad_delivery"] = _ad_delivery(events, ads, campaigns, manifest, config)
+    plan = pd.read_parquet(data_dir / "delivery_plan.parquet")
+    tables["ad_delivery"] = _ad_delivery(events, ads, campaigns, plan, manifest, config)
+    campaign_delivery = _campaign_delivery(campaigns, plan, manifest)
+    tables["campaign_delivery"] = pa.Table.from_pandas(
+        campaign_delivery, preserve_index=False
+    ).set_column(1, "event_timestamp", pa.array(campaign_delivery["event_timestamp"], type=TS))
+    tables["delivery_shard"] = _delivery_shards(campaign_delivery, campaigns)
+    tables["user_ad_impressions"] = _user_ad_impressions(events)
+    tables["user_hidden_advertisers"] = _user_hidden_advertisers(
+        pd.read_parquet(data_dir / "hidden_advertisers.parquet")
+    )
     tables["advertiser_profile"] = pa.table(
         {
             "advertiser_id": advertisers["advertiser_id"].to_numpy(np.int64),
