@@ -15,8 +15,10 @@ gives each generator ``share * K`` slots (largest remainder, so the slots sum to
 generator cannot fill (it found fewer eligible ads) pass to the others in proportion to their
 shares, until K are filled or every generator is exhausted. An ad found by several generators is
 kept once, credited to the generator with the larger share, and that generator's slot is
-refilled from its next candidate. Fewer than K results come back when fewer eligible ads exist;
-there is never padding.
+refilled from its next candidate. An optional ``admit`` callback (e.g.
+``candgen.serving.diversity.Diversifier.admit``, the per-advertiser cap) may refuse an ad not yet
+taken: it is skipped like a duplicate and the slot refilled the same way. Fewer than K results
+come back when fewer eligible ads exist; there is never padding.
 
 numpy only: the select step runs it inside the Triton runtime.
 """
@@ -24,7 +26,7 @@ numpy only: the select step runs it inside the Triton runtime.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +98,11 @@ def initial_quotas(weights: dict[str, float], k: int) -> dict[str, int]:
 
 
 def allocate(
-    candidates: dict[str, list[tuple[int, float]]], weights: dict[str, float], k: int
+    candidates: dict[str, list[tuple[int, float]]],
+    weights: dict[str, float],
+    k: int,
+    *,
+    admit: Callable[[int], bool] | None = None,
 ) -> list[Candidate]:
     """Picks up to ``k`` ads from the generators' ranked lists (best first in each list).
 
@@ -104,6 +110,8 @@ def allocate(
         candidates: generator -> its eligible candidates as (ad id, score), best first.
         weights: generator -> share of the slots (a surface's weights).
         k: how many ads to return.
+        admit: asked about an ad not already taken just before taking it: True takes it (so
+            the callback may record it), False skips it and the generator moves on.
 
     Returns:
         The chosen ads, grouped by generator in descending weight, each group best first.
@@ -121,7 +129,7 @@ def allocate(
         while got < slots and cursor[gen] < len(items):
             ad, score = items[cursor[gen]]
             cursor[gen] += 1
-            if ad in seen:
+            if ad in seen or (admit is not None and not admit(int(ad))):
                 continue
             seen.add(ad)
             taken[gen].append(Candidate(int(ad), float(score), gen))
@@ -144,10 +152,15 @@ def allocate(
 
 
 def snake_merge(
-    candidates: dict[str, list[tuple[int, float]]], order: Sequence[str], k: int
+    candidates: dict[str, list[tuple[int, float]]],
+    order: Sequence[str],
+    k: int,
+    *,
+    admit: Callable[[int], bool] | None = None,
 ) -> list[Candidate]:
     """Round-robin over the generators' ranked lists in ``order`` (snake merge), skipping ads
-    already taken, until ``k`` ads are taken or every list is exhausted."""
+    already taken (or refused by ``admit``, as in ``allocate``), until ``k`` ads are taken or
+    every list is exhausted."""
     if k <= 0:
         raise ConfigError("k", f"must be > 0, got {k}")
     cursor = dict.fromkeys(order, 0)
@@ -157,14 +170,16 @@ def snake_merge(
         moved = False
         for gen in order:
             items = candidates.get(gen, [])
-            while cursor[gen] < len(items) and items[cursor[gen]][0] in seen:
-                cursor[gen] += 1
-            if cursor[gen] < len(items) and len(out) < k:
+            # admit records what it accepts, so it is asked only once the ad would be taken.
+            while cursor[gen] < len(items) and len(out) < k:
                 ad, score = items[cursor[gen]]
                 cursor[gen] += 1
+                if ad in seen or (admit is not None and not admit(int(ad))):
+                    continue
                 seen.add(int(ad))
                 out.append(Candidate(int(ad), float(score), gen))
                 moved = True
+                break
         if not moved:
             break
     return out
@@ -396,20 +411,23 @@ class QuotaPolicy:
         activity: int,
         k: int,
         rng: np.random.Generator | None = None,
+        *,
+        admit: Callable[[int], bool] | None = None,
     ) -> list[Candidate]:
-        """Up to ``k`` ads from the generators' ranked lists for one request."""
+        """Up to ``k`` ads from the generators' ranked lists for one request (``admit`` as in
+        ``allocate``)."""
         source = self.source(surface)
         if source == "override":
-            return allocate(candidates, self.overrides[surface], k)
+            return allocate(candidates, self.overrides[surface], k, admit=admit)
         if source == "snake":
-            return snake_merge(candidates, GENERATORS, k)
+            return snake_merge(candidates, GENERATORS, k, admit=admit)
         if source == "learned":
             assert self.learned is not None
             draw = rng if self.exploration == "thompson" else None
             available = {g: len(c) for g, c in candidates.items()}
             weights = self.learned.weights(surface, activity, k, available, draw)
-            return allocate(candidates, weights, k)
-        return allocate(candidates, self.fixed.for_surface(surface), k)
+            return allocate(candidates, weights, k, admit=admit)
+        return allocate(candidates, self.fixed.for_surface(surface), k, admit=admit)
 
 
 def source_counts(chosen: Sequence[Candidate]) -> dict[str, int]:

@@ -1,0 +1,270 @@
+"""Advertiser diversity for the select step: a per-advertiser cap and near-duplicate collapse.
+
+While the quota merge fills the K slots, a ``Diversifier`` refuses an ad whose advertiser
+already holds its share of the answer (``DiversityConfig.limit``), or whose text is a
+near-duplicate of an ad of the same advertiser already taken; the merge then refills the slot
+from that generator's next candidate. ``spread`` then reorders the answer so that no advertiser
+crowds one window of it (the first 20 ads hold at most 3 of one advertiser).
+
+An ad the catalog does not know (too new for the last export) has no advertiser: it is never
+capped or collapsed. numpy only: this runs inside the Triton runtime.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from candgen.errors import CandgenError, ConfigError, DataFormatError
+from candgen.serving.quota import Candidate
+
+DIVERSITY_FILE = "diversity.npz"
+REASONS = ("capped", "duplicate")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class DiversityConfig:
+    """How diverse one answer must be.
+
+    Args:
+        max_per_advertiser: at most this many ads of one advertiser per ``window`` slots.
+        window: the window, in slots, that ``max_per_advertiser`` applies to.
+        duplicate_similarity: two ads of one advertiser whose text embeddings have a cosine
+            similarity >= this are near-duplicates, and only the better-ranked one is kept.
+            In (0, 1]; exactly 1.0 turns the collapse off (float rounding makes "only identical
+            texts" unreliable, so 1.0 means never rather than almost never).
+    """
+
+    max_per_advertiser: int = 3
+    window: int = 20
+    duplicate_similarity: float = 0.92
+
+    def __post_init__(self) -> None:
+        for name in ("max_per_advertiser", "window"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        sim = self.duplicate_similarity
+        ok = isinstance(sim, int | float) and not isinstance(sim, bool)
+        if not ok or not 0.0 < sim <= 1.0:
+            raise ConfigError(
+                "duplicate_similarity", f"must be in (0, 1] (1.0 turns it off), got {sim!r}"
+            )
+
+    @property
+    def collapses(self) -> bool:
+        """Whether near-duplicates are collapsed at all."""
+        return self.duplicate_similarity < 1.0
+
+    def limit(self, k: int) -> int:
+        """The most ads of one advertiser a ``k``-ad answer may hold.
+
+        Args:
+            k: the answer's size.
+
+        Returns:
+            ``max_per_advertiser`` per window, counting a partial last window as a whole one.
+        """
+        if not _is_int(k) or k < 1:
+            raise ConfigError("k", f"must be > 0, got {k!r}")
+        return self.max_per_advertiser * math.ceil(k / self.window)
+
+
+class AdCatalog:
+    """Each ad's advertiser and L2-normalised text embedding, looked up by ad id.
+
+    Ids are kept sorted and found by binary search: a dict over a million ads would cost far
+    more memory in the Triton process than three arrays.
+
+    Args:
+        ad_ids: (n,) unique ad ids.
+        advertiser_ids: (n,) each ad's advertiser.
+        embeddings: (n, d) each ad's text embedding; a row of zeros means no text (such an ad
+            is never a near-duplicate).
+    """
+
+    def __init__(
+        self, ad_ids: np.ndarray, advertiser_ids: np.ndarray, embeddings: np.ndarray
+    ) -> None:
+        ids, advertisers = np.asarray(ad_ids), np.asarray(advertiser_ids)
+        vectors = np.asarray(embeddings)
+        for name, arr in (("ad_ids", ids), ("advertiser_ids", advertisers)):
+            if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+                raise ConfigError(name, f"need a 1-D integer array, got {arr.dtype} {arr.shape}")
+        if advertisers.shape != ids.shape:
+            raise ConfigError(
+                "advertiser_ids", f"need one per ad ({ids.shape[0]}), got {advertisers.shape[0]}"
+            )
+        if vectors.ndim != 2 or vectors.shape[0] != ids.shape[0] or vectors.dtype.kind not in "iuf":
+            raise ConfigError(
+                "embeddings",
+                f"need a ({ids.shape[0]}, d) numeric array, got {vectors.dtype} {vectors.shape}",
+            )
+        if not np.isfinite(vectors).all():
+            raise ConfigError("embeddings", "must be finite")
+        order = np.argsort(ids, kind="stable")
+        self.ad_ids = ids[order].astype(np.int64)
+        if (np.diff(self.ad_ids) == 0).any():
+            dup = int(self.ad_ids[1:][np.diff(self.ad_ids) == 0][0])
+            raise ConfigError("ad_ids", f"ad id {dup} appears more than once")
+        self.advertiser_ids = advertisers[order].astype(np.int64)
+        vectors = vectors[order].astype(np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        self.embeddings = (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+    def __len__(self) -> int:
+        return int(self.ad_ids.shape[0])
+
+    def row(self, ad_id: int) -> int:
+        """The ad's row, or -1 when the catalog does not know it."""
+        i = int(np.searchsorted(self.ad_ids, ad_id))
+        return i if i < len(self) and self.ad_ids[i] == ad_id else -1
+
+    def advertiser(self, ad_id: int) -> int | None:
+        """The ad's advertiser, or None when the catalog does not know the ad."""
+        i = self.row(ad_id)
+        return int(self.advertiser_ids[i]) if i >= 0 else None
+
+    def save(self, folder: Path) -> None:
+        """Writes the catalog to ``folder / DIVERSITY_FILE``."""
+        np.savez(
+            Path(folder) / DIVERSITY_FILE,
+            ad_ids=self.ad_ids,
+            advertiser_ids=self.advertiser_ids,
+            embeddings=self.embeddings,
+        )
+
+    @classmethod
+    def load(cls, folder: Path) -> AdCatalog:
+        """Reads what ``save`` wrote.
+
+        Args:
+            folder: the folder holding ``DIVERSITY_FILE``.
+
+        Returns:
+            The catalog.
+
+        Raises:
+            CandgenError: the file is missing, not an npz, or an array is missing or malformed.
+        """
+        path = Path(folder) / DIVERSITY_FILE
+        if not path.exists():
+            raise CandgenError(f"diversity: {path} does not exist")
+        arrays: dict[str, np.ndarray] = {}
+        try:
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):  # else a lone .npy array: none named
+                with loaded:
+                    arrays = dict(loaded.items())
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise DataFormatError(str(path), None, f"not a readable npz file: {e}") from None
+        for name in ("ad_ids", "advertiser_ids", "embeddings"):
+            if name not in arrays:
+                raise DataFormatError(str(path), None, f"{name}: missing array")
+        try:
+            return cls(arrays["ad_ids"], arrays["advertiser_ids"], arrays["embeddings"])
+        except ConfigError as e:  # the field is the array at fault
+            raise DataFormatError(str(path), None, str(e)) from None
+
+
+class Diversifier:
+    """One request's diversity state: what the merge has admitted so far, per advertiser.
+
+    Pass ``admit`` to ``allocate``/``snake_merge``/``QuotaPolicy.select`` as their ``admit``.
+
+    Args:
+        catalog: the ads' advertisers and text embeddings.
+        config: the cap and the near-duplicate threshold.
+        k: the answer's size (sets the per-advertiser limit).
+    """
+
+    def __init__(self, catalog: AdCatalog, config: DiversityConfig, k: int) -> None:
+        self.catalog = catalog
+        self.config = config
+        self.limit = config.limit(k)
+        self.taken: dict[int, list[int]] = {}  # advertiser -> admitted rows, best first
+        self.refused = dict.fromkeys(REASONS, 0)
+
+    def admit(self, ad_id: int) -> bool:
+        """Whether the ad may join the answer; if so it is recorded as taken.
+
+        Args:
+            ad_id: a candidate not already in the answer.
+
+        Returns:
+            False when its advertiser is at the limit or it near-duplicates one of that
+            advertiser's admitted ads; True otherwise (always for an ad the catalog lacks).
+        """
+        row = self.catalog.row(ad_id)
+        if row < 0:
+            return True
+        rows = self.taken.setdefault(int(self.catalog.advertiser_ids[row]), [])
+        if len(rows) >= self.limit:
+            self.refused["capped"] += 1
+            return False
+        if rows and self.config.collapses:
+            emb = self.catalog.embeddings
+            if (emb[rows] @ emb[row] >= self.config.duplicate_similarity).any():
+                self.refused["duplicate"] += 1
+                return False
+        rows.append(row)
+        return True
+
+
+def spread(
+    chosen: Sequence[Candidate], catalog: AdCatalog, config: DiversityConfig
+) -> list[Candidate]:
+    """Reorders an answer so that each ``window`` of it holds at most ``max_per_advertiser`` ads
+    of one advertiser, where the answer allows.
+
+    Greedy and stable: ads are taken in order, and an ad whose advertiser is full in the current
+    window waits for the earliest later position where it fits. When only such ads are left,
+    the earliest of them is placed anyway (no ad is dropped or repeated).
+
+    Args:
+        chosen: the answer, best first.
+        catalog: the ads' advertisers.
+        config: the cap and the window.
+
+    Returns:
+        The same ads, reordered.
+    """
+    advertisers = [catalog.advertiser(c.ad_id) for c in chosen]
+    # Deferred ads per advertiser as original positions, in order: only each queue's head can
+    # be next, so a position costs one look per deferred advertiser, not per deferred ad.
+    deferred: dict[int, list[int]] = {}
+    counts: dict[int, int] = {}
+    out: list[Candidate] = []
+    nxt = 0
+    while len(out) < len(chosen):
+        if len(out) % config.window == 0:
+            counts = {}
+        fits = [q[0] for a, q in deferred.items() if counts.get(a, 0) < config.max_per_advertiser]
+        pick = min(fits, default=-1)
+        while pick < 0 and nxt < len(chosen):
+            adv = advertisers[nxt]
+            if adv is None or counts.get(adv, 0) < config.max_per_advertiser:
+                pick = nxt
+            else:
+                deferred.setdefault(adv, []).append(nxt)
+            nxt += 1
+        if pick < 0:  # only full advertisers are left: break the cap rather than drop an ad
+            pick = min(q[0] for q in deferred.values())
+        adv = advertisers[pick]
+        if adv is not None:
+            counts[adv] = counts.get(adv, 0) + 1
+            if deferred.get(adv, [-1])[0] == pick:
+                deferred[adv].pop(0)
+                if not deferred[adv]:
+                    del deferred[adv]
+        out.append(chosen[pick])
+    return out

@@ -1,0 +1,235 @@
+"""Advertiser diversity in the quota merge: the per-advertiser cap, near-duplicate collapse and
+the spread of an answer over its windows (pure logic)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from candgen.errors import CandgenError, ConfigError
+from candgen.serving.diversity import (
+    DIVERSITY_FILE,
+    AdCatalog,
+    Diversifier,
+    DiversityConfig,
+    spread,
+)
+from candgen.serving.quota import Candidate, QuotaPolicy, allocate, snake_merge
+
+W = {"sequential": 0.6, "content": 0.25, "popularity": 0.15}
+DIM = 64
+
+
+def _catalog(advertisers: dict[int, int], seed: int = 0) -> AdCatalog:
+    """ad id -> advertiser, with random (so never near-duplicate) text embeddings."""
+    ids = np.array(sorted(advertisers), dtype=np.int64)
+    adv = np.array([advertisers[i] for i in ids.tolist()], dtype=np.int64)
+    emb = np.random.default_rng(seed).normal(size=(len(ids), DIM)).astype(np.float32)
+    return AdCatalog(ids, adv, emb)
+
+
+def _ranked(ids: list[int]) -> list[tuple[int, float]]:
+    return [(i, 1.0 - n / 1000) for n, i in enumerate(ids)]
+
+
+def _per_advertiser(chosen: list[Candidate], catalog: AdCatalog) -> Counter[int | None]:
+    return Counter(catalog.advertiser(c.ad_id) for c in chosen)
+
+
+# Ads 0..99 all belong to advertiser 7 (one advertiser's flood at the top of every list);
+# ads 1000.. belong to one advertiser each.
+FLOOD = {i: 7 for i in range(100)} | {1000 + i: 100 + i for i in range(300)}
+
+
+def _flooded() -> dict[str, list[tuple[int, float]]]:
+    return {
+        "sequential": _ranked([*range(0, 40), *range(1000, 1100)]),
+        "content": _ranked([*range(40, 70), *range(1100, 1200)]),
+        "popularity": _ranked([*range(70, 100), *range(1200, 1300)]),
+    }
+
+
+@pytest.mark.parametrize(("k", "limit"), [(20, 3), (60, 9)])
+def test_the_cap_holds_and_the_answer_is_still_full(k: int, limit: int) -> None:
+    catalog = _catalog(FLOOD)
+    div = Diversifier(catalog, DiversityConfig(), k)
+    assert div.limit == limit
+    out = allocate(_flooded(), W, k, admit=div.admit)
+    assert len(out) == k and len({c.ad_id for c in out}) == k
+    assert _per_advertiser(out, catalog)[7] == limit
+    assert div.refused["capped"] > 0 and div.refused["duplicate"] == 0
+    # Without the cap the flood takes the whole answer.
+    assert _per_advertiser(allocate(_flooded(), W, k), catalog)[7] == k
+
+
+def test_a_refused_slot_is_refilled_from_the_same_generators_next_candidates() -> None:
+    catalog = _catalog(FLOOD)
+    div = Diversifier(catalog, DiversityConfig(), 20)
+    out = allocate(_flooded(), W, 20, admit=div.admit)
+    sources = Counter(c.source for c in out)
+    assert (sources["sequential"], sources["content"], sources["popularity"]) == (12, 5, 3)
+    # The sequential list's first flood ads are kept (best first), then its own later
+    # candidates of other advertisers fill its slots, in its order.
+    seq = [c.ad_id for c in out if c.source == "sequential"]
+    assert seq == [0, 1, 2, *range(1000, 1009)]
+    assert all(catalog.advertiser(c.ad_id) != 7 for c in out if c.source != "sequential")
+
+
+def test_snake_merge_and_the_policy_take_admit_too() -> None:
+    catalog = _catalog(FLOOD)
+    div = Diversifier(catalog, DiversityConfig(), 20)
+    out = snake_merge(_flooded(), ["sequential", "content", "popularity"], 20, admit=div.admit)
+    assert len(out) == 20 and _per_advertiser(out, catalog)[7] == 3
+    for policy in (QuotaPolicy(), QuotaPolicy(policy="snake")):
+        div = Diversifier(catalog, DiversityConfig(), 20)
+        out = policy.select(_flooded(), "home", 5, 20, admit=div.admit)
+        assert len(out) == 20 and _per_advertiser(out, catalog)[7] == 3
+
+
+def test_fewer_results_when_only_capped_ads_are_left() -> None:
+    catalog = _catalog(FLOOD)
+    cands = {"sequential": _ranked(list(range(30))), "popularity": _ranked([1000, 1001])}
+    div = Diversifier(catalog, DiversityConfig(), 20)
+    out = allocate(cands, W, 20, admit=div.admit)
+    assert sorted(c.ad_id for c in out) == [0, 1, 2, 1000, 1001]
+
+
+def test_near_duplicates_of_one_advertiser_collapse_but_not_across_advertisers() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=DIM)
+    near = base + 0.01 * rng.normal(size=DIM)  # cosine ~0.9999 with base
+    other = rng.normal(size=DIM)
+    emb = np.stack([base, near, base, other, np.zeros(DIM), np.zeros(DIM)]).astype(np.float32)
+    # ads 10, 11: advertiser 1 near-duplicates; 12: same text, advertiser 2; 13: advertiser 1,
+    # different text; 14, 15: advertiser 1, no text.
+    catalog = AdCatalog(np.arange(10, 16), np.array([1, 1, 2, 1, 1, 1]), emb * 3.0)
+    assert np.allclose(np.linalg.norm(catalog.embeddings[:4], axis=1), 1.0)
+    config = DiversityConfig(max_per_advertiser=10)
+    div = Diversifier(catalog, config, 20)
+    assert [div.admit(a) for a in range(10, 16)] == [True, False, True, True, True, True]
+    assert div.refused == {"capped": 0, "duplicate": 1}
+    # Through the merge: the duplicate the merge reaches first stays, whichever list holds it.
+    cands = {"sequential": _ranked([11, 12, 13]), "content": _ranked([10, 14])}
+    out = allocate(cands, W, 10, admit=Diversifier(catalog, config, 10).admit)
+    assert sorted(c.ad_id for c in out) == [11, 12, 13, 14]
+    # 1.0 turns the collapse off.
+    off = Diversifier(catalog, DiversityConfig(max_per_advertiser=10, duplicate_similarity=1.0), 20)
+    assert all(off.admit(a) for a in range(10, 16))
+
+
+def test_ads_the_catalog_does_not_know_are_never_refused() -> None:
+    catalog = _catalog({5: 1, 6: 1, 7: 1, 9: 1})
+    assert catalog.row(8) == catalog.row(-3) == catalog.row(10**12) == -1
+    assert catalog.advertiser(8) is None and catalog.advertiser(9) == 1
+    div = Diversifier(catalog, DiversityConfig(max_per_advertiser=1), 20)
+    assert all(div.admit(a) for a in range(100, 200))
+    assert div.admit(5) and not div.admit(6)  # ... while known ones are capped
+    none = np.zeros(0, np.int64)
+    empty = Diversifier(AdCatalog(none, none, np.zeros((0, DIM))), DiversityConfig(), 20)
+    assert all(empty.admit(a) for a in range(50))
+
+
+def _windows_ok(out: list[Candidate], catalog: AdCatalog, config: DiversityConfig) -> bool:
+    for start in range(0, len(out), config.window):
+        counts = _per_advertiser(out[start : start + config.window], catalog)
+        counts.pop(None, None)
+        if counts and max(counts.values()) > config.max_per_advertiser:
+            return False
+    return True
+
+
+def test_spread_keeps_every_ad_and_caps_each_window() -> None:
+    catalog = _catalog(FLOOD)
+    config = DiversityConfig()
+    div = Diversifier(catalog, config, 60)
+    chosen = allocate(_flooded(), W, 60, admit=div.admit)  # 9 flood ads, all near the top
+    assert not _windows_ok(chosen, catalog, config)
+    out = spread(chosen, catalog, config)
+    assert Counter(out) == Counter(chosen) and len(out) == len(chosen)
+    assert _windows_ok(out, catalog, config)
+    for j in (1, 2, 3):  # every prefix of 20 * j ads holds at most 3 * j of one advertiser
+        assert _per_advertiser(out[: 20 * j], catalog)[7] <= 3 * j
+    # Stable: the other ads keep their order, and so do the flood's.
+    assert [c for c in out if c.ad_id >= 1000] == [c for c in chosen if c.ad_id >= 1000]
+    assert [c for c in out if c.ad_id < 100] == [c for c in chosen if c.ad_id < 100]
+
+
+def test_spread_defers_to_the_earliest_position_that_fits() -> None:
+    catalog = _catalog({1: 1, 2: 1, 3: 1, 4: 2, 5: 3, 6: 2, 7: 3})
+    chosen = [Candidate(a, 1.0, "content") for a in (1, 2, 3, 4, 99, 5, 6, 7)]
+    out = spread(chosen, catalog, DiversityConfig(max_per_advertiser=1, window=3))
+    assert [c.ad_id for c in out] == [1, 4, 99, 2, 5, 6, 3, 7]
+    # Only one advertiser: nothing can fit, and no ad is dropped or repeated.
+    same = [Candidate(a, 1.0, "content") for a in (1, 2, 3)]
+    assert spread(same, catalog, DiversityConfig(max_per_advertiser=1, window=3)) == same
+    assert spread([], catalog, DiversityConfig()) == []
+
+
+def test_config_errors_name_the_field() -> None:
+    assert DiversityConfig().limit(20) == 3 and DiversityConfig().limit(60) == 9
+    assert DiversityConfig().limit(21) == 6 and DiversityConfig(2, 10).limit(5) == 2
+    with pytest.raises(ConfigError, match=r"^max_per_advertiser: must be an integer >= 1"):
+        DiversityConfig(max_per_advertiser=0)
+    with pytest.raises(ConfigError, match=r"^window: must be an integer >= 1"):
+        DiversityConfig(window=2.5)  # type: ignore[arg-type]
+    for bad in (0.0, -0.5, 1.01, float("nan")):
+        with pytest.raises(ConfigError, match=r"^duplicate_similarity: must be in \(0, 1\]"):
+            DiversityConfig(duplicate_similarity=bad)
+    with pytest.raises(ConfigError, match=r"^k: must be > 0"):
+        DiversityConfig().limit(0)
+    ids = np.array([1, 2])
+    with pytest.raises(ConfigError, match=r"^advertiser_ids: need one per ad"):
+        AdCatalog(ids, np.array([1]), np.zeros((2, 4)))
+    with pytest.raises(ConfigError, match=r"^embeddings: need a"):
+        AdCatalog(ids, ids, np.zeros((3, 4)))
+    with pytest.raises(ConfigError, match=r"^ad_ids: ad id 2 appears more than once"):
+        AdCatalog(np.array([2, 1, 2]), np.array([1, 1, 1]), np.zeros((3, 4)))
+    with pytest.raises(ConfigError, match=r"^ad_ids: need a 1-D integer array"):
+        AdCatalog(np.array([1.5, 2.0]), ids, np.zeros((2, 4)))
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    catalog = _catalog({30: 3, 10: 1, 20: 2}, seed=4)
+    catalog.save(tmp_path)
+    assert (tmp_path / DIVERSITY_FILE).exists()
+    back = AdCatalog.load(tmp_path)
+    assert back.ad_ids.tolist() == [10, 20, 30] and back.advertiser_ids.tolist() == [1, 2, 3]
+    assert back.embeddings.dtype == np.float32
+    np.testing.assert_allclose(back.embeddings, catalog.embeddings, atol=1e-6)
+    assert [back.advertiser(a) for a in (10, 20, 30, 40)] == [1, 2, 3, None]
+
+
+def test_a_malformed_file_is_refused_naming_the_file_and_the_array(tmp_path: Path) -> None:
+    path = tmp_path / DIVERSITY_FILE
+    with pytest.raises(CandgenError, match=r"diversity\.npz does not exist"):
+        AdCatalog.load(tmp_path)
+    np.savez(path, ad_ids=np.arange(3), advertiser_ids=np.arange(3))
+    with pytest.raises(CandgenError, match=r"diversity\.npz: embeddings: missing array"):
+        AdCatalog.load(tmp_path)
+    np.savez(path, ad_ids=np.arange(3), advertiser_ids=np.arange(3), embeddings=np.zeros(3))
+    with pytest.raises(CandgenError, match=r"diversity\.npz: embeddings: need a \(3, d\)"):
+        AdCatalog.load(tmp_path)
+    path.write_bytes(b"not an archive at all")
+    with pytest.raises(CandgenError, match=r"diversity\.npz: not a readable npz file"):
+        AdCatalog.load(tmp_path)
+
+
+def test_without_admit_allocate_is_unchanged_on_a_random_example() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        # Overlapping lists of uneven length, so that dedup and refill both happen.
+        cands = {
+            g: _ranked(rng.choice(200, size=int(rng.integers(0, 60)), replace=False).tolist())
+            for g in W
+        }
+        k = int(rng.integers(1, 120))
+        base = allocate(cands, W, k)
+        assert allocate(cands, W, k, admit=None) == base
+        assert allocate(cands, W, k, admit=lambda _ad: True) == base
+        unknown = _catalog({10_000: 1})  # knows none of these ads: admits every one
+        assert allocate(cands, W, k, admit=Diversifier(unknown, DiversityConfig(), k).admit) == base
+        order = list(W)
+        assert snake_merge(cands, order, k, admit=lambda _ad: True) == snake_merge(cands, order, k)
