@@ -139,3 +139,63 @@ def test_bad_config_names_the_field() -> None:
         IndexConfig(kind="annoy")
     with pytest.raises(ConfigError, match="pq_m: 5 does not divide dim 32"):
         AdIndex(32, IndexConfig(kind="ivfpq", pq_m=5), expected_size=100)
+
+
+def _bitmap(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(mask, bitorder="little")
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_a_request_bitmap_keeps_every_answer_inside_it(kind: str) -> None:
+    ids, vecs = _corpus(3000)
+    index = AdIndex.build(ids, vecs, IndexConfig(kind=kind, pq_m=8, nprobe=64))
+    rng = np.random.default_rng(3)
+    queries = vecs[:20] + 0.1 * rng.standard_normal((20, vecs.shape[1])).astype(np.float32)
+    positions = index.positions()
+    assert sorted(positions.tolist()) == ids.tolist()
+    mask = rng.random(len(positions)) < 0.4  # 60% ineligible
+    history = [int(positions[np.flatnonzero(mask)[0]])]
+    found, _ = index.search(queries, 100, exclude=history, allowed=_bitmap(mask))
+    allowed_ids = set(positions[mask].tolist()) - set(history)
+    for row in found:
+        assert len(row) == 100 and set(row.tolist()) <= allowed_ids
+    if kind != "ivfpq":
+        keep = np.flatnonzero(np.isin(ids, list(allowed_ids)))
+        exact = exact_search(ids[keep], vecs[keep], queries, 100)
+        assert recall_at_k(found, exact) >= (1.0 if kind == "flat" else 0.95)
+
+
+def test_hnsw_answers_exactly_where_the_filter_empties_its_beam() -> None:
+    # The allowed ads lie opposite the query: HNSW's beam around the query finds none of them.
+    ids, vecs = _corpus(3000)
+    index = AdIndex.build(ids, vecs, IndexConfig(kind="hnsw", ef_search=16))
+    query = vecs[:1]
+    positions = index.positions()
+    by_pos = vecs[np.searchsorted(ids, positions)]
+    scores = by_pos @ query[0]
+    mask = scores <= np.sort(scores)[29]  # the 30 ads least like the query
+    assert mask.sum() == 30
+    found, _ = index.search(query, 10, allowed=_bitmap(mask))
+    exact = exact_search(positions[mask], by_pos[mask], query, 10)
+    assert found[0].tolist() == exact[0].tolist()
+    assert index.exact_fallbacks >= 1
+    # fewer allowed than K: all of them, never padding
+    few = np.zeros(len(positions), bool)
+    few[:3] = True
+    assert sorted(index.search(query, 10, allowed=_bitmap(few))[0][0].tolist()) == sorted(
+        positions[:3].tolist()
+    )
+
+
+def test_positions_follow_removals_and_a_short_bitmap_is_refused() -> None:
+    ids, vecs = _corpus(50)
+    flat = AdIndex.build(ids, vecs, IndexConfig(kind="flat"))
+    flat.remove([int(ids[0])])
+    assert int(ids[0]) not in flat.positions().tolist() and len(flat.positions()) == 49
+    assert flat.position_of(np.array([ids[0], ids[1]])).tolist()[0] == -1
+    with pytest.raises(ConfigError, match=r"^allowed: must be a bitmap of 49 bits"):
+        flat.search(vecs[:1], 5, allowed=np.zeros(2, np.uint8))
+    hnsw = AdIndex.build(ids, vecs, IndexConfig(kind="hnsw"))
+    hnsw.remove([int(ids[0])])  # HNSW keeps the position; the tombstone keeps it out
+    everyone = _bitmap(np.ones(len(hnsw.positions()), bool))
+    assert int(ids[0]) not in hnsw.search(vecs[:1], 50, allowed=everyone)[0][0].tolist()

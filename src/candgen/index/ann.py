@@ -124,6 +124,9 @@ class AdIndex:
         self._live: set[int] = set()
         self._tombstones: set[int] = set()
         self._static: _StaticSelector | None = None  # (key, selector) of _static_selector
+        self._positions: np.ndarray | None = None  # ad id at each internal position
+        self._order = np.zeros(0, np.int64)  # argsort of _positions
+        self.exact_fallbacks = 0  # filtered searches that HNSW answered short (see search)
 
     @classmethod
     def build(
@@ -171,6 +174,7 @@ class AdIndex:
             self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(present, np.int64)))
         self.index.add_with_ids(vectors, ids)
         self._live.update(ids.tolist())
+        self._positions = None
 
     def remove(self, ids: Iterable[int]) -> int:
         """Removes ads; returns how many were present."""
@@ -181,8 +185,25 @@ class AdIndex:
             self._tombstones.update(gone)
         else:
             self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(gone, np.int64)))
+            self._positions = None
         self._live.difference_update(gone)
         return len(gone)
+
+    def positions(self) -> np.ndarray:
+        """The ad id at each internal position: what a per-request eligibility bitmap
+        (``search``'s ``allowed``) is laid over. HNSW's removed ads keep their positions."""
+        if self._positions is None:
+            if self.config.device == "cuda":
+                raise ConfigError("device", "eligibility bitmaps need the index on the CPU")
+            id_map = cast("faiss.IndexIDMap", self.index).id_map
+            self._positions = self.faiss.vector_to_array(id_map).astype(np.int64)
+            self._order = np.argsort(self._positions, kind="stable")
+        return self._positions
+
+    def position_of(self, ids: np.ndarray) -> np.ndarray:
+        """Each ad's internal position, -1 for an ad the index does not hold."""
+        positions = self.positions()
+        return position_of(positions, self._order, ids)
 
     def search(
         self,
@@ -190,6 +211,7 @@ class AdIndex:
         k: int,
         exclude: Iterable[int] = (),
         ineligible: frozenset[int] = frozenset(),
+        allowed: np.ndarray | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Top-``k`` ads per query, best first, skipping ``exclude`` and ``ineligible``.
 
@@ -200,6 +222,12 @@ class AdIndex:
             ineligible: ads that no request may get now (paused, budget exhausted). Its
                 FAISS selector is built once and reused while the same frozenset is passed, so
                 a large set costs nothing per query.
+            allowed: instead of ``ineligible``, the request's own eligibility: a bitmap over
+                internal positions (``positions()``; bit ``p % 8`` of byte ``p // 8``) of the
+                ads it may get. The search stays inside it (FAISS filtered search); where HNSW
+                comes back with fewer than ``k`` while more are allowed, the query is answered
+                exactly over the allowed ads, so an answer is short only when fewer than ``k``
+                ads are allowed.
 
         Returns:
             Per query, the ad ids and scores; fewer than ``k`` where fewer ads qualify (FAISS's
@@ -211,6 +239,8 @@ class AdIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ConfigError("queries", f"expected shape (n, {self.dim}), got {queries.shape}")
         k_eff = min(k, max(len(self._live), 1))
+        if allowed is not None:
+            return self._search_allowed(queries, k_eff, exclude, allowed)
         static = self._static_selector(ineligible)
         extra = np.asarray(sorted(set(map(int, exclude))), dtype=np.int64)
         dynamic = self.faiss.IDSelectorBatch(extra) if len(extra) else None
@@ -225,6 +255,38 @@ class AdIndex:
         for row_ids, row_scores in zip(found, scores, strict=True):
             keep = row_ids >= 0
             out_ids.append(row_ids[keep])
+            out_scores.append(row_scores[keep])
+        return out_ids, out_scores
+
+    def _search_allowed(
+        self, queries: np.ndarray, k: int, exclude: Iterable[int], allowed: np.ndarray
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        positions = self.positions()
+        n = len(positions)
+        bits = np.asarray(allowed, dtype=np.uint8)
+        if bits.ndim != 1 or len(bits) < (n + 7) // 8:
+            raise ConfigError("allowed", f"must be a bitmap of {n} bits, got {bits.shape}")
+        drop = [*exclude, *self._tombstones]
+        if drop:
+            bits = bits.copy()
+            clear_bits(bits, self.position_of(np.asarray(drop, np.int64)))
+        sel = self.faiss.IDSelectorBitmap(n, self.faiss.swig_ptr(bits))
+        scores, found = self._base.search(queries, k, params=self._params(sel))
+        out_ids, out_scores = [], []
+        for q, row_pos, row_scores in zip(queries, found, scores, strict=True):
+            keep = row_pos >= 0
+            if not keep.all() and self.kind == "hnsw" and popcount(bits, n) > int(keep.sum()):
+                # HNSW's beam can end in a region the filter empties: answer exactly instead.
+                self.exact_fallbacks += 1
+                storage = self.faiss.downcast_index(cast("faiss.IndexHNSW", self._base).storage)
+                row_scores, row_pos = storage.search(
+                    q[None],
+                    k,
+                    params=self.faiss.SearchParameters(sel=sel),  # type: ignore[call-arg]
+                )
+                row_scores, row_pos = row_scores[0], row_pos[0]
+                keep = row_pos >= 0
+            out_ids.append(positions[row_pos[keep]])
             out_scores.append(row_scores[keep])
         return out_ids, out_scores
 
@@ -286,7 +348,38 @@ class AdIndex:
         obj._live = set(meta["live"].tolist())
         obj._tombstones = set(meta["tombstones"].tolist())
         obj._static = None
+        obj._positions = None
+        obj._order = np.zeros(0, np.int64)
+        obj.exact_fallbacks = 0
         return obj
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+def popcount(bits: np.ndarray, n: int) -> int:
+    """Set bits among the first ``n`` of a little-endian bitmap."""
+    full, rest = divmod(n, 8)
+    count = int(_POPCOUNT[bits[:full]].sum())
+    if rest:
+        count += int(_POPCOUNT[int(bits[full]) & ((1 << rest) - 1)])
+    return count
+
+
+def clear_bits(bits: np.ndarray, positions: np.ndarray) -> None:
+    """Clears these positions (-1: none) in a little-endian bitmap, in place."""
+    positions = positions[positions >= 0]
+    np.bitwise_and.at(bits, positions >> 3, ~(np.uint8(1) << (positions & 7).astype(np.uint8)))
+
+
+def position_of(positions: np.ndarray, order: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Each id's index in ``positions``, -1 if absent (``order``: ``positions``' argsort)."""
+    ids = np.asarray(ids, np.int64)
+    if not len(order):
+        return np.full(len(ids), -1, np.int64)
+    at = order[np.minimum(np.searchsorted(positions, ids, sorter=order), len(order) - 1)]
+    out: np.ndarray = np.where(positions[at] == ids, at, -1).astype(np.int64)
+    return out
 
 
 def ad_rows(

@@ -1,0 +1,364 @@
+"""Which ads one request may get: targeting, delivery status and pacing, frequency caps and the
+user's hidden advertisers, as a bitmap over each index's positions that the ANN search stays
+inside (``AdIndex.search(allowed=...)``).
+
+Campaign state (targeting mask, status, throttle) is one ``DeliveryState`` snapshot: the export's,
+then each change the delivery watcher reads from the online store's shards (a new snapshot, never
+an edit, so a request always sees one consistent state). Per request:
+
+1. the request's segment (the user's country, age bucket and device, the surface) picks the
+   campaigns that target it and are running: active, and for a throttled campaign a draw per
+   (state version, segment) that passes with its throttle; these bitmaps are cached per segment
+   and index until the state changes;
+2. the request's own exclusions clear their bits in a copy: ads at their frequency cap, every ad
+   of an advertiser the user hid or saw too often today.
+
+An ad of a campaign the state does not know is never eligible. numpy only: it runs inside the
+Triton runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from candgen.data.targeting import reaches
+from candgen.errors import CandgenError, DataFormatError
+from candgen.index.ann import AdIndex, clear_bits, position_of
+
+ELIGIBILITY_FILE: Final = "eligibility.npz"
+NO_PROFILE: Final = "no_profile"  # the user has no profile: only untargeted campaigns reach them
+PROFILE_FIELDS: Final = ("country", "age_bucket", "device")
+_SEGMENT_CACHE: Final = 512  # more than every (country, age, device, surface) there is
+
+
+@dataclass(frozen=True)
+class DeliveryState:
+    """Every campaign's delivery state at one moment.
+
+    Args:
+        campaign_ids: (C,) sorted campaign ids.
+        masks: (C,) targeting masks (``candgen.data.targeting``).
+        active: (C,) whether the campaign may deliver (not paused, not out of budget).
+        throttles: (C,) the share of requests a paced campaign takes part in, in [0, 1].
+        version: counts the changes applied since the export (0: the export's state).
+    """
+
+    campaign_ids: np.ndarray
+    masks: np.ndarray
+    active: np.ndarray
+    throttles: np.ndarray
+    version: int = 0
+
+    def row(self, campaign_ids: np.ndarray) -> np.ndarray:
+        """Each campaign's row, -1 for a campaign the state does not know."""
+        order = np.arange(len(self.campaign_ids))
+        return position_of(self.campaign_ids, order, np.asarray(campaign_ids, np.int64))
+
+    def updated(
+        self, entries: Iterable[tuple[int, str, float, int]], version: int | None = None
+    ) -> DeliveryState:
+        """A new state with (campaign id, status, throttle, targeting mask) entries applied;
+        entries for campaigns this state does not know (created after the export, so without
+        ads in its indexes) are skipped."""
+        entries = list(entries)
+        masks, active, throttles = self.masks.copy(), self.active.copy(), self.throttles.copy()
+        if entries:
+            ids = np.array([e[0] for e in entries], np.int64)
+            rows = self.row(ids)
+            known = rows >= 0
+            rows = rows[known]
+            masks[rows] = np.array([e[3] for e in entries], np.int64)[known]
+            active[rows] = np.array([e[1] == "active" for e in entries], bool)[known]
+            throttles[rows] = np.array([e[2] for e in entries], np.float32)[known]
+        return DeliveryState(
+            self.campaign_ids,
+            masks,
+            active,
+            throttles,
+            self.version + 1 if version is None else version,
+        )
+
+
+@dataclass(frozen=True)
+class AdTable:
+    """The exported ads' campaigns and advertisers, and the ads ineligible by their own state.
+
+    Args:
+        ad_ids: (N,) ad ids.
+        campaign_ids: (N,) each ad's campaign.
+        advertiser_ids: (N,) each ad's advertiser.
+        ineligible: ad ids that no request may get (the ad itself paused).
+    """
+
+    ad_ids: np.ndarray
+    campaign_ids: np.ndarray
+    advertiser_ids: np.ndarray
+    ineligible: np.ndarray
+
+
+def save_eligibility(folder: Path, ads: AdTable, state: DeliveryState) -> None:
+    """Writes the ads and the campaigns' delivery state at export (``ELIGIBILITY_FILE``)."""
+    np.savez(
+        Path(folder) / ELIGIBILITY_FILE,
+        ad_ids=ads.ad_ids,
+        ad_campaign_ids=ads.campaign_ids,
+        ad_advertiser_ids=ads.advertiser_ids,
+        ad_ineligible=ads.ineligible,
+        campaign_ids=state.campaign_ids,
+        masks=state.masks,
+        active=state.active,
+        throttles=state.throttles,
+    )
+
+
+def load_eligibility(folder: Path) -> tuple[AdTable, DeliveryState]:
+    """Reads what ``save_eligibility`` wrote.
+
+    Raises:
+        CandgenError: the file is missing (an export from before eligibility).
+        DataFormatError: an array is missing or malformed, naming the file and the array.
+    """
+    path = Path(folder) / ELIGIBILITY_FILE
+    if not path.exists():
+        raise CandgenError(
+            f"{path}: missing; re-export the version with `candgen serving export` "
+            "(it predates eligibility inside retrieval)"
+        )
+    arrays = np.load(path)
+    want = {
+        "ad_ids": np.int64,
+        "ad_campaign_ids": np.int64,
+        "ad_advertiser_ids": np.int64,
+        "ad_ineligible": np.int64,
+        "campaign_ids": np.int64,
+        "masks": np.int64,
+        "active": np.bool_,
+        "throttles": np.float32,
+    }
+    for name, dtype in want.items():
+        if name not in arrays.files or arrays[name].dtype != dtype or arrays[name].ndim != 1:
+            raise DataFormatError(
+                str(path), None, f"{name}: missing, or not a 1-d {np.dtype(dtype)} array"
+            )
+    n_ads, n_camps = len(arrays["ad_ids"]), len(arrays["campaign_ids"])
+    for name, n in (("ad_campaign_ids", n_ads), ("ad_advertiser_ids", n_ads), ("masks", n_camps),
+                    ("active", n_camps), ("throttles", n_camps)):  # fmt: skip
+        if len(arrays[name]) != n:
+            raise DataFormatError(
+                str(path), None, f"{name}: {len(arrays[name])} entries, expected {n}"
+            )
+    if (np.diff(arrays["campaign_ids"]) <= 0).any():
+        raise DataFormatError(str(path), None, "campaign_ids: must be sorted and unique")
+    ads = AdTable(
+        arrays["ad_ids"],
+        arrays["ad_campaign_ids"],
+        arrays["ad_advertiser_ids"],
+        arrays["ad_ineligible"],
+    )
+    state = DeliveryState(
+        arrays["campaign_ids"], arrays["masks"], arrays["active"], arrays["throttles"]
+    )
+    return ads, state
+
+
+class _IndexView:
+    """One index's ads in its position order: their campaign rows and advertisers."""
+
+    def __init__(self, index: AdIndex, ads: AdTable, state: DeliveryState) -> None:
+        self.index = index
+        positions = index.positions()
+        order = np.argsort(ads.ad_ids, kind="stable")
+        row = position_of(ads.ad_ids, order, positions)  # each position's row in the ad table
+        known = row >= 0
+        self.n = len(positions)
+        self.campaign_row = np.where(
+            known, state.row(ads.campaign_ids[np.maximum(row, 0)]), -1
+        ).astype(np.int64)
+        banned = np.isin(positions, ads.ineligible)
+        self.campaign_row[banned] = -1  # the ad's own pause: never eligible
+        advertiser = np.where(known, ads.advertiser_ids[np.maximum(row, 0)], -1)
+        self.by_advertiser = np.argsort(advertiser, kind="stable")
+        self.advertiser_sorted = advertiser[self.by_advertiser]
+
+    def advertiser_positions(self, advertisers: Sequence[int]) -> np.ndarray:
+        lo = np.searchsorted(self.advertiser_sorted, advertisers, side="left")
+        hi = np.searchsorted(self.advertiser_sorted, advertisers, side="right")
+        if not len(lo):
+            return np.zeros(0, np.int64)
+        return np.concatenate([self.by_advertiser[a:b] for a, b in zip(lo, hi, strict=True)])
+
+    def bitmap(self, campaign_ok: np.ndarray) -> np.ndarray:
+        ok = np.zeros(self.n, bool)
+        has = self.campaign_row >= 0
+        ok[has] = campaign_ok[self.campaign_row[has]]
+        bits: np.ndarray = np.packbits(ok, bitorder="little")
+        return bits
+
+
+class Eligibility:
+    """Per-request eligibility over the registered indexes.
+
+    Args:
+        ads: the exported ads.
+        state: the campaigns' delivery state at export.
+        indexes: name -> index whose searches the bitmaps filter.
+        seed: the seed of the throttle draws.
+    """
+
+    def __init__(
+        self,
+        ads: AdTable,
+        state: DeliveryState,
+        indexes: Mapping[str, AdIndex],
+        seed: int = 0,
+    ) -> None:
+        self.ads = ads
+        self.seed = seed
+        self._ad_order = np.argsort(ads.ad_ids, kind="stable")
+        self._views = {name: _IndexView(index, ads, state) for name, index in indexes.items()}
+        self._ad_campaign_row = state.row(ads.campaign_ids)
+        self._ad_campaign_row[np.isin(ads.ad_ids, ads.ineligible)] = -1
+        self._lock = threading.Lock()
+        self._state = state
+        self._segments: OrderedDict[tuple[object, ...], dict[str, np.ndarray]] = OrderedDict()
+
+    @property
+    def state(self) -> DeliveryState:
+        return self._state
+
+    def update(self, state: DeliveryState) -> None:
+        """Serves ``state`` from the next request on (the cached segments are dropped)."""
+        if len(state.campaign_ids) != len(self._state.campaign_ids):
+            raise CandgenError("eligibility: a state update must keep the export's campaigns")
+        with self._lock:
+            self._state = state
+            self._segments = OrderedDict()
+
+    def _segment(self, profile: Mapping[str, str | None]) -> dict[str, np.ndarray]:
+        state = self._state
+        key = (state.version, *(profile.get(f) for f in (*PROFILE_FIELDS, "surface")))
+        with self._lock:
+            found = self._segments.get(key)
+            if found is not None:
+                self._segments.move_to_end(key)
+                return found
+        digest = hashlib.sha256(repr(key).encode()).digest()[:8]
+        draw = np.random.default_rng([self.seed, int.from_bytes(digest, "little")])
+        running = state.active & (
+            (state.throttles >= 1.0) | (draw.random(len(state.throttles)) < state.throttles)
+        )
+        found = {"": reaches(state.masks, profile) & running}
+        with self._lock:
+            if state is self._state:
+                self._segments[key] = found
+                while len(self._segments) > _SEGMENT_CACHE:
+                    self._segments.popitem(last=False)
+        return found
+
+    def request(
+        self,
+        profile: Mapping[str, str | None],
+        blocked_ads: Sequence[int] = (),
+        blocked_advertisers: Sequence[int] = (),
+    ) -> RequestEligibility:
+        """One request's eligibility.
+
+        Args:
+            profile: the user's country, age_bucket and device (None: unknown) and the
+                request's surface.
+            blocked_ads: ads at the user's frequency cap today.
+            blocked_advertisers: advertisers the user hid or saw too often today.
+        """
+        return RequestEligibility(
+            self, self._segment(profile), list(blocked_ads), sorted(set(blocked_advertisers))
+        )
+
+    def _bitmap(self, segment: dict[str, np.ndarray], name: str) -> np.ndarray:
+        cached = segment.get(name)
+        if cached is None:
+            cached = self._views[name].bitmap(segment[""])
+            segment[name] = cached  # a race only builds the same bitmap twice
+        return cached
+
+
+class RequestEligibility:
+    """What one request may get: a bitmap per registered index, and a check for any ad id."""
+
+    def __init__(
+        self,
+        owner: Eligibility,
+        segment: dict[str, np.ndarray],
+        blocked_ads: list[int],
+        blocked_advertisers: list[int],
+    ) -> None:
+        self._owner = owner
+        self._segment = segment
+        self.blocked_ads = blocked_ads
+        self.blocked_advertisers = blocked_advertisers
+
+    def bitmap(self, name: str) -> np.ndarray:
+        """The allowed positions of index ``name`` (``AdIndex.search``'s ``allowed``)."""
+        bits = self._owner._bitmap(self._segment, name)
+        if not self.blocked_ads and not self.blocked_advertisers:
+            return bits
+        view = self._owner._views[name]
+        bits = bits.copy()
+        clear_bits(bits, view.index.position_of(np.asarray(self.blocked_ads, np.int64)))
+        clear_bits(bits, view.advertiser_positions(self.blocked_advertisers))
+        return bits
+
+    def allows(self, ad_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Whether each ad may be returned (for candidates that come from no index)."""
+        owner = self._owner
+        ad_ids = np.asarray(ad_ids, np.int64)
+        row = position_of(owner.ads.ad_ids, owner._ad_order, ad_ids)
+        camp = np.where(row >= 0, owner._ad_campaign_row[np.maximum(row, 0)], -1)
+        ok = (camp >= 0) & self._segment[""][np.maximum(camp, 0)]
+        advertiser = owner.ads.advertiser_ids[np.maximum(row, 0)]
+        ok &= ~np.isin(ad_ids, self.blocked_ads) & ~np.isin(advertiser, self.blocked_advertisers)
+        allowed: np.ndarray = ok
+        return allowed
+
+
+def caps_from_features(
+    features: Mapping[str, object] | None,
+    today: str,
+    frequency_cap: int,
+    advertiser_frequency_cap: int,
+) -> tuple[list[int], list[int]]:
+    """The ads and advertisers a user may not get today: ads shown ``frequency_cap`` times,
+    advertisers shown ``advertiser_frequency_cap`` times, and the advertisers the user hid.
+
+    Args:
+        features: the user's online features (user_serving_v3), or None.
+        today: the UTC date (YYYY-MM-DD) whose counts apply; older counts are a past day's.
+    """
+    if not features:
+        return [], []
+
+    def listed(name: str) -> list[int]:
+        value = features.get(name)
+        return [int(v) for v in value] if isinstance(value, list | tuple) else []
+
+    blocked_ads: list[int] = []
+    blocked_advertisers = listed("hidden_advertiser_ids")
+    if features.get("impression_day") == today:
+        for ids, counts, cap, out in (
+            ("impressed_ad_ids", "ad_impression_counts", frequency_cap, blocked_ads),
+            (
+                "impressed_advertiser_ids",
+                "advertiser_impression_counts",
+                advertiser_frequency_cap,
+                blocked_advertisers,
+            ),
+        ):
+            out.extend(i for i, n in zip(listed(ids), listed(counts), strict=False) if n >= cap)
+    return blocked_ads, sorted(set(blocked_advertisers))
