@@ -20,9 +20,9 @@ def scenario_code(surface: str) -> int:
     return SURFACES.index(surface) + 1 if surface in SURFACES else 0
 
 
-# The narrow feature service the retrieve ensemble's features step reads (user_features_v2 holds
-# all of it); versioned, so a change to what serving reads is a new name.
-USER_SERVING_SERVICE: Final = "user_serving_v2"
+# The narrow feature service the retrieve ensemble's features step reads (with what eligibility
+# reads per user); versioned, so a change to what serving reads is a new name.
+USER_SERVING_SERVICE: Final = "user_serving_v3"
 
 # The offline feature table of the long-term summaries: the features step writes it, the data
 # layer reads it into training sets.

@@ -15,6 +15,7 @@ from candgen.serving.diversity import (
     AdCatalog,
     Diversifier,
     DiversityConfig,
+    duplicate_groups,
     spread,
 )
 from candgen.serving.quota import Candidate, QuotaPolicy, allocate, snake_merge
@@ -23,12 +24,17 @@ W = {"sequential": 0.6, "content": 0.25, "popularity": 0.15}
 DIM = 64
 
 
-def _catalog(advertisers: dict[int, int], seed: int = 0) -> AdCatalog:
-    """ad id -> advertiser, with random (so never near-duplicate) text embeddings."""
+def _catalog(advertisers: dict[int, int]) -> AdCatalog:
+    """ad id -> advertiser, every ad in a group of its own (so never a near-duplicate)."""
     ids = np.array(sorted(advertisers), dtype=np.int64)
     adv = np.array([advertisers[i] for i in ids.tolist()], dtype=np.int64)
-    emb = np.random.default_rng(seed).normal(size=(len(ids), DIM)).astype(np.float32)
-    return AdCatalog(ids, adv, emb)
+    return AdCatalog(ids, adv, np.arange(len(ids), dtype=np.int64))
+
+
+def _unit(degrees: float) -> np.ndarray:
+    """A 2-d text embedding at this angle: cosine between two is cos(their angle)."""
+    rad = np.deg2rad(degrees)
+    return np.array([np.cos(rad), np.sin(rad)], dtype=np.float32)
 
 
 def _ranked(ids: list[int]) -> list[tuple[int, float]]:
@@ -105,9 +111,12 @@ def test_near_duplicates_of_one_advertiser_collapse_but_not_across_advertisers()
     emb = np.stack([base, near, base, other, np.zeros(DIM), np.zeros(DIM)]).astype(np.float32)
     # ads 10, 11: advertiser 1 near-duplicates; 12: same text, advertiser 2; 13: advertiser 1,
     # different text; 14, 15: advertiser 1, no text.
-    catalog = AdCatalog(np.arange(10, 16), np.array([1, 1, 2, 1, 1, 1]), emb * 3.0)
-    assert np.allclose(np.linalg.norm(catalog.embeddings[:4], axis=1), 1.0)
+    adv = np.array([1, 1, 2, 1, 1, 1])
     config = DiversityConfig(max_per_advertiser=10)
+    groups = duplicate_groups(adv, emb * 3.0, config.duplicate_similarity)
+    assert groups.tolist() == [0, 0, 2, 3, -1, -1]  # the embeddings' scale does not matter
+    np.testing.assert_array_equal(groups, duplicate_groups(adv, emb, config.duplicate_similarity))
+    catalog = AdCatalog(np.arange(10, 16), adv, groups)
     div = Diversifier(catalog, config, 20)
     assert [div.admit(a) for a in range(10, 16)] == [True, False, True, True, True, True]
     assert div.refused == {"capped": 0, "duplicate": 1}
@@ -120,6 +129,23 @@ def test_near_duplicates_of_one_advertiser_collapse_but_not_across_advertisers()
     assert all(off.admit(a) for a in range(10, 16))
 
 
+def test_the_diversifier_collapses_a_shared_group_only_within_one_advertiser() -> None:
+    # Hand-made groups: 20 and 21 (advertiser 1) share group 5, and so does 22 (advertiser 2);
+    # 23 (advertiser 1) has no group, like 24, 25 (-1 shared is not a group).
+    catalog = AdCatalog(
+        np.array([20, 21, 22, 23, 24, 25]),
+        np.array([1, 1, 2, 1, 1, 1]),
+        np.array([5, 5, 5, -1, -1, -1]),
+    )
+    div = Diversifier(catalog, DiversityConfig(max_per_advertiser=10), 20)
+    assert [div.admit(a) for a in (22, 20, 21, 23, 24, 25)] == [True, True, False] + [True] * 3
+    assert div.refused == {"capped": 0, "duplicate": 1}
+    # The cap is checked first: a capped duplicate counts as capped.
+    capped = Diversifier(catalog, DiversityConfig(max_per_advertiser=1), 20)
+    assert capped.admit(20) and not capped.admit(21)
+    assert capped.refused == {"capped": 1, "duplicate": 0}
+
+
 def test_ads_the_catalog_does_not_know_are_never_refused() -> None:
     catalog = _catalog({5: 1, 6: 1, 7: 1, 9: 1})
     assert catalog.row(8) == catalog.row(-3) == catalog.row(10**12) == -1
@@ -128,7 +154,7 @@ def test_ads_the_catalog_does_not_know_are_never_refused() -> None:
     assert all(div.admit(a) for a in range(100, 200))
     assert div.admit(5) and not div.admit(6)  # ... while known ones are capped
     none = np.zeros(0, np.int64)
-    empty = Diversifier(AdCatalog(none, none, np.zeros((0, DIM))), DiversityConfig(), 20)
+    empty = Diversifier(AdCatalog(none, none, none), DiversityConfig(), 20)
     assert all(empty.admit(a) for a in range(50))
 
 
@@ -181,25 +207,34 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"^k: must be > 0"):
         DiversityConfig().limit(0)
     ids = np.array([1, 2])
-    with pytest.raises(ConfigError, match=r"^advertiser_ids: need one per ad"):
-        AdCatalog(ids, np.array([1]), np.zeros((2, 4)))
-    with pytest.raises(ConfigError, match=r"^embeddings: need a"):
-        AdCatalog(ids, ids, np.zeros((3, 4)))
+    with pytest.raises(ConfigError, match=r"^advertiser_ids: need one per ad \(2\), got 1"):
+        AdCatalog(ids, np.array([1]), ids)
+    with pytest.raises(ConfigError, match=r"^groups: need one per ad \(2\), got 3"):
+        AdCatalog(ids, ids, np.array([0, 1, 2]))
+    with pytest.raises(ConfigError, match=r"^groups: need a 1-D integer array"):
+        AdCatalog(ids, ids, np.zeros((2, 4), dtype=np.int64))
+    with pytest.raises(ConfigError, match=r"^groups: need a 1-D integer array"):
+        AdCatalog(ids, ids, np.array([0.0, 1.0]))
     with pytest.raises(ConfigError, match=r"^ad_ids: ad id 2 appears more than once"):
-        AdCatalog(np.array([2, 1, 2]), np.array([1, 1, 1]), np.zeros((3, 4)))
+        AdCatalog(np.array([2, 1, 2]), np.array([1, 1, 1]), np.array([0, 1, 2]))
     with pytest.raises(ConfigError, match=r"^ad_ids: need a 1-D integer array"):
-        AdCatalog(np.array([1.5, 2.0]), ids, np.zeros((2, 4)))
+        AdCatalog(np.array([1.5, 2.0]), ids, ids)
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
-    catalog = _catalog({30: 3, 10: 1, 20: 2}, seed=4)
+    # Given out of id order: the groups follow their ads when the catalog sorts them.
+    catalog = AdCatalog(
+        np.array([30, 10, 20, 25]), np.array([3, 1, 1, 2]), np.array([2, 1, 1, -1], np.int32)
+    )
+    assert catalog.groups.tolist() == [1, 1, -1, 2] and catalog.groups.dtype == np.int64
     catalog.save(tmp_path)
     assert (tmp_path / DIVERSITY_FILE).exists()
     back = AdCatalog.load(tmp_path)
-    assert back.ad_ids.tolist() == [10, 20, 30] and back.advertiser_ids.tolist() == [1, 2, 3]
-    assert back.embeddings.dtype == np.float32
-    np.testing.assert_allclose(back.embeddings, catalog.embeddings, atol=1e-6)
-    assert [back.advertiser(a) for a in (10, 20, 30, 40)] == [1, 2, 3, None]
+    assert back.ad_ids.tolist() == [10, 20, 25, 30] and back.advertiser_ids.tolist() == [1, 1, 2, 3]
+    assert back.groups.dtype == np.int64 and back.groups.tolist() == [1, 1, -1, 2]
+    assert [back.advertiser(a) for a in (10, 20, 25, 30, 40)] == [1, 1, 2, 3, None]
+    div = Diversifier(back, DiversityConfig(), 20)  # the loaded groups still collapse
+    assert [div.admit(a) for a in (20, 10, 25, 30)] == [True, False, True, True]
 
 
 def test_a_malformed_file_is_refused_naming_the_file_and_the_array(tmp_path: Path) -> None:
@@ -207,10 +242,20 @@ def test_a_malformed_file_is_refused_naming_the_file_and_the_array(tmp_path: Pat
     with pytest.raises(CandgenError, match=r"diversity\.npz does not exist"):
         AdCatalog.load(tmp_path)
     np.savez(path, ad_ids=np.arange(3), advertiser_ids=np.arange(3))
-    with pytest.raises(CandgenError, match=r"diversity\.npz: embeddings: missing array"):
+    with pytest.raises(CandgenError, match=r"diversity\.npz: groups: missing array"):
         AdCatalog.load(tmp_path)
-    np.savez(path, ad_ids=np.arange(3), advertiser_ids=np.arange(3), embeddings=np.zeros(3))
-    with pytest.raises(CandgenError, match=r"diversity\.npz: embeddings: need a \(3, d\)"):
+    # An old file, with text embeddings instead of groups.
+    np.savez(path, ad_ids=np.arange(3), advertiser_ids=np.arange(3), embeddings=np.zeros((3, 4)))
+    with pytest.raises(CandgenError, match=r"diversity\.npz: groups: missing array"):
+        AdCatalog.load(tmp_path)
+    np.savez(path, ad_ids=np.arange(3), groups=np.arange(3))
+    with pytest.raises(CandgenError, match=r"diversity\.npz: advertiser_ids: missing array"):
+        AdCatalog.load(tmp_path)
+    np.savez(path, ad_ids=np.arange(3), advertiser_ids=np.arange(3), groups=np.zeros(3))
+    with pytest.raises(CandgenError, match=r"diversity\.npz: groups: need a 1-D integer array"):
+        AdCatalog.load(tmp_path)
+    np.savez(path, ad_ids=np.arange(3), advertiser_ids=np.arange(3), groups=np.arange(2))
+    with pytest.raises(CandgenError, match=r"diversity\.npz: groups: need one per ad \(3\)"):
         AdCatalog.load(tmp_path)
     path.write_bytes(b"not an archive at all")
     with pytest.raises(CandgenError, match=r"diversity\.npz: not a readable npz file"):
@@ -233,3 +278,69 @@ def test_without_admit_allocate_is_unchanged_on_a_random_example() -> None:
         assert allocate(cands, W, k, admit=Diversifier(unknown, DiversityConfig(), k).admit) == base
         order = list(W)
         assert snake_merge(cands, order, k, admit=lambda _ad: True) == snake_merge(cands, order, k)
+
+
+def test_duplicate_groups_join_near_identical_texts_only_within_one_advertiser() -> None:
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=DIM)
+    near = base + 0.01 * rng.normal(size=DIM)  # cosine ~0.9999 with base
+    emb = np.stack([base, near, base, near]).astype(np.float32)
+    # Rows 0, 1: advertiser 1; rows 2, 3: the same pair, but under advertisers 2 and 3.
+    groups = duplicate_groups(np.array([1, 1, 2, 3]), emb, 0.92)
+    assert groups.dtype == np.int64 and groups.tolist() == [0, 0, 2, 3]
+    # Interleaved advertisers: each ad joins its own advertiser's leader (the leader's row).
+    assert duplicate_groups(np.array([1, 2, 1, 2]), emb, 0.92).tolist() == [0, 1, 0, 1]
+    # A threshold above the pair's similarity keeps them apart.
+    assert duplicate_groups(np.array([1, 1]), emb[:2], 0.999999).tolist() == [0, 1]
+
+
+def test_duplicate_groups_join_the_first_earlier_leader_only() -> None:
+    # 0 and 40 degrees are apart (cos 0.77); 20 degrees is near both (cos 0.94).
+    adv = np.array([5, 5, 5])
+    emb = np.stack([_unit(0), _unit(40), _unit(20)])
+    assert duplicate_groups(adv, emb, 0.92).tolist() == [0, 1, 0]
+    assert duplicate_groups(adv, emb[[1, 0, 2]], 0.92).tolist() == [0, 1, 0]
+    # 10 is near 0 (a leader); 25 is near 10 (a member) but not 0 (cos 0.906): its own group.
+    emb = np.stack([_unit(0), _unit(10), _unit(25)])
+    assert duplicate_groups(adv, emb, 0.92).tolist() == [0, 0, 2]
+
+
+def test_duplicate_groups_put_ads_without_text_in_no_group() -> None:
+    base = _unit(30)
+    zero = np.zeros(2, np.float32)
+    emb = np.stack([zero, base, zero, base, zero])
+    assert duplicate_groups(np.array([1, 1, 1, 1, 2]), emb, 0.92).tolist() == [-1, 1, -1, 1, -1]
+    assert duplicate_groups(np.array([1, 1]), np.stack([zero, zero]), 0.5).tolist() == [-1, -1]
+    empty = duplicate_groups(np.zeros(0, np.int64), np.zeros((0, DIM)), 0.92)
+    assert empty.dtype == np.int64 and empty.shape == (0,)
+
+
+def test_duplicate_groups_at_similarity_one_give_every_ad_with_text_its_own_group() -> None:
+    base = _unit(10)
+    emb = np.stack([base, base, base, np.zeros(2, np.float32)])  # identical texts
+    adv = np.array([1, 1, 1, 1])
+    assert duplicate_groups(adv, emb, 0.92).tolist() == [0, 0, 0, -1]
+    for similarity in (1.0, 1.5):
+        assert duplicate_groups(adv, emb, similarity).tolist() == [0, 1, 2, -1]
+
+
+def test_exported_groups_make_the_diversifier_collapse_the_second_ad() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=DIM)
+    near = base + 0.01 * rng.normal(size=DIM)
+    other = rng.normal(size=DIM)
+    # Ads 50 and 20 (advertiser 1) are near-duplicates, 30 is not; ids out of order on purpose.
+    ad_ids, adv = np.array([50, 20, 30]), np.array([1, 1, 1])
+    config = DiversityConfig(max_per_advertiser=10)
+    emb = np.stack([base, near, other]).astype(np.float32)
+    catalog = AdCatalog(ad_ids, adv, duplicate_groups(adv, emb, config.duplicate_similarity))
+    div = Diversifier(catalog, config, 20)
+    assert [div.admit(a) for a in (20, 50, 30)] == [True, False, True]
+    assert div.refused == {"capped": 0, "duplicate": 1}
+    out = allocate(
+        {"sequential": _ranked([50, 20, 30])}, W, 10, admit=Diversifier(catalog, config, 10).admit
+    )
+    assert [c.ad_id for c in out] == [50, 30]
+    # Groups exported at 1.0 never collapse.
+    apart = AdCatalog(ad_ids, adv, duplicate_groups(adv, emb, 1.0))
+    assert all(Diversifier(apart, config, 20).admit(a) for a in (20, 50, 30))

@@ -96,17 +96,22 @@ def test_a_paused_or_throttled_campaign_leaves_from_the_next_request() -> None:
 
 def test_a_throttle_passes_about_its_share_of_segments() -> None:
     index, ads, state = _world()
+    n = len(state.masks)
     throttled = DeliveryState(
-        state.campaign_ids, np.full(len(state.masks), EVERYONE), state.active,
-        np.full(len(state.masks), 0.3, np.float32),
-    )  # fmt: skip
+        state.campaign_ids, np.full(n, EVERYONE), state.active, np.full(n, 0.3, np.float32)
+    )
     elig = Eligibility(ads, throttled, {"ads": index}, seed=4)
     shares = []
-    for version in range(30):
-        elig.update(DeliveryState(throttled.campaign_ids, throttled.masks, throttled.active,
-                                  throttled.throttles, version))  # fmt: skip
-        shares.append(elig.request(PROFILE).allows(ads.ad_ids).mean())
+    for country in ("US", "GB", "DE", "FR", "JP", "BR", "IN", "CA"):
+        for surface in ("home", "search", "related"):
+            profile = {**PROFILE, "country": country, "surface": surface}
+            shares.append(elig.request(profile).allows(ads.ad_ids).mean())
+            # the same segment and state: the same answer (replicas and replays agree)
+            assert (elig.request(profile).allows(ads.ad_ids).mean()) == shares[-1]
     assert 0.2 < float(np.mean(shares)) < 0.4
+    elig.update(DeliveryState(throttled.campaign_ids, throttled.masks, throttled.active,
+                              throttled.throttles, version=7))  # fmt: skip
+    assert elig.request({**PROFILE, "country": "CA"}).allows(ads.ad_ids).mean() == shares[-3]
 
 
 def test_a_user_without_a_profile_gets_only_untargeted_campaigns() -> None:

@@ -30,6 +30,7 @@ from candgen.quotas.learning import (
     replay_window,
     request_recalls,
 )
+from candgen.serving.diversity import AdCatalog
 from candgen.serving.quota import (
     ACTIVITY_BUCKETS,
     GENERATORS,
@@ -193,6 +194,7 @@ def test_the_select_step_serves_the_learned_quotas_and_reports_each_source(tmp_p
     overrides = {"related": {"content": 0.5, "popularity": 0.5}}
     config = ServingConfig(max_k=50, quota_policy="learned", quota_overrides=overrides)
     write_serving_file(tmp_path, config, IndexConfig(), {})
+    AdCatalog.empty().save(tmp_path)  # no advertisers: diversity changes nothing
     table.save(tmp_path / QUOTA_FILE)
     step = SelectStep(tmp_path)
     for scenario, activity in ((b"home", 80), (b"search", 0)):
@@ -316,16 +318,19 @@ def test_offline_features_answer_as_of_a_past_time(features_dir: Path) -> None:
     user = int(short["user_id"].value_counts().index[0])
     mine = short[short["user_id"] == user].sort_values("event_timestamp")
     as_of = mine["event_timestamp"].iloc[2]
-    got = OfflineFeatures(features_dir, as_of).lookup("user_serving_v2", "user_id", user)
+    got = OfflineFeatures(features_dir, as_of).lookup("user_serving_v3", "user_id", user)
     assert got["recent_item_ids"] == list(mine["recent_item_ids"].iloc[1])  # the row before
-    # Before the user's first snapshot the store knew nothing of them.
+    profile = pd.read_parquet(features_dir / "user_profile.parquet").set_index("user_id")
+    assert got["country"] == profile.loc[user, "country"]  # what targeting reads
+    # Before the user's first snapshot the store knew none of their history (only the
+    # profile, from sign-up).
     before = OfflineFeatures(features_dir, mine["event_timestamp"].iloc[0])
-    assert before.lookup("user_serving_v2", "user_id", user) is None
+    assert "recent_item_ids" not in before.lookup("user_serving_v3", "user_id", user)
     latest = OfflineFeatures(features_dir, pd.Timestamp("2100-01-01", tz="UTC"))
-    assert latest.lookup("user_serving_v2", "user_id", user)["recent_item_ids"] == list(
+    assert latest.lookup("user_serving_v3", "user_id", user)["recent_item_ids"] == list(
         mine["recent_item_ids"].iloc[-1])  # fmt: skip
-    assert latest.lookup("user_serving_v2", "user_id", 987_654_321) is None
-    with pytest.raises(CandgenError, match=r"^service: offline replays answer user_serving_v2"):
+    assert latest.lookup("user_serving_v3", "user_id", 987_654_321) is None
+    with pytest.raises(CandgenError, match=r"^service: offline replays answer user_serving_v3"):
         latest.lookup("user_features_v1", "user_id", user)
 
 
@@ -546,6 +551,7 @@ def test_the_default_policy_serves_the_learned_table_where_there_is_one(tmp_path
     config = ServingConfig(max_k=50)
     assert config.quota_policy == "auto"
     write_serving_file(tmp_path, config, IndexConfig(), {})
+    AdCatalog.empty().save(tmp_path)  # no advertisers: diversity changes nothing
     assert SelectStep(tmp_path)(_select_tensors(b"home", 80))["QUOTA_POLICY"].tolist() == [b"fixed"]
     _table({"*": [0.4, 0.1, 0.02]}).save(tmp_path / QUOTA_FILE)
     out = SelectStep(tmp_path)(_select_tensors(b"home", 80))

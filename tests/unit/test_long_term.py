@@ -169,7 +169,7 @@ class _Features:
         self.row = row
 
     def lookup(self, service: str, entity: str, key: int) -> dict[str, Any] | None:
-        assert service == "user_serving_v2"
+        assert service == "user_serving_v3"
         return self.row
 
 

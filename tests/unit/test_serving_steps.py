@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from candgen.endpoint.export import ExportConfig, ensemble_config, step_config
 from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import IndexConfig
 from candgen.serving.contract import INPUTS, OUTPUTS
+from candgen.serving.diversity import AdCatalog
 from candgen.serving.pipeline import UserContext, user_vector
 from candgen.serving.steps import (
     STEPS,
@@ -60,6 +62,7 @@ def test_the_ensemble_pins_every_step_and_keeps_the_tensor_contract() -> None:
 
 def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> None:
     write_serving_file(tmp_path, ServingConfig(max_k=50), IndexConfig(), {})
+    AdCatalog.empty().save(tmp_path)  # no advertisers: diversity changes nothing
     step = SelectStep(tmp_path)
     out = step({
         "CANDIDATE_IDS": np.array([11, 12, 13, 12, 21], np.int64),
@@ -138,7 +141,21 @@ class _Features:
     """A feature store that knows one user (a stand-in for the Feast feature server)."""
 
     def lookup(self, service: str, entity: str, key: int) -> dict | None:
-        return {"recent_item_ids": [5, 6], "recent_timestamps": [1.0, 2.0]} if key == 1 else None
+        if key != 1:
+            return None
+        today = datetime.now(UTC).strftime("%Y-%m-%d")
+        return {
+            "recent_item_ids": [5, 6],
+            "recent_timestamps": [1.0, 2.0],
+            **{"country": "US", "age_bucket": "25-34", "device": "ios"},
+            **{
+                "impression_day": today,
+                "impressed_ad_ids": [41, 42],
+                "ad_impression_counts": [3, 1],
+            },
+            **{"impressed_advertiser_ids": [7], "advertiser_impression_counts": [10]},
+            "hidden_advertiser_ids": [9],
+        }
 
 
 def _request(scenario: bytes, **context: np.ndarray) -> dict[str, np.ndarray]:
@@ -173,6 +190,10 @@ def test_the_features_step_passes_on_the_context_its_surface_reads(tmp_path: Pat
     assert search["CONTEXT_ITEM"].size == 0
     assert search["CONTEXT_FLAGS"].tolist() == [b"context_item_ignored"]
     assert search["HISTORY_IDS"].tolist() == [5, 6]
+    # what eligibility reads: the profile, today's capped ad, hidden and capped advertisers
+    assert search["AUDIENCE"].tolist() == [b"US", b"25-34", b"ios"]
+    assert search["BLOCKED_AD_IDS"].tolist() == [41]
+    assert search["BLOCKED_ADVERTISER_IDS"].tolist() == [7, 9]
     related = step(_request(b"related", **item))
     assert related["CONTEXT_ITEM"].tolist() == [77] and related["QUERY_EMBEDDING"].size == 0
     assert related["CONTEXT_FLAGS"].size == 0
@@ -180,7 +201,8 @@ def test_the_features_step_passes_on_the_context_its_surface_reads(tmp_path: Pat
     assert bare["QUERY_EMBEDDING"].size == 0 and bare["CONTEXT_FLAGS"].tolist() == [b"no_query"]
     assert len(encoder.seen) == 1  # only the search with a query was embedded
     cold = step(_request(b"related") | {"USER_ID": np.array([2], np.int64)})
-    assert cold["CONTEXT_FLAGS"].tolist() == [b"cold_start", b"no_context_item"]
+    # an unknown user has no profile either: only untargeted campaigns reach them, and it says so
+    assert cold["CONTEXT_FLAGS"].tolist() == [b"cold_start", b"no_profile", b"no_context_item"]
     with pytest.raises(ConfigError, match=r"^QUERY: at most 512 UTF-8 bytes"):
         step(_request(b"search", QUERY=np.array([b"q" * 600], object)))
 

@@ -40,6 +40,8 @@ from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import INDEX_FILE, IndexConfig, ids_file
 from candgen.paths import REPO_ROOT, replace_atomically
 from candgen.serving.contract import INPUTS, OUTPUTS
+from candgen.serving.diversity import AdCatalog, duplicate_groups
+from candgen.serving.eligibility import AdTable, DeliveryState, save_eligibility
 from candgen.serving.generators import ContentGenerator
 from candgen.serving.pipeline import USER_SERVICE
 from candgen.serving.query_encoder import QUERY_ENCODER_DIR, check_precision
@@ -418,6 +420,53 @@ def ad_side(
     )
 
 
+def ad_constraints(
+    features_dir: Path, content: ContentGenerator, serving: ServingConfig, as_of: Any = None
+) -> tuple[AdTable, DeliveryState, AdCatalog]:
+    """What the constraints read at serving time, from the offline feature tables: each ad's
+    campaign and advertiser, every campaign's delivery state (targeting, status, throttle) as of
+    ``as_of`` (default: the newest), and the ads' near-duplicate groups within each advertiser
+    (their text embeddings at ``serving.duplicate_similarity``).
+
+    Raises:
+        ConfigError: a campaign's targeting is malformed, naming the campaign and the field.
+    """
+    import pandas as pd
+
+    from candgen.features.build import check_campaign_targeting  # pandas: not in Triton's env
+
+    attrs = pd.read_parquet(
+        features_dir / "ad_attributes.parquet", columns=["ad_id", "campaign_id", "advertiser_id"]
+    )
+    path = features_dir / "campaign_delivery.parquet"
+    if not path.exists():
+        raise CandgenError(
+            f"features_dir: {features_dir} has no campaign_delivery table; rebuild it with "
+            "`candgen features build`"
+        )
+    delivery = pd.read_parquet(path).sort_values(["campaign_id", "event_timestamp"], kind="stable")
+    if as_of is not None:
+        delivery = delivery[delivery["event_timestamp"] < as_of]
+    last = delivery.groupby("campaign_id", sort=True).last()
+    state = DeliveryState(
+        last.index.to_numpy(np.int64),
+        check_campaign_targeting(last.reset_index()),
+        last["status"].to_numpy(object) == "active",
+        last["throttle"].to_numpy(np.float32),
+    )
+    ad_ids = attrs["ad_id"].to_numpy(np.int64)
+    advertisers = attrs["advertiser_id"].to_numpy(np.int64)
+    # An ad's own pause is its campaign's in this data: the campaign state covers it, and a
+    # resumed campaign's ads come back with it.
+    ads = AdTable(
+        ad_ids, attrs["campaign_id"].to_numpy(np.int64), advertisers, np.zeros(0, np.int64)
+    )
+    dim = content.index.dim
+    vectors = np.stack([content.text.get(int(a), np.zeros(dim, np.float32)) for a in ad_ids])
+    groups = duplicate_groups(advertisers, vectors, serving.duplicate_similarity)
+    return ads, state, AdCatalog(ad_ids, advertisers, groups)
+
+
 def _copy_index(index_dir: Path, dst: Path, model_uri: str) -> dict[str, Any]:
     """Takes over an index built by ``candgen index build`` for the same model URI."""
     manifest = index_dir / "index.json"
@@ -500,6 +549,15 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     )
     for step in STEPS:  # the steps with no assets of their own get an empty folder
         (staging / step.MODEL).mkdir(parents=True, exist_ok=True)
+    ads, state, catalog = ad_constraints(features_dir, content, config.serving)
+    save_eligibility(generators, ads, state)
+    catalog.save(staging / SelectStep.MODEL)
+    grouped = len(catalog) - len(np.unique(catalog.groups[catalog.groups >= 0]))
+    say(
+        f"constraints: {len(state.campaign_ids):,} campaigns' targeting and delivery state "
+        f"({int((~state.active).sum()):,} not active, {int((state.throttles < 1).sum()):,} "
+        f"throttled); {grouped:,} ads are near-duplicates of an ad of their advertiser"
+    )
     quota_fit: dict[str, Any] = {}
     if config.quotas:
         learned = LearnedQuotas.load(Path(config.quotas))  # checked before it is installed

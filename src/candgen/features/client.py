@@ -73,14 +73,7 @@ class FeatureServerClient:
             if service in self.service_refs
             else {"feature_service": service}
         )
-        body = json.dumps({**what, "entities": {entity: [int(key)]}})
-        try:
-            try:
-                payload = self._post(body)
-            except (ConnectionError, http.client.RemoteDisconnected):
-                payload = self._post(body)  # the kept-alive connection had been closed
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            raise FeatureStoreUnavailable(f"feature server {self.url}: {e}") from None
+        payload = self._request({**what, "entities": {entity: [int(key)]}})
         names = payload["metadata"]["feature_names"]
         values: dict[str, Any] = {}
         found = False
@@ -88,3 +81,28 @@ class FeatureServerClient:
             values[name] = result["values"][0]
             found |= name != entity and result["statuses"][0] == "PRESENT"
         return values if found else None
+
+    def _request(self, body: dict[str, Any]) -> Any:
+        text = json.dumps(body)
+        try:
+            try:
+                return self._post(text)
+            except (ConnectionError, http.client.RemoteDisconnected):
+                return self._post(text)  # the kept-alive connection had been closed
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise FeatureStoreUnavailable(f"feature server {self.url}: {e}") from None
+
+    def read(self, features: list[str], entity: str, keys: list[int]) -> dict[str, list[Any]]:
+        """Features (``view:feature``) of many entities in one request: name -> one value per
+        key (None where the store has none)."""
+        payload = self._request(
+            {"features": features, "entities": {entity: [int(k) for k in keys]}}
+        )
+        names = payload["metadata"]["feature_names"]
+        out: dict[str, list[Any]] = {}
+        for name, result in zip(names, payload["results"], strict=True):
+            out[name] = [
+                v if status == "PRESENT" else None
+                for v, status in zip(result["values"], result["statuses"], strict=True)
+            ]
+        return out

@@ -61,11 +61,20 @@ from candgen.serving.quota import (
 )
 from candgen.vocab import LONG_TERM_TABLE, QUERY_TABLE, SURFACES
 
-# The offline tables and columns behind what the features step reads (user_serving_v2).
+# The offline tables and columns behind what the features step reads (USER_SERVING_SERVICE).
 OFFLINE_VIEWS: dict[str, tuple[str, ...]] = {
     "user_short_term": ("recent_item_ids", "recent_timestamps"),
     "user_long_term": ("category_affinity", "engagements_total", "ad_clicks_total"),
     LONG_TERM_TABLE: ("long_term_embedding",),
+    "user_profile": ("country", "age_bucket", "device"),
+    "user_ad_impressions": (
+        "impression_day",
+        "impressed_ad_ids",
+        "ad_impression_counts",
+        "impressed_advertiser_ids",
+        "advertiser_impression_counts",
+    ),
+    "user_hidden_advertisers": ("hidden_advertiser_ids",),
 }
 AD_LABELS = ("click", "conversion")
 POOLING = ("empirical", "fixed")

@@ -39,7 +39,15 @@ vector on both. Each case, and what the request gets:
                                               error naming the tensor
 
 Errors are INVALID_ARG answers to that request alone; the server goes on serving. FLAGS order:
-cold_start, fallback, then the context flags above in that order.
+cold_start, fallback, no_profile, then the context flags above in that order. no_profile: the
+store holds no country, age bucket or device for the user (an unknown user, or the store is
+unreachable), so only campaigns that target no one in particular reach them.
+
+Every answer holds only ads the request may get (candgen.serving.eligibility): campaigns that
+target the user's profile and the surface, running now (not paused, within budget, through the
+pacing throttle), under the user's frequency caps, of advertisers the user has not hidden; at
+most ServingConfig.max_ads_per_advertiser ads of one advertiser per 20, near-duplicates of one
+advertiser collapsed (candgen.serving.diversity). It is short of K only when fewer such ads exist.
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ OUTPUTS = {
 }
 REQUIRED = ("USER_ID", "SCENARIO", "K")
 MAX_QUERY_BYTES = 512
-# The context flags, in FLAGS order (after cold_start and fallback).
+# The context flags, in FLAGS order (after cold_start, fallback and no_profile).
 NO_QUERY, NO_CONTEXT_ITEM = "no_query", "no_context_item"
 QUERY_IGNORED, CONTEXT_ITEM_IGNORED = "query_ignored", "context_item_ignored"
 UNKNOWN_CONTEXT_ITEM = "unknown_context_item"

@@ -79,47 +79,84 @@ class DiversityConfig:
         return self.max_per_advertiser * math.ceil(k / self.window)
 
 
+def duplicate_groups(
+    advertiser_ids: np.ndarray, embeddings: np.ndarray, similarity: float
+) -> np.ndarray:
+    """Near-duplicate groups within each advertiser, computed once at export.
+
+    Greedy leader clustering in row order: an ad joins the first earlier leader of its
+    advertiser whose text embedding has cosine similarity >= ``similarity`` with its own, or
+    leads a group of its own. An ad without text (a row of zeros) is in no group (-1).
+
+    Args:
+        advertiser_ids: (n,) each ad's advertiser.
+        embeddings: (n, d) each ad's text embedding.
+        similarity: the threshold; 1.0 or more puts every ad with text in its own group.
+
+    Returns:
+        (n,) group ids, unique across advertisers (the leader's row), -1 for no text.
+    """
+    advertiser_ids = np.asarray(advertiser_ids)
+    vectors = np.asarray(embeddings, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(advertiser_ids):
+        raise ConfigError(
+            "embeddings", f"need one row per ad ({len(advertiser_ids)}), got {vectors.shape}"
+        )
+    norms = np.linalg.norm(vectors, axis=1)
+    groups = np.where(norms > 0, np.arange(len(vectors)), -1).astype(np.int64)
+    if similarity >= 1.0 or not len(vectors):
+        return groups
+    unit = vectors / np.where(norms > 0, norms, 1.0)[:, None]
+    order = np.argsort(advertiser_ids, kind="stable")
+    bounds = np.flatnonzero(np.diff(advertiser_ids[order])) + 1
+    for rows in np.split(order, bounds):
+        rows = rows[norms[rows] > 0]
+        if len(rows) < 2:
+            continue
+        sims = unit[rows] @ unit[rows].T
+        leaders: list[int] = []
+        for j in range(len(rows)):
+            near = [L for L in leaders if sims[j, L] >= similarity]
+            if near:
+                groups[rows[j]] = rows[near[0]]
+            else:
+                leaders.append(j)
+    return groups
+
+
 class AdCatalog:
-    """Each ad's advertiser and L2-normalised text embedding, looked up by ad id.
+    """Each ad's advertiser and near-duplicate group (``duplicate_groups``), by ad id.
 
     Ids are kept sorted and found by binary search: a dict over a million ads would cost far
-    more memory in the Triton process than three arrays.
+    more memory in the Triton process than three arrays, and the groups replace the ads' text
+    embeddings, which would take 1.5 GB for a million ads.
 
     Args:
         ad_ids: (n,) unique ad ids.
         advertiser_ids: (n,) each ad's advertiser.
-        embeddings: (n, d) each ad's text embedding; a row of zeros means no text (such an ad
-            is never a near-duplicate).
+        groups: (n,) each ad's near-duplicate group, -1 for none (never a near-duplicate).
     """
 
-    def __init__(
-        self, ad_ids: np.ndarray, advertiser_ids: np.ndarray, embeddings: np.ndarray
-    ) -> None:
-        ids, advertisers = np.asarray(ad_ids), np.asarray(advertiser_ids)
-        vectors = np.asarray(embeddings)
-        for name, arr in (("ad_ids", ids), ("advertiser_ids", advertisers)):
+    def __init__(self, ad_ids: np.ndarray, advertiser_ids: np.ndarray, groups: np.ndarray) -> None:
+        ids, advertisers, group = (np.asarray(a) for a in (ad_ids, advertiser_ids, groups))
+        for name, arr in (("ad_ids", ids), ("advertiser_ids", advertisers), ("groups", group)):
             if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
                 raise ConfigError(name, f"need a 1-D integer array, got {arr.dtype} {arr.shape}")
-        if advertisers.shape != ids.shape:
-            raise ConfigError(
-                "advertiser_ids", f"need one per ad ({ids.shape[0]}), got {advertisers.shape[0]}"
-            )
-        if vectors.ndim != 2 or vectors.shape[0] != ids.shape[0] or vectors.dtype.kind not in "iuf":
-            raise ConfigError(
-                "embeddings",
-                f"need a ({ids.shape[0]}, d) numeric array, got {vectors.dtype} {vectors.shape}",
-            )
-        if not np.isfinite(vectors).all():
-            raise ConfigError("embeddings", "must be finite")
+            if arr.shape != ids.shape:
+                raise ConfigError(name, f"need one per ad ({ids.shape[0]}), got {arr.shape[0]}")
         order = np.argsort(ids, kind="stable")
         self.ad_ids = ids[order].astype(np.int64)
         if (np.diff(self.ad_ids) == 0).any():
             dup = int(self.ad_ids[1:][np.diff(self.ad_ids) == 0][0])
             raise ConfigError("ad_ids", f"ad id {dup} appears more than once")
         self.advertiser_ids = advertisers[order].astype(np.int64)
-        vectors = vectors[order].astype(np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        self.embeddings = (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        self.groups = group[order].astype(np.int64)
+
+    @classmethod
+    def empty(cls) -> AdCatalog:
+        """A catalog of no ads: no ad is ever capped or collapsed."""
+        none = np.zeros(0, np.int64)
+        return cls(none, none, none)
 
     def __len__(self) -> int:
         return int(self.ad_ids.shape[0])
@@ -140,7 +177,7 @@ class AdCatalog:
             Path(folder) / DIVERSITY_FILE,
             ad_ids=self.ad_ids,
             advertiser_ids=self.advertiser_ids,
-            embeddings=self.embeddings,
+            groups=self.groups,
         )
 
     @classmethod
@@ -167,11 +204,11 @@ class AdCatalog:
                     arrays = dict(loaded.items())
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise DataFormatError(str(path), None, f"not a readable npz file: {e}") from None
-        for name in ("ad_ids", "advertiser_ids", "embeddings"):
+        for name in ("ad_ids", "advertiser_ids", "groups"):
             if name not in arrays:
                 raise DataFormatError(str(path), None, f"{name}: missing array")
         try:
-            return cls(arrays["ad_ids"], arrays["advertiser_ids"], arrays["embeddings"])
+            return cls(arrays["ad_ids"], arrays["advertiser_ids"], arrays["groups"])
         except ConfigError as e:  # the field is the array at fault
             raise DataFormatError(str(path), None, str(e)) from None
 
@@ -182,7 +219,7 @@ class Diversifier:
     Pass ``admit`` to ``allocate``/``snake_merge``/``QuotaPolicy.select`` as their ``admit``.
 
     Args:
-        catalog: the ads' advertisers and text embeddings.
+        catalog: the ads' advertisers and near-duplicate groups.
         config: the cap and the near-duplicate threshold.
         k: the answer's size (sets the per-advertiser limit).
     """
@@ -211,11 +248,10 @@ class Diversifier:
         if len(rows) >= self.limit:
             self.refused["capped"] += 1
             return False
-        if rows and self.config.collapses:
-            emb = self.catalog.embeddings
-            if (emb[rows] @ emb[row] >= self.config.duplicate_similarity).any():
-                self.refused["duplicate"] += 1
-                return False
+        group = int(self.catalog.groups[row])
+        if group >= 0 and self.config.collapses and group in self.catalog.groups[rows]:
+            self.refused["duplicate"] += 1
+            return False
         rows.append(row)
         return True
 

@@ -7,9 +7,9 @@ then each change the delivery watcher reads from the online store's shards (a ne
 an edit, so a request always sees one consistent state). Per request:
 
 1. the request's segment (the user's country, age bucket and device, the surface) picks the
-   campaigns that target it and are running: active, and for a throttled campaign a draw per
-   (state version, segment) that passes with its throttle; these bitmaps are cached per segment
-   and index until the state changes;
+   campaigns that target it and are running: active, and for a throttled campaign a fixed
+   uniform draw per (campaign, segment) below its throttle, so that it takes part in that share
+   of the segments; these bitmaps are cached per segment and index until the state changes;
 2. the request's own exclusions clear their bits in a copy: ads at their frequency cap, every ad
    of an advertiser the user hid or saw too often today.
 
@@ -20,6 +20,7 @@ Triton runtime.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,13 +31,41 @@ from typing import Final
 import numpy as np
 
 from candgen.data.targeting import reaches
-from candgen.errors import CandgenError, DataFormatError
+from candgen.errors import CandgenError, ConfigError, DataFormatError
+from candgen.features.client import FeatureServerClient, FeatureStoreUnavailable
 from candgen.index.ann import AdIndex, clear_bits, position_of
+from candgen.vocab import DELIVERY_SHARDS
+
+log = logging.getLogger(__name__)
+SHARD_FIELDS: Final = ("campaign_ids", "statuses", "throttles", "targeting_masks")
 
 ELIGIBILITY_FILE: Final = "eligibility.npz"
+AD_INDEX, CONTENT_INDEX = "ads", "content"  # the indexes the generators search
 NO_PROFILE: Final = "no_profile"  # the user has no profile: only untargeted campaigns reach them
 PROFILE_FIELDS: Final = ("country", "age_bucket", "device")
 _SEGMENT_CACHE: Final = 512  # more than every (country, age, device, surface) there is
+
+
+@dataclass(frozen=True)
+class FrequencyCaps:
+    """How often one user may see one ad, and one advertiser's ads, in a UTC day.
+
+    Args:
+        per_ad: impressions of one ad.
+        per_advertiser: impressions of one advertiser's ads.
+    """
+
+    per_ad: int = 3
+    per_advertiser: int = 10
+
+    def __post_init__(self) -> None:
+        for name, field_name in (
+            ("per_ad", "frequency_cap"),
+            ("per_advertiser", "advertiser_frequency_cap"),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(field_name, f"must be a whole number >= 1, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -250,7 +279,10 @@ class Eligibility:
             if found is not None:
                 self._segments.move_to_end(key)
                 return found
-        digest = hashlib.sha256(repr(key).encode()).digest()[:8]
+        # The draw depends on the segment alone, so one state gives one answer wherever it is
+        # served (a replica, the offline pipeline); a throttle change moves the campaign in or
+        # out of a share of the segments.
+        digest = hashlib.sha256(repr(key[1:]).encode()).digest()[:8]
         draw = np.random.default_rng([self.seed, int.from_bytes(digest, "little")])
         running = state.active & (
             (state.throttles >= 1.0) | (draw.random(len(state.throttles)) < state.throttles)
@@ -362,3 +394,76 @@ def caps_from_features(
         ):
             out.extend(i for i, n in zip(listed(ids), listed(counts), strict=False) if n >= cap)
     return blocked_ads, sorted(set(blocked_advertisers))
+
+
+class DeliveryWatcher:
+    """Keeps an ``Eligibility``'s delivery state current: every ``poll_s`` it reads the shards'
+    versions from the online store (one small request) and rereads the shards whose version
+    moved, so a pushed pause reaches the next requests within about one poll.
+
+    The first poll reads every shard (the state materialized since the export). While the store
+    cannot be reached the last state holds, and the failure is logged once per outage.
+
+    Args:
+        eligibility: the state to keep current.
+        client: the feature server.
+        poll_s: seconds between polls.
+    """
+
+    def __init__(self, eligibility: Eligibility, client: FeatureServerClient, poll_s: float):
+        self.eligibility = eligibility
+        self.client = client
+        self.poll_s = poll_s
+        self.seen: dict[int, int] = {}
+        self.changes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def poll(self) -> bool:
+        """One poll; True when the state changed."""
+        shards = list(range(DELIVERY_SHARDS))
+        versions = self.client.read(["delivery_shard:version"], "delivery_shard_id", shards)
+        current = versions.get("version", [None] * len(shards))
+        moved = [s for s, v in zip(shards, current, strict=True) if v is not None
+                 and self.seen.get(s) != int(v)]  # fmt: skip
+        if not moved:
+            return False
+        rows = self.client.read(
+            [f"delivery_shard:{f}" for f in (*SHARD_FIELDS, "version")],
+            "delivery_shard_id",
+            moved,
+        )
+        entries: list[tuple[int, str, float, int]] = []
+        for j, shard in enumerate(moved):
+            lists = [rows[f][j] or [] for f in SHARD_FIELDS]
+            entries += [
+                (int(c), str(st), float(t), int(m)) for c, st, t, m in zip(*lists, strict=True)
+            ]
+            if rows["version"][j] is not None:
+                self.seen[shard] = int(rows["version"][j])
+        self.eligibility.update(self.eligibility.state.updated(entries))
+        self.changes += 1
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll()
+                if self._failing:
+                    log.warning("delivery state: the feature server answers again")
+                self._failing = False
+            except (FeatureStoreUnavailable, KeyError, TypeError, ValueError) as e:
+                if not self._failing:
+                    log.warning("delivery state: keeping the last state: %s", e)
+                self._failing = True
+            self._stop.wait(self.poll_s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="delivery-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -6,7 +6,7 @@ the user encoder plus the ad index (``candgen.models.retriever`` / ``candgen.ind
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -139,12 +139,29 @@ class PacingPopularity:
         self.ranked = [(int(ad_ids[i]), float(score[i])) for i in order if score[i] > 0]
 
     def candidates(
-        self, k: int, exclude: Iterable[int] = (), ineligible: frozenset[int] = frozenset()
+        self,
+        k: int,
+        exclude: Iterable[int] = (),
+        ineligible: frozenset[int] = frozenset(),
+        allows: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> list[tuple[int, float]]:
+        """The ``k`` best-ranked ads not excluded, not ineligible and, with ``allows`` (ad ids
+        -> which may be returned: a request's eligibility), allowed."""
         if k <= 0:
             raise ConfigError("k", f"must be > 0, got {k}")
         skip = set(map(int, exclude))
-        out = []
+        out: list[tuple[int, float]] = []
+        if allows is not None:
+            # Vectorised in blocks: most of a long ranking may be ineligible for one request.
+            for lo in range(0, len(self.ranked), 4 * k):
+                block = self.ranked[lo : lo + 4 * k]
+                ok = allows(np.array([ad for ad, _ in block], np.int64))
+                out += [
+                    c for c, y in zip(block, ok.tolist(), strict=True) if y and c[0] not in skip
+                ]
+                if len(out) >= k:
+                    return out[:k]
+            return out
         for ad, score in self.ranked:
             if ad not in skip and ad not in ineligible:
                 out.append((ad, score))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -23,8 +24,19 @@ from candgen.serving.contract import (
     parse_query,
     surface_context,
 )
+from candgen.serving.diversity import AdCatalog, Diversifier, DiversityConfig, spread
+from candgen.serving.eligibility import (
+    AD_INDEX,
+    CONTENT_INDEX,
+    NO_PROFILE,
+    PROFILE_FIELDS,
+    Eligibility,
+    FrequencyCaps,
+    RequestEligibility,
+    caps_from_features,
+)
 from candgen.serving.generators import ContentGenerator, PacingPopularity
-from candgen.serving.quota import QuotaPolicy, source_counts
+from candgen.serving.quota import Candidate, QuotaPolicy, source_counts
 from candgen.vocab import USER_SERVING_SERVICE
 
 if TYPE_CHECKING:  # torch and onnxruntime are imported only by the step that encodes
@@ -33,6 +45,7 @@ if TYPE_CHECKING:  # torch and onnxruntime are imported only by the step that en
 
 USER_SERVICE = USER_SERVING_SERVICE
 COLD_START, FALLBACK = "cold_start", "fallback"
+POPULARITY_DEPTH = 3  # popularity candidates per answer slot (see generate)
 
 
 class FeatureSource(Protocol):
@@ -78,6 +91,10 @@ class UserContext:
             real-time ones: what sets the user's activity bucket for the quotas.
         cold_start: nothing was known about the user (no features, no recent items).
         fallback: the feature store could not be reached.
+        profile: the user's country, age_bucket and device as targeting reads them (None:
+            unknown; a user with none gets only campaigns that target no one in particular).
+        blocked_ads: ads at the user's frequency cap today.
+        blocked_advertisers: advertisers the user hid or saw too often today.
     """
 
     history: list[int]
@@ -87,18 +104,37 @@ class UserContext:
     activity: int = 0
     cold_start: bool = False
     fallback: bool = False
+    profile: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(PROFILE_FIELDS))
+    blocked_ads: list[int] = field(default_factory=list)
+    blocked_advertisers: list[int] = field(default_factory=list)
+
+    @property
+    def no_profile(self) -> bool:
+        return all(self.profile.get(f) is None for f in PROFILE_FIELDS)
 
     @property
     def flags(self) -> list[str]:
         return [
-            name for name, on in ((COLD_START, self.cold_start), (FALLBACK, self.fallback)) if on
+            name
+            for name, on in (
+                (COLD_START, self.cold_start),
+                (FALLBACK, self.fallback),
+                (NO_PROFILE, self.no_profile),
+            )
+            if on
         ]
 
 
 def user_context(
-    features: FeatureSource, user_id: int, recent_item_ids: Sequence[int] = ()
+    features: FeatureSource,
+    user_id: int,
+    recent_item_ids: Sequence[int] = (),
+    caps: FrequencyCaps | None = None,
+    today: str | None = None,
 ) -> UserContext:
-    """Step 1: the user's online features joined with the request's real-time items."""
+    """Step 1: the user's online features joined with the request's real-time items, and what
+    eligibility reads of them: the profile, the ads and advertisers the frequency ``caps`` (of
+    ``today``, a UTC date; default now) and the user's hides rule out."""
     fallback = False
     try:
         feats = features.lookup(USER_SERVICE, "user_id", int(user_id))
@@ -113,6 +149,12 @@ def user_context(
     affinity = (feats or {}).get("category_affinity")
     long_term = (feats or {}).get("long_term_embedding")
     lifetime = sum(int((feats or {}).get(k) or 0) for k in ("engagements_total", "ad_clicks_total"))
+    caps = caps or FrequencyCaps()
+    day = today or datetime.now(UTC).strftime("%Y-%m-%d")
+    blocked_ads, blocked_advertisers = caps_from_features(
+        feats, day, caps.per_ad, caps.per_advertiser
+    )
+    profile = {f: (feats or {}).get(f) for f in PROFILE_FIELDS}
     return UserContext(
         history=history,
         times=times if times and len(times) == len(history) else None,
@@ -121,6 +163,9 @@ def user_context(
         activity=lifetime + len(recent_item_ids),
         cold_start=feats is None and not recent_item_ids and not fallback,
         fallback=fallback,
+        profile={f: v if isinstance(v, str) and v else None for f, v in profile.items()},
+        blocked_ads=blocked_ads,
+        blocked_advertisers=blocked_advertisers,
     )
 
 
@@ -186,6 +231,7 @@ def generate(
     ineligible: frozenset[int] | set[int],
     query_embedding: np.ndarray | None = None,
     item_vector: np.ndarray | None = None,
+    eligibility: RequestEligibility | None = None,
 ) -> dict[str, list[tuple[int, float]]]:
     """Step 3: up to ``k`` eligible candidates per generator, best first.
 
@@ -195,28 +241,80 @@ def generate(
 
     Ads the user already engaged with and ineligible ads (paused, budget exhausted) are
     excluded at query time. Pass ``ineligible`` as a frozenset that lives across requests: the
-    indexes then reuse its selector instead of rebuilding it per request.
+    indexes then reuse its selector instead of rebuilding it per request. With the request's
+    ``eligibility`` (targeting, delivery state, caps, hidden advertisers) every search stays
+    inside its bitmap instead (``ineligible`` is then part of it).
     """
     if not isinstance(ineligible, frozenset):
         ineligible = frozenset(ineligible)
     history = set(context.history)
     candidates: dict[str, list[tuple[int, float]]] = {}
+    bitmaps: dict[str, np.ndarray] = {}
 
-    def search(index: AdIndex, query: np.ndarray) -> list[tuple[int, float]]:
-        found, scores = index.search(np.asarray(query, np.float32)[None], k, history, ineligible)
+    def allowed(name: str) -> np.ndarray | None:
+        if eligibility is None:
+            return None
+        if name not in bitmaps:
+            bitmaps[name] = eligibility.bitmap(name)
+        return bitmaps[name]
+
+    def search(index: AdIndex, name: str, query: np.ndarray) -> list[tuple[int, float]]:
+        found, scores = index.search(
+            np.asarray(query, np.float32)[None], k, history, ineligible, allowed(name)
+        )
         return list(zip(found[0].tolist(), scores[0].tolist(), strict=True))
 
     if vector is not None:
-        candidates["sequential"] = search(ad_index, vector)
-    candidates["content"] = content.candidates(
-        context.history, context.affinity, k, history, ineligible
+        candidates["sequential"] = search(ad_index, AD_INDEX, vector)
+    content_query = content.query(context.history, context.affinity)
+    candidates["content"] = (
+        search(content.index, CONTENT_INDEX, content_query) if content_query is not None else []
     )
     if query_embedding is not None:
-        candidates["query"] = search(content.index, query_embedding)
+        candidates["query"] = search(content.index, CONTENT_INDEX, query_embedding)
     if item_vector is not None:
-        candidates["item"] = search(ad_index, item_vector)
-    candidates["popularity"] = popularity.candidates(k, history, ineligible)
+        candidates["item"] = search(ad_index, AD_INDEX, item_vector)
+    # Popularity is the floor under every answer (all a cold-start user gets), and costs next
+    # to nothing to read deeper: deep enough that the select step's per-advertiser cap and
+    # near-duplicate collapse can refill the answer from it.
+    candidates["popularity"] = popularity.candidates(
+        POPULARITY_DEPTH * k,
+        history,
+        ineligible,
+        eligibility.allows if eligibility is not None else None,
+    )
     return candidates
+
+
+def request_eligibility(
+    eligibility: Eligibility, context: UserContext, surface: str
+) -> RequestEligibility:
+    """The request's eligibility: its segment (the user's profile, the surface) less the
+    user's capped ads and hidden or capped advertisers."""
+    return eligibility.request(
+        {**context.profile, "surface": surface}, context.blocked_ads, context.blocked_advertisers
+    )
+
+
+def select(
+    policy: QuotaPolicy,
+    candidates: dict[str, list[tuple[int, float]]],
+    surface: str,
+    activity: int,
+    k: int,
+    rng: np.random.Generator,
+    catalog: AdCatalog | None = None,
+    diversity: DiversityConfig | None = None,
+) -> list[Candidate]:
+    """Step 4: the quota policy's K ads; with a ``catalog``, at most ``diversity``'s cap per
+    advertiser and one of each near-duplicate group (the merge refills from the next
+    candidates), spread so that no window of the answer is crowded by one advertiser."""
+    if catalog is None or diversity is None:
+        return policy.select(candidates, surface, activity, k, rng)
+    admit = Diversifier(catalog, diversity, k).admit
+    return spread(
+        policy.select(candidates, surface, activity, k, rng, admit=admit), catalog, diversity
+    )
 
 
 @dataclass
@@ -235,6 +333,11 @@ class RetrievalPipeline:
         ineligible: ads that must not be returned now (paused, budget exhausted).
         seed: the seed of the Thompson-sampling draws (with the learned policy's exploration).
         query_encoder: embeds search queries (None: a request with a query is refused).
+        eligibility: per-request eligibility over ``ad_index`` and ``content.index`` (None:
+            only ``ineligible`` is enforced).
+        caps: the frequency caps.
+        catalog: the ads' advertisers and near-duplicate groups (None: no diversity step).
+        diversity: per surface, the advertiser cap and near-duplicate collapse.
     """
 
     retriever: Retriever
@@ -247,6 +350,10 @@ class RetrievalPipeline:
     ineligible: frozenset[int] | set[int] = frozenset()
     seed: int = 0
     query_encoder: QueryEncoder | None = None
+    eligibility: Eligibility | None = None
+    caps: FrequencyCaps = field(default_factory=FrequencyCaps)
+    catalog: AdCatalog | None = None
+    diversity: dict[str, DiversityConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -276,7 +383,7 @@ class RetrievalPipeline:
             parse_context_item(int(context_item_id)) if context_item_id is not None else None,
         )
         check_context_item(surface.context_item, self.ad_index, self.content)
-        context = user_context(self.features, user_id, recent_item_ids)
+        context = user_context(self.features, user_id, recent_item_ids, self.caps)
         query_embedding = None
         if surface.query is not None:
             if self.query_encoder is None:
@@ -296,8 +403,20 @@ class RetrievalPipeline:
             self.ineligible,
             query_embedding,
             item_vector,
+            request_eligibility(self.eligibility, context, scenario)
+            if self.eligibility is not None
+            else None,
         )
-        chosen = self.quotas.select(candidates, scenario, context.activity, k, self.rng)
+        chosen = select(
+            self.quotas,
+            candidates,
+            scenario,
+            context.activity,
+            k,
+            self.rng,
+            self.catalog,
+            self.diversity.get(scenario),
+        )
         unknown = surface.context_item is not None and item_vector is None
         return RetrievalResult(
             ad_ids=[c.ad_id for c in chosen],

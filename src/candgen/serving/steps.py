@@ -43,6 +43,16 @@ from candgen.errors import CandgenError, ConfigError
 from candgen.features.client import FeatureServerClient
 from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig
 from candgen.serving.contract import UNKNOWN_CONTEXT_ITEM, check_k, parse_request, surface_context
+from candgen.serving.diversity import AdCatalog, DiversityConfig
+from candgen.serving.eligibility import (
+    AD_INDEX,
+    CONTENT_INDEX,
+    PROFILE_FIELDS,
+    DeliveryWatcher,
+    Eligibility,
+    FrequencyCaps,
+    load_eligibility,
+)
 from candgen.serving.generators import ContentGenerator, PacingPopularity
 from candgen.serving.pipeline import (
     COLD_START,
@@ -54,6 +64,8 @@ from candgen.serving.pipeline import (
     check_context_item,
     context_item_vector,
     generate,
+    request_eligibility,
+    select,
     user_context,
     user_vector,
 )
@@ -68,6 +80,7 @@ from candgen.serving.quota import (
     QuotaPolicy,
     source_counts,
 )
+from candgen.vocab import SURFACES
 
 if TYPE_CHECKING:  # the retriever loads with the model, in load_retriever
     from candgen.models.retriever import Retriever
@@ -107,6 +120,17 @@ class ServingConfig:
         query_cache_size: recent search queries whose embeddings the features step keeps
             (an LRU cache; 0: none).
         query_encoder_threads: ONNX Runtime threads for one query's embedding (a cache miss).
+        frequency_cap: impressions of one ad one user may get in a UTC day.
+        advertiser_frequency_cap: impressions of one advertiser's ads one user may get in a day.
+        delivery_poll_s: how often the generators step asks the online store whether the
+            delivery state (pauses, budgets, throttles, targeting) changed (0: never; the
+            export's state then holds).
+        max_ads_per_advertiser: per surface, at most this many ads of one advertiser in every
+            ``advertiser_window`` ads of an answer.
+        advertiser_window: the window (in ads) that ``max_ads_per_advertiser`` applies to.
+        duplicate_similarity: two ads of one advertiser whose text embeddings have at least
+            this cosine similarity are near-duplicates: an answer keeps the better-ranked one
+            (1.0: keep both).
     """
 
     feature_server_url: str = "http://127.0.0.1:6566"
@@ -121,6 +145,14 @@ class ServingConfig:
     quota_seed: int = 0
     query_cache_size: int = 10_000
     query_encoder_threads: int = 1
+    frequency_cap: int = 3
+    advertiser_frequency_cap: int = 10
+    delivery_poll_s: float = 0.1
+    max_ads_per_advertiser: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(SURFACES, 3)
+    )
+    advertiser_window: int = 20
+    duplicate_similarity: float = 0.92
 
     def feature_client(self) -> FeatureServerClient:
         refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
@@ -143,6 +175,17 @@ class ServingConfig:
             raise ConfigError(
                 "query_encoder_threads", f"must be >= 1, got {self.query_encoder_threads}"
             )
+        FrequencyCaps(self.frequency_cap, self.advertiser_frequency_cap)  # validates the caps
+        if not (isinstance(self.delivery_poll_s, int | float) and 0 <= self.delivery_poll_s <= 60):
+            raise ConfigError(
+                "delivery_poll_s",
+                f"must be a number of seconds in [0, 60], got {self.delivery_poll_s!r}",
+            )
+        unknown = set(self.max_ads_per_advertiser) - set(SURFACES)
+        if unknown:
+            raise ConfigError("max_ads_per_advertiser", f"unknown surface(s) {sorted(unknown)}")
+        for surface in self.max_ads_per_advertiser:
+            self.diversity(surface)  # validates the cap, the window and the similarity
         QuotaConfig(self.weights)  # validates the weights, naming the surface at fault
         if self.quota_policy not in ("auto", *POLICIES):
             raise ConfigError(
@@ -155,6 +198,20 @@ class ServingConfig:
     @property
     def quotas(self) -> QuotaConfig:
         return QuotaConfig(self.weights)
+
+    @property
+    def caps(self) -> FrequencyCaps:
+        return FrequencyCaps(self.frequency_cap, self.advertiser_frequency_cap)
+
+    def diversity(self, surface: str) -> DiversityConfig:
+        """The advertiser cap and near-duplicate collapse of one surface."""
+        cap = self.max_ads_per_advertiser.get(surface, 3)
+        try:
+            return DiversityConfig(cap, self.advertiser_window, self.duplicate_similarity)
+        except ConfigError as e:
+            field_name = "max_ads_per_advertiser" if e.field == "max_per_advertiser" else e.field
+            field_name = "advertiser_window" if field_name == "window" else field_name
+            raise ConfigError(field_name, f"{surface}: {str(e).split(': ', 1)[1]}") from None
 
     def effective_policy(self, has_table: bool) -> str:
         """The policy served: ``auto`` is learned with a learned table, else fixed."""
@@ -230,6 +287,9 @@ def context_tensors(context: UserContext, extra_flags: tuple[str, ...] = ()) -> 
         "LONG_TERM": np.asarray(context.long_term or [], dtype=np.float32),
         "ACTIVITY": np.asarray([context.activity], dtype=np.int64),
         "CONTEXT_FLAGS": _bytes([*context.flags, *extra_flags]),
+        "AUDIENCE": _bytes([context.profile.get(f) or "" for f in PROFILE_FIELDS]),
+        "BLOCKED_AD_IDS": np.asarray(context.blocked_ads, dtype=np.int64),
+        "BLOCKED_ADVERTISER_IDS": np.asarray(context.blocked_advertisers, dtype=np.int64),
     }
 
 
@@ -249,6 +309,9 @@ def context_from(tensors: Tensors) -> UserContext:
     long_term = tensors.get("LONG_TERM")
     activity = tensors.get("ACTIVITY")
     flags = set(_strings(tensors.get("CONTEXT_FLAGS")))
+    audience = _strings(tensors.get("AUDIENCE"))
+    blocked = tensors.get("BLOCKED_AD_IDS")
+    blocked_advertisers = tensors.get("BLOCKED_ADVERTISER_IDS")
     return UserContext(
         history=np.asarray(tensors["HISTORY_IDS"], dtype=np.int64).tolist(),
         times=times.tolist() if times is not None and times.size else None,
@@ -257,6 +320,14 @@ def context_from(tensors: Tensors) -> UserContext:
         activity=int(activity.reshape(-1)[0]) if activity is not None and activity.size else 0,
         cold_start=COLD_START in flags,
         fallback=FALLBACK in flags,
+        profile={
+            f: (audience[i] or None) if i < len(audience) else None
+            for i, f in enumerate(PROFILE_FIELDS)
+        },
+        blocked_ads=np.asarray(blocked if blocked is not None else [], np.int64).tolist(),
+        blocked_advertisers=np.asarray(
+            blocked_advertisers if blocked_advertisers is not None else [], np.int64
+        ).tolist(),
     )
 
 
@@ -300,6 +371,9 @@ class FeaturesStep(Step):
         "CONTEXT_FLAGS": (STR, [-1], False),
         "QUERY_EMBEDDING": (F32, [-1], False),
         "CONTEXT_ITEM": (I64, [-1], False),
+        "AUDIENCE": (STR, [3], False),
+        "BLOCKED_AD_IDS": (I64, [-1], False),
+        "BLOCKED_ADVERTISER_IDS": (I64, [-1], False),
     }
 
     def __init__(
@@ -332,7 +406,9 @@ class FeaturesStep(Step):
             else None
         )
         try:
-            context = user_context(self.features, request.user_id, request.recent_item_ids)
+            context = user_context(
+                self.features, request.user_id, request.recent_item_ids, self.config.caps
+            )
         except BaseException:
             if pending is not None:
                 pending.cancel()  # not yet started: the next request's query goes first
@@ -422,20 +498,25 @@ class EncoderStep(Step):
 
 @dataclass
 class Generators:
-    """The candidate generators of one exported version, with the ads ineligible now."""
+    """The candidate generators of one exported version, with the ads ineligible now and the
+    per-request eligibility over their indexes."""
 
     ad_index: AdIndex
     content: ContentGenerator
     popularity: PacingPopularity
     ineligible: frozenset[int]
+    eligibility: Eligibility
 
     @classmethod
-    def load(cls, folder: Path, index_config: IndexConfig) -> Generators:
+    def load(cls, folder: Path, index_config: IndexConfig, seed: int = 0) -> Generators:
         folder = Path(folder)
         delivery = np.load(folder / DELIVERY_FILE)
+        ad_index = AdIndex.load(folder / INDEX_FILE, index_config)
+        content = ContentGenerator.load(folder / CONTENT_DIR)
+        ads, state = load_eligibility(folder)
         return cls(
-            ad_index=AdIndex.load(folder / INDEX_FILE, index_config),
-            content=ContentGenerator.load(folder / CONTENT_DIR),
+            ad_index=ad_index,
+            content=content,
             popularity=PacingPopularity(
                 delivery["ad_ids"],
                 delivery["clicks"],
@@ -443,6 +524,9 @@ class Generators:
                 delivery["budget_left_fraction"],
             ),
             ineligible=frozenset(delivery["ineligible"].tolist()),
+            eligibility=Eligibility(
+                ads, state, {AD_INDEX: ad_index, CONTENT_INDEX: content.index}, seed
+            ),
         )
 
 
@@ -460,6 +544,10 @@ class GeneratorsStep(Step):
         "QUERY_EMBEDDING": (F32, [-1], False),
         "CONTEXT_ITEM": (I64, [-1], False),
         "CONTEXT_VECTOR": (F32, [-1], False),
+        "SCENARIO": (STR, [1], False),
+        "AUDIENCE": (STR, [3], False),
+        "BLOCKED_AD_IDS": (I64, [-1], False),
+        "BLOCKED_ADVERTISER_IDS": (I64, [-1], False),
     }
     OUTPUTS: ClassVar[Spec] = {
         "CANDIDATE_IDS": (I64, [-1], False),
@@ -474,15 +562,25 @@ class GeneratorsStep(Step):
         super().__init__(folder)
         # One query per request: OpenMP threads only spin against the other steps' processes.
         faiss.omp_set_num_threads(1)
-        self.generators = Generators.load(self.folder, self.index_config)
+        self.generators = Generators.load(self.folder, self.index_config, self.config.quota_seed)
+        self.watcher: DeliveryWatcher | None = None
+        if self.config.delivery_poll_s > 0:
+            self.watcher = DeliveryWatcher(
+                self.generators.eligibility,
+                self.config.feature_client(),
+                self.config.delivery_poll_s,
+            )
+            self.watcher.start()
 
     def __call__(self, tensors: Tensors) -> Tensors:
         g = self.generators
         item = _optional_item(tensors)
         check_context_item(item, g.ad_index, g.content)
         item_vector = _optional_vector(tensors, "CONTEXT_VECTOR")
+        context = context_from(tensors)
+        scenario = _strings(tensors["SCENARIO"])[0]
         found = generate(
-            context_from(tensors),
+            context,
             _optional_vector(tensors, "USER_VECTOR"),
             _k(tensors, self.config.max_k),
             g.ad_index,
@@ -491,6 +589,7 @@ class GeneratorsStep(Step):
             g.ineligible,
             _optional_vector(tensors, "QUERY_EMBEDDING"),
             item_vector,
+            request_eligibility(g.eligibility, context, scenario),
         )
         rows = [(ad, score, source) for source, cands in found.items() for ad, score in cands]
         unknown = item is not None and item_vector is None
@@ -531,6 +630,8 @@ class SelectStep(Step):
         super().__init__(folder)
         self.policy = self.config.policy(self.folder)
         self.rng = np.random.default_rng(self.config.quota_seed)
+        self.catalog = AdCatalog.load(self.folder)
+        self.diversity = {s: self.config.diversity(s) for s in SURFACES}
 
     def __call__(self, tensors: Tensors) -> Tensors:
         scenario = _strings(tensors["SCENARIO"])[0]
@@ -542,8 +643,16 @@ class SelectStep(Step):
         for ad, score, source in zip(ids, scores, sources, strict=True):
             candidates.setdefault(source, []).append((ad, score))
         activity = int(np.asarray(tensors.get("ACTIVITY", [0])).reshape(-1)[0])
-        chosen = self.policy.select(
-            candidates, scenario, activity, _k(tensors, self.config.max_k), self.rng
+        k = _k(tensors, self.config.max_k)
+        chosen = select(
+            self.policy,
+            candidates,
+            scenario,
+            activity,
+            k,
+            self.rng,
+            self.catalog,
+            self.diversity[scenario],
         )
         flags = _strings(tensors.get("CONTEXT_FLAGS")) + _strings(tensors.get("CANDIDATE_FLAGS"))
         return source_tensors(chosen, flags, self.policy.source(scenario))
@@ -576,7 +685,7 @@ def load_pipeline(
     version = version or pinned_version(repository)
     folder = {s.MODEL: repository / s.MODEL / str(version) for s in STEPS}
     config, index_config, _ = read_serving_file(folder[GeneratorsStep.MODEL])
-    g = Generators.load(folder[GeneratorsStep.MODEL], index_config)
+    g = Generators.load(folder[GeneratorsStep.MODEL], index_config, config.quota_seed)
     retriever = load_retriever(folder[EncoderStep.MODEL])
     query_encoder = load_query_encoder(folder[FeaturesStep.MODEL], config)
     check_query_width(
@@ -593,4 +702,8 @@ def load_pipeline(
         ineligible=g.ineligible,
         seed=config.quota_seed,
         query_encoder=query_encoder,
+        eligibility=g.eligibility,
+        caps=config.caps,
+        diversity={s: config.diversity(s) for s in SURFACES},
+        catalog=AdCatalog.load(folder[SelectStep.MODEL]),
     )
