@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,21 @@ from candgen.cli import main
 from candgen.data.synth import SynthSummary
 from candgen.endpoint.client import RetrieveClient, ServingError
 from candgen.endpoint.runtime import ServerConfig, start, stop
-from candgen.features.store import FeatureServerProcess, StoreConfig, apply, materialize
+from candgen.evaluation.constraints import ConstraintChecker
+from candgen.features.delivery import (
+    CampaignUpdate,
+    Impression,
+    push_campaign_updates,
+    push_hidden_advertisers,
+    push_impressions,
+)
+from candgen.features.store import (
+    FeatureServerProcess,
+    StoreConfig,
+    apply,
+    materialize,
+    open_store,
+)
 from candgen.registry import tracking
 from candgen.serving.steps import STEPS, load_pipeline, pinned_version
 from candgen.training.config import TrainConfig
@@ -47,6 +63,7 @@ class Served:
     users: list[int]
     marketplace: SynthSummary
     features_dir: Path
+    store: StoreConfig
 
 
 def _train(summary: SynthSummary, features_dir: Path, uri: str, out: Path, seed: int) -> None:
@@ -89,7 +106,8 @@ def served(
         users = pd.read_parquet(features_dir / "user_short_term.parquet")["user_id"]
         yield Served(repo, uri, features, server, RetrieveClient(f"127.0.0.1:{http}", "http"),
                      RetrieveClient(f"127.0.0.1:{grpc}", "grpc"),
-                     sorted(set(users.tolist()))[:6], marketplace, features_dir)  # fmt: skip
+                     sorted(set(users.tolist()))[:6], marketplace, features_dir,
+                     store)  # fmt: skip
     finally:
         stop(server)
         features.stop()
@@ -512,3 +530,97 @@ def test_a_polling_server_picks_up_an_installed_version_with_zero_failed_request
         assert 2 <= log.count('"loading: retrieve:') <= 3
     finally:
         stop(poller)
+
+
+# The delivery constraints, last: they push state changes into the online store.
+
+
+def _checker(served: Served) -> ConstraintChecker:
+    return ConstraintChecker(served.marketplace.out_dir, served.features_dir)
+
+
+def test_live_answers_break_no_delivery_constraint_and_are_never_short(served: Served) -> None:
+    checker = _checker(served)
+    nobody = 987_654_321
+    answers = 0
+    for user in [*served.users, nobody]:
+        for surface in SURFACES:
+            for k in (20, 60):
+                got = served.grpc.retrieve(user, surface, k)
+                verdict = checker.check(user, surface, k, got.ad_ids)
+                assert verdict.violations == [], (user, surface, verdict.violations[:5])
+                assert not verdict.short, (user, surface, len(got.ad_ids), verdict.eligible)
+                answers += 1
+                if user == nobody:
+                    assert "no_profile" in got.flags
+                    for ad in got.ad_ids:  # only campaigns that target no one in particular
+                        targets = checker.targets[checker.campaign[ad]]
+                        assert not (targets["country"] or targets["age_bucket"])
+                        assert not targets["device"]
+    assert answers == 2 * 3 * (len(served.users) + 1)
+
+
+def test_a_pushed_pause_leaves_the_live_answers(served: Served) -> None:
+    store = open_store(served.store)
+    user = served.users[1]
+    checker = _checker(served)
+    campaign = checker.campaign[served.grpc.retrieve(user, "home", 40).ad_ids[0]]
+    pushed = time.perf_counter()
+    push_campaign_updates(store, [CampaignUpdate(campaign, status="paused")])
+    checker.set_status(campaign, "paused")
+    gone_after = None
+    try:
+        deadline = pushed + 10.0  # the watcher polls every 0.1 s; the benchmark times it
+        while time.perf_counter() < deadline:
+            got = served.grpc.retrieve(user, "home", 40)
+            if all(checker.campaign[a] != campaign for a in got.ad_ids):
+                gone_after = time.perf_counter() - pushed
+                break
+            time.sleep(0.02)
+        assert gone_after is not None, "the paused campaign was still served after 10 s"
+        print(f"pause to gone: {gone_after * 1e3:.0f} ms")
+        for _ in range(5):  # and it stays gone, with every other constraint still holding
+            got = served.grpc.retrieve(user, "home", 40)
+            assert checker.check(user, "home", 40, got.ad_ids).violations == []
+    finally:
+        push_campaign_updates(store, [CampaignUpdate(campaign, status="active")])
+    checker.set_status(campaign, "active")
+    deadline = time.perf_counter() + 10.0
+    while time.perf_counter() < deadline:
+        if any(
+            checker.campaign[a] == campaign for a in served.grpc.retrieve(user, "home", 40).ad_ids
+        ):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the resumed campaign did not come back")
+
+
+def test_a_reached_frequency_cap_and_a_hide_apply_from_the_next_request(served: Served) -> None:
+    store = open_store(served.store)
+    checker = _checker(served)
+    user = served.users[2]
+    first = served.grpc.retrieve(user, "home", 40).ad_ids
+    ad = first[0]
+    now = datetime.now(UTC)
+    push_impressions(store, [Impression(user, ad, checker.advertiser[ad], now)] * 3)
+    checker.show(user, [ad] * 3)
+    after_cap = served.grpc.retrieve(user, "home", 40).ad_ids
+    assert ad not in after_cap
+    advertiser = checker.advertiser[next(a for a in after_cap if a != ad)]
+    push_hidden_advertisers(store, [(user, advertiser)])
+    checker.hide(user, advertiser)
+    after_hide = served.grpc.retrieve(user, "home", 40).ad_ids
+    assert all(checker.advertiser[a] != advertiser for a in after_hide)
+    assert checker.check(user, "home", 40, after_hide).violations == []
+    assert len(after_hide) == 40
+
+
+def test_the_top_20_holds_at_most_3_ads_of_one_advertiser(served: Served) -> None:
+    checker = _checker(served)
+    worst = 0
+    for user in served.users:
+        for surface in SURFACES:
+            top = served.grpc.retrieve(user, surface, 100).ad_ids[:20]
+            worst = max(worst, max(Counter(checker.advertiser[a] for a in top).values()))
+    assert 1 <= worst <= 3
