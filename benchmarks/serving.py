@@ -304,23 +304,38 @@ def _build_repository(
     content = ContentGenerator(ad_ids, text, categories, 24, index_cfg)
     content_build = time.perf_counter() - t1
     impressions = rng.integers(0, 5_000, args.ads)
+    # The market's ads lead the popularity ranking, so that a pause pushed to the live store
+    # (benchmarks/constraints.py: only the market's campaigns are in it) hits ads in the answers.
+    ctr = np.where(np.arange(args.ads) < len(market_ads), 0.2, 0.02)
     stage_generators(
         gen,
         content,
         {
             "ad_ids": ad_ids,
             "impressions": impressions,
-            "clicks": rng.binomial(impressions, 0.02),
+            "clicks": rng.binomial(impressions, ctr),
             "budget_left_fraction": rng.random(args.ads).astype(np.float32),
             "ineligible": ad_ids[rng.random(args.ads) < 0.02],
         },
     )
     serving = ServingConfig(feature_server_url=feature_url, max_k=1_000, instances=args.instances)
+    from constraints import write_constraints
+
+    constraints = write_constraints(
+        gen,
+        staging / STEPS[3].MODEL,
+        work,
+        ad_ids,
+        text,
+        serving.duplicate_similarity,
+        args.seed,
+    )
     publish(work / "repo", staging, 1, serving, index_cfg, {"benchmark": "serving ensemble"})
     info = {
         "build_s": time.perf_counter() - t0,
         "seq_index_build_s": seq_build,
         "content_index_build_s": content_build,
+        "constraints": constraints,
     }
     return info, ad_ids, vectors
 
@@ -592,7 +607,8 @@ def _build_args(args: argparse.Namespace) -> dict[str, object]:
     names = ("ads", "dim", "text_dim", "seed", "ef_construction", "ef_search", "instances")
     names += ("max_len", "encoder_block_scale", "query_encoder_precision", "feature_port")
     return {n: getattr(args, n) for n in names} | {
-        "ad_text": f"minilm {AD_TEXTS} {TEXT_SPREAD}, categories apart"
+        "ad_text": f"minilm {AD_TEXTS} {TEXT_SPREAD}, categories apart",
+        "constraints": "market + 1M-ad marketplace targeting, issue 15",
     }
 
 
@@ -630,15 +646,13 @@ def _query_generator_stage(
     }
 
 
-def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
+def prepare(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The marketplace, its Feast store and feature server (not started), and the repository
+    (built, or reused with ``--reuse-repository``): (work, store, users, items, logged queries,
+    feature server, build info, reused, ad ids, ad vectors)."""
     import shutil
 
-    from candgen.endpoint.client import RetrieveClient
-    from candgen.endpoint.runtime import ServerConfig, start, stop
-    from candgen.features.client import FeatureServerClient
     from candgen.features.store import FeatureServerProcess
-    from candgen.serving.pipeline import user_context, user_vector
-    from candgen.serving.steps import ENSEMBLE, STEPS, load_retriever
 
     work = Path(args.workdir).resolve()
     built = work / "repository_build.json"
@@ -667,6 +681,17 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         build, ad_ids, vectors = _build_repository(args, work, items, market_ads, features.url)
         built.write_text(json.dumps({"args": _build_args(args), "build": build}))
     print(f"repository{' (reused)' if reuse else ''}: {build}", flush=True)
+    return work, store, users, items, logged, features, build, reuse, ad_ids, vectors
+
+
+def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
+    from candgen.endpoint.client import RetrieveClient
+    from candgen.endpoint.runtime import ServerConfig, start, stop
+    from candgen.features.client import FeatureServerClient
+    from candgen.serving.pipeline import user_context, user_vector
+    from candgen.serving.steps import ENSEMBLE, STEPS, load_retriever
+
+    work, _, users, items, logged, features, build, reuse, ad_ids, vectors = prepare(args)
     trace_file = work / "trace.json"
     trace_file.unlink(missing_ok=True)
     server = ServerConfig(
@@ -1043,7 +1068,7 @@ def render(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", choices=["index", "ensemble"], default="index")
     p.add_argument("--ads", type=int, default=1_000_000)
@@ -1099,7 +1124,11 @@ def main() -> int:
     )
     p.add_argument("--http-port", type=int, default=8100, help="ensemble: +1 gRPC, +2 metrics")
     p.add_argument("--feature-port", type=int, default=6570)
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = parser().parse_args()
     name = f"serving_{args.stage}_{args.machine}.json"
     if not args.render_only:
         result = stage_index(args) if args.stage == "index" else stage_ensemble(args)

@@ -160,3 +160,23 @@ def test_impressions_count_per_day_and_hides_accumulate(store_cfg: StoreConfig) 
     assert list(got["hidden_advertiser_ids"][0]) == [9, 4]
     with pytest.raises(ConfigError, match=r"^advertiser_id: user 3: must be a positive"):
         push_hidden_advertisers(store, [(3, 0)])
+
+
+def test_the_cli_pushes_a_pause_and_a_hide(
+    store_cfg: StoreConfig, features_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from candgen.cli import main
+
+    where = ["--features-dir", str(store_cfg.features_dir), "--state-dir",
+             str(store_cfg.state_dir), "--online", store_cfg.online, "--project",
+             store_cfg.project]  # fmt: skip
+    delivery = pd.read_parquet(features_dir / "campaign_delivery.parquet")
+    cid = int(delivery["campaign_id"].max())
+    assert main(["features", "campaign", "--campaign-id", str(cid), "--status", "paused",
+                 "--target-surfaces", "search", *where]) == 0  # fmt: skip
+    assert '"shards"' in capsys.readouterr().out
+    record = online_features(open_store(store_cfg), [{"campaign_id": cid}], "campaign_delivery_v1")
+    assert record["status"] == ["paused"] and list(record["target_surfaces"][0]) == ["search"]
+    assert main(["features", "hide", "--user-id", "987002", "--advertiser-id", "5", *where]) == 0
+    got = online_features(open_store(store_cfg), [{"user_id": 987_002}], "user_serving_v3")
+    assert list(got["hidden_advertiser_ids"][0]) == [5]

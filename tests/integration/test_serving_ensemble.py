@@ -536,7 +536,7 @@ def test_a_polling_server_picks_up_an_installed_version_with_zero_failed_request
 
 
 def _checker(served: Served) -> ConstraintChecker:
-    return ConstraintChecker(served.marketplace.out_dir, served.features_dir)
+    return ConstraintChecker.from_dirs(served.marketplace.out_dir, served.features_dir)
 
 
 def test_live_answers_break_no_delivery_constraint_and_are_never_short(served: Served) -> None:

@@ -34,6 +34,26 @@ def test_synth_writes_a_marketplace(tmp_path: Path, capsys: pytest.CaptureFixtur
         (["features", "apply", "--online", "mongo"], "online: must be one of"),
         (["features", "materialize", "--end", "soon"], "end: must be an ISO"),
         (["features", "online"], "user_id: give exactly one of"),
+        (
+            ["features", "campaign", "--campaign-id", "5", "--status", "stopped"],
+            "status: campaign 5: must be one of",
+        ),
+        (
+            ["features", "campaign", "--campaign-id", "5", "--target-devices", "tv"],
+            "target_devices: campaign 5: unknown value(s) ['tv']",
+        ),
+        (
+            ["features", "campaign", "--campaign-id", "5", "--throttle", "2"],
+            "throttle: campaign 5: must be in [0, 1]",
+        ),
+        (
+            ["features", "impression", "--user-id", "3", "--ad-id", "0", "--advertiser-id", "1"],
+            "ad_id: user 3: must be a positive integer id",
+        ),
+        (
+            ["features", "hide", "--user-id", "3", "--advertiser-id", "-1"],
+            "advertiser_id: user 3: must be a positive integer id",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_field(

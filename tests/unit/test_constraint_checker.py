@@ -13,7 +13,7 @@ from candgen.evaluation.constraints import ConstraintChecker
 def test_the_checker_flags_planted_violations(
     marketplace: SynthSummary, features_dir: Path
 ) -> None:
-    checker = ConstraintChecker(marketplace.out_dir, features_dir)
+    checker = ConstraintChecker.from_dirs(marketplace.out_dir, features_dir)
     campaigns = pd.read_parquet(marketplace.out_dir / "campaigns.parquet")
     users = pd.read_parquet(marketplace.out_dir / "users.parquet")
     ads = pd.read_parquet(marketplace.out_dir / "ads.parquet")

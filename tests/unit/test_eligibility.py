@@ -152,3 +152,34 @@ def test_the_file_round_trips_and_a_malformed_one_names_the_array(tmp_path: Path
         load_eligibility(tmp_path)
     with pytest.raises(CandgenError, match="re-export the version"):
         load_eligibility(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("status", "stopped", "campaign 2: must be one of"),
+        ("throttle", 1.5, "campaign 2: must be in [0, 1]"),
+        ("throttle", float("nan"), "campaign 2: must be in [0, 1]"),
+        ("target_devices", ["tv"], "campaign 2: unknown value(s) ['tv']"),
+    ],
+)
+def test_export_refuses_a_malformed_delivery_state_naming_campaign_and_field(
+    column: str, value: object, message: str
+) -> None:
+    import pandas as pd
+
+    from candgen.endpoint.export import delivery_state
+    from candgen.errors import ConfigError
+
+    rows = pd.DataFrame({
+        "campaign_id": [1, 2], "event_timestamp": pd.to_datetime([1, 2], unit="s", utc=True),
+        "status": ["active", "paused"], "throttle": [1.0, 0.5],
+        "target_countries": [[], ["US"]], "target_age_buckets": [[], []],
+        "target_devices": [[], []], "target_surfaces": [[], []],
+    })  # fmt: skip
+    assert delivery_state(rows).active.tolist() == [True, False]
+    rows[column] = rows[column].astype(object)
+    rows.at[1, column] = value
+    with pytest.raises(ConfigError) as err:
+        delivery_state(rows)
+    assert err.value.field == column and message in str(err.value)

@@ -94,6 +94,13 @@ def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> 
     ({"weights": {"home": {"sequential": 0.5, "magic": 0.5}}}, "weights.home"),
     ({"weights": {"home": 1.0}}, "weights.home"),
     ({"weights": {"search": {"sequential": "0.5", "content": 0.5}}}, "weights.search"),
+    ({"frequency_cap": 0}, "frequency_cap"),
+    ({"advertiser_frequency_cap": 2.5}, "advertiser_frequency_cap"),
+    ({"delivery_poll_s": -1}, "delivery_poll_s"),
+    ({"max_ads_per_advertiser": (3, 3)}, "max_ads_per_advertiser"),
+    ({"max_ads_per_advertiser": (0, 3, 3)}, "max_ads_per_advertiser"),
+    ({"advertiser_window": 0}, "advertiser_window"),
+    ({"duplicate_similarity": 1.5}, "duplicate_similarity"),
 ])  # fmt: skip
 def test_bad_serving_config_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"^{re.escape(field)}:"):

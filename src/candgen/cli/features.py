@@ -111,6 +111,51 @@ def cmd_features_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features_campaign(args: argparse.Namespace) -> int:
+    from candgen.data.targeting import TARGET_COLUMNS
+    from candgen.features.delivery import CampaignUpdate, push_campaign_updates
+    from candgen.features.store import open_store
+
+    targeting = {c: list(getattr(args, c)) for c in TARGET_COLUMNS if getattr(args, c) is not None}
+    update = CampaignUpdate(
+        campaign_id=args.campaign_id,
+        status=args.status,
+        throttle=args.throttle,
+        daily_budget=args.daily_budget,
+        pacing=args.pacing,
+        targeting=targeting or None,
+        timestamp=_parse_time("timestamp", args.timestamp),
+    )
+    done = push_campaign_updates(open_store(_store_config(args)), [update])
+    print_json({"pushed": {k: v for k, v in dataclasses.asdict(update).items() if v is not None},
+                **done})  # fmt: skip
+    return 0
+
+
+def cmd_features_impression(args: argparse.Namespace) -> int:
+    from candgen.features.delivery import Impression, push_impressions
+    from candgen.features.store import open_store
+
+    impression = Impression(
+        user_id=args.user_id,
+        ad_id=args.ad_id,
+        advertiser_id=args.advertiser_id,
+        timestamp=_parse_time("timestamp", args.timestamp) or datetime.now(UTC),
+    )
+    push_impressions(open_store(_store_config(args)), [impression])
+    print_json({"pushed": dataclasses.asdict(impression)})
+    return 0
+
+
+def cmd_features_hide(args: argparse.Namespace) -> int:
+    from candgen.features.delivery import push_hidden_advertisers
+    from candgen.features.store import open_store
+
+    push_hidden_advertisers(open_store(_store_config(args)), [(args.user_id, args.advertiser_id)])
+    print_json({"hidden": {"user_id": args.user_id, "advertiser_id": args.advertiser_id}})
+    return 0
+
+
 def cmd_features_serve(args: argparse.Namespace) -> int:
     check_port("port", args.port)
     check_at_least("workers", args.workers, 1)
@@ -211,6 +256,41 @@ def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     push.add_argument(
         "--max-len", type=int, default=20, help="the short-term sequence keeps this many, newest"
     )
+
+    camp = store_cmd(
+        "campaign",
+        "push a campaign's delivery change (pause, resume, budget, throttle, targeting) online",
+        cmd_features_campaign,
+    )
+    camp.add_argument("--campaign-id", type=int, required=True, help="the campaign")
+    camp.add_argument("--status", default=None, help="active, paused or exhausted")
+    camp.add_argument("--throttle", type=float, default=None, help="share of requests, 0..1")
+    camp.add_argument("--daily-budget", type=float, default=None, help="the day's budget")
+    camp.add_argument("--pacing", default=None, help="even or asap")
+    for column, what in (
+        ("target_countries", "countries"),
+        ("target_age_buckets", "age buckets"),
+        ("target_devices", "devices"),
+        ("target_surfaces", "surfaces"),
+    ):
+        camp.add_argument(
+            "--" + column.replace("_", "-"),
+            dest=column,
+            nargs="*",
+            default=None,
+            help=f"the {what} it targets (none given: everyone)",
+        )
+    camp.add_argument("--timestamp", default=None, help="ISO time of the change; default: now")
+    imp = store_cmd(
+        "impression", "count an ad shown to a user today (frequency caps)", cmd_features_impression
+    )
+    imp.add_argument("--user-id", type=int, required=True, help="who saw it")
+    imp.add_argument("--ad-id", type=int, required=True, help="the ad")
+    imp.add_argument("--advertiser-id", type=int, required=True, help="the ad's advertiser")
+    imp.add_argument("--timestamp", default=None, help="ISO time it was shown; default: now")
+    hide = store_cmd("hide", "a user hides an advertiser", cmd_features_hide)
+    hide.add_argument("--user-id", type=int, required=True, help="the user")
+    hide.add_argument("--advertiser-id", type=int, required=True, help="the advertiser hidden")
 
     fsrv = store_cmd(
         "serve", "run the Feast feature server (HTTP) for the serving runtime", cmd_features_serve

@@ -420,6 +420,44 @@ def ad_side(
     )
 
 
+def delivery_state(campaign_delivery: Any, as_of: Any = None) -> DeliveryState:
+    """Every campaign's newest delivery state (before ``as_of``, a timestamp) from a
+    campaign_delivery table (a DataFrame).
+
+    Raises:
+        ConfigError: a campaign's targeting, status or throttle is malformed, naming the
+            campaign and the field.
+    """
+    from candgen.features.build import check_campaign_targeting  # pandas: not in Triton's env
+    from candgen.features.delivery import STATUSES
+
+    delivery = campaign_delivery.sort_values(["campaign_id", "event_timestamp"], kind="stable")
+    if as_of is not None:
+        delivery = delivery[delivery["event_timestamp"] < as_of]
+    last = delivery.groupby("campaign_id", sort=True).last()
+    status = last["status"].to_numpy(object)
+    throttle = last["throttle"].to_numpy(np.float64)
+    bad_status = ~np.isin(status, STATUSES)
+    if bad_status.any():
+        at = int(np.argmax(bad_status))
+        raise ConfigError(
+            "status",
+            f"campaign {int(last.index[at])}: must be one of {STATUSES}, got {status[at]!r}",
+        )
+    bad_throttle = ~((throttle >= 0) & (throttle <= 1))  # also refuses NaN
+    if bad_throttle.any():
+        at = int(np.argmax(bad_throttle))
+        raise ConfigError(
+            "throttle", f"campaign {int(last.index[at])}: must be in [0, 1], got {throttle[at]}"
+        )
+    return DeliveryState(
+        last.index.to_numpy(np.int64),
+        check_campaign_targeting(last.reset_index()),
+        last["status"].to_numpy(object) == "active",
+        last["throttle"].to_numpy(np.float32),
+    )
+
+
 def ad_constraints(
     features_dir: Path, content: ContentGenerator, serving: ServingConfig, as_of: Any = None
 ) -> tuple[AdTable, DeliveryState, AdCatalog]:
@@ -433,8 +471,6 @@ def ad_constraints(
     """
     import pandas as pd
 
-    from candgen.features.build import check_campaign_targeting  # pandas: not in Triton's env
-
     attrs = pd.read_parquet(
         features_dir / "ad_attributes.parquet", columns=["ad_id", "campaign_id", "advertiser_id"]
     )
@@ -444,16 +480,7 @@ def ad_constraints(
             f"features_dir: {features_dir} has no campaign_delivery table; rebuild it with "
             "`candgen features build`"
         )
-    delivery = pd.read_parquet(path).sort_values(["campaign_id", "event_timestamp"], kind="stable")
-    if as_of is not None:
-        delivery = delivery[delivery["event_timestamp"] < as_of]
-    last = delivery.groupby("campaign_id", sort=True).last()
-    state = DeliveryState(
-        last.index.to_numpy(np.int64),
-        check_campaign_targeting(last.reset_index()),
-        last["status"].to_numpy(object) == "active",
-        last["throttle"].to_numpy(np.float32),
-    )
+    state = delivery_state(pd.read_parquet(path), as_of)
     ad_ids = attrs["ad_id"].to_numpy(np.int64)
     advertisers = attrs["advertiser_id"].to_numpy(np.int64)
     # An ad's own pause is its campaign's in this data: the campaign state covers it, and a

@@ -29,7 +29,8 @@ class Verdict:
     """What the checker found in one answer."""
 
     violations: list[str] = field(default_factory=list)
-    eligible: int = 0  # ads the request could get (the throttled ones counted as eligible)
+    eligible: int = 0  # ads the request could get (throttled ones included; -1: not counted,
+    # the answer being full)
     short: bool = False  # fewer than K returned while K were eligible and the cap allowed K
 
 
@@ -39,8 +40,13 @@ class ConstraintChecker:
     ``max_per_advertiser`` per started ``window`` of K in the whole answer).
 
     Args:
-        data_dir: the marketplace (campaigns, ads, users).
-        features_dir: the feature tables (campaign_delivery's newest rows, hidden advertisers).
+        campaigns: campaign_id and its targeting lists (target_countries, target_age_buckets,
+            target_devices, target_surfaces; empty: everyone).
+        ads: ad_id, campaign_id, advertiser_id.
+        users: user_id, country, age_bucket, device.
+        delivery: campaign_delivery rows (campaign_id, event_timestamp, status, throttle);
+            each campaign's newest counts.
+        hidden: user_hidden_advertisers rows (user_id, event_timestamp, hidden_advertiser_ids).
         frequency_cap: impressions of one ad a user may get in a day.
         advertiser_frequency_cap: impressions of one advertiser a user may get in a day.
         max_per_advertiser: at most this many ads of one advertiser per ``window`` ads.
@@ -49,44 +55,54 @@ class ConstraintChecker:
 
     def __init__(
         self,
-        data_dir: Path,
-        features_dir: Path,
+        campaigns: pd.DataFrame,
+        ads: pd.DataFrame,
+        users: pd.DataFrame,
+        delivery: pd.DataFrame,
+        hidden: pd.DataFrame,
         frequency_cap: int = 3,
         advertiser_frequency_cap: int = 10,
         max_per_advertiser: int = 3,
         window: int = 20,
     ) -> None:
-        campaigns = pd.read_parquet(Path(data_dir) / "campaigns.parquet").set_index("campaign_id")
-        self.targets: dict[int, dict[str, set[str]]] = {
-            int(c): {
-                **{k: set(row[col]) for k, col in TARGETS.items()},
-                "surface": set(row["target_surfaces"]),
+        self.targets: dict[int, dict[str, set[str]]] = {}
+        lists = campaigns[["campaign_id", *TARGETS.values(), "target_surfaces"]]
+        for row in lists.itertuples(index=False):
+            self.targets[int(row[0])] = {
+                **{k: set(row[1 + i]) for i, k in enumerate(TARGETS)},
+                "surface": set(row[-1]),
             }
-            for c, row in campaigns.iterrows()
-        }
-        ads = pd.read_parquet(Path(data_dir) / "ads.parquet")
         self.campaign = dict(zip(ads["ad_id"].tolist(), ads["campaign_id"].tolist(), strict=True))
         self.advertiser = dict(
             zip(ads["ad_id"].tolist(), ads["advertiser_id"].tolist(), strict=True)
         )
-        users = pd.read_parquet(Path(data_dir) / "users.parquet").set_index("user_id")
-        self.profiles = {int(u): {k: row[k] for k in TARGETS} for u, row in users.iterrows()}
-        delivery = pd.read_parquet(Path(features_dir) / "campaign_delivery.parquet")
+        self.profiles = {
+            int(u): dict(zip(TARGETS, values, strict=True))
+            for u, *values in users[["user_id", *TARGETS]].itertuples(index=False)
+        }
         last = delivery.sort_values("event_timestamp", kind="stable").groupby("campaign_id").last()
         self.status = dict(zip(last.index.tolist(), last["status"].tolist(), strict=True))
         self.throttle = dict(zip(last.index.tolist(), last["throttle"].tolist(), strict=True))
-        hidden = pd.read_parquet(Path(features_dir) / "user_hidden_advertisers.parquet")
         self.hidden: dict[int, set[int]] = {}
-        for u, a in (
-            hidden.sort_values("event_timestamp")
-            .groupby("user_id")
-            .last()["hidden_advertiser_ids"]
-            .items()
-        ):
+        newest = hidden.sort_values("event_timestamp").groupby("user_id").last()
+        for u, a in newest["hidden_advertiser_ids"].items():
             self.hidden[int(u)] = set(map(int, a))
         self.shown: dict[int, Counter[int]] = {}
         self.caps = (frequency_cap, advertiser_frequency_cap)
         self.max_per_advertiser, self.window = max_per_advertiser, window
+
+    @classmethod
+    def from_dirs(cls, data_dir: Path, features_dir: Path, **limits: int) -> ConstraintChecker:
+        """From a marketplace and its feature tables."""
+        data_dir, features_dir = Path(data_dir), Path(features_dir)
+        return cls(
+            pd.read_parquet(data_dir / "campaigns.parquet"),
+            pd.read_parquet(data_dir / "ads.parquet"),
+            pd.read_parquet(data_dir / "users.parquet"),
+            pd.read_parquet(features_dir / "campaign_delivery.parquet"),
+            pd.read_parquet(features_dir / "user_hidden_advertisers.parquet"),
+            **limits,
+        )
 
     def set_status(self, campaign_id: int, status: str, throttle: float = 1.0) -> None:
         self.status[campaign_id] = status
@@ -139,6 +155,9 @@ class ConstraintChecker:
         whole = Counter(self.advertiser.get(a) for a in ad_ids)
         if max(whole.values(), default=0) > limit:
             verdict.violations.append(f"answer: {max(whole.values())} ads of one advertiser")
+        if len(ad_ids) >= k:  # a full answer is not short: spare the scan of every ad
+            verdict.eligible = -1
+            return verdict
         skip = set(exclude)
         eligible = [
             a for a in self.campaign if a not in skip and not self._reasons(user_id, surface, a)
@@ -146,5 +165,5 @@ class ConstraintChecker:
         verdict.eligible = len(eligible)
         advertisers = Counter(self.advertiser[a] for a in eligible)
         reachable = sum(min(n, limit) for n in advertisers.values())
-        verdict.short = len(ad_ids) < k and reachable >= k
+        verdict.short = reachable >= k
         return verdict

@@ -312,7 +312,7 @@ def _ad_delivery(
     )
 
 
-def _campaign_delivery(
+def campaign_delivery_table(
     campaigns: pd.DataFrame, plan: pd.DataFrame, manifest: dict[str, Any]
 ) -> pd.DataFrame:
     """Campaign delivery state (targeting, budget, pacing, status, throttle): a row when a
@@ -581,7 +581,7 @@ def build_features(
     tables[LONG_TERM_TABLE] = LONG_TERM_SCHEMA.empty_table()
     plan = pd.read_parquet(data_dir / "delivery_plan.parquet")
     tables["ad_delivery"] = _ad_delivery(events, ads, campaigns, plan, manifest, config)
-    campaign_delivery = _campaign_delivery(campaigns, plan, manifest)
+    campaign_delivery = campaign_delivery_table(campaigns, plan, manifest)
     tables["campaign_delivery"] = pa.Table.from_pandas(
         campaign_delivery, preserve_index=False
     ).set_column(1, "event_timestamp", pa.array(campaign_delivery["event_timestamp"], type=TS))

@@ -125,12 +125,15 @@ class ServingConfig:
         delivery_poll_s: how often the generators step asks the online store whether the
             delivery state (pauses, budgets, throttles, targeting) changed (0: never; the
             export's state then holds).
-        max_ads_per_advertiser: per surface, at most this many ads of one advertiser in every
-            ``advertiser_window`` ads of an answer.
+        max_ads_per_advertiser: per surface (home, search, related), at most this many ads of
+            one advertiser in each ``advertiser_window`` ads of an answer.
         advertiser_window: the window (in ads) that ``max_ads_per_advertiser`` applies to.
         duplicate_similarity: two ads of one advertiser whose text embeddings have at least
             this cosine similarity are near-duplicates: an answer keeps the better-ranked one
             (1.0: keep both).
+        enforce_constraints: enforce targeting, live delivery state, frequency caps, hidden
+            advertisers and advertiser diversity (false: only the export's ineligible ads are
+            left out; for measuring what the constraints cost, never for live traffic).
     """
 
     feature_server_url: str = "http://127.0.0.1:6566"
@@ -148,11 +151,10 @@ class ServingConfig:
     frequency_cap: int = 3
     advertiser_frequency_cap: int = 10
     delivery_poll_s: float = 0.1
-    max_ads_per_advertiser: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(SURFACES, 3)
-    )
+    max_ads_per_advertiser: tuple[int, ...] = (3, 3, 3)
     advertiser_window: int = 20
     duplicate_similarity: float = 0.92
+    enforce_constraints: bool = True
 
     def feature_client(self) -> FeatureServerClient:
         refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
@@ -181,10 +183,12 @@ class ServingConfig:
                 "delivery_poll_s",
                 f"must be a number of seconds in [0, 60], got {self.delivery_poll_s!r}",
             )
-        unknown = set(self.max_ads_per_advertiser) - set(SURFACES)
-        if unknown:
-            raise ConfigError("max_ads_per_advertiser", f"unknown surface(s) {sorted(unknown)}")
-        for surface in self.max_ads_per_advertiser:
+        if len(self.max_ads_per_advertiser) != len(SURFACES):
+            raise ConfigError(
+                "max_ads_per_advertiser",
+                f"needs one cap per surface {SURFACES}, got {self.max_ads_per_advertiser!r}",
+            )
+        for surface in SURFACES:
             self.diversity(surface)  # validates the cap, the window and the similarity
         QuotaConfig(self.weights)  # validates the weights, naming the surface at fault
         if self.quota_policy not in ("auto", *POLICIES):
@@ -205,7 +209,7 @@ class ServingConfig:
 
     def diversity(self, surface: str) -> DiversityConfig:
         """The advertiser cap and near-duplicate collapse of one surface."""
-        cap = self.max_ads_per_advertiser.get(surface, 3)
+        cap = self.max_ads_per_advertiser[SURFACES.index(surface)]
         try:
             return DiversityConfig(cap, self.advertiser_window, self.duplicate_similarity)
         except ConfigError as e:
@@ -246,6 +250,8 @@ def read_serving_file(folder: Path) -> tuple[ServingConfig, IndexConfig, dict[st
         raise CandgenError(f"{path}: missing; export the repository with `candgen serving export`")
     body = json.loads(path.read_text())
     serving = dict(body["serving"], user_feature_refs=tuple(body["serving"]["user_feature_refs"]))
+    if "max_ads_per_advertiser" in serving:
+        serving["max_ads_per_advertiser"] = tuple(serving["max_ads_per_advertiser"])
     return ServingConfig(**serving), IndexConfig(**body["index"]), body["provenance"]
 
 
@@ -564,7 +570,7 @@ class GeneratorsStep(Step):
         faiss.omp_set_num_threads(1)
         self.generators = Generators.load(self.folder, self.index_config, self.config.quota_seed)
         self.watcher: DeliveryWatcher | None = None
-        if self.config.delivery_poll_s > 0:
+        if self.config.delivery_poll_s > 0 and self.config.enforce_constraints:
             self.watcher = DeliveryWatcher(
                 self.generators.eligibility,
                 self.config.feature_client(),
@@ -589,7 +595,9 @@ class GeneratorsStep(Step):
             g.ineligible,
             _optional_vector(tensors, "QUERY_EMBEDDING"),
             item_vector,
-            request_eligibility(g.eligibility, context, scenario),
+            request_eligibility(g.eligibility, context, scenario)
+            if self.config.enforce_constraints
+            else None,
         )
         rows = [(ad, score, source) for source, cands in found.items() for ad, score in cands]
         unknown = item is not None and item_vector is None
@@ -651,7 +659,7 @@ class SelectStep(Step):
             activity,
             k,
             self.rng,
-            self.catalog,
+            self.catalog if self.config.enforce_constraints else None,
             self.diversity[scenario],
         )
         flags = _strings(tensors.get("CONTEXT_FLAGS")) + _strings(tensors.get("CANDIDATE_FLAGS"))
@@ -702,8 +710,8 @@ def load_pipeline(
         ineligible=g.ineligible,
         seed=config.quota_seed,
         query_encoder=query_encoder,
-        eligibility=g.eligibility,
+        eligibility=g.eligibility if config.enforce_constraints else None,
         caps=config.caps,
         diversity={s: config.diversity(s) for s in SURFACES},
-        catalog=AdCatalog.load(folder[SelectStep.MODEL]),
+        catalog=AdCatalog.load(folder[SelectStep.MODEL]) if config.enforce_constraints else None,
     )
