@@ -195,13 +195,16 @@ def stage_recall(args: argparse.Namespace) -> dict[str, object]:
     print(f"marketplace and vectors: {time.perf_counter() - t0:.0f} s", flush=True)
     index_path = work / f"ads_{args.ads}_{args.dim}_{args.seed}.faiss"
     config = IndexConfig(kind="hnsw", ef_search=args.ef_search)
-    t1 = time.perf_counter()
-    if index_path.exists():
+    built = index_path.with_suffix(".build.json")
+    if index_path.exists() and built.exists():
         index = AdIndex.load(index_path, config)
+        build_s = float(json.loads(built.read_text())["build_s"])  # when it was built
     else:
+        t1 = time.perf_counter()
         index = AdIndex.build(ads.ad_ids, vectors, config)
+        build_s = time.perf_counter() - t1
         index.save(index_path)
-    build_s = time.perf_counter() - t1
+        built.write_text(json.dumps({"build_s": build_s}))
     print(f"HNSW: {build_s:.0f} s", flush=True)
     eligibility = Eligibility(ads, state, {"ads": index}, seed=args.seed)
     users = pd.read_parquet(market / "users.parquet")
@@ -220,6 +223,9 @@ def stage_recall(args: argparse.Namespace) -> dict[str, object]:
         user = users.iloc[int(picks[j])]
         profile = {"country": user["country"], "age_bucket": user["age_bucket"],
                    "device": user["device"], "surface": SURFACES[int(surfaces[j])]}  # fmt: skip
+        t = time.perf_counter()
+        eligibility.request(profile).bitmap("ads")
+        first_ms = (time.perf_counter() - t) * 1e3  # the segment's first request builds it
         t = time.perf_counter()
         bits = eligibility.request(profile).bitmap("ads")
         bitmap_ms = (time.perf_counter() - t) * 1e3
@@ -246,6 +252,7 @@ def stage_recall(args: argparse.Namespace) -> dict[str, object]:
             "search_ms": search_ms,
             "plain_ms": plain_ms,
             "bitmap_ms": bitmap_ms,
+            "first_ms": first_ms,
         })  # fmt: skip
         if (j + 1) % 100 == 0:
             print(
@@ -277,6 +284,7 @@ def stage_recall(args: argparse.Namespace) -> dict[str, object]:
         "search_p50_p99_ms": _pct(frame["search_ms"].tolist()),
         "plain_p50_p99_ms": _pct(frame["plain_ms"].tolist()),
         "bitmap_p50_p99_ms": _pct(frame["bitmap_ms"].tolist()),
+        "segment_build_p50_ms": float(frame["first_ms"].median()),
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), FAISS {faiss.__version__}, "
         "one thread",
         "command": "python benchmarks/constraints.py " + " ".join(sys.argv[1:]),
@@ -313,8 +321,9 @@ def render_recall(res: dict) -> str:  # type: ignore[type-arg]
     lines += [
         "",
         f"Unfiltered search on the same queries: p50 {p50:.2f} ms, p99 {p99:.2f} ms. The request's "
-        f"bitmap (segment cached, as in serving): p50 {b50:.3f} ms, p99 {b99:.2f} ms (a segment's "
-        "first request builds it).",
+        f"bitmap once its segment is cached: p50 {b50:.3f} ms, p99 {b99:.2f} ms; a segment's "
+        f"first request builds it in {res.get('segment_build_p50_ms', float('nan')):.1f} ms "
+        "(p50; 432 segments: countries x age buckets x devices x surfaces).",
         "",
     ]
     return "\n".join(lines)

@@ -187,14 +187,28 @@ def test_hnsw_answers_exactly_where_the_filter_empties_its_beam() -> None:
     )
 
 
+def test_ivf_answers_over_every_cell_where_the_probed_ones_hold_too_few() -> None:
+    ids, vecs = _corpus(3000)
+    index = AdIndex.build(ids, vecs, IndexConfig(kind="ivfpq", pq_m=8, ivf_nlist=64, nprobe=1))
+    query = vecs[:1]
+    positions = index.positions()
+    scores = vecs[np.searchsorted(ids, positions)] @ query[0]
+    mask = scores <= np.sort(scores)[29]  # 30 ads far from the query: outside its probed cell
+    found, _ = index.search(query, 20, allowed=_bitmap(mask))
+    assert len(found[0]) == 20 and set(found[0].tolist()) <= set(positions[mask].tolist())
+    assert index.exact_fallbacks >= 1
+
+
 def test_positions_follow_removals_and_a_short_bitmap_is_refused() -> None:
     ids, vecs = _corpus(50)
     flat = AdIndex.build(ids, vecs, IndexConfig(kind="flat"))
     flat.remove([int(ids[0])])
     assert int(ids[0]) not in flat.positions().tolist() and len(flat.positions()) == 49
     assert flat.position_of(np.array([ids[0], ids[1]])).tolist()[0] == -1
-    with pytest.raises(ConfigError, match=r"^allowed: must be a bitmap of 49 bits"):
+    with pytest.raises(ConfigError, match=r"^allowed: must be a uint8 bitmap of 49 bits"):
         flat.search(vecs[:1], 5, allowed=np.zeros(2, np.uint8))
+    with pytest.raises(ConfigError, match=r"^allowed: must be a uint8 bitmap"):
+        flat.search(vecs[:1], 5, allowed=np.ones(49, bool))  # unpacked: refused, not misread
     hnsw = AdIndex.build(ids, vecs, IndexConfig(kind="hnsw"))
     hnsw.remove([int(ids[0])])  # HNSW keeps the position; the tombstone keeps it out
     everyone = _bitmap(np.ones(len(hnsw.positions()), bool))

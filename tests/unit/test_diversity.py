@@ -188,9 +188,13 @@ def test_spread_defers_to_the_earliest_position_that_fits() -> None:
     chosen = [Candidate(a, 1.0, "content") for a in (1, 2, 3, 4, 99, 5, 6, 7)]
     out = spread(chosen, catalog, DiversityConfig(max_per_advertiser=1, window=3))
     assert [c.ad_id for c in out] == [1, 4, 99, 2, 5, 6, 3, 7]
-    # Only one advertiser: nothing can fit, and no ad is dropped or repeated.
+    # Only one advertiser: the first window keeps its cap and the answer ends there.
     same = [Candidate(a, 1.0, "content") for a in (1, 2, 3)]
-    assert spread(same, catalog, DiversityConfig(max_per_advertiser=1, window=3)) == same
+    assert spread(same, catalog, DiversityConfig(max_per_advertiser=1, window=3)) == same[:1]
+    # Past the first window an ad that fits nowhere is kept (the cap there is best effort).
+    late = [Candidate(a, 1.0, "content") for a in (1, 4, 5, 2, 3)]
+    out = spread(late, catalog, DiversityConfig(max_per_advertiser=1, window=3))
+    assert [c.ad_id for c in out] == [1, 4, 5, 2, 3]
     assert spread([], catalog, DiversityConfig()) == []
 
 

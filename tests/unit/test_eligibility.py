@@ -183,3 +183,16 @@ def test_export_refuses_a_malformed_delivery_state_naming_campaign_and_field(
     with pytest.raises(ConfigError) as err:
         delivery_state(rows)
     assert err.value.field == column and message in str(err.value)
+
+
+def test_bitmaps_follow_an_index_whose_positions_changed() -> None:
+    index, ads, state = _world(kind="flat")
+    elig = Eligibility(ads, state, {"ads": index})
+    allowed = _allowed_by_rule(ads, state, PROFILE)
+    query = np.ones((1, 16), np.float32)
+    before = index.search(query, len(ads.ad_ids), allowed=elig.request(PROFILE).bitmap("ads"))
+    assert set(before[0][0].tolist()) == allowed
+    gone = sorted(allowed)[:5]
+    index.remove(gone)  # a flat index compacts its positions: old bitmaps no longer line up
+    after = index.search(query, len(ads.ad_ids), allowed=elig.request(PROFILE).bitmap("ads"))
+    assert set(after[0][0].tolist()) == allowed - set(gone)

@@ -99,6 +99,9 @@ def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> 
     ({"delivery_poll_s": -1}, "delivery_poll_s"),
     ({"max_ads_per_advertiser": (3, 3)}, "max_ads_per_advertiser"),
     ({"max_ads_per_advertiser": (0, 3, 3)}, "max_ads_per_advertiser"),
+    ({"max_ads_per_advertiser": 3}, "max_ads_per_advertiser"),
+    ({"delivery_poll_s": True}, "delivery_poll_s"),
+    ({"enforce_constraints": "yes"}, "enforce_constraints"),
     ({"advertiser_window": 0}, "advertiser_window"),
     ({"duplicate_similarity": 1.5}, "duplicate_similarity"),
 ])  # fmt: skip

@@ -182,6 +182,10 @@ def test_interests_show_in_engagements(marketplace: SynthSummary, events: pd.Dat
         ({"cvr_max": 1.5}, "cvr_max"),
         ({"surface_mix": (0.5, 0.5, 0.5)}, "surface_mix"),
         ({"start_date": "yesterday"}, "start_date"),
+        ({"start_date": "2026-01-01T06:00"}, "start_date"),
+        ({"frequency_cap": 0}, "frequency_cap"),
+        ({"untargeted_campaign_fraction": 1.5}, "untargeted_campaign_fraction"),
+        ({"budget_pressure": 0}, "budget_pressure"),
         ({"chunk_users": 0}, "chunk_users"),
     ],
 )

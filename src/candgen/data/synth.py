@@ -196,11 +196,17 @@ class SynthConfig:
         whole("frequency_cap", 1, 1_000)
         whole("advertiser_frequency_cap", 1, 10_000)
         try:
-            datetime.fromisoformat(self.start_date)
+            start = datetime.fromisoformat(self.start_date)
         except (TypeError, ValueError):
             raise ConfigError(
                 "start_date", f"must be an ISO date like 2026-01-01, got {self.start_date!r}"
             ) from None
+        if start.time() != datetime.min.time() or start.tzinfo is not None:
+            # Simulated days must be UTC days: frequency caps and budgets count per UTC day.
+            raise ConfigError(
+                "start_date",
+                f"must be a date without a time, like 2026-01-01, got {self.start_date!r}",
+            )
         for name in (
             "sessions_per_user_day",
             "organic_per_session",
@@ -388,7 +394,7 @@ class MarketplaceGenerator:
             }
         )
 
-    def campaigns(self) -> None:
+    def draw_campaigns(self) -> None:
         """Draws the campaigns: advertiser, flight, pause, bid, objective and targeting (the
         table is written by ``campaigns_table`` once the ads give the budgets their demand)."""
         c = self.cfg
@@ -1272,7 +1278,7 @@ def _generate_into(config: SynthConfig, out: Path, progress: bool) -> SynthSumma
     gen = MarketplaceGenerator(config)
     summary = SynthSummary(out_dir=out)
     advertisers = gen.advertisers()
-    gen.campaigns()
+    gen.draw_campaigns()
     _write(advertisers, out / "advertisers.parquet")
     _write(surfaces_table(), out / "surfaces.parquet")
     summary.rows["advertisers"] = advertisers.num_rows

@@ -31,7 +31,9 @@ class Verdict:
     violations: list[str] = field(default_factory=list)
     eligible: int = 0  # ads the request could get (throttled ones included; -1: not counted,
     # the answer being full)
-    short: bool = False  # fewer than K returned while K were eligible and the cap allowed K
+    # fewer than K returned while K surely eligible ads (not throttled) could fill the answer
+    # under the per-advertiser cap (near-duplicate groups are serving's and not counted here)
+    short: bool = False
 
 
 class ConstraintChecker:
@@ -159,11 +161,18 @@ class ConstraintChecker:
             verdict.eligible = -1
             return verdict
         skip = set(exclude)
+        # Surely eligible: a throttled campaign may rightly sit out a request.
         eligible = [
-            a for a in self.campaign if a not in skip and not self._reasons(user_id, surface, a)
+            a
+            for a in self.campaign
+            if a not in skip
+            and self.throttle.get(self.campaign[a], 1.0) >= 1.0
+            and not self._reasons(user_id, surface, a)
         ]
         verdict.eligible = len(eligible)
         advertisers = Counter(self.advertiser[a] for a in eligible)
-        reachable = sum(min(n, limit) for n in advertisers.values())
-        verdict.short = reachable >= k
+        # What the per-advertiser cap lets an answer hold: in all, and in its first window.
+        in_all = sum(min(n, limit) for n in advertisers.values())
+        first = sum(min(n, self.max_per_advertiser) for n in advertisers.values())
+        verdict.short = in_all >= k and first >= min(k, self.window)
         return verdict

@@ -191,7 +191,6 @@ def _ad_delivery(
     events: pd.DataFrame,
     ads: pd.DataFrame,
     campaigns: pd.DataFrame,
-    plan: pd.DataFrame,
     manifest: dict[str, Any],
     cfg: FeatureBuildConfig,
 ) -> pa.Table:
@@ -221,20 +220,13 @@ def _ad_delivery(
         return trailing_sum
 
     imp, clk, conv = (trailing(counts[k]) for k in ("impression", "click", "conversion"))
-    # The day's spend per campaign, from clicks at the bid, against the daily budget; the
-    # campaign is exhausted at the end of a day whose delivery plan ran out of budget.
+    # The day's spend per campaign, from clicks at the bid, against the daily budget.
     camp_idx = ads["campaign_id"].to_numpy(np.int64) - 1
     cpc = campaigns["cpc_bid"].to_numpy(np.float64)
     camp_spend = np.zeros((len(campaigns), days))
     np.add.at(camp_spend, camp_idx, counts["click"] * cpc[camp_idx][:, None])
     daily_budget = campaigns["daily_budget"].to_numpy(np.float64)
     remaining = np.maximum(daily_budget[:, None] - camp_spend, 0.0)[camp_idx]
-    plan_day = ((plan["day_ts"] - start).dt.total_seconds() // 86_400).to_numpy(np.int64)
-    camp_exhausted = np.zeros((len(campaigns), days), bool)
-    camp_exhausted[plan["campaign_id"].to_numpy(np.int64) - 1, plan_day] = (
-        plan["exhausted_ts"].notna().to_numpy()
-    )
-    exhausted = camp_exhausted[camp_idx]
     paused_ts = ads["paused_ts"]
     pause_day = np.where(
         paused_ts.notna(),
@@ -242,9 +234,9 @@ def _ad_delivery(
         days,
     ).astype(np.int64)
     day_grid = np.arange(days)[None, :]
-    status = np.where(
-        pause_day[:, None] <= day_grid, "paused", np.where(exhausted, "exhausted", "active")
-    )
+    # A day's row is stamped at its end, when a daily budget starts afresh: exhaustion is the
+    # campaign's state within a day (campaign_delivery), never carried into the next.
+    status = np.where(pause_day[:, None] <= day_grid, "paused", "active")
     a_idx, d_idx = np.nonzero(imp > 0)
     day_end_us = (int(start.timestamp() * 10**6) + (d_idx + 1) * 86_400 * 10**6 - 1).astype(
         np.int64
@@ -472,7 +464,7 @@ def _delivery_shards(campaign_delivery: pd.DataFrame, campaigns: pd.DataFrame) -
                 "statuses": special["status"].to_numpy(object)[mine].tolist(),
                 "throttles": special["throttle"].to_numpy(np.float32)[mine].tolist(),
                 "targeting_masks": masks.loc[ids[mine]].to_numpy(np.int64).tolist(),
-                "version": 0,
+                "version": stamp // 1_000,  # milliseconds, as pushes number them
             }
         )
     frame = pd.DataFrame(out)
@@ -579,8 +571,14 @@ def build_features(
         }
     )
     tables[LONG_TERM_TABLE] = LONG_TERM_SCHEMA.empty_table()
+    for name in ("delivery_plan", "hidden_advertisers"):
+        if not (data_dir / f"{name}.parquet").exists():
+            raise CandgenError(
+                f"{data_dir}: no {name}.parquet (a marketplace from before delivery "
+                "constraints); regenerate it with `candgen data synth`"
+            )
     plan = pd.read_parquet(data_dir / "delivery_plan.parquet")
-    tables["ad_delivery"] = _ad_delivery(events, ads, campaigns, plan, manifest, config)
+    tables["ad_delivery"] = _ad_delivery(events, ads, campaigns, manifest, config)
     campaign_delivery = campaign_delivery_table(campaigns, plan, manifest)
     tables["campaign_delivery"] = pa.Table.from_pandas(
         campaign_delivery, preserve_index=False

@@ -9,7 +9,8 @@ still hold its older state.
 
 Each push reads the current online row, changes it and writes it back whole. Two writers of one
 shard at once could lose an update, so one process (the delivery controller) owns the campaign
-pushes; impressions and hides are per user, written by whoever logs them.
+pushes; impressions and hides are per user, written by whoever logs them. A campaign change is
+two pushes (the record, then the shard): should the second fail, push the change again.
 
 Every update is validated before anything is written; a bad one names the campaign (or user) and
 the field.
@@ -18,6 +19,7 @@ the field.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pandas as pd
 
+from candgen.data.synth import PACING_MODES
 from candgen.data.targeting import TARGET_COLUMNS, targeting_mask
 from candgen.errors import ConfigError
 from candgen.vocab import DELIVERY_SHARDS
@@ -37,7 +40,6 @@ SHARD_VIEW: Final = "delivery_shard"
 IMPRESSIONS_VIEW: Final = "user_ad_impressions"
 HIDDEN_VIEW: Final = "user_hidden_advertisers"
 STATUSES: Final = ("active", "paused", "exhausted")
-PACING_MODES: Final = ("even", "asap")
 CAMPAIGN_FIELDS: Final = (
     "status",
     "throttle",
@@ -197,7 +199,9 @@ def push_campaign_updates(
                 "statuses": [entries[c][0] for c in listed],
                 "throttles": [entries[c][1] for c in listed],
                 "targeting_masks": [entries[c][2] for c in listed],
-                "version": int(state["version"][j] or 0) + 1,
+                # Monotonic across a rebuild of the offline table (versions are milliseconds):
+                # the watcher rereads a shard whenever its version differs from the last seen.
+                "version": max(int(state["version"][j] or 0) + 1, time.time_ns() // 1_000_000),
             }
         )
     _push(store, "campaign_delivery_push", rows)
@@ -235,7 +239,7 @@ def _day(ts: datetime) -> str:
 
 def push_impressions(store: FeatureStore, impressions: Sequence[Impression]) -> None:
     """Adds impressions to their users' counts of the day in the online store (a new day starts
-    from zero), in time order."""
+    from zero; an impression of a day before the stored one is ignored), in time order."""
     if not impressions:
         return
     by_user: dict[int, list[Impression]] = {}
@@ -261,6 +265,8 @@ def push_impressions(store: FeatureStore, impressions: Sequence[Impression]) -> 
             )
         )
         for imp in by_user[user]:
+            if day is not None and _day(imp.timestamp) < day:
+                continue  # a late report of an earlier day: today's counts stand
             if _day(imp.timestamp) != day:
                 day, ads, advertisers = _day(imp.timestamp), {}, {}
             ads[imp.ad_id] = ads.get(imp.ad_id, 0) + 1
@@ -283,7 +289,12 @@ def push_hidden_advertisers(
     store: FeatureStore, hides: Sequence[tuple[int, int]], timestamp: datetime | None = None
 ) -> None:
     """Adds (user_id, advertiser_id) hides to the users' hidden advertisers online."""
-    for user, advertiser in hides:
+    for pair in hides:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ConfigError(
+                "hides", f"each must be a (user_id, advertiser_id) pair, got {pair!r}"
+            )
+        user, advertiser = pair
         _positive_id("user_id", user)
         _positive_id("advertiser_id", advertiser, f"user {user}: ")
     if timestamp is not None:

@@ -125,7 +125,7 @@ class AdIndex:
         self._tombstones: set[int] = set()
         self._static: _StaticSelector | None = None  # (key, selector) of _static_selector
         self._positions: np.ndarray | None = None  # ad id at each internal position
-        self._order = np.zeros(0, np.int64)  # argsort of _positions
+        self._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # positions, argsort
         self.exact_fallbacks = 0  # filtered searches that HNSW answered short (see search)
 
     @classmethod
@@ -196,14 +196,17 @@ class AdIndex:
             if self.config.device == "cuda":
                 raise ConfigError("device", "eligibility bitmaps need the index on the CPU")
             id_map = cast("faiss.IndexIDMap", self.index).id_map
-            self._positions = self.faiss.vector_to_array(id_map).astype(np.int64)
-            self._order = np.argsort(self._positions, kind="stable")
+            positions = self.faiss.vector_to_array(id_map).astype(np.int64)
+            # One assignment: a reader on another thread sees both arrays or neither.
+            self._layout = (positions, np.argsort(positions, kind="stable"))
+            self._positions = positions
         return self._positions
 
     def position_of(self, ids: np.ndarray) -> np.ndarray:
         """Each ad's internal position, -1 for an ad the index does not hold."""
-        positions = self.positions()
-        return position_of(positions, self._order, ids)
+        self.positions()
+        positions, order = self._layout
+        return position_of(positions, order, ids)
 
     def search(
         self,
@@ -263,32 +266,44 @@ class AdIndex:
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         positions = self.positions()
         n = len(positions)
-        bits = np.asarray(allowed, dtype=np.uint8)
-        if bits.ndim != 1 or len(bits) < (n + 7) // 8:
-            raise ConfigError("allowed", f"must be a bitmap of {n} bits, got {bits.shape}")
+        bits = np.asarray(allowed)
+        if bits.dtype != np.uint8 or bits.ndim != 1 or len(bits) < (n + 7) // 8:
+            raise ConfigError(
+                "allowed", f"must be a uint8 bitmap of {n} bits, got {bits.dtype} {bits.shape}"
+            )
         drop = [*exclude, *self._tombstones]
         if drop:
             bits = bits.copy()
             clear_bits(bits, self.position_of(np.asarray(drop, np.int64)))
-        sel = self.faiss.IDSelectorBitmap(n, self.faiss.swig_ptr(bits))
+        # FAISS's size is the bitmap's length in bytes.
+        sel = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))
         scores, found = self._base.search(queries, k, params=self._params(sel))
         out_ids, out_scores = [], []
         for q, row_pos, row_scores in zip(queries, found, scores, strict=True):
             keep = row_pos >= 0
-            if not keep.all() and self.kind == "hnsw" and popcount(bits, n) > int(keep.sum()):
-                # HNSW's beam can end in a region the filter empties: answer exactly instead.
+            if not keep.all() and self.kind != "flat" and popcount(bits, n) > int(keep.sum()):
+                # HNSW's beam (IVF's probed cells) can end where the filter empties it: answer
+                # over every allowed ad instead (exactly; IVF-PQ over all its cells).
                 self.exact_fallbacks += 1
-                storage = self.faiss.downcast_index(cast("faiss.IndexHNSW", self._base).storage)
-                row_scores, row_pos = storage.search(
-                    q[None],
-                    k,
-                    params=self.faiss.SearchParameters(sel=sel),  # type: ignore[call-arg]
-                )
-                row_scores, row_pos = row_scores[0], row_pos[0]
+                row_scores, row_pos = self._search_everywhere(q, k, sel)
                 keep = row_pos >= 0
             out_ids.append(positions[row_pos[keep]])
             out_scores.append(row_scores[keep])
         return out_ids, out_scores
+
+    def _search_everywhere(
+        self, query: np.ndarray, k: int, sel: faiss.IDSelector
+    ) -> tuple[np.ndarray, np.ndarray]:
+        params: faiss.SearchParameters
+        if self.kind == "hnsw":
+            index = self.faiss.downcast_index(cast("faiss.IndexHNSW", self._base).storage)
+            params = self.faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
+        else:
+            index = self._base
+            nlist = cast("faiss.IndexIVF", self._base).nlist
+            params = self.faiss.SearchParametersIVF(sel=sel, nprobe=nlist)  # type: ignore[call-arg]
+        scores, found = index.search(query[None], k, params=params)
+        return scores[0], found[0]
 
     def _static_selector(self, ineligible: frozenset[int]) -> faiss.IDSelector | None:
         """The selector of ``ineligible`` and the HNSW tombstones, rebuilt only when they change."""
@@ -349,7 +364,7 @@ class AdIndex:
         obj._tombstones = set(meta["tombstones"].tolist())
         obj._static = None
         obj._positions = None
-        obj._order = np.zeros(0, np.int64)
+        obj._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))
         obj.exact_fallbacks = 0
         return obj
 

@@ -46,8 +46,12 @@ unreachable), so only campaigns that target no one in particular reach them.
 Every answer holds only ads the request may get (candgen.serving.eligibility): campaigns that
 target the user's profile and the surface, running now (not paused, within budget, through the
 pacing throttle), under the user's frequency caps, of advertisers the user has not hidden; at
-most ServingConfig.max_ads_per_advertiser ads of one advertiser per 20, near-duplicates of one
-advertiser collapsed (candgen.serving.diversity). It is short of K only when fewer such ads exist.
+most ServingConfig.max_ads_per_advertiser ads of one advertiser in the first advertiser_window
+(20) ads and per window of K, near-duplicates of one advertiser collapsed
+(candgen.serving.diversity). It is short of K where the generators' candidates hold fewer such
+ads than K (the searches stay inside the eligible ads and answer exactly where HNSW falls short;
+popularity reads 3K deep). With the store unreachable (fallback) the user's caps and hides are
+unknown and cannot be applied; targeting then fails closed (no_profile).
 """
 
 from __future__ import annotations

@@ -264,7 +264,9 @@ def spread(
 
     Greedy and stable: ads are taken in order, and an ad whose advertiser is full in the current
     window waits for the earliest later position where it fits. When only such ads are left,
-    the earliest of them is placed anyway (no ad is dropped or repeated).
+    the answer ends if the first window is not yet full (its cap is the promise: the top 20
+    holds at most 3 of one advertiser), else the earliest of them is placed anyway. No ad is
+    repeated.
 
     Args:
         chosen: the answer, best first.
@@ -272,7 +274,7 @@ def spread(
         config: the cap and the window.
 
     Returns:
-        The same ads, reordered.
+        The ads reordered (fewer only where the first window could not be filled).
     """
     advertisers = [catalog.advertiser(c.ad_id) for c in chosen]
     # Deferred ads per advertiser as original positions, in order: only each queue's head can
@@ -293,8 +295,12 @@ def spread(
             else:
                 deferred.setdefault(adv, []).append(nxt)
             nxt += 1
-        if pick < 0:  # only full advertisers are left: break the cap rather than drop an ad
-            pick = min(q[0] for q in deferred.values())
+        if pick < 0:  # only full advertisers are left
+            if len(out) < config.window:
+                # The first window is the cap's promise (the top 20 holds at most 3 of one
+                # advertiser): a short answer ends here rather than break it.
+                break
+            pick = min(q[0] for q in deferred.values())  # later: keep the ad, break the cap
         adv = advertisers[pick]
         if adv is not None:
             counts[adv] = counts.get(adv, 0) + 1

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -37,13 +37,14 @@ from candgen.index.ann import AdIndex, clear_bits, position_of
 from candgen.vocab import DELIVERY_SHARDS
 
 log = logging.getLogger(__name__)
-SHARD_FIELDS: Final = ("campaign_ids", "statuses", "throttles", "targeting_masks")
+WATCHED_FIELDS: Final = ("campaign_ids", "statuses", "throttles", "targeting_masks")
 
 ELIGIBILITY_FILE: Final = "eligibility.npz"
 AD_INDEX, CONTENT_INDEX = "ads", "content"  # the indexes the generators search
 NO_PROFILE: Final = "no_profile"  # the user has no profile: only untargeted campaigns reach them
 PROFILE_FIELDS: Final = ("country", "age_bucket", "device")
-_SEGMENT_CACHE: Final = 512  # more than every (country, age, device, surface) there is
+# Every (country, age, device, surface) with unknown values too: 9 x 7 x 4 x 3 = 756.
+_SEGMENT_CACHE: Final = 1_024
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ class _IndexView:
     def __init__(self, index: AdIndex, ads: AdTable, state: DeliveryState) -> None:
         self.index = index
         positions = index.positions()
+        self.positions = positions  # the layout the bitmaps follow (see Eligibility._view)
         order = np.argsort(ads.ad_ids, kind="stable")
         row = position_of(ads.ad_ids, order, positions)  # each position's row in the ad table
         known = row >= 0
@@ -257,7 +259,8 @@ class Eligibility:
         self._ad_campaign_row[np.isin(ads.ad_ids, ads.ineligible)] = -1
         self._lock = threading.Lock()
         self._state = state
-        self._segments: OrderedDict[tuple[object, ...], dict[str, np.ndarray]] = OrderedDict()
+        # segment -> {"": campaigns running for it, index name -> (its view, its bitmap)}
+        self._segments: OrderedDict[tuple[object, ...], dict[str, Any]] = OrderedDict()
 
     @property
     def state(self) -> DeliveryState:
@@ -271,7 +274,7 @@ class Eligibility:
             self._state = state
             self._segments = OrderedDict()
 
-    def _segment(self, profile: Mapping[str, str | None]) -> dict[str, np.ndarray]:
+    def _segment(self, profile: Mapping[str, str | None]) -> dict[str, Any]:
         state = self._state
         key = (state.version, *(profile.get(f) for f in (*PROFILE_FIELDS, "surface")))
         with self._lock:
@@ -313,12 +316,25 @@ class Eligibility:
             self, self._segment(profile), list(blocked_ads), sorted(set(blocked_advertisers))
         )
 
-    def _bitmap(self, segment: dict[str, np.ndarray], name: str) -> np.ndarray:
+    def _view(self, name: str) -> _IndexView:
+        """The index's view, rebuilt when the index's positions changed (an ad added, or removed
+        from a flat or IVF index, which compacts them)."""
+        view = self._views[name]
+        if view.index.positions() is not view.positions:
+            view = _IndexView(view.index, self.ads, self._state)
+            with self._lock:
+                self._views[name] = view
+                self._segments = OrderedDict()
+        return view
+
+    def _bitmap(self, segment: dict[str, Any], name: str) -> np.ndarray:
+        view = self._view(name)
         cached = segment.get(name)
-        if cached is None:
-            cached = self._views[name].bitmap(segment[""])
+        if cached is None or cached[0] is not view:
+            cached = (view, view.bitmap(segment[""]))
             segment[name] = cached  # a race only builds the same bitmap twice
-        return cached
+        bits: np.ndarray = cached[1]
+        return bits
 
 
 class RequestEligibility:
@@ -327,7 +343,7 @@ class RequestEligibility:
     def __init__(
         self,
         owner: Eligibility,
-        segment: dict[str, np.ndarray],
+        segment: dict[str, Any],
         blocked_ads: list[int],
         blocked_advertisers: list[int],
     ) -> None:
@@ -341,7 +357,7 @@ class RequestEligibility:
         bits = self._owner._bitmap(self._segment, name)
         if not self.blocked_ads and not self.blocked_advertisers:
             return bits
-        view = self._owner._views[name]
+        view = self._owner._view(name)
         bits = bits.copy()
         clear_bits(bits, view.index.position_of(np.asarray(self.blocked_ads, np.int64)))
         clear_bits(bits, view.advertiser_positions(self.blocked_advertisers))
@@ -430,19 +446,22 @@ class DeliveryWatcher:
         if not moved:
             return False
         rows = self.client.read(
-            [f"delivery_shard:{f}" for f in (*SHARD_FIELDS, "version")],
+            [f"delivery_shard:{f}" for f in (*WATCHED_FIELDS, "version")],
             "delivery_shard_id",
             moved,
         )
         entries: list[tuple[int, str, float, int]] = []
+        seen: dict[int, int] = {}
         for j, shard in enumerate(moved):
-            lists = [rows[f][j] or [] for f in SHARD_FIELDS]
+            lists = [rows[f][j] or [] for f in WATCHED_FIELDS]
             entries += [
                 (int(c), str(st), float(t), int(m)) for c, st, t, m in zip(*lists, strict=True)
             ]
             if rows["version"][j] is not None:
-                self.seen[shard] = int(rows["version"][j])
+                seen[shard] = int(rows["version"][j])
         self.eligibility.update(self.eligibility.state.updated(entries))
+        # Only once the state holds them: a shard that failed to apply is read again next poll.
+        self.seen.update(seen)
         self.changes += 1
         return True
 

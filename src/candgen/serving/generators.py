@@ -99,11 +99,14 @@ class ContentGenerator:
         k: int,
         exclude: Iterable[int] = (),
         ineligible: frozenset[int] = frozenset(),
+        allowed: np.ndarray | None = None,
     ) -> list[tuple[int, float]]:
+        """Up to ``k`` ads nearest the user's content query (``AdIndex.search``'s exclusions and
+        ``allowed`` bitmap apply)."""
         q = self.query(recent_ids, category_affinity)
         if q is None:
             return []
-        ids, scores = self.index.search(q[None], k, exclude, ineligible)
+        ids, scores = self.index.search(q[None], k, exclude, ineligible, allowed)
         return list(zip(ids[0].tolist(), scores[0].tolist(), strict=True))
 
 

@@ -243,7 +243,8 @@ def generate(
     excluded at query time. Pass ``ineligible`` as a frozenset that lives across requests: the
     indexes then reuse its selector instead of rebuilding it per request. With the request's
     ``eligibility`` (targeting, delivery state, caps, hidden advertisers) every search stays
-    inside its bitmap instead (``ineligible`` is then part of it).
+    inside its bitmap instead, and ``ineligible`` is not consulted (the campaigns' state, which
+    the bitmap holds, covers the ads' pauses).
     """
     if not isinstance(ineligible, frozenset):
         ineligible = frozenset(ineligible)
@@ -266,9 +267,8 @@ def generate(
 
     if vector is not None:
         candidates["sequential"] = search(ad_index, AD_INDEX, vector)
-    content_query = content.query(context.history, context.affinity)
-    candidates["content"] = (
-        search(content.index, CONTENT_INDEX, content_query) if content_query is not None else []
+    candidates["content"] = content.candidates(
+        context.history, context.affinity, k, history, ineligible, allowed(CONTENT_INDEX)
     )
     if query_embedding is not None:
         candidates["query"] = search(content.index, CONTENT_INDEX, query_embedding)
@@ -307,8 +307,9 @@ def select(
     diversity: DiversityConfig | None = None,
 ) -> list[Candidate]:
     """Step 4: the quota policy's K ads; with a ``catalog``, at most ``diversity``'s cap per
-    advertiser and one of each near-duplicate group (the merge refills from the next
-    candidates), spread so that no window of the answer is crowded by one advertiser."""
+    advertiser per window of K and one of each near-duplicate group (the merge refills from the
+    next candidates), spread so that the first window (the top 20) holds at most the cap of one
+    advertiser (``spread``)."""
     if catalog is None or diversity is None:
         return policy.select(candidates, surface, activity, k, rng)
     admit = Diversifier(catalog, diversity, k).admit

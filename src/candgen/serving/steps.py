@@ -178,12 +178,15 @@ class ServingConfig:
                 "query_encoder_threads", f"must be >= 1, got {self.query_encoder_threads}"
             )
         FrequencyCaps(self.frequency_cap, self.advertiser_frequency_cap)  # validates the caps
-        if not (isinstance(self.delivery_poll_s, int | float) and 0 <= self.delivery_poll_s <= 60):
+        poll = self.delivery_poll_s
+        if isinstance(poll, bool) or not (isinstance(poll, int | float) and 0 <= poll <= 60):
+            raise ConfigError("delivery_poll_s", f"must be seconds in [0, 60], got {poll!r}")
+        if not isinstance(self.enforce_constraints, bool):
             raise ConfigError(
-                "delivery_poll_s",
-                f"must be a number of seconds in [0, 60], got {self.delivery_poll_s!r}",
+                "enforce_constraints", f"must be true or false, got {self.enforce_constraints!r}"
             )
-        if len(self.max_ads_per_advertiser) != len(SURFACES):
+        caps = self.max_ads_per_advertiser
+        if not isinstance(caps, tuple | list) or len(caps) != len(SURFACES):
             raise ConfigError(
                 "max_ads_per_advertiser",
                 f"needs one cap per surface {SURFACES}, got {self.max_ads_per_advertiser!r}",
