@@ -132,7 +132,11 @@ def write_constraints(
     )  # fmt: skip
     delivery = pd.concat(
         [pd.read_parquet(work / "features" / "campaign_delivery.parquet"),
-         big_delivery.assign(campaign_id=big_delivery["campaign_id"] + ID_OFFSET)],
+         big_delivery.assign(
+             campaign_id=big_delivery["campaign_id"] + ID_OFFSET,
+             # microseconds in the table builder, timestamps in the feature table
+             event_timestamp=pd.to_datetime(big_delivery["event_timestamp"], unit="us", utc=True),
+         )],
         ignore_index=True,
     )  # fmt: skip
     ads = pd.DataFrame({
@@ -382,6 +386,7 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         push_impressions,
     )
     from candgen.features.store import open_store
+    from candgen.serving.steps import ENSEMBLE, STEPS
 
     sargs = sb.parser().parse_args(
         ["--stage", "ensemble", "--workdir", args.serving_workdir, "--seed", str(args.seed)]
@@ -420,11 +425,14 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
             item = int(items[rng.integers(len(items))]) if surface == "related" else None
             return user, surface, query, item
 
-        for client in clients.values():  # warm-up: every segment's bitmaps, the caches
-            for i in range(300):
+        for client in clients.values():  # warm-up: the segments' bitmaps, the caches
+            for i in range(args.warmup):
                 u, sf, q, it = request(i)
                 client.retrieve(u, sf, K, query=q, context_item_id=it)
-        # p99 at concurrency 1, the two servers interleaved request by request.
+        # p99 at concurrency 1, the two servers interleaved request by request; each step's
+        # time per request from Triton's statistics (the profile of the difference).
+        models = [s.MODEL for s in STEPS] + [ENSEMBLE]
+        before = {n: sb._step_stats(c.client, models) for n, c in clients.items()}
         times: dict[str, list[float]] = {"on": [], "off": []}
         stop_at = time.perf_counter() + args.seconds
         while time.perf_counter() < stop_at:
@@ -434,7 +442,11 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
             clients[name].retrieve(u, sf, K, query=q, context_item_id=it)
             times[name].append((time.perf_counter() - t0) * 1e3)
         out["latency_c1"] = _percentile_rise(times["on"], times["off"], args.seed)
-        print(out["latency_c1"], flush=True)
+        out["steps_ms"] = {
+            n: sb._per_request_ms(before[n], sb._step_stats(c.client, models))
+            for n, c in clients.items()
+        }
+        print(out["latency_c1"], out["steps_ms"], flush=True)
         # Today's impressions for some users, pushed live: the frequency caps must hold.
         now = datetime.now(UTC)
         capped = []
@@ -722,6 +734,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=200.0, help="ensemble: concurrency-1 time")
     p.add_argument("--checked-requests", type=int, default=10_000)
     p.add_argument("--pauses", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=300, help="ensemble: requests per server first")
+    p.add_argument("--print-only", action="store_true", help="ensemble: write no result files")
     p.add_argument("--ads", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--requests", type=int, default=500)
@@ -740,6 +754,9 @@ def main() -> int:
         return 0
     if args.stage == "ensemble":
         res = stage_ensemble(args)
+        if args.print_only:
+            print(render_ensemble(res))
+            return 0
         (RESULTS / "constraints_ensemble.json").write_text(json.dumps(res, indent=2) + "\n")
         write_section("constraints_ensemble", render_ensemble(res))
         write_headline(headline_ensemble(res))

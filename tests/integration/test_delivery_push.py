@@ -4,7 +4,6 @@ accumulate, and a bad push writes nothing."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,8 +20,9 @@ from candgen.features.delivery import (
     push_hidden_advertisers,
     push_impressions,
 )
-from candgen.features.store import StoreConfig, apply, materialize, online_features, open_store
+from candgen.features.store import StoreConfig, online_features, open_store
 from candgen.vocab import DELIVERY_SHARDS
+from tests.stores import applied_store
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +31,8 @@ pytestmark = pytest.mark.integration
 def store_cfg(
     request: pytest.FixtureRequest, features_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[StoreConfig]:
-    cfg = StoreConfig(
-        online=request.param,
-        features_dir=features_dir,
-        state_dir=tmp_path_factory.mktemp(f"delivery_{request.param}"),
-        project=f"candgen_delivery_{os.getpid()}",
-    )
-    apply(cfg)
-    materialize(cfg)
-    yield cfg
-    open_store(cfg).teardown()
+    with applied_store(request.param, features_dir, tmp_path_factory, "delivery") as cfg:
+        yield cfg
 
 
 def _shards(store_cfg: StoreConfig) -> dict[str, list]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,6 +24,7 @@ from candgen.features.store import (
     push_engagements,
 )
 from candgen.features.training_set import label_rows, training_set
+from tests.stores import applied_store
 
 pytestmark = pytest.mark.integration
 
@@ -33,16 +33,8 @@ pytestmark = pytest.mark.integration
 def store_cfg(
     request: pytest.FixtureRequest, features_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[StoreConfig]:
-    cfg = StoreConfig(
-        online=request.param,
-        features_dir=features_dir,
-        state_dir=tmp_path_factory.mktemp(f"feast_{request.param}"),
-        project=f"candgen_test_{os.getpid()}",  # Redis keys are namespaced by project
-    )
-    apply(cfg)
-    materialize(cfg)
-    yield cfg
-    open_store(cfg).teardown()  # removes this project's keys from Redis
+    with applied_store(request.param, features_dir, tmp_path_factory, "test") as cfg:
+        yield cfg
 
 
 def _latest(features_dir: Path, table: str, key: str) -> pd.DataFrame:

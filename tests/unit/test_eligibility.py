@@ -196,3 +196,23 @@ def test_bitmaps_follow_an_index_whose_positions_changed() -> None:
     index.remove(gone)  # a flat index compacts its positions: old bitmaps no longer line up
     after = index.search(query, len(ads.ad_ids), allowed=elig.request(PROFILE).bitmap("ads"))
     assert set(after[0][0].tolist()) == allowed - set(gone)
+
+
+def test_a_patched_segment_equals_one_built_afresh() -> None:
+    index, ads, state = _world(n_ads=900, kind="flat")
+    elig = Eligibility(ads, state, {"ads": index}, seed=3)
+    assert elig.warm() == 8 * 6 * 3 * 3 + 3
+    rng = np.random.default_rng(5)
+    for step in range(4):  # pauses, resumes, throttles and retargeting, applied in turn
+        rows = rng.choice(len(state.campaign_ids), 12, replace=False)
+        entries = [
+            (int(elig.state.campaign_ids[r]), ("active", "paused")[step % 2],
+             float(rng.choice([1.0, 0.4, 0.0])), int(rng.integers(0, EVERYONE + 1)))
+            for r in rows
+        ]  # fmt: skip
+        elig.update(elig.state.updated(entries))
+        fresh = Eligibility(ads, elig.state, {"ads": index}, seed=3)
+        nobody = {"country": None, "age_bucket": None, "device": None, "surface": "home"}
+        for profile in (PROFILE, {**PROFILE, "surface": "search", "country": "DE"}, nobody):
+            patched = elig.request(profile).bitmap("ads")
+            assert patched.tolist() == fresh.request(profile).bitmap("ads").tolist()

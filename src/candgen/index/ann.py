@@ -387,6 +387,12 @@ def clear_bits(bits: np.ndarray, positions: np.ndarray) -> None:
     np.bitwise_and.at(bits, positions >> 3, ~(np.uint8(1) << (positions & 7).astype(np.uint8)))
 
 
+def set_bits(bits: np.ndarray, positions: np.ndarray) -> None:
+    """Sets these positions (-1: none) in a little-endian bitmap, in place."""
+    positions = positions[positions >= 0]
+    np.bitwise_or.at(bits, positions >> 3, np.uint8(1) << (positions & 7).astype(np.uint8))
+
+
 def position_of(positions: np.ndarray, order: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Each id's index in ``positions``, -1 if absent (``order``: ``positions``' argsort)."""
     ids = np.asarray(ids, np.int64)

@@ -312,7 +312,8 @@ def select(
     advertiser (``spread``)."""
     if catalog is None or diversity is None:
         return policy.select(candidates, surface, activity, k, rng)
-    admit = Diversifier(catalog, diversity, k).admit
+    every = [ad for found in candidates.values() for ad, _ in found]
+    admit = Diversifier(catalog, diversity, k, every).admit
     return spread(
         policy.select(candidates, surface, activity, k, rng, admit=admit), catalog, diversity
     )

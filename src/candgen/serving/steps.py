@@ -33,6 +33,7 @@ no query embedding, no context vector (the model does not know the item), no fla
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -573,6 +574,11 @@ class GeneratorsStep(Step):
         faiss.omp_set_num_threads(1)
         self.generators = Generators.load(self.folder, self.index_config, self.config.quota_seed)
         self.watcher: DeliveryWatcher | None = None
+        if self.config.enforce_constraints:
+            # Every known segment's bitmaps, off the request path (about 9 ms each, 435 of them).
+            threading.Thread(
+                target=self.generators.eligibility.warm, name="eligibility-warm", daemon=True
+            ).start()
         if self.config.delivery_poll_s > 0 and self.config.enforce_constraints:
             self.watcher = DeliveryWatcher(
                 self.generators.eligibility,
