@@ -664,6 +664,18 @@ def render_ensemble(res: dict) -> str:  # type: ignore[type-arg]
         f" p99 {lat['p99_off_ms']:.2f} ms ({lat['requests_off']}) | {lat['rise_ms']:+.2f} ms "
         f"({lat['low_ms']:+.2f} to {lat['high_ms']:+.2f}) |",
         "",
+        "Where the time goes at concurrency 1 (Triton's statistics, compute per request; the "
+        "features step reads the feature server, the generators step searches inside the "
+        "request's eligibility, the select step applies the quotas and advertiser diversity):",
+        "",
+        "| step | with constraints | without |",
+        "|---|---|---|",
+        *(
+            f"| {step} | {res['steps_ms']['on'][step]['compute_ms']:.2f} ms | "
+            f"{res['steps_ms']['off'][step]['compute_ms']:.2f} ms |"
+            for step in res.get("steps_ms", {}).get("on", {})
+        ),
+        "",
         f"Checked load: {chk['requests']:,} answers at concurrency 4 ({chk['seconds']:.0f} s, "
         f"{chk['errors']} errors), each judged by the independent checker "
         "(`candgen.evaluation.constraints`: targeting, status, throttle to zero, frequency caps "
