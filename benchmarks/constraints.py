@@ -561,7 +561,7 @@ def stage_cost(args: argparse.Namespace) -> dict[str, object]:
     from candgen.training.config import TrainConfig
     from candgen.training.trainer import train
 
-    work = Path(args.work) / "cost"
+    work = Path(args.work) / f"cost_{args.cost_users}_{args.cost_epochs}_{args.seed}"
     market, features = work / "market", work / "features"
     t0 = time.perf_counter()
     if not (market / "manifest.json").exists():
