@@ -536,7 +536,13 @@ def test_a_polling_server_picks_up_an_installed_version_with_zero_failed_request
 
 
 def _checker(served: Served) -> ConstraintChecker:
-    return ConstraintChecker.from_dirs(served.marketplace.out_dir, served.features_dir)
+    from candgen.serving.diversity import AdCatalog
+
+    catalog = AdCatalog.load(served.repo / "candgen_select" / str(pinned_version(served.repo)))
+    groups = dict(zip(catalog.ad_ids.tolist(), catalog.groups.tolist(), strict=True))
+    return ConstraintChecker.from_dirs(
+        served.marketplace.out_dir, served.features_dir, groups=groups
+    )
 
 
 def test_live_answers_break_no_delivery_constraint_and_are_never_short(served: Served) -> None:

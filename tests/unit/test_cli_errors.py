@@ -25,6 +25,12 @@ BAD_VALUES: dict[str, tuple[list[str], str]] = {
     "features materialize": (["--end", "soon"], "end: must be an ISO timestamp"),
     "features online": ([], "user_id: give exactly one of"),
     "features push": (["--user-id", "1", "--item-id", "2", "--max-len", "0"], "max_len: must be"),
+    "features campaign": (["--campaign-id", "5", "--pacing", "fast"], "pacing: campaign 5: must"),
+    "features impression": (
+        ["--user-id", "1", "--ad-id", "2", "--advertiser-id", "0"],
+        "advertiser_id: user 1: must be a positive integer id",
+    ),
+    "features hide": (["--user-id", "0", "--advertiser-id", "3"], "user_id: must be a positive"),
     "features serve": (["--port", "0"], "port: must be a TCP port"),
     "features training-set": (["--limit", "-1", "--out", "{tmp}/t.parquet"], "limit: must be"),
     "train": (["--model", "bert4rec"], "model: 'bert4rec' is not one of"),

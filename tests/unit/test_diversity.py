@@ -171,7 +171,9 @@ def test_spread_keeps_every_ad_and_caps_each_window() -> None:
     catalog = _catalog(FLOOD)
     config = DiversityConfig()
     div = Diversifier(catalog, config, 60)
-    chosen = allocate(_flooded(), W, 60, admit=div.admit)  # 9 flood ads, all near the top
+    chosen = allocate(_flooded(), W, 60, admit=div.admit)
+    assert sum(c.ad_id < 100 for c in chosen) == 9  # the flood's limit for 60 slots
+    chosen = sorted(chosen, key=lambda c: c.ad_id >= 100)  # all 9 at the top
     assert not _windows_ok(chosen, catalog, config)
     out = spread(chosen, catalog, config)
     assert Counter(out) == Counter(chosen) and len(out) == len(chosen)
@@ -348,3 +350,16 @@ def test_exported_groups_make_the_diversifier_collapse_the_second_ad() -> None:
     # Groups exported at 1.0 never collapse.
     apart = AdCatalog(ad_ids, adv, duplicate_groups(adv, emb, 1.0))
     assert all(Diversifier(apart, config, 20).admit(a) for a in (20, 50, 30))
+
+
+def test_the_first_window_admitted_holds_at_most_the_cap_so_spread_never_ends_early() -> None:
+    # One advertiser floods the top; K = 25 allows it 6 in all, but only 3 in the first 20.
+    catalog = AdCatalog(np.arange(1, 41), np.r_[np.full(10, 7), np.arange(100, 130)],
+                        np.full(40, -1))  # fmt: skip
+    config = DiversityConfig()
+    div = Diversifier(catalog, config, 25, list(range(1, 41)))
+    admitted = [a for a in range(1, 41) if div.admit(a)]
+    assert sum(a <= 10 for a in admitted[:20]) == 3
+    assert sum(a <= 10 for a in admitted[:25]) <= 6
+    chosen = [Candidate(a, 1.0, "popularity") for a in admitted[:25]]
+    assert len(spread(chosen, catalog, config)) == 25

@@ -86,3 +86,16 @@ def test_the_query_and_item_generators_search_with_their_context_vectors() -> No
     check_context_item(12345, ad_index, content)  # an organic item
     with pytest.raises(ConfigError, match=rf"^CONTEXT_ITEM_ID: {ids[3]} is an ad"):
         check_context_item(int(ids[3]), ad_index, content)
+
+
+def test_the_popularity_floor_spreads_over_advertisers_when_asked() -> None:
+    ids = np.arange(1, 21, dtype=np.int64)
+    pop = PacingPopularity(ids, np.arange(20, 0, -1), np.full(20, 100), np.ones(20))
+    owner = dict(zip(ids.tolist(), [1] * 10 + list(range(2, 12)), strict=True))
+    found = pop.candidates(
+        8,
+        allows=lambda a: np.ones(len(a), bool),
+        advertisers=lambda a: np.array([owner[int(x)] for x in a]),
+        per_advertiser=2,
+    )
+    assert [ad for ad, _ in found] == [1, 2, 11, 12, 13, 14, 15, 16]

@@ -285,7 +285,7 @@ def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
         "impression", "count an ad shown to a user today (frequency caps)", cmd_features_impression
     )
     imp.add_argument("--user-id", type=int, required=True, help="who saw it")
-    imp.add_argument("--ad-id", type=int, required=True, help="the ad")
+    imp.add_argument("--ad-id", type=int, required=True, help="the ad shown (its ad id)")
     imp.add_argument("--advertiser-id", type=int, required=True, help="the ad's advertiser")
     imp.add_argument("--timestamp", default=None, help="ISO time it was shown; default: now")
     hide = store_cmd("hide", "a user hides an advertiser", cmd_features_hide)

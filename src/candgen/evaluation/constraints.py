@@ -32,7 +32,7 @@ class Verdict:
     eligible: int = 0  # ads the request could get (throttled ones included; -1: not counted,
     # the answer being full)
     # fewer than K returned while K surely eligible ads (not throttled) could fill the answer
-    # under the per-advertiser cap (near-duplicate groups are serving's and not counted here)
+    # under the per-advertiser cap, one ad per near-duplicate group where groups are given
     short: bool = False
 
 
@@ -53,6 +53,8 @@ class ConstraintChecker:
         advertiser_frequency_cap: impressions of one advertiser a user may get in a day.
         max_per_advertiser: at most this many ads of one advertiser per ``window`` ads.
         window: the window of that cap.
+        groups: ad id -> near-duplicate group (the served catalog's): an answer holds one ad
+            of each, so the short-answer count takes one per group (-1 or absent: its own).
     """
 
     def __init__(
@@ -66,7 +68,9 @@ class ConstraintChecker:
         advertiser_frequency_cap: int = 10,
         max_per_advertiser: int = 3,
         window: int = 20,
+        groups: dict[int, int] | None = None,
     ) -> None:
+        self.groups = groups or {}
         self.targets: dict[int, dict[str, set[str]]] = {}
         lists = campaigns[["campaign_id", *TARGETS.values(), "target_surfaces"]]
         for row in lists.itertuples(index=False):
@@ -94,8 +98,10 @@ class ConstraintChecker:
         self.max_per_advertiser, self.window = max_per_advertiser, window
 
     @classmethod
-    def from_dirs(cls, data_dir: Path, features_dir: Path, **limits: int) -> ConstraintChecker:
-        """From a marketplace and its feature tables."""
+    def from_dirs(
+        cls, data_dir: Path, features_dir: Path, groups: dict[int, int] | None = None
+    ) -> ConstraintChecker:
+        """From a marketplace and its feature tables (the default caps and window)."""
         data_dir, features_dir = Path(data_dir), Path(features_dir)
         return cls(
             pd.read_parquet(data_dir / "campaigns.parquet"),
@@ -103,7 +109,7 @@ class ConstraintChecker:
             pd.read_parquet(data_dir / "users.parquet"),
             pd.read_parquet(features_dir / "campaign_delivery.parquet"),
             pd.read_parquet(features_dir / "user_hidden_advertisers.parquet"),
-            **limits,
+            groups=groups,
         )
 
     def set_status(self, campaign_id: int, status: str, throttle: float = 1.0) -> None:
@@ -170,7 +176,9 @@ class ConstraintChecker:
             and not self._reasons(user_id, surface, a)
         ]
         verdict.eligible = len(eligible)
-        advertisers = Counter(self.advertiser[a] for a in eligible)
+        distinct = {(self.advertiser[a], self.groups.get(a, -1)) if self.groups.get(a, -1) >= 0
+                    else (self.advertiser[a], -1 - a) for a in eligible}  # fmt: skip
+        advertisers = Counter(adv for adv, _ in distinct)
         # What the per-advertiser cap lets an answer hold: in all, and in its first window.
         in_all = sum(min(n, limit) for n in advertisers.values())
         first = sum(min(n, self.max_per_advertiser) for n in advertisers.values())

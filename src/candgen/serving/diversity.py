@@ -253,6 +253,8 @@ class Diversifier:
         self.limit = config.limit(k)
         self.taken: dict[int, list[int]] = {}  # advertiser -> its admitted ads' groups
         self.refused = dict.fromkeys(REASONS, 0)
+        self.admitted = 0
+        self.deferred: list[int] = []  # ads held back by the window's step limit, in order
         # The request's candidates looked up at once (one vectorised search, not one per
         # admit: the select step's profile showed the per-ad lookups at about 1 ms a request).
         self._known: dict[int, tuple[int, int, int]] = catalog.lookup(candidates)
@@ -273,7 +275,9 @@ class Diversifier:
             known = found.get(ad_id)
             if known is None:
                 return True
-        _, advertiser, group = known
+        return self._admit(ad_id, known[1], known[2], final=False)
+
+    def _admit(self, ad_id: int, advertiser: int, group: int, final: bool) -> bool:
         groups = self.taken.setdefault(advertiser, [])
         if len(groups) >= self.limit:
             self.refused["capped"] += 1
@@ -281,8 +285,32 @@ class Diversifier:
         if group >= 0 and self.config.collapses and group in groups:
             self.refused["duplicate"] += 1
             return False
+        # The limit grows a window at a time: the first ``window`` ads admitted hold at most
+        # ``max_per_advertiser`` of one advertiser, so that ``spread`` can always fill the top
+        # window. An ad over that step waits in ``deferred`` for ``refill``.
+        step = self.config.max_per_advertiser * (self.admitted // self.config.window + 1)
+        if not final and len(groups) >= step:
+            self.deferred.append(ad_id)
+            return False
         groups.append(group)
+        self.admitted += 1
         return True
+
+    def refill(self, taken: Sequence[int], k: int) -> list[int]:
+        """The deferred ads that fit once the merge is done, in the order they were offered,
+        until the answer (``taken``) holds ``k``: an answer is never short for the step limit."""
+        out: list[int] = []
+        seen = set(taken)
+        for ad_id in self.deferred:
+            if len(taken) + len(out) >= k:
+                break
+            known = self._known.get(ad_id)
+            if ad_id in seen or known is None:
+                continue
+            if self._admit(ad_id, known[1], known[2], final=True):
+                out.append(ad_id)
+                seen.add(ad_id)
+        return out
 
 
 def spread(

@@ -436,6 +436,13 @@ class RequestEligibility:
         clear_bits(bits, view.advertiser_positions(self.blocked_advertisers))
         return bits
 
+    def advertisers(self, ad_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Each ad's advertiser, -1 for an ad the export does not know."""
+        owner = self._owner
+        row = position_of(owner.ads.ad_ids, owner._ad_order, np.asarray(ad_ids, np.int64))
+        found: np.ndarray = np.where(row >= 0, owner.ads.advertiser_ids[np.maximum(row, 0)], -1)
+        return found
+
     def allows(self, ad_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Whether each ad may be returned (for candidates that come from no index)."""
         owner = self._owner

@@ -147,23 +147,35 @@ class PacingPopularity:
         exclude: Iterable[int] = (),
         ineligible: frozenset[int] = frozenset(),
         allows: Callable[[np.ndarray], np.ndarray] | None = None,
+        advertisers: Callable[[np.ndarray], np.ndarray] | None = None,
+        per_advertiser: int = 0,
     ) -> list[tuple[int, float]]:
         """The ``k`` best-ranked ads not excluded, not ineligible and, with ``allows`` (ad ids
-        -> which may be returned: a request's eligibility), allowed."""
+        -> which may be returned: a request's eligibility), allowed; with ``advertisers`` (ad
+        ids -> advertiser ids) at most ``per_advertiser`` of one advertiser, so that the floor
+        under an answer is never all taken by a few advertisers the select step caps."""
         if k <= 0:
             raise ConfigError("k", f"must be > 0, got {k}")
         skip = set(map(int, exclude))
         out: list[tuple[int, float]] = []
         if allows is not None:
+            counts: dict[int, int] = {}
             # Vectorised in blocks: most of a long ranking may be ineligible for one request.
             for lo in range(0, len(self.ranked), 4 * k):
                 block = self.ranked[lo : lo + 4 * k]
-                ok = allows(np.array([ad for ad, _ in block], np.int64))
-                out += [
-                    c for c, y in zip(block, ok.tolist(), strict=True) if y and c[0] not in skip
-                ]
-                if len(out) >= k:
-                    return out[:k]
+                ids = np.array([ad for ad, _ in block], np.int64)
+                ok = allows(ids).tolist()
+                owner = advertisers(ids).tolist() if advertisers is not None else [-1] * len(ok)
+                for c, y, a in zip(block, ok, owner, strict=True):
+                    if not y or c[0] in skip:
+                        continue
+                    if per_advertiser and a >= 0:
+                        if counts.get(a, 0) >= per_advertiser:
+                            continue
+                        counts[a] = counts.get(a, 0) + 1
+                    out.append(c)
+                    if len(out) == k:
+                        return out
             return out
         for ad, score in self.ranked:
             if ad not in skip and ad not in ineligible:

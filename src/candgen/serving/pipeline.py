@@ -232,6 +232,7 @@ def generate(
     query_embedding: np.ndarray | None = None,
     item_vector: np.ndarray | None = None,
     eligibility: RequestEligibility | None = None,
+    per_advertiser: int = 0,
 ) -> dict[str, list[tuple[int, float]]]:
     """Step 3: up to ``k`` eligible candidates per generator, best first.
 
@@ -244,7 +245,8 @@ def generate(
     indexes then reuse its selector instead of rebuilding it per request. With the request's
     ``eligibility`` (targeting, delivery state, caps, hidden advertisers) every search stays
     inside its bitmap instead, and ``ineligible`` is not consulted (the campaigns' state, which
-    the bitmap holds, covers the ads' pauses).
+    the bitmap holds, covers the ads' pauses); ``per_advertiser`` (the select step's limit for
+    K) then also spreads the popularity floor over advertisers.
     """
     if not isinstance(ineligible, frozenset):
         ineligible = frozenset(ineligible)
@@ -282,6 +284,8 @@ def generate(
         history,
         ineligible,
         eligibility.allows if eligibility is not None else None,
+        eligibility.advertisers if eligibility is not None else None,
+        per_advertiser,
     )
     return candidates
 
@@ -313,10 +317,16 @@ def select(
     if catalog is None or diversity is None:
         return policy.select(candidates, surface, activity, k, rng)
     every = [ad for found in candidates.values() for ad, _ in found]
-    admit = Diversifier(catalog, diversity, k, every).admit
-    return spread(
-        policy.select(candidates, surface, activity, k, rng, admit=admit), catalog, diversity
-    )
+    diversifier = Diversifier(catalog, diversity, k, every)
+    chosen = policy.select(candidates, surface, activity, k, rng, admit=diversifier.admit)
+    if len(chosen) < k and diversifier.deferred:
+        offered: dict[int, tuple[float, str]] = {}
+        for source, found in candidates.items():
+            for ad, score in found:
+                offered.setdefault(ad, (score, source))
+        extra = diversifier.refill([c.ad_id for c in chosen], k)
+        chosen += [Candidate(ad, *offered[ad]) for ad in extra]
+    return spread(chosen, catalog, diversity)
 
 
 @dataclass
@@ -408,6 +418,9 @@ class RetrievalPipeline:
             request_eligibility(self.eligibility, context, scenario)
             if self.eligibility is not None
             else None,
+            2 * self.diversity[scenario].limit(k)  # as GeneratorsStep: room for duplicates
+            if self.catalog is not None and scenario in self.diversity
+            else 0,
         )
         chosen = select(
             self.quotas,

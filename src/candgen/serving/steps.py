@@ -594,19 +594,21 @@ class GeneratorsStep(Step):
         item_vector = _optional_vector(tensors, "CONTEXT_VECTOR")
         context = context_from(tensors)
         scenario = _strings(tensors["SCENARIO"])[0]
+        k = _k(tensors, self.config.max_k)
+        enforce = self.config.enforce_constraints
         found = generate(
             context,
             _optional_vector(tensors, "USER_VECTOR"),
-            _k(tensors, self.config.max_k),
+            k,
             g.ad_index,
             g.content,
             g.popularity,
             g.ineligible,
             _optional_vector(tensors, "QUERY_EMBEDDING"),
             item_vector,
-            request_eligibility(g.eligibility, context, scenario)
-            if self.config.enforce_constraints
-            else None,
+            request_eligibility(g.eligibility, context, scenario) if enforce else None,
+            # twice the select step's limit: room for the near-duplicates it collapses
+            2 * self.config.diversity(scenario).limit(k) if enforce else 0,
         )
         rows = [(ad, score, source) for source, cands in found.items() for ad, score in cands]
         unknown = item is not None and item_vector is None
