@@ -320,10 +320,14 @@ def select(
     diversifier = Diversifier(catalog, diversity, k, every)
     chosen = policy.select(candidates, surface, activity, k, rng, admit=diversifier.admit)
     if len(chosen) < k and diversifier.deferred:
+        # Only the generators the policy drew from (their ads are the ones held back).
+        drawn = {c.source for c in chosen} or set(candidates)
         offered: dict[int, tuple[float, str]] = {}
         for source, found in candidates.items():
-            for ad, score in found:
+            for ad, score in found if source in drawn else ():
                 offered.setdefault(ad, (score, source))
+        held = [ad for ad in diversifier.deferred if ad in offered]
+        diversifier.deferred = held
         extra = diversifier.refill([c.ad_id for c in chosen], k)
         chosen += [Candidate(ad, *offered[ad]) for ad in extra]
     return spread(chosen, catalog, diversity)
