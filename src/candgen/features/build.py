@@ -441,15 +441,14 @@ def _user_hidden_advertisers(hidden: pd.DataFrame) -> pa.Table:
     )
 
 
-def _delivery_shards(campaign_delivery: pd.DataFrame, campaigns: pd.DataFrame) -> pa.Table:
+def _delivery_shards(campaign_delivery: pd.DataFrame) -> pa.Table:
     """The live delivery state that serving watches, as it stands at the end of the log: per
     shard (``campaign_id % DELIVERY_SHARDS``) the campaigns not simply active (paused,
-    exhausted or throttled), with their targeting masks."""
+    exhausted or throttled), with their targeting masks (from the table's own targeting, which
+    ``campaign_delivery_table`` has already checked: only the listed campaigns are encoded)."""
     last = campaign_delivery.groupby("campaign_id").last()
     special = last[(last["status"] != "active") | (last["throttle"] < 1.0)]
-    masks = pd.Series(
-        check_campaign_targeting(campaigns), index=campaigns["campaign_id"].to_numpy(np.int64)
-    )
+    masks = pd.Series(check_campaign_targeting(special.reset_index()), index=special.index)
     ids = special.index.to_numpy(np.int64)
     shard = ids % DELIVERY_SHARDS
     stamp = int(campaign_delivery["event_timestamp"].max())
@@ -583,7 +582,7 @@ def build_features(
     tables["campaign_delivery"] = pa.Table.from_pandas(
         campaign_delivery, preserve_index=False
     ).set_column(1, "event_timestamp", pa.array(campaign_delivery["event_timestamp"], type=TS))
-    tables["delivery_shard"] = _delivery_shards(campaign_delivery, campaigns)
+    tables["delivery_shard"] = _delivery_shards(campaign_delivery)
     tables["user_ad_impressions"] = _user_ad_impressions(events)
     tables["user_hidden_advertisers"] = _user_hidden_advertisers(
         pd.read_parquet(data_dir / "hidden_advertisers.parquet")
