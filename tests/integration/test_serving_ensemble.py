@@ -283,7 +283,7 @@ def test_a_bad_query_or_context_item_is_a_clear_error(
     for client in (served.http, served.grpc):
         tensors = _good() | {"SCENARIO": np.array([scenario], np.object_), name: value}
         with pytest.raises(ServingError, match=message):
-            client.infer(tensors)
+            client.infer(_batched(tensors))
     _still_answers(served)
 
 
@@ -360,6 +360,11 @@ def test_an_unknown_surface_is_a_clear_error(served: Served) -> None:
     _still_answers(served)
 
 
+def _batched(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The request's tensors with Triton's batch dimension in front (one request, one user)."""
+    return {name: value[None] for name, value in tensors.items()}
+
+
 def _good() -> dict[str, np.ndarray]:
     return {"USER_ID": np.array([1], np.int64), "SCENARIO": np.array([b"home"], np.object_),
             "K": np.array([10], np.int32)}  # fmt: skip
@@ -379,7 +384,19 @@ def test_a_wrong_dtype_or_shape_is_a_clear_error(
     for client in (served.http, served.grpc):
         tensors = _good() | {name: value}
         with pytest.raises(ServingError, match=message):
-            client.infer(tensors)
+            client.infer(_batched(tensors))
+    _still_answers(served)
+
+
+def test_two_users_in_one_request_are_a_clear_error(served: Served) -> None:
+    two = {
+        "USER_ID": np.array([[1], [2]], np.int64),
+        "SCENARIO": np.array([[b"home"], [b"home"]], np.object_),
+        "K": np.array([[10], [10]], np.int32),
+    }
+    for client in (served.http, served.grpc):
+        with pytest.raises(ServingError, match=r"USER_ID: one request carries one user"):
+            client.infer(two)
     _still_answers(served)
 
 
@@ -387,7 +404,7 @@ def test_a_missing_input_is_a_clear_error(served: Served) -> None:
     tensors = _good()
     del tensors["K"]
     with pytest.raises(ServingError, match="K"):
-        served.http.infer(tensors)
+        served.http.infer(_batched(tensors))
     _still_answers(served)
 
 

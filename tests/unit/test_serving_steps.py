@@ -55,9 +55,21 @@ def test_the_ensemble_pins_every_step_and_keeps_the_tensor_contract() -> None:
     assert 'name: "K" data_type: TYPE_INT32 dims: [ 1 ]' in text
     for name in OUTPUTS:
         assert f'name: "{name}"' in text
-    features = step_config(STEPS[0], instances=3)
+    assert "max_batch_size: 32" in text
+    serving = ServingConfig(instances=3, max_batch_size=8, queue_timeout_ms=40, max_queue_size=5)
+    features = step_config(STEPS[0], serving)
     assert 'backend: "python"' in features and "count: 3" in features
     assert "version_policy: { all { } }" in features
+    assert "max_batch_size: 8" in features
+    # Overload: past the queue's bounds a request is rejected, never queued without end.
+    assert "timeout_action: REJECT" in features
+    assert "default_timeout_microseconds: 40000" in features and "max_queue_size: 5" in features
+    # Variable-length inputs batch with others of another length; fixed ones need no flag.
+    assert (
+        'name: "RECENT_ITEM_IDS" data_type: TYPE_INT64 dims: [ -1 ] optional: true '
+        "allow_ragged_batch: true" in features
+    )
+    assert 'name: "USER_ID" data_type: TYPE_INT64 dims: [ 1 ] }' in features
 
 
 def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> None:

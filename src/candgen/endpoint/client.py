@@ -19,6 +19,15 @@ class ServingError(CandgenError):
     """The server answered the request with an error (its message is kept as is)."""
 
 
+class ServerBusy(ServingError):
+    """The server refused the request for lack of capacity (a step's queue was full, or the
+    request waited in it past ``ServingConfig.queue_timeout_ms``): retry later or elsewhere."""
+
+
+# Triton's status for a request its queue policy rejected (gRPC; HTTP answers 503).
+BUSY_STATUSES = ("StatusCode.UNAVAILABLE", "503", "UNAVAILABLE")
+
+
 def client_module(protocol: str) -> Any:
     """``tritonclient.http`` or ``tritonclient.grpc``."""
     if protocol == "http":
@@ -82,7 +91,8 @@ class RetrieveClient:
         try:
             result = self.client.infer(self.model, inputs, outputs=outputs, **kwargs)
         except InferenceServerException as e:
-            raise ServingError(e.message() or str(e)) from None
+            busy = str(e.status()) in BUSY_STATUSES
+            raise (ServerBusy if busy else ServingError)(e.message() or str(e)) from None
         return {n: result.as_numpy(n) for n in OUTPUTS}
 
     def retrieve(
@@ -95,7 +105,12 @@ class RetrieveClient:
         context_item_id: int | None = None,
     ) -> RetrievalResult:
         """Candidates for ``user_id`` on ``scenario``, with the search ``query`` (text, or raw
-        bytes sent as they are) and the related page's ``context_item_id`` when given."""
+        bytes sent as they are) and the related page's ``context_item_id`` when given.
+
+        Raises:
+            ServerBusy: the server was at capacity (retryable).
+            ServingError: the server refused the request (its message names the field).
+        """
         tensors = {
             "USER_ID": np.array([user_id], dtype=np.int64),
             "SCENARIO": np.array([scenario.encode()], dtype=np.object_),
@@ -108,13 +123,14 @@ class RetrieveClient:
             tensors["QUERY"] = np.array([raw], dtype=np.object_)
         if context_item_id is not None:
             tensors["CONTEXT_ITEM_ID"] = np.array([context_item_id], dtype=np.int64)
-        out = self.infer(tensors)
+        # Every tensor carries Triton's batch dimension (one request, one user).
+        out = self.infer({name: value[None] for name, value in tensors.items()})
         flag_list = [f.decode() for f in out["FLAGS"].reshape(-1)]
         flags = set(flag_list)
         names = [s.decode() for s in out["SOURCE_NAMES"].reshape(-1)]
         return RetrievalResult(
-            ad_ids=out["AD_IDS"].astype(np.int64).tolist(),
-            scores=out["SCORES"].astype(np.float32).tolist(),
+            ad_ids=out["AD_IDS"].reshape(-1).astype(np.int64).tolist(),
+            scores=out["SCORES"].reshape(-1).astype(np.float32).tolist(),
             sources=[s.decode() for s in out["SOURCES"].reshape(-1)],
             cold_start=COLD_START in flags,
             fallback=FALLBACK in flags,

@@ -140,28 +140,42 @@ def _dims(dims: list[int]) -> str:
     return ", ".join(map(str, dims))
 
 
-def _tensors(kind: str, spec: Spec) -> str:
+def _tensors(kind: str, spec: Spec, ragged: bool = False) -> str:
+    """The config's tensors; with ``ragged``, variable-length ones may be batched with others of
+    another length (Triton's dynamic batcher otherwise batches only equal shapes; the python
+    backend gets each request's own tensors either way)."""
     rows = []
     for name, (dtype, dims, optional) in spec.items():
         opt = " optional: true" if optional else ""
+        opt += " allow_ragged_batch: true" if ragged and -1 in dims else ""
         rows.append(
             f'  {{ name: "{name}" data_type: {TRITON_TYPES[dtype]} dims: [ {_dims(dims)} ]{opt} }}'
         )
     return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
 
 
-def step_config(step: type[Step], instances: int) -> str:
+def step_config(step: type[Step], serving: ServingConfig) -> str:
+    """A step's config: the python backend, the dynamic batcher and its queue's bounds."""
     return (
-        f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: 0\n'
+        f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: {serving.max_batch_size}\n'
         "version_policy: { all { } }\n"
-        + _tensors("input", step.INPUTS)
+        + _tensors("input", step.INPUTS, ragged=True)
         + _tensors("output", step.OUTPUTS)
-        + f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n"
+        + "dynamic_batching {\n"
+        f"  max_queue_delay_microseconds: {serving.batch_delay_us}\n"
+        "  default_queue_policy {\n"
+        "    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {serving.queue_timeout_ms * 1000}\n"
+        "    allow_timeout_override: false\n"
+        f"    max_queue_size: {serving.max_queue_size}\n"
+        "  }\n}\n"
+        f"instance_group [ {{ kind: KIND_CPU count: {serving.instances} }} ]\n"
     )
 
 
-def ensemble_config(version: int) -> str:
+def ensemble_config(version: int, serving: ServingConfig | None = None) -> str:
     """The ``retrieve`` ensemble with every step pinned to ``version``."""
+    serving = serving or ServingConfig()
     ins = {n: FeaturesStep.INPUTS[n] for n in INPUTS}
     outs = {n: (dtype, [-1], False) for n, dtype in OUTPUTS.items()}
     steps = []
@@ -173,7 +187,7 @@ def ensemble_config(version: int) -> str:
             f"{maps}    }}"
         )
     return (
-        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: 0\n'
+        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {serving.max_batch_size}\n'
         + _tensors("input", ins)
         + _tensors("output", outs)
         + "ensemble_scheduling {\n  step [\n"
@@ -201,20 +215,22 @@ def model_file(model: str, version: int) -> str:
 
 
 def repository_definitions(
-    version: int = DEFINITIONS_VERSION, instances: int = ServingConfig.instances
+    version: int = DEFINITIONS_VERSION, serving: ServingConfig | None = None
 ) -> dict[str, str]:
     """Every file of the repository that is definition rather than asset, by path relative to
     the repository: the ensemble's and each step's ``config.pbtxt`` and each step's ``model.py``.
 
     The one generator of these files: ``publish`` writes them into every export and
     ``write_definitions`` into ``serving/model_repository``. Only ``version`` (the ensemble's
-    pins, the shells' folder) and ``instances`` (each step's instance group) vary by export.
+    pins, the shells' folder) and ``serving``'s instances, batch and queue settings vary by
+    export.
     """
+    serving = serving or ServingConfig()
     defs = {}
     for step in STEPS:
-        defs[config_file(step.MODEL)] = step_config(step, instances)
+        defs[config_file(step.MODEL)] = step_config(step, serving)
         defs[model_file(step.MODEL, version)] = MODEL_PY.format(model=step.MODEL)
-    defs[config_file(ENSEMBLE)] = ensemble_config(version)
+    defs[config_file(ENSEMBLE)] = ensemble_config(version, serving)
     return dict(sorted(defs.items()))
 
 
@@ -270,9 +286,7 @@ def check_repository(repository: Path) -> list[str]:
     repository = Path(repository)
     version = pinned_version(repository)
     serving, _, _ = read_serving_file(repository / ENSEMBLE / str(version))
-    return definition_drift(
-        repository, repository_definitions(version, serving.instances), exact=False
-    )
+    return definition_drift(repository, repository_definitions(version, serving), exact=False)
 
 
 def versions(repository: Path, model: str) -> list[int]:
@@ -335,7 +349,7 @@ def publish(
     from the feature repository.
     """
     repository = Path(repository)
-    defs = repository_definitions(version, serving.instances)
+    defs = repository_definitions(version, serving)
     if not serving.user_feature_refs:
         from candgen.features.store import service_feature_refs
 

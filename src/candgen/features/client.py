@@ -22,7 +22,7 @@ class FeatureStoreUnavailable(CandgenError):
 
 
 class FeatureServerClient:
-    """Reads a feature service for one entity at a time.
+    """Reads a feature service for one entity or a batch of them.
 
     Args:
         url: the feature server, e.g. ``http://127.0.0.1:6566``.
@@ -68,19 +68,29 @@ class FeatureServerClient:
 
     def lookup(self, service: str, entity: str, key: int) -> dict[str, Any] | None:
         """The service's features for one entity, or None if the store has none of them."""
+        return self.lookup_many(service, entity, [key])[0]
+
+    def lookup_many(
+        self, service: str, entity: str, keys: list[int]
+    ) -> list[dict[str, Any] | None]:
+        """The service's features for many entities in one request on the kept-alive
+        connection (the feature server reads them with one online read): one dict per key, in
+        order, None where the store has none of them."""
         what: dict[str, Any] = (
             {"features": self.service_refs[service]}
             if service in self.service_refs
             else {"feature_service": service}
         )
-        payload = self._request({**what, "entities": {entity: [int(key)]}})
+        payload = self._request({**what, "entities": {entity: [int(k) for k in keys]}})
         names = payload["metadata"]["feature_names"]
-        values: dict[str, Any] = {}
-        found = False
+        rows: list[dict[str, Any]] = [{} for _ in keys]
+        found = [False] * len(keys)
         for name, result in zip(names, payload["results"], strict=True):
-            values[name] = result["values"][0]
-            found |= name != entity and result["statuses"][0] == "PRESENT"
-        return values if found else None
+            statuses = result["statuses"]
+            for i, value in enumerate(result["values"]):
+                rows[i][name] = value
+                found[i] |= name != entity and statuses[i] == "PRESENT"
+        return [row if hit else None for row, hit in zip(rows, found, strict=True)]
 
     def _request(self, body: dict[str, Any]) -> Any:
         text = json.dumps(body)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -50,6 +50,15 @@ POPULARITY_DEPTH = 3  # popularity candidates per answer slot (see generate)
 
 class FeatureSource(Protocol):
     def lookup(self, service: str, entity: str, key: int) -> dict[str, Any] | None: ...
+
+
+@runtime_checkable
+class BatchFeatureSource(FeatureSource, Protocol):
+    """A feature source that reads many entities in one call (the feature server client)."""
+
+    def lookup_many(
+        self, service: str, entity: str, keys: list[int]
+    ) -> list[dict[str, Any] | None]: ...
 
 
 @dataclass(frozen=True)
@@ -135,11 +144,51 @@ def user_context(
     """Step 1: the user's online features joined with the request's real-time items, and what
     eligibility reads of them: the profile, the ads and advertisers the frequency ``caps`` (of
     ``today``, a UTC date; default now) and the user's hides rule out."""
-    fallback = False
-    try:
-        feats = features.lookup(USER_SERVICE, "user_id", int(user_id))
-    except FeatureStoreUnavailable:
-        feats, fallback = None, True
+    return user_contexts(features, [(user_id, recent_item_ids)], caps, today)[0]
+
+
+def user_contexts(
+    features: FeatureSource,
+    requests: Sequence[tuple[int, Sequence[int]]],
+    caps: FrequencyCaps | None = None,
+    today: str | None = None,
+) -> list[UserContext]:
+    """Step 1 for a batch of requests, each (user id, real-time item ids): ``user_context`` of
+    each, with every user's features read in one call where the source reads batches."""
+    caps = caps or FrequencyCaps()
+    day = today or datetime.now(UTC).strftime("%Y-%m-%d")
+    rows = _read_users(features, [int(user_id) for user_id, _ in requests])
+    return [
+        _context(feats, fallback, recent, caps, day)
+        for (feats, fallback), (_, recent) in zip(rows, requests, strict=True)
+    ]
+
+
+def _read_users(
+    features: FeatureSource, user_ids: list[int]
+) -> list[tuple[dict[str, Any] | None, bool]]:
+    """Each user's features and whether the store was unreachable (the request falls back)."""
+    if isinstance(features, BatchFeatureSource):
+        try:
+            return [(row, False) for row in features.lookup_many(USER_SERVICE, "user_id", user_ids)]
+        except FeatureStoreUnavailable:
+            return [(None, True)] * len(user_ids)
+    rows: list[tuple[dict[str, Any] | None, bool]] = []
+    for user_id in user_ids:
+        try:
+            rows.append((features.lookup(USER_SERVICE, "user_id", user_id), False))
+        except FeatureStoreUnavailable:
+            rows.append((None, True))
+    return rows
+
+
+def _context(
+    feats: dict[str, Any] | None,
+    fallback: bool,
+    recent_item_ids: Sequence[int],
+    caps: FrequencyCaps,
+    day: str,
+) -> UserContext:
     stored = list((feats or {}).get("recent_item_ids") or [])
     stored_times = list((feats or {}).get("recent_timestamps") or [])
     history = [*map(int, stored), *map(int, recent_item_ids)]
@@ -149,8 +198,6 @@ def user_context(
     affinity = (feats or {}).get("category_affinity")
     long_term = (feats or {}).get("long_term_embedding")
     lifetime = sum(int((feats or {}).get(k) or 0) for k in ("engagements_total", "ad_clicks_total"))
-    caps = caps or FrequencyCaps()
-    day = today or datetime.now(UTC).strftime("%Y-%m-%d")
     blocked_ads, blocked_advertisers = caps_from_features(
         feats, day, caps.per_ad, caps.per_advertiser
     )
@@ -191,21 +238,45 @@ def user_vector(
     A model that reads the surface's context (``Retriever.query_text_dim`` > 0,
     ``Retriever.reads_context_items``) also gets the query's embedding and the context item
     (only one it knows); the retriever gives a model only what it reads."""
-    times = context.times or [0.0] * len(context.history)
-    known = [(i, t) for i, t in zip(context.history, times, strict=True) if i in retriever.index]
-    if not known:
-        return None
-    ids = [i for i, _ in known]
-    known_item = context_item if context_item in retriever.index else None
-    query = retriever.user_vectors(
-        [ids],
-        [[t for _, t in known]] if context.times else None,
-        [scenario],
-        [context.long_term],
-        queries=[query_embedding],
-        context_items=[known_item],
-    )
-    return np.asarray(query[0], dtype=np.float32)
+    return user_vectors(retriever, [context], [scenario], [query_embedding], [context_item])[0]
+
+
+def user_vectors(
+    retriever: Retriever,
+    contexts: Sequence[UserContext],
+    scenarios: Sequence[str],
+    query_embeddings: Sequence[np.ndarray | None],
+    context_items: Sequence[int | None],
+) -> list[np.ndarray | None]:
+    """Step 2 for a batch of requests (``user_vector`` of each): one encoder forward for the
+    requests whose history carries timestamps and one for those without (the model reads no
+    time bias for the latter, as for a single request)."""
+    out: list[np.ndarray | None] = [None] * len(contexts)
+    groups: dict[bool, list[tuple[int, list[int], list[float]]]] = {}
+    for row, context in enumerate(contexts):
+        times = context.times or [0.0] * len(context.history)
+        known = [
+            (i, t) for i, t in zip(context.history, times, strict=True) if i in retriever.index
+        ]
+        if known:
+            groups.setdefault(bool(context.times), []).append(
+                (row, [i for i, _ in known], [t for _, t in known])
+            )
+    for timed, members in groups.items():
+        rows = [row for row, _, _ in members]
+        vectors = retriever.user_vectors(
+            [ids for _, ids, _ in members],
+            [times for _, _, times in members] if timed else None,
+            [scenarios[r] for r in rows],
+            [contexts[r].long_term for r in rows],
+            queries=[query_embeddings[r] for r in rows],
+            context_items=[
+                item if (item := context_items[r]) in retriever.index else None for r in rows
+            ],
+        )
+        for row, vector in zip(rows, vectors, strict=True):
+            out[row] = np.asarray(vector, dtype=np.float32)
+    return out
 
 
 def check_context_item(item: int | None, ad_index: AdIndex, content: ContentGenerator) -> None:

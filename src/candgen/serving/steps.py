@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,7 +44,14 @@ import numpy as np
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.client import FeatureServerClient
 from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig
-from candgen.serving.contract import UNKNOWN_CONTEXT_ITEM, check_k, parse_request, surface_context
+from candgen.serving.contract import (
+    UNKNOWN_CONTEXT_ITEM,
+    Request,
+    SurfaceContext,
+    check_k,
+    parse_request,
+    surface_context,
+)
 from candgen.serving.diversity import AdCatalog, DiversityConfig
 from candgen.serving.eligibility import (
     AD_INDEX,
@@ -67,8 +75,8 @@ from candgen.serving.pipeline import (
     generate,
     request_eligibility,
     select,
-    user_context,
-    user_vector,
+    user_contexts,
+    user_vectors,
 )
 from candgen.serving.query_encoder import QUERY_ENCODER_DIR, TextEncoder
 from candgen.serving.quota import (
@@ -107,6 +115,15 @@ class ServingConfig:
         weights: the fixed policy's per-surface generator weights (surface -> generator ->
             share, summing to 1).
         instances: Triton instances of each python-backend step.
+        max_batch_size: the most requests one execute of a step takes together: Triton's dynamic
+            batcher hands a step what queued while it ran, and the step shares work across them
+            (one feature read, one encoder forward).
+        batch_delay_us: how long a step's batcher may hold a request to let a batch fill
+            (microseconds; 0: batch only what is already waiting).
+        max_queue_size: requests one step holds waiting; past it a request is rejected at once
+            (UNAVAILABLE: retry later or elsewhere), so that overload cannot grow the queue.
+        queue_timeout_ms: a request that waited this long in a step's queue is rejected
+            (UNAVAILABLE), which bounds the latency of the requests that are answered.
         user_feature_refs: the features of the user feature service (``view:feature``),
             resolved from the feature repository at export; empty: ask by service name.
         quota_policy: how the select step shares K among the generators: fixed (``weights``),
@@ -142,6 +159,10 @@ class ServingConfig:
     max_k: int = 1_000
     weights: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     instances: int = 1
+    max_batch_size: int = 32
+    batch_delay_us: int = 0
+    max_queue_size: int = 32
+    queue_timeout_ms: int = 50
     user_feature_refs: tuple[str, ...] = ()
     quota_policy: str = "auto"
     quota_exploration: str = "mean"
@@ -172,6 +193,15 @@ class ServingConfig:
             raise ConfigError("max_k", f"must be >= 1, got {self.max_k}")
         if self.instances < 1:
             raise ConfigError("instances", f"must be >= 1, got {self.instances}")
+        for name, low, high in (
+            ("max_batch_size", 1, 1_024),
+            ("batch_delay_us", 0, 1_000_000),
+            ("max_queue_size", 1, 100_000),
+            ("queue_timeout_ms", 1, 60_000),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(name, f"must be an integer in [{low}, {high}], got {value!r}")
         if self.query_cache_size < 0:
             raise ConfigError("query_cache_size", f"must be >= 0, got {self.query_cache_size}")
         if self.query_encoder_threads < 1:
@@ -354,7 +384,31 @@ class Step:
         self.quotas = self.config.quotas
 
     def __call__(self, tensors: Tensors) -> Tensors:
+        return answer_one(self.batch([tensors])[0])
+
+    def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
+        """The outputs of each request of a batch (what Triton's dynamic batcher hands one
+        execute), in order; a request that fails gets its error in its place, so one bad request
+        never fails the others. Steps that share work across a batch override this."""
         raise NotImplementedError
+
+
+def answer_one(answer: Tensors | Exception) -> Tensors:
+    """A request's outputs; raises the error it got instead."""
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+def each(requests: list[Tensors], one: Callable[[Tensors], Tensors]) -> list[Tensors | Exception]:
+    """``one`` applied to every request of a batch, each request's error kept in its place."""
+    answers: list[Tensors | Exception] = []
+    for tensors in requests:
+        try:
+            answers.append(one(tensors))
+        except Exception as e:  # this request's answer, not the batch's
+            answers.append(e)
+    return answers
 
 
 I64, F32, F64, STR = np.int64, np.float32, np.float64, np.object_
@@ -404,31 +458,60 @@ class FeaturesStep(Step):
         # One worker: the encoder's cache is only ever touched from this thread.
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="query-encoder")
 
-    def __call__(self, tensors: Tensors) -> Tensors:
-        request = parse_request(tensors, self.config.max_k)
-        self.quotas.for_surface(request.scenario)
-        surface = surface_context(request.scenario, request.query, request.context_item_id)
-        # ONNX Runtime and the lookup's socket wait both release the GIL, so a cache miss runs
-        # while the feature server answers (measured: +0.7 ms instead of +3 ms at p50).
+    def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
+        """Every user's features in one read of the store; the batch's search queries embedded
+        one by one (a padded batch would let one query's vector depend on its neighbours) on the
+        encoder's thread meanwhile."""
+        answers: list[Tensors | Exception] = list(requests)  # each replaced below
+        parsed: list[tuple[int, Request, SurfaceContext]] = []
+        for row, tensors in enumerate(requests):
+            try:
+                request = parse_request(tensors, self.config.max_k)
+                self.quotas.for_surface(request.scenario)
+                surface = surface_context(request.scenario, request.query, request.context_item_id)
+                parsed.append((row, request, surface))
+            except Exception as e:  # this request's error
+                answers[row] = e
+        queries = [surface.query for _, _, surface in parsed]
+        # ONNX Runtime and the lookup's socket wait both release the GIL, so the cache misses
+        # run while the store answers (measured: +0.7 ms instead of +3 ms at p50).
         pending = (
-            self._embedding.submit(self.query_encoder.encode, surface.query)
-            if surface.query is not None
+            self._embedding.submit(self._embed, queries)
+            if any(q is not None for q in queries)
             else None
         )
         try:
-            context = user_context(
-                self.features, request.user_id, request.recent_item_ids, self.config.caps
+            contexts = user_contexts(
+                self.features,
+                [(request.user_id, request.recent_item_ids) for _, request, _ in parsed],
+                self.config.caps,
             )
-        except BaseException:
+        except Exception as e:
             if pending is not None:
-                pending.cancel()  # not yet started: the next request's query goes first
-            raise
-        embedding = pending.result() if pending is not None else None
-        item = surface.context_item
-        return context_tensors(context, surface.flags) | {
-            "QUERY_EMBEDDING": _empty(embedding),
-            "CONTEXT_ITEM": np.asarray([item] if item is not None else [], dtype=np.int64),
-        }
+                pending.cancel()  # not yet started: the next batch's queries go first
+            for row, _, _ in parsed:
+                answers[row] = e
+            return answers
+        embeddings = pending.result() if pending is not None else [None] * len(parsed)
+        for (row, _, surface), context, embedding in zip(parsed, contexts, embeddings, strict=True):
+            if isinstance(embedding, Exception):
+                answers[row] = embedding
+                continue
+            item = surface.context_item
+            answers[row] = context_tensors(context, surface.flags) | {
+                "QUERY_EMBEDDING": _empty(embedding),
+                "CONTEXT_ITEM": np.asarray([item] if item is not None else [], dtype=np.int64),
+            }
+        return answers
+
+    def _embed(self, queries: list[str | None]) -> list[np.ndarray | Exception | None]:
+        out: list[np.ndarray | Exception | None] = []
+        for query in queries:
+            try:
+                out.append(self.query_encoder.encode(query) if query is not None else None)
+            except Exception as e:  # this request's error
+                out.append(e)
+        return out
 
 
 def load_retriever(folder: Path) -> Retriever:
@@ -495,15 +578,30 @@ class EncoderStep(Step):
         torch.set_num_threads(1)
         self.retriever = load_retriever(self.folder)
 
-    def __call__(self, tensors: Tensors) -> Tensors:
-        scenario = _strings(tensors["SCENARIO"])[0]
-        item = _optional_item(tensors)
-        embedding = _optional_vector(tensors, "QUERY_EMBEDDING")
-        vector = user_vector(self.retriever, context_from(tensors), scenario, embedding, item)
-        return {
-            "USER_VECTOR": _empty(vector),
-            "CONTEXT_VECTOR": _empty(context_item_vector(self.retriever, item)),
-        }
+    def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
+        """One encoder forward for the batch (two where some histories carry timestamps and
+        others none); should it fail, each request alone, so that the error is its own."""
+        try:
+            contexts = [context_from(t) for t in requests]
+            items = [_optional_item(t) for t in requests]
+            vectors = user_vectors(
+                self.retriever,
+                contexts,
+                [_strings(t["SCENARIO"])[0] for t in requests],
+                [_optional_vector(t, "QUERY_EMBEDDING") for t in requests],
+                items,
+            )
+        except Exception as e:
+            if len(requests) == 1:
+                return [e]
+            return [answer for t in requests for answer in self.batch([t])]
+        return [
+            {
+                "USER_VECTOR": _empty(vector),
+                "CONTEXT_VECTOR": _empty(context_item_vector(self.retriever, item)),
+            }
+            for vector, item in zip(vectors, items, strict=True)
+        ]
 
 
 @dataclass
@@ -587,7 +685,10 @@ class GeneratorsStep(Step):
             )
             self.watcher.start()
 
-    def __call__(self, tensors: Tensors) -> Tensors:
+    def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
+        return each(requests, self._one)
+
+    def _one(self, tensors: Tensors) -> Tensors:
         g = self.generators
         item = _optional_item(tensors)
         check_context_item(item, g.ad_index, g.content)
@@ -652,7 +753,10 @@ class SelectStep(Step):
         self.catalog = AdCatalog.load(self.folder)
         self.diversity = {s: self.config.diversity(s) for s in SURFACES}
 
-    def __call__(self, tensors: Tensors) -> Tensors:
+    def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
+        return each(requests, self._one)
+
+    def _one(self, tensors: Tensors) -> Tensors:
         scenario = _strings(tensors["SCENARIO"])[0]
         self.quotas.for_surface(scenario)
         candidates: dict[str, list[tuple[int, float]]] = {}

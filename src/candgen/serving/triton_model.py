@@ -1,9 +1,13 @@
 """The Triton python-backend shell shared by every step of the ``retrieve`` ensemble.
 
 Each exported ``model.py`` is two lines: it names its step and calls ``triton_model``. The shell
-maps Triton tensors onto ``Step.__call__`` and back, answers every request with exactly one
-response, and reports failures in that response (a ``TritonError``) instead of raising, so a bad
-request never takes the model down.
+maps the requests Triton's dynamic batcher hands one ``execute`` onto ``Step.batch`` and back,
+answers every request with exactly one response, and reports failures in that response (a
+``TritonError``) instead of raising, so a bad request never takes the model down nor fails the
+requests batched with it.
+
+Every tensor carries Triton's batch dimension first (``max_batch_size`` > 0); one request is one
+user, so the shell takes row 0 of each input and gives each output a batch dimension of 1.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from candgen.errors import CandgenError, ConfigError
-from candgen.serving.steps import STEPS, Step
+from candgen.serving.steps import STEPS, Step, Tensors
 
 
 def triton_model(step_model: str, pb_utils: Any) -> type:
@@ -30,6 +34,27 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
         )
         return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
+    def request_tensors(request: Any) -> Tensors:
+        tensors = {}
+        for name in step_class.INPUTS:
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            if t is not None:
+                tensors[name] = unbatch(name, t.as_numpy())
+        return tensors
+
+    def respond(answer: Tensors | Exception | None) -> Any:
+        answer = answer if answer is not None else CandgenError("no answer")
+        if isinstance(answer, ConfigError):
+            return error(str(answer), "INVALID_ARG")
+        if isinstance(answer, CandgenError):
+            return error(f"{step_model}: {answer}", "INTERNAL")
+        if isinstance(answer, Exception):
+            pb_utils.Logger.log_error("".join(traceback.format_exception(answer)))
+            return error(f"{step_model}: internal error: {answer!r}", "INTERNAL")
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(n, v[None]) for n, v in answer.items()]
+        )
+
     class TritonPythonModel:
         step: Step
 
@@ -42,30 +67,40 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
             gc.freeze()
 
         def execute(self, requests: list[Any]) -> list[Any]:
-            responses = []
-            for request in requests:
+            answers: list[Tensors | Exception | None] = [None] * len(requests)
+            rows, batch = [], []
+            for row, request in enumerate(requests):
                 try:
-                    tensors = {}
-                    for name in step_class.INPUTS:
-                        t = pb_utils.get_input_tensor_by_name(request, name)
-                        if t is not None:
-                            tensors[name] = t.as_numpy()
-                    out = self.step(tensors)
-                    responses.append(
-                        pb_utils.InferenceResponse(
-                            output_tensors=[pb_utils.Tensor(n, v) for n, v in out.items()]
-                        )
-                    )
-                except ConfigError as e:
-                    responses.append(error(str(e), "INVALID_ARG"))
-                except CandgenError as e:
-                    responses.append(error(f"{step_model}: {e}", "INTERNAL"))
-                except Exception as e:  # a bug must not take the server down
-                    pb_utils.Logger.log_error(traceback.format_exc())
-                    responses.append(error(f"{step_model}: internal error: {e!r}", "INTERNAL"))
-            return responses
+                    batch.append(request_tensors(request))
+                    rows.append(row)
+                except Exception as e:  # a malformed request: its own answer
+                    answers[row] = e
+            try:
+                results = self.step.batch(batch) if batch else []
+            except Exception as e:  # a bug must not take the server down
+                results = [e] * len(batch)
+            if len(results) != len(batch):  # a bug too: every request still gets an answer
+                results = [CandgenError(f"{len(results)} answers for {len(batch)}")] * len(batch)
+            for row, result in zip(rows, results, strict=True):
+                answers[row] = result
+            return [respond(answer) for answer in answers]
 
         def finalize(self) -> None:
             self.step = None  # type: ignore[assignment]
 
     return TritonPythonModel
+
+
+def unbatch(name: str, value: Any) -> Any:
+    """One request's tensor without Triton's batch dimension.
+
+    Raises:
+        ConfigError: naming the tensor, when the request carries more than one user.
+    """
+    if value.ndim == 0 or value.shape[0] != 1:
+        raise ConfigError(
+            name,
+            f"one request carries one user (batch dimension 1), got shape {list(value.shape)}; "
+            "send concurrent requests instead (the server batches them)",
+        )
+    return value[0]

@@ -1,0 +1,205 @@
+"""Batched steps: what Triton's dynamic batcher hands one execute is answered as each request
+alone would be, one bad request fails only itself, and the shared work is done once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from candgen.errors import ConfigError
+from candgen.index.ann import IndexConfig
+from candgen.serving.diversity import AdCatalog
+from candgen.serving.pipeline import UserContext, user_vector, user_vectors
+from candgen.serving.steps import (
+    EncoderStep,
+    FeaturesStep,
+    SelectStep,
+    ServingConfig,
+    context_tensors,
+    write_serving_file,
+)
+from candgen.serving.triton_model import triton_model
+from tests.unit.test_serving_steps import _Encoder, _Features, _request, _unified
+
+
+class _BatchFeatures(_Features):
+    """The one-user store, read a batch at a time (as the feature server client reads)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def lookup_many(self, service: str, entity: str, keys: list[int]) -> list[dict | None]:
+        self.calls.append(list(keys))
+        return [self.lookup(service, entity, k) for k in keys]
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].tolist() == b[name].tolist(), name
+
+
+def test_a_batch_reads_every_user_once_and_answers_each_as_alone(tmp_path: Path) -> None:
+    write_serving_file(tmp_path, ServingConfig(), IndexConfig(), {})
+    features = _BatchFeatures()
+    step = FeaturesStep(tmp_path, features, _Encoder())
+    requests = [
+        _request(b"search", QUERY=np.array([b"desk lamp"], object)),
+        _request(b"home", K=np.array([0], np.int32)),  # refused: K out of range
+        _request(b"related", USER_ID=np.array([2], np.int64)),
+        _request(b"search", QUERY=np.array([b"q" * 600], object)),  # refused: QUERY too long
+        _request(b"related", CONTEXT_ITEM_ID=np.array([77], np.int64)),
+    ]
+    answers = step.batch(requests)
+    assert features.calls == [[1, 2, 1]]  # one read, for the requests that parsed
+    assert isinstance(answers[1], ConfigError) and answers[1].field == "K"
+    assert isinstance(answers[3], ConfigError) and answers[3].field == "QUERY"
+    alone = FeaturesStep(tmp_path, _Features(), _Encoder())
+    for row in (0, 2, 4):
+        got = answers[row]
+        assert isinstance(got, dict)
+        _same(got, alone(requests[row]))
+
+
+def test_a_failed_batch_read_fails_that_batch_and_the_next_one_is_answered(
+    tmp_path: Path,
+) -> None:
+    class Down(_BatchFeatures):
+        def lookup_many(self, service: str, entity: str, keys: list[int]) -> list[dict | None]:
+            if not self.calls:
+                self.calls.append(list(keys))
+                raise RuntimeError("socket closed")  # a bug, not an unreachable store
+            return super().lookup_many(service, entity, keys)
+
+    write_serving_file(tmp_path, ServingConfig(), IndexConfig(), {})
+    step = FeaturesStep(tmp_path, Down(), _Encoder())
+    search = _request(b"search", QUERY=np.array([b"lamp"], object))
+    answers = step.batch([search, _request(b"home")])
+    assert all(isinstance(a, RuntimeError) for a in answers)
+    after = step.batch([search])[0]
+    assert isinstance(after, dict) and after["QUERY_EMBEDDING"].tolist() == [4.0, 1.0]
+
+
+def test_one_encoder_forward_gives_each_request_its_own_vector() -> None:
+    model = _unified(query_text_dim=384, context_items=True)
+    embedding = np.full(384, 0.05, np.float32)
+    batch = [
+        (UserContext(history=[5, 6, 404], times=[1.0, 2.0, 3.0]), "search", embedding, None),
+        (UserContext(history=[7, 8]), "home", None, None),  # no timestamps
+        (UserContext(history=[404]), "home", None, None),  # no item the model knows
+        (UserContext(history=[9], times=[5.0]), "related", None, 12),
+        (UserContext(history=[1, 2, 3, 4], long_term=[0.1] * 4), "related", None, 999),
+    ]
+    together = user_vectors(
+        model,  # type: ignore[arg-type]
+        [c for c, _, _, _ in batch],
+        [s for _, s, _, _ in batch],
+        [q for _, _, q, _ in batch],
+        [i for _, _, _, i in batch],
+    )
+    for (context, surface, query, item), got in zip(batch, together, strict=True):
+        alone = user_vector(model, context, surface, query, item)  # type: ignore[arg-type]
+        if alone is None:
+            assert got is None
+        else:
+            assert got is not None and np.allclose(got, alone, atol=1e-5)
+    assert together[2] is None
+
+
+def test_a_request_that_breaks_the_encoder_batch_fails_alone() -> None:
+    step = EncoderStep.__new__(EncoderStep)  # the model without an exported folder
+    step.retriever = _unified()  # type: ignore[assignment]
+
+    def request(context: UserContext) -> dict[str, np.ndarray]:
+        return context_tensors(context) | {
+            "SCENARIO": np.array([b"home"], object),
+            "QUERY_EMBEDDING": np.zeros(0, np.float32),
+            "CONTEXT_ITEM": np.zeros(0, np.int64),
+        }
+
+    good = [request(UserContext(history=[5, 6], times=[1.0, 2.0])), request(UserContext([7]))]
+    broken = request(UserContext(history=[5, 6], times=[1.0, 2.0]))
+    broken["HISTORY_TIMES"] = np.array([1.0], np.float64)  # one time for two items
+    answers = step.batch([good[0], broken, good[1]])
+    assert isinstance(answers[1], Exception)
+    for row, tensors in ((0, good[0]), (2, good[1])):
+        got, alone = answers[row], step(tensors)
+        assert isinstance(got, dict)
+        assert np.allclose(got["USER_VECTOR"], alone["USER_VECTOR"], atol=1e-5)
+
+
+class _PbUtils:
+    """What the shell uses of ``triton_python_backend_utils``."""
+
+    class TritonError:
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message: str, code: str | None = None) -> None:
+            self.message, self.code = message, code
+
+    class Tensor:
+        def __init__(self, name: str, value: np.ndarray) -> None:
+            self.name, self.value = name, value
+
+        def as_numpy(self) -> np.ndarray:
+            return self.value
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list[Any], error: Any = None) -> None:
+            self.outputs = {t.name: t.value for t in output_tensors}
+            self.error = error
+
+    class Logger:
+        @staticmethod
+        def log_error(message: str) -> None:
+            pass
+
+    @staticmethod
+    def get_input_tensor_by_name(request: dict[str, Any], name: str) -> Any:
+        return request.get(name)
+
+
+def test_the_shell_answers_every_request_of_a_batch_with_its_own_batch_row(
+    tmp_path: Path,
+) -> None:
+    write_serving_file(tmp_path, ServingConfig(max_k=50), IndexConfig(), {})
+    AdCatalog.empty().save(tmp_path)
+    model = triton_model("candgen_select", _PbUtils)()
+    model.step = SelectStep(tmp_path)
+
+    def request(ids: list[int], k: int, rows: int = 1) -> dict[str, Any]:
+        tensors = {
+            "CANDIDATE_IDS": np.array(ids, np.int64),
+            "CANDIDATE_SCORES": np.linspace(1, 0, len(ids)).astype(np.float32),
+            "CANDIDATE_SOURCES": np.array([b"sequential"] * len(ids), object),
+            "SCENARIO": np.array([b"home"], object),
+            "K": np.array([k], np.int32),
+        }
+        return {n: _PbUtils.Tensor(n, np.stack([v] * rows)) for n, v in tensors.items()}
+
+    responses = model.execute(
+        [request([11, 12, 13], 2), request([21, 22], 2, rows=2), request([31], 5), request([1], 0)]
+    )
+    assert len(responses) == 4
+    first, two_users, third, bad_k = responses
+    assert first.error is None and first.outputs["AD_IDS"].tolist() == [[11, 12]]
+    assert third.error is None and third.outputs["AD_IDS"].tolist() == [[31]]
+    assert two_users.error.code == "INVALID_ARG"
+    assert two_users.error.message.startswith("CANDIDATE_IDS: one request carries one user")
+    assert bad_k.error.code == "INVALID_ARG" and bad_k.error.message.startswith("K: ")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_batch_size", 0),
+    ("max_batch_size", 2.5),
+    ("batch_delay_us", -1),
+    ("max_queue_size", 0),
+    ("queue_timeout_ms", 0),
+    ("queue_timeout_ms", True),
+])  # fmt: skip
+def test_bad_batch_and_queue_settings_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"^{field}: must be an integer in"):
+        ServingConfig(**{field: value})  # type: ignore[arg-type]
