@@ -40,6 +40,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ from candgen.serving.query_encoder import PRECISIONS  # noqa: E402
 
 RESULTS = ROOT / "docs" / "benchmarks"
 K = 100
+BACKOFF_S = 0.01  # a load client's pause after the server refused a request as busy
 
 
 def corpus(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +214,9 @@ def _ad_text_vectors(n: int, work: Path, seed: int) -> np.ndarray:
     return out
 
 
-def _market(work: Path, seed: int):  # -> (store config, users, items, ads, logged queries)
+def _market(
+    work: Path, seed: int, online: str = "sqlite"
+):  # -> (store, users, items, ads, queries)
     import pandas as pd
 
     from candgen.data.synth import SynthConfig, generate
@@ -228,7 +232,13 @@ def _market(work: Path, seed: int):  # -> (store config, users, items, ads, logg
     build_features(
         summary.out_dir, work / "features", FeatureBuildConfig(embed_text=False), progress=False
     )
-    store = StoreConfig(features_dir=work / "features", state_dir=work / "feast")
+    # Redis keys are namespaced by project: the benchmark's own, beside any other candgen store.
+    store = StoreConfig(
+        online=online,
+        features_dir=work / "features",
+        state_dir=work / f"feast-{online}",
+        project=f"candgen_bench_{online}",
+    )
     apply(store)
     materialize(store)
     users = pd.read_parquet(work / "features" / "user_short_term.parquet")["user_id"]
@@ -318,7 +328,7 @@ def _build_repository(
             "ineligible": ad_ids[rng.random(args.ads) < 0.02],
         },
     )
-    serving = ServingConfig(feature_server_url=feature_url, max_k=1_000, instances=args.instances)
+    serving = ServingConfig(feature_server_url=feature_url, max_k=1_000)
     from constraints import write_constraints
 
     constraints = write_constraints(
@@ -384,11 +394,12 @@ def _load(
     import threading
     from collections import defaultdict
 
-    from candgen.endpoint.client import RetrieveClient
+    from candgen.endpoint.client import RetrieveClient, ServerBusy
 
     lock = threading.Lock()
     done: dict[str, list[Request]] = defaultdict(list)
     errors: dict[str, list[str]] = defaultdict(list)
+    rejected: dict[str, list[float]] = defaultdict(list)  # ms until the rejection came
     counts: dict[str, list[int]] = {t.kind: [0, 0, 0] for t in traffics}  # fallbacks, q, seen
     start = time.perf_counter()
     stop_at = start + seconds
@@ -410,6 +421,11 @@ def _load(
             t0, t0_ns = time.perf_counter(), time.monotonic_ns()
             try:
                 res = client.retrieve(user, surface, K, query=query, context_item_id=item)
+            except ServerBusy:  # the server's explicit, retryable refusal under overload
+                with lock:
+                    rejected[traffic.kind].append((time.perf_counter() - t0) * 1e3)
+                time.sleep(BACKOFF_S)  # as a client that honours a retryable status would
+                continue
             except Exception as e:  # counted and reported, never hidden
                 with lock:
                     errors[traffic.kind].append(repr(e))
@@ -440,9 +456,13 @@ def _load(
                 "queries": queries,
                 "repeated_queries": seen,
                 "errors": len(errors[t.kind]),
+                "rejected": len(rejected[t.kind]),
+                "rejected_p99_ms": float(np.percentile(rejected[t.kind], 99))
+                if rejected[t.kind]
+                else 0.0,
                 "fallbacks": fallbacks,
                 "first_error": errors[t.kind][0] if errors[t.kind] else "",
-                "qps": len(times) / wall,
+                "qps": len(times) / wall,  # answered requests only
                 "level_qps": total,
                 "seconds": wall,
                 "p50_ms": float(p50),
@@ -582,29 +602,45 @@ def _per_request_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def _check_layout(repo: Path, instances: int) -> None:
-    """A reused repository must have the layout this code writes (definitions and assets)."""
+SERVE_FIELDS = (
+    "instances",
+    "max_batch_size",
+    "batch_delay_us",
+    "max_queue_size",
+    "queue_timeout_ms",
+)
+
+
+def _apply_serving(repo: Path, args: argparse.Namespace) -> None:
+    """Serves a reused repository with this run's step settings (instances, batching, queue
+    bounds): they live in the definitions and each step's serving.json, not in the assets, so
+    they change without a rebuild. A repository whose assets this code would not write is
+    refused."""
+    import dataclasses
+
     from candgen.endpoint.export import repository_definitions
     from candgen.serving.query_encoder import QUERY_ENCODER_DIR
-    from candgen.serving.steps import FeaturesStep
+    from candgen.serving.steps import STEPS, FeaturesStep, read_serving_file, write_serving_file
 
-    stale = [
-        name
-        for name, text in repository_definitions(1, instances).items()
-        if name.endswith("config.pbtxt") and (repo / name).read_text() != text
-    ]
     if not (repo / FeaturesStep.MODEL / "1" / QUERY_ENCODER_DIR).is_dir():
-        stale.append(f"{FeaturesStep.MODEL}/1/{QUERY_ENCODER_DIR}/")
-    if stale:
         raise SystemExit(
-            f"--reuse-repository: {repo} was built by other code ({', '.join(stale)} differ); "
+            f"--reuse-repository: {repo} was built by other code "
+            f"({FeaturesStep.MODEL}/1/{QUERY_ENCODER_DIR}/ is missing); "
             "run without --reuse-repository to rebuild it"
         )
+    settings = {name: getattr(args, name) for name in SERVE_FIELDS}
+    serving = None
+    for folder in [repo / step.MODEL / "1" for step in STEPS] + [repo / "retrieve" / "1"]:
+        config, index, provenance = read_serving_file(folder)
+        serving = dataclasses.replace(config, **settings)
+        write_serving_file(folder, serving, index, provenance)
+    for name, text in repository_definitions(1, serving).items():
+        (repo / name).write_text(text)
 
 
 def _build_args(args: argparse.Namespace) -> dict[str, object]:
     """What the built repository depends on (a reused one must have been built with these)."""
-    names = ("ads", "dim", "text_dim", "seed", "ef_construction", "ef_search", "instances")
+    names = ("ads", "dim", "text_dim", "seed", "ef_construction", "ef_search")
     names += ("max_len", "encoder_block_scale", "query_encoder_precision", "feature_port")
     return {n: getattr(args, n) for n in names} | {
         "ad_text": f"minilm {AD_TEXTS} {TEXT_SPREAD}, categories apart",
@@ -657,16 +693,17 @@ def prepare(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     work = Path(args.workdir).resolve()
     built = work / "repository_build.json"
     reuse = args.reuse_repository and built.exists() and (work / "repo").exists()
-    if reuse and json.loads(built.read_text())["args"] != _build_args(args):
-        raise SystemExit(f"--reuse-repository: {work / 'repo'} was built with other settings")
     if reuse:
-        _check_layout(work / "repo", args.instances)
+        stored = json.loads(built.read_text())["args"]
+        stored.pop("instances", None)  # a serving setting (_apply_serving), not the build's
+        if stored != _build_args(args):
+            raise SystemExit(f"--reuse-repository: {work / 'repo'} was built with other settings")
     if not reuse:
         built.unlink(missing_ok=True)
         shutil.rmtree(work / "repo", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    store, users, items, market_ads, logged = _market(work, args.seed)
+    store, users, items, market_ads, logged = _market(work, args.seed, args.online)
     print(
         f"marketplace + Feast store: {len(users):,} users in {time.perf_counter() - t0:.0f}s",
         flush=True,
@@ -680,6 +717,7 @@ def prepare(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     else:
         build, ad_ids, vectors = _build_repository(args, work, items, market_ads, features.url)
         built.write_text(json.dumps({"args": _build_args(args), "build": build}))
+    _apply_serving(work / "repo", args)
     print(f"repository{' (reused)' if reuse else ''}: {build}", flush=True)
     return work, store, users, items, logged, features, build, reuse, ad_ids, vectors
 
@@ -720,14 +758,15 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         _load(grpc_url, users, 5.0, 2, args.seed, [traffic["logged context"]])  # warm-up
         # Concurrency 1 sends the three kinds interleaved, ten times as long (for the p99
         # comparison's block bootstrap); the profile of that level is the mix's.
-        plan = [(list(TRAFFIC), 1, 10 * args.seconds)]
-        plan += [([kind], c, args.seconds) for kind in TRAFFIC[:2] for c in (4, 16)]
+        first, *rest = args.concurrency
+        plan = [(list(TRAFFIC), first, 10 * args.seconds)]
+        plan += [([kind], c, args.seconds) for kind in TRAFFIC[:2] for c in rest]
         for kinds, c, seconds in plan:
             before = _step_stats(stats_client, models)
             got = _load(grpc_url, users, seconds, c, args.seed + c, [traffic[k] for k in kinds])
             name = f"{c} ({' + '.join(kinds) if len(kinds) < len(TRAFFIC) else 'all kinds'})"
             profile[name] = _per_request_ms(before, _step_stats(stats_client, models))
-            if c == 1:
+            if c == first:
                 done = {level["traffic"]: level["_requests"] for level in got}
                 traced = done
                 rises = {
@@ -809,6 +848,7 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
             }
         }
     )
+    write_headline(serving_headline(args, levels, stages))
     return {
         "levels": levels,
         "p99_rise_at_1": rises,
@@ -836,6 +876,170 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         "2.51 (nvidia-pytriton 0.7.0) python backend, CPU",
         "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
     }
+
+
+FEATURE_BATCHES = (1, 8, 32)
+
+
+def _feast_read(feast, refs: list[str], ids: list[int]) -> object:  # type: ignore[no-untyped-def]
+    rows = [{"user_id": i} for i in ids]
+    return feast.get_online_features(features=refs, entity_rows=rows).to_dict()
+
+
+def stage_features(args: argparse.Namespace) -> dict[str, object]:
+    """The user feature read alone, for the serving path's choice: through the Feast feature
+    server (HTTP, one kept-alive connection) one user per call and a batch per call, and Feast's
+    own online read in-process (``get_online_features``, no HTTP) for reference; over the SQLite
+    and the Redis online store. The features step reads its batch with one call."""
+    from candgen.features.client import FeatureServerClient
+    from candgen.features.store import FeatureServerProcess, open_store, service_feature_refs
+    from candgen.serving.pipeline import USER_SERVICE
+
+    work = Path(args.workdir).resolve() / "features_stage"
+    refs = service_feature_refs(USER_SERVICE)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for online in ("sqlite", "redis"):
+        store, users, *_ = _market(work, args.seed, online)
+        server = FeatureServerProcess(store, port=args.feature_port, log=work / "server.log")
+        server.start()
+        try:
+            client = FeatureServerClient(server.url, 2.0, {USER_SERVICE: refs})
+            feast = open_store(store)
+            for batch in FEATURE_BATCHES:
+                calls = [
+                    [int(u) for u in users[rng.integers(len(users), size=batch)]]
+                    for _ in range(max(50, args.latency_queries // 2))
+                ]
+
+                reads = {
+                    "feature server (HTTP)": partial(client.lookup_many, USER_SERVICE, "user_id"),
+                    "Feast in-process": partial(_feast_read, feast, refs),
+                }
+                for how, read in reads.items():
+                    read(calls[0])  # warm: the first read opens the store
+                    times = []
+                    for ids in calls:
+                        t0 = time.perf_counter()
+                        read(ids)
+                        times.append((time.perf_counter() - t0) * 1e3)
+                    p50, p99 = np.percentile(times, [50, 99])
+                    rows.append(
+                        {
+                            "online": online,
+                            "how": how,
+                            "batch": batch,
+                            "calls": len(calls),
+                            "p50_ms": float(p50),
+                            "p99_ms": float(p99),
+                            "per_user_ms": float(np.mean(times)) / batch,
+                        }
+                    )
+                    print(rows[-1], flush=True)
+        finally:
+            server.stop()
+    return {
+        "rows": rows,
+        "features": refs,
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
+    }
+
+
+def render_features(results: dict[str, dict]) -> str:
+    lines = [
+        "## Serving: the user feature read (`benchmarks/serving.py --stage features`)",
+        "",
+        "The features step's read of `user_serving_v3` for the users of one batch: through the "
+        "Feast feature server (HTTP on one kept-alive connection; what the step does, one call "
+        "per batch), and Feast's own online read in the calling process for reference (not "
+        "possible in the Triton runtime, whose numpy 1.x Feast does not support). 2,000 users "
+        "of the benchmark's marketplace; ms per call.",
+        "",
+    ]
+    for machine, res in sorted(results.items()):
+        lines += [
+            f"### {res['machine']} (`{machine}`)",
+            "",
+            "| online store | read | users per call | calls | p50 | p99 | mean per user |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in res["rows"]:
+            lines.append(
+                f"| {r['online']} | {r['how']} | {r['batch']} | {r['calls']} | "
+                f"{r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['per_user_ms']:.3f} ms |"
+            )
+        lines += ["", f"Command: `{res['command']}`", ""]
+    return "\n".join(lines)
+
+
+def serving_headline(
+    args: argparse.Namespace, levels: list[dict], stages: list[dict]
+) -> dict[str, dict]:
+    """Issue 16's figures: p99 at the first (lowest) concurrency without context, the best
+    throughput at p99 <= 50 ms with no error and no rejection, the served ANN recall@100, and
+    the overload level's p99 of answered requests (errors there only as rejections)."""
+    command = f"`python benchmarks/serving.py {' '.join(sys.argv[1:])}`"
+    where = (
+        f"live ensemble, {args.ads:,} ads x {args.dim}, gRPC, K = {K}, Feast feature server on "
+        f"{args.online}, load generator on the same {os.cpu_count()} cores; "
+        f"max_batch_size {args.max_batch_size}, batch delay {args.batch_delay_us} us, "
+        f"queue {args.max_queue_size} / {args.queue_timeout_ms} ms, "
+        f"{args.instances} instance(s) per step"
+    )
+    first = min(args.concurrency)
+    c1 = next(r for r in levels if r["concurrency"] == first and r["traffic"] == TRAFFIC[0])
+    alone = [r for r in levels if not r["interleaved_with"]]
+    fit = [r for r in alone if r["p99_ms"] <= 50 and not r["errors"] and not r["rejected"]]
+    best = max(fit, key=lambda r: r["qps"]) if fit else None
+    top = max(args.concurrency)
+    over = [r for r in alone if r["concurrency"] == top]
+    served = next(r for r in stages if r["stage"].endswith("(served)"))
+    out = {
+        "serving.p99_ms_c1": {
+            "value": round(c1["p99_ms"], 2),
+            "target": "<= 10",
+            "met": bool(c1["p99_ms"] <= 10),
+            "how": f"p99 at concurrency {first} of requests without context (p50 "
+            f"{c1['p50_ms']:.2f} ms; {c1['requests']:,} requests interleaved with the other "
+            f"kinds); {where}. {command}",
+        },
+        "serving.best_qps_p99_le_50ms": {
+            "value": round(best["qps"], 1) if best else 0,
+            "target": ">= 800",
+            "met": bool(best and best["qps"] >= 800),
+            "how": (
+                f"{best['traffic']} at concurrency {best['concurrency']}: p99 "
+                f"{best['p99_ms']:.1f} ms, 0 errors, 0 rejections"
+                if best
+                else "no level had p99 <= 50 ms without errors"
+            )
+            + f"; {where}. {command}",
+        },
+        "serving.ann_recall100": {
+            "value": round(served["recall@100"], 4),
+            "target": ">= 0.95",
+            "met": bool(served["recall@100"] >= 0.95),
+            "how": f"{served['stage']} against exact search on the ensemble's own user vectors; "
+            f"{command}",
+        },
+    }
+    if over:
+        worst = max(over, key=lambda r: r["p99_ms"])
+        out["serving.overload_p99_ms"] = {
+            "value": round(worst["p99_ms"], 1),
+            "target": "<= 100, errors only as explicit rejections",
+            "met": bool(all(r["p99_ms"] <= 100 and not r["errors"] for r in over)),
+            "how": "; ".join(
+                f"{r['traffic']} at concurrency {top}: p99 of answered {r['p99_ms']:.1f} ms "
+                f"({r['requests']:,} answered, {r['qps']:.0f} QPS), {r['rejected']:,} rejected "
+                f"as busy (UNAVAILABLE, p99 {r['rejected_p99_ms']:.1f} ms to the refusal), "
+                f"{r['errors']} other errors"
+                for r in over
+            )
+            + f"; {where}. {command}",
+        }
+    return out
 
 
 def _qps(level: dict) -> str:
@@ -952,8 +1156,8 @@ def render_ensemble(results: dict[str, dict]) -> str:
             + ".",
             "",
             "| traffic | concurrency | requests | search queries (seen before) | errors | "
-            "fallback answers | QPS | p50 | p95 | p99 |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "rejected (busy) | fallback answers | QPS | p50 | p95 | p99 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["levels"]:
             seen = (
@@ -961,7 +1165,7 @@ def render_ensemble(results: dict[str, dict]) -> str:
             )
             lines.append(
                 f"| {r.get('traffic', TRAFFIC[0])} | {r['concurrency']} | {r['requests']:,} | "
-                f"{seen} | {r['errors']} | "
+                f"{seen} | {r['errors']} | {r.get('rejected', 'not counted')} | "
                 f"{r.get('fallbacks', 'not counted')} | "
                 f"{_qps(r)} | {r['p50_ms']:.1f} ms | {r['p95_ms']:.1f} ms | "
                 f"{r['p99_ms']:.1f} ms |"
@@ -1070,7 +1274,7 @@ def render(results: dict[str, dict]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=["index", "ensemble"], default="index")
+    p.add_argument("--stage", choices=["index", "ensemble", "features"], default="index")
     p.add_argument("--ads", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument(
@@ -1108,7 +1312,38 @@ def parser() -> argparse.ArgumentParser:
         default=IndexConfig().ef_construction,
         help="ensemble: HNSW build beam",
     )
-    p.add_argument("--instances", type=int, default=1, help="ensemble: instances per step")
+    from candgen.serving.steps import ServingConfig
+
+    defaults = ServingConfig()
+    p.add_argument(
+        "--instances", type=int, default=defaults.instances, help="ensemble: instances per step"
+    )
+    for name, what in (
+        ("max_batch_size", "requests one execute of a step takes together"),
+        ("batch_delay_us", "how long a step's batcher may wait to fill a batch"),
+        ("max_queue_size", "requests a step holds waiting before it rejects more"),
+        ("queue_timeout_ms", "a request waiting longer in a step's queue is rejected"),
+    ):
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=getattr(defaults, name),
+            help=f"ensemble: {what} (ServingConfig.{name})",
+        )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16, 32, 64],
+        help="ensemble: load levels; the first is sent with every kind of traffic interleaved, "
+        "ten times as long; the largest is the overload level",
+    )
+    p.add_argument(
+        "--online",
+        choices=["sqlite", "redis"],
+        default="sqlite",
+        help="ensemble, features: the online store behind the Feast feature server",
+    )
     p.add_argument(
         "--reuse-repository",
         action="store_true",
@@ -1131,10 +1366,15 @@ def main() -> int:
     args = parser().parse_args()
     name = f"serving_{args.stage}_{args.machine}.json"
     if not args.render_only:
-        result = stage_index(args) if args.stage == "index" else stage_ensemble(args)
+        stage = {"index": stage_index, "ensemble": stage_ensemble, "features": stage_features}
+        result = stage[args.stage](args)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / name).write_text(json.dumps(result, indent=2))
-    for stage, fn in (("index", render), ("ensemble", render_ensemble)):
+    for stage, fn in (
+        ("index", render),
+        ("ensemble", render_ensemble),
+        ("features", render_features),
+    ):
         stored = {
             f.stem.removeprefix(f"serving_{stage}_"): json.loads(f.read_text())
             for f in sorted(RESULTS.glob(f"serving_{stage}_*.json"))

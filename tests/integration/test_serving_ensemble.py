@@ -437,9 +437,12 @@ def test_an_unreachable_feature_store_gives_flagged_fallback_candidates(served: 
 
 
 @contextmanager
-def _under_load(served: Served, urls: list[str]) -> Iterator[tuple[list[int], list[str]]]:
-    """Asks for ads continuously, over HTTP at ``urls[0]`` and gRPC at ``urls[1]``, until the
-    block ends; yields the count of good answers (in a list) and every failure."""
+def _under_load(
+    served: Served, urls: list[str], per_url: int = 1
+) -> Iterator[tuple[list[int], list[str]]]:
+    """Asks for ads continuously, over HTTP at ``urls[0]`` and gRPC at ``urls[1]`` (``per_url``
+    clients each), until the block ends; yields the count of good answers (in a list) and every
+    failure."""
     ok, failed, stop_flag = [0], [], threading.Event()
 
     def hammer(url: str, protocol: str) -> None:
@@ -452,7 +455,8 @@ def _under_load(served: Served, urls: list[str]) -> Iterator[tuple[list[int], li
                 failed.append(repr(e))
 
     threads = [threading.Thread(target=hammer, args=(url, protocol))
-               for url, protocol in zip(urls, ("http", "grpc"), strict=True)]  # fmt: skip
+               for url, protocol in zip(urls, ("http", "grpc"), strict=True)
+               for _ in range(per_url)]  # fmt: skip
     for t in threads:
         t.start()
     try:
@@ -474,18 +478,36 @@ def test_a_promoted_version_is_swapped_in_with_zero_failed_requests(
     assert _export(served.repo, served.uri, served.features_dir, served.features.url) == 0
     assert pinned_version(served.repo) == int(new) != before
 
-    with _under_load(served, [served.http.url, served.grpc.url]) as (ok, failed):
+    executions = _executions(served)
+    # Three clients per protocol, so that the steps' batchers do form batches during the swap.
+    with _under_load(served, [served.http.url, served.grpc.url], per_url=3) as (ok, failed):
         time.sleep(1.0)
         assert main(["serving", "swap", "--model-repository", str(served.repo), "--url",
                      served.http.url]) == 0  # fmt: skip
         time.sleep(1.0)
     assert failed == []
     assert ok[0] > 20
+    # Requests were batched: some execute of a step answered more than one request.
+    batched = {
+        key: (requests - executions.get(key, (0, 0))[0], runs - executions.get(key, (0, 0))[1])
+        for key, (requests, runs) in _executions(served).items()
+    }
+    assert any(runs < requests for requests, runs in batched.values()), batched
     for step in STEPS:
         assert served.http.client.is_model_ready(step.MODEL, str(new))
     new_offline = load_pipeline(served.repo, int(new))
     _same(served.http.retrieve(served.users[3], "home", 30),
           new_offline.retrieve(served.users[3], "home", 30))  # fmt: skip
+
+
+def _executions(served: Served) -> dict[tuple[str, str], tuple[int, int]]:
+    """(requests answered, executes run) of every loaded version of every step."""
+    stats = served.http.client.get_inference_statistics()["model_stats"]
+    return {
+        (s["name"], s["version"]): (int(s["inference_count"]), int(s["execution_count"]))
+        for s in stats
+        if s["name"].startswith("candgen_")
+    }
 
 
 def _files(root: Path) -> dict[str, int]:

@@ -41,7 +41,7 @@ from candgen.serving.quota import (
     describe,
     snake_merge,
 )
-from candgen.serving.steps import SelectStep, ServingConfig, write_serving_file
+from candgen.serving.steps import SelectStep, ServingConfig, source_codes, write_serving_file
 from candgen.vocab import QUERY_TABLE, SURFACES
 
 EDGES = (5, 10, 20)
@@ -180,10 +180,10 @@ def _select_tensors(scenario: bytes, activity: int, k: int = 20) -> dict[str, np
         for ad, score in cands:
             ids.append(ad)
             scores.append(score)
-            sources.append(gen.encode())
+            sources.append(gen)
     return {"CANDIDATE_IDS": np.array(ids, np.int64),
             "CANDIDATE_SCORES": np.array(scores, np.float32),
-            "CANDIDATE_SOURCES": np.array(sources, object),
+            "CANDIDATE_SOURCES": source_codes(sources),
             "SCENARIO": np.array([scenario], object), "K": np.array([k], np.int32),
             "ACTIVITY": np.array([activity], np.int64),
             "CONTEXT_FLAGS": np.zeros(0, object)}  # fmt: skip

@@ -19,6 +19,7 @@ from candgen.serving.steps import (
     SelectStep,
     ServingConfig,
     context_tensors,
+    source_codes,
     write_serving_file,
 )
 from candgen.serving.triton_model import triton_model
@@ -174,7 +175,7 @@ def test_the_shell_answers_every_request_of_a_batch_with_its_own_batch_row(
         tensors = {
             "CANDIDATE_IDS": np.array(ids, np.int64),
             "CANDIDATE_SCORES": np.linspace(1, 0, len(ids)).astype(np.float32),
-            "CANDIDATE_SOURCES": np.array([b"sequential"] * len(ids), object),
+            "CANDIDATE_SOURCES": source_codes(["sequential"] * len(ids)),
             "SCENARIO": np.array([b"home"], object),
             "K": np.array([k], np.int32),
         }

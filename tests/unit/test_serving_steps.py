@@ -24,6 +24,7 @@ from candgen.serving.steps import (
     check_query_width,
     context_from,
     context_tensors,
+    source_codes,
     write_serving_file,
 )
 
@@ -79,7 +80,7 @@ def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> 
     out = step({
         "CANDIDATE_IDS": np.array([11, 12, 13, 12, 21], np.int64),
         "CANDIDATE_SCORES": np.array([0.9, 0.8, 0.7, 0.6, 0.5], np.float32),
-        "CANDIDATE_SOURCES": np.array([b"sequential"] * 3 + [b"content", b"popularity"], object),
+        "CANDIDATE_SOURCES": source_codes(["sequential"] * 3 + ["content", "popularity"]),
         "SCENARIO": np.array([b"home"], object),
         "K": np.array([4], np.int32),
         "CONTEXT_FLAGS": np.array([b"fallback", b"no_context_item"], object),
@@ -91,7 +92,7 @@ def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=r"K: must be in 1\.\.50, got 51"):
         step({"CANDIDATE_IDS": np.zeros(0, np.int64),
               "CANDIDATE_SCORES": np.zeros(0, np.float32),
-              "CANDIDATE_SOURCES": np.zeros(0, object), "SCENARIO": np.array([b"home"], object),
+              "CANDIDATE_SOURCES": np.zeros(0, np.int32), "SCENARIO": np.array([b"home"], object),
               "K": np.array([51], np.int32), "CONTEXT_FLAGS": np.zeros(0, object)})  # fmt: skip
 
 

@@ -13,7 +13,8 @@ model's version folder: ``<repository>/<model>/<version>/``, written by ``export
       candgen_user_encoder  HISTORY_IDS, HISTORY_TIMES, LONG_TERM, SCENARIO, QUERY_EMBEDDING,
                             CONTEXT_ITEM -> USER_VECTOR, CONTEXT_VECTOR  (torch)
       candgen_generators    HISTORY_IDS, AFFINITY, USER_VECTOR, K, QUERY_EMBEDDING, CONTEXT_ITEM,
-                            CONTEXT_VECTOR -> CANDIDATE_IDS, CANDIDATE_SCORES, CANDIDATE_SOURCES,
+                            CONTEXT_VECTOR -> CANDIDATE_IDS, CANDIDATE_SCORES, CANDIDATE_SOURCES
+                            (each candidate's generator as its place in GENERATORS),
                             CANDIDATE_FLAGS  (FAISS)
       candgen_select        CANDIDATE_*, SCENARIO, K, ACTIVITY, CONTEXT_FLAGS
                             -> AD_IDS, SCORES, SOURCES, FLAGS, SOURCE_NAMES, SOURCE_COUNTS,
@@ -81,6 +82,7 @@ from candgen.serving.pipeline import (
 from candgen.serving.query_encoder import QUERY_ENCODER_DIR, TextEncoder
 from candgen.serving.quota import (
     DEFAULT_WEIGHTS,
+    GENERATORS,
     POLICIES,
     QUOTA_FILE,
     Candidate,
@@ -96,6 +98,7 @@ if TYPE_CHECKING:  # the retriever loads with the model, in load_retriever
     from candgen.serving.query_encoder import QueryEncoder
 
 SERVING_FILE = "serving.json"
+GENERATOR_CODES = {name: code for code, name in enumerate(GENERATORS)}
 MODEL_FILE, TABLE_FILE = "model.pt", "item_embeddings.npy"
 CONTENT_DIR, DELIVERY_FILE = "content", "delivery.npz"
 
@@ -301,6 +304,27 @@ def source_tensors(chosen: list[Candidate], flags: list[str], policy: str) -> Te
         "SOURCE_COUNTS": np.asarray(list(counts.values()), dtype=np.int32),
         "QUOTA_POLICY": _bytes([policy]),
     }
+
+
+def source_codes(names: list[str]) -> np.ndarray:
+    """Generator names as their places in ``GENERATORS``: between the generators and the select
+    step hundreds of candidates each carry their generator, and a BYTES tensor is serialised
+    and parsed element by element in Python by the python backend (1.7 ms for 700, measured)."""
+    return np.fromiter((GENERATOR_CODES[n] for n in names), dtype=np.int32, count=len(names))
+
+
+def source_names(codes: np.ndarray) -> list[str]:
+    """What ``source_codes`` encoded.
+
+    Raises:
+        ConfigError: naming CANDIDATE_SOURCES, for a code that is no generator's.
+    """
+    values = np.asarray(codes).reshape(-1)
+    if values.size and (values.min() < 0 or values.max() >= len(GENERATORS)):
+        raise ConfigError(
+            "CANDIDATE_SOURCES", f"generator codes are 0..{len(GENERATORS) - 1} ({GENERATORS})"
+        )
+    return [GENERATORS[c] for c in values.tolist()]
 
 
 def _bytes(values: list[str]) -> np.ndarray:
@@ -660,7 +684,7 @@ class GeneratorsStep(Step):
     OUTPUTS: ClassVar[Spec] = {
         "CANDIDATE_IDS": (I64, [-1], False),
         "CANDIDATE_SCORES": (F32, [-1], False),
-        "CANDIDATE_SOURCES": (STR, [-1], False),
+        "CANDIDATE_SOURCES": (np.int32, [-1], False),
         "CANDIDATE_FLAGS": (STR, [-1], False),
     }
 
@@ -716,7 +740,7 @@ class GeneratorsStep(Step):
         return {
             "CANDIDATE_IDS": np.asarray([r[0] for r in rows], dtype=np.int64),
             "CANDIDATE_SCORES": np.asarray([r[1] for r in rows], dtype=np.float32),
-            "CANDIDATE_SOURCES": _bytes([r[2] for r in rows]),
+            "CANDIDATE_SOURCES": source_codes([r[2] for r in rows]),
             "CANDIDATE_FLAGS": _bytes([UNKNOWN_CONTEXT_ITEM] if unknown else []),
         }
 
@@ -729,7 +753,7 @@ class SelectStep(Step):
     INPUTS: ClassVar[Spec] = {
         "CANDIDATE_IDS": (I64, [-1], False),
         "CANDIDATE_SCORES": (F32, [-1], False),
-        "CANDIDATE_SOURCES": (STR, [-1], False),
+        "CANDIDATE_SOURCES": (np.int32, [-1], False),
         "SCENARIO": (STR, [1], False),
         "K": (np.int32, [1], False),
         "ACTIVITY": (I64, [1], False),
@@ -762,7 +786,7 @@ class SelectStep(Step):
         candidates: dict[str, list[tuple[int, float]]] = {}
         ids = np.asarray(tensors["CANDIDATE_IDS"]).tolist()
         scores = np.asarray(tensors["CANDIDATE_SCORES"]).tolist()
-        sources = _strings(tensors["CANDIDATE_SOURCES"])
+        sources = source_names(tensors["CANDIDATE_SOURCES"])
         for ad, score, source in zip(ids, scores, sources, strict=True):
             candidates.setdefault(source, []).append((ad, score))
         activity = int(np.asarray(tensors.get("ACTIVITY", [0])).reshape(-1)[0])
