@@ -56,7 +56,7 @@ from candgen.serving.query_encoder import PRECISIONS  # noqa: E402
 
 RESULTS = ROOT / "docs" / "benchmarks"
 K = 100
-BACKOFF_S = 0.01  # a load client's pause after the server refused a request as busy
+BACKOFF_S = 0.1  # a load client's pause after the server refused a request as busy
 
 
 def corpus(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -613,9 +613,9 @@ SERVE_FIELDS = (
 
 def _apply_serving(repo: Path, args: argparse.Namespace) -> None:
     """Serves a reused repository with this run's step settings (instances, batching, queue
-    bounds): they live in the definitions and each step's serving.json, not in the assets, so
-    they change without a rebuild. A repository whose assets this code would not write is
-    refused."""
+    bounds, the HNSW search beam): they live in the definitions and each step's serving.json,
+    not in the assets, so they change without a rebuild. A repository whose assets this code
+    would not write is refused."""
     import dataclasses
 
     from candgen.endpoint.export import repository_definitions
@@ -633,6 +633,7 @@ def _apply_serving(repo: Path, args: argparse.Namespace) -> None:
     for folder in [repo / step.MODEL / "1" for step in STEPS] + [repo / "retrieve" / "1"]:
         config, index, provenance = read_serving_file(folder)
         serving = dataclasses.replace(config, **settings)
+        index = dataclasses.replace(index, ef_search=args.ef_search)  # a search-time setting
         write_serving_file(folder, serving, index, provenance)
     for name, text in repository_definitions(1, serving).items():
         (repo / name).write_text(text)
@@ -640,7 +641,7 @@ def _apply_serving(repo: Path, args: argparse.Namespace) -> None:
 
 def _build_args(args: argparse.Namespace) -> dict[str, object]:
     """What the built repository depends on (a reused one must have been built with these)."""
-    names = ("ads", "dim", "text_dim", "seed", "ef_construction", "ef_search")
+    names = ("ads", "dim", "text_dim", "seed", "ef_construction")
     names += ("max_len", "encoder_block_scale", "query_encoder_precision", "feature_port")
     return {n: getattr(args, n) for n in names} | {
         "ad_text": f"minilm {AD_TEXTS} {TEXT_SPREAD}, categories apart",
@@ -695,7 +696,8 @@ def prepare(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     reuse = args.reuse_repository and built.exists() and (work / "repo").exists()
     if reuse:
         stored = json.loads(built.read_text())["args"]
-        stored.pop("instances", None)  # a serving setting (_apply_serving), not the build's
+        for setting in ("instances", "ef_search"):  # serving settings (_apply_serving)
+            stored.pop(setting, None)
         if stored != _build_args(args):
             raise SystemExit(f"--reuse-repository: {work / 'repo'} was built with other settings")
     if not reuse:
@@ -985,6 +987,7 @@ def serving_headline(
         f"{args.online}, load generator on the same {os.cpu_count()} cores; "
         f"max_batch_size {args.max_batch_size}, batch delay {args.batch_delay_us} us, "
         f"queue {args.max_queue_size} / {args.queue_timeout_ms} ms, "
+        f"at most {args.max_inflight} requests in flight, "
         f"{args.instances} instance(s) per step"
     )
     first = min(args.concurrency)
@@ -1323,6 +1326,7 @@ def parser() -> argparse.ArgumentParser:
         ("batch_delay_us", "how long a step's batcher may wait to fill a batch"),
         ("max_queue_size", "requests a step holds waiting before it rejects more"),
         ("queue_timeout_ms", "a request waiting longer in a step's queue is rejected"),
+        ("max_inflight", "requests the ensemble holds at once; the next are refused at the door"),
     ):
         p.add_argument(
             f"--{name.replace('_', '-')}",

@@ -99,3 +99,33 @@ def test_the_popularity_floor_spreads_over_advertisers_when_asked() -> None:
         per_advertiser=2,
     )
     assert [ad for ad, _ in found] == [1, 2, 11, 12, 13, 14, 15, 16]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_popularity_floor_matches_the_rule_ad_by_ad(seed: int) -> None:
+    # The vectorised floor against the rule read one ad at a time, on a long ranking with most
+    # ads not allowed, a few advertisers owning many ads, unknown owners and the user's history.
+    rng = np.random.default_rng(seed)
+    ids = np.arange(1, 3_001, dtype=np.int64)
+    pop = PacingPopularity(ids, rng.integers(0, 50, 3_000), np.full(3_000, 100), np.ones(3_000))
+    allowed = dict(zip(ids.tolist(), (rng.random(3_000) < 0.4).tolist(), strict=True))
+    owner = dict(zip(ids.tolist(), rng.integers(-1, 30, 3_000).tolist(), strict=True))
+    history = set(rng.choice(ids, 200, replace=False).tolist())
+    found = pop.candidates(
+        150,
+        exclude=history,
+        allows=lambda a: np.array([allowed[int(x)] for x in a], bool),
+        advertisers=lambda a: np.array([owner[int(x)] for x in a], np.int64),
+        per_advertiser=3,
+    )
+    expected, counts = [], {}
+    for ad, score in pop.ranked:
+        if not allowed[ad] or ad in history:
+            continue
+        if owner[ad] >= 0 and counts.get(owner[ad], 0) >= 3:
+            continue
+        counts[owner[ad]] = counts.get(owner[ad], 0) + 1
+        expected.append((ad, score))
+        if len(expected) == 150:
+            break
+    assert found == expected

@@ -11,6 +11,7 @@ import pytest
 
 from candgen.errors import ConfigError
 from candgen.index.ann import IndexConfig
+from candgen.serving.admission import InflightLimit, Overloaded
 from candgen.serving.diversity import AdCatalog
 from candgen.serving.pipeline import UserContext, user_vector, user_vectors
 from candgen.serving.steps import (
@@ -200,7 +201,45 @@ def test_the_shell_answers_every_request_of_a_batch_with_its_own_batch_row(
     ("max_queue_size", 0),
     ("queue_timeout_ms", 0),
     ("queue_timeout_ms", True),
+    ("max_inflight", -1),
 ])  # fmt: skip
 def test_bad_batch_and_queue_settings_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=rf"^{field}: must be an integer in"):
         ServingConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_the_inflight_limit_is_shared_and_a_lost_slot_expires(tmp_path: Path) -> None:
+    path = tmp_path / "slots"
+    door, exit_ = InflightLimit(path, 3), InflightLimit(path, 3)  # two processes' views
+    assert door.admit(2) == [0, 1]
+    assert door.admit(2) == [2, None]  # the limit holds across calls
+    exit_.release([1, 99])  # the last step lets one out (an unknown slot is ignored)
+    assert door.in_flight() == 2 and door.admit(1) == [1]
+    lapsed = InflightLimit(path, 3, lease_s=0.0)  # every slot older than its lease is free
+    assert lapsed.admit(3) == [0, 1, 2]
+
+
+def test_past_the_limit_the_features_step_refuses_and_select_lets_requests_out(
+    tmp_path: Path,
+) -> None:
+    write_serving_file(tmp_path, ServingConfig(max_inflight=2), IndexConfig(), {})
+    AdCatalog.empty().save(tmp_path)
+    features = FeaturesStep(tmp_path, _BatchFeatures(), _Encoder())
+    select = SelectStep(tmp_path)
+    features.admission = select.admission = InflightLimit(tmp_path / "slots", 2)
+    answers = features.batch([_request(b"home"), _request(b"home"), _request(b"home")])
+    assert [a["ADMISSION_SLOT"].tolist() for a in answers[:2]] == [[0], [1]]  # type: ignore[index]
+    assert isinstance(answers[2], Overloaded) and "max_inflight" in str(answers[2])
+    bad = features.batch([_request(b"home", K=np.array([0], np.int32))])[0]
+    assert isinstance(bad, ConfigError)  # refused on its input: it took no slot
+    leaving = {
+        "CANDIDATE_IDS": np.array([11], np.int64),
+        "CANDIDATE_SCORES": np.array([1.0], np.float32),
+        "CANDIDATE_SOURCES": source_codes(["popularity"]),
+        "SCENARIO": np.array([b"home"], object),
+        "K": np.array([0], np.int32),  # refused by select too: it still leaves
+        "ADMISSION_SLOT": np.array([0], np.int32),
+    }
+    assert isinstance(select.batch([leaving])[0], ConfigError)
+    again = features.batch([_request(b"home")])[0]
+    assert isinstance(again, dict) and again["ADMISSION_SLOT"].tolist() == [0]

@@ -56,12 +56,14 @@ def test_the_ensemble_pins_every_step_and_keeps_the_tensor_contract() -> None:
     assert 'name: "K" data_type: TYPE_INT32 dims: [ 1 ]' in text
     for name in OUTPUTS:
         assert f'name: "{name}"' in text
-    assert "max_batch_size: 32" in text
+    assert "max_batch_size: 1" in text  # one user per request; the steps batch requests
     serving = ServingConfig(instances=3, max_batch_size=8, queue_timeout_ms=40, max_queue_size=5)
     features = step_config(STEPS[0], serving)
     assert 'backend: "python"' in features and "count: 3" in features
     assert "version_policy: { all { } }" in features
     assert "max_batch_size: 8" in features
+    # A step that shares no work across a batch takes one request at a time.
+    assert "max_batch_size: 1\n" in step_config(STEPS[2], serving)
     # Overload: past the queue's bounds a request is rejected, never queued without end.
     assert "timeout_action: REJECT" in features
     assert "default_timeout_microseconds: 40000" in features and "max_queue_size: 5" in features

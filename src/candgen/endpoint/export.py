@@ -155,9 +155,12 @@ def _tensors(kind: str, spec: Spec, ragged: bool = False) -> str:
 
 
 def step_config(step: type[Step], serving: ServingConfig) -> str:
-    """A step's config: the python backend, the dynamic batcher and its queue's bounds."""
+    """A step's config: the python backend, the dynamic batcher (batches of up to
+    ``max_batch_size`` for a step that shares work across them, else one request at a time) and
+    its queue's bounds."""
+    batch = serving.max_batch_size if step.SHARES_WORK else 1
     return (
-        f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: {serving.max_batch_size}\n'
+        f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: {batch}\n'
         "version_policy: { all { } }\n"
         + _tensors("input", step.INPUTS, ragged=True)
         + _tensors("output", step.OUTPUTS)
@@ -173,9 +176,9 @@ def step_config(step: type[Step], serving: ServingConfig) -> str:
     )
 
 
-def ensemble_config(version: int, serving: ServingConfig | None = None) -> str:
-    """The ``retrieve`` ensemble with every step pinned to ``version``."""
-    serving = serving or ServingConfig()
+def ensemble_config(version: int) -> str:
+    """The ``retrieve`` ensemble with every step pinned to ``version``: one user per request
+    (batch 1; the steps batch concurrent requests themselves)."""
     ins = {n: FeaturesStep.INPUTS[n] for n in INPUTS}
     outs = {n: (dtype, [-1], False) for n, dtype in OUTPUTS.items()}
     steps = []
@@ -187,7 +190,7 @@ def ensemble_config(version: int, serving: ServingConfig | None = None) -> str:
             f"{maps}    }}"
         )
     return (
-        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {serving.max_batch_size}\n'
+        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: 1\n'
         + _tensors("input", ins)
         + _tensors("output", outs)
         + "ensemble_scheduling {\n  step [\n"
@@ -230,7 +233,7 @@ def repository_definitions(
     for step in STEPS:
         defs[config_file(step.MODEL)] = step_config(step, serving)
         defs[model_file(step.MODEL, version)] = MODEL_PY.format(model=step.MODEL)
-    defs[config_file(ENSEMBLE)] = ensemble_config(version, serving)
+    defs[config_file(ENSEMBLE)] = ensemble_config(version)
     return dict(sorted(defs.items()))
 
 

@@ -6,19 +6,59 @@ answers every request with exactly one response, and reports failures in that re
 ``TritonError``) instead of raising, so a bad request never takes the model down nor fails the
 requests batched with it.
 
+With ``CANDGEN_PROFILE_DIR`` set in the server's environment, each step instance profiles its
+executes (cProfile, the execute thread only) into ``<dir>/<model>.<pid>.prof`` every 200
+executes and at unload: the live profile that ``docs/benchmarks/serving_notes.md`` reads.
+
 Every tensor carries Triton's batch dimension first (``max_batch_size`` > 0); one request is one
 user, so the shell takes row 0 of each input and gives each output a batch dimension of 1.
 """
 
 from __future__ import annotations
 
+import cProfile
 import gc
+import os
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from candgen.errors import CandgenError, ConfigError
+from candgen.serving.admission import InflightLimit, Overloaded, slots_file
 from candgen.serving.steps import STEPS, Step, Tensors
+
+PROFILE_ENV = "CANDGEN_PROFILE_DIR"
+PROFILE_EVERY = 200  # executes between two dumps of a live profile
+
+
+class ExecuteProfile:
+    """cProfile of a step's executes when ``CANDGEN_PROFILE_DIR`` is set (else a no-op)."""
+
+    def __init__(self, model: str) -> None:
+        folder = os.environ.get(PROFILE_ENV, "")
+        self.path = Path(folder) / f"{model}.{os.getpid()}.prof" if folder else None
+        self.profile = cProfile.Profile() if folder else None
+        self.calls = 0
+
+    def run(
+        self, fn: Callable[[list[Tensors]], list[Tensors | Exception]], batch: list[Tensors]
+    ) -> list[Tensors | Exception]:
+        if self.profile is None:
+            return fn(batch)
+        self.profile.enable()
+        try:
+            return fn(batch)
+        finally:
+            self.profile.disable()
+            self.calls += 1
+            if self.calls % PROFILE_EVERY == 0:
+                self.dump()
+
+    def dump(self) -> None:
+        if self.profile is not None and self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.profile.dump_stats(str(self.path))
 
 
 def triton_model(step_model: str, pb_utils: Any) -> type:
@@ -46,6 +86,8 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
         answer = answer if answer is not None else CandgenError("no answer")
         if isinstance(answer, ConfigError):
             return error(str(answer), "INVALID_ARG")
+        if isinstance(answer, Overloaded):
+            return error(f"{step_model}: {answer}", "UNAVAILABLE")
         if isinstance(answer, CandgenError):
             return error(f"{step_model}: {answer}", "INTERNAL")
         if isinstance(answer, Exception):
@@ -57,10 +99,16 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
 
     class TritonPythonModel:
         step: Step
+        profile: ExecuteProfile = ExecuteProfile("")  # replaced in initialize
 
         def initialize(self, args: dict[str, str]) -> None:
             folder = Path(args["model_repository"]) / args["model_version"]
             self.step = step_class(folder)
+            self.profile = ExecuteProfile(step_model)
+            if self.step.config.max_inflight:
+                self.step.admission = InflightLimit(
+                    slots_file(args["model_version"]), self.step.config.max_inflight
+                )
             # The loaded assets are millions of long-lived objects (id sets, ranked lists); frozen,
             # the collector's full passes no longer walk them on some request's path.
             gc.collect()
@@ -76,7 +124,7 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
                 except Exception as e:  # a malformed request: its own answer
                     answers[row] = e
             try:
-                results = self.step.batch(batch) if batch else []
+                results = self.profile.run(self.step.batch, batch) if batch else []
             except Exception as e:  # a bug must not take the server down
                 results = [e] * len(batch)
             if len(results) != len(batch):  # a bug too: every request still gets an answer
@@ -86,6 +134,7 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
             return [respond(answer) for answer in answers]
 
         def finalize(self) -> None:
+            self.profile.dump()
             self.step = None  # type: ignore[assignment]
 
     return TritonPythonModel
