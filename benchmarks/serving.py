@@ -608,6 +608,7 @@ SERVE_FIELDS = (
     "batch_delay_us",
     "max_queue_size",
     "queue_timeout_ms",
+    "max_inflight",
 )
 
 

@@ -154,11 +154,22 @@ def _tensors(kind: str, spec: Spec, ragged: bool = False) -> str:
     return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
 
 
+# Every step after the first holds at most max_inflight requests (the first admits no more), so
+# its queue bound is only a backstop; its timeout counts from the request's arrival at the
+# ensemble, so a tight one would refuse requests that the earlier steps already served.
+BACKSTOP_QUEUE_SIZE, BACKSTOP_QUEUE_MS = 1_000, 1_000
+
+
 def step_config(step: type[Step], serving: ServingConfig) -> str:
     """A step's config: the python backend, the dynamic batcher (batches of up to
     ``max_batch_size`` for a step that shares work across them, else one request at a time) and
-    its queue's bounds."""
+    its queue's bounds: the first step's are the door's (``max_queue_size``,
+    ``queue_timeout_ms``: refused there in Triton, before any Python runs), the others' a
+    backstop."""
     batch = serving.max_batch_size if step.SHARES_WORK else 1
+    door = step is STEPS[0]
+    size = serving.max_queue_size if door else BACKSTOP_QUEUE_SIZE
+    timeout_ms = serving.queue_timeout_ms if door else BACKSTOP_QUEUE_MS
     return (
         f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: {batch}\n'
         "version_policy: { all { } }\n"
@@ -168,9 +179,9 @@ def step_config(step: type[Step], serving: ServingConfig) -> str:
         f"  max_queue_delay_microseconds: {serving.batch_delay_us}\n"
         "  default_queue_policy {\n"
         "    timeout_action: REJECT\n"
-        f"    default_timeout_microseconds: {serving.queue_timeout_ms * 1000}\n"
+        f"    default_timeout_microseconds: {timeout_ms * 1000}\n"
         "    allow_timeout_override: false\n"
-        f"    max_queue_size: {serving.max_queue_size}\n"
+        f"    max_queue_size: {size}\n"
         "  }\n}\n"
         f"instance_group [ {{ kind: KIND_CPU count: {serving.instances} }} ]\n"
     )

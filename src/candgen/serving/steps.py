@@ -125,13 +125,13 @@ class ServingConfig:
             take one request at a time (``Step.SHARES_WORK``).
         batch_delay_us: how long a step's batcher may hold a request to let a batch fill
             (microseconds; 0: batch only what is already waiting).
-        max_queue_size: requests one step holds waiting; past it a request is rejected at once
-            (UNAVAILABLE: retry later or elsewhere), so that overload cannot grow the queue.
-        queue_timeout_ms: a request that waited this long in a step's queue is rejected
-            (UNAVAILABLE), which bounds the latency of the requests that are answered.
+        max_queue_size: requests the first step (the door) holds waiting; past it Triton refuses
+            a request at once (UNAVAILABLE: retry later or elsewhere).
+        queue_timeout_ms: a request that waited this long at the door is refused (UNAVAILABLE),
+            which bounds how long an answered request waits to get in.
         max_inflight: requests the ensemble holds at once; the features step refuses the next
-            ones at the door (UNAVAILABLE), before any step has worked on them (0: no limit;
-            candgen.serving.admission).
+            ones (UNAVAILABLE) before any step has worked on them, so that the answered ones
+            keep a bounded latency (0: no limit; candgen.serving.admission).
         user_feature_refs: the features of the user feature service (``view:feature``),
             resolved from the feature repository at export; empty: ask by service name.
         quota_policy: how the select step shares K among the generators: fixed (``weights``),
@@ -169,9 +169,9 @@ class ServingConfig:
     instances: int = 1
     max_batch_size: int = 32
     batch_delay_us: int = 0
-    max_queue_size: int = 32
-    queue_timeout_ms: int = 1_000
-    max_inflight: int = 8
+    max_queue_size: int = 8
+    queue_timeout_ms: int = 100
+    max_inflight: int = 4
     user_feature_refs: tuple[str, ...] = ()
     quota_policy: str = "auto"
     quota_exploration: str = "mean"
