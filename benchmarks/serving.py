@@ -994,10 +994,21 @@ def serving_headline(
     first = min(args.concurrency)
     c1 = next(r for r in levels if r["concurrency"] == first and r["traffic"] == TRAFFIC[0])
     alone = [r for r in levels if not r["interleaved_with"]]
+    mixed = [r for r in levels if r["interleaved_with"]]
+    if mixed:  # the first level, all kinds interleaved: judged as one (its worst kind's p99)
+        worst_kind = max(mixed, key=lambda r: r["p99_ms"])
+        whole = {
+            **worst_kind,
+            "traffic": "all kinds interleaved",
+            "qps": worst_kind["level_qps"],
+            "errors": sum(r["errors"] for r in mixed),
+            "rejected": sum(r["rejected"] for r in mixed),
+        }
+        alone = [whole, *alone]
     fit = [r for r in alone if r["p99_ms"] <= 50 and not r["errors"] and not r["rejected"]]
     best = max(fit, key=lambda r: r["qps"]) if fit else None
     top = max(args.concurrency)
-    over = [r for r in alone if r["concurrency"] == top]
+    over = [r for r in alone if r["concurrency"] == top and not r.get("interleaved_with")]
     served = next(r for r in stages if r["stage"].endswith("(served)"))
     out = {
         "serving.p99_ms_c1": {
@@ -1141,7 +1152,11 @@ def render_ensemble(results: dict[str, dict]) -> str:
         "K = 100, users and surfaces drawn at random; the load generator runs on the same "
         "machine. Targets (issue 4, this 2-core machine): ANN recall@100 >= 0.95, p99 <= 20 "
         "ms at concurrency 1, >= 200 QPS at the best concurrency; (issue 14) the query "
-        "encoder in the path adds at most 5 ms to p99 at concurrency 1. Traffic: *no context* "
+        "encoder in the path adds at most 5 ms to p99 at concurrency 1; (issue 16) p99 <= 10 ms "
+        "at concurrency 1, >= 800 QPS at p99 <= 50 ms, and at concurrency 64 answered requests' "
+        "p99 <= 100 ms with errors only as explicit rejections (*rejected (busy)*: UNAVAILABLE; "
+        f"a rejected client waits {BACKOFF_S * 1e3:.0f} ms before its next request). "
+        "Traffic: *no context* "
         "sends neither query nor context item; *logged context* sends search queries drawn "
         "from the marketplace's log (repeats hit the query encoder's cache) and related "
         "context items; *unseen queries* makes every search query new (each a cache miss). "
