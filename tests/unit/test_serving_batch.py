@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from candgen.errors import ConfigError
+from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import IndexConfig
 from candgen.serving.admission import InflightLimit, Overloaded
 from candgen.serving.diversity import AdCatalog
@@ -23,7 +23,7 @@ from candgen.serving.steps import (
     source_codes,
     write_serving_file,
 )
-from candgen.serving.triton_model import triton_model
+from candgen.serving.triton_model import leave, triton_model
 from tests.unit.test_serving_steps import _Encoder, _Features, _request, _unified
 
 
@@ -211,24 +211,33 @@ def test_bad_batch_and_queue_settings_name_the_field(field: str, value: object) 
 def test_the_inflight_limit_is_shared_and_a_lost_slot_expires(tmp_path: Path) -> None:
     path = tmp_path / "slots"
     door, exit_ = InflightLimit(path, 3), InflightLimit(path, 3)  # two processes' views
-    assert door.admit(2) == [0, 1]
-    assert door.admit(2) == [2, None]  # the limit holds across calls
-    exit_.release([1, 99])  # the last step lets one out (an unknown slot is ignored)
-    assert door.in_flight() == 2 and door.admit(1) == [1]
+    first = door.admit(2)
+    assert [a.slot for a in first if a] == [0, 1]
+    second = door.admit(2)
+    assert second[0] is not None and second[0].slot == 2 and second[1] is None  # the limit holds
+    exit_.release([first[1]])  # type: ignore[list-item]  # the last step lets one out
+    assert door.in_flight() == 2
+    again = door.admit(1)[0]
+    assert again is not None and again.slot == 1
+    exit_.release([first[1]])  # type: ignore[list-item]  # a stale holder frees nothing now
+    assert door.in_flight() == 3
     lapsed = InflightLimit(path, 3, lease_s=0.0)  # every slot older than its lease is free
-    assert lapsed.admit(3) == [0, 1, 2]
+    assert [a.slot for a in lapsed.admit(3) if a] == [0, 1, 2]
+    with pytest.raises(CandgenError, match=r"^max_inflight: .* holds 3 slots, not 5"):
+        InflightLimit(path, 5)  # never resized under the processes that map it
 
 
-def test_past_the_limit_the_features_step_refuses_and_select_lets_requests_out(
+def test_past_the_limit_the_door_refuses_and_a_request_leaves_after_select_or_an_error(
     tmp_path: Path,
 ) -> None:
     write_serving_file(tmp_path, ServingConfig(max_inflight=2), IndexConfig(), {})
     AdCatalog.empty().save(tmp_path)
+    limit = InflightLimit(tmp_path / "slots", 2)
     features = FeaturesStep(tmp_path, _BatchFeatures(), _Encoder())
     select = SelectStep(tmp_path)
-    features.admission = select.admission = InflightLimit(tmp_path / "slots", 2)
+    features.admission = select.admission = limit
     answers = features.batch([_request(b"home"), _request(b"home"), _request(b"home")])
-    assert [a["ADMISSION_SLOT"].tolist() for a in answers[:2]] == [[0], [1]]  # type: ignore[index]
+    assert [a["ADMISSION"][0] for a in answers[:2]] == [0, 1]  # type: ignore[index]
     assert isinstance(answers[2], Overloaded) and "max_inflight" in str(answers[2])
     bad = features.batch([_request(b"home", K=np.array([0], np.int32))])[0]
     assert isinstance(bad, ConfigError)  # refused on its input: it took no slot
@@ -237,9 +246,25 @@ def test_past_the_limit_the_features_step_refuses_and_select_lets_requests_out(
         "CANDIDATE_SCORES": np.array([1.0], np.float32),
         "CANDIDATE_SOURCES": source_codes(["popularity"]),
         "SCENARIO": np.array([b"home"], object),
-        "K": np.array([0], np.int32),  # refused by select too: it still leaves
-        "ADMISSION_SLOT": np.array([0], np.int32),
+        "K": np.array([3], np.int32),
     }
-    assert isinstance(select.batch([leaving])[0], ConfigError)
-    again = features.batch([_request(b"home")])[0]
-    assert isinstance(again, dict) and again["ADMISSION_SLOT"].tolist() == [0]
+    first, second = (leaving | {"ADMISSION": a["ADMISSION"]} for a in answers[:2])  # type: ignore[index]
+    # An earlier step's error lets its request out; the select step lets every request out.
+    leave(select, [first], [CandgenError("the generators step failed")], last=False)
+    assert limit.in_flight() == 1
+    leave(select, [second], select.batch([second]), last=True)
+    assert limit.in_flight() == 0
+    leave(select, [second], select.batch([second]), last=False)  # answered, not last: stays
+    assert limit.in_flight() == 0
+
+
+def test_one_users_unreadable_row_fails_only_that_request(tmp_path: Path) -> None:
+    class Broken(_BatchFeatures):
+        def lookup(self, service: str, entity: str, key: int) -> dict | None:
+            row = super().lookup(service, entity, 1)
+            return row if key == 1 else {**(row or {}), "recent_timestamps": ["soon"]}
+
+    write_serving_file(tmp_path, ServingConfig(), IndexConfig(), {})
+    step = FeaturesStep(tmp_path, Broken(), _Encoder())
+    good, broken = step.batch([_request(b"home"), _request(b"home", USER_ID=np.array([5]))])
+    assert isinstance(good, dict) and isinstance(broken, ValueError)

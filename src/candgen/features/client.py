@@ -87,6 +87,11 @@ class FeatureServerClient:
         found = [False] * len(keys)
         for name, result in zip(names, payload["results"], strict=True):
             statuses = result["statuses"]
+            if len(statuses) != len(keys) or len(result["values"]) != len(keys):
+                raise FeatureStoreUnavailable(
+                    f"feature server {self.url}: {name}: {len(result['values'])} values for "
+                    f"{len(keys)} keys"
+                )
             for i, value in enumerate(result["values"]):
                 rows[i][name] = value
                 found[i] |= name != entity and statuses[i] == "PRESENT"

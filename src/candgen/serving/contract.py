@@ -4,8 +4,9 @@ Every tensor carries Triton's batch dimension first, and one request is one user
 USER_ID as [1, 1], RECENT_ITEM_IDS as [1, n], and gets AD_IDS back as [1, n]. The shapes below
 are each request's own, after that dimension. A request with more than one row is refused naming
 the tensor; concurrent requests are batched by the server (each step's dynamic batcher), not by
-the client. A request the server has no room for (a step's queue full, or waited in it longer
-than ``ServingConfig.queue_timeout_ms``) is refused UNAVAILABLE: retry later or elsewhere.
+the client. A request the server has no room for (the first step's queue full, a wait there
+past ``ServingConfig.queue_timeout_ms``, or ``max_inflight`` requests already inside) is refused
+UNAVAILABLE: retry later or elsewhere.
 
 Inputs (one request = one user):
     USER_ID          INT64  [1]

@@ -144,7 +144,10 @@ def user_context(
     """Step 1: the user's online features joined with the request's real-time items, and what
     eligibility reads of them: the profile, the ads and advertisers the frequency ``caps`` (of
     ``today``, a UTC date; default now) and the user's hides rule out."""
-    return user_contexts(features, [(user_id, recent_item_ids)], caps, today)[0]
+    context = user_contexts(features, [(user_id, recent_item_ids)], caps, today)[0]
+    if isinstance(context, Exception):
+        raise context
+    return context
 
 
 def user_contexts(
@@ -152,16 +155,20 @@ def user_contexts(
     requests: Sequence[tuple[int, Sequence[int]]],
     caps: FrequencyCaps | None = None,
     today: str | None = None,
-) -> list[UserContext]:
+) -> list[UserContext | Exception]:
     """Step 1 for a batch of requests, each (user id, real-time item ids): ``user_context`` of
-    each, with every user's features read in one call where the source reads batches."""
+    each, with every user's features read in one call where the source reads batches; a user
+    whose stored row cannot be read gets the error in its place (the others are answered)."""
     caps = caps or FrequencyCaps()
     day = today or datetime.now(UTC).strftime("%Y-%m-%d")
     rows = _read_users(features, [int(user_id) for user_id, _ in requests])
-    return [
-        _context(feats, fallback, recent, caps, day)
-        for (feats, fallback), (_, recent) in zip(rows, requests, strict=True)
-    ]
+    out: list[UserContext | Exception] = []
+    for (feats, fallback), (_, recent) in zip(rows, requests, strict=True):
+        try:
+            out.append(_context(feats, fallback, recent, caps, day))
+        except Exception as e:  # this user's row, not the batch's
+            out.append(e)
+    return out
 
 
 def _read_users(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from candgen.errors import CandgenError, ConfigError
-from candgen.serving.admission import InflightLimit, Overloaded, slots_file
+from candgen.serving.admission import InflightLimit, Overloaded, admission_of, slots_file
 from candgen.serving.steps import STEPS, Step, Tensors
 
 PROFILE_ENV = "CANDGEN_PROFILE_DIR"
@@ -105,10 +105,9 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
             folder = Path(args["model_repository"]) / args["model_version"]
             self.step = step_class(folder)
             self.profile = ExecuteProfile(step_model)
-            if self.step.config.max_inflight:
-                self.step.admission = InflightLimit(
-                    slots_file(args["model_version"]), self.step.config.max_inflight
-                )
+            limit = self.step.config.max_inflight
+            if limit:
+                self.step.admission = InflightLimit(slots_file(args["model_version"], limit), limit)
             # The loaded assets are millions of long-lived objects (id sets, ranked lists); frozen,
             # the collector's full passes no longer walk them on some request's path.
             gc.collect()
@@ -131,13 +130,33 @@ def triton_model(step_model: str, pb_utils: Any) -> type:
                 results = [CandgenError(f"{len(results)} answers for {len(batch)}")] * len(batch)
             for row, result in zip(rows, results, strict=True):
                 answers[row] = result
-            return [respond(answer) for answer in answers]
+            leave(self.step, batch, results, last=step_class is STEPS[-1])
+            responses = []
+            for answer in answers:
+                try:
+                    responses.append(respond(answer))
+                except Exception as e:  # an output Triton's tensor refused: still one answer
+                    responses.append(respond(e))
+            return responses
 
         def finalize(self) -> None:
             self.profile.dump()
             self.step = None  # type: ignore[assignment]
 
     return TritonPythonModel
+
+
+def leave(step: Step, batch: list[Tensors], results: list[Tensors | Exception], last: bool) -> None:
+    """Lets requests out of the server's in-flight set: after the last step every request of
+    the batch, before it those answered with an error (they go no further)."""
+    if step.admission is None:
+        return
+    gone = [
+        admission_of(tensors.get("ADMISSION"))
+        for tensors, result in zip(batch, results, strict=True)
+        if last or isinstance(result, Exception)
+    ]
+    step.admission.release([a for a in gone if a is not None])
 
 
 def unbatch(name: str, value: Any) -> Any:
