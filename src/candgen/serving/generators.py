@@ -142,7 +142,6 @@ class PacingPopularity:
         order = order[score[order] > 0]
         self.ids = np.asarray(ad_ids, np.int64)[order]
         self.scores = score[order]
-        self.ranked = list(zip(self.ids.tolist(), self.scores.tolist(), strict=True))
 
     def candidates(
         self,
@@ -182,12 +181,20 @@ class PacingPopularity:
                 if len(out) == k:
                     break
             return out
-        for ad, score in self.ranked:
-            if ad not in skip and ad not in ineligible:
-                out.append((ad, score))
-                if len(out) == k:
-                    break
+        for lo in range(0, len(self.ids), 4 * k):
+            ids, scores = self.ids[lo : lo + 4 * k].tolist(), self.scores[lo : lo + 4 * k].tolist()
+            for ad, score in zip(ids, scores, strict=True):
+                if ad not in skip and ad not in ineligible:
+                    out.append((ad, score))
+                    if len(out) == k:
+                        return out
         return out
+
+    @property
+    def ranked(self) -> list[tuple[int, float]]:
+        """Every ad with a positive score and its score, best first (built on each call: the
+        serving path reads the arrays ``ids`` and ``scores``)."""
+        return list(zip(self.ids.tolist(), self.scores.tolist(), strict=True))
 
 
 def _under_cap(owners: np.ndarray, earlier: np.ndarray, cap: int) -> np.ndarray:
