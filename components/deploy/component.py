@@ -11,12 +11,13 @@ def deploy(
     repository: Input[Artifact],
     target_repository: str,
     triton_url: str = "",
-    protocol: str = "http",
+    protocol: str = "grpc",
 ) -> str:
     """Copies the exported version into ``target_repository`` (the folder or volume Triton
     serves) and, with ``triton_url``, loads it into the running server without downtime;
-    returns what was done. Without ``triton_url`` a server polling the repository (k8s/) picks
-    the version up by itself.
+    returns what was done. ``triton_url`` is the server's gRPC endpoint unless ``protocol`` says
+    http (a load asked over HTTP stalls the HTTP requests that share its server thread). Without
+    ``triton_url`` a server polling the repository (k8s/) picks the version up by itself.
     """
     from pathlib import Path
 

@@ -96,10 +96,10 @@ def test_index_export_and_deploy_switch_a_running_triton_under_kfp_local(
             source=features_path,
             trained=trained_model[0].path,
             target_repository=str(target),
-            url=f"127.0.0.1:{http}",
+            url=f"127.0.0.1:{grpc}",  # the deploy step asks for loads over gRPC by default
         )
         version = pinned_version(target)
-        assert run.output == f"v{version} installed in {target} and serving at 127.0.0.1:{http}"
+        assert run.output == f"v{version} installed in {target} and serving at 127.0.0.1:{grpc}"
         res = RetrieveClient(f"127.0.0.1:{http}").retrieve(1, "home", 10)
         assert len(res.ad_ids) == 10 and res.fallback  # no feature server in this test
         assert res.quota_policy == "learned" and sum(res.source_counts.values()) == 10

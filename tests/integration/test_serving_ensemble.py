@@ -483,8 +483,10 @@ def test_a_promoted_version_is_swapped_in_with_zero_failed_requests(
     # Two clients per protocol, so that the steps' batchers do form batches during the swap.
     with _under_load(served, [served.http.url, served.grpc.url], per_url=2) as (ok, failed):
         time.sleep(1.0)
+        # Over gRPC (the default): a load asked over HTTP stalls the HTTP requests that share
+        # its server thread.
         assert main(["serving", "swap", "--model-repository", str(served.repo), "--url",
-                     served.http.url]) == 0  # fmt: skip
+                     served.grpc.url]) == 0  # fmt: skip
         time.sleep(1.0)
     assert failed == []
     assert ok[0] > 20

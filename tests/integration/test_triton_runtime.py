@@ -177,6 +177,7 @@ def test_a_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
         ({"repository_poll_s": 5, "explicit_models": ("retrieve",)}, r"^explicit_models: "),
         ({"http_port": 0}, r"^http_port: must be a TCP port"),
         ({"trace_rate": 0}, r"^trace_rate: must be >= 1"),
+        ({"exit_timeout_s": -1}, r"^exit_timeout_s: must be >= 0"),
     ],
 )
 def test_a_bad_server_config_names_the_field(fields: dict, message: str) -> None:

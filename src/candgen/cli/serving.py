@@ -63,13 +63,15 @@ def cmd_serving_export(args: argparse.Namespace) -> int:
 def cmd_serving_swap(args: argparse.Namespace) -> int:
     from tritonclient.utils import InferenceServerException
 
+    from candgen.endpoint.client import DEFAULT_URLS
     from candgen.endpoint.export import swap
 
+    url = args.url or DEFAULT_URLS[args.protocol]
     try:
-        print_json(swap(args.url, args.model_repository, args.protocol))
+        print_json(swap(url, args.model_repository, args.protocol))
     except InferenceServerException as e:
         # The server refused to load a step, or is not there: the user's server, not a bug.
-        raise CandgenError(f"url: {args.url}: {e.message() or e}") from None
+        raise CandgenError(f"url: {url}: {e.message() or e}") from None
     return 0
 
 
@@ -143,8 +145,17 @@ def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
         default=Path("data/model_repository"),
         help="the exported repository whose pinned version to load",
     )
-    sw.add_argument("--url", default="127.0.0.1:8000", help="the server, host:port")
-    sw.add_argument("--protocol", choices=PROTOCOLS, default="http", help="the server's protocol")
+    sw.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="grpc",
+        help="how to ask for the loads (gRPC: a load asked over HTTP stalls HTTP requests)",
+    )
+    sw.add_argument(
+        "--url",
+        default="",
+        help="the server, host:port; default: 127.0.0.1:8001 (grpc), :8000 (http)",
+    )
     sw.set_defaults(func=cmd_serving_swap)
 
 

@@ -15,8 +15,8 @@ Layout of the repository (``<repo>``)::
     candgen_<step>/<v>/...              the step's assets (serving.json, model.pt, ads.faiss...)
 
 ``<v>`` is the registry version number. A new export adds its version beside the previous one
-(older ones are pruned) and re-pins the ensemble; ``swap`` then loads the new step versions and
-reloads the ensemble through Triton's explicit model control. Triton keeps serving the old
+(older ones are pruned) and re-pins the ensemble; ``swap`` then asks Triton (explicit model
+control) to load the ensemble, which loads the new step versions first. Triton keeps serving the old
 ensemble until the new one is ready, and the old one keeps its own pinned steps, so no request
 sees a mix of versions and none fails.
 """
@@ -659,18 +659,26 @@ def install(source: Path, target: Path, keep_versions: int = 2) -> int:
     return version
 
 
-def swap(url: str, repository: Path, protocol: str = "http") -> dict[str, Any]:
+def swap(url: str, repository: Path, protocol: str = "grpc") -> dict[str, Any]:
     """Loads the repository's pinned version into a running server without downtime.
 
-    The steps are loaded first (the new version beside the one in use), then the ensemble is
-    reloaded with its new pins; Triton keeps answering with the old ensemble until then.
+    One load of the ensemble: Triton polls its steps with it, loads the changed ones first (the
+    new version beside the one in use) and the ensemble, with its new pins, once they are all
+    ready; it answers with the old ensemble until then. Loading the steps one by one would not
+    do: each step's load makes Triton reload the ensemble that depends on it from its config,
+    already pinned to the new version, so the new ensemble would serve before its other steps
+    were loaded.
+
+    ``url`` is the server's gRPC endpoint by default: Triton's HTTP server runs a load on the
+    worker thread of the connection that asked for it, and every HTTP request on that thread
+    waits until the load is done (a 3-6 s load stalled a quarter to half of the HTTP clients
+    for as long, and a swap of the four steps outlasted a client's 10 s timeout); a load asked
+    over gRPC stalls no HTTP or gRPC request (docs/benchmarks/serving_notes.md, section 10).
     """
     from candgen.endpoint.client import triton_client
 
     client = triton_client(url, protocol)
     version = pinned_version(repository)
-    for step in STEPS:
-        client.load_model(step.MODEL)
     client.load_model(ENSEMBLE)
     return {"serving_version": version, "models": [s.MODEL for s in STEPS] + [ENSEMBLE]}
 

@@ -49,6 +49,8 @@ class ServerConfig:
             record per request and per ensemble step, written when the server stops); empty:
             no tracing.
         trace_rate: with ``trace_file``, trace one request in this many (1: every request).
+        exit_timeout_s: once asked to stop, how long Triton waits for in-flight requests and
+            open client connections (an idle keep-alive connection counts) before it exits.
     """
 
     model_repository: str = "data/model_repository"
@@ -63,6 +65,7 @@ class ServerConfig:
     shm_mb: int = 16
     trace_file: str = ""
     trace_rate: int = 1000
+    exit_timeout_s: int = 5
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -77,6 +80,8 @@ class ServerConfig:
             raise ConfigError("repository_poll_s", f"must be >= 0, got {self.repository_poll_s}")
         if self.trace_rate < 1:
             raise ConfigError("trace_rate", f"must be >= 1, got {self.trace_rate}")
+        if self.exit_timeout_s < 0:
+            raise ConfigError("exit_timeout_s", f"must be >= 0, got {self.exit_timeout_s}")
         if self.repository_poll_s and self.explicit_models:
             raise ConfigError(
                 "explicit_models",
@@ -157,6 +162,7 @@ def start(config: ServerConfig) -> dict[str, object]:
         f"--grpc-port={config.grpc_port}",
         f"--metrics-port={config.metrics_port}",
         f"--backend-config=python,shm-default-byte-size={config.shm_mb * 2**20}",
+        f"--exit-timeout-secs={config.exit_timeout_s}",
         "--log-verbose=0",
     ]
     if config.trace_file:
@@ -230,8 +236,11 @@ def status(config: ServerConfig) -> dict[str, Any]:
     return {"running": _alive(int(info["pid"])), **info}
 
 
-def stop(config: ServerConfig, timeout_s: float = 20.0) -> bool:
-    """Stops the server started from ``config.state_dir``; True if one was running."""
+def stop(config: ServerConfig, timeout_s: float | None = None) -> bool:
+    """Stops the server started from ``config.state_dir``; True if one was running. Past
+    ``timeout_s`` (default: 15 s beyond the server's own exit timeout) it is killed."""
+    if timeout_s is None:
+        timeout_s = config.exit_timeout_s + 15.0
     info = status(config)
     pid = info.get("pid")
     if not info["running"] or pid is None:
