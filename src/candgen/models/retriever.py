@@ -16,9 +16,26 @@ import torch
 from candgen.data.tensors import pad_left, relative_timestamps
 from candgen.errors import CandgenError, ConfigError
 from candgen.models.base import RetrievalModel
+from candgen.models.config import DEVICES
 from candgen.vocab import scenario_code
 
 DEFAULT_K = 100
+
+
+def torch_device(name: str, field: str = "device", index: int = 0) -> torch.device:
+    """The torch device ``name`` (one of ``DEVICES``) means here: auto is cuda where torch sees a
+    GPU, else cpu; ``index`` picks the GPU.
+
+    Raises:
+        ConfigError: naming ``field``, for an unknown name or cuda where torch sees no GPU.
+    """
+    if name not in DEVICES:
+        raise ConfigError(field, f"{name!r} is not one of {DEVICES}")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError(field, "cuda was asked for but torch sees no GPU")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
 def chunked_topk(
@@ -99,8 +116,10 @@ class Retriever:
         item_ids: np.ndarray,
         item_table: np.ndarray | None = None,
         max_len: int = 50,
+        device: str = "cpu",
     ) -> None:
-        self.model = model.eval()
+        self.device = torch_device(device)
+        self.model = model.eval().to(self.device)
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
         self.index = {int(x): i for i, x in enumerate(self.item_ids) if i > 0}
         table = model.item_table() if item_table is None else torch.from_numpy(item_table)
@@ -186,7 +205,8 @@ class Retriever:
                 raise CandgenError("times: one timestamp per history item is needed")
             padded = pad_left([np.asarray(x, np.float64) for x in times], self.max_len, np.float64)
             batch["timestamps"] = relative_timestamps(padded)
-        return self.model.user_embedding(batch).numpy()
+        on_device = {name: value.to(self.device) for name, value in batch.items()}
+        return self.model.user_embedding(on_device).cpu().numpy()
 
     @torch.no_grad()
     def retrieve(

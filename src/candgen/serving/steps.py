@@ -45,6 +45,7 @@ import numpy as np
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.client import FeatureServerClient
 from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig
+from candgen.models.config import DEVICES
 from candgen.serving.admission import Admission, InflightLimit, Overloaded, admission_tensor
 from candgen.serving.contract import (
     UNKNOWN_CONTEXT_ITEM,
@@ -160,6 +161,8 @@ class ServingConfig:
         enforce_constraints: enforce targeting, live delivery state, frequency caps, hidden
             advertisers and advertiser diversity (false: only the export's ineligible ads are
             left out; for measuring what the constraints cost, never for live traffic).
+        encoder_device: where the encoder step runs the user encoder: cpu, cuda (a GPU torch
+            sees; the step refuses to load without one) or auto (cuda where there is one).
     """
 
     feature_server_url: str = "http://127.0.0.1:6566"
@@ -186,6 +189,7 @@ class ServingConfig:
     advertiser_window: int = 20
     duplicate_similarity: float = 0.92
     enforce_constraints: bool = True
+    encoder_device: str = "cpu"
 
     def feature_client(self) -> FeatureServerClient:
         refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
@@ -222,6 +226,8 @@ class ServingConfig:
         poll = self.delivery_poll_s
         if isinstance(poll, bool) or not (isinstance(poll, int | float) and 0 <= poll <= 60):
             raise ConfigError("delivery_poll_s", f"must be seconds in [0, 60], got {poll!r}")
+        if self.encoder_device not in DEVICES:
+            raise ConfigError("encoder_device", f"{self.encoder_device!r} is not one of {DEVICES}")
         if not isinstance(self.enforce_constraints, bool):
             raise ConfigError(
                 "enforce_constraints", f"must be true or false, got {self.enforce_constraints!r}"
@@ -586,14 +592,20 @@ class FeaturesStep(Step):
         return out
 
 
-def load_retriever(folder: Path) -> Retriever:
-    """The registered version's user encoder and item table (as its pyfunc loads them)."""
-    from candgen.models.factory import load_model
-    from candgen.models.retriever import Retriever
+def load_retriever(folder: Path, device: str = "cpu") -> Retriever:
+    """The registered version's user encoder and item table (as its pyfunc loads them), the
+    encoder on ``device`` (``ServingConfig.encoder_device``).
 
+    Raises:
+        ConfigError: naming encoder_device, for cuda where torch sees no GPU.
+    """
+    from candgen.models.factory import load_model
+    from candgen.models.retriever import Retriever, torch_device
+
+    torch_device(device, "encoder_device")  # before the weights are read
     model, saved = load_model(Path(folder) / MODEL_FILE)
     table = np.load(Path(folder) / TABLE_FILE)
-    return Retriever(model, saved.item_ids, table, saved.model.max_len)
+    return Retriever(model, saved.item_ids, table, saved.model.max_len, device)
 
 
 def load_query_encoder(folder: Path, config: ServingConfig) -> QueryEncoder:
@@ -650,7 +662,7 @@ class EncoderStep(Step):
         # One request is one short sequence: intra-op threads only fight the other steps'
         # processes for the cores (0.72 vs 0.85 ms per request measured in-process, 2 cores).
         torch.set_num_threads(1)
-        self.retriever = load_retriever(self.folder)
+        self.retriever = load_retriever(self.folder, self.config.encoder_device)
 
     def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
         """One encoder forward for the batch (two where some histories carry timestamps and
@@ -885,7 +897,7 @@ def load_pipeline(
     folder = {s.MODEL: repository / s.MODEL / str(version) for s in STEPS}
     config, index_config, _ = read_serving_file(folder[GeneratorsStep.MODEL])
     g = Generators.load(folder[GeneratorsStep.MODEL], index_config, config.quota_seed)
-    retriever = load_retriever(folder[EncoderStep.MODEL])
+    retriever = load_retriever(folder[EncoderStep.MODEL], config.encoder_device)
     query_encoder = load_query_encoder(folder[FeaturesStep.MODEL], config)
     check_query_width(
         getattr(retriever, "query_text_dim", 0), query_encoder.dim, query_encoder.model

@@ -9,12 +9,11 @@ from typing import Any
 from candgen.data.config import DataConfig
 from candgen.errors import ConfigError
 from candgen.images import PLATFORM_IMAGE
-from candgen.models.config import ModelConfig
+from candgen.models.config import DEVICES, ModelConfig
 from candgen.vocab import LABELS
 
 LOSSES = ("sampled", "full")
 OBJECTIVES = ("next_item", "all_action")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)

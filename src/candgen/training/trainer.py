@@ -30,6 +30,7 @@ from candgen.evaluation.evaluate import evaluate_model
 from candgen.models.base import RetrievalModel
 from candgen.models.factory import build_model
 from candgen.models.losses import full_softmax_loss, sampled_softmax_loss
+from candgen.models.retriever import torch_device
 from candgen.models.saved import ModelHeader, save_model
 from candgen.paths import replace_atomically
 from candgen.training.config import TrainConfig
@@ -142,12 +143,7 @@ def _dist_env() -> tuple[int, int, int]:
 
 
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
-    want_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if want_cuda:
-        if not torch.cuda.is_available():
-            raise ConfigError("device", "cuda was asked for but torch sees no GPU")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    return torch_device(config.device, "device", local_rank)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
