@@ -711,7 +711,9 @@ def prepare(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         f"marketplace + Feast store: {len(users):,} users in {time.perf_counter() - t0:.0f}s",
         flush=True,
     )
-    features = FeatureServerProcess(store, port=args.feature_port, log=work / "feature_server.log")
+    features = FeatureServerProcess(
+        store, args.feature_port, work / "feature_server.log", args.feature_server == "lean"
+    )
     if reuse:
         build = json.loads(built.read_text())["build"]
         everything, ad_ids = _corpus_ids(args, items, market_ads)
@@ -1379,6 +1381,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--http-port", type=int, default=8100, help="ensemble: +1 gRPC, +2 metrics")
     p.add_argument("--feature-port", type=int, default=6570)
+    p.add_argument(
+        "--feature-server",
+        choices=["feast", "lean"],
+        default="lean",
+        help="ensemble: the lean online-read front (features serve --lean) or Feast's feature "
+        "server in front of the store",
+    )
     return p
 
 

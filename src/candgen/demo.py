@@ -6,7 +6,8 @@
    evaluation beside popularity, the registry gate, the FAISS index, the Triton repository and
    the deploy step, which swaps the new version into the running server;
 3. print each step's outcome;
-4. start the Feast feature server over the store the pipeline materialized;
+4. start the lean online-read front (``features serve --lean``) over the store the pipeline
+   materialized;
 5. ask the live ensemble for 100 ads per user on home, search (with the user's own query) and
    related (with the user's own context item), for two heavy clickers and one unknown user: the
    top 3 of each surface side by side with each ad's generator, the flags, and how much of
@@ -147,7 +148,7 @@ def _query_live_ensemble(run: LocalRun, ends: dict[str, str], workdir: Path) -> 
     features = run.artifact("build-features", "features")
     store = StoreConfig(features_dir=features, state_dir=run.artifact("feature-store", "store"))
     log = run.run_dir.parent / "feature_server.log"
-    feature_server = FeatureServerProcess(store, port=FEATURE_SERVER_PORT, log=log)
+    feature_server = FeatureServerProcess(store, port=FEATURE_SERVER_PORT, log=log, lean=True)
     events = pd.read_parquet(market / "events", columns=list(EVENT_COLUMNS))
     items = pd.read_parquet(market / "items.parquet", columns=list(ITEM_COLUMNS))
     titles: dict[int, str] = dict(
@@ -157,7 +158,7 @@ def _query_live_ensemble(run: LocalRun, ends: dict[str, str], workdir: Path) -> 
     try:
         _step(
             4,
-            f"start the Feast feature server ({feature_server.url}) over the store the "
+            f"start the online-read front ({feature_server.url}) over the store the "
             "pipeline materialized",
             feature_server.start,
         )

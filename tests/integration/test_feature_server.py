@@ -84,3 +84,89 @@ def test_an_unknown_feature_service_is_named() -> None:
 
     with pytest.raises(ConfigError, match=r"feature_service: unknown feature service 'nope_v9'"):
         service_feature_refs("nope_v9")
+
+
+@pytest.fixture(scope="module")
+def lean(server: tuple) -> Iterator[FeatureServerClient]:
+    from candgen.features.store import FeatureServerProcess
+
+    cfg, _ = server
+    process = FeatureServerProcess(cfg, free_ports()[0], lean=True)
+    process.start()
+    yield FeatureServerClient(process.url, timeout_s=2.0)
+    process.stop()
+
+
+def test_the_lean_front_answers_what_feasts_feature_server_answers(
+    server: tuple, lean: FeatureServerClient
+) -> None:
+    from candgen.features.store import service_feature_refs
+
+    cfg, feast_server = server
+    refs = service_feature_refs("user_serving_v1", cfg)
+    for what in ({"feature_service": "user_serving_v1"}, {"features": refs},
+                 {"feature_service": "user_features_v1"}):  # fmt: skip
+        for users in ([5], [987_654_321], [5, 6, 987_654_321, 7]):
+            body = {**what, "entities": {"user_id": users}}
+            assert _by_name(lean._request(body)) == _by_name(feast_server._request(body)), (
+                what,
+                users,
+            )
+    many = FeatureServerClient(lean.url, 2.0, {"user_serving_v1": refs})
+    assert many.lookup_many("user_serving_v1", "user_id", [5, 987_654_321]) == [
+        feast_server.lookup("user_serving_v1", "user_id", 5),
+        None,
+    ]
+
+
+def _by_name(payload: dict) -> dict:
+    """A feature server answer keyed by feature name: Feast orders a service's features within
+    a view by a set's order, which differs from one process to another."""
+    names = payload["metadata"]["feature_names"]
+    assert len(names) == len(payload["results"]) and set(payload) == {"metadata", "results"}
+    return dict(zip(names, payload["results"], strict=True))
+
+
+def _post(url: str, body: bytes, path: str = "/get-online-features") -> tuple[int, str]:
+    import http.client
+    import json
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    conn.request("POST", path, body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    status, text = resp.status, json.loads(resp.read()).get("error", "")
+    conn.close()
+    return status, text
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b"{not json", 400, r"^body: not JSON"),
+    (b"[1, 2]", 400, r"^body: must be a JSON object"),
+    (b'{"entities": {"user_id": [1]}}', 400, r"^features: give either feature_service or"),
+    (b'{"features": ["a:b"], "feature_service": "x", "entities": {"user_id": [1]}}', 400,
+     r"^features: give either"),
+    (b'{"features": "user_profile:country", "entities": {"user_id": [1]}}', 400,
+     r"^features: must be a list of 'view:feature'"),
+    (b'{"feature_service": "user_serving_v1"}', 400, r"^entities: must map"),
+    (b'{"feature_service": "user_serving_v1", "entities": {"user_id": []}}', 400,
+     r"^entities: every entity needs"),
+    (b'{"feature_service": "user_serving_v1", "entities": {"user_id": [1.5]}}', 400,
+     r"^entities: user_id: must be a list of keys"),
+    (b'{"feature_service": "nope_v9", "entities": {"user_id": [1]}}', 404,
+     r"^feature_service: .*nope_v9"),
+    (b'{"features": ["no_view:x"], "entities": {"user_id": [1]}}', 404, r"^features: .*no_view"),
+])  # fmt: skip
+def test_the_lean_front_refuses_a_bad_request_naming_the_field_and_keeps_serving(
+    lean: FeatureServerClient, body: bytes, status: int, message: str
+) -> None:
+    import re
+
+    got_status, error = _post(lean.url, body)
+    assert got_status == status and re.search(message, error), (got_status, error)
+    assert lean.lookup("user_serving_v1", "user_id", 5) is not None  # still answering
+
+
+def test_the_lean_front_serves_only_its_path(lean: FeatureServerClient) -> None:
+    status, error = _post(lean.url, b'{"feature_service": "user_serving_v1"}', "/push")
+    assert status == 404 and error.startswith("path: /push is not served here")

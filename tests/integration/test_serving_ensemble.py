@@ -1,8 +1,9 @@
-"""The `retrieve` ensemble in a real tritonserver, fed by a real Feast feature server.
+"""The `retrieve` ensemble in a real tritonserver, fed by a real Feast store's online read.
 
 One module-scoped setup: a model trained on the small marketplace, registered and promoted in
 MLflow (SQLite), exported with `candgen serving export`, served by tritonserver from the serving
-environment, with the Feast feature server (SQLite online store) in front of the features step.
+environment, with the lean online-read front (`candgen features serve --lean`: Feast's read of the
+SQLite online store) in front of the features step.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def served(
     apply(store)
     materialize(store)
     feature_port, http, grpc, metrics = free_ports(4)
-    features = FeatureServerProcess(store, feature_port, log=tmp / "feature_server.log")
+    # The serving path's front (features serve --lean): every ensemble test reads through it.
+    features = FeatureServerProcess(store, feature_port, tmp / "feature_server.log", lean=True)
     features.start()
     repo = tmp / "repo"
     assert _export(repo, uri, features_dir, features.url) == 0

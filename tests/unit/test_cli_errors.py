@@ -82,6 +82,14 @@ def test_every_command_has_a_bad_value_case() -> None:
     assert set(BAD_VALUES) == set(commands(build_parser()))
 
 
+def test_the_lean_front_refuses_workers_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["features", "serve", "--lean", "--workers", "2", "--state-dir", str(tmp_path / "s")]
+    code, err = run(argv, capsys)
+    assert code == 2 and err.startswith("candgen: error: workers: the lean front runs one"), err
+
+
 @pytest.mark.parametrize("command", sorted(BAD_VALUES))
 def test_a_bad_value_exits_2_with_one_line_naming_the_field(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture

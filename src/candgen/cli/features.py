@@ -159,10 +159,18 @@ def cmd_features_hide(args: argparse.Namespace) -> int:
 def cmd_features_serve(args: argparse.Namespace) -> int:
     check_port("port", args.port)
     check_at_least("workers", args.workers, 1)
-    from candgen.features.store import serve
+    if args.lean and args.workers != 1:
+        raise ConfigError("workers", "the lean front runs one process (threads per connection)")
+    what = "lean online-read front" if args.lean else "feature server"
+    print(f"{what} on http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    if args.lean:
+        from candgen.features.online_reads import serve_online_reads
 
-    print(f"feature server on http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
-    serve(_store_config(args), args.host, args.port, args.workers)
+        serve_online_reads(_store_config(args), args.host, args.port)
+    else:
+        from candgen.features.store import serve
+
+        serve(_store_config(args), args.host, args.port, args.workers)
     return 0
 
 
@@ -298,6 +306,12 @@ def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     fsrv.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     fsrv.add_argument("--port", type=int, default=6566, help="the HTTP port")
     fsrv.add_argument("--workers", type=int, default=1, help="server worker processes")
+    fsrv.add_argument(
+        "--lean",
+        action="store_true",
+        help="serve only /get-online-features and /health, Feast's read without its FastAPI "
+        "stack (the serving path's features step; faster on a busy machine)",
+    )
 
     ts = store_cmd(
         "training-set", "point-in-time training rows for a label", cmd_features_training_set

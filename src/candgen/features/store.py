@@ -373,10 +373,14 @@ class FeatureServerProcess:
         cfg: the store to serve (applied and materialized).
         port: the HTTP port.
         log: where the server's output goes (default: discarded).
+        lean: run the lean online-read front (``candgen.features.online_reads``) instead of
+            Feast's feature server.
     """
 
-    def __init__(self, cfg: StoreConfig, port: int = 6566, log: Path | None = None) -> None:
-        self.cfg, self.port, self.log = cfg, port, log
+    def __init__(
+        self, cfg: StoreConfig, port: int = 6566, log: Path | None = None, lean: bool = False
+    ) -> None:
+        self.cfg, self.port, self.log, self.lean = cfg, port, log, lean
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -417,6 +421,7 @@ class FeatureServerProcess:
             c.project,
             "--repo-dir",
             str(c.repo_dir),
+            *(["--lean"] if self.lean else []),
         ]
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(

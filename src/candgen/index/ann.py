@@ -58,7 +58,10 @@ class IndexConfig:
     hnsw_m: int = 32
     ef_construction: int = 200
     # 1M ads, a user encoder's queries, efConstruction 200: recall@100 0.88 at 128, 0.97 at
-    # 256, 0.99 at 512 (docs/BENCHMARKS.md, serving ensemble).
+    # 256, 0.99 at 512 on one build; 0.86, 0.94, 0.97 (at 384), 0.985 on a rebuild with another
+    # encoder (docs/BENCHMARKS.md, serving ensemble): export a large corpus with --ef-search
+    # chosen on its own queries. The content index keeps this default: its recall vs exact is
+    # bounded by duplicate ad texts (0.75 at 256, 0.79 at 384 on the benchmark's 20k texts).
     ef_search: int = 256
     ivf_nlist: int = 0
     pq_m: int = 16
