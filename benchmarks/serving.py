@@ -875,6 +875,8 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         "ef_construction": args.ef_construction,
         "ef_search": args.ef_search,
         "seconds_per_level": args.seconds,
+        "feature_server": args.feature_server,
+        "online": args.online,
         "server_load_s": load_s,
         **build,
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), Triton "
@@ -884,6 +886,11 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
 
 
 FEATURE_BATCHES = (1, 8, 32)
+# What stands in front of the online store in an ensemble run (--feature-server).
+FRONTS = {
+    "lean": "features through the lean online-read front (features serve --lean)",
+    "feast": "features through the Feast feature server",
+}
 
 
 def _feast_read(feast, refs: list[str], ids: list[int]) -> object:  # type: ignore[no-untyped-def]
@@ -986,8 +993,9 @@ def serving_headline(
     the overload level's p99 of answered requests (errors there only as rejections)."""
     command = f"`python benchmarks/serving.py {' '.join(sys.argv[1:])}`"
     where = (
-        f"live ensemble, {args.ads:,} ads x {args.dim}, gRPC, K = {K}, Feast feature server on "
-        f"{args.online}, load generator on the same {os.cpu_count()} cores; "
+        f"live ensemble, {args.ads:,} ads x {args.dim}, gRPC, K = {K}, "
+        f"{FRONTS[args.feature_server]} on {args.online}, "
+        f"load generator on the same {os.cpu_count()} cores; "
         f"max_batch_size {args.max_batch_size}, batch delay {args.batch_delay_us} us, "
         f"queue {args.max_queue_size} / {args.queue_timeout_ms} ms, "
         f"at most {args.max_inflight} requests in flight, "
@@ -1147,8 +1155,8 @@ def render_ensemble(results: dict[str, dict]) -> str:
     lines = [
         "## Serving: the whole ensemble (`benchmarks/serving.py --stage ensemble`)",
         "",
-        "Requests go over gRPC to the live `retrieve` ensemble (features from the Feast "
-        "feature server, beside the search query's embedding -> HSTU user encoder -> "
+        "Requests go over gRPC to the live `retrieve` ensemble (features read through the "
+        "run's front, below, beside the search query's embedding -> HSTU user encoder -> "
         "generators over 1M ads: sequential, content, popularity, and query (search) and item "
         "(related) where the request has that context -> quotas), "
         "K = 100, users and surfaces drawn at random; the load generator runs on the same "
@@ -1259,7 +1267,9 @@ def render_ensemble(results: dict[str, dict]) -> str:
             f"Build: sequential HNSW {res['seq_index_build_s']:.0f} s, content (and query) HNSW "
             f"{res['content_index_build_s']:.0f} s; server ready in "
             f"{res['server_load_s']:.0f} s; {res['instances']} instance(s) per step, "
-            f"{res['seconds_per_level']:.0f} s per level. Command: `{res['command']}`",
+            f"{res['seconds_per_level']:.0f} s per level; "
+            f"{FRONTS[res.get('feature_server', 'feast')]} on {res.get('online', 'sqlite')}. "
+            f"Command: `{res['command']}`",
             "",
         ]
     return "\n".join(lines)

@@ -112,6 +112,28 @@ def test_triton_is_probed_sized_and_scaled(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_reads_features_through_its_sidecar_at_the_exports_default_url(
+    overlay: str,
+) -> None:
+    from urllib.parse import urlsplit
+
+    from candgen.serving.steps import ServingConfig
+
+    pod = pod_specs(list(_objects(overlay)))["candgen-triton"]
+    (sidecar,) = [c for c in pod["containers"] if c["name"] == "online-reads"]
+    assert sidecar["command"] == ["candgen", "features", "serve", "--lean"]
+    assert (
+        "--online=redis" in sidecar["args"] and "--state-dir=$(FEAST_STATE_DIR)" in sidecar["args"]
+    )
+    url = urlsplit(ServingConfig().feature_server_url)
+    assert url.hostname == "127.0.0.1" and f"--port={url.port}" in sidecar["args"]
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/health"
+    redis = _one(overlay, "NetworkPolicy", "candgen-redis")["spec"]["ingress"][0]["from"]
+    callers = [c["podSelector"]["matchLabels"].get("app.kubernetes.io/name") for c in redis]
+    assert "candgen-triton" in callers
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_triton_serves_the_repository_the_pipeline_deploys_to(overlay: str) -> None:
     job = JobConfig()
     args = _container(overlay, "candgen-triton")["args"]
