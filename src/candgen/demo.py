@@ -92,7 +92,7 @@ def run_demo(workdir: Path, users: int = 1_000, ads: int = 1_500, days: int = 14
             "model_name": DEMO_MODEL_NAME,
             "tracking_uri": tracking_uri,
             "target_repository": str(repo),
-            "triton_url": ends["http"],
+            "triton_url": ends["grpc"],  # the deploy step asks for loads over gRPC
             "feature_server_url": f"http://127.0.0.1:{FEATURE_SERVER_PORT}",
         }
         root = workdir / "pipeline_root"

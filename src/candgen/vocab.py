@@ -20,6 +20,9 @@ def scenario_code(surface: str) -> int:
     return SURFACES.index(surface) + 1 if surface in SURFACES else 0
 
 
+# Where a model runs: auto is cuda where torch sees a GPU, else cpu.
+DEVICES: Final = ("auto", "cpu", "cuda")
+
 # The narrow feature service the retrieve ensemble's features step reads (with what eligibility
 # reads per user); versioned, so a change to what serving reads is a new name.
 USER_SERVING_SERVICE: Final = "user_serving_v3"

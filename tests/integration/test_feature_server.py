@@ -105,7 +105,8 @@ def test_the_lean_front_answers_what_feasts_feature_server_answers(
     cfg, feast_server = server
     refs = service_feature_refs("user_serving_v1", cfg)
     for what in ({"feature_service": "user_serving_v1"}, {"features": refs},
-                 {"feature_service": "user_features_v1"}):  # fmt: skip
+                 {"feature_service": "user_features_v1"},
+                 {"features": refs, "full_feature_names": True}):  # fmt: skip
         for users in ([5], [987_654_321], [5, 6, 987_654_321, 7]):
             body = {**what, "entities": {"user_id": users}}
             assert _by_name(lean._request(body)) == _by_name(feast_server._request(body)), (
@@ -165,6 +166,24 @@ def test_the_lean_front_refuses_a_bad_request_naming_the_field_and_keeps_serving
     got_status, error = _post(lean.url, body)
     assert got_status == status and re.search(message, error), (got_status, error)
     assert lean.lookup("user_serving_v1", "user_id", 5) is not None  # still answering
+
+
+def test_the_lean_front_refuses_a_bad_content_length_and_keeps_serving(
+    lean: FeatureServerClient,
+) -> None:
+    import http.client
+    import json
+
+    host, port = lean.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    conn.putrequest("POST", "/get-online-features")
+    conn.putheader("Content-Length", "lots")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 400
+    assert json.loads(resp.read())["error"].startswith("Content-Length: 'lots'")
+    conn.close()
+    assert lean.lookup("user_serving_v1", "user_id", 5) is not None
 
 
 def test_the_lean_front_serves_only_its_path(lean: FeatureServerClient) -> None:

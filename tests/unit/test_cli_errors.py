@@ -82,6 +82,13 @@ def test_every_command_has_a_bad_value_case() -> None:
     assert set(BAD_VALUES) == set(commands(build_parser()))
 
 
+def test_swap_refuses_a_bad_timeout_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, err = run(["serving", "swap", "--timeout-s", "0"], capsys)
+    assert code == 2 and err.startswith("candgen: error: timeout_s: must be > 0"), err
+
+
 def test_the_lean_front_refuses_workers_naming_the_field(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -45,6 +45,9 @@ def test_the_encoder_gives_the_same_vectors_on_the_device_auto_picks() -> None:
     # auto moved the model where it runs: the CPU one is read again from the same weights.
     expected = user_vectors(_unified(query_text_dim=384, context_items=True), users, *args)  # type: ignore[arg-type]
     got = user_vectors(auto, users, *args)
+    assert auto.item_table.device == torch.device("cpu")  # exact top-K and lookups run there
+    untabled = Retriever(_unified().model, on_cpu.item_ids, None, 8, "auto")  # type: ignore[attr-defined]
+    assert untabled.item_table.device == torch.device("cpu")
     for e, g in zip(expected, got, strict=True):
         assert e is not None and g is not None
         np.testing.assert_allclose(g, e, atol=1e-5)

@@ -11,7 +11,7 @@ from typing import Any
 
 from candgen.cli import Parser, add_config_flags, config_from_args, print_json
 from candgen.cli.flags import check_at_least, check_positive, parse_item_ids
-from candgen.errors import CandgenError, ConfigError
+from candgen.errors import ConfigError
 
 PROTOCOLS = ("http", "grpc")
 
@@ -61,17 +61,12 @@ def cmd_serving_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serving_swap(args: argparse.Namespace) -> int:
-    from tritonclient.utils import InferenceServerException
-
     from candgen.endpoint.client import DEFAULT_URLS
     from candgen.endpoint.export import swap
 
+    check_positive("timeout_s", args.timeout_s)
     url = args.url or DEFAULT_URLS[args.protocol]
-    try:
-        print_json(swap(url, args.model_repository, args.protocol))
-    except InferenceServerException as e:
-        # The server refused to load a step, or is not there: the user's server, not a bug.
-        raise CandgenError(f"url: {url}: {e.message() or e}") from None
+    print_json(swap(url, args.model_repository, args.protocol, args.timeout_s))
     return 0
 
 
@@ -155,6 +150,9 @@ def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
         "--url",
         default="",
         help="the server, host:port; default: 127.0.0.1:8001 (grpc), :8000 (http)",
+    )
+    sw.add_argument(
+        "--timeout-s", type=float, default=600.0, help="how long the load may take (seconds)"
     )
     sw.set_defaults(func=cmd_serving_swap)
 

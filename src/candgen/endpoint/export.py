@@ -659,7 +659,9 @@ def install(source: Path, target: Path, keep_versions: int = 2) -> int:
     return version
 
 
-def swap(url: str, repository: Path, protocol: str = "grpc") -> dict[str, Any]:
+def swap(
+    url: str, repository: Path, protocol: str = "grpc", timeout_s: float = 600.0
+) -> dict[str, Any]:
     """Loads the repository's pinned version into a running server without downtime.
 
     One load of the ensemble: Triton polls its steps with it, loads the changed ones first (the
@@ -674,12 +676,27 @@ def swap(url: str, repository: Path, protocol: str = "grpc") -> dict[str, Any]:
     waits until the load is done (a 3-6 s load stalled a quarter to half of the HTTP clients
     for as long, and a swap of the four steps outlasted a client's 10 s timeout); a load asked
     over gRPC stalls no HTTP or gRPC request (docs/benchmarks/serving_notes.md, section 10).
+    The load may take ``timeout_s`` (every step of a large version loads within it).
+
+    Raises:
+        CandgenError: naming url, when the server refused the load or did not finish it in time.
     """
+    from tritonclient.utils import InferenceServerException
+
     from candgen.endpoint.client import triton_client
 
-    client = triton_client(url, protocol)
     version = pinned_version(repository)
-    client.load_model(ENSEMBLE)
+    client = triton_client(url, protocol, timeout_s)
+    try:
+        if protocol == "grpc":
+            client.load_model(ENSEMBLE, client_timeout=timeout_s)
+        else:
+            client.load_model(ENSEMBLE)
+    except InferenceServerException as e:
+        # The server refused to load a step, or is not there: the user's server, not a bug.
+        raise CandgenError(f"url: {url}: {e.message() or e}") from None
+    except OSError as e:  # the HTTP client's timeout, or no server at all
+        raise CandgenError(f"url: {url}: the load did not finish: {e!r}") from None
     return {"serving_version": version, "models": [s.MODEL for s in STEPS] + [ENSEMBLE]}
 
 

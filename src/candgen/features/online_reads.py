@@ -15,6 +15,8 @@ One thread per connection; the features step keeps one connection per step insta
 from __future__ import annotations
 
 import json
+import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, cast
 
@@ -37,9 +39,12 @@ class OnlineReadError(Exception):
         self.status = status
 
 
-def parse_request(body: bytes) -> tuple[str | list[str], dict[str, list[Any]]]:
+FIELDS = ("feature_service", "features", "entities", "full_feature_names")
+
+
+def parse_request(body: bytes) -> tuple[str | list[str], dict[str, list[Any]], bool]:
     """What a ``/get-online-features`` body asks for: (a service name or feature references,
-    entity name -> keys).
+    entity name -> keys, full_feature_names).
 
     Raises:
         OnlineReadError: 400, naming the field at fault.
@@ -50,6 +55,12 @@ def parse_request(body: bytes) -> tuple[str | list[str], dict[str, list[Any]]]:
         raise OnlineReadError(400, f"body: not JSON ({e})") from None
     if not isinstance(request, dict):
         raise OnlineReadError(400, "body: must be a JSON object")
+    unknown = sorted(set(request) - set(FIELDS))
+    if unknown:
+        raise OnlineReadError(400, f"{unknown[0]}: not read here (the fields read: {FIELDS})")
+    full_names = request.get("full_feature_names", False)
+    if not isinstance(full_names, bool):
+        raise OnlineReadError(400, f"full_feature_names: must be true or false, got {full_names!r}")
     service, refs = request.get("feature_service"), request.get("features")
     if (service is None) == (refs is None):
         raise OnlineReadError(400, "features: give either feature_service or features")
@@ -72,10 +83,15 @@ def parse_request(body: bytes) -> tuple[str | list[str], dict[str, list[Any]]]:
     if len(lengths) != 1 or 0 in lengths:
         raise OnlineReadError(400, "entities: every entity needs the same, non-zero number of keys")
     what: str | list[str] = service if isinstance(service, str) else cast("list[str]", refs)
-    return what, entities
+    return what, entities, full_names
 
 
-def read_online(store: FeatureStore, what: str | list[str], entities: dict[str, list[Any]]) -> str:
+def read_online(
+    store: FeatureStore,
+    what: str | list[str],
+    entities: dict[str, list[Any]],
+    full_feature_names: bool = False,
+) -> str:
     """The feature server's JSON answer for one request: Feast's read and Feast's conversion.
 
     Raises:
@@ -88,7 +104,9 @@ def read_online(store: FeatureStore, what: str | list[str], entities: dict[str, 
         features: Any = (
             store.get_feature_service(what, allow_cache=True) if isinstance(what, str) else what
         )
-        response = store.get_online_features(features=features, entity_rows=entities)
+        response = store.get_online_features(
+            features=features, entity_rows=entities, full_feature_names=full_feature_names
+        )
     except FeastObjectNotFoundException as e:
         field = "feature_service" if isinstance(what, str) else "features"
         raise OnlineReadError(404, f"{field}: {e}") from None
@@ -104,11 +122,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, status: int, body: str) -> None:
         data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up waiting: nothing to tell it
 
     def do_GET(self) -> None:
         if self.path == "/health":
@@ -118,15 +139,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            header = self.headers.get("Content-Length") or "0"
+            length = int(header) if header.isdigit() else -1
             if not 0 < length <= MAX_BODY_BYTES:
                 self.close_connection = True  # an unread body would be taken for a request
-                raise OnlineReadError(400, f"body: {length} bytes; 1..{MAX_BODY_BYTES} are read")
+                raise OnlineReadError(
+                    400, f"Content-Length: {header!r}; 1..{MAX_BODY_BYTES} bytes are read"
+                )
             body = self.rfile.read(length)
             if self.path != PATH:
                 raise OnlineReadError(404, f"path: {self.path} is not served here; ask {PATH}")
-            what, entities = parse_request(body)
-            answer = read_online(self.server.store, what, entities)
+            what, entities, full_names = parse_request(body)
+            answer = read_online(self.server.store, what, entities, full_names)
         except OnlineReadError as e:
             self._answer(e.status, json.dumps({"error": str(e)}))
         except Exception as e:  # the store's own failure: answered, never the server's end
@@ -152,8 +176,36 @@ def online_read_server(store: FeatureStore, host: str, port: int) -> ThreadingHT
     return server
 
 
-def serve_online_reads(cfg: StoreConfig, host: str = "127.0.0.1", port: int = 6566) -> None:
-    """Runs the lean front on ``cfg``'s registry and online store; blocks."""
+REGISTRY_REFRESH_S = 5.0  # as often as Feast's feature server re-reads it
+
+
+def refresh_registry_every(store: FeatureStore, seconds: float, stop: threading.Event) -> None:
+    """Re-reads the registry every ``seconds`` until ``stop`` (a view or service applied after
+    the server started is served within that); a failed read keeps the last one."""
+    while not stop.wait(seconds):
+        try:
+            store.refresh_registry()  # type: ignore[no-untyped-call]
+        except Exception as e:  # an unreadable registry for a moment: keep serving the last one
+            print(f"registry refresh failed, serving the last one read: {e!r}", file=sys.stderr)
+
+
+def serve_online_reads(
+    cfg: StoreConfig,
+    host: str = "127.0.0.1",
+    port: int = 6566,
+    registry_refresh_s: float = REGISTRY_REFRESH_S,
+) -> None:
+    """Runs the lean front on ``cfg``'s registry and online store, re-reading the registry
+    every ``registry_refresh_s``; blocks."""
     from candgen.features.store import open_store
 
-    online_read_server(open_store(cfg), host, port).serve_forever()
+    store = open_store(cfg)
+    server = online_read_server(store, host, port)
+    stop = threading.Event()
+    threading.Thread(
+        target=refresh_registry_every, args=(store, registry_refresh_s, stop), daemon=True
+    ).start()
+    try:
+        server.serve_forever()
+    finally:
+        stop.set()

@@ -14,7 +14,6 @@ from candgen.errors import ConfigError
 from candgen.vocab import LABELS
 
 MODELS = ("sasrec", "hstu", "two_tower", "unified")
-DEVICES = ("auto", "cpu", "cuda")  # where a model runs (auto: cuda where torch sees a GPU)
 DEFAULT_TEMPERATURE = {"sasrec": 1.0, "hstu": 0.05, "two_tower": 0.05, "unified": 0.05}
 
 

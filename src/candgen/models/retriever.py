@@ -16,8 +16,7 @@ import torch
 from candgen.data.tensors import pad_left, relative_timestamps
 from candgen.errors import CandgenError, ConfigError
 from candgen.models.base import RetrievalModel
-from candgen.models.config import DEVICES
-from candgen.vocab import scenario_code
+from candgen.vocab import DEVICES, scenario_code
 
 DEFAULT_K = 100
 
@@ -123,7 +122,7 @@ class Retriever:
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
         self.index = {int(x): i for i, x in enumerate(self.item_ids) if i > 0}
         table = model.item_table() if item_table is None else torch.from_numpy(item_table)
-        self.item_table = table.float()
+        self.item_table = table.float().cpu()  # exact top-K and lookups run on the CPU
         self.max_len = max_len
         projection = getattr(model, "long_term", None)
         # The width of the long-term embedding the model fuses (0: it reads none).

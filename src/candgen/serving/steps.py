@@ -45,7 +45,6 @@ import numpy as np
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.client import FeatureServerClient
 from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig
-from candgen.models.config import DEVICES
 from candgen.serving.admission import Admission, InflightLimit, Overloaded, admission_tensor
 from candgen.serving.contract import (
     UNKNOWN_CONTEXT_ITEM,
@@ -93,7 +92,7 @@ from candgen.serving.quota import (
     QuotaPolicy,
     source_counts,
 )
-from candgen.vocab import SURFACES
+from candgen.vocab import DEVICES, SURFACES
 
 if TYPE_CHECKING:  # the retriever loads with the model, in load_retriever
     from candgen.models.retriever import Retriever

@@ -9,8 +9,8 @@ from typing import Any
 from candgen.data.config import DataConfig
 from candgen.errors import ConfigError
 from candgen.images import PLATFORM_IMAGE
-from candgen.models.config import DEVICES, ModelConfig
-from candgen.vocab import LABELS
+from candgen.models.config import ModelConfig
+from candgen.vocab import DEVICES, LABELS
 
 LOSSES = ("sampled", "full")
 OBJECTIVES = ("next_item", "all_action")
