@@ -121,7 +121,8 @@ def test_the_check_names_a_repository_another_candgen_exported(
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_serving_pods_check_the_repository_triton_serves(overlay: str) -> None:
     pod = pod_specs(objects(render(overlay)))["candgen-triton"]
-    (triton,) = pod["containers"]
+    # Triton, and its online-reads sidecar (tests/unit/test_k8s_manifests.py)
+    (triton,) = [c for c in pod["containers"] if c["name"] == "tritonserver"]
     (check,) = pod["initContainers"]
     (served,) = [a.split("=", 1)[1] for a in triton["args"] if a.startswith("--model-repository=")]
     assert check["command"] + check["args"] == [
