@@ -20,7 +20,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, cast
 
-from candgen.errors import ConfigError
+from candgen.errors import CandgenError, ConfigError
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -31,7 +31,7 @@ PATH = "/get-online-features"
 MAX_BODY_BYTES = 1 << 20  # a batch of 1,024 users' ids is about 10 KB
 
 
-class OnlineReadError(Exception):
+class OnlineReadError(CandgenError):
     """A request the server refuses; ``status`` is its HTTP status."""
 
     def __init__(self, status: int, message: str) -> None:

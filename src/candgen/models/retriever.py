@@ -115,9 +115,9 @@ class Retriever:
         item_ids: np.ndarray,
         item_table: np.ndarray | None = None,
         max_len: int = 50,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
     ) -> None:
-        self.device = torch_device(device)
+        self.device = device if isinstance(device, torch.device) else torch_device(device)
         self.model = model.eval().to(self.device)
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
         self.index = {int(x): i for i, x in enumerate(self.item_ids) if i > 0}

@@ -601,10 +601,10 @@ def load_retriever(folder: Path, device: str = "cpu") -> Retriever:
     from candgen.models.factory import load_model
     from candgen.models.retriever import Retriever, torch_device
 
-    torch_device(device, "encoder_device")  # before the weights are read
+    where = torch_device(device, "encoder_device")  # before the weights are read
     model, saved = load_model(Path(folder) / MODEL_FILE)
     table = np.load(Path(folder) / TABLE_FILE)
-    return Retriever(model, saved.item_ids, table, saved.model.max_len, device)
+    return Retriever(model, saved.item_ids, table, saved.model.max_len, where)
 
 
 def load_query_encoder(folder: Path, config: ServingConfig) -> QueryEncoder:
