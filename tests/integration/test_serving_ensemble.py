@@ -447,15 +447,19 @@ def _under_load(
     clients each), until the block ends; yields the count of good answers (in a list) and every
     failure."""
     ok, failed, stop_flag = [0], [], threading.Event()
+    slowest: list[tuple[float, float]] = []  # (seconds taken, when it started)
+    t0 = time.monotonic()
 
     def hammer(url: str, protocol: str) -> None:
         client = RetrieveClient(url, protocol)  # tritonclient's HTTP client is per thread
         while not stop_flag.is_set():
+            start = time.monotonic()
             try:
                 assert len(client.retrieve(served.users[2], "home", 20).ad_ids) == 20
                 ok[0] += 1
             except Exception as e:  # every failure is counted
                 failed.append(repr(e))
+            slowest.append((time.monotonic() - start, start - t0))
 
     threads = [threading.Thread(target=hammer, args=(url, protocol))
                for url, protocol in zip(urls, ("http", "grpc"), strict=True)
@@ -468,6 +472,8 @@ def _under_load(
         stop_flag.set()
         for t in threads:
             t.join()
+        worst = [(round(a, 3), round(b, 2)) for a, b in sorted(slowest, reverse=True)[:8]]
+        print("slowest requests (s taken, s since start):", worst)
 
 
 def test_a_promoted_version_is_swapped_in_with_zero_failed_requests(
