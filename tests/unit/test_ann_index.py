@@ -213,3 +213,85 @@ def test_positions_follow_removals_and_a_short_bitmap_is_refused() -> None:
     hnsw.remove([int(ids[0])])  # HNSW keeps the position; the tombstone keeps it out
     everyone = _bitmap(np.ones(len(hnsw.positions()), bool))
     assert int(ids[0]) not in hnsw.search(vecs[:1], 50, allowed=everyone)[0][0].tolist()
+
+
+# Over-fetch and keep the allowed: what a GPU index does (FAISS's GPU indexes take no selector),
+# run here on the CPU, where the selector's answers are the reference.
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_overfetch_answers_what_the_selector_answers(kind: str) -> None:
+    ids, vecs = _corpus(3000)
+    config = IndexConfig(kind=kind, ef_search=128)
+    by_selector = AdIndex.build(ids, vecs, config)
+    by_overfetch = AdIndex.build(ids, vecs, IndexConfig(kind=kind, ef_search=128,
+                                                        filter_mode="overfetch"))  # fmt: skip
+    assert by_overfetch.config.overfetch and not by_selector.config.overfetch
+    rng = np.random.default_rng(5)
+    queries = vecs[:20] + 0.1 * rng.standard_normal((20, vecs.shape[1])).astype(np.float32)
+    positions = by_selector.positions()
+    assert by_overfetch.positions().tolist() == positions.tolist()
+    mask = rng.random(len(positions)) < 0.3
+    history = [int(positions[np.flatnonzero(mask)[0]])]
+    ineligible = frozenset(positions[~mask].tolist())
+    allowed_ids = set(positions[mask].tolist()) - set(history)
+    keep = np.flatnonzero(np.isin(ids, list(allowed_ids)))
+    exact = exact_search(ids[keep], vecs[keep], queries, 50)
+    for index in (by_selector, by_overfetch):
+        bitmap_found, _ = index.search(queries, 50, exclude=history, allowed=_bitmap(mask))
+        set_found, _ = index.search(queries, 50, exclude=history, ineligible=ineligible)
+        for found in (bitmap_found, set_found):
+            for row in found:
+                assert len(row) == 50 and set(row.tolist()) <= allowed_ids
+            assert recall_at_k(found, exact) >= (1.0 if kind == "flat" else 0.95)
+    if kind == "flat":  # both exact: the same ads, in the same order
+        a = by_selector.search(queries, 50, exclude=history, allowed=_bitmap(mask))[0]
+        b = by_overfetch.search(queries, 50, exclude=history, allowed=_bitmap(mask))[0]
+        assert [r.tolist() for r in a] == [r.tolist() for r in b]
+    assert by_overfetch.exact_fallbacks == 0  # 30% allowed: the first fetch of 4 K sufficed
+
+
+def test_overfetch_answers_exactly_where_the_allowed_ads_lie_past_its_reach() -> None:
+    ids, vecs = _corpus(3000)
+    index = AdIndex.build(ids, vecs, IndexConfig(kind="flat", filter_mode="overfetch"))
+    query = vecs[:1]
+    positions = index.positions()
+    by_pos = vecs[np.searchsorted(ids, positions)]
+    scores = by_pos @ query[0]
+    mask = scores <= np.sort(scores)[29]  # the 30 ads least like the query: past 2048 fetched
+    found, _ = index.search(query, 10, allowed=_bitmap(mask))
+    assert found[0].tolist() == exact_search(positions[mask], by_pos[mask], query, 10)[0].tolist()
+    assert index.exact_fallbacks == 1
+    ineligible = frozenset(positions[~mask].tolist())
+    assert index.search(query, 10, ineligible=ineligible)[0][0].tolist() == found[0].tolist()
+    few = np.zeros(len(positions), bool)
+    few[:3] = True  # fewer allowed than K: all of them, never padding
+    assert sorted(index.search(query, 10, allowed=_bitmap(few))[0][0].tolist()) == sorted(
+        positions[:3].tolist()
+    )
+    index.remove([int(positions[0])])  # a removed ad is never answered, the fallback's copy too
+    assert sorted(index.search(query, 10, allowed=_bitmap(few[1:]))[0][0].tolist()) == sorted(
+        positions[1:3].tolist()
+    )
+
+
+def test_a_gpu_index_is_refused_naming_the_field_where_faiss_sees_no_gpu(tmp_path: Path) -> None:
+    import faiss
+
+    if hasattr(faiss, "index_cpu_to_gpu") and faiss.get_num_gpus() > 0:
+        pytest.skip("this machine has a GPU: the cuda path runs in benchmarks/serving.py")
+    ids, vecs = _corpus(50)
+    with pytest.raises(ConfigError, match=r"^device: cuda was asked for but this FAISS build"):
+        AdIndex.build(ids, vecs, IndexConfig(device="cuda"))
+    AdIndex.build(ids, vecs, IndexConfig(kind="flat")).save(tmp_path / "ads.faiss")
+    with pytest.raises(ConfigError, match=r"^device: cuda was asked for but this FAISS build"):
+        AdIndex.load(tmp_path / "ads.faiss", IndexConfig(device="cuda"))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"filter_mode": "bitset"}, r"^filter_mode: 'bitset' is not one of"),
+    ({"device": "cuda", "filter_mode": "selector"}, r"^filter_mode: FAISS's GPU indexes take no"),
+    ({"device": "cuda", "kind": "hnsw"}, r"^kind: a cuda index searches exactly"),
+])  # fmt: skip
+def test_a_filter_mode_the_device_cannot_serve_is_refused(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError, match=message):
+        IndexConfig(**kwargs)
+    assert IndexConfig(device="cuda").overfetch and not IndexConfig().overfetch

@@ -97,6 +97,15 @@ def test_the_lean_front_refuses_workers_naming_the_field(
     assert code == 2 and err.startswith("candgen: error: workers: the lean front runs one"), err
 
 
+def test_a_gpu_index_with_a_selector_is_refused_naming_the_field(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    argv = ["index", "build", "--model-uri", "models:/m@champion", "--device", "cuda",
+            "--filter-mode", "selector"]  # fmt: skip
+    code, err = run(argv, capsys)
+    assert code == 2 and err.startswith("candgen: error: filter_mode: FAISS's GPU indexes"), err
+
+
 @pytest.mark.parametrize("command", sorted(BAD_VALUES))
 def test_a_bad_value_exits_2_with_one_line_naming_the_field(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture

@@ -32,7 +32,9 @@ TARGETS = [
 ]
 
 
-def _world(n_ads: int = 600, kind: str = "flat") -> tuple[AdIndex, AdTable, DeliveryState]:
+def _world(
+    n_ads: int = 600, kind: str = "flat", filter_mode: str = "auto"
+) -> tuple[AdIndex, AdTable, DeliveryState]:
     rng = np.random.default_rng(0)
     n_camps = 60
     masks = np.array([targeting_mask(TARGETS[c % len(TARGETS)], c + 1) for c in range(n_camps)])
@@ -47,7 +49,8 @@ def _world(n_ads: int = 600, kind: str = "flat") -> tuple[AdIndex, AdTable, Deli
     ads = AdTable(ad_ids, campaigns, (campaigns - 1) // 6 + 1, np.array([ad_ids[5]]))
     vectors = rng.standard_normal((n_ads, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return AdIndex.build(ad_ids, vectors, IndexConfig(kind=kind)), ads, state
+    index = AdIndex.build(ad_ids, vectors, IndexConfig(kind=kind, filter_mode=filter_mode))
+    return index, ads, state
 
 
 def _allowed_by_rule(ads: AdTable, state: DeliveryState, profile: dict) -> set[int]:
@@ -56,9 +59,11 @@ def _allowed_by_rule(ads: AdTable, state: DeliveryState, profile: dict) -> set[i
     return set(ads.ad_ids[ok].tolist())
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_answers_hold_only_ads_the_request_may_get(kind: str) -> None:
-    index, ads, state = _world(kind=kind)
+# overfetch: how a GPU index keeps to the bitmap (run here on the CPU)
+@pytest.mark.parametrize(("kind", "filter_mode"),
+                         [("flat", "auto"), ("hnsw", "auto"), ("flat", "overfetch")])  # fmt: skip
+def test_answers_hold_only_ads_the_request_may_get(kind: str, filter_mode: str) -> None:
+    index, ads, state = _world(kind=kind, filter_mode=filter_mode)
     elig = Eligibility(ads, state, {"ads": index})
     allowed = _allowed_by_rule(ads, state, PROFILE)
     assert 0.2 < len(allowed) / len(ads.ad_ids) < 0.8

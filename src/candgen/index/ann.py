@@ -3,7 +3,8 @@
 The metric is always inner product: cosine models hand in L2-normalised vectors (so inner
 product is cosine) and dot-product models are scored as trained. Small corpora use exact search;
 larger ones HNSW (or IVF-PQ when memory matters). Ineligible ads (paused, budget exhausted) are
-excluded at query time through a FAISS ID selector, never by rebuilding. New ads are added and
+excluded at query time through a FAISS ID selector (on a GPU, whose indexes take none, by
+over-fetching and keeping the allowed ones), never by rebuilding. New ads are added and
 expired ads removed in place; HNSW cannot delete, so its removed ids are excluded at query time
 like ineligible ones until the next rebuild compacts them.
 """
@@ -13,11 +14,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from candgen.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 if TYPE_CHECKING:  # faiss loads when an index is built or read, not with this module
     import faiss
@@ -26,6 +30,11 @@ if TYPE_CHECKING:  # faiss loads when an index is built or read, not with this m
     _StaticSelector = tuple[tuple[frozenset[int], int], faiss.IDSelector | None]
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
+FILTER_MODES = ("auto", "selector", "overfetch")
+# Over-fetch: the first search asks for OVERFETCH * k, each next one four times more, up to
+# MAX_FETCH (FAISS's GPU k-selection takes at most 2048); past it, an exact search on the CPU
+# copy over the allowed ads answers.
+OVERFETCH, MAX_FETCH = 4, 2048
 
 
 INDEX_FILE = "ads.faiss"  # a saved index: this file and ids_file() beside it
@@ -50,7 +59,11 @@ class IndexConfig:
         ivf_nlist: IVF cells; 0 means 4 * sqrt(corpus size).
         pq_m: PQ sub-quantizers (must divide the dimension).
         nprobe: IVF cells visited per query.
-        device: cpu or cuda (FAISS GPU; needs a FAISS build with GPU support).
+        device: cpu or cuda (FAISS GPU, exact search; needs a FAISS build with GPU support).
+        filter_mode: how a search keeps to the allowed ads: selector (FAISS filtered search, the
+            search itself skips the others; CPU only), overfetch (search unfiltered for more
+            than ``k``, keep the allowed, search again for more if too few; FAISS's GPU indexes
+            take no selector), or auto (selector on the CPU, overfetch on a GPU).
     """
 
     kind: str = "auto"
@@ -67,17 +80,33 @@ class IndexConfig:
     pq_m: int = 16
     nprobe: int = 32
     device: str = "cpu"
+    filter_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError("kind", f"{self.kind!r} is not one of {KINDS}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError("device", f"{self.device!r} is not one of ('cpu', 'cuda')")
+        if self.device == "cuda" and self.kind not in ("auto", "flat"):
+            raise ConfigError("kind", f"a cuda index searches exactly (flat), got {self.kind!r}")
+        if self.filter_mode not in FILTER_MODES:
+            raise ConfigError("filter_mode", f"{self.filter_mode!r} is not one of {FILTER_MODES}")
+        if self.device == "cuda" and self.filter_mode == "selector":
+            raise ConfigError(
+                "filter_mode", "FAISS's GPU indexes take no selector: use overfetch (or auto)"
+            )
         for name in ("exact_max", "hnsw_m", "ef_construction", "ef_search", "pq_m", "nprobe"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         if self.ivf_nlist < 0:
             raise ConfigError("ivf_nlist", f"must be >= 0, got {self.ivf_nlist}")
+
+    @property
+    def overfetch(self) -> bool:
+        """Whether searches keep to the allowed ads by over-fetching (see ``filter_mode``)."""
+        return self.filter_mode == "overfetch" or (
+            self.filter_mode == "auto" and self.device == "cuda"
+        )
 
     def resolved_kind(self, n: int) -> str:
         if self.kind != "auto":
@@ -116,9 +145,7 @@ class AdIndex:
         else:
             base = faiss.IndexFlatIP(dim)
         if self.config.device == "cuda":
-            if faiss.get_num_gpus() < 1:
-                raise ConfigError("device", "cuda was asked for but this FAISS build sees no GPU")
-            base = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, base)
+            base = _to_gpu(faiss, base)
         # An IndexIDMap(2) over base; load() gives what read_index returns, or its GPU copy.
         self.index: faiss.Index = (
             faiss.IndexIDMap2(base) if self.kind != "hnsw" else faiss.IndexIDMap(base)
@@ -129,7 +156,9 @@ class AdIndex:
         self._static: _StaticSelector | None = None  # (key, selector) of _static_selector
         self._positions: np.ndarray | None = None  # ad id at each internal position
         self._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # positions, argsort
-        self.exact_fallbacks = 0  # filtered searches that HNSW answered short (see search)
+        self._host: faiss.Index | None = None  # a GPU index's CPU copy (see _host_index)
+        self._excluded: tuple[frozenset[int], int, np.ndarray] | None = None  # _excluded_ids
+        self.exact_fallbacks = 0  # filtered searches answered exactly instead (see search)
 
     @classmethod
     def build(
@@ -177,7 +206,7 @@ class AdIndex:
             self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(present, np.int64)))
         self.index.add_with_ids(vectors, ids)
         self._live.update(ids.tolist())
-        self._positions = None
+        self._positions = self._host = None
 
     def remove(self, ids: Iterable[int]) -> int:
         """Removes ads; returns how many were present."""
@@ -188,7 +217,7 @@ class AdIndex:
             self._tombstones.update(gone)
         else:
             self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(gone, np.int64)))
-            self._positions = None
+            self._positions = self._host = None
         self._live.difference_update(gone)
         return len(gone)
 
@@ -196,8 +225,7 @@ class AdIndex:
         """The ad id at each internal position: what a per-request eligibility bitmap
         (``search``'s ``allowed``) is laid over. HNSW's removed ads keep their positions."""
         if self._positions is None:
-            if self.config.device == "cuda":
-                raise ConfigError("device", "eligibility bitmaps need the index on the CPU")
+            # A GPU index's IndexIDMap wrapper stays on the CPU, its ids with it.
             id_map = cast("faiss.IndexIDMap", self.index).id_map
             positions = self.faiss.vector_to_array(id_map).astype(np.int64)
             # One assignment: a reader on another thread sees both arrays or neither.
@@ -247,6 +275,20 @@ class AdIndex:
         k_eff = min(k, max(len(self._live), 1))
         if allowed is not None:
             return self._search_allowed(queries, k_eff, exclude, allowed)
+        exclude = list(exclude)
+        if self.config.overfetch and (ineligible or self._tombstones or exclude):
+            dropped = self._excluded_ids(ineligible, exclude)
+
+            def keep_unexcluded(ids: np.ndarray) -> np.ndarray:
+                kept: np.ndarray = ~np.isin(ids, dropped, assume_unique=False)
+                return kept
+
+            def all_but_excluded() -> np.ndarray:
+                bits = np.full((len(self.positions()) + 7) // 8, 255, np.uint8)
+                clear_bits(bits, self.position_of(dropped))
+                return bits
+
+            return self._search_overfetch(queries, k_eff, keep_unexcluded, all_but_excluded)
         static = self._static_selector(ineligible)
         extra = np.asarray(sorted(set(map(int, exclude))), dtype=np.int64)
         dynamic = self.faiss.IDSelectorBatch(extra) if len(extra) else None
@@ -278,6 +320,14 @@ class AdIndex:
         if drop:
             bits = bits.copy()
             clear_bits(bits, self.position_of(np.asarray(drop, np.int64)))
+        if self.config.overfetch:
+
+            def keep_allowed(ids: np.ndarray) -> np.ndarray:
+                at = self.position_of(ids)
+                kept: np.ndarray = (at >= 0) & ((bits[at >> 3] >> (at & 7)) & 1).astype(bool)
+                return kept
+
+            return self._search_overfetch(queries, k, keep_allowed, lambda: bits)
         # FAISS's size is the bitmap's length in bytes.
         sel = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))
         scores, found = self._base.search(queries, k, params=self._params(sel))
@@ -293,6 +343,82 @@ class AdIndex:
             out_ids.append(positions[row_pos[keep]])
             out_scores.append(row_scores[keep])
         return out_ids, out_scores
+
+    def _search_overfetch(
+        self,
+        queries: np.ndarray,
+        k: int,
+        keep: Callable[[np.ndarray], np.ndarray],
+        allowed_bits: Callable[[], np.ndarray],
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Top-``k`` of the ads that ``keep`` (ids -> mask) lets through, by unfiltered searches
+        for more than ``k``; a query still short at ``MAX_FETCH`` is answered exactly over
+        ``allowed_bits()`` (a bitmap over positions) on the CPU copy."""
+        total = len(self.positions())
+        out_ids: list[np.ndarray] = [np.zeros(0, np.int64)] * len(queries)
+        out_scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(queries)
+        pending = np.arange(len(queries) if total else 0)
+        fetch = min(total, max(k, min(OVERFETCH * k, MAX_FETCH)))
+        while len(pending):
+            params = None
+            if self.kind == "hnsw":  # the beam must hold what is fetched
+                ef = max(self.config.ef_search, fetch)
+                params = self.faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]
+            elif self.kind == "ivfpq":
+                params = self.faiss.SearchParametersIVF(nprobe=self.config.nprobe)  # type: ignore[call-arg]
+            scores, found = self.index.search(queries[pending], fetch, params=params)
+            short = []
+            for row, q in enumerate(pending.tolist()):
+                valid = found[row] >= 0
+                ids, row_scores = found[row][valid], scores[row][valid]
+                kept = keep(ids)
+                if kept.sum() >= k or fetch >= total:
+                    out_ids[q], out_scores[q] = ids[kept][:k], row_scores[kept][:k]
+                elif fetch >= max(k, MAX_FETCH):
+                    self.exact_fallbacks += 1
+                    out_ids[q], out_scores[q] = self._exact_over(queries[q], k, allowed_bits())
+                else:
+                    short.append(q)
+            pending = np.asarray(short, np.int64)
+            fetch = min(total, max(k, min(fetch * 4, MAX_FETCH)))
+        return out_ids, out_scores
+
+    def _exact_over(
+        self, query: np.ndarray, k: int, bits: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` over the positions set in ``bits``, on the CPU."""
+        sel = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))
+        host = self.faiss.downcast_index(cast("faiss.IndexIDMap", self._host_index()).index)
+        if self.kind == "hnsw":
+            host = self.faiss.downcast_index(cast("faiss.IndexHNSW", host).storage)
+            params: faiss.SearchParameters = self.faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
+        elif self.kind == "ivfpq":
+            nlist = cast("faiss.IndexIVF", host).nlist
+            params = self.faiss.SearchParametersIVF(sel=sel, nprobe=nlist)  # type: ignore[call-arg]
+        else:
+            params = self.faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
+        scores, found = host.search(query[None], k, params=params)
+        keep = found[0] >= 0
+        return self.positions()[found[0][keep]], scores[0][keep]
+
+    def _host_index(self) -> faiss.Index:
+        """The index on the CPU: itself, or a GPU index's copy (kept until the index changes)."""
+        if self.config.device != "cuda":
+            return self.index
+        if self._host is None:
+            self._host = self.faiss.index_gpu_to_cpu(self.index)
+        return self._host
+
+    def _excluded_ids(self, ineligible: frozenset[int], exclude: Iterable[int]) -> np.ndarray:
+        """``ineligible``, the tombstones and ``exclude``, sorted (the standing part is sorted
+        once while the same frozenset is passed)."""
+        cached = self._excluded
+        if cached is None or cached[0] is not ineligible or cached[1] != len(self._tombstones):
+            standing = np.asarray(sorted(set(ineligible) | self._tombstones), np.int64)
+            cached = (ineligible, len(self._tombstones), standing)
+            self._excluded = cached
+        extra = np.asarray(sorted(set(map(int, exclude))), np.int64)
+        return np.union1d(cached[2], extra) if len(extra) else cached[2]
 
     def _search_everywhere(
         self, query: np.ndarray, k: int, sel: faiss.IDSelector
@@ -361,15 +487,27 @@ class AdIndex:
         obj.index = stored
         # save() wrote an IndexIDMap(2); read_index returns it as its own class
         obj._base = faiss.downcast_index(cast(faiss.IndexIDMap, stored).index)
+        obj._host = None
         if config.device == "cuda":
-            obj.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, stored)
+            obj.index = _to_gpu(faiss, stored)
+            obj._host = stored  # the CPU copy that an exact fallback searches
         obj._live = set(meta["live"].tolist())
         obj._tombstones = set(meta["tombstones"].tolist())
         obj._static = None
         obj._positions = None
         obj._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        obj._excluded = None
         obj.exact_fallbacks = 0
         return obj
+
+
+def _to_gpu(lib: Any, index: faiss.Index) -> faiss.Index:
+    """``index``'s copy on GPU 0 (``lib``: the faiss module); refused, naming the field, where
+    FAISS sees none."""
+    if not hasattr(lib, "index_cpu_to_gpu") or lib.get_num_gpus() < 1:
+        raise ConfigError("device", "cuda was asked for but this FAISS build sees no GPU")
+    gpu: faiss.Index = lib.index_cpu_to_gpu(lib.StandardGpuResources(), 0, index)
+    return gpu
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
