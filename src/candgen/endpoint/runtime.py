@@ -25,6 +25,7 @@ from candgen.errors import CandgenError, ConfigError
 from candgen.paths import REPO_ROOT
 
 STATE_FILE = "server.json"
+TRACE_PART = 1_000  # traces per part file of a trace (ServerConfig.trace_file)
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,10 @@ class ServerConfig:
         ready_timeout_s: how long to wait for readiness.
         shm_mb: shared memory per python-backend model (Docker's /dev/shm is 64 MB).
         trace_file: where Triton writes a timestamp trace of sampled requests (JSON, one
-            record per request and per ensemble step, written when the server stops); empty:
-            no tracing.
+            record per request and per ensemble step, in parts ``<trace_file>.0``, ``.1``, ...
+            of ``TRACE_PART`` traces as they fill and the rest when the server stops, so that a
+            stop cut short by its exit timeout loses at most the last part; ``read_trace``
+            reads them together); empty: no tracing.
         trace_rate: with ``trace_file``, trace one request in this many (1: every request).
         exit_timeout_s: once asked to stop, how long Triton waits for in-flight requests and
             open client connections (an idle keep-alive connection counts) before it exits.
@@ -173,6 +176,7 @@ def start(config: ServerConfig) -> dict[str, object]:
             f"--trace-config=triton,file={trace}",
             "--trace-config=level=TIMESTAMPS",
             f"--trace-config=rate={config.trace_rate}",
+            f"--trace-config=triton,log-frequency={TRACE_PART}",
         ]
     models = config.explicit_models or tuple(
         sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())

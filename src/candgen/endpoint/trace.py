@@ -27,11 +27,14 @@ class StepTime:
         queue_ms: time between the step's queue start and its compute start.
         compute_ms: the step's compute (for the python backend: the stub's execute and the
             tensor transfers to and from it).
+        refused: Triton refused the request in this step's queue (its queue policy: too many
+            waiting, or waited too long); ``queue_ms`` then runs to the request's end.
     """
 
     model: str
     queue_ms: float
     compute_ms: float
+    refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,11 @@ class RequestTrace:
     start_ns: int
     total_ms: float
     steps: tuple[StepTime, ...]
+
+    @property
+    def refused(self) -> bool:
+        """Whether a step's queue refused the request (Triton's queue policy)."""
+        return any(s.refused for s in self.steps)
 
     def step_ms(self, model: str) -> float:
         """Queue plus compute of ``model`` (0 when the request did not run it)."""
@@ -83,19 +91,46 @@ def _span_ms(record: dict[str, Any], first: str, last: str) -> float:
     return float(stamps[last] - stamps[first]) / 1e6
 
 
+def _step(step: dict[str, Any], parent: dict[str, Any]) -> StepTime:
+    model = str(step.get("model_name", ""))
+    stamps = step["timestamps"]
+    if "COMPUTE_START" not in stamps and "COMPUTE_END" not in stamps and "QUEUE_START" in stamps:
+        # Queued and never run: Triton's queue policy refused it (the request has ended).
+        waited = float(parent["timestamps"]["REQUEST_END"] - stamps["QUEUE_START"]) / 1e6
+        return StepTime(model=model, queue_ms=max(waited, 0.0), compute_ms=0.0, refused=True)
+    return StepTime(
+        model=model,
+        queue_ms=_span_ms(step, "QUEUE_START", "COMPUTE_START"),
+        compute_ms=_span_ms(step, "COMPUTE_START", "COMPUTE_END"),
+    )
+
+
+def trace_parts(path: Path) -> list[Path]:
+    """The files of a trace: ``path`` itself where Triton wrote one file, and the parts
+    ``<path>.0``, ``<path>.1``, ... it writes with a log frequency, in order."""
+    path = Path(path)
+    parts = [p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()]
+    return ([path] if path.exists() else []) + sorted(parts, key=lambda p: int(p.suffix[1:]))
+
+
 def read_trace(path: Path) -> list[RequestTrace]:
-    """The top-level requests of a Triton trace file, each with its steps' times, by start.
+    """The top-level requests of a Triton trace (``path`` and its parts, ``trace_parts``), each
+    with its steps' times, by start.
 
     Raises:
         CandgenError: the file is missing or is not a Triton trace, or a request or step lacks
             one of the timestamps its times are measured between.
     """
-    try:
-        records = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CandgenError(f"trace_file: cannot read {path}: {e}") from e
-    if not isinstance(records, list):
-        raise CandgenError(f"trace_file: {path} is not a JSON array of trace records")
+    files = trace_parts(path) or [Path(path)]  # none: the error names the file asked for
+    records: list[Any] = []
+    for file in files:
+        try:
+            part = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CandgenError(f"trace_file: cannot read {file}: {e}") from e
+        if not isinstance(part, list):
+            raise CandgenError(f"trace_file: {file} is not a JSON array of trace records")
+        records += part
     merged = _merge(records, path)
     children: dict[int, list[dict[str, Any]]] = {}
     for trace_id, record in merged.items():
@@ -107,17 +142,13 @@ def read_trace(path: Path) -> list[RequestTrace]:
     for trace_id, record in merged.items():
         if record.get("parent_id"):
             continue
+        total_ms = _span_ms(record, "REQUEST_START", "REQUEST_END")
         steps = [
-            StepTime(
-                model=str(s.get("model_name", "")),
-                queue_ms=_span_ms(s, "QUEUE_START", "COMPUTE_START"),
-                compute_ms=_span_ms(s, "COMPUTE_START", "COMPUTE_END"),
-            )
+            _step(s, record)
             for s in sorted(
                 children.get(trace_id, []), key=lambda r: r["timestamps"].get("QUEUE_START", 0)
             )
         ]
-        total_ms = _span_ms(record, "REQUEST_START", "REQUEST_END")
         traces.append(
             RequestTrace(
                 model=str(record.get("model_name", "")),
