@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from candgen.errors import ConfigError
-from candgen.index.ann import AdIndex, IndexConfig, exact_search, recall_at_k
+from candgen.index.ann import MAX_FETCH, AdIndex, IndexConfig, exact_search, recall_at_k
 
 AD = 1_000_000_000
 
@@ -267,7 +267,7 @@ def test_overfetch_answers_exactly_where_the_allowed_ads_lie_past_its_reach() ->
     assert sorted(index.search(query, 10, allowed=_bitmap(few))[0][0].tolist()) == sorted(
         positions[:3].tolist()
     )
-    index.remove([int(positions[0])])  # a removed ad is never answered, the fallback's copy too
+    index.remove([int(positions[0])])  # a removed ad is never answered, the fallback's too
     assert sorted(index.search(query, 10, allowed=_bitmap(few[1:]))[0][0].tolist()) == sorted(
         positions[1:3].tolist()
     )
@@ -277,7 +277,7 @@ def test_a_gpu_index_is_refused_naming_the_field_where_faiss_sees_no_gpu(tmp_pat
     import faiss
 
     if hasattr(faiss, "index_cpu_to_gpu") and faiss.get_num_gpus() > 0:
-        pytest.skip("this machine has a GPU: the cuda path runs in benchmarks/serving.py")
+        pytest.skip("this machine has a GPU: test_a_gpu_like_index_* covers the cuda path")
     ids, vecs = _corpus(50)
     with pytest.raises(ConfigError, match=r"^device: cuda was asked for but this FAISS build"):
         AdIndex.build(ids, vecs, IndexConfig(device="cuda"))
@@ -291,7 +291,78 @@ def test_a_gpu_index_is_refused_naming_the_field_where_faiss_sees_no_gpu(tmp_pat
     ({"device": "cuda", "filter_mode": "selector"}, r"^filter_mode: FAISS's GPU indexes take no"),
     ({"device": "cuda", "kind": "hnsw"}, r"^kind: a cuda index searches exactly"),
 ])  # fmt: skip
-def test_a_filter_mode_the_device_cannot_serve_is_refused(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
+def test_a_filter_mode_the_device_cannot_serve_is_refused(
+    kwargs: dict[str, str], message: str, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match=message):
         IndexConfig(**kwargs)
     assert IndexConfig(device="cuda").overfetch and not IndexConfig().overfetch
+    ids, vecs = _corpus(50)
+    AdIndex.build(ids, vecs, IndexConfig(kind="hnsw")).save(tmp_path / "ads.faiss")
+    with pytest.raises(ConfigError, match=r"^kind: a cuda index searches exactly \(flat\); "):
+        AdIndex.load(tmp_path / "ads.faiss", IndexConfig(device="cuda"))
+
+
+class _GpuLike:
+    """FAISS's GPU search contract on a CPU index: no ID selector, K at most ``MAX_FETCH``,
+    no removal."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def search(self, x, k, params=None):  # type: ignore[no-untyped-def]
+        assert params is None or params.sel is None, "a GPU index takes no selector"
+        assert k <= MAX_FETCH, f"a GPU index selects at most {MAX_FETCH}, asked {k}"
+        return self.inner.search(x, k, params=params)  # type: ignore[attr-defined]
+
+    def remove_ids(self, sel: object) -> None:
+        raise AssertionError("a GPU index implements no removal")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def _gpu_like(ids: np.ndarray, vecs: np.ndarray) -> tuple[AdIndex, AdIndex]:
+    """A flat index that searches as a GPU one must (``_GpuLike``), over its own CPU copy, and
+    a plain CPU one beside it: the reference."""
+    index = AdIndex.build(ids, vecs, IndexConfig(kind="flat"))
+    host = index.index
+    index.config = IndexConfig(device="cuda")
+    index.index = _GpuLike(host)  # type: ignore[assignment]
+    index._host_index = lambda: host  # type: ignore[method-assign]
+    return index, AdIndex.build(ids, vecs, IndexConfig(kind="flat"))
+
+
+def test_a_gpu_like_index_answers_what_the_cpu_selector_answers() -> None:
+    ids, vecs = _corpus(3000)
+    gpu, cpu = _gpu_like(ids, vecs)
+    rng = np.random.default_rng(7)
+    queries = vecs[:8] + 0.1 * rng.standard_normal((8, vecs.shape[1])).astype(np.float32)
+    positions = cpu.positions()
+    mask = rng.random(len(positions)) < 0.3
+    history = [int(positions[np.flatnonzero(mask)[0]])]
+    ineligible = frozenset(positions[~mask].tolist())
+
+    def same(**kwargs: object) -> None:
+        got = gpu.search(queries, **kwargs)[0]  # type: ignore[arg-type]
+        want = cpu.search(queries, **kwargs)[0]  # type: ignore[arg-type]
+        assert [r.tolist() for r in got] == [r.tolist() for r in want]
+
+    for k in (50, 2_500):  # 2,500: past the GPU's K, answered exactly on the CPU copy
+        same(k=k, exclude=history, allowed=_bitmap(mask))
+        same(k=k, exclude=history, ineligible=ineligible)
+    same(k=2_500)
+    # A removal on a GPU index is a tombstone, kept out even under the same ineligible set.
+    gone = int(gpu.search(queries[:1], 1, ineligible=ineligible)[0][0][0])
+    gpu.remove([gone])
+    cpu.remove([gone])
+    same(k=50, ineligible=ineligible)
+    # The CPU index compacted its positions, the GPU one kept them: each its own bitmap.
+    allowed_ids = positions[mask]
+    got = gpu.search(queries, 50, allowed=_bitmap(np.isin(gpu.positions(), allowed_ids)))[0]
+    want = cpu.search(queries, 50, allowed=_bitmap(np.isin(cpu.positions(), allowed_ids)))[0]
+    assert len(gpu.positions()) == len(cpu.positions()) + 1
+    assert [r.tolist() for r in got] == [r.tolist() for r in want]
+    assert gone not in gpu.search(queries[:1], 50, ineligible=ineligible)[0][0].tolist()
+    with pytest.raises(ConfigError, match=r"^ids: a flat index on the cuda cannot replace ads"):
+        gpu.add([int(ids[1])], vecs[1:2])

@@ -63,11 +63,12 @@ def test_the_ensemble_pins_every_step_and_keeps_the_tensor_contract() -> None:
     assert "version_policy: { all { } }" in features
     assert "max_batch_size: 8" in features
     # A step that shares no work across a batch takes one request at a time; a step after the
-    # door has only a backstop queue, on size alone (the door admits at most max_inflight
-    # requests, and a timeout there would count from the request's arrival at the ensemble).
+    # door has only a backstop queue (the door admits at most max_inflight requests), whose
+    # timeout, counted from the request's arrival at the ensemble, outlasts the door's and a
+    # swap's waits at the later steps.
     generators = step_config(STEPS[2], serving)
     assert "max_batch_size: 1\n" in generators
-    assert "default_timeout_microseconds: 0\n" in generators
+    assert "default_timeout_microseconds: 2040000\n" in generators
     assert "max_queue_size: 1000\n" in generators
     # Overload: past the queue's bounds a request is rejected, never queued without end.
     assert "timeout_action: REJECT" in features

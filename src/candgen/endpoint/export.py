@@ -155,11 +155,11 @@ def _tensors(kind: str, spec: Spec, ragged: bool = False) -> str:
 
 
 # Every step after the first holds at most max_inflight requests (the first admits no more), so
-# its queue bound is only a backstop, and it has no timeout: a step's timeout counts from the
-# request's arrival at the ensemble, so it would refuse what the earlier steps already served,
-# and a swap delays a few requests at each step whose instances Triton replaces (its dynamic
-# batcher then waits a fixed 500 ms for a free instance; docs/benchmarks/serving_notes.md, 11).
-BACKSTOP_QUEUE_SIZE, BACKSTOP_QUEUE_MS = 1_000, 0
+# its queue's bounds are only a backstop (for max_inflight 0, or a stuck step). Its timeout
+# counts from the request's arrival at the ensemble, so it allows the door's wait and then
+# Triton's fixed 500 ms wait for a free instance at each later step whose instances a swap
+# replaces (docs/benchmarks/serving_notes.md, section 11), with room to spare.
+BACKSTOP_QUEUE_SIZE, BACKSTOP_EXTRA_MS = 1_000, 2_000
 
 
 def step_config(step: type[Step], serving: ServingConfig) -> str:
@@ -167,11 +167,11 @@ def step_config(step: type[Step], serving: ServingConfig) -> str:
     ``max_batch_size`` for a step that shares work across them, else one request at a time) and
     its queue's bounds: the first step's are the door's (``max_queue_size``,
     ``queue_timeout_ms``: refused there in Triton, before any Python runs), the others' a
-    backstop on size alone."""
+    backstop (``BACKSTOP_QUEUE_SIZE``; the door's timeout plus ``BACKSTOP_EXTRA_MS``)."""
     batch = serving.max_batch_size if step.SHARES_WORK else 1
     door = step is STEPS[0]
     size = serving.max_queue_size if door else BACKSTOP_QUEUE_SIZE
-    timeout_ms = serving.queue_timeout_ms if door else BACKSTOP_QUEUE_MS
+    timeout_ms = serving.queue_timeout_ms + (0 if door else BACKSTOP_EXTRA_MS)
     return (
         f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: {batch}\n'
         "version_policy: { all { } }\n"

@@ -11,7 +11,7 @@ like ineligible ones until the next rebuild compacts them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -19,9 +19,6 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from candgen.errors import ConfigError
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 if TYPE_CHECKING:  # faiss loads when an index is built or read, not with this module
     import faiss
@@ -198,9 +195,11 @@ class AdIndex:
             np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids), vectors
         )
         present = [i for i in ids.tolist() if i in self._live or i in self._tombstones]
-        if present and self.kind == "hnsw":
+        if present and self._tombstoned:
             raise ConfigError(
-                "ids", f"HNSW cannot replace ads in place ({present[:5]}...); rebuild the index"
+                "ids",
+                f"a {self.kind} index on the {self.config.device} cannot replace ads in place "
+                f"({present[:5]}...); rebuild the index",
             )
         if present:
             self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(present, np.int64)))
@@ -208,12 +207,19 @@ class AdIndex:
         self._live.update(ids.tolist())
         self._positions = self._host = None
 
+    @property
+    def _tombstoned(self) -> bool:
+        """Whether removed ads stay in the index as tombstones, kept out at query time: HNSW
+        cannot delete; IVF's lists keep their old numbering where IndexIDMap's id map is
+        compacted; FAISS's GPU indexes implement no removal."""
+        return self.kind in ("hnsw", "ivfpq") or self.config.device == "cuda"
+
     def remove(self, ids: Iterable[int]) -> int:
         """Removes ads; returns how many were present."""
         gone = [int(i) for i in ids if int(i) in self._live]
         if not gone:
             return 0
-        if self.kind == "hnsw":
+        if self._tombstoned:
             self._tombstones.update(gone)
         else:
             self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(gone, np.int64)))
@@ -258,10 +264,12 @@ class AdIndex:
                 a large set costs nothing per query.
             allowed: instead of ``ineligible``, the request's own eligibility: a bitmap over
                 internal positions (``positions()``; bit ``p % 8`` of byte ``p // 8``) of the
-                ads it may get. The search stays inside it (FAISS filtered search); where HNSW
-                comes back with fewer than ``k`` while more are allowed, the query is answered
-                exactly over the allowed ads, so an answer is short only when fewer than ``k``
-                ads are allowed.
+                ads it may get. The search stays inside it (FAISS filtered search; with
+                ``IndexConfig.overfetch``, as on a GPU, unfiltered searches for more than ``k``
+                whose allowed ads are kept); where the search comes back with fewer than ``k``
+                while more are allowed (HNSW's beam, IVF's probed cells, ``MAX_FETCH``
+                over-fetched), the query is answered exactly over the allowed ads on the CPU,
+                so an answer is short only when fewer than ``k`` ads are allowed.
 
         Returns:
             Per query, the ad ids and scores; fewer than ``k`` where fewer ads qualify (FAISS's
@@ -276,11 +284,15 @@ class AdIndex:
         if allowed is not None:
             return self._search_allowed(queries, k_eff, exclude, allowed)
         exclude = list(exclude)
-        if self.config.overfetch and (ineligible or self._tombstones or exclude):
+        gpu_beyond_k = self.config.device == "cuda" and k_eff > MAX_FETCH
+        if self.config.overfetch and (ineligible or self._tombstones or exclude or gpu_beyond_k):
             dropped = self._excluded_ids(ineligible, exclude)
 
             def keep_unexcluded(ids: np.ndarray) -> np.ndarray:
-                kept: np.ndarray = ~np.isin(ids, dropped, assume_unique=False)
+                if not len(dropped):
+                    return np.ones(len(ids), bool)
+                at = np.minimum(np.searchsorted(dropped, ids), len(dropped) - 1)
+                kept: np.ndarray = dropped[at] != ids
                 return kept
 
             def all_but_excluded() -> np.ndarray:
@@ -327,7 +339,7 @@ class AdIndex:
                 kept: np.ndarray = (at >= 0) & ((bits[at >> 3] >> (at & 7)) & 1).astype(bool)
                 return kept
 
-            return self._search_overfetch(queries, k, keep_allowed, lambda: bits)
+            return self._search_overfetch(queries, k, keep_allowed, lambda: bits, popcount(bits, n))
         # FAISS's size is the bitmap's length in bytes.
         sel = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))
         scores, found = self._base.search(queries, k, params=self._params(sel))
@@ -350,14 +362,30 @@ class AdIndex:
         k: int,
         keep: Callable[[np.ndarray], np.ndarray],
         allowed_bits: Callable[[], np.ndarray],
+        allowed: int | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Top-``k`` of the ads that ``keep`` (ids -> mask) lets through, by unfiltered searches
         for more than ``k``; a query still short at ``MAX_FETCH`` is answered exactly over
-        ``allowed_bits()`` (a bitmap over positions) on the CPU copy."""
+        ``allowed_bits()`` (a bitmap over positions; built once per call) on the CPU copy.
+        ``allowed``: how many ads ``keep`` lets through, where known (an answer holding them
+        all is complete); a GPU index asked for more than ``MAX_FETCH`` answers exactly."""
         total = len(self.positions())
         out_ids: list[np.ndarray] = [np.zeros(0, np.int64)] * len(queries)
         out_scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(queries)
         pending = np.arange(len(queries) if total else 0)
+        enough = min(k, allowed if allowed is not None else k)
+        bits: list[np.ndarray] = []  # allowed_bits(), once
+
+        def exact(q: int) -> tuple[np.ndarray, np.ndarray]:
+            self.exact_fallbacks += 1
+            if not bits:
+                bits.append(allowed_bits())
+            return self._exact_over(queries[q], k, bits[0])
+
+        if self.config.device == "cuda" and k > MAX_FETCH:  # past FAISS's GPU k-selection
+            for q in pending.tolist():
+                out_ids[q], out_scores[q] = exact(q)
+            return out_ids, out_scores
         fetch = min(total, max(k, min(OVERFETCH * k, MAX_FETCH)))
         while len(pending):
             params = None
@@ -372,11 +400,10 @@ class AdIndex:
                 valid = found[row] >= 0
                 ids, row_scores = found[row][valid], scores[row][valid]
                 kept = keep(ids)
-                if kept.sum() >= k or fetch >= total:
+                if kept.sum() >= enough or fetch >= total:
                     out_ids[q], out_scores[q] = ids[kept][:k], row_scores[kept][:k]
                 elif fetch >= max(k, MAX_FETCH):
-                    self.exact_fallbacks += 1
-                    out_ids[q], out_scores[q] = self._exact_over(queries[q], k, allowed_bits())
+                    out_ids[q], out_scores[q] = exact(q)
                 else:
                     short.append(q)
             pending = np.asarray(short, np.int64)
@@ -402,7 +429,9 @@ class AdIndex:
         return self.positions()[found[0][keep]], scores[0][keep]
 
     def _host_index(self) -> faiss.Index:
-        """The index on the CPU: itself, or a GPU index's copy (kept until the index changes)."""
+        """The index on the CPU: itself, or a GPU index's copy (a loaded index keeps the copy
+        it was read from, its size again in host memory; a built one copies itself back on its
+        first exact fallback, and again after each change)."""
         if self.config.device != "cuda":
             return self.index
         if self._host is None:
@@ -484,6 +513,8 @@ class AdIndex:
         obj = cls.__new__(cls)
         obj.faiss, obj.dim, obj.config = faiss, stored.d, config
         obj.kind = str(meta["kind"])
+        if config.device == "cuda" and obj.kind != "flat":
+            raise ConfigError("kind", f"a cuda index searches exactly (flat); {path} is {obj.kind}")
         obj.index = stored
         # save() wrote an IndexIDMap(2); read_index returns it as its own class
         obj._base = faiss.downcast_index(cast(faiss.IndexIDMap, stored).index)
