@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_doc import write_headline, write_section  # noqa: E402
 
-from candgen.endpoint.trace import RequestTrace, read_trace  # noqa: E402
+from candgen.endpoint.trace import RequestTrace, read_trace, trace_parts  # noqa: E402
 from candgen.index.ann import AdIndex, IndexConfig, recall_at_k  # noqa: E402
 from candgen.serving.query_encoder import PRECISIONS  # noqa: E402
 
@@ -624,6 +624,7 @@ def _per_request_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
 
 SERVE_FIELDS = (
     "instances",
+    "door_instances",
     "max_batch_size",
     "batch_delay_us",
     "max_queue_size",
@@ -717,7 +718,7 @@ def prepare(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     reuse = args.reuse_repository and built.exists() and (work / "repo").exists()
     if reuse:
         stored = json.loads(built.read_text())["args"]
-        for setting in ("instances", "ef_search"):  # serving settings (_apply_serving)
+        for setting in ("instances", "door_instances", "ef_search"):  # see _apply_serving
             stored.pop(setting, None)
         if stored != _build_args(args):
             raise SystemExit(f"--reuse-repository: {work / 'repo'} was built with other settings")
@@ -756,7 +757,8 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
 
     work, _, users, items, logged, features, build, reuse, ad_ids, vectors = prepare(args)
     trace_file = work / "trace.json"
-    trace_file.unlink(missing_ok=True)
+    for part in trace_parts(trace_file):  # a trace is written in parts: none of the last run's
+        part.unlink()
     server = ServerConfig(
         model_repository=str(work / "repo"),
         state_dir=str(work / "triton"),
@@ -898,6 +900,7 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         "logged_queries": len(logged),
         "repository_reused": reuse,
         "instances": args.instances,
+        "door_instances": args.door_instances,
         "encoder_block_scale": args.encoder_block_scale,
         "ef_construction": args.ef_construction,
         "ef_search": args.ef_search,
@@ -1389,6 +1392,7 @@ def parser() -> argparse.ArgumentParser:
         "--instances", type=int, default=defaults.instances, help="ensemble: instances per step"
     )
     for name, what in (
+        ("door_instances", "instances of the first step, the door"),
         ("max_batch_size", "requests one execute of a step takes together"),
         ("batch_delay_us", "how long a step's batcher may wait to fill a batch"),
         ("max_queue_size", "requests a step holds waiting before it rejects more"),

@@ -57,19 +57,23 @@ def test_the_ensemble_pins_every_step_and_keeps_the_tensor_contract() -> None:
     for name in OUTPUTS:
         assert f'name: "{name}"' in text
     assert "max_batch_size: 1" in text  # one user per request; the steps batch requests
-    serving = ServingConfig(instances=3, max_batch_size=8, queue_timeout_ms=40, max_queue_size=5)
+    serving = ServingConfig(instances=3, door_instances=5, max_batch_size=8, queue_timeout_ms=40,
+                            max_queue_size=5)  # fmt: skip
     features = step_config(STEPS[0], serving)
-    assert 'backend: "python"' in features and "count: 3" in features
+    assert 'backend: "python"' in features and "count: 5" in features
     assert "version_policy: { all { } }" in features
     assert "max_batch_size: 8" in features
-    # A step that shares no work across a batch takes one request at a time; a step after the
-    # door has only a backstop queue (the door admits at most max_inflight requests), whose
-    # timeout, counted from the request's arrival at the ensemble, outlasts the door's and a
-    # swap's waits at the later steps.
+    # A step that shares no work across a batch takes one request at a time, without a batcher
+    # (the door admits at most max_inflight requests); the encoder, after the door, batches
+    # behind a backstop queue whose timeout, counted from the request's arrival at the
+    # ensemble, outlasts the door's and a swap's waits at the later steps.
     generators = step_config(STEPS[2], serving)
-    assert "max_batch_size: 1\n" in generators
-    assert "default_timeout_microseconds: 2040000\n" in generators
-    assert "max_queue_size: 1000\n" in generators
+    assert "max_batch_size: 1\n" in generators and "count: 3" in generators
+    assert "dynamic_batching" not in generators
+    encoder = step_config(STEPS[1], serving)
+    assert "max_batch_size: 8\n" in encoder and "count: 3" in encoder
+    assert "default_timeout_microseconds: 2040000\n" in encoder
+    assert "max_queue_size: 1000\n" in encoder
     # Overload: past the queue's bounds a request is rejected, never queued without end.
     assert "timeout_action: REJECT" in features
     assert "default_timeout_microseconds: 40000" in features and "max_queue_size: 5" in features
@@ -109,6 +113,7 @@ def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> 
     ({"feature_timeout_s": 0}, "feature_timeout_s"),
     ({"max_k": 0}, "max_k"),
     ({"instances": 0}, "instances"),
+    ({"door_instances": 0}, "door_instances"),
     ({"query_cache_size": -1}, "query_cache_size"),
     ({"query_encoder_threads": 0}, "query_encoder_threads"),
     ({"weights": {"home": {"sequential": 0.5}}}, "weights.home"),

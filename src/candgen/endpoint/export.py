@@ -163,21 +163,21 @@ BACKSTOP_QUEUE_SIZE, BACKSTOP_EXTRA_MS = 1_000, 2_000
 
 
 def step_config(step: type[Step], serving: ServingConfig) -> str:
-    """A step's config: the python backend, the dynamic batcher (batches of up to
-    ``max_batch_size`` for a step that shares work across them, else one request at a time) and
-    its queue's bounds: the first step's are the door's (``max_queue_size``,
-    ``queue_timeout_ms``: refused there in Triton, before any Python runs), the others' a
-    backstop (``BACKSTOP_QUEUE_SIZE``; the door's timeout plus ``BACKSTOP_EXTRA_MS``)."""
-    batch = serving.max_batch_size if step.SHARES_WORK else 1
+    """A step's config: the python backend, its instances (``door_instances`` for the first
+    step, ``instances`` for the others) and, for the door and the steps that share work across
+    a batch, the dynamic batcher (batches of up to ``max_batch_size``) with its queue's bounds:
+    the door's are ``max_queue_size`` and ``queue_timeout_ms`` (refused there in Triton, before
+    any Python runs), a later step's a backstop (``BACKSTOP_QUEUE_SIZE``; the door's timeout
+    plus ``BACKSTOP_EXTRA_MS``). The steps that take one request at a time (generators, select)
+    have no batcher: its only use there was the backstop, and Triton 2.51's batcher parks a
+    request for 500 ms now and then when its instance is busy (serving_notes.md, section 12);
+    the door's in-flight limit bounds their queues."""
     door = step is STEPS[0]
+    batch = serving.max_batch_size if step.SHARES_WORK else 1
     size = serving.max_queue_size if door else BACKSTOP_QUEUE_SIZE
     timeout_ms = serving.queue_timeout_ms + (0 if door else BACKSTOP_EXTRA_MS)
-    return (
-        f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: {batch}\n'
-        "version_policy: { all { } }\n"
-        + _tensors("input", step.INPUTS, ragged=True)
-        + _tensors("output", step.OUTPUTS)
-        + "dynamic_batching {\n"
+    batcher = (
+        "dynamic_batching {\n"
         f"  max_queue_delay_microseconds: {serving.batch_delay_us}\n"
         "  default_queue_policy {\n"
         "    timeout_action: REJECT\n"
@@ -185,7 +185,15 @@ def step_config(step: type[Step], serving: ServingConfig) -> str:
         "    allow_timeout_override: false\n"
         f"    max_queue_size: {size}\n"
         "  }\n}\n"
-        f"instance_group [ {{ kind: KIND_CPU count: {serving.instances} }} ]\n"
+    )
+    instances = serving.door_instances if door else serving.instances
+    return (
+        f'name: "{step.MODEL}"\nbackend: "python"\nmax_batch_size: {batch}\n'
+        "version_policy: { all { } }\n"
+        + _tensors("input", step.INPUTS, ragged=True)
+        + _tensors("output", step.OUTPUTS)
+        + (batcher if door or step.SHARES_WORK else "")
+        + f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n"
     )
 
 

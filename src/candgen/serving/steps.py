@@ -118,7 +118,12 @@ class ServingConfig:
         max_k: the largest K a request may ask for.
         weights: the fixed policy's per-surface generator weights (surface -> generator ->
             share, summing to 1).
-        instances: Triton instances of each python-backend step.
+        instances: Triton instances of each python-backend step after the first.
+        door_instances: Triton instances of the first step (features, the door). Triton
+            2.51's dynamic batcher, when every instance is busy, can park a queued request for
+            its fixed 500 ms wait; under overload that set the answered requests' latency at the
+            door (docs/benchmarks/serving_notes.md, section 12). The step is light (a feature
+            read, the query encoder), so several instances cost little memory.
         max_batch_size: the most requests one execute of the features and encoder steps takes
             together: Triton's dynamic batcher hands such a step what queued while it ran, and
             it shares work across them (one feature read, one encoder forward); the other steps
@@ -169,6 +174,7 @@ class ServingConfig:
     max_k: int = 1_000
     weights: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     instances: int = 1
+    door_instances: int = 4
     max_batch_size: int = 32
     batch_delay_us: int = 0
     max_queue_size: int = 8
@@ -203,8 +209,9 @@ class ServingConfig:
             raise ConfigError("feature_timeout_s", f"must be > 0, got {self.feature_timeout_s}")
         if self.max_k < 1:
             raise ConfigError("max_k", f"must be >= 1, got {self.max_k}")
-        if self.instances < 1:
-            raise ConfigError("instances", f"must be >= 1, got {self.instances}")
+        for name in ("instances", "door_instances"):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)!r}")
         for name, low, high in (
             ("max_batch_size", 1, 1_024),
             ("batch_delay_us", 0, 1_000_000),
