@@ -524,13 +524,15 @@ def server_side(
     library and, on a machine it shares with the server, the wait for a core."""
     level = [t for t in traces if since_ns <= t.start_ns <= until_ns]
     answered = [t.total_ms for t in level if not t.refused and len(t.steps) >= steps]
-    p50, p99 = np.percentile(answered, [50, 99]) if answered else (np.nan, np.nan)
+    p50, p99 = np.percentile(answered, [50, 99]) if answered else (-1.0, -1.0)  # -1: none
     return {
         "server_p50_ms": float(p50),
         "server_p99_ms": float(p99),
         "server_answered": len(answered),
         "server_refused_in_queue": sum(t.refused for t in level),
-        "server_refused_at_door": sum(not t.refused and len(t.steps) < steps for t in level),
+        # ended at the door without a queue refusal: its in-flight limit's UNAVAILABLE
+        "server_refused_at_door": sum(not t.refused and len(t.steps) == 1 for t in level),
+        "server_failed_later": sum(not t.refused and 1 < len(t.steps) < steps for t in level),
     }
 
 
@@ -1029,7 +1031,7 @@ def serving_headline(
         f"max_batch_size {args.max_batch_size}, batch delay {args.batch_delay_us} us, "
         f"queue {args.max_queue_size} / {args.queue_timeout_ms} ms, "
         f"at most {args.max_inflight} requests in flight, "
-        f"{args.instances} instance(s) per step"
+        f"{args.door_instances} instance(s) at the door, {args.instances} per later step"
     )
     first = min(args.concurrency)
     c1 = next(r for r in levels if r["concurrency"] == first and r["traffic"] == TRAFFIC[0])
@@ -1100,6 +1102,13 @@ def serving_headline(
             + f"; {where}. {command}",
         }
     return out
+
+
+def _instances(res: dict) -> str:
+    """A stored run's instance counts (runs before door_instances had one count for all)."""
+    if "door_instances" not in res:
+        return f"{res['instances']} instance(s) per step"
+    return f"{res['door_instances']} instance(s) at the door, {res['instances']} per later step"
 
 
 def _server_p99(level: dict) -> str:
@@ -1308,7 +1317,7 @@ def render_ensemble(results: dict[str, dict]) -> str:
             "",
             f"Build: sequential HNSW {res['seq_index_build_s']:.0f} s, content (and query) HNSW "
             f"{res['content_index_build_s']:.0f} s; server ready in "
-            f"{res['server_load_s']:.0f} s; {res['instances']} instance(s) per step, "
+            f"{res['server_load_s']:.0f} s; {_instances(res)}, "
             f"{res['seconds_per_level']:.0f} s per level; "
             f"{FRONTS[res.get('feature_server', 'feast')]} on {res.get('online', 'sqlite')}. "
             f"Command: `{res['command']}`",
@@ -1389,7 +1398,10 @@ def parser() -> argparse.ArgumentParser:
 
     defaults = ServingConfig()
     p.add_argument(
-        "--instances", type=int, default=defaults.instances, help="ensemble: instances per step"
+        "--instances",
+        type=int,
+        default=defaults.instances,
+        help="ensemble: instances of each step after the door (ServingConfig.instances)",
     )
     for name, what in (
         ("door_instances", "instances of the first step, the door"),

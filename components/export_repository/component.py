@@ -17,6 +17,7 @@ def export_repository(
     feature_timeout_s: float = 0.2,
     max_k: int = 1_000,
     instances: int = 1,
+    door_instances: int = 4,
     quota_policy: str = "auto",
     quota_exploration: str = "mean",
     tracking_uri: str = "",
@@ -38,6 +39,7 @@ def export_repository(
         feature_timeout_s=feature_timeout_s,
         max_k=max_k,
         instances=instances,
+        door_instances=door_instances,
         quota_policy=quota_policy,
         quota_exploration=quota_exploration,
     )

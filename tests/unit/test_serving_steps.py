@@ -70,6 +70,8 @@ def test_the_ensemble_pins_every_step_and_keeps_the_tensor_contract() -> None:
     generators = step_config(STEPS[2], serving)
     assert "max_batch_size: 1\n" in generators and "count: 3" in generators
     assert "dynamic_batching" not in generators
+    # Without an in-flight limit nothing else bounds their queues: the backstop stays.
+    assert "max_queue_size: 1000\n" in step_config(STEPS[2], ServingConfig(max_inflight=0))
     encoder = step_config(STEPS[1], serving)
     assert "max_batch_size: 8\n" in encoder and "count: 3" in encoder
     assert "default_timeout_microseconds: 2040000\n" in encoder
@@ -114,6 +116,8 @@ def test_select_allocates_by_surface_and_passes_the_flags_on(tmp_path: Path) -> 
     ({"max_k": 0}, "max_k"),
     ({"instances": 0}, "instances"),
     ({"door_instances": 0}, "door_instances"),
+    ({"instances": 1.5}, "instances"),
+    ({"door_instances": "4"}, "door_instances"),
     ({"query_cache_size": -1}, "query_cache_size"),
     ({"query_encoder_threads": 0}, "query_encoder_threads"),
     ({"weights": {"home": {"sequential": 0.5}}}, "weights.home"),

@@ -155,10 +155,10 @@ def _tensors(kind: str, spec: Spec, ragged: bool = False) -> str:
 
 
 # Every step after the first holds at most max_inflight requests (the first admits no more), so
-# its queue's bounds are only a backstop (for max_inflight 0, or a stuck step). Its timeout
-# counts from the request's arrival at the ensemble, so it allows the door's wait and then
-# Triton's fixed 500 ms wait for a free instance at each later step whose instances a swap
-# replaces (docs/benchmarks/serving_notes.md, section 11), with room to spare.
+# a later batched step's queue bounds are only a backstop (for max_inflight 0, or a stuck step).
+# Its timeout counts from the request's arrival at the ensemble, so it allows the door's wait
+# and then Triton's fixed 500 ms wait for a free instance at each later step whose instances a
+# swap replaces (docs/benchmarks/serving_notes.md, section 11), with room to spare.
 BACKSTOP_QUEUE_SIZE, BACKSTOP_EXTRA_MS = 1_000, 2_000
 
 
@@ -169,9 +169,11 @@ def step_config(step: type[Step], serving: ServingConfig) -> str:
     the door's are ``max_queue_size`` and ``queue_timeout_ms`` (refused there in Triton, before
     any Python runs), a later step's a backstop (``BACKSTOP_QUEUE_SIZE``; the door's timeout
     plus ``BACKSTOP_EXTRA_MS``). The steps that take one request at a time (generators, select)
-    have no batcher: its only use there was the backstop, and Triton 2.51's batcher parks a
-    request for 500 ms now and then when its instance is busy (serving_notes.md, section 12);
-    the door's in-flight limit bounds their queues."""
+    have no batcher while the door limits the requests in flight (``max_inflight`` > 0), which
+    bounds their queues: the batcher's only use there was the backstop, and Triton 2.51's
+    batcher parks a request for 500 ms now and then when its instance is busy
+    (serving_notes.md, section 12). A request stalled past the admission lease (2 s) frees its
+    slot, so a stuck step can still gather more than ``max_inflight``."""
     door = step is STEPS[0]
     batch = serving.max_batch_size if step.SHARES_WORK else 1
     size = serving.max_queue_size if door else BACKSTOP_QUEUE_SIZE
@@ -192,7 +194,7 @@ def step_config(step: type[Step], serving: ServingConfig) -> str:
         "version_policy: { all { } }\n"
         + _tensors("input", step.INPUTS, ragged=True)
         + _tensors("output", step.OUTPUTS)
-        + (batcher if door or step.SHARES_WORK else "")
+        + (batcher if door or step.SHARES_WORK or not serving.max_inflight else "")
         + f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n"
     )
 

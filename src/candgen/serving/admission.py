@@ -1,7 +1,7 @@
 """Admission control for the ``retrieve`` ensemble: at most ``ServingConfig.max_inflight``
 requests inside it at once, the rest refused at the door.
 
-Triton's queue policy bounds each step's queue, but a request refused at a later step has
+Triton's queue policy can bound a batched step's queue, but a request refused at a later step has
 already cost the earlier ones their work: under overload the features and encoder steps then ran
 whole batches that the generators step could not take in time, and the answers per second fell
 tenfold (docs/benchmarks/serving_notes.md, section 9). So the features step, the first, admits a

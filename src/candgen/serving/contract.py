@@ -3,10 +3,10 @@
 Every tensor carries Triton's batch dimension first, and one request is one user: a client sends
 USER_ID as [1, 1], RECENT_ITEM_IDS as [1, n], and gets AD_IDS back as [1, n]. The shapes below
 are each request's own, after that dimension. A request with more than one row is refused naming
-the tensor; concurrent requests are batched by the server (each step's dynamic batcher), not by
-the client. A request the server has no room for (the first step's queue full, a wait there
-past ``ServingConfig.queue_timeout_ms``, or ``max_inflight`` requests already inside) is refused
-UNAVAILABLE: retry later or elsewhere.
+the tensor; concurrent requests are batched by the server (the features and encoder steps'
+dynamic batchers), not by the client. A request the server has no room for (the first step's
+queue full, a wait there past ``ServingConfig.queue_timeout_ms``, or ``max_inflight`` requests
+already inside) is refused UNAVAILABLE: retry later or elsewhere.
 
 Inputs (one request = one user):
     USER_ID          INT64  [1]

@@ -123,7 +123,9 @@ class ServingConfig:
             2.51's dynamic batcher, when every instance is busy, can park a queued request for
             its fixed 500 ms wait; under overload that set the answered requests' latency at the
             door (docs/benchmarks/serving_notes.md, section 12). The step is light (a feature
-            read, the query encoder), so several instances cost little memory.
+            read, the query encoder: 158 MB a process at 1M ads), so several cost little memory;
+            each keeps its own query cache, so a repeated query hits only where it was first
+            embedded.
         max_batch_size: the most requests one execute of the features and encoder steps takes
             together: Triton's dynamic batcher hands such a step what queued while it ran, and
             it shares work across them (one feature read, one encoder forward); the other steps
@@ -148,8 +150,8 @@ class ServingConfig:
         quota_overrides: surface -> generator -> share; such a surface uses these shares
             whatever the policy.
         quota_seed: the seed of the Thompson-sampling draws of each step instance.
-        query_cache_size: recent search queries whose embeddings the features step keeps
-            (an LRU cache; 0: none).
+        query_cache_size: recent search queries whose embeddings each instance of the features
+            step keeps (an LRU cache; 0: none).
         query_encoder_threads: ONNX Runtime threads for one query's embedding (a cache miss).
         frequency_cap: impressions of one ad one user may get in a UTC day.
         advertiser_frequency_cap: impressions of one advertiser's ads one user may get in a day.
@@ -209,10 +211,9 @@ class ServingConfig:
             raise ConfigError("feature_timeout_s", f"must be > 0, got {self.feature_timeout_s}")
         if self.max_k < 1:
             raise ConfigError("max_k", f"must be >= 1, got {self.max_k}")
-        for name in ("instances", "door_instances"):
-            if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)!r}")
         for name, low, high in (
+            ("instances", 1, 1_024),
+            ("door_instances", 1, 1_024),
             ("max_batch_size", 1, 1_024),
             ("batch_delay_us", 0, 1_000_000),
             ("max_queue_size", 1, 100_000),
