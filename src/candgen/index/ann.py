@@ -23,8 +23,9 @@ from candgen.errors import ConfigError
 if TYPE_CHECKING:  # faiss loads when an index is built or read, not with this module
     import faiss
 
-    # (ineligible set, tombstone count) -> the selector excluding both (None: nothing to exclude)
-    _StaticSelector = tuple[tuple[frozenset[int], int], faiss.IDSelector | None]
+    # (ineligible set, tombstone count) -> both as sorted ids, and their selector once built
+    # (None: not yet, or nothing to exclude)
+    _Standing = tuple[tuple[frozenset[int], int], np.ndarray, list[faiss.IDSelector | None]]
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 FILTER_MODES = ("auto", "selector", "overfetch")
@@ -150,11 +151,10 @@ class AdIndex:
         self._base: faiss.Index = base
         self._live: set[int] = set()
         self._tombstones: set[int] = set()
-        self._static: _StaticSelector | None = None  # (key, selector) of _static_selector
+        self._standing: _Standing | None = None  # see _standing_ids
         self._positions: np.ndarray | None = None  # ad id at each internal position
         self._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # positions, argsort
         self._host: faiss.Index | None = None  # a GPU index's CPU copy (see _host_index)
-        self._excluded: tuple[frozenset[int], int, np.ndarray] | None = None  # _excluded_ids
         self.exact_fallbacks = 0  # filtered searches answered exactly instead (see search)
 
     @classmethod
@@ -416,17 +416,9 @@ class AdIndex:
         """Exact top-``k`` over the positions set in ``bits``, on the CPU."""
         sel = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))
         host = self.faiss.downcast_index(cast("faiss.IndexIDMap", self._host_index()).index)
-        if self.kind == "hnsw":
-            host = self.faiss.downcast_index(cast("faiss.IndexHNSW", host).storage)
-            params: faiss.SearchParameters = self.faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
-        elif self.kind == "ivfpq":
-            nlist = cast("faiss.IndexIVF", host).nlist
-            params = self.faiss.SearchParametersIVF(sel=sel, nprobe=nlist)  # type: ignore[call-arg]
-        else:
-            params = self.faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
-        scores, found = host.search(query[None], k, params=params)
-        keep = found[0] >= 0
-        return self.positions()[found[0][keep]], scores[0][keep]
+        scores, found = self._search_everywhere(query, k, sel, host)
+        keep = found >= 0
+        return self.positions()[found[keep]], scores[keep]
 
     def _host_index(self) -> faiss.Index:
         """The index on the CPU: itself, or a GPU index's copy (a loaded index keeps the copy
@@ -438,41 +430,47 @@ class AdIndex:
             self._host = self.faiss.index_gpu_to_cpu(self.index)
         return self._host
 
+    def _standing_ids(self, ineligible: frozenset[int]) -> _Standing:
+        """``ineligible`` and the tombstones as sorted ids (with a slot for their selector),
+        built again only when they change: a large set costs nothing per query."""
+        cached, tombstones = self._standing, len(self._tombstones)
+        if cached is None or cached[0][0] is not ineligible or cached[0][1] != tombstones:
+            ids = np.asarray(sorted(set(ineligible) | self._tombstones), np.int64)
+            cached = ((ineligible, tombstones), ids, [])
+            self._standing = cached
+        return cached
+
     def _excluded_ids(self, ineligible: frozenset[int], exclude: Iterable[int]) -> np.ndarray:
-        """``ineligible``, the tombstones and ``exclude``, sorted (the standing part is sorted
-        once while the same frozenset is passed)."""
-        cached = self._excluded
-        if cached is None or cached[0] is not ineligible or cached[1] != len(self._tombstones):
-            standing = np.asarray(sorted(set(ineligible) | self._tombstones), np.int64)
-            cached = (ineligible, len(self._tombstones), standing)
-            self._excluded = cached
+        """``ineligible``, the tombstones and ``exclude``, sorted."""
+        standing = self._standing_ids(ineligible)[1]
         extra = np.asarray(sorted(set(map(int, exclude))), np.int64)
-        return np.union1d(cached[2], extra) if len(extra) else cached[2]
+        return np.union1d(standing, extra) if len(extra) else standing
 
     def _search_everywhere(
-        self, query: np.ndarray, k: int, sel: faiss.IDSelector
+        self, query: np.ndarray, k: int, sel: faiss.IDSelector, base: faiss.Index | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of one query over the positions ``sel`` passes, in ``base`` (the
+        unwrapped index on the CPU; default this one's): HNSW's flat storage, every IVF cell."""
+        base = self._base if base is None else base
         params: faiss.SearchParameters
+        index = base
         if self.kind == "hnsw":
-            index = self.faiss.downcast_index(cast("faiss.IndexHNSW", self._base).storage)
+            index = self.faiss.downcast_index(cast("faiss.IndexHNSW", base).storage)
             params = self.faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
-        else:
-            index = self._base
-            nlist = cast("faiss.IndexIVF", self._base).nlist
+        elif self.kind == "ivfpq":
+            nlist = cast("faiss.IndexIVF", base).nlist
             params = self.faiss.SearchParametersIVF(sel=sel, nprobe=nlist)  # type: ignore[call-arg]
+        else:
+            params = self.faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
         scores, found = index.search(query[None], k, params=params)
         return scores[0], found[0]
 
     def _static_selector(self, ineligible: frozenset[int]) -> faiss.IDSelector | None:
-        """The selector of ``ineligible`` and the HNSW tombstones, rebuilt only when they change."""
-        key = (ineligible, len(self._tombstones))
-        cached: _StaticSelector | None
-        cached = self._static
-        if cached is None or cached[0][0] is not ineligible or cached[0][1] != key[1]:
-            ids = np.asarray(sorted(set(ineligible) | self._tombstones), dtype=np.int64)
-            cached = (key, self.faiss.IDSelectorBatch(ids) if len(ids) else None)
-            self._static = cached
-        return cached[1]
+        """The selector of ``ineligible`` and the tombstones, rebuilt only when they change."""
+        _, ids, selector = self._standing_ids(ineligible)
+        if not selector:
+            selector.append(self.faiss.IDSelectorBatch(ids) if len(ids) else None)
+        return selector[0]
 
     def _params(self, sel: faiss.IDSelector | None) -> faiss.SearchParameters | None:
         # faiss's __init__.pyi has no SearchParametersHNSW and not the keyword constructors that
@@ -524,10 +522,9 @@ class AdIndex:
             obj._host = stored  # the CPU copy that an exact fallback searches
         obj._live = set(meta["live"].tolist())
         obj._tombstones = set(meta["tombstones"].tolist())
-        obj._static = None
+        obj._standing = None
         obj._positions = None
         obj._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-        obj._excluded = None
         obj.exact_fallbacks = 0
         return obj
 
