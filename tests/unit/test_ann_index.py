@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from candgen.errors import ConfigError
-from candgen.index.ann import MAX_FETCH, AdIndex, IndexConfig, exact_search, recall_at_k
+from candgen.index.ann import (
+    MAX_FETCH,
+    AdIndex,
+    IndexConfig,
+    VectorFile,
+    exact_search,
+    recall_at_k,
+)
 
 AD = 1_000_000_000
 
@@ -31,7 +38,7 @@ def test_flat_search_is_exact_inner_product() -> None:
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
-def test_approximate_recall_against_exact(kind: str) -> None:
+def test_approximate_recall_against_exact(kind: str) -> None:  # IVF-PQ re-scored by default
     ids, vecs = _corpus(3000)
     rng = np.random.default_rng(1)
     queries = vecs[rng.choice(len(vecs), 50, replace=False)] + 0.1 * rng.standard_normal(
@@ -366,3 +373,165 @@ def test_a_gpu_like_index_answers_what_the_cpu_selector_answers() -> None:
     assert gone not in gpu.search(queries[:1], 50, ineligible=ineligible)[0][0].tolist()
     with pytest.raises(ConfigError, match=r"^ids: a flat index on the cuda cannot replace ads"):
         gpu.add([int(ids[1])], vecs[1:2])
+
+
+# -- compressed indexes (IVF-PQ re-scored from a copy of the vectors) --------------------------
+
+
+def _clustered(n: int, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids, vectors and queries from a mixture of clusters (PQ's codes fit it as they would a
+    model's embeddings; uniform noise would leave every index far from exact)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((50, dim)).astype(np.float32)
+    vecs = centres[rng.integers(0, 50, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    qs = centres[rng.integers(0, 50, 40)] + 0.5 * rng.standard_normal((40, dim)).astype(np.float32)
+    return AD + np.arange(1, n + 1, dtype=np.int64), vecs, qs / np.linalg.norm(qs, axis=1)[:, None]
+
+
+@pytest.mark.parametrize(
+    ("n", "extra"),
+    [
+        (4000, {"refine": "sq8"}),
+        (4000, {"refine": "fp16"}),
+        (4000, {"refine": "flat"}),
+        (4000, {"refine": "sq8", "ivf_quantizer": "hnsw"}),
+        (2000, {"refine": "sq8", "opq": True}),
+    ],
+)
+def test_refine_recovers_the_recall_that_pq_codes_lose(n: int, extra: dict) -> None:
+    ids, vecs, qs = _clustered(n)
+    exact = exact_search(ids, vecs, qs, 50)
+    base = {"kind": "ivfpq", "pq_m": 4, "ivf_nlist": 16, "nprobe": 16, "refine": "none"}
+    codes_only = recall_at_k(AdIndex.build(ids, vecs, IndexConfig(**base)).search(qs, 50)[0], exact)
+    refined_index = AdIndex.build(ids, vecs, IndexConfig(**{**base, **extra}))
+    found, scores = refined_index.search(qs, 50)
+    refined = recall_at_k(found, exact)
+    assert refined >= 0.97 and refined - codes_only >= 0.05, (codes_only, refined)
+    if extra["refine"] == "flat":  # the scores are the vectors' own inner products
+        by_id = dict(zip(ids.tolist(), vecs, strict=True))
+        for q, row, row_scores in zip(qs, found, scores, strict=True):
+            assert np.allclose(row_scores, [by_id[i] @ q for i in row.tolist()], atol=1e-5)
+            assert (np.diff(row_scores) <= 1e-6).all()  # best first
+
+
+@pytest.mark.parametrize("filter_mode", ["selector", "overfetch"])
+def test_a_refined_index_keeps_to_eligibility(filter_mode: str) -> None:
+    ids, vecs, qs = _clustered(4000)
+    index = AdIndex.build(
+        ids,
+        vecs,
+        IndexConfig(
+            kind="ivfpq", pq_m=4, ivf_nlist=16, nprobe=16, refine="flat", filter_mode=filter_mode
+        ),
+    )
+    positions = index.positions()
+    mask = np.random.default_rng(2).random(len(positions)) < 0.3
+    history = [int(positions[np.flatnonzero(mask)[0]])]
+    allowed_ids = set(positions[mask].tolist()) - set(history)
+    keep = np.flatnonzero(np.isin(ids, list(allowed_ids)))
+    exact = exact_search(ids[keep], vecs[keep], qs, 50)
+    ineligible = frozenset(positions[~mask].tolist())
+    by_bitmap = index.search(qs, 50, exclude=history, allowed=_bitmap(mask))[0]
+    by_set = index.search(qs, 50, exclude=history, ineligible=ineligible)[0]
+    for found in (by_bitmap, by_set):
+        assert all(len(row) == 50 and set(row.tolist()) <= allowed_ids for row in found)
+        assert recall_at_k(found, exact) >= 0.95
+
+
+def test_the_ivf_fallback_over_every_cell_is_refined_too() -> None:
+    ids, vecs, _ = _clustered(3000)
+    config = IndexConfig(kind="ivfpq", pq_m=4, ivf_nlist=64, nprobe=1, refine="flat")
+    index = AdIndex.build(ids, vecs, config)
+    query = vecs[:1]
+    positions = index.positions()
+    by_pos = vecs[np.searchsorted(ids, positions)]
+    scores = by_pos @ query[0]
+    mask = scores <= np.sort(scores)[29]  # 30 ads far from the query: outside its probed cell
+    found, found_scores = index.search(query, 10, allowed=_bitmap(mask))
+    assert found[0].tolist() == exact_search(positions[mask], by_pos[mask], query, 10)[0].tolist()
+    assert np.allclose(found_scores[0], np.sort(scores[mask])[::-1][:10], atol=1e-5)
+    assert index.exact_fallbacks == 1
+
+
+def test_a_compressed_index_answers_the_same_after_save_and_load(tmp_path: Path) -> None:
+    ids, vecs, qs = _clustered(4000)
+    config = IndexConfig(kind="ivfpq", pq_m=8, ivf_quantizer="hnsw", refine="sq8")
+    index = AdIndex.build(ids, vecs, config)
+    index.remove([int(ids[0]), int(ids[1])])
+    index.save(tmp_path / "ads.faiss")
+    loaded = AdIndex.load(tmp_path / "ads.faiss", config)
+    assert loaded.kind == "ivfpq" and len(loaded) == len(index) == 3998
+    assert loaded._refine is not None and loaded._refine.kind == "sq8"
+    for before, after in zip(index.search(qs, 30)[0], loaded.search(qs, 30)[0], strict=True):
+        assert before.tolist() == after.tolist()
+    assert not {int(ids[0]), int(ids[1])} & set(np.concatenate(loaded.search(vecs[:2], 30)[0]))
+
+
+def test_ads_added_after_a_build_are_refined_and_positioned_like_the_rest() -> None:
+    ids, vecs, _ = _clustered(3000)
+    config = IndexConfig(kind="ivfpq", pq_m=4, ivf_nlist=16, nprobe=16, refine="flat")
+    index = AdIndex.build(ids[:2000], vecs[:2000], config)
+    index.position_of(ids[:1])  # the layout is cached, then extended by each add
+    for lo in (2000, 2500):
+        index.add(ids[lo : lo + 500][::-1], vecs[lo : lo + 500][::-1])
+    cached = (index.positions().copy(), index.position_of(ids).copy())
+    index._positions = None  # recomputed from FAISS's id map
+    assert index.positions().tolist() == cached[0].tolist()
+    assert index.position_of(ids).tolist() == cached[1].tolist()
+    found, scores = index.search(vecs[2999:3000], 1)
+    assert found[0].tolist() == [ids[2999]] and np.isclose(scores[0][0], 1.0, atol=1e-5)
+    assert len(index) == 3000 and ids[2500] in index and AD not in index
+
+
+class _CountingFile(VectorFile):
+    """A VectorFile that records how many rows each read asked for."""
+
+    reads: list[int]
+
+    def read(self, rows: slice | np.ndarray) -> np.ndarray:
+        out = super().read(rows)
+        self.reads = [*getattr(self, "reads", []), len(out)]
+        return out
+
+
+def test_a_large_corpus_is_built_from_a_file_a_chunk_at_a_time(tmp_path: Path) -> None:
+    ids, vecs, qs = _clustered(5000)
+    np.save(tmp_path / "vectors.npy", vecs)
+    source = _CountingFile(tmp_path / "vectors.npy")
+    assert len(source) == 5000 and source.shape == (5000, 32)
+    config = IndexConfig(
+        kind="ivfpq", pq_m=4, ivf_nlist=16, refine="sq8", train_size=1500, build_chunk=700
+    )
+    from_file = AdIndex.build(ids, source, config, progress=True)
+    in_memory = AdIndex.build(ids, vecs, config)
+    assert source.reads[0] == 1500 and max(source.reads[1:]) == 700 and sum(source.reads) == 6500
+    for a, b in zip(from_file.search(qs, 20)[0], in_memory.search(qs, 20)[0], strict=True):
+        assert a.tolist() == b.tolist()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"refine": "sq4"}, "^refine: 'sq4' is not one of"),
+        ({"ivf_quantizer": "ivf"}, "^ivf_quantizer: 'ivf' is not one of"),
+        ({"refine_factor": 0}, "^refine_factor: must be an integer > 0"),
+        ({"build_chunk": 0}, "^build_chunk: must be an integer > 0"),
+        ({"train_size": -1}, "^train_size: must be an integer >= 0"),
+        ({"nprobe": 2.5}, "^nprobe: must be an integer > 0"),
+    ],
+)
+def test_bad_compressed_index_settings_name_the_field(fields: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        IndexConfig(**fields)
+
+
+def test_too_few_training_vectors_for_the_cells_and_a_bad_file_are_refused(tmp_path: Path) -> None:
+    ids, vecs, _ = _clustered(500)
+    with pytest.raises(ConfigError, match=r"^ivf_nlist: 256 cells need at least as many"):
+        AdIndex.build(ids, vecs, IndexConfig(kind="ivfpq", pq_m=4, ivf_nlist=256, train_size=200))
+    np.save(tmp_path / "wide.npy", vecs.astype(np.float64))
+    with pytest.raises(ConfigError, match=r"^vectors: .*wide\.npy: expected a 2-D C-order float32"):
+        VectorFile(tmp_path / "wide.npy")
+    with pytest.raises(ConfigError, match=r"^ids: 499 ids for 500 vectors"):
+        AdIndex.build(ids[:-1], vecs, IndexConfig(kind="flat"))

@@ -34,6 +34,8 @@ SERVING_ENV = {
     "triton_python_backend_utils",
     "onnxruntime",
     "tokenizers",
+    "tritonclient",  # the generators step asks the ads index's shards (candgen.serving.shards)
+    "tqdm",  # AdIndex.build's progress bar (pinned in requirements/serving.txt)
 }
 
 

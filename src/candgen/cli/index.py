@@ -25,6 +25,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         ads_only=not args.all_items,
         recall_k=args.recall_k,
         tracking_uri=args.tracking_uri,
+        progress=True,
     )
     print_json(summary)
     return 0

@@ -2,7 +2,12 @@
 
 The metric is always inner product: cosine models hand in L2-normalised vectors (so inner
 product is cosine) and dot-product models are scored as trained. Small corpora use exact search;
-larger ones HNSW (or IVF-PQ when memory matters). Ineligible ads (paused, budget exhausted) are
+larger ones HNSW, or, when memory matters, IVF-PQ (optionally OPQ-rotated, with an HNSW coarse
+quantizer for many cells) whose candidates are re-scored from a compact copy of the vectors
+(``refine``: 8-bit, 16-bit or full precision) so that recall holds at a fraction of the memory.
+A large corpus is built from a ``VectorFile`` a chunk at a time: the coarse quantizer and the
+codes are trained on a sample, and no more than one chunk of float vectors is held beside the
+index. Ineligible ads (paused, budget exhausted) are
 excluded at query time through a FAISS ID selector (on a GPU, whose indexes take none, by
 over-fetching and keeping the allowed ones), never by rebuilding. New ads are added and
 expired ads removed in place; HNSW cannot delete, so its removed ids are excluded at query time
@@ -11,10 +16,11 @@ like ineligible ones until the next rebuild compacts them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 
@@ -28,6 +34,8 @@ if TYPE_CHECKING:  # faiss loads when an index is built or read, not with this m
     _Standing = tuple[tuple[frozenset[int], int], np.ndarray, list[faiss.IDSelector | None]]
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
+QUANTIZERS = ("flat", "hnsw")
+REFINES = ("none", "sq8", "fp16", "flat")
 FILTER_MODES = ("auto", "selector", "overfetch")
 # Over-fetch: the first search asks for OVERFETCH * k, each next one four times more, up to
 # MAX_FETCH (FAISS's GPU k-selection takes at most 2048); past it, an exact search on the CPU
@@ -55,8 +63,20 @@ class IndexConfig:
         ef_construction: HNSW build beam.
         ef_search: HNSW search beam (raise it for recall, lower it for speed).
         ivf_nlist: IVF cells; 0 means 4 * sqrt(corpus size).
+        ivf_quantizer: how IVF finds a vector's cells: flat (exact, over every centroid) or
+            hnsw (a graph over the centroids: IVF-HNSW-PQ, for many cells).
         pq_m: PQ sub-quantizers (must divide the dimension).
+        opq: rotate vectors before PQ (OPQ) so that its sub-vectors carry equal variance.
         nprobe: IVF cells visited per query.
+        refine: how IVF-PQ's candidates are re-scored: none (PQ scores), or from a copy of the
+            vectors in sq8 (8 bits per dimension), fp16 or flat (float32). At 1M ads x 64,
+            16-byte codes alone found 59% of the exact top 100, with fp16 re-scoring 97% (sq8:
+            95%, at 64 bytes an ad less; docs/BENCHMARKS.md, "Scale").
+        refine_factor: candidates fetched per result for re-scoring (k * refine_factor).
+        train_size: vectors sampled to train IVF-PQ (cells, codes, OPQ, sq8 ranges); 0 means
+            min(corpus, max(64 * cells, 65,536)).
+        build_chunk: vectors added per step when building (at most this many floats beside
+            the index).
         device: cpu or cuda (FAISS GPU, exact search; needs a FAISS build with GPU support).
         filter_mode: how a search keeps to the allowed ads: selector (FAISS filtered search, the
             search itself skips the others; CPU only), overfetch (search unfiltered for more
@@ -75,8 +95,14 @@ class IndexConfig:
     # bounded by duplicate ad texts (0.75 at 256, 0.79 at 384 on the benchmark's 20k texts).
     ef_search: int = 256
     ivf_nlist: int = 0
+    ivf_quantizer: str = "flat"
     pq_m: int = 16
+    opq: bool = False
     nprobe: int = 32
+    refine: str = "fp16"
+    refine_factor: int = 4
+    train_size: int = 0
+    build_chunk: int = 500_000
     device: str = "cpu"
     filter_mode: str = "auto"
 
@@ -93,11 +119,17 @@ class IndexConfig:
             raise ConfigError(
                 "filter_mode", "FAISS's GPU indexes take no selector: use overfetch (or auto)"
             )
-        for name in ("exact_max", "hnsw_m", "ef_construction", "ef_search", "pq_m", "nprobe"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
-        if self.ivf_nlist < 0:
-            raise ConfigError("ivf_nlist", f"must be >= 0, got {self.ivf_nlist}")
+        if self.ivf_quantizer not in QUANTIZERS:
+            raise ConfigError("ivf_quantizer", f"{self.ivf_quantizer!r} is not one of {QUANTIZERS}")
+        if self.refine not in REFINES:
+            raise ConfigError("refine", f"{self.refine!r} is not one of {REFINES}")
+        positive = ("exact_max", "hnsw_m", "ef_construction", "ef_search", "pq_m", "nprobe")
+        for name in (*positive, "refine_factor", "build_chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be an integer > 0, got {getattr(self, name)!r}")
+        for name in ("ivf_nlist", "train_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(name, f"must be an integer >= 0, got {getattr(self, name)!r}")
 
     @property
     def overfetch(self) -> bool:
@@ -129,27 +161,25 @@ class AdIndex:
         self.config = config or IndexConfig()
         self.kind = self.config.resolved_kind(expected_size)
         base: faiss.Index
+        self._refine: RefineStore | None = None
         if self.kind == "hnsw":
             base = faiss.IndexHNSWFlat(dim, self.config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             base.hnsw.efConstruction = self.config.ef_construction
         elif self.kind == "ivfpq":
-            if dim % self.config.pq_m:
-                raise ConfigError("pq_m", f"{self.config.pq_m} does not divide dim {dim}")
-            nlist = self.config.ivf_nlist or max(1, int(4 * np.sqrt(max(expected_size, 1))))
-            quantizer = faiss.IndexFlatIP(dim)
-            base = faiss.IndexIVFPQ(
-                quantizer, dim, nlist, self.config.pq_m, 8, faiss.METRIC_INNER_PRODUCT
-            )
+            base = self._ivfpq(dim, expected_size)
+            if self.config.refine != "none":
+                self._refine = RefineStore(self.config.refine, dim)
         else:
             base = faiss.IndexFlatIP(dim)
         if self.config.device == "cuda":
             base = _to_gpu(faiss, base)
         # An IndexIDMap(2) over base; load() gives what read_index returns, or its GPU copy.
+        # IVF-PQ and HNSW take IndexIDMap: IndexIDMap2's reverse map (for reconstruct by id,
+        # which nothing here asks) costs about 40 bytes an ad, more than PQ's codes.
         self.index: faiss.Index = (
-            faiss.IndexIDMap2(base) if self.kind != "hnsw" else faiss.IndexIDMap(base)
+            faiss.IndexIDMap2(base) if self.kind == "flat" else faiss.IndexIDMap(base)
         )
         self._base: faiss.Index = base
-        self._live: set[int] = set()
         self._tombstones: set[int] = set()
         self._standing: _Standing | None = None  # see _standing_ids
         self._positions: np.ndarray | None = None  # ad id at each internal position
@@ -157,22 +187,96 @@ class AdIndex:
         self._host: faiss.Index | None = None  # a GPU index's CPU copy (see _host_index)
         self.exact_fallbacks = 0  # filtered searches answered exactly instead (see search)
 
+    def _ivfpq(self, dim: int, expected_size: int) -> faiss.Index:
+        """An untrained IVF-PQ (OPQ-rotated, over an HNSW quantizer, as configured)."""
+        lib, cfg = self.faiss, self.config
+        if dim % cfg.pq_m:
+            raise ConfigError("pq_m", f"{cfg.pq_m} does not divide dim {dim}")
+        nlist = cfg.ivf_nlist or max(1, int(4 * np.sqrt(max(expected_size, 1))))
+        quantizer: Any
+        if cfg.ivf_quantizer == "hnsw":
+            quantizer = lib.IndexHNSWFlat(dim, 32, lib.METRIC_INNER_PRODUCT)
+            quantizer.hnsw.efSearch = 64
+        else:
+            quantizer = lib.IndexFlatIP(dim)
+        # faiss's constructors keep a reference to the quantizer (and the OPQ matrix and IVF).
+        ivf: Any = lib.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, 8, lib.METRIC_INNER_PRODUCT)
+        if cfg.ivf_quantizer == "hnsw":
+            # k-means assigns the training sample exactly; the graph is built once, over the
+            # final centroids. A plain pointer in faiss: this object keeps it alive.
+            self._clustering = lib.IndexFlatIP(dim)
+            ivf.clustering_index = self._clustering
+        index: faiss.Index = ivf
+        if cfg.opq:
+            index = lib.IndexPreTransform(lib.OPQMatrix(dim, cfg.pq_m), ivf)
+        return index
+
+    @property
+    def _ivf(self) -> faiss.IndexIVF:
+        """The IVF inside an IVF-PQ index (under its OPQ rotation, if any)."""
+        return self.faiss.extract_index_ivf(self._base)
+
     @classmethod
     def build(
-        cls, ids: np.ndarray, vectors: np.ndarray, config: IndexConfig | None = None
+        cls,
+        ids: np.ndarray,
+        vectors: np.ndarray | VectorFile,
+        config: IndexConfig | None = None,
+        progress: bool = False,
     ) -> AdIndex:
-        """An index holding ``vectors`` under ``ids`` (IVF-PQ is trained on them first)."""
-        index = cls(vectors.shape[1], config, expected_size=len(ids))
+        """An index holding ``vectors`` under ``ids``.
+
+        IVF-PQ is trained on a sample first (``IndexConfig.train_size``); vectors are added
+        ``IndexConfig.build_chunk`` at a time, so a ``VectorFile`` (a .npy on disk) is never
+        read whole.
+
+        Args:
+            ids: (n,) ad ids.
+            vectors: (n, dim) float vectors, in memory or a ``VectorFile``.
+            config: index settings.
+            progress: show a progress bar while adding.
+        """
+        ids = np.asarray(ids, np.int64)
+        if len(ids) != len(vectors):
+            raise ConfigError("ids", f"{len(ids)} ids for {len(vectors)} vectors")
+        dim = vectors.shape[1]
+        index = cls(dim, config, expected_size=len(ids))
+        cfg = index.config
         if index.kind == "ivfpq":
-            index._base.train(np.ascontiguousarray(vectors, dtype=np.float32))
-        index.add(ids, vectors)
+            nlist = index._ivf.nlist
+            size = cfg.train_size or min(len(ids), max(64 * nlist, 65_536))
+            rows = np.sort(np.random.default_rng(0).choice(len(ids), size, replace=False))
+            sample = index._check(ids[rows], _rows(vectors, rows))[1]
+            if len(sample) < nlist:
+                raise ConfigError(
+                    "ivf_nlist",
+                    f"{nlist} cells need at least as many training vectors, got {len(sample)}",
+                )
+            index._base.train(sample)
+            if index._refine is not None:
+                index._refine.train(sample)
+                index._refine.reserve(len(ids))
+            del sample
+        from tqdm.auto import tqdm
+
+        step = cfg.build_chunk
+        with tqdm(
+            total=len(ids), desc=f"indexing ({index.kind})", unit="ad", disable=not progress
+        ) as bar:
+            for lo in range(0, len(ids), step):
+                hi = min(lo + step, len(ids))
+                index.add(ids[lo:hi], _rows(vectors, slice(lo, hi)))
+                bar.update(hi - lo)
         return index
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self.positions()) - len(self._tombstones)
 
     def __contains__(self, ad_id: int) -> bool:
-        return int(ad_id) in self._live
+        ad_id = int(ad_id)
+        return bool(self.position_of(np.asarray([ad_id]))[0] >= 0) and (
+            ad_id not in self._tombstones
+        )
 
     def _check(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(ids, dtype=np.int64)
@@ -194,7 +298,7 @@ class AdIndex:
         ids, vectors = self._check(
             np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids), vectors
         )
-        present = [i for i in ids.tolist() if i in self._live or i in self._tombstones]
+        present = ids[self.position_of(ids) >= 0].tolist() if len(self.positions()) else []
         if present and self._tombstoned:
             raise ConfigError(
                 "ids",
@@ -203,9 +307,25 @@ class AdIndex:
             )
         if present:
             self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(present, np.int64)))
+        if self._refine is not None:
+            self._refine.add(vectors)  # first: a search finds no position it cannot re-score
         self.index.add_with_ids(vectors, ids)
-        self._live.update(ids.tolist())
-        self._positions = self._host = None
+        self._host = None
+        if present or self._positions is None:
+            self._positions = None
+        else:
+            self._append_layout(ids)
+
+    def _append_layout(self, ids: np.ndarray) -> None:
+        """The cached positions with ``ids`` appended, their order merged in: O(corpus) copies
+        instead of an argsort of the whole corpus (a second at 10M ads) on every add."""
+        old, order = self._layout
+        new_order = np.argsort(ids, kind="stable")
+        at = np.searchsorted(old[order], ids[new_order])
+        order = np.insert(order, at, len(old) + new_order)
+        positions = np.concatenate([old, ids])
+        self._layout = (positions, order)  # one assignment, as in positions()
+        self._positions = positions
 
     @property
     def _tombstoned(self) -> bool:
@@ -216,7 +336,9 @@ class AdIndex:
 
     def remove(self, ids: Iterable[int]) -> int:
         """Removes ads; returns how many were present."""
-        gone = [int(i) for i in ids if int(i) in self._live]
+        asked = np.unique(np.fromiter((int(i) for i in ids), np.int64))
+        held = asked[self.position_of(asked) >= 0].tolist()
+        gone = [i for i in held if i not in self._tombstones]
         if not gone:
             return 0
         if self._tombstoned:
@@ -224,7 +346,6 @@ class AdIndex:
         else:
             self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(gone, np.int64)))
             self._positions = self._host = None
-        self._live.difference_update(gone)
         return len(gone)
 
     def positions(self) -> np.ndarray:
@@ -280,7 +401,7 @@ class AdIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ConfigError("queries", f"expected shape (n, {self.dim}), got {queries.shape}")
-        k_eff = min(k, max(len(self._live), 1))
+        k_eff = min(k, max(len(self), 1))
         if allowed is not None:
             return self._search_allowed(queries, k_eff, exclude, allowed)
         exclude = list(exclude)
@@ -310,7 +431,7 @@ class AdIndex:
         else:
             either = static if static is not None else dynamic
         sel = self.faiss.IDSelectorNot(either) if either is not None else None
-        scores, found = self.index.search(queries, k_eff, params=self._params(sel))
+        scores, found = self._knn(self.index, queries, k_eff, self._params(sel), by_id=True)
         out_ids, out_scores = [], []
         for row_ids, row_scores in zip(found, scores, strict=True):
             keep = row_ids >= 0
@@ -342,7 +463,7 @@ class AdIndex:
             return self._search_overfetch(queries, k, keep_allowed, lambda: bits, popcount(bits, n))
         # FAISS's size is the bitmap's length in bytes.
         sel = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))
-        scores, found = self._base.search(queries, k, params=self._params(sel))
+        scores, found = self._knn(self._base, queries, k, self._params(sel), by_id=False)
         out_ids, out_scores = [], []
         for q, row_pos, row_scores in zip(queries, found, scores, strict=True):
             keep = row_pos >= 0
@@ -393,8 +514,8 @@ class AdIndex:
                 ef = max(self.config.ef_search, fetch)
                 params = self.faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]
             elif self.kind == "ivfpq":
-                params = self.faiss.SearchParametersIVF(nprobe=self.config.nprobe)  # type: ignore[call-arg]
-            scores, found = self.index.search(queries[pending], fetch, params=params)
+                params = self._ivf_params(None, self.config.nprobe)
+            scores, found = self._knn(self.index, queries[pending], fetch, params, by_id=True)
             short = []
             for row, q in enumerate(pending.tolist()):
                 valid = found[row] >= 0
@@ -458,12 +579,47 @@ class AdIndex:
             index = self.faiss.downcast_index(cast("faiss.IndexHNSW", base).storage)
             params = self.faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
         elif self.kind == "ivfpq":
-            nlist = cast("faiss.IndexIVF", base).nlist
-            params = self.faiss.SearchParametersIVF(sel=sel, nprobe=nlist)  # type: ignore[call-arg]
+            params = self._ivf_params(sel, self.faiss.extract_index_ivf(base).nlist)
         else:
             params = self.faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
-        scores, found = index.search(query[None], k, params=params)
+        scores, found = self._knn(index, query[None], k, params, by_id=False)
         return scores[0], found[0]
+
+    def _knn(
+        self,
+        index: faiss.Index,
+        queries: np.ndarray,
+        k: int,
+        params: faiss.SearchParameters | None,
+        by_id: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``index.search``, re-scored from the refine store where there is one: the best
+        ``k * refine_factor`` by the compressed codes, of which the ``k`` best by the stored
+        vectors. ``by_id``: ``index`` answers ad ids (the id map), else positions."""
+        if self._refine is None:
+            scores, found = index.search(queries, k, params=params)
+            return scores, found
+        fetch = k * self.config.refine_factor
+        if by_id:
+            # The unwrapped index answers positions, which the refine store is laid out by
+            # (mapping ids back to positions cost more than the search: serving_notes.md, 13);
+            # an id selector is translated onto positions as IndexIDMap would.
+            if params is not None and params.sel is not None:
+                # The id map itself (the selector keeps a reference to it, so no temporary
+                # copy): faiss's stub types only the array form.
+                id_map = cast("faiss.IndexIDMap", self.index).id_map
+                params.sel = self.faiss.IDSelectorTranslated(id_map, params.sel)  # type: ignore[arg-type]
+            _, where = self._base.search(queries, fetch, params=params)
+            found = np.where(where >= 0, self.positions()[np.maximum(where, 0)], -1)
+        else:
+            _, found = index.search(queries, fetch, params=params)
+            where = found
+        scores = self._refine.scores(queries, where)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        scores = np.take_along_axis(scores, order, axis=1)
+        found = np.take_along_axis(found, order, axis=1)
+        found[~np.isfinite(scores)] = -1
+        return scores, found
 
     def _static_selector(self, ineligible: frozenset[int]) -> faiss.IDSelector | None:
         """The selector of ``ineligible`` and the tombstones, rebuilt only when they change."""
@@ -479,25 +635,36 @@ class AdIndex:
         if self.kind == "hnsw":
             params = self.faiss.SearchParametersHNSW(sel=sel, efSearch=self.config.ef_search)  # type: ignore[attr-defined]
         elif self.kind == "ivfpq":
-            params = self.faiss.SearchParametersIVF(sel=sel, nprobe=self.config.nprobe)  # type: ignore[call-arg]
+            params = self._ivf_params(sel, self.config.nprobe)
         else:
             params = self.faiss.SearchParameters(sel=sel) if sel is not None else None  # type: ignore[call-arg]
         return params
 
+    def _ivf_params(self, sel: faiss.IDSelector | None, nprobe: int) -> faiss.SearchParameters:
+        """IVF's search settings; an HNSW quantizer's beam holds the ``nprobe`` cells."""
+        params = self.faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)  # type: ignore[call-arg]
+        if self.config.ivf_quantizer == "hnsw" or isinstance(
+            self.faiss.downcast_index(self._ivf.quantizer), self.faiss.IndexHNSW
+        ):
+            params.quantizer_params = self.faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+                efSearch=max(64, nprobe)
+            )
+        return params
+
     def save(self, path: Path) -> None:
-        """Writes the index (CPU form) and its live/tombstone id sets."""
+        """Writes the index (CPU form), its tombstones and its refine store."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         index = self.index
         if self.config.device == "cuda":
             index = self.faiss.index_gpu_to_cpu(index)
         self.faiss.write_index(index, str(path))
-        np.savez(
-            ids_file(path),
-            live=np.asarray(sorted(self._live), np.int64),
-            tombstones=np.asarray(sorted(self._tombstones), np.int64),
-            kind=np.asarray(self.kind),
-        )
+        arrays: dict[str, Any] = {
+            "tombstones": np.asarray(sorted(self._tombstones), np.int64),
+            "kind": np.asarray(self.kind),
+            **(self._refine.arrays() if self._refine is not None else {}),
+        }
+        np.savez(ids_file(path), **arrays)
 
     @classmethod
     def load(cls, path: Path, config: IndexConfig | None = None) -> AdIndex:
@@ -520,13 +687,150 @@ class AdIndex:
         if config.device == "cuda":
             obj.index = _to_gpu(faiss, stored)
             obj._host = stored  # the CPU copy that an exact fallback searches
-        obj._live = set(meta["live"].tolist())
+        obj._refine = RefineStore.from_arrays(meta) if "refine_kind" in meta.files else None
         obj._tombstones = set(meta["tombstones"].tolist())
         obj._standing = None
         obj._positions = None
         obj._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))
         obj.exact_fallbacks = 0
         return obj
+
+
+class RefineStore:
+    """A copy of the vectors by internal position, to re-score an approximate index's
+    candidates: sq8 (a byte per dimension over the range trained on a sample), fp16 or flat
+    (float32). Rows are written before their count is raised, so a reader sees whole rows.
+
+    Args:
+        kind: sq8, fp16 or flat.
+        dim: vector width.
+    """
+
+    DTYPES: ClassVar[dict[str, type[np.generic]]] = {
+        "sq8": np.uint8,
+        "fp16": np.float16,
+        "flat": np.float32,
+    }
+
+    def __init__(self, kind: str, dim: int) -> None:
+        if kind not in self.DTYPES:
+            raise ConfigError("refine", f"{kind!r} is not one of {tuple(self.DTYPES)}")
+        self.kind, self.dim = kind, dim
+        self._rows = np.zeros((0, dim), self.DTYPES[kind])  # capacity; rows [:size] are set
+        self.size = 0
+        self.low = np.zeros(dim, np.float32)
+        self.step = np.ones(dim, np.float32)
+
+    def train(self, sample: np.ndarray) -> None:
+        """sq8: each dimension's range, from a sample of the vectors."""
+        if self.kind == "sq8" and len(sample):
+            self.low = sample.min(axis=0).astype(np.float32)
+            span = sample.max(axis=0) - self.low
+            self.step = np.where(span > 0, span / 255.0, 1.0).astype(np.float32)
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` vectors in all, allocated once."""
+        if rows > len(self._rows):
+            grown = np.zeros((rows, self.dim), self._rows.dtype)
+            grown[: self.size] = self._rows[: self.size]
+            self._rows = grown
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Appends vectors (the next positions)."""
+        end = self.size + len(vectors)
+        if end > len(self._rows):
+            self.reserve(max(end, int(len(self._rows) * 1.25)))
+        if self.kind == "sq8":
+            codes = np.rint((vectors - self.low) / self.step)
+            self._rows[self.size : end] = np.clip(codes, 0, 255)
+        else:
+            self._rows[self.size : end] = vectors
+        self.size = end
+
+    def scores(self, queries: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Inner products of each query (n, dim) with its rows (n, m) of positions; -inf where
+        a position is -1."""
+        rows = self._rows[np.maximum(positions, 0)].astype(np.float32)  # (n, m, dim)
+        if self.kind == "sq8":
+            rows = rows * self.step + self.low
+        out: np.ndarray = np.einsum("nmd,nd->nm", rows, queries)
+        out[positions < 0] = -np.inf
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored rows."""
+        return int(self.size * self._rows.itemsize * self.dim)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What ``from_arrays`` reads back (saved beside the index)."""
+        return {
+            "refine_kind": np.asarray(self.kind),
+            "refine_rows": self._rows[: self.size],
+            "refine_low": self.low,
+            "refine_step": self.step,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> RefineStore:
+        store = cls(str(arrays["refine_kind"]), int(arrays["refine_rows"].shape[1]))
+        store._rows = np.ascontiguousarray(arrays["refine_rows"])
+        store.size = len(store._rows)
+        store.low, store.step = arrays["refine_low"], arrays["refine_step"]
+        return store
+
+
+class VectorFile:
+    """A (n, dim) float32 .npy file, read some rows at a time: what a large corpus is built
+    from. Plain reads, not a memory map, whose every touched page would count in the reader's
+    memory until it is unmapped.
+
+    Args:
+        path: the .npy file (``np.save`` of a float32 C-order array).
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        with self.path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            self.offset = f.tell()
+        if len(shape) != 2 or fortran or dtype != np.dtype("<f4"):
+            raise ConfigError(
+                "vectors",
+                f"{self.path}: expected a 2-D C-order float32 array, got {dtype} "
+                f"{shape}{' (Fortran order)' if fortran else ''}",
+            )
+        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, rows: slice | np.ndarray) -> np.ndarray:
+        """The rows of a slice (step 1) or of sorted row numbers."""
+        width = self.shape[1] * 4
+        with self.path.open("rb") as f:
+            if isinstance(rows, slice):
+                lo, hi, _ = rows.indices(self.shape[0])
+                f.seek(self.offset + lo * width)
+                return np.fromfile(f, np.float32, max(hi - lo, 0) * self.shape[1]).reshape(
+                    -1, self.shape[1]
+                )
+            out = np.empty((len(rows), self.shape[1]), np.float32)
+            fd = f.fileno()
+            for i, row in enumerate(np.asarray(rows, np.int64).tolist()):
+                out[i] = np.frombuffer(os.pread(fd, width, self.offset + row * width), np.float32)
+            return out
+
+
+def _rows(vectors: np.ndarray | VectorFile, rows: slice | np.ndarray) -> np.ndarray:
+    """Some rows of the vectors as float32 in memory."""
+    if isinstance(vectors, VectorFile):
+        return vectors.read(rows)
+    return np.ascontiguousarray(vectors[rows], dtype=np.float32)
 
 
 def _to_gpu(lib: Any, index: faiss.Index) -> faiss.Index:

@@ -64,6 +64,7 @@ def build_index(
     seed: int = 0,
     tracking_uri: str = "",
     embeddings: RegisteredEmbeddings | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Builds and saves the index for a registered version and logs its recall@K.
 
@@ -77,6 +78,7 @@ def build_index(
         seed: the query sample's seed.
         tracking_uri: MLflow tracking URI (default: SQLite under the repository).
         embeddings: the version's embeddings when the caller has already downloaded them.
+        progress: show a progress bar while the index is built.
 
     Returns:
         A summary: kind, size, recall, build seconds, and where the index was written.
@@ -89,16 +91,10 @@ def build_index(
     if len(ids) == 0:
         raise CandgenError(f"model_uri: {model_uri} holds no ad embeddings (ads_only=True)")
     t0 = time.perf_counter()
-    index = AdIndex.build(ids, vectors, config)
+    index = AdIndex.build(ids, vectors, config, progress=progress)
     build_seconds = time.perf_counter() - t0
-    rng = np.random.default_rng(seed)
-    sample = vectors[rng.choice(len(vectors), min(recall_queries, len(vectors)), replace=False)]
-    scale = float(np.linalg.norm(vectors, axis=1).mean())
-    queries = sample + 0.1 * scale / np.sqrt(vectors.shape[1]) * rng.standard_normal(
-        sample.shape
-    ).astype(np.float32)
     k = min(recall_k, len(ids))
-    recall = recall_at_k(index.search(queries, k)[0], exact_search(ids, vectors, queries, k))
+    recall = index_recall(index, ids, vectors, k, recall_queries, seed)
     out_dir = Path(out_dir)
     index.save(out_dir / INDEX_FILE)
     summary = {
@@ -113,6 +109,21 @@ def build_index(
     (out_dir / "index.json").write_text(json.dumps(summary, indent=2))
     _log_to_registry(model_uri, summary, k, tracking_uri)
     return summary
+
+
+def index_recall(
+    index: AdIndex, ids: np.ndarray, vectors: np.ndarray, k: int, queries: int, seed: int = 0
+) -> float:
+    """Recall@``k`` of ``index`` against exact search over (``ids``, ``vectors``), on
+    ``queries`` sampled vectors plus noise (a tenth of their mean norm, spread over the
+    dimensions)."""
+    rng = np.random.default_rng(seed)
+    sample = vectors[rng.choice(len(vectors), min(queries, len(vectors)), replace=False)]
+    scale = float(np.linalg.norm(vectors, axis=1).mean())
+    noisy = sample + 0.1 * scale / np.sqrt(vectors.shape[1]) * rng.standard_normal(
+        sample.shape
+    ).astype(np.float32)
+    return recall_at_k(index.search(noisy, k)[0], exact_search(ids, vectors, noisy, k))
 
 
 def _log_to_registry(model_uri: str, summary: dict[str, Any], k: int, tracking_uri: str) -> None:

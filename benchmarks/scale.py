@@ -1,0 +1,319 @@
+"""Scale benchmark (issue 17): compressed ad indexes on 1M-10M ads, on this machine.
+
+    python benchmarks/scale.py --stage curve --ads 1000000      # every index type, swept
+    python benchmarks/scale.py --stage curve --ads 10000000 --configs ivfpq16-sq8,ivfhnsw-pq16-sq8
+
+The corpus is the serving benchmark's (``serving.corpus``: a mixture of 1,000 Gaussian clusters,
+L2-normalised, 64-d), written once to a .npy file a million rows at a time, and the queries are
+fresh draws from the same mixture (``serving.queries``): near no particular ad, as a user vector
+is. Truth is exact inner-product top 100, computed a chunk at a time over the file.
+
+Each index is built in its own process from the file (``AdIndex.build`` over a ``VectorFile``:
+trained on a sample, added a chunk at a time; its peak RSS is the build's), saved, and then
+loaded in a fresh process that measures what serving would hold: its RSS after loading and
+after the searches, the saved bytes per ad, and per search setting (nprobe, refine factor)
+recall@100 against exact, single-query latency on one thread (as the generators step runs
+FAISS) and batched throughput on every core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_doc import write_section  # noqa: E402
+
+from serving import corpus, queries  # noqa: E402
+
+RESULTS = ROOT / "docs" / "benchmarks"
+K = 100
+CHUNK = 1_000_000
+AD_ID = 1_000_000_000
+
+# name -> IndexConfig fields (build-time); search settings are swept after loading.
+CONFIGS: dict[str, dict[str, object]] = {
+    "hnsw32": {"kind": "hnsw", "ef_construction": 200},
+    "ivfpq8": {"kind": "ivfpq", "pq_m": 8},
+    "ivfpq16": {"kind": "ivfpq", "pq_m": 16},
+    "ivfpq32": {"kind": "ivfpq", "pq_m": 32},
+    "ivfpq16-sq8": {"kind": "ivfpq", "pq_m": 16, "refine": "sq8"},
+    "ivfpq16-fp16": {"kind": "ivfpq", "pq_m": 16, "refine": "fp16"},
+    "ivfpq8-sq8": {"kind": "ivfpq", "pq_m": 8, "refine": "sq8"},
+    "opq16-ivfpq16-sq8": {"kind": "ivfpq", "pq_m": 16, "opq": True, "refine": "sq8"},
+    "ivfhnsw-pq16-sq8": {"kind": "ivfpq", "pq_m": 16, "ivf_quantizer": "hnsw", "refine": "sq8"},
+}
+NPROBES = (8, 16, 32, 64, 128)
+REFINE_FACTORS = (2, 4, 8)
+HNSW_EFS = (128, 256, 384)
+SETTINGS = ("nprobe", "refine_factor", "ef_search")
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process so far, MB (Linux's VmHWM: getrusage's ru_maxrss
+    carries a parent's peak over fork and exec, and read 15.8 GB in every child here)."""
+    return _status_mb("VmHWM")
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now, MB (Linux)."""
+    return _status_mb("VmRSS")
+
+
+def prepare(work: Path, ads: int, dim: int, n_queries: int, seed: int) -> Path:
+    """The corpus file, the queries and their exact top K (written once per size)."""
+    folder = work / f"{ads}x{dim}"
+    folder.mkdir(parents=True, exist_ok=True)
+    vectors_file, truth_file = folder / "vectors.npy", folder / "truth.npy"
+    if truth_file.exists():
+        return folder
+    from tqdm.auto import tqdm
+
+    # corpus() holds the whole array; a million rows at a time go to the file instead.
+    out = np.lib.format.open_memmap(vectors_file, "w+", np.float32, (ads, dim))
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((1000, dim)).astype(np.float32)
+    for lo in tqdm(range(0, ads, CHUNK), desc="corpus", unit="M ads"):
+        hi = min(lo + CHUNK, ads)
+        chunk = centers[rng.integers(0, 1000, hi - lo)]
+        chunk += 0.5 * rng.standard_normal(chunk.shape).astype(np.float32)
+        out[lo:hi] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    out.flush()
+    del out
+    _, small_centers = corpus(10, dim, seed)  # the same centres as serving.corpus(ads, ...)
+    assert np.allclose(small_centers, centers)
+    qs = queries(centers, n_queries, seed)
+    np.save(folder / "queries.npy", qs)
+    from candgen.index.ann import VectorFile
+
+    source = VectorFile(vectors_file)
+    best_scores = np.full((len(qs), K), -np.inf, np.float32)
+    best_rows = np.full((len(qs), K), -1, np.int64)
+    step = 100_000  # the block's scores and argpartition: 1.2 GB for 1,000 queries
+    for lo in tqdm(range(0, ads, step), desc="exact top 100", unit="block"):
+        block = source.read(slice(lo, lo + step))
+        scores = qs @ block.T
+        top = np.argpartition(-scores, K - 1, axis=1)[:, :K] if scores.shape[1] > K else None
+        cand_scores = np.take_along_axis(scores, top, 1) if top is not None else scores
+        cand_rows = (top if top is not None else np.arange(block.shape[0])[None]) + lo
+        cand_rows = np.broadcast_to(cand_rows, cand_scores.shape)
+        merged_scores = np.concatenate([best_scores, cand_scores], axis=1)
+        merged_rows = np.concatenate([best_rows, cand_rows], axis=1)
+        keep = np.argsort(-merged_scores, axis=1, kind="stable")[:, :K]
+        best_scores = np.take_along_axis(merged_scores, keep, 1)
+        best_rows = np.take_along_axis(merged_rows, keep, 1)
+    np.save(truth_file, AD_ID + 1 + best_rows)
+    return folder
+
+
+def build_one(folder: Path, name: str) -> dict[str, object]:
+    """Builds and saves one index (in this process, whose peak RSS is the build's)."""
+    from candgen.index.ann import AdIndex, IndexConfig, VectorFile
+
+    source = VectorFile(folder / "vectors.npy")
+    ids = AD_ID + 1 + np.arange(len(source), dtype=np.int64)
+    t0 = time.perf_counter()
+    index = AdIndex.build(ids, source, IndexConfig(**CONFIGS[name]), progress=True)  # type: ignore[arg-type]
+    build_s = time.perf_counter() - t0
+    path = folder / name / "ads.faiss"
+    index.save(path)
+    return {"build_s": round(build_s, 1), "build_peak_rss_mb": round(rss_mb())}
+
+
+def serve_one(folder: Path, name: str, latency_queries: int) -> dict[str, object]:
+    """Loads one saved index as the generators step would and sweeps its search settings."""
+    import faiss
+
+    from candgen.index.ann import AdIndex, IndexConfig, ids_file, recall_at_k
+
+    base_rss = current_rss_mb()
+    path = folder / name / "ads.faiss"
+    build_cfg = CONFIGS[name]
+    index = AdIndex.load(path, IndexConfig(**build_cfg))  # type: ignore[arg-type]
+    loaded_rss = current_rss_mb()
+    n = len(index)
+    qs, truth = np.load(folder / "queries.npy"), list(np.load(folder / "truth.npy"))
+    settings: list[dict[str, object]]
+    if build_cfg["kind"] == "hnsw":
+        settings = [{"ef_search": ef} for ef in HNSW_EFS]
+    else:
+        refines = REFINE_FACTORS if build_cfg.get("refine", "none") != "none" else (1,)
+        settings = [{"nprobe": p, "refine_factor": r} for p in NPROBES for r in refines]
+    rows = []
+    for setting in settings:
+        index.config = IndexConfig(**{**build_cfg, **setting})  # type: ignore[arg-type]
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        index.search(qs[:50], K)  # warm: the first search pages in what the next ones read
+        t0 = time.perf_counter()
+        found = index.search(qs, K)[0]
+        qps = len(qs) / (time.perf_counter() - t0)
+        faiss.omp_set_num_threads(1)
+        times = []
+        for q in qs[:latency_queries]:
+            t0 = time.perf_counter()
+            index.search(q[None], K)
+            times.append((time.perf_counter() - t0) * 1e3)
+        p50, p99 = np.percentile(times, [50, 99])
+        rows.append(
+            {
+                **setting,
+                "recall@100": round(recall_at_k(found, truth), 4),
+                "p50_ms": round(float(p50), 3),
+                "p99_ms": round(float(p99), 3),
+                "qps_batched": round(qps, 1),
+            }
+        )
+        print(name, rows[-1], flush=True)
+    saved = path.stat().st_size + ids_file(path).stat().st_size
+    return {
+        "ads": n,
+        "bytes_per_ad_saved": round(saved / n, 1),
+        "load_rss_mb": round(loaded_rss - base_rss),
+        "serve_rss_mb": round(current_rss_mb()),
+        "serve_peak_rss_mb": round(rss_mb()),
+        "rows": rows,
+    }
+
+
+def _child(stage: str, args: argparse.Namespace, name: str) -> dict[str, object]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--stage",
+        stage,
+        "--ads",
+        str(args.ads),
+        "--dim",
+        str(args.dim),
+        "--workdir",
+        args.workdir,
+        "--configs",
+        name,
+        "--latency-queries",
+        str(args.latency_queries),
+    ]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    print(out, end="", flush=True)
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def stage_curve(args: argparse.Namespace) -> dict[str, object]:
+    prepare(Path(args.workdir), args.ads, args.dim, args.queries, args.seed)
+    out_file = RESULTS / f"scale_curve_{args.machine}-{args.ads // 1_000_000}M.json"
+    done = json.loads(out_file.read_text()) if out_file.exists() else {}
+    results = done.get("indexes", {})
+    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            raise SystemExit(f"--configs: {name!r} is not one of {sorted(CONFIGS)}")
+        print(f"== {name}: build", flush=True)
+        built = _child("build-one", args, name)
+        print(f"== {name}: serve", flush=True)
+        served = _child("serve-one", args, name)
+        results[name] = {"config": CONFIGS[name], "command": command, **built, **served}
+        record = {
+            "ads": args.ads,
+            "dim": args.dim,
+            "queries": args.queries,
+            "latency_queries": args.latency_queries,
+            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), faiss "
+            f"{__import__('faiss').__version__}",
+            "indexes": results,
+        }
+        out_file.write_text(json.dumps(record, indent=2) + "\n")  # after each index
+    return record
+
+
+def render_curve() -> str:
+    """The recall/latency/memory curve of every stored run."""
+    lines = ["## Scale: compressed ad indexes (`benchmarks/scale.py --stage curve`, issue 17)", ""]
+    lines += [
+        "Corpus: the serving benchmark's mixture of 1,000 Gaussian clusters, 64-d, L2-normalised; "
+        "queries: fresh draws from the mixture (near no particular ad); truth: exact top 100. "
+        "Each index built from a .npy file a chunk at a time in its own process, then loaded in a "
+        "fresh one: *load RSS* is what loading it added, *bytes/ad* its saved size per ad. "
+        "Latency: one query at a time on one thread (as the generators step runs FAISS); "
+        "QPS: all queries in one batch on every core.",
+        "",
+    ]
+    for path in sorted(RESULTS.glob("scale_curve_*.json")):
+        run = json.loads(path.read_text())
+        lines += [
+            f"### {run['ads']:,} ads x {run['dim']} ({run['machine']})",
+            "",
+            f"{run['queries']} queries ({run['latency_queries']} timed one at a time); each "
+            "index's command:",
+            "",
+            *sorted({f"- `{res['command']}`" for res in run["indexes"].values()}),
+            "",
+            "| index | build s | build peak RSS MB | bytes/ad | load RSS MB | setting | "
+            "recall@100 | p50 ms | p99 ms | QPS batched |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for name, res in run["indexes"].items():
+            for i, row in enumerate(res["rows"]):
+                setting = ", ".join(f"{k} {v}" for k, v in row.items() if k in SETTINGS)
+                head = (
+                    f"| {name} | {res['build_s']} | {res['build_peak_rss_mb']} | "
+                    f"{res['bytes_per_ad_saved']} | {res['load_rss_mb']} "
+                    if i == 0
+                    else "| | | | | "
+                )
+                lines.append(
+                    f"{head}| {setting} | {row['recall@100']:.4f} | {row['p50_ms']} | "
+                    f"{row['p99_ms']} | {row['qps_batched']:,.0f} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", choices=["curve", "build-one", "serve-one"], default="curve")
+    p.add_argument("--ads", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--queries", type=int, default=1_000)
+    p.add_argument("--latency-queries", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"of {', '.join(CONFIGS)}")
+    p.add_argument("--machine", default="cpu")
+    p.add_argument("--workdir", default="data/bench_scale")
+    p.add_argument("--render-only", action="store_true", help="rewrite the doc from stored runs")
+    return p
+
+
+def main() -> int:
+    args = parser().parse_args()
+    folder = Path(args.workdir) / f"{args.ads}x{args.dim}"
+    if args.stage == "build-one":
+        print(json.dumps(build_one(folder, args.configs)))
+        return 0
+    if args.stage == "serve-one":
+        print(json.dumps(serve_one(folder, args.configs, args.latency_queries)))
+        return 0
+    if not args.render_only:
+        stage_curve(args)
+    write_section("scale-curve", render_curve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
