@@ -106,6 +106,22 @@ def test_a_gpu_index_with_a_selector_is_refused_naming_the_field(
     assert code == 2 and err.startswith("candgen: error: filter_mode: FAISS's GPU indexes"), err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["index", "build", "--kind", "ivfpq", "--refine", "sq4"], "refine: 'sq4' is not one of"),
+        (["index", "build", "--ivf-quantizer", "lsh"], "ivf_quantizer: 'lsh' is not one of"),
+        (["serving", "export", "--ad-shard-urls", "shard0"], "ad_shard_urls: expected host:port"),
+        (["serving", "export", "--ad-shard-timeout-s", "0"], "ad_shard_timeout_s: must be"),
+    ],
+)
+def test_bad_compressed_or_sharded_index_settings_are_refused_naming_the_field(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    code, err = run([*argv, "--model-uri", "models:/m@champion"], capsys)
+    assert code == 2 and err.startswith(f"candgen: error: {message}"), err
+
+
 @pytest.mark.parametrize("command", sorted(BAD_VALUES))
 def test_a_bad_value_exits_2_with_one_line_naming_the_field(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture

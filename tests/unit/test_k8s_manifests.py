@@ -211,3 +211,36 @@ def test_every_container_runs_unprivileged(overlay: str) -> None:
             assert ctx["allowPrivilegeEscalation"] is False, name
             assert ctx["readOnlyRootFilesystem"] is True, name
             assert ctx["capabilities"]["drop"] == ["ALL"], name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ad_shards_are_a_statefulset_each_pod_serving_its_own_shard(overlay: str) -> None:
+    from candgen.endpoint.export import ExportConfig
+    from candgen.serving.steps import ServingConfig
+
+    shards = _one(overlay, "StatefulSet", "candgen-ad-shard")["spec"]
+    service = _one(overlay, "Service", "candgen-ad-shard")["spec"]
+    assert shards["serviceName"] == "candgen-ad-shard" and service["clusterIP"] == "None"
+    assert shards["replicas"] >= 2
+    container = shards["template"]["spec"]["containers"][0]
+    (env,) = [e for e in container["env"] if e["name"] == "SHARD"]
+    assert (
+        env["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.labels['apps.kubernetes.io/pod-index']"
+    )
+    (repository,) = [
+        a.split("=", 1)[1] for a in container["args"] if a.startswith("--model-repository=")
+    ]
+    assert repository.endswith("/shard-$(SHARD)")
+    # where an export beside the deployed repository writes the shards (ExportConfig.shards_dir)
+    (served,) = [a.split("=", 1)[1] for a in _container(overlay, "candgen-triton")["args"]
+                 if a.startswith("--model-repository=")]  # fmt: skip
+    exported = ExportConfig(model_uri="models:/m@a", out=served).shards_dir
+    assert repository == f"{exported}/shard-$(SHARD)"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    grpc = {p["name"]: p["port"] for p in service["ports"]}["grpc"]
+    urls = tuple(f"candgen-ad-shard-{i}.candgen-ad-shard:{grpc}" for i in range(shards["replicas"]))
+    assert ServingConfig(ad_shard_urls=urls).ad_shard_urls == urls  # what the comment says to pass
+    policy = _one(overlay, "NetworkPolicy", "candgen-ad-shard")["spec"]
+    callers = [c["podSelector"]["matchLabels"] for c in policy["ingress"][0]["from"]]
+    assert callers == [{"app.kubernetes.io/name": "candgen-triton"}]

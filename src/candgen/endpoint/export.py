@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from candgen.errors import CandgenError, ConfigError
-from candgen.index.ann import INDEX_FILE, IndexConfig, ids_file
+from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig, ids_file
 from candgen.paths import REPO_ROOT, replace_atomically
 from candgen.serving.contract import INPUTS, OUTPUTS
 from candgen.serving.diversity import AdCatalog, duplicate_groups
@@ -46,6 +46,7 @@ from candgen.serving.generators import ContentGenerator
 from candgen.serving.pipeline import USER_SERVICE
 from candgen.serving.query_encoder import QUERY_ENCODER_DIR, check_precision
 from candgen.serving.quota import QUOTA_FILE, LearnedQuotas
+from candgen.serving.shards import shard_of
 from candgen.serving.steps import (
     CONTENT_DIR,
     DELIVERY_FILE,
@@ -59,6 +60,7 @@ from candgen.serving.steps import (
     GeneratorsStep,
     SelectStep,
     ServingConfig,
+    ShardStep,
     Spec,
     Step,
     check_query_width,
@@ -105,6 +107,9 @@ class ExportConfig:
             ads' text model).
         serving: how the ensemble serves.
         index: the sequential generator's ANN index.
+        ad_shards_out: where the ads index's shards go when ``serving.ad_shard_urls`` names
+            their servers: one Triton repository per shard, ``shard-<i>``, for the server at
+            position i (empty: ``ad_shards`` beside ``out``).
     """
 
     model_uri: str
@@ -117,8 +122,18 @@ class ExportConfig:
     query_encoder_precision: str = "int8"
     serving: ServingConfig = field(default_factory=ServingConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    ad_shards_out: str = ""
+
+    @property
+    def shards_dir(self) -> Path:
+        return Path(self.ad_shards_out or Path(self.out).parent / "ad_shards")
 
     def __post_init__(self) -> None:
+        if self.serving.ad_shard_urls and self.index_dir:
+            raise ConfigError(
+                "index_dir",
+                "a sharded export (ad_shard_urls) builds its shards itself; leave index_dir empty",
+            )
         if not self.model_uri.startswith("models:/"):
             raise ConfigError(
                 "model_uri",
@@ -408,6 +423,72 @@ def publish(
     return {"repository": str(repository), "version": version, **provenance}
 
 
+def export_shards(
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    shards: int,
+    out: Path,
+    index: IndexConfig,
+    serving: ServingConfig,
+    provenance: dict[str, Any],
+    ineligible: np.ndarray | None = None,
+    version: int = 1,
+    keep_versions: int = 2,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Writes one Triton repository per shard of the ads index, ``out/shard-<i>``, each serving
+    the ``candgen_ad_shard`` model over the ads whose id % ``shards`` is i (and, of
+    ``ineligible``, its own), for ``candgen.serving.shards.ShardedIndex`` to ask. Each keeps
+    ``keep_versions`` versions (the generators step of version v asks for version v).
+
+    Returns:
+        A summary: index kind, ads, width, mean recall@100 of the shards (each against exact
+        search over its own ads) and the repositories.
+
+    Each shard is built and published like a step's version: staged beside its repository and
+    moved in, so a server polling it never loads a half-written index.
+    """
+    from candgen.index.build import index_recall
+
+    ids = np.asarray(ids, np.int64)
+    which = shard_of(ids, shards)
+    barred = np.asarray(ineligible if ineligible is not None else [], np.int64)
+    repositories, recalls, kinds = [], [], set()
+    for shard in range(shards):
+        rows = np.flatnonzero(which == shard)
+        if not len(rows):
+            raise ConfigError("shards", f"shard {shard} of {shards} would hold no ads")
+        repository = Path(out) / f"shard-{shard}"
+        staging = staging_dir(repository, version) / ShardStep.MODEL
+        shutil.rmtree(staging.parent, ignore_errors=True)
+        built = AdIndex.build(ids[rows], vectors[rows], index, progress=progress)
+        recalls.append(index_recall(built, ids[rows], vectors[rows], min(100, len(rows)), 300))
+        kinds.add(built.kind)
+        built.save(staging / INDEX_FILE)
+        np.savez(staging / DELIVERY_FILE, ineligible=barred[shard_of(barred, shards) == shard])
+        write_serving_file(
+            staging, serving, index, {**provenance, "shard": shard, "shards": shards}
+        )
+        (staging / "model.py").write_text(MODEL_PY.format(model=ShardStep.MODEL))
+        py_compile.compile(str(staging / "model.py"), doraise=True)  # see publish
+        model_dir = repository / ShardStep.MODEL
+        model_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(model_dir / str(version), ignore_errors=True)
+        staging.rename(model_dir / str(version))
+        shutil.rmtree(staging.parent, ignore_errors=True)
+        _replace_text(repository / config_file(ShardStep.MODEL), step_config(ShardStep, serving))
+        for old in versions(repository, ShardStep.MODEL)[:-keep_versions]:
+            shutil.rmtree(model_dir / str(old))
+        repositories.append(repository)
+    return {
+        "kind": "/".join(sorted(kinds)),
+        "size": len(ids),
+        "dim": int(vectors.shape[1]),
+        "recall_at_100": float(np.mean(recalls)),
+        "shards": [str(r) for r in repositories],
+    }
+
+
 def ad_side(
     features_dir: Path, as_of: Any = None
 ) -> tuple[ContentGenerator, dict[str, np.ndarray], str]:
@@ -588,7 +669,35 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
         f"{query_model['precision']})"
     )
     generators = staging / GeneratorsStep.MODEL
-    if config.index_dir:
+    generators.mkdir(parents=True, exist_ok=True)
+    content, delivery, features_snapshot = ad_side(features_dir)
+    if content.index.dim != query_model["dim"]:
+        raise CandgenError(
+            f"features_dir: the ads' text embeddings are {content.index.dim}-d, but the query "
+            f"encoder ({query_model['model']}) gives {query_model['dim']}-d ones"
+        )
+    urls = config.serving.ad_shard_urls
+    if urls:
+        from candgen.data.synth import AD_ID_OFFSET
+        from candgen.index.ann import ad_rows
+
+        ids, vectors = ad_rows(emb.item_ids, emb.table, AD_ID_OFFSET)
+        summary = export_shards(
+            ids,
+            vectors,
+            len(urls),
+            config.shards_dir,
+            config.index,
+            # a shard server admits what the generators step sends: no in-flight limit of its own
+            dataclasses.replace(config.serving, max_inflight=0, ad_shard_urls=()),
+            {"model_uri": config.model_uri, "model_version": version, "run_id": mv.run_id},
+            delivery["ineligible"],
+            version,
+            config.keep_versions,
+            progress,
+        )
+        say(f"ad index: {len(urls)} shards in {config.shards_dir}, for {', '.join(urls)}")
+    elif config.index_dir:
         summary = _copy_index(Path(config.index_dir), generators, config.model_uri)
     else:
         summary = build_index(
@@ -601,14 +710,8 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     recall = next(v for k, v in summary.items() if k.startswith("recall_at_"))
     say(
         f"ad index: {summary['kind']}, {summary['size']:,} ads x {summary['dim']}, "
-        f"recall vs exact {recall:.4f} (logged to the run)"
+        f"recall vs exact {recall:.4f}" + ("" if urls else " (logged to the run)")
     )
-    content, delivery, features_snapshot = ad_side(features_dir)
-    if content.index.dim != query_model["dim"]:
-        raise CandgenError(
-            f"features_dir: the ads' text embeddings are {content.index.dim}-d, but the query "
-            f"encoder ({query_model['model']}) gives {query_model['dim']}-d ones"
-        )
     stage_generators(generators, content, delivery)
     say(
         f"content generator: {len(content.text):,} ads' text embeddings; "

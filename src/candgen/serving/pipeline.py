@@ -37,6 +37,7 @@ from candgen.serving.eligibility import (
 )
 from candgen.serving.generators import ContentGenerator, PacingPopularity
 from candgen.serving.quota import Candidate, QuotaPolicy, source_counts
+from candgen.serving.shards import ShardedIndex
 from candgen.vocab import USER_SERVING_SERVICE
 
 if TYPE_CHECKING:  # torch and onnxruntime are imported only by the step that encodes
@@ -286,13 +287,18 @@ def user_vectors(
     return out
 
 
-def check_context_item(item: int | None, ad_index: AdIndex, content: ContentGenerator) -> None:
+def check_context_item(
+    item: int | None, ad_index: AdIndex | ShardedIndex, content: ContentGenerator
+) -> None:
     """A context item must be an organic item, not an ad of this version.
 
     Raises:
         ConfigError: naming CONTEXT_ITEM_ID.
     """
-    if item is not None and (item in ad_index or item in content.text):
+    if item is None:
+        return
+    held = isinstance(ad_index, AdIndex) and item in ad_index  # shards: content.text has them
+    if held or item in content.text:
         raise ConfigError(
             "CONTEXT_ITEM_ID",
             f"{item} is an ad; the context is the organic item the related page shows",
@@ -303,7 +309,7 @@ def generate(
     context: UserContext,
     vector: np.ndarray | None,
     k: int,
-    ad_index: AdIndex,
+    ad_index: AdIndex | ShardedIndex,
     content: ContentGenerator,
     popularity: PacingPopularity,
     ineligible: frozenset[int] | set[int],
@@ -339,7 +345,15 @@ def generate(
             bitmaps[name] = eligibility.bitmap(name)
         return bitmaps[name]
 
-    def search(index: AdIndex, name: str, query: np.ndarray) -> list[tuple[int, float]]:
+    def search(
+        index: AdIndex | ShardedIndex, name: str, query: np.ndarray
+    ) -> list[tuple[int, float]]:
+        if isinstance(index, ShardedIndex):
+            # The shards leave out the ads ineligible now; the request's own eligibility is
+            # kept here, on what they answer.
+            keep = eligibility.allows if eligibility is not None else None
+            ids, values = index.search(query, k, list(history), keep)
+            return list(zip(ids.tolist(), values.tolist(), strict=True))
         found, scores = index.search(
             np.asarray(query, np.float32)[None], k, history, ineligible, allowed(name)
         )
@@ -418,7 +432,7 @@ class RetrievalPipeline:
 
     Args:
         retriever: the sequential model's user encoder (and its item vocabulary).
-        ad_index: the ANN index over the model's ad embeddings.
+        ad_index: the ANN index over the model's ad embeddings (or its shards' servers).
         content: the content generator over ad text embeddings.
         popularity: the popularity/pacing fallback.
         features: where online features come from.
@@ -435,7 +449,7 @@ class RetrievalPipeline:
     """
 
     retriever: Retriever
-    ad_index: AdIndex
+    ad_index: AdIndex | ShardedIndex
     content: ContentGenerator
     popularity: PacingPopularity
     features: FeatureSource

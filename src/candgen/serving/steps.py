@@ -92,6 +92,7 @@ from candgen.serving.quota import (
     QuotaPolicy,
     source_counts,
 )
+from candgen.serving.shards import SHARD_MODEL, ShardedIndex
 from candgen.vocab import DEVICES, SURFACES
 
 if TYPE_CHECKING:  # the retriever loads with the model, in load_retriever
@@ -169,6 +170,11 @@ class ServingConfig:
             left out; for measuring what the constraints cost, never for live traffic).
         encoder_device: where the encoder step runs the user encoder: cpu, cuda (a GPU torch
             sees; the step refuses to load without one) or auto (cuda where there is one).
+        ad_shard_urls: the ads index's shards (``candgen.serving.shards``), each a gRPC
+            endpoint (host:port) serving ``candgen_ad_shard``, shard i at position i; the
+            generators step asks them all and merges, instead of holding the index itself
+            (empty: it holds the index).
+        ad_shard_timeout_s: how long one shard may take to answer.
     """
 
     feature_server_url: str = "http://127.0.0.1:6566"
@@ -197,6 +203,8 @@ class ServingConfig:
     duplicate_similarity: float = 0.92
     enforce_constraints: bool = True
     encoder_device: str = "cpu"
+    ad_shard_urls: tuple[str, ...] = ()
+    ad_shard_timeout_s: float = 0.5
 
     def feature_client(self) -> FeatureServerClient:
         refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
@@ -233,6 +241,13 @@ class ServingConfig:
         poll = self.delivery_poll_s
         if isinstance(poll, bool) or not (isinstance(poll, int | float) and 0 <= poll <= 60):
             raise ConfigError("delivery_poll_s", f"must be seconds in [0, 60], got {poll!r}")
+        for url in self.ad_shard_urls:
+            host, _, port = str(url).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError("ad_shard_urls", f"expected host:port, got {url!r}")
+        timeout = self.ad_shard_timeout_s
+        if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0):
+            raise ConfigError("ad_shard_timeout_s", f"must be seconds > 0, got {timeout!r}")
         if self.encoder_device not in DEVICES:
             raise ConfigError("encoder_device", f"{self.encoder_device!r} is not one of {DEVICES}")
         if not isinstance(self.enforce_constraints, bool):
@@ -702,18 +717,30 @@ class Generators:
     """The candidate generators of one exported version, with the ads ineligible now and the
     per-request eligibility over their indexes."""
 
-    ad_index: AdIndex
+    ad_index: AdIndex | ShardedIndex
     content: ContentGenerator
     popularity: PacingPopularity
     ineligible: frozenset[int]
     eligibility: Eligibility
 
     @classmethod
-    def load(cls, folder: Path, index_config: IndexConfig, seed: int = 0) -> Generators:
+    def load(
+        cls, folder: Path, index_config: IndexConfig, config: ServingConfig | None = None
+    ) -> Generators:
+        """The version's generators; with ``config.ad_shard_urls`` the ads index is its shards'
+        servers, asked for this same version (the folder's name)."""
         folder = Path(folder)
+        config = config or ServingConfig()
         delivery = np.load(folder / DELIVERY_FILE)
-        ad_index = AdIndex.load(folder / INDEX_FILE, index_config)
         content = ContentGenerator.load(folder / CONTENT_DIR)
+        ad_index: AdIndex | ShardedIndex
+        indexes: dict[str, AdIndex] = {CONTENT_INDEX: content.index}
+        if config.ad_shard_urls:
+            version = int(folder.name) if folder.name.isdigit() else 0
+            ad_index = ShardedIndex(config.ad_shard_urls, config.ad_shard_timeout_s, version)
+        else:
+            ad_index = AdIndex.load(folder / INDEX_FILE, index_config)
+            indexes[AD_INDEX] = ad_index
         ads, state = load_eligibility(folder)
         return cls(
             ad_index=ad_index,
@@ -725,9 +752,7 @@ class Generators:
                 delivery["budget_left_fraction"],
             ),
             ineligible=frozenset(delivery["ineligible"].tolist()),
-            eligibility=Eligibility(
-                ads, state, {AD_INDEX: ad_index, CONTENT_INDEX: content.index}, seed
-            ),
+            eligibility=Eligibility(ads, state, indexes, config.quota_seed),
         )
 
 
@@ -764,7 +789,7 @@ class GeneratorsStep(Step):
         super().__init__(folder)
         # One query per request: OpenMP threads only spin against the other steps' processes.
         faiss.omp_set_num_threads(1)
-        self.generators = Generators.load(self.folder, self.index_config, self.config.quota_seed)
+        self.generators = Generators.load(self.folder, self.index_config, self.config)
         self.watcher: DeliveryWatcher | None = None
         if self.config.enforce_constraints:
             # Every known segment's bitmaps, off the request path (about 9 ms each, 435 of them).
@@ -877,6 +902,56 @@ class SelectStep(Step):
 
 
 STEPS: tuple[type[Step], ...] = (FeaturesStep, EncoderStep, GeneratorsStep, SelectStep)
+
+
+class ShardStep(Step):
+    """One shard of the ads index, on a server of its own (``candgen.serving.shards``): the
+    top ``K`` of its ads for a user vector, less the request's exclusions and the ads
+    ineligible now. Not a step of the ensemble: the generators step asks every shard and merges
+    their answers."""
+
+    MODEL = SHARD_MODEL
+    INPUTS: ClassVar[Spec] = {
+        "USER_VECTOR": (F32, [-1], False),
+        "K": (np.int32, [1], False),
+        "EXCLUDE_IDS": (I64, [-1], True),
+    }
+    OUTPUTS: ClassVar[Spec] = {
+        "AD_IDS": (I64, [-1], False),
+        "AD_SCORES": (F32, [-1], False),
+    }
+
+    def __init__(self, folder: Path) -> None:
+        import faiss
+
+        super().__init__(folder)
+        faiss.omp_set_num_threads(1)  # one query per request, as in the generators step
+        self.index = AdIndex.load(self.folder / INDEX_FILE, self.index_config)
+        ineligible = self.folder / DELIVERY_FILE
+        self.ineligible = (
+            frozenset(np.load(ineligible)["ineligible"].tolist())
+            if ineligible.exists()
+            else frozenset()
+        )
+
+    def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
+        return each(requests, self._one)
+
+    def _one(self, tensors: Tensors) -> Tensors:
+        vector = np.asarray(tensors["USER_VECTOR"], np.float32).reshape(-1)
+        if vector.shape != (self.index.dim,):
+            raise ConfigError(
+                "USER_VECTOR", f"expected {self.index.dim} floats, got {vector.shape[0]}"
+            )
+        exclude = np.asarray(tensors.get("EXCLUDE_IDS", np.zeros(0, np.int64))).reshape(-1)
+        ids, scores = self.index.search(
+            vector[None], _k(tensors, self.config.max_k), exclude.tolist(), self.ineligible
+        )
+        return {"AD_IDS": ids[0].astype(np.int64), "AD_SCORES": scores[0].astype(np.float32)}
+
+
+# Every python-backend model candgen serves: the ensemble's steps and the ads index's shards.
+MODELS: tuple[type[Step], ...] = (*STEPS, ShardStep)
 ENSEMBLE = "retrieve"
 
 
@@ -903,7 +978,7 @@ def load_pipeline(
     version = version or pinned_version(repository)
     folder = {s.MODEL: repository / s.MODEL / str(version) for s in STEPS}
     config, index_config, _ = read_serving_file(folder[GeneratorsStep.MODEL])
-    g = Generators.load(folder[GeneratorsStep.MODEL], index_config, config.quota_seed)
+    g = Generators.load(folder[GeneratorsStep.MODEL], index_config, config)
     retriever = load_retriever(folder[EncoderStep.MODEL], config.encoder_device)
     query_encoder = load_query_encoder(folder[FeaturesStep.MODEL], config)
     check_query_width(

@@ -26,7 +26,7 @@ from typing import Any
 
 from candgen.errors import CandgenError, ConfigError
 from candgen.serving.admission import InflightLimit, Overloaded, admission_of, slots_file
-from candgen.serving.steps import STEPS, Step, Tensors
+from candgen.serving.steps import MODELS, STEPS, Step, Tensors
 
 PROFILE_ENV = "CANDGEN_PROFILE_DIR"
 PROFILE_EVERY = 200  # executes between two dumps of a live profile
@@ -63,7 +63,7 @@ class ExecuteProfile:
 
 def triton_model(step_model: str, pb_utils: Any) -> type:
     """The ``TritonPythonModel`` class for the step whose Triton model name is ``step_model``."""
-    step_class = {s.MODEL: s for s in STEPS}[step_model]
+    step_class = {s.MODEL: s for s in MODELS}[step_model]
 
     def error(message: str, code_name: str) -> Any:
         code = getattr(pb_utils.TritonError, code_name, None)
