@@ -29,6 +29,7 @@ class Shards:
     ineligible: np.ndarray
     urls: list[str]
     servers: list[ServerConfig]
+    updates: Path
 
 
 def _corpus(n: int = 6000, dim: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +53,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shards]:
         2,
         tmp / "repos",
         IndexConfig(kind="flat"),
-        ServingConfig(max_inflight=0),
+        ServingConfig(max_inflight=0, ad_updates_dir=str(tmp / "updates"), ad_updates_poll_s=0.2),
         {"test": "shards"},
         ineligible=ineligible,
     )
@@ -73,7 +74,8 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shards]:
     try:
         for server in servers:
             start(server)
-        yield Shards(ids, vecs, ineligible, [f"127.0.0.1:{s.grpc_port}" for s in servers], servers)
+        urls = [f"127.0.0.1:{s.grpc_port}" for s in servers]
+        yield Shards(ids, vecs, ineligible, urls, servers, tmp / "updates")
     finally:
         for server in servers:
             stop(server)
@@ -123,5 +125,33 @@ def test_a_shard_that_is_down_is_named(shards: Shards) -> None:
     try:
         with pytest.raises(CandgenError, match=rf"ad shard 1 \(127.0.0.1:{unused}\)"):
             sharded.search(shards.vectors[0], 10)
+    finally:
+        sharded.close()
+
+
+# Last: it changes the shards' ads.
+def test_each_shard_takes_its_own_new_ads_and_expiries_while_serving(shards: Shards) -> None:
+    import time
+
+    from candgen.serving.updates import write_update
+
+    rng = np.random.default_rng(3)
+    new_ids = AD + 100_000 + np.arange(20, dtype=np.int64)  # both residues
+    new_vecs = rng.standard_normal((20, shards.vectors.shape[1])).astype(np.float32)
+    new_vecs /= np.linalg.norm(new_vecs, axis=1, keepdims=True)
+    expired = shards.ids[100:110]
+    sharded = ShardedIndex(shards.urls)
+    try:
+        assert int(expired[0]) in sharded.search(shards.vectors[100], 5)[0].tolist()
+        write_update(shards.updates, 1, new_ids, new_vecs, expired)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            found = [sharded.search(v, 1)[0].tolist() for v in new_vecs]  # never an error
+            if found == [[i] for i in new_ids.tolist()]:
+                break
+            time.sleep(0.1)
+        assert found == [[i] for i in new_ids.tolist()], "the new ads never became visible"
+        for v in shards.vectors[100:110]:
+            assert not set(sharded.search(v, 20)[0].tolist()) & set(expired.tolist())
     finally:
         sharded.close()

@@ -92,7 +92,8 @@ from candgen.serving.quota import (
     QuotaPolicy,
     source_counts,
 )
-from candgen.serving.shards import SHARD_MODEL, ShardedIndex
+from candgen.serving.shards import SHARD_MODEL, ShardedIndex, shard_of
+from candgen.serving.updates import UpdateWatcher
 from candgen.vocab import DEVICES, SURFACES
 
 if TYPE_CHECKING:  # the retriever loads with the model, in load_retriever
@@ -175,6 +176,10 @@ class ServingConfig:
             generators step asks them all and merges, instead of holding the index itself
             (empty: it holds the index).
         ad_shard_timeout_s: how long one shard may take to answer.
+        ad_updates_dir: a folder of catalogue updates (``candgen.serving.updates``: new ads
+            with their vectors, expired ads) that whoever holds the ads index (the generators
+            step, or each shard) applies as they arrive, without a rebuild (empty: none).
+        ad_updates_poll_s: how often that folder is looked at.
     """
 
     feature_server_url: str = "http://127.0.0.1:6566"
@@ -205,6 +210,8 @@ class ServingConfig:
     encoder_device: str = "cpu"
     ad_shard_urls: tuple[str, ...] = ()
     ad_shard_timeout_s: float = 0.5
+    ad_updates_dir: str = ""
+    ad_updates_poll_s: float = 1.0
 
     def feature_client(self) -> FeatureServerClient:
         refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
@@ -245,9 +252,10 @@ class ServingConfig:
             host, _, port = str(url).rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ConfigError("ad_shard_urls", f"expected host:port, got {url!r}")
-        timeout = self.ad_shard_timeout_s
-        if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0):
-            raise ConfigError("ad_shard_timeout_s", f"must be seconds > 0, got {timeout!r}")
+        for name in ("ad_shard_timeout_s", "ad_updates_poll_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int | float) and value > 0):
+                raise ConfigError(name, f"must be seconds > 0, got {value!r}")
         if self.encoder_device not in DEVICES:
             raise ConfigError("encoder_device", f"{self.encoder_device!r} is not one of {DEVICES}")
         if not isinstance(self.enforce_constraints, bool):
@@ -803,6 +811,13 @@ class GeneratorsStep(Step):
                 self.config.delivery_poll_s,
             )
             self.watcher.start()
+        self.lock = threading.Lock()  # a request's searches against the catalogue updates
+        ad_index = self.generators.ad_index
+        self.updates = (
+            watch_updates(self.config, ad_index, self.lock)
+            if isinstance(ad_index, AdIndex)  # shards apply their own
+            else None
+        )
 
     def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
         return each(requests, self._one)
@@ -816,7 +831,28 @@ class GeneratorsStep(Step):
         scenario = _strings(tensors["SCENARIO"])[0]
         k = _k(tensors, self.config.max_k)
         enforce = self.config.enforce_constraints
-        found = generate(
+        with self.lock:
+            found = self._generate(tensors, context, item_vector, scenario, k, enforce)
+        rows = [(ad, score, source) for source, cands in found.items() for ad, score in cands]
+        unknown = item is not None and item_vector is None
+        return {
+            "CANDIDATE_IDS": np.asarray([r[0] for r in rows], dtype=np.int64),
+            "CANDIDATE_SCORES": np.asarray([r[1] for r in rows], dtype=np.float32),
+            "CANDIDATE_SOURCES": source_codes([r[2] for r in rows]),
+            "CANDIDATE_FLAGS": _bytes([UNKNOWN_CONTEXT_ITEM] if unknown else []),
+        }
+
+    def _generate(
+        self,
+        tensors: Tensors,
+        context: UserContext,
+        item_vector: np.ndarray | None,
+        scenario: str,
+        k: int,
+        enforce: bool,
+    ) -> dict[str, list[tuple[int, float]]]:
+        g = self.generators
+        return generate(
             context,
             _optional_vector(tensors, "USER_VECTOR"),
             k,
@@ -830,14 +866,6 @@ class GeneratorsStep(Step):
             # twice the select step's limit: room for the near-duplicates it collapses
             2 * self.config.diversity(scenario).limit(k) if enforce else 0,
         )
-        rows = [(ad, score, source) for source, cands in found.items() for ad, score in cands]
-        unknown = item is not None and item_vector is None
-        return {
-            "CANDIDATE_IDS": np.asarray([r[0] for r in rows], dtype=np.int64),
-            "CANDIDATE_SCORES": np.asarray([r[1] for r in rows], dtype=np.float32),
-            "CANDIDATE_SOURCES": source_codes([r[2] for r in rows]),
-            "CANDIDATE_FLAGS": _bytes([UNKNOWN_CONTEXT_ITEM] if unknown else []),
-        }
 
 
 class SelectStep(Step):
@@ -904,6 +932,22 @@ class SelectStep(Step):
 STEPS: tuple[type[Step], ...] = (FeaturesStep, EncoderStep, GeneratorsStep, SelectStep)
 
 
+def watch_updates(
+    config: ServingConfig,
+    index: AdIndex,
+    lock: threading.Lock,
+    keep: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> UpdateWatcher | None:
+    """The running watcher of ``config.ad_updates_dir`` over ``index`` (None: no folder)."""
+    if not config.ad_updates_dir:
+        return None
+    watcher = UpdateWatcher(
+        Path(config.ad_updates_dir), index, lock, config.ad_updates_poll_s, keep
+    )
+    watcher.start()
+    return watcher
+
+
 class ShardStep(Step):
     """One shard of the ads index, on a server of its own (``candgen.serving.shards``): the
     top ``K`` of its ads for a user vector, less the request's exclusions and the ads
@@ -933,6 +977,11 @@ class ShardStep(Step):
             if ineligible.exists()
             else frozenset()
         )
+        self.lock = threading.Lock()  # a search against the catalogue updates' steps
+        shard, shards = self.provenance.get("shard", 0), self.provenance.get("shards", 1)
+        self.updates = watch_updates(
+            self.config, self.index, self.lock, lambda ids: shard_of(ids, shards) == shard
+        )
 
     def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
         return each(requests, self._one)
@@ -944,9 +993,9 @@ class ShardStep(Step):
                 "USER_VECTOR", f"expected {self.index.dim} floats, got {vector.shape[0]}"
             )
         exclude = np.asarray(tensors.get("EXCLUDE_IDS", np.zeros(0, np.int64))).reshape(-1)
-        ids, scores = self.index.search(
-            vector[None], _k(tensors, self.config.max_k), exclude.tolist(), self.ineligible
-        )
+        k = _k(tensors, self.config.max_k)
+        with self.lock:
+            ids, scores = self.index.search(vector[None], k, exclude.tolist(), self.ineligible)
         return {"AD_IDS": ids[0].astype(np.int64), "AD_SCORES": scores[0].astype(np.float32)}
 
 
