@@ -45,17 +45,23 @@ AD_ID = 1_000_000_000
 # name -> IndexConfig fields (build-time); search settings are swept after loading.
 CONFIGS: dict[str, dict[str, object]] = {
     "hnsw32": {"kind": "hnsw", "ef_construction": 200},
-    "ivfpq8": {"kind": "ivfpq", "pq_m": 8},
-    "ivfpq16": {"kind": "ivfpq", "pq_m": 16},
-    "ivfpq32": {"kind": "ivfpq", "pq_m": 32},
+    "ivfpq8": {"kind": "ivfpq", "pq_m": 8, "refine": "none"},
+    "ivfpq16": {"kind": "ivfpq", "pq_m": 16, "refine": "none"},
+    "ivfpq32": {"kind": "ivfpq", "pq_m": 32, "refine": "none"},
     "ivfpq16-sq8": {"kind": "ivfpq", "pq_m": 16, "refine": "sq8"},
     "ivfpq16-fp16": {"kind": "ivfpq", "pq_m": 16, "refine": "fp16"},
     "ivfpq8-sq8": {"kind": "ivfpq", "pq_m": 8, "refine": "sq8"},
     "opq16-ivfpq16-sq8": {"kind": "ivfpq", "pq_m": 16, "opq": True, "refine": "sq8"},
     "ivfhnsw-pq16-sq8": {"kind": "ivfpq", "pq_m": 16, "ivf_quantizer": "hnsw", "refine": "sq8"},
+    # 4,096 cells whatever the corpus: at 10M ads the default (4 sqrt(n), 12,649) costs three
+    # times the k-means and the assignment of every vector on 2 cores.
+    "ivf4k-pq16-fp16": {"kind": "ivfpq", "pq_m": 16, "ivf_nlist": 4096, "refine": "fp16"},
+    "ivf4k-pq16-sq8": {"kind": "ivfpq", "pq_m": 16, "ivf_nlist": 4096, "refine": "sq8"},
+    "ivf4k-pq32-fp16": {"kind": "ivfpq", "pq_m": 32, "ivf_nlist": 4096, "refine": "fp16"},
+    "ivf4k-pq32-sq8": {"kind": "ivfpq", "pq_m": 32, "ivf_nlist": 4096, "refine": "sq8"},
 }
 NPROBES = (8, 16, 32, 64, 128)
-REFINE_FACTORS = (2, 4, 8)
+REFINE_FACTORS = (2, 4, 8, 16)
 HNSW_EFS = (128, 256, 384)
 SETTINGS = ("nprobe", "refine_factor", "ef_search")
 
@@ -155,7 +161,8 @@ def serve_one(folder: Path, name: str, latency_queries: int) -> dict[str, object
     if build_cfg["kind"] == "hnsw":
         settings = [{"ef_search": ef} for ef in HNSW_EFS]
     else:
-        refines = REFINE_FACTORS if build_cfg.get("refine", "none") != "none" else (1,)
+        refined = IndexConfig(**build_cfg).refine != "none"  # type: ignore[arg-type]
+        refines = REFINE_FACTORS if refined else (1,)
         settings = [{"nprobe": p, "refine_factor": r} for p in NPROBES for r in refines]
     rows = []
     for setting in settings:
@@ -242,6 +249,195 @@ def stage_curve(args: argparse.Namespace) -> dict[str, object]:
     return record
 
 
+def process_tree_mb(pid: int) -> dict[str, float]:
+    """Resident memory of a process and its descendants (tritonserver and its python-backend
+    stubs), MB: now (VmRSS, summed), and each one's peak (VmHWM: the largest, and summed)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    now, peaks = 0.0, []
+    for member in tree:
+        try:
+            status = Path(f"/proc/{member}/status").read_text().splitlines()
+        except OSError:
+            continue
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in status
+              if line.startswith(("VmRSS:", "VmHWM:"))}  # fmt: skip
+        now += kb.get("VmRSS", 0) / 1024
+        peaks.append(kb.get("VmHWM", 0) / 1024)
+    return {"now_mb": now, "largest_peak_mb": max(peaks, default=0.0),
+            "summed_peaks_mb": sum(peaks), "processes": len(tree)}  # fmt: skip
+
+
+def stage_updates(args: argparse.Namespace) -> dict[str, object]:
+    """A tritonserver serving the whole corpus as one shard (``candgen_ad_shard``) under load,
+    while ``--update-files`` files of ``--update-batch`` new ads and as many expiries arrive:
+    failed requests, latency before/during/after, each file's time to visibility, and the
+    server's memory."""
+    import threading
+
+    from candgen.endpoint.export import export_shards
+    from candgen.endpoint.runtime import ServerConfig, start, status, stop
+    from candgen.index.ann import IndexConfig
+    from candgen.serving.shards import ShardedIndex
+    from candgen.serving.steps import ServingConfig
+    from candgen.serving.updates import write_update
+
+    folder = prepare(Path(args.workdir), args.ads, args.dim, args.queries, args.seed)
+    work = folder / "updates-run"
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    ids = AD_ID + 1 + np.arange(args.ads, dtype=np.int64)
+    (name,) = args.configs.split(",")
+    index_cfg = IndexConfig(**CONFIGS[name], nprobe=args.nprobe, refine_factor=args.refine_factor)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    vectors = np.load(folder / "vectors.npy")
+    export_shards(
+        ids, vectors, 1, work / "repos", index_cfg,
+        ServingConfig(max_inflight=0, ad_updates_dir=str(work / "updates"), ad_updates_poll_s=0.5),
+        {"benchmark": "scale updates"}, progress=True,
+    )  # fmt: skip
+    del vectors
+    build_s = time.perf_counter() - t0
+    server = ServerConfig(
+        model_repository=str(work / "repos" / "shard-0"), state_dir=str(work / "state"),
+        http_port=8300, grpc_port=8301, metrics_port=8302, ready_timeout_s=600,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    start(server)
+    load_s = time.perf_counter() - t0
+    pid = int(status(server)["pid"])
+    memory = [process_tree_mb(pid)]
+    qs = np.load(folder / "queries.npy")
+    rng = np.random.default_rng(args.seed + 5)
+    centers = rng.standard_normal((1000, args.dim)).astype(np.float32)  # not the corpus' own
+    phase = ["before"]
+    latencies: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+    errors: list[str] = []
+    stop_load = threading.Event()
+
+    def load(worker: int) -> None:
+        client = ShardedIndex([f"127.0.0.1:{server.grpc_port}"], timeout_s=10.0)
+        i = worker
+        while not stop_load.is_set():
+            t = time.perf_counter()
+            try:
+                client.search(qs[i % len(qs)], K)
+                latencies[phase[0]].append((time.perf_counter() - t) * 1e3)
+            except Exception as e:  # every failure is counted and reported
+                errors.append(repr(e))
+            i += args.concurrency
+        client.close()
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(args.concurrency)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(args.seconds)
+        phase[0] = "during"
+        probe = ShardedIndex([f"127.0.0.1:{server.grpc_port}"], timeout_s=10.0)
+        visible, expired_seen, added_all, expired_all = [], 0, [], []
+        live = np.ones(args.ads, bool)
+        for seq in range(args.update_files):
+            new_ids = AD_ID + 100_000_000 + seq * args.update_batch + np.arange(args.update_batch)
+            new_vecs = centers[rng.integers(0, 1000, args.update_batch)]
+            new_vecs += 0.5 * rng.standard_normal(new_vecs.shape).astype(np.float32)
+            new_vecs /= np.linalg.norm(new_vecs, axis=1, keepdims=True)
+            gone = rng.choice(np.flatnonzero(live), args.update_batch, replace=False)
+            live[gone] = False
+            written = time.perf_counter()
+            write_update(work / "updates", seq, new_ids, new_vecs, ids[gone])
+            # Visible: the file's last new ad is among its own vector's top 10 (files apply in
+            # whole steps, in order), and its last expired ad is out of its own vector's.
+            while True:
+                found = probe.search(new_vecs[-1], 10)[0].tolist()
+                if int(new_ids[-1]) in found:
+                    break
+                time.sleep(0.02)
+            visible.append(time.perf_counter() - written)
+            expired_seen += (
+                int(ids[gone[-1]])
+                in probe.search(np.load(folder / "vectors.npy", mmap_mode="r")[gone[-1]], 10)[
+                    0
+                ].tolist()
+            )
+            added_all.append((new_ids, new_vecs))
+            expired_all.append(gone)
+            memory.append(process_tree_mb(pid))
+            print(f"update {seq}: visible after {visible[-1]:.2f} s", flush=True)
+        phase[0] = "after"
+        time.sleep(args.seconds)
+        memory.append(process_tree_mb(pid))
+        # every new ad findable by its own vector (a sample), no expired ad ever returned
+        sample = rng.choice(args.update_files * args.update_batch, 500, replace=False)
+        all_new = np.concatenate([a for a, _ in added_all])
+        all_vecs = np.concatenate([v for _, v in added_all])
+        found_new = np.mean([int(all_new[j]) in probe.search(all_vecs[j], 10)[0].tolist()
+                             for j in sample])  # fmt: skip
+        source = np.load(folder / "vectors.npy", mmap_mode="r")
+        gone_all = np.concatenate(expired_all)
+        gone_sample = rng.choice(gone_all, 500, replace=False)
+        expired_found = sum(int(ids[j]) in probe.search(np.asarray(source[j]), 100)[0].tolist()
+                            for j in gone_sample)  # fmt: skip
+        probe.close()
+    finally:
+        stop_load.set()
+        for t in threads:
+            t.join()
+        stop(server)
+
+    def pct(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {"requests": 0}
+        p50, p99 = np.percentile(values, [50, 99])
+        return {"requests": len(values), "p50_ms": round(float(p50), 2),
+                "p99_ms": round(float(p99), 2), "max_ms": round(max(values), 1)}  # fmt: skip
+
+    record = {
+        "ads": args.ads,
+        "index": name,
+        "index_config": {
+            **CONFIGS[name],
+            "nprobe": args.nprobe,
+            "refine_factor": args.refine_factor,
+        },
+        "build_s": round(build_s, 1),
+        "server_load_s": round(load_s, 1),
+        "concurrency": args.concurrency,
+        "update_files": args.update_files,
+        "update_batch": args.update_batch,
+        "failed_requests": len(errors),
+        "first_errors": errors[:5],
+        "latency": {k: pct(v) for k, v in latencies.items()},
+        "visible_s": {"p50": round(float(np.median(visible)), 2), "max": round(max(visible), 2)},
+        "expired_still_found_at_visibility": expired_seen,
+        "new_ads_found_in_own_top10": round(float(found_new), 3),
+        "expired_ads_returned": int(expired_found),
+        "server_memory_mb": {
+            "after_load_now": round(memory[0]["now_mb"]),
+            "max_now": round(max(m["now_mb"] for m in memory)),
+            "largest_process_peak": round(max(m["largest_peak_mb"] for m in memory)),
+            "processes": memory[0]["processes"],
+        },
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), load generator on the "
+        "same machine",
+        "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+    }
+    print(json.dumps(record, indent=2), flush=True)
+    out = RESULTS / f"scale_updates_{args.machine}-{args.ads // 1_000_000}M.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def render_curve() -> str:
     """The recall/latency/memory curve of every stored run."""
     lines = ["## Scale: compressed ad indexes (`benchmarks/scale.py --stage curve`, issue 17)", ""]
@@ -287,7 +483,9 @@ def render_curve() -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=["curve", "build-one", "serve-one"], default="curve")
+    p.add_argument(
+        "--stage", choices=["curve", "updates", "build-one", "serve-one"], default="curve"
+    )
     p.add_argument("--ads", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--queries", type=int, default=1_000)
@@ -297,6 +495,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--machine", default="cpu")
     p.add_argument("--workdir", default="data/bench_scale")
     p.add_argument("--render-only", action="store_true", help="rewrite the doc from stored runs")
+    p.add_argument("--nprobe", type=int, default=16, help="updates: the served index's nprobe")
+    p.add_argument("--refine-factor", type=int, default=4, help="updates: its refine factor")
+    p.add_argument("--concurrency", type=int, default=2, help="updates: load threads")
+    p.add_argument("--seconds", type=float, default=20.0, help="updates: load before and after")
+    p.add_argument("--update-files", type=int, default=10)
+    p.add_argument("--update-batch", type=int, default=10_000, help="new ads (and expiries) a file")
     return p
 
 
@@ -309,7 +513,9 @@ def main() -> int:
     if args.stage == "serve-one":
         print(json.dumps(serve_one(folder, args.configs, args.latency_queries)))
         return 0
-    if not args.render_only:
+    if args.stage == "updates" and not args.render_only:
+        stage_updates(args)
+    elif not args.render_only:
         stage_curve(args)
     write_section("scale-curve", render_curve())
     return 0

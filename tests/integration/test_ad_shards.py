@@ -12,7 +12,7 @@ import pytest
 from candgen.endpoint.export import export_shards
 from candgen.endpoint.runtime import ServerConfig, start, stop
 from candgen.errors import CandgenError
-from candgen.index.ann import AdIndex, IndexConfig, exact_search
+from candgen.index.ann import MAX_FETCH, AdIndex, IndexConfig, exact_search, not_in
 from candgen.serving.shards import ShardedIndex, shard_of
 from candgen.serving.steps import ServingConfig
 from tests.net import free_ports
@@ -55,7 +55,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shards]:
         IndexConfig(kind="flat"),
         ServingConfig(max_inflight=0, ad_updates_dir=str(tmp / "updates"), ad_updates_poll_s=0.2),
         {"test": "shards"},
-        ineligible=ineligible,
     )
     repositories = [Path(r) for r in summary["shards"]]
     assert summary["kind"] == "flat" and summary["recall_at_100"] == 1.0
@@ -99,10 +98,35 @@ def test_merged_answers_equal_the_unsharded_exact_answers(shards: Shards) -> Non
             history = shards.ids[np.argsort(-(shards.vectors @ q))[:3]].tolist()  # its best 3
             keep = ~np.isin(shards.ids, [*shards.ineligible.tolist(), *history])
             want = exact_search(shards.ids[keep], shards.vectors[keep], q[None], 100)[0]
-            got, scores = sharded.search(q, 100, exclude=history)
+            got, scores = sharded.search(q, 100, history, keep=not_in(np.sort(shards.ineligible)))
             assert got.tolist() == want.tolist()
             by_id = dict(zip(shards.ids.tolist(), shards.vectors, strict=True))
             assert np.allclose(scores, [by_id[i] @ q for i in got.tolist()], atol=1e-5)
+    finally:
+        sharded.close()
+
+
+@pytest.mark.parametrize("allowed_share", [0.3, 0.05])
+def test_a_large_k_over_fetches_from_the_shards_for_the_allowed_ads(
+    shards: Shards, allowed_share: float
+) -> None:
+    # K 300 asks each shard for 1,200 (more than the ensemble's max_k of 1,000), then 2,048.
+    allowed = np.random.default_rng(5).random(len(shards.ids)) < allowed_share
+    allowed_ids = np.sort(shards.ids[allowed])
+
+    def keep(ids: np.ndarray) -> np.ndarray:
+        return ~not_in(allowed_ids)(ids)
+
+    sharded = ShardedIndex(shards.urls)
+    try:
+        q = shards.vectors[7]
+        got, _ = sharded.search(q, 300, keep=keep)
+        want = exact_search(shards.ids[allowed], shards.vectors[allowed], q[None], 300)[0]
+        if allowed_share > 0.1:
+            assert got.tolist() == want.tolist() and sharded.short_answers == 0
+        else:  # 5% of the top 2 x 2,048 is about 205: short, in exact order, and counted
+            assert 0 < len(got) < 300 and got.tolist() == want[: len(got)].tolist()
+            assert sharded.short_answers == 1 and MAX_FETCH == 2048
     finally:
         sharded.close()
 

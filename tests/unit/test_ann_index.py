@@ -515,10 +515,12 @@ def test_a_large_corpus_is_built_from_a_file_a_chunk_at_a_time(tmp_path: Path) -
     [
         ({"refine": "sq4"}, "^refine: 'sq4' is not one of"),
         ({"ivf_quantizer": "ivf"}, "^ivf_quantizer: 'ivf' is not one of"),
-        ({"refine_factor": 0}, "^refine_factor: must be an integer > 0"),
-        ({"build_chunk": 0}, "^build_chunk: must be an integer > 0"),
+        ({"refine_factor": 0}, "^refine_factor: must be an integer >= 1"),
+        ({"build_chunk": 0}, "^build_chunk: must be an integer >= 1"),
         ({"train_size": -1}, "^train_size: must be an integer >= 0"),
-        ({"nprobe": 2.5}, "^nprobe: must be an integer > 0"),
+        ({"nprobe": 2.5}, "^nprobe: must be an integer >= 1"),
+        ({"refine_factor": True}, "^refine_factor: must be an integer >= 1"),
+        ({"opq": "no"}, "^opq: must be true or false"),
     ],
 )
 def test_bad_compressed_index_settings_name_the_field(fields: dict, message: str) -> None:
@@ -535,3 +537,45 @@ def test_too_few_training_vectors_for_the_cells_and_a_bad_file_are_refused(tmp_p
         VectorFile(tmp_path / "wide.npy")
     with pytest.raises(ConfigError, match=r"^ids: 499 ids for 500 vectors"):
         AdIndex.build(ids[:-1], vecs, IndexConfig(kind="flat"))
+
+
+def test_ads_added_after_a_load_go_to_a_block_of_their_own_and_score_alike(tmp_path: Path) -> None:
+    ids, vecs, qs = _clustered(3000)
+    config = IndexConfig(kind="ivfpq", pq_m=4, ivf_nlist=16, nprobe=16, refine="sq8")
+    AdIndex.build(ids[:2000], vecs[:2000], config).save(tmp_path / "ads.faiss")
+    loaded = AdIndex.load(tmp_path / "ads.faiss", config)
+    store = loaded._refine
+    assert store is not None
+    first = store._blocks[0]
+    loaded.add(ids[2000:], vecs[2000:])
+    assert store._blocks[0] is first and len(store._blocks) == 2  # appended, nothing copied
+    by_id = dict(zip(ids.tolist(), vecs, strict=True))
+    found, scores = loaded.search(np.vstack([qs, vecs[2990:]]), 20)
+    for q, row, row_scores in zip(np.vstack([qs, vecs[2990:]]), found, scores, strict=True):
+        # re-scored from either block: within sq8's rounding of the exact inner product
+        assert np.allclose(row_scores, [by_id[i] @ q for i in row.tolist()], atol=0.02)
+    assert all(int(i) in f.tolist() for i, f in zip(ids[2990:], found[len(qs) :], strict=True))
+
+
+def test_over_fetching_asks_four_times_more_each_time_up_to_the_cap() -> None:
+    from candgen.index.ann import next_fetch
+
+    fetches = [next_fetch(0, 100)]
+    while fetches[-1] < MAX_FETCH:
+        fetches.append(next_fetch(fetches[-1], 100))
+    assert fetches == [400, 1600, 2048]
+    assert next_fetch(0, 3000) == 3000  # never fewer than k
+
+
+def test_a_training_sample_larger_than_the_corpus_takes_the_corpus() -> None:
+    ids, vecs, qs = _clustered(600)
+    index = AdIndex.build(ids, vecs, IndexConfig(kind="ivfpq", pq_m=4, ivf_nlist=8,
+                                                 train_size=1_000_000))  # fmt: skip
+    assert len(index) == 600 and len(index.search(qs[:1], 10)[0][0]) == 10
+
+
+def test_ids_repeated_across_build_chunks_are_refused() -> None:
+    ids, vecs, _ = _clustered(600)
+    ids[500] = ids[10]  # chunks of 200: a repeat no single add would see
+    with pytest.raises(ConfigError, match=r"^ids: ids repeat"):
+        AdIndex.build(ids, vecs, IndexConfig(kind="flat", build_chunk=200))

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from candgen.errors import CandgenError, ConfigError
-from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig, ids_file
+from candgen.index.ann import INDEX_FILE, MAX_FETCH, AdIndex, IndexConfig, ids_file
 from candgen.paths import REPO_ROOT, replace_atomically
 from candgen.serving.contract import INPUTS, OUTPUTS
 from candgen.serving.diversity import AdCatalog, duplicate_groups
@@ -431,15 +431,17 @@ def export_shards(
     index: IndexConfig,
     serving: ServingConfig,
     provenance: dict[str, Any],
-    ineligible: np.ndarray | None = None,
     version: int = 1,
     keep_versions: int = 2,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Writes one Triton repository per shard of the ads index, ``out/shard-<i>``, each serving
-    the ``candgen_ad_shard`` model over the ads whose id % ``shards`` is i (and, of
-    ``ineligible``, its own), for ``candgen.serving.shards.ShardedIndex`` to ask. Each keeps
-    ``keep_versions`` versions (the generators step of version v asks for version v).
+    the ``candgen_ad_shard`` model over the ads whose id % ``shards`` is i, for
+    ``candgen.serving.shards.ShardedIndex`` to ask. A shard answers up to ``max_k`` or
+    ``MAX_FETCH`` ads, whichever is more (what an over-fetching caller asks for), and leaves
+    eligibility to its caller. Each keeps ``keep_versions`` versions (the generators step of
+    version v asks for version v); a version already there is replaced (not atomically: export
+    a new version instead while a server polls).
 
     Returns:
         A summary: index kind, ads, width, mean recall@100 of the shards (each against exact
@@ -452,12 +454,12 @@ def export_shards(
 
     ids = np.asarray(ids, np.int64)
     which = shard_of(ids, shards)
-    barred = np.asarray(ineligible if ineligible is not None else [], np.int64)
+    serving = dataclasses.replace(serving, max_k=max(serving.max_k, MAX_FETCH))
     repositories, recalls, kinds = [], [], set()
     for shard in range(shards):
         rows = np.flatnonzero(which == shard)
         if not len(rows):
-            raise ConfigError("shards", f"shard {shard} of {shards} would hold no ads")
+            raise ConfigError("ad_shard_urls", f"shard {shard} of {shards} would hold no ads")
         repository = Path(out) / f"shard-{shard}"
         staging = staging_dir(repository, version) / ShardStep.MODEL
         shutil.rmtree(staging.parent, ignore_errors=True)
@@ -465,7 +467,6 @@ def export_shards(
         recalls.append(index_recall(built, ids[rows], vectors[rows], min(100, len(rows)), 300))
         kinds.add(built.kind)
         built.save(staging / INDEX_FILE)
-        np.savez(staging / DELIVERY_FILE, ineligible=barred[shard_of(barred, shards) == shard])
         write_serving_file(
             staging, serving, index, {**provenance, "shard": shard, "shards": shards}
         )
@@ -691,7 +692,6 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
             # a shard server admits what the generators step sends: no in-flight limit of its own
             dataclasses.replace(config.serving, max_inflight=0, ad_shard_urls=()),
             {"model_uri": config.model_uri, "model_version": version, "run_id": mv.run_id},
-            delivery["ineligible"],
             version,
             config.keep_versions,
             progress,

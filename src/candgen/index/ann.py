@@ -37,10 +37,16 @@ KINDS = ("auto", "flat", "hnsw", "ivfpq")
 QUANTIZERS = ("flat", "hnsw")
 REFINES = ("none", "sq8", "fp16", "flat")
 FILTER_MODES = ("auto", "selector", "overfetch")
-# Over-fetch: the first search asks for OVERFETCH * k, each next one four times more, up to
-# MAX_FETCH (FAISS's GPU k-selection takes at most 2048); past it, an exact search on the CPU
+# Over-fetch: the first search asks for OVERFETCH * k, each next one OVERFETCH times more, up
+# to MAX_FETCH (FAISS's GPU k-selection takes at most 2048); past it, an exact search on the CPU
 # copy over the allowed ads answers.
 OVERFETCH, MAX_FETCH = 4, 2048
+
+
+def next_fetch(fetch: int, k: int, cap: int = MAX_FETCH) -> int:
+    """How many to ask for next while over-fetching ``k`` (``fetch`` 0: the first ask): at
+    least ``k``, else ``OVERFETCH`` times more than the last ask, at most ``cap``."""
+    return max(k, min(OVERFETCH * (fetch or k), cap))
 
 
 INDEX_FILE = "ads.faiss"  # a saved index: this file and ids_file() beside it
@@ -75,8 +81,8 @@ class IndexConfig:
         refine_factor: candidates fetched per result for re-scoring (k * refine_factor).
         train_size: vectors sampled to train IVF-PQ (cells, codes, OPQ, sq8 ranges); 0 means
             min(corpus, max(64 * cells, 65,536)).
-        build_chunk: vectors added per step when building (at most this many floats beside
-            the index).
+        build_chunk: vectors added per step when building (at most this many vectors in
+            memory beside the index).
         device: cpu or cuda (FAISS GPU, exact search; needs a FAISS build with GPU support).
         filter_mode: how a search keeps to the allowed ads: selector (FAISS filtered search, the
             search itself skips the others; CPU only), overfetch (search unfiltered for more
@@ -124,12 +130,12 @@ class IndexConfig:
         if self.refine not in REFINES:
             raise ConfigError("refine", f"{self.refine!r} is not one of {REFINES}")
         positive = ("exact_max", "hnsw_m", "ef_construction", "ef_search", "pq_m", "nprobe")
-        for name in (*positive, "refine_factor", "build_chunk"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(name, f"must be an integer > 0, got {getattr(self, name)!r}")
-        for name in ("ivf_nlist", "train_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(name, f"must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in (*positive, "refine_factor", "build_chunk", "ivf_nlist", "train_size"):
+            value, low = getattr(self, name), 0 if name in ("ivf_nlist", "train_size") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.opq, bool):
+            raise ConfigError("opq", f"must be true or false, got {self.opq!r}")
 
     @property
     def overfetch(self) -> bool:
@@ -185,6 +191,7 @@ class AdIndex:
         self._positions: np.ndarray | None = None  # ad id at each internal position
         self._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # positions, argsort
         self._host: faiss.Index | None = None  # a GPU index's CPU copy (see _host_index)
+        self._graph_quantizer: bool | None = None  # IVF's quantizer is HNSW (see _ivf_params)
         self.exact_fallbacks = 0  # filtered searches answered exactly instead (see search)
 
     def _ivfpq(self, dim: int, expected_size: int) -> faiss.Index:
@@ -239,12 +246,14 @@ class AdIndex:
         ids = np.asarray(ids, np.int64)
         if len(ids) != len(vectors):
             raise ConfigError("ids", f"{len(ids)} ids for {len(vectors)} vectors")
+        if len(np.unique(ids)) != len(ids):  # here: a repeat across chunks is no replacement
+            raise ConfigError("ids", "ids repeat")
         dim = vectors.shape[1]
         index = cls(dim, config, expected_size=len(ids))
         cfg = index.config
         if index.kind == "ivfpq":
             nlist = index._ivf.nlist
-            size = cfg.train_size or min(len(ids), max(64 * nlist, 65_536))
+            size = min(len(ids), cfg.train_size or max(64 * nlist, 65_536))
             rows = np.sort(np.random.default_rng(0).choice(len(ids), size, replace=False))
             sample = index._check(ids[rows], _rows(vectors, rows))[1]
             if len(sample) < nlist:
@@ -307,14 +316,20 @@ class AdIndex:
             )
         if present:
             self.index.remove_ids(self.faiss.IDSelectorBatch(np.asarray(present, np.int64)))
+        # The refine rows and the positions first: a search never meets a position it cannot
+        # re-score or map to its ad (positions of ads not yet in FAISS are never answered).
         if self._refine is not None:
-            self._refine.add(vectors)  # first: a search finds no position it cannot re-score
-        self.index.add_with_ids(vectors, ids)
-        self._host = None
+            self._refine.add(vectors)
         if present or self._positions is None:
             self._positions = None
         else:
             self._append_layout(ids)
+        try:
+            self.index.add_with_ids(vectors, ids)
+        except RuntimeError:  # FAISS refused: the layout is read again from its id map
+            self._positions = None
+            raise
+        self._host = None
 
     def _append_layout(self, ids: np.ndarray) -> None:
         """The cached positions with ``ids`` appended, their order merged in: O(corpus) copies
@@ -389,8 +404,9 @@ class AdIndex:
                 ``IndexConfig.overfetch``, as on a GPU, unfiltered searches for more than ``k``
                 whose allowed ads are kept); where the search comes back with fewer than ``k``
                 while more are allowed (HNSW's beam, IVF's probed cells, ``MAX_FETCH``
-                over-fetched), the query is answered exactly over the allowed ads on the CPU,
-                so an answer is short only when fewer than ``k`` ads are allowed.
+                over-fetched), the query is answered over every allowed ad on the CPU (exactly
+                for flat and HNSW; IVF-PQ by its codes over all its cells, then re-scored), so
+                an answer is short only when fewer than ``k`` ads are allowed.
 
         Returns:
             Per query, the ad ids and scores; fewer than ``k`` where fewer ads qualify (FAISS's
@@ -408,13 +424,7 @@ class AdIndex:
         gpu_beyond_k = self.config.device == "cuda" and k_eff > MAX_FETCH
         if self.config.overfetch and (ineligible or self._tombstones or exclude or gpu_beyond_k):
             dropped = self._excluded_ids(ineligible, exclude)
-
-            def keep_unexcluded(ids: np.ndarray) -> np.ndarray:
-                if not len(dropped):
-                    return np.ones(len(ids), bool)
-                at = np.minimum(np.searchsorted(dropped, ids), len(dropped) - 1)
-                kept: np.ndarray = dropped[at] != ids
-                return kept
+            keep_unexcluded = not_in(dropped)
 
             def all_but_excluded() -> np.ndarray:
                 bits = np.full((len(self.positions()) + 7) // 8, 255, np.uint8)
@@ -431,7 +441,8 @@ class AdIndex:
         else:
             either = static if static is not None else dynamic
         sel = self.faiss.IDSelectorNot(either) if either is not None else None
-        scores, found = self._knn(self.index, queries, k_eff, self._params(sel), by_id=True)
+        params = self._params(sel)
+        scores, found = self._knn(self.index, queries, k_eff, params, by_id=True, sel=sel)
         out_ids, out_scores = [], []
         for row_ids, row_scores in zip(found, scores, strict=True):
             keep = row_ids >= 0
@@ -507,7 +518,7 @@ class AdIndex:
             for q in pending.tolist():
                 out_ids[q], out_scores[q] = exact(q)
             return out_ids, out_scores
-        fetch = min(total, max(k, min(OVERFETCH * k, MAX_FETCH)))
+        fetch = min(total, next_fetch(0, k))
         while len(pending):
             params = None
             if self.kind == "hnsw":  # the beam must hold what is fetched
@@ -528,7 +539,7 @@ class AdIndex:
                 else:
                     short.append(q)
             pending = np.asarray(short, np.int64)
-            fetch = min(total, max(k, min(fetch * 4, MAX_FETCH)))
+            fetch = min(total, next_fetch(fetch, k))
         return out_ids, out_scores
 
     def _exact_over(
@@ -592,10 +603,12 @@ class AdIndex:
         k: int,
         params: faiss.SearchParameters | None,
         by_id: bool,
+        sel: faiss.IDSelector | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``index.search``, re-scored from the refine store where there is one: the best
         ``k * refine_factor`` by the compressed codes, of which the ``k`` best by the stored
-        vectors. ``by_id``: ``index`` answers ad ids (the id map), else positions."""
+        vectors. ``by_id``: ``index`` answers ad ids (the id map), else positions; ``sel``:
+        then the id selector in ``params``, held here while the translated one uses it."""
         if self._refine is None:
             scores, found = index.search(queries, k, params=params)
             return scores, found
@@ -604,11 +617,11 @@ class AdIndex:
             # The unwrapped index answers positions, which the refine store is laid out by
             # (mapping ids back to positions cost more than the search: serving_notes.md, 13);
             # an id selector is translated onto positions as IndexIDMap would.
-            if params is not None and params.sel is not None:
-                # The id map itself (the selector keeps a reference to it, so no temporary
-                # copy): faiss's stub types only the array form.
+            if params is not None and sel is not None:
+                # Over the id map itself, not a temporary copy (the translated selector keeps
+                # a pointer to it, and to ``sel``); faiss's stub types only the array form.
                 id_map = cast("faiss.IndexIDMap", self.index).id_map
-                params.sel = self.faiss.IDSelectorTranslated(id_map, params.sel)  # type: ignore[arg-type]
+                params.sel = self.faiss.IDSelectorTranslated(id_map, sel)  # type: ignore[arg-type]
             _, where = self._base.search(queries, fetch, params=params)
             found = np.where(where >= 0, self.positions()[np.maximum(where, 0)], -1)
         else:
@@ -643,9 +656,10 @@ class AdIndex:
     def _ivf_params(self, sel: faiss.IDSelector | None, nprobe: int) -> faiss.SearchParameters:
         """IVF's search settings; an HNSW quantizer's beam holds the ``nprobe`` cells."""
         params = self.faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)  # type: ignore[call-arg]
-        if self.config.ivf_quantizer == "hnsw" or isinstance(
-            self.faiss.downcast_index(self._ivf.quantizer), self.faiss.IndexHNSW
-        ):
+        if self._graph_quantizer is None:  # what the index holds, whatever the config says
+            quantizer = self.faiss.downcast_index(self._ivf.quantizer)
+            self._graph_quantizer = isinstance(quantizer, self.faiss.IndexHNSW)
+        if self._graph_quantizer:
             params.quantizer_params = self.faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
                 efSearch=max(64, nprobe)
             )
@@ -692,6 +706,7 @@ class AdIndex:
         obj._standing = None
         obj._positions = None
         obj._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        obj._graph_quantizer = None
         obj.exact_fallbacks = 0
         return obj
 
@@ -699,7 +714,11 @@ class AdIndex:
 class RefineStore:
     """A copy of the vectors by internal position, to re-score an approximate index's
     candidates: sq8 (a byte per dimension over the range trained on a sample), fp16 or flat
-    (float32). Rows are written before their count is raised, so a reader sees whole rows.
+    (float32).
+
+    Rows live in blocks: the first sized for the build, each later one for the ads added since
+    (at least ``BLOCK_ROWS``), so that an update never copies the store (a grown array would
+    hold the old and the new copy at once: 2.25 times the store at 10M ads).
 
     Args:
         kind: sq8, fp16 or flat.
@@ -711,12 +730,14 @@ class RefineStore:
         "fp16": np.float16,
         "flat": np.float32,
     }
+    BLOCK_ROWS: ClassVar[int] = 65_536
 
     def __init__(self, kind: str, dim: int) -> None:
         if kind not in self.DTYPES:
             raise ConfigError("refine", f"{kind!r} is not one of {tuple(self.DTYPES)}")
         self.kind, self.dim = kind, dim
-        self._rows = np.zeros((0, dim), self.DTYPES[kind])  # capacity; rows [:size] are set
+        self._blocks: list[np.ndarray] = []  # rows [offset, offset + len(block)) of each
+        self._offsets: list[int] = []
         self.size = 0
         self.low = np.zeros(dim, np.float32)
         self.step = np.ones(dim, np.float32)
@@ -729,53 +750,76 @@ class RefineStore:
             self.step = np.where(span > 0, span / 255.0, 1.0).astype(np.float32)
 
     def reserve(self, rows: int) -> None:
-        """Room for ``rows`` vectors in all, allocated once."""
-        if rows > len(self._rows):
-            grown = np.zeros((rows, self.dim), self._rows.dtype)
-            grown[: self.size] = self._rows[: self.size]
-            self._rows = grown
+        """Room for ``rows`` more vectors, in one block."""
+        self._blocks.append(np.zeros((rows, self.dim), self.DTYPES[self.kind]))
+        self._offsets.append(self.size)
+
+    def _room(self) -> int:
+        return self._offsets[-1] + len(self._blocks[-1]) - self.size if self._blocks else 0
 
     def add(self, vectors: np.ndarray) -> None:
         """Appends vectors (the next positions)."""
-        end = self.size + len(vectors)
-        if end > len(self._rows):
-            self.reserve(max(end, int(len(self._rows) * 1.25)))
         if self.kind == "sq8":
-            codes = np.rint((vectors - self.low) / self.step)
-            self._rows[self.size : end] = np.clip(codes, 0, 255)
-        else:
-            self._rows[self.size : end] = vectors
-        self.size = end
+            vectors = np.clip(np.rint((vectors - self.low) / self.step), 0, 255)
+        done = 0
+        while done < len(vectors):
+            if not self._room():
+                self.reserve(max(len(vectors) - done, self.BLOCK_ROWS))
+            take = min(self._room(), len(vectors) - done)
+            at = self.size - self._offsets[-1]
+            self._blocks[-1][at : at + take] = vectors[done : done + take]
+            self.size += take
+            done += take
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """The stored rows at these positions (each >= 0), as stored."""
+        if len(self._blocks) == 1:
+            only: np.ndarray = self._blocks[0][positions]
+            return only
+        block = np.searchsorted(self._offsets, positions, side="right") - 1
+        out = np.empty((len(positions), self.dim), self.DTYPES[self.kind])
+        for b in np.unique(block).tolist():
+            mine = block == b
+            out[mine] = self._blocks[b][positions[mine] - self._offsets[b]]
+        return out
 
     def scores(self, queries: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Inner products of each query (n, dim) with its rows (n, m) of positions; -inf where
         a position is -1."""
-        rows = self._rows[np.maximum(positions, 0)].astype(np.float32)  # (n, m, dim)
-        if self.kind == "sq8":
-            rows = rows * self.step + self.low
-        out: np.ndarray = np.einsum("nmd,nd->nm", rows, queries)
+        flat = self.rows(np.maximum(positions, 0).ravel()).astype(np.float32)
+        rows = flat.reshape(*positions.shape, self.dim)  # (n, m, dim)
+        if self.kind == "sq8":  # q . (low + code * step) = code . (q * step) + q . low
+            out = np.einsum("nmd,nd->nm", rows, queries * self.step) + (queries @ self.low)[:, None]
+        else:
+            out = np.einsum("nmd,nd->nm", rows, queries)
         out[positions < 0] = -np.inf
-        return out
+        result: np.ndarray = out.astype(np.float32)
+        return result
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the stored rows."""
-        return int(self.size * self._rows.itemsize * self.dim)
+        return int(self.size * np.dtype(self.DTYPES[self.kind]).itemsize * self.dim)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What ``from_arrays`` reads back (saved beside the index)."""
+        used = [
+            b[: max(0, min(len(b), self.size - o))]
+            for b, o in zip(self._blocks, self._offsets, strict=True)
+        ]
+        rows = np.concatenate(used) if used else np.zeros((0, self.dim), self.DTYPES[self.kind])
         return {
             "refine_kind": np.asarray(self.kind),
-            "refine_rows": self._rows[: self.size],
+            "refine_rows": rows,
             "refine_low": self.low,
             "refine_step": self.step,
         }
 
     @classmethod
     def from_arrays(cls, arrays: Any) -> RefineStore:
-        store = cls(str(arrays["refine_kind"]), int(arrays["refine_rows"].shape[1]))
-        store._rows = np.ascontiguousarray(arrays["refine_rows"])
-        store.size = len(store._rows)
+        rows = np.ascontiguousarray(arrays["refine_rows"])  # an npz reads a key on each access
+        store = cls(str(arrays["refine_kind"]), int(rows.shape[1]))
+        store._blocks, store._offsets, store.size = [rows], [0], len(rows)
         store.low, store.step = arrays["refine_low"], arrays["refine_step"]
         return store
 
@@ -843,6 +887,19 @@ def _to_gpu(lib: Any, index: faiss.Index) -> faiss.Index:
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+def not_in(barred: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """ids -> which are not in ``barred`` (sorted ids), by binary search."""
+
+    def keep(ids: np.ndarray) -> np.ndarray:
+        if not len(barred):
+            return np.ones(len(ids), bool)
+        at = np.minimum(np.searchsorted(barred, ids), len(barred) - 1)
+        kept: np.ndarray = barred[at] != ids
+        return kept
+
+    return keep
 
 
 def popcount(bits: np.ndarray, n: int) -> int:

@@ -7,7 +7,8 @@ popularity/pacing) -> quota allocation per surface -> dedup and eligibility.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -16,7 +17,7 @@ import numpy as np
 
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.client import FeatureStoreUnavailable
-from candgen.index.ann import AdIndex
+from candgen.index.ann import AdIndex, not_in
 from candgen.serving.contract import (
     UNKNOWN_CONTEXT_ITEM,
     check_k,
@@ -305,6 +306,13 @@ def check_context_item(
         )
 
 
+@functools.lru_cache(maxsize=4)
+def outside(ids: frozenset[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """ads -> which are not in ``ids``: sorted once per set (the standing ineligible set is one
+    object across requests, and a frozenset hashes once), then a binary search per call."""
+    return not_in(np.asarray(sorted(ids), np.int64))
+
+
 def generate(
     context: UserContext,
     vector: np.ndarray | None,
@@ -328,7 +336,8 @@ def generate(
     excluded at query time. Pass ``ineligible`` as a frozenset that lives across requests: the
     indexes then reuse its selector instead of rebuilding it per request. With the request's
     ``eligibility`` (targeting, delivery state, caps, hidden advertisers) every search stays
-    inside its bitmap instead, and ``ineligible`` is not consulted (the campaigns' state, which
+    inside its bitmap instead (with an index in shards, on what they answer), and
+    ``ineligible`` is not consulted (the campaigns' state, which
     the bitmap holds, covers the ads' pauses); ``per_advertiser`` (the select step's limit for
     K) then also spreads the popularity floor over advertisers.
     """
@@ -349,9 +358,9 @@ def generate(
         index: AdIndex | ShardedIndex, name: str, query: np.ndarray
     ) -> list[tuple[int, float]]:
         if isinstance(index, ShardedIndex):
-            # The shards leave out the ads ineligible now; the request's own eligibility is
-            # kept here, on what they answer.
-            keep = eligibility.allows if eligibility is not None else None
+            # Eligibility is kept here, on what the shards answer: the request's, or else the
+            # ads not ineligible now.
+            keep = eligibility.allows if eligibility is not None else outside(ineligible)
             ids, values = index.search(query, k, list(history), keep)
             return list(zip(ids.tolist(), values.tolist(), strict=True))
         found, scores = index.search(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from candgen.errors import CandgenError, ConfigError
-from candgen.index.ann import MAX_FETCH, OVERFETCH
+from candgen.index.ann import MAX_FETCH, next_fetch
 
 SHARD_MODEL = "candgen_ad_shard"
 
@@ -58,7 +58,7 @@ class ShardedIndex:
     def __init__(
         self,
         urls: Sequence[str],
-        timeout_s: float = 1.0,
+        timeout_s: float = 0.5,
         version: int = 0,
         model: str = SHARD_MODEL,
     ) -> None:
@@ -83,19 +83,22 @@ class ShardedIndex:
         keep: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The top ``k`` ads of all shards for one query vector, less ``exclude``, and of those
-        ``keep`` (ad ids -> which may be returned: a request's eligibility) lets through.
+        ``keep`` (ad ids -> which may be returned: a request's eligibility, or the ads not
+        ineligible now) lets through.
 
-        With ``keep``, each shard is asked for ``OVERFETCH * k`` and then four times more
-        while fewer than ``k`` pass, up to ``MAX_FETCH`` per shard (as a GPU index
-        over-fetches); an answer still short there is returned short and counted in
-        ``short_answers`` (the popularity floor fills the request).
+        With ``keep``, each shard is asked for ``next_fetch`` more while fewer than ``k`` pass
+        (4 K, then 4 times more), up to ``MAX_FETCH`` a shard: the most a shard answers one
+        request (export gives every shard a ``max_k`` of at least that), and a bound on what
+        one request costs the shards. An answer still short there is returned short and
+        counted in ``short_answers`` (the popularity floor fills the request). A shard whose
+        ANN search comes back with fewer than it was asked for is taken to hold no more.
 
         Raises:
             CandgenError: naming the shard and its endpoint, when one did not answer.
         """
         query = np.asarray(query, np.float32).reshape(1, -1)
         excluded = np.asarray(list(exclude), np.int64).reshape(1, -1)
-        fetch = k if keep is None else min(OVERFETCH * k, max(k, MAX_FETCH))
+        fetch = k if keep is None else next_fetch(0, k)
         while True:
             asks = [
                 self.pool.submit(self._ask, shard, query, fetch, excluded)
@@ -112,7 +115,7 @@ class ShardedIndex:
             if len(kept) >= k or exhausted or fetch >= MAX_FETCH:
                 self.short_answers += int(len(kept) < k and not exhausted)
                 return ids[kept[:k]], scores[kept[:k]]
-            fetch = min(fetch * 4, MAX_FETCH)
+            fetch = next_fetch(fetch, k)
 
     def _ask(
         self, shard: int, query: np.ndarray, k: int, excluded: np.ndarray

@@ -950,9 +950,9 @@ def watch_updates(
 
 class ShardStep(Step):
     """One shard of the ads index, on a server of its own (``candgen.serving.shards``): the
-    top ``K`` of its ads for a user vector, less the request's exclusions and the ads
-    ineligible now. Not a step of the ensemble: the generators step asks every shard and merges
-    their answers."""
+    top ``K`` of its ads for a user vector, less the request's exclusions. Not a step of the
+    ensemble: the generators step asks every shard, merges their answers and keeps the
+    request's eligibility (the delivery state it keeps current) on them."""
 
     MODEL = SHARD_MODEL
     INPUTS: ClassVar[Spec] = {
@@ -971,12 +971,6 @@ class ShardStep(Step):
         super().__init__(folder)
         faiss.omp_set_num_threads(1)  # one query per request, as in the generators step
         self.index = AdIndex.load(self.folder / INDEX_FILE, self.index_config)
-        ineligible = self.folder / DELIVERY_FILE
-        self.ineligible = (
-            frozenset(np.load(ineligible)["ineligible"].tolist())
-            if ineligible.exists()
-            else frozenset()
-        )
         self.lock = threading.Lock()  # a search against the catalogue updates' steps
         shard, shards = self.provenance.get("shard", 0), self.provenance.get("shards", 1)
         self.updates = watch_updates(
@@ -995,7 +989,7 @@ class ShardStep(Step):
         exclude = np.asarray(tensors.get("EXCLUDE_IDS", np.zeros(0, np.int64))).reshape(-1)
         k = _k(tensors, self.config.max_k)
         with self.lock:
-            ids, scores = self.index.search(vector[None], k, exclude.tolist(), self.ineligible)
+            ids, scores = self.index.search(vector[None], k, exclude.tolist())
         return {"AD_IDS": ids[0].astype(np.int64), "AD_SCORES": scores[0].astype(np.float32)}
 
 
