@@ -579,3 +579,37 @@ def test_ids_repeated_across_build_chunks_are_refused() -> None:
     ids[500] = ids[10]  # chunks of 200: a repeat no single add would see
     with pytest.raises(ConfigError, match=r"^ids: ids repeat"):
         AdIndex.build(ids, vecs, IndexConfig(kind="flat", build_chunk=200))
+
+
+def test_the_cached_bitmaps_follow_adds_and_removals_as_a_rebuild_would() -> None:
+    ids, vecs, qs = _clustered(3000)
+    config = IndexConfig(kind="ivfpq", pq_m=4, ivf_nlist=16, nprobe=16)
+    index = AdIndex.build(ids[:2000], vecs[:2000], config)
+    ineligible = frozenset(ids[[5, 2500, 2999]].tolist())  # two of them not added yet
+    steps = [
+        lambda: index.remove(ids[10:20].tolist()),
+        lambda: index.add(ids[2000:2500], vecs[2000:2500]),
+        lambda: index.remove([int(ids[2100])]),
+        lambda: index.add(ids[2500:], vecs[2500:]),
+    ]
+    for step in steps:
+        index.search(qs[:1], 10, ineligible=ineligible)  # the caches exist before each change
+        step()
+    live, standing = index._live_bits(), index._standing_bits(ineligible)
+    index._live = index._standing_bitmap = None  # rebuilt from the tombstones and the set
+    assert (index._live_bits() == live).all()
+    assert (index._standing_bits(ineligible) == standing).all()
+    found = index.search(vecs[[2500, 2999, 15, 2100, 2600]], 20, ineligible=ineligible)[0]
+    barred = {*ineligible, *ids[10:20].tolist(), int(ids[2100])}
+    assert not barred & set(np.concatenate(found).tolist())
+    assert int(ids[2600]) in found[4].tolist()
+
+
+def test_a_plain_search_keeps_to_the_probed_cells_and_an_eligibility_search_does_not() -> None:
+    ids, vecs, _ = _clustered(3000)
+    index = AdIndex.build(ids, vecs, IndexConfig(kind="ivfpq", pq_m=4, ivf_nlist=64, nprobe=1))
+    plain = index.search(vecs[:5], 100)[0]  # one cell of about 47 ads: short, no full scan
+    assert all(len(row) < 100 for row in plain) and index.exact_fallbacks == 0
+    everyone = np.full((len(index.positions()) + 7) // 8, 255, np.uint8)
+    assert all(len(row) == 100 for row in index.search(vecs[:5], 100, allowed=everyone)[0])
+    assert index.exact_fallbacks == 5
