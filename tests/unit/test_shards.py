@@ -67,3 +67,12 @@ def test_a_sharded_index_without_shards_or_time_is_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         ShardedIndex(urls, timeout)
+
+
+def test_a_shard_gets_no_dynamic_batcher_whatever_the_in_flight_limit() -> None:
+    from candgen.endpoint.export import step_config
+    from candgen.serving.steps import ServingConfig, ShardStep
+
+    for limit in (0, 4):
+        config = step_config(ShardStep, ServingConfig(max_inflight=limit))
+        assert 'name: "candgen_ad_shard"' in config and "dynamic_batching" not in config

@@ -209,7 +209,11 @@ def step_config(step: type[Step], serving: ServingConfig) -> str:
         "version_policy: { all { } }\n"
         + _tensors("input", step.INPUTS, ragged=True)
         + _tensors("output", step.OUTPUTS)
-        + (batcher if door or step.SHARES_WORK or not serving.max_inflight else "")
+        + (
+            batcher
+            if step.BATCHER and (door or step.SHARES_WORK or not serving.max_inflight)
+            else ""
+        )
         + f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n"
     )
 
@@ -372,6 +376,29 @@ def _replace_text(path: Path, text: str) -> None:
     replace_atomically(path, lambda partial: partial.write_text(text))
 
 
+def _install(
+    repository: Path, src: Path, model: str, version: int, config: str, keep_versions: int
+) -> None:
+    """Moves a model's staged version folder ``src`` (its assets and ``serving.json``) into
+    the repository with its python-backend shell, writes its ``config.pbtxt`` and prunes all
+    but the newest ``keep_versions`` versions. An existing folder of the same version is
+    replaced."""
+    (src / "model.py").write_text(MODEL_PY.format(model=model))
+    # Compiled here, because the python backend would otherwise write the bytecode into the
+    # repository on its first load (it ignores PYTHONDONTWRITEBYTECODE), and a server
+    # polling the repository takes any new file for a change and reloads the model.
+    py_compile.compile(str(src / "model.py"), doraise=True)
+    model_dir = repository / model
+    model_dir.mkdir(parents=True, exist_ok=True)
+    dst = model_dir / str(version)
+    if dst.exists():
+        shutil.rmtree(dst)
+    src.rename(dst)
+    _replace_text(repository / config_file(model), config)
+    for old in versions(repository, model)[:-keep_versions]:
+        shutil.rmtree(model_dir / str(old))
+
+
 def publish(
     repository: Path,
     staging: Path,
@@ -399,20 +426,7 @@ def publish(
     for step in STEPS:
         src = staging / step.MODEL
         write_serving_file(src, serving, index, provenance)
-        (src / "model.py").write_text(defs[model_file(step.MODEL, version)])
-        # Compiled here, because the python backend would otherwise write the bytecode into the
-        # repository on its first load (it ignores PYTHONDONTWRITEBYTECODE), and a server
-        # polling the repository takes any new file for a change and reloads the model.
-        py_compile.compile(str(src / "model.py"), doraise=True)
-        model_dir = repository / step.MODEL
-        model_dir.mkdir(parents=True, exist_ok=True)
-        dst = model_dir / str(version)
-        if dst.exists():
-            shutil.rmtree(dst)
-        src.rename(dst)
-        _replace_text(repository / config_file(step.MODEL), defs[config_file(step.MODEL)])
-        for old in versions(repository, step.MODEL)[:-keep_versions]:
-            shutil.rmtree(model_dir / str(old))
+        _install(repository, src, step.MODEL, version, defs[config_file(step.MODEL)], keep_versions)
     ensemble = repository / ENSEMBLE
     ensemble_version = ensemble / str(version)
     write_serving_file(ensemble_version, serving, index, provenance)
@@ -463,23 +477,18 @@ def export_shards(
         repository = Path(out) / f"shard-{shard}"
         staging = staging_dir(repository, version) / ShardStep.MODEL
         shutil.rmtree(staging.parent, ignore_errors=True)
-        built = AdIndex.build(ids[rows], vectors[rows], index, progress=progress)
-        recalls.append(index_recall(built, ids[rows], vectors[rows], min(100, len(rows)), 300))
+        mine = np.asarray(vectors[rows], np.float32)  # one copy of the shard's vectors
+        built = AdIndex.build(ids[rows], mine, index, progress=progress)
+        recalls.append(index_recall(built, ids[rows], mine, min(100, len(rows)), 300))
+        del mine
         kinds.add(built.kind)
         built.save(staging / INDEX_FILE)
         write_serving_file(
             staging, serving, index, {**provenance, "shard": shard, "shards": shards}
         )
-        (staging / "model.py").write_text(MODEL_PY.format(model=ShardStep.MODEL))
-        py_compile.compile(str(staging / "model.py"), doraise=True)  # see publish
-        model_dir = repository / ShardStep.MODEL
-        model_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(model_dir / str(version), ignore_errors=True)
-        staging.rename(model_dir / str(version))
+        config = step_config(ShardStep, serving)
+        _install(repository, staging, ShardStep.MODEL, version, config, keep_versions)
         shutil.rmtree(staging.parent, ignore_errors=True)
-        _replace_text(repository / config_file(ShardStep.MODEL), step_config(ShardStep, serving))
-        for old in versions(repository, ShardStep.MODEL)[:-keep_versions]:
-            shutil.rmtree(model_dir / str(old))
         repositories.append(repository)
     return {
         "kind": "/".join(sorted(kinds)),

@@ -451,6 +451,7 @@ class Step:
     INPUTS: ClassVar[Spec]
     OUTPUTS: ClassVar[Spec]
     SHARES_WORK: ClassVar[bool] = False
+    BATCHER: ClassVar[bool] = True  # whether the step may get Triton's dynamic batcher at all
     # The server's in-flight limit (set by the Triton shell; None in-process): the features step
     # admits a request into the ensemble or refuses it; the shell lets it out after the select
     # step, or after the step that answered it with an error.
@@ -955,6 +956,10 @@ class ShardStep(Step):
     request's eligibility (the delivery state it keeps current) on them."""
 
     MODEL = SHARD_MODEL
+    # No batcher even as a backstop: its callers bound the queue (a generators instance asks
+    # one request at a time), and Triton 2.51's batcher parked requests for 500 ms (508 ms at
+    # most under the 10M-ad updates benchmark's load, docs/BENCHMARKS.md "Scale").
+    BATCHER: ClassVar[bool] = False
     INPUTS: ClassVar[Spec] = {
         "USER_VECTOR": (F32, [-1], False),
         "K": (np.int32, [1], False),
@@ -971,6 +976,7 @@ class ShardStep(Step):
         super().__init__(folder)
         faiss.omp_set_num_threads(1)  # one query per request, as in the generators step
         self.index = AdIndex.load(self.folder / INDEX_FILE, self.index_config)
+        self.index.search(np.zeros((1, self.index.dim), np.float32), 1)  # its layout, at load
         self.lock = threading.Lock()  # a search against the catalogue updates' steps
         shard, shards = self.provenance.get("shard", 0), self.provenance.get("shards", 1)
         self.updates = watch_updates(
