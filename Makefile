@@ -9,7 +9,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check $(FIND_LINKS)
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-unit test-integration lint format clean help train train-ddp \
-	benchmark-quality benchmark-serving benchmark-constraints benchmark-ablation mlflow-ui pipeline pipeline-compile images push-images \
+	benchmark-quality benchmark-serving benchmark-scale benchmark-constraints benchmark-ablation mlflow-ui pipeline pipeline-compile images push-images \
 	k8s-render serving-definitions
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make train-ddp         the same as a 2-process TorchX job (DDP over gloo)"
 	@echo "make benchmark-quality SASRec and HSTU on Beauty and Games -> docs/BENCHMARKS.md"
 	@echo "make benchmark-serving FAISS index and the live Triton ensemble on 1M ads -> docs/BENCHMARKS.md"
+	@echo "make benchmark-scale   compressed indexes at 1M and 10M ads, shards, updates while serving"
 	@echo "make benchmark-constraints filtered ANN on real targeting, the ensemble with/without constraints"
 	@echo "make benchmark-ablation unified vs single-task, scenario, long/short-term, cold start, quotas"
 	@echo "make mlflow-ui         browse runs and registered models (http://127.0.0.1:5000)"
@@ -75,6 +76,15 @@ benchmark-ablation: $(VENV)/.installed
 benchmark-serving: setup
 	$(BIN)/python benchmarks/serving.py --stage index
 	$(BIN)/python benchmarks/serving.py --stage ensemble
+
+benchmark-scale: setup
+	$(BIN)/python benchmarks/scale.py --stage curve --ads 1000000
+	$(BIN)/python benchmarks/scale.py --stage curve --ads 10000000 \
+		--configs ivf4k-pq32-fp16,ivf4k-pq16-fp16,ivf4k-pq32-sq8
+	$(BIN)/python benchmarks/scale.py --stage shards --ads 1000000 --configs ivf4k-pq32-fp16 \
+		--nprobe 8 --refine-factor 4
+	$(BIN)/python benchmarks/scale.py --stage updates --ads 10000000 --configs ivf4k-pq32-fp16 \
+		--nprobe 8 --refine-factor 4
 
 benchmark-constraints: setup
 	$(BIN)/python benchmarks/constraints.py --stage recall
