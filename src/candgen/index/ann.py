@@ -78,7 +78,8 @@ class IndexConfig:
         refine: how IVF-PQ's candidates are re-scored: none (PQ scores), or from a copy of the
             vectors in sq8 (8 bits per dimension), fp16 or flat (float32). At 1M ads x 64,
             16-byte codes alone found 59% of the exact top 100, with fp16 re-scoring 97% (sq8:
-            95%, at 64 bytes an ad less; docs/BENCHMARKS.md, "Scale").
+            95%, at 64 bytes an ad less); at 10M, 32-byte codes with fp16 99.7%, with sq8 94.6%
+            whatever the factor (docs/BENCHMARKS.md, "Scale").
         refine_factor: candidates fetched per result for re-scoring (k * refine_factor).
         train_size: vectors sampled to train IVF-PQ (cells, codes, OPQ, sq8 ranges); 0 means
             min(corpus, max(64 * cells, 65,536)).
