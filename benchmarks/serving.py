@@ -694,10 +694,12 @@ def _query_generator_stage(
     texts = [logged[i] for i in rng.choice(len(logged), n, replace=False)]
     qs = np.stack([encoder.encode(t) for t in texts]).astype(np.float32)
     folder = version / GeneratorsStep.MODEL / "1" / CONTENT_DIR
-    arrays = np.load(folder / "content.npz")
-    exact = AdIndex.build(arrays["ad_ids"], arrays["vectors"], IndexConfig(kind="flat"))
+    from candgen.serving.generators import ContentGenerator
+
+    ad_ids, vectors = ContentGenerator.load(folder).text.arrays()
+    exact = AdIndex.build(ad_ids, vectors, IndexConfig(kind="flat"))
     truth = exact.search(qs, K)[0]
-    del exact, arrays
+    del exact, vectors
     ann = AdIndex.load(folder / "content.faiss", IndexConfig(kind="hnsw", ef_search=args.ef_search))
     return {
         "stage": f"query generator: ad text HNSW (efSearch={args.ef_search}), "

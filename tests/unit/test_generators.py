@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,30 @@ def test_the_popularity_floor_matches_the_rule_ad_by_ad(seed: int) -> None:
         if len(expected) == 150:
             break
     assert found == expected
+
+
+def test_text_vectors_are_read_from_disk_by_row_and_new_ads_join_them(tmp_path: Path) -> None:
+    from candgen.serving.generators import TextVectors
+
+    rng = np.random.default_rng(0)
+    ids = np.array([30, 10, 20], np.int64) + 1_000_000_000
+    text = rng.standard_normal((3, 8)).astype(np.float32)
+    gen = ContentGenerator(ids, text, np.array([0, 1, 0]), 2)
+    gen.save(tmp_path)
+    loaded = ContentGenerator.load(tmp_path)
+    assert isinstance(loaded.text.vectors, np.memmap)  # not read into memory
+    assert sorted(loaded.text) == sorted(ids.tolist()) and len(loaded.text) == 3
+    for ad, vec in zip(ids.tolist(), text, strict=True):
+        assert np.allclose(loaded.text[ad], vec / np.linalg.norm(vec))
+    assert 1 not in loaded.text and "x" not in loaded.text
+    new = rng.standard_normal(8).astype(np.float32)
+    loaded.add(1_000_000_040, new)
+    assert 1_000_000_040 in loaded.text and len(loaded.text) == 4
+    taken = loaded.text.take(np.array([1_000_000_040, 5, ids[0]]))
+    assert np.allclose(taken[0], new / np.linalg.norm(new)) and not taken[1].any()
+    loaded.save(tmp_path / "again")
+    assert sorted(ContentGenerator.load(tmp_path / "again").text) == sorted(
+        [*ids.tolist(), 1_000_000_040]
+    )
+    with pytest.raises(ConfigError, match=r"^ad_ids: an ad id appears more than once"):
+        TextVectors.of(np.array([1, 1]), np.zeros((2, 8)))

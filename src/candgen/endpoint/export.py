@@ -619,8 +619,7 @@ def ad_constraints(
     ads = AdTable(
         ad_ids, attrs["campaign_id"].to_numpy(np.int64), advertisers, np.zeros(0, np.int64)
     )
-    dim = content.index.dim
-    vectors = np.stack([content.text.get(int(a), np.zeros(dim, np.float32)) for a in ad_ids])
+    vectors = content.text.take(ad_ids)  # zeros for an ad without text
     groups = duplicate_groups(advertisers, vectors, serving.duplicate_similarity)
     return ads, state, AdCatalog(ad_ids, advertisers, groups)
 

@@ -6,13 +6,96 @@ the user encoder plus the ad index (``candgen.models.retriever`` / ``candgen.ind
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from candgen.errors import ConfigError
 from candgen.index.ann import AdIndex, IndexConfig
+
+TEXT_FILE = "text_vectors.npy"  # beside content.npz: memory-mapped when a generator loads
+
+
+class TextVectors(Mapping[int, np.ndarray]):
+    """The ads' text vectors by ad id: sorted ids over one array, which a loaded generator
+    memory-maps, so that its process holds only the rows its requests read (the whole array is
+    1.5 GB of float32 at 1M ads of 384-d MiniLM text, 15 GB at 10M; a dict of per-ad arrays held
+    all of it), and a dict of the ads added since.
+
+    Args:
+        ad_ids: (N,) ad ids, sorted and unique.
+        vectors: (N, T) their vectors, in the same order (an array or a memory map).
+    """
+
+    def __init__(self, ad_ids: np.ndarray, vectors: np.ndarray) -> None:
+        ids = np.asarray(ad_ids, np.int64)
+        if len(ids) != len(vectors):
+            raise ConfigError("ad_ids", f"{len(ids)} ad ids for {len(vectors)} text vectors")
+        if len(ids) > 1 and not (np.diff(ids) > 0).all():
+            raise ConfigError("ad_ids", "text vectors' ad ids must be sorted and unique")
+        self.ids, self.vectors = ids, vectors
+        self.added: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def of(cls, ad_ids: np.ndarray, vectors: np.ndarray) -> TextVectors:
+        """From ads in any order (each id once)."""
+        ids = np.asarray(ad_ids, np.int64)
+        order = np.argsort(ids, kind="stable")
+        if len(ids) > 1 and (np.diff(ids[order]) == 0).any():
+            raise ConfigError("ad_ids", "an ad id appears more than once")
+        return cls(ids[order], np.asarray(vectors)[order])
+
+    def _row(self, ad_id: int) -> int:
+        at = int(np.searchsorted(self.ids, ad_id))
+        return at if at < len(self.ids) and self.ids[at] == ad_id else -1
+
+    def __getitem__(self, ad_id: int) -> np.ndarray:
+        ad_id = int(ad_id)
+        if ad_id in self.added:
+            return self.added[ad_id]
+        row = self._row(ad_id)
+        if row < 0:
+            raise KeyError(ad_id)
+        return np.asarray(self.vectors[row], np.float32)
+
+    def __contains__(self, ad_id: object) -> bool:
+        if not isinstance(ad_id, int | np.integer):
+            return False
+        return int(ad_id) in self.added or self._row(int(ad_id)) >= 0
+
+    def __iter__(self) -> Iterator[int]:
+        yield from (int(i) for i in self.ids if int(i) not in self.added)
+        yield from self.added
+
+    def __len__(self) -> int:
+        return len(self.ids) + sum(1 for a in self.added if self._row(a) < 0)
+
+    def take(self, ad_ids: np.ndarray) -> np.ndarray:
+        """The vectors of these ads, zeros for an ad without one (vectorised: a lookup per ad
+        took seconds over a million)."""
+        ids = np.asarray(ad_ids, np.int64)
+        out = np.zeros((len(ids), self.vectors.shape[1]), np.float32)
+        if len(self.ids):
+            at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+            found = self.ids[at] == ids
+            out[found] = self.vectors[at[found]]
+        if self.added:
+            for i, ad in enumerate(ids.tolist()):
+                if ad in self.added:
+                    out[i] = self.added[ad]
+        return out
+
+    def add(self, ad_id: int, vector: np.ndarray) -> None:
+        """An ad's text vector, new or replacing its stored one."""
+        self.added[int(ad_id)] = np.asarray(vector, np.float32)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every ad's id and vector, ids sorted (the stored ones read in full)."""
+        if not self.added:
+            return self.ids, np.asarray(self.vectors, np.float32)
+        ids = np.fromiter(self, np.int64, len(self))
+        return TextVectors.of(ids, np.stack([self[i] for i in ids.tolist()])).arrays()
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -49,27 +132,35 @@ class ContentGenerator:
             raise ConfigError("categories", f"must lie in 0..{num_categories - 1}")
         vectors = _normalise(np.asarray(text_embeddings, dtype=np.float32))
         self.index = AdIndex.build(np.asarray(ad_ids, np.int64), vectors, config)
-        self.text = dict(zip(np.asarray(ad_ids).tolist(), vectors, strict=True))
+        self.text = TextVectors.of(np.asarray(ad_ids, np.int64), vectors)
         self.centroids = np.zeros((num_categories, vectors.shape[1]), dtype=np.float32)
         np.add.at(self.centroids, categories, vectors)
         self.centroids = _normalise(self.centroids)
 
     def save(self, folder: Path) -> None:
-        """Writes the index, the normalised text vectors and the category centroids."""
+        """Writes the index, the normalised text vectors (``TEXT_FILE``, ids sorted) and the
+        category centroids."""
         folder = Path(folder)
         self.index.save(folder / "content.faiss")
-        ids = np.fromiter(self.text, dtype=np.int64, count=len(self.text))
-        vectors = np.stack(list(self.text.values())) if len(ids) else self.centroids[:0]
-        np.savez(folder / "content.npz", ad_ids=ids, vectors=vectors, centroids=self.centroids)
+        ids, vectors = self.text.arrays()
+        if not len(ids):
+            vectors = self.centroids[:0]
+        np.save(folder / TEXT_FILE, np.ascontiguousarray(vectors, np.float32))
+        np.savez(folder / "content.npz", ad_ids=ids, centroids=self.centroids)
 
     @classmethod
     def load(cls, folder: Path, config: IndexConfig | None = None) -> ContentGenerator:
-        """Reads what ``save`` wrote (no rebuild: a large HNSW index loads in seconds)."""
+        """Reads what ``save`` wrote (no rebuild: a large HNSW index loads in seconds); the
+        text vectors stay on disk, memory-mapped (an older export's, inside content.npz, are
+        read in full)."""
         folder = Path(folder)
         arrays = np.load(folder / "content.npz")
         obj = cls.__new__(cls)
         obj.index = AdIndex.load(folder / "content.faiss", config)
-        obj.text = dict(zip(arrays["ad_ids"].tolist(), arrays["vectors"], strict=True))
+        if (folder / TEXT_FILE).exists():
+            obj.text = TextVectors(arrays["ad_ids"], np.load(folder / TEXT_FILE, mmap_mode="r"))
+        else:
+            obj.text = TextVectors.of(arrays["ad_ids"], arrays["vectors"])
         obj.centroids = arrays["centroids"]
         return obj
 
@@ -77,7 +168,7 @@ class ContentGenerator:
         """A new ad: retrievable by content from the next request on."""
         vec = _normalise(np.asarray(text_embedding, dtype=np.float32)[None])
         self.index.add([ad_id], vec)
-        self.text[int(ad_id)] = vec[0]
+        self.text.add(ad_id, vec[0])
 
     def query(
         self, recent_ids: Iterable[int], category_affinity: Iterable[float] | None
