@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,3 +101,13 @@ def test_sampled_softmax_needs_negatives() -> None:
         sampled_softmax_loss(torch.ones(1, 2), torch.tensor([1]), lambda i: torch.ones(len(i), 2),
                              num_uniform=0, num_items=3, log_popularity=None,
                              temperature=1.0)  # fmt: skip
+
+
+def test_an_id_index_finds_rows_by_binary_search_and_skips_the_padding_row() -> None:
+    from candgen.data.ids import IdIndex
+
+    index = IdIndex(np.array([0, 30, 10, 20]), skip_first=True)
+    assert [index[30], index[10], index[20]] == [1, 2, 3] and len(index) == 3
+    assert 0 not in index and 40 not in index and "10" not in index and 10 in index
+    with pytest.raises(KeyError):
+        index[0]  # the padding row is no item

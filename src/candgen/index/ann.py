@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 
+from candgen.data.ids import position_of
 from candgen.errors import ConfigError
 
 if TYPE_CHECKING:  # faiss loads when an index is built or read, not with this module
@@ -1015,16 +1016,6 @@ def set_bits(bits: np.ndarray, positions: np.ndarray) -> None:
     """Sets these positions (-1: none) in a little-endian bitmap, in place."""
     positions = positions[positions >= 0]
     np.bitwise_or.at(bits, positions >> 3, np.uint8(1) << (positions & 7).astype(np.uint8))
-
-
-def position_of(positions: np.ndarray, order: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Each id's index in ``positions``, -1 if absent (``order``: ``positions``' argsort)."""
-    ids = np.asarray(ids, np.int64)
-    if not len(order):
-        return np.full(len(ids), -1, np.int64)
-    at = order[np.minimum(np.searchsorted(positions, ids, sorter=order), len(order) - 1)]
-    out: np.ndarray = np.where(positions[at] == ids, at, -1).astype(np.int64)
-    return out
 
 
 def ad_rows(

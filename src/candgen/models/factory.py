@@ -127,6 +127,8 @@ def load_model(path: Path | str, map_location: str = "cpu") -> LoadedModel:
         header.query_text_dim,
         header.has_context_items,
     )
-    model.load_state_dict(state)
+    # The saved tensors themselves (memory-mapped by read_header), not copies into the freshly
+    # built ones: the process holds only the pages it reads (serving_notes.md, 16).
+    model.load_state_dict(state, assign=True)
     model.eval()
     return LoadedModel(model, header)

@@ -8,11 +8,13 @@ of item id lists; output: ``item_ids`` and ``scores``, best first, history exclu
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from candgen.data.ids import IdIndex
 from candgen.data.tensors import pad_left, relative_timestamps
 from candgen.errors import CandgenError, ConfigError
 from candgen.models.base import RetrievalModel
@@ -120,8 +122,13 @@ class Retriever:
         self.device = device if isinstance(device, torch.device) else torch_device(device)
         self.model = model.eval().to(self.device)
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
-        self.index = {int(x): i for i, x in enumerate(self.item_ids) if i > 0}
-        table = model.item_table() if item_table is None else torch.from_numpy(item_table)
+        self.index = IdIndex(self.item_ids, skip_first=True)  # row 0: padding
+        if item_table is None:
+            table = model.item_table()
+        else:  # a memory-mapped table is read only; torch's warning about it is about writes
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                table = torch.from_numpy(item_table)
         self.item_table = table.float().cpu()  # exact top-K and lookups run on the CPU
         self.max_len = max_len
         projection = getattr(model, "long_term", None)

@@ -31,10 +31,11 @@ from typing import Any, Final
 
 import numpy as np
 
+from candgen.data.ids import position_of
 from candgen.data.targeting import reaches
 from candgen.errors import CandgenError, ConfigError, DataFormatError
 from candgen.features.client import FeatureServerClient, FeatureStoreUnavailable
-from candgen.index.ann import AdIndex, clear_bits, position_of, set_bits
+from candgen.index.ann import AdIndex, clear_bits, set_bits
 from candgen.vocab import DELIVERY_SHARDS
 
 log = logging.getLogger(__name__)

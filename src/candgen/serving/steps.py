@@ -635,7 +635,7 @@ def load_retriever(folder: Path, device: str = "cpu") -> Retriever:
 
     where = torch_device(device, "encoder_device")  # before the weights are read
     model, saved = load_model(Path(folder) / MODEL_FILE)
-    table = np.load(Path(folder) / TABLE_FILE)
+    table = np.load(Path(folder) / TABLE_FILE, mmap_mode="r")  # read by the rows looked up
     return Retriever(model, saved.item_ids, table, saved.model.max_len, where)
 
 
