@@ -109,5 +109,6 @@ def test_an_id_index_finds_rows_by_binary_search_and_skips_the_padding_row() -> 
     index = IdIndex(np.array([0, 30, 10, 20]), skip_first=True)
     assert [index[30], index[10], index[20]] == [1, 2, 3] and len(index) == 3
     assert 0 not in index and 40 not in index and "10" not in index and 10 in index
+    assert list(index) == [30, 10, 20] and dict(index) == {30: 1, 10: 2, 20: 3}
     with pytest.raises(KeyError):
         index[0]  # the padding row is no item

@@ -3,6 +3,8 @@ at 10M ads), by binary search over an argsort."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import numpy as np
 
 
@@ -16,8 +18,8 @@ def position_of(positions: np.ndarray, order: np.ndarray, ids: np.ndarray) -> np
     return out
 
 
-class IdIndex:
-    """id -> its row in an id array (``in``, ``[]``, ``len``), by binary search.
+class IdIndex(Mapping[int, int]):
+    """id -> its row in an id array (a read-only mapping), by binary search.
 
     Args:
         ids: the id of each row.
@@ -42,6 +44,9 @@ class IdIndex:
         if row < 0:
             raise KeyError(key)
         return row
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids[self.first :].tolist())
 
     def __len__(self) -> int:
         return len(self.ids) - self.first
