@@ -144,19 +144,19 @@ class Retriever:
         """Maps external ids to internal ones; rejects ids outside the vocabulary."""
         out = []
         for row, hist in enumerate(histories):
-            internal = []
             for item in hist:
                 if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
                     raise CandgenError(f"history[{row}]: item ids must be integers, got {item!r}")
-                if int(item) not in self.index:
-                    raise CandgenError(
-                        f"history[{row}]: item id {int(item)} is not in the model's vocabulary "
-                        f"({len(self.index):,} items)"
-                    )
-                internal.append(self.index[int(item)])
-            if not internal:
+            if not len(hist):
                 raise CandgenError(f"history[{row}]: empty; give at least one item id")
-            out.append(np.asarray(internal, dtype=np.int64))
+            ids = np.asarray(hist, np.int64)
+            internal = self.index.rows(ids)  # one lookup for the history
+            if (internal < 0).any():
+                raise CandgenError(
+                    f"history[{row}]: item id {int(ids[internal < 0][0])} is not in the model's "
+                    f"vocabulary ({len(self.index):,} items)"
+                )
+            out.append(internal)
         return out
 
     @torch.no_grad()

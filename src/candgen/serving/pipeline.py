@@ -264,8 +264,9 @@ def user_vectors(
     groups: dict[bool, list[tuple[int, list[int], list[float]]]] = {}
     for row, context in enumerate(contexts):
         times = context.times or [0.0] * len(context.history)
+        held = retriever.index.rows(np.asarray(context.history, np.int64)) >= 0  # one lookup
         known = [
-            (i, t) for i, t in zip(context.history, times, strict=True) if i in retriever.index
+            (i, t) for i, t, ok in zip(context.history, times, held.tolist(), strict=True) if ok
         ]
         if known:
             groups.setdefault(bool(context.times), []).append(
