@@ -8,9 +8,8 @@ quantizer for many cells) whose candidates are re-scored from a compact copy of 
 A large corpus is built from a ``VectorFile`` a chunk at a time: the coarse quantizer and the
 codes are trained on a sample, and no more than one chunk of float vectors is held beside the
 index. Ineligible ads (paused, budget exhausted) are
-excluded at query time (a bitmap over the index's positions, or a FAISS ID selector for the
-exact index; on a GPU, whose indexes take none, by over-fetching and keeping the allowed
-ones), never by rebuilding. New ads are added and
+excluded at query time (a bitmap over the index's positions; on a GPU, whose indexes take no
+selector, by over-fetching and keeping the allowed ones), never by rebuilding. New ads are added and
 expired ads removed in place; HNSW cannot delete, so its removed ids are excluded at query time
 like ineligible ones until the next rebuild compacts them.
 """
@@ -31,9 +30,8 @@ from candgen.errors import ConfigError
 if TYPE_CHECKING:  # faiss loads when an index is built or read, not with this module
     import faiss
 
-    # (ineligible set, tombstone count) -> both as sorted ids, and their selector once built
-    # (None: not yet, or nothing to exclude)
-    _Standing = tuple[tuple[frozenset[int], int], np.ndarray, list[faiss.IDSelector | None]]
+    # (ineligible set, tombstone count) -> both as sorted ids
+    _Standing = tuple[tuple[frozenset[int], int], np.ndarray]
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 QUANTIZERS = ("flat", "hnsw")
@@ -403,8 +401,8 @@ class AdIndex:
             k: results per query.
             exclude: per-request exclusions (e.g. the user's own history; small).
             ineligible: ads that no request may get now (paused, budget exhausted). Its
-                bitmap (or FAISS selector) is built once and reused while the same frozenset
-                is passed, so a large set costs nothing per query.
+                bitmap (its sorted ids, when over-fetching) is built once and reused while the
+                same frozenset is passed, so a large set costs nothing per query.
             allowed: instead of ``ineligible``, the request's own eligibility: a bitmap over
                 internal positions (``positions()``; bit ``p % 8`` of byte ``p // 8``) of the
                 ads it may get. The search stays inside it (FAISS filtered search; with
@@ -429,39 +427,26 @@ class AdIndex:
             return self._search_allowed(queries, k_eff, exclude, allowed)
         exclude = list(exclude)
         gpu_beyond_k = self.config.device == "cuda" and k_eff > MAX_FETCH
-        if self.config.overfetch and (ineligible or self._tombstones or exclude or gpu_beyond_k):
+        if not (ineligible or exclude or self._tombstones or gpu_beyond_k):
+            scores, found = self._knn(self.index, queries, k_eff, self._params(None), by_id=True)
+            keep = [row >= 0 for row in found]
+            return [f[m] for f, m in zip(found, keep, strict=True)], [
+                sc[m] for sc, m in zip(scores, keep, strict=True)
+            ]
+        if self.config.overfetch:
             dropped = self._excluded_ids(ineligible, exclude)
-            keep_unexcluded = not_in(dropped)
 
             def all_but_excluded() -> np.ndarray:
                 bits = np.full((len(self.positions()) + 7) // 8, 255, np.uint8)
                 clear_bits(bits, self.position_of(dropped))
                 return bits
 
-            return self._search_overfetch(queries, k_eff, keep_unexcluded, all_but_excluded)
-        if self.kind != "flat" and not self.config.overfetch:
-            # A bitmap over positions: one bit test per scanned vector, where an id selector of
-            # the removed and ineligible ads cost 2.8 times the search with 1% of the ads
-            # removed (serving_notes.md, 14).
-            standing = self._standing_bits(ineligible)
-            return self._search_allowed(queries, k_eff, exclude, standing, standing=True)
-        static = self._static_selector(ineligible)
-        extra = np.asarray(sorted(set(map(int, exclude))), dtype=np.int64)
-        dynamic = self.faiss.IDSelectorBatch(extra) if len(extra) else None
-        either: faiss.IDSelector | None
-        if static is not None and dynamic is not None:
-            either = self.faiss.IDSelectorOr(static, dynamic)
-        else:
-            either = static if static is not None else dynamic
-        sel = self.faiss.IDSelectorNot(either) if either is not None else None
-        params = self._params(sel)
-        scores, found = self._knn(self.index, queries, k_eff, params, by_id=True, sel=sel)
-        out_ids, out_scores = [], []
-        for row_ids, row_scores in zip(found, scores, strict=True):
-            keep = row_ids >= 0
-            out_ids.append(row_ids[keep])
-            out_scores.append(row_scores[keep])
-        return out_ids, out_scores
+            return self._search_overfetch(queries, k_eff, not_in(dropped), all_but_excluded)
+        # A bitmap over positions: one bit test per scanned vector, where an id selector of the
+        # removed and ineligible ads cost 2.8 times the search with 1% of the ads removed
+        # (serving_notes.md, 14).
+        standing = self._standing_bits(ineligible)
+        return self._search_allowed(queries, k_eff, exclude, standing, standing=True)
 
     def _search_allowed(
         self,
@@ -596,15 +581,15 @@ class AdIndex:
             self._host = self.faiss.index_gpu_to_cpu(self.index)
         return self._host
 
-    def _standing_ids(self, ineligible: frozenset[int]) -> _Standing:
-        """``ineligible`` and the tombstones as sorted ids (with a slot for their selector),
+    def _standing_ids(self, ineligible: frozenset[int]) -> np.ndarray:
+        """``ineligible`` and the tombstones as sorted ids (what over-fetching keeps out),
         built again only when they change: a large set costs nothing per query."""
         cached, tombstones = self._standing, len(self._tombstones)
         if cached is None or cached[0][0] is not ineligible or cached[0][1] != tombstones:
             ids = np.asarray(sorted(set(ineligible) | self._tombstones), np.int64)
-            cached = ((ineligible, tombstones), ids, [])
+            cached = ((ineligible, tombstones), ids)
             self._standing = cached
-        return cached
+        return cached[1]
 
     def _clear_standing(self, gone: np.ndarray) -> None:
         """Removed ads' positions cleared in the cached bitmaps (copies: a search in flight
@@ -668,7 +653,7 @@ class AdIndex:
 
     def _excluded_ids(self, ineligible: frozenset[int], exclude: Iterable[int]) -> np.ndarray:
         """``ineligible``, the tombstones and ``exclude``, sorted."""
-        standing = self._standing_ids(ineligible)[1]
+        standing = self._standing_ids(ineligible)
         extra = np.asarray(sorted(set(map(int, exclude))), np.int64)
         return np.union1d(standing, extra) if len(extra) else standing
 
@@ -697,25 +682,18 @@ class AdIndex:
         k: int,
         params: faiss.SearchParameters | None,
         by_id: bool,
-        sel: faiss.IDSelector | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``index.search``, re-scored from the refine store where there is one: the best
         ``k * refine_factor`` by the compressed codes, of which the ``k`` best by the stored
-        vectors. ``by_id``: ``index`` answers ad ids (the id map), else positions; ``sel``:
-        then the id selector in ``params``, held here while the translated one uses it."""
+        vectors. ``by_id``: ``index`` answers ad ids (the id map; ``params`` then holds no id
+        selector: filtered searches go by positions), else positions."""
         if self._refine is None:
             scores, found = index.search(queries, k, params=params)
             return scores, found
         fetch = k * self.config.refine_factor
         if by_id:
             # The unwrapped index answers positions, which the refine store is laid out by
-            # (mapping ids back to positions cost more than the search: serving_notes.md, 13);
-            # an id selector is translated onto positions as IndexIDMap would.
-            if params is not None and sel is not None:
-                # Over the id map itself, not a temporary copy (the translated selector keeps
-                # a pointer to it, and to ``sel``); faiss's stub types only the array form.
-                id_map = cast("faiss.IndexIDMap", self.index).id_map
-                params.sel = self.faiss.IDSelectorTranslated(id_map, sel)  # type: ignore[arg-type]
+            # (mapping ids back to positions cost more than the search: serving_notes.md, 13).
             _, where = self._base.search(queries, fetch, params=params)
             found = np.where(where >= 0, self.positions()[np.maximum(where, 0)], -1)
         else:
@@ -727,13 +705,6 @@ class AdIndex:
         found = np.take_along_axis(found, order, axis=1)
         found[~np.isfinite(scores)] = -1
         return scores, found
-
-    def _static_selector(self, ineligible: frozenset[int]) -> faiss.IDSelector | None:
-        """The selector of ``ineligible`` and the tombstones, rebuilt only when they change."""
-        _, ids, selector = self._standing_ids(ineligible)
-        if not selector:
-            selector.append(self.faiss.IDSelectorBatch(ids) if len(ids) else None)
-        return selector[0]
 
     def _params(self, sel: faiss.IDSelector | None) -> faiss.SearchParameters | None:
         # faiss's __init__.pyi has no SearchParametersHNSW and not the keyword constructors that
@@ -890,11 +861,6 @@ class RefineStore:
         out[positions < 0] = -np.inf
         result: np.ndarray = out.astype(np.float32)
         return result
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the stored rows."""
-        return int(self.size * np.dtype(self.DTYPES[self.kind]).itemsize * self.dim)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What ``from_arrays`` reads back (saved beside the index)."""
