@@ -454,15 +454,14 @@ def export_shards(
     ``candgen.serving.shards.ShardedIndex`` to ask. A shard answers up to ``max_k`` or
     ``MAX_FETCH`` ads, whichever is more (what an over-fetching caller asks for), and leaves
     eligibility to its caller. Each keeps ``keep_versions`` versions (the generators step of
-    version v asks for version v); a version already there is replaced (not atomically: export
-    a new version instead while a server polls).
+    version v asks for version v). Each shard is built and installed like a step's version
+    (``_install``): staged beside its repository and moved in, so a server polling it never
+    loads a half-written index; a version already there is replaced, not atomically (export a
+    new version instead while a server polls).
 
     Returns:
         A summary: index kind, ads, width, mean recall@100 of the shards (each against exact
         search over its own ads) and the repositories.
-
-    Each shard is built and published like a step's version: staged beside its repository and
-    moved in, so a server polling it never loads a half-written index.
     """
     from candgen.index.build import index_recall
 

@@ -976,7 +976,7 @@ class ShardStep(Step):
         super().__init__(folder)
         faiss.omp_set_num_threads(1)  # one query per request, as in the generators step
         self.index = AdIndex.load(self.folder / INDEX_FILE, self.index_config)
-        self.index.search(np.zeros((1, self.index.dim), np.float32), 1)  # its layout, at load
+        self.index.positions()  # its layout, at load: the first filtered search would wait
         self.lock = threading.Lock()  # a search against the catalogue updates' steps
         shard, shards = self.provenance.get("shard", 0), self.provenance.get("shards", 1)
         self.updates = watch_updates(
