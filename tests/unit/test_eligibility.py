@@ -221,3 +221,46 @@ def test_a_patched_segment_equals_one_built_afresh() -> None:
         for profile in (PROFILE, {**PROFILE, "surface": "search", "country": "DE"}, nobody):
             patched = elig.request(profile).bitmap("ads")
             assert patched.tolist() == fresh.request(profile).bitmap("ads").tolist()
+
+
+def test_indexes_laid_out_alike_share_one_bitmap_until_one_changes() -> None:
+    index, ads, state = _world(kind="flat")
+    twin = AdIndex.build(
+        index.positions(), np.eye(16, dtype=np.float32)[np.arange(len(ads.ad_ids)) % 16],
+        IndexConfig(kind="flat"),
+    )  # fmt: skip
+    elig = Eligibility(ads, state, {"ads": index, "content": twin})
+    request = elig.request(PROFILE)
+    assert request.bitmap("ads") is request.bitmap("content")
+    # a pause patches the shared bitmap once, for both
+    campaign = int(ads.campaign_ids[0])
+    elig.update(elig.state.updated([(campaign, "paused", 1.0, EVERYONE)]))
+    allowed = _allowed_by_rule(ads, elig.state, PROFILE)
+    request = elig.request(PROFILE)
+    assert request.bitmap("ads") is request.bitmap("content")
+    query = np.ones((1, 16), np.float32)
+    for name, idx in (("ads", index), ("content", twin)):
+        found = idx.search(query, len(ads.ad_ids), allowed=request.bitmap(name))[0][0]
+        assert set(found.tolist()) == allowed
+    # the content index loses ads: its positions move, the ads index's do not
+    gone = sorted(allowed)[:5]
+    twin.remove(gone)
+    request = elig.request(PROFILE, blocked_ads=[sorted(allowed)[7]])
+    assert request.bitmap("ads") is not request.bitmap("content")
+    for name, idx, left in (("ads", index, allowed), ("content", twin, allowed - set(gone))):
+        found = idx.search(query, len(ads.ad_ids), allowed=request.bitmap(name))[0][0]
+        assert set(found.tolist()) == left - {sorted(allowed)[7]}
+
+
+def test_an_index_laid_out_unlike_the_ad_table_answers_by_the_rule() -> None:
+    _, ads, state = _world(kind="flat")
+    rng = np.random.default_rng(2)
+    shuffled = rng.permutation(len(ads.ad_ids))
+    vectors = rng.standard_normal((len(ads.ad_ids), 16)).astype(np.float32)
+    index = AdIndex.build(ads.ad_ids[shuffled], vectors, IndexConfig(kind="flat"))
+    elig = Eligibility(ads, state, {"ads": index})
+    allowed = _allowed_by_rule(ads, state, PROFILE)
+    request = elig.request(PROFILE)
+    found = index.search(vectors[:1], len(ads.ad_ids), allowed=request.bitmap("ads"))[0][0]
+    assert set(found.tolist()) == allowed
+    assert request.allows(ads.ad_ids).tolist() == [a in allowed for a in ads.ad_ids.tolist()]

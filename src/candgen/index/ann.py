@@ -20,11 +20,11 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import numpy as np
 
-from candgen.data.ids import position_of
+from candgen.data.ids import SortedIds
 from candgen.errors import ConfigError
 
 if TYPE_CHECKING:  # faiss loads when an index is built or read, not with this module
@@ -55,6 +55,9 @@ INDEX_FILE = "ads.faiss"  # a saved index: this file and ids_file() beside it
 def ids_file(index_path: Path) -> Path:
     """The live and removed ids saved beside an index file."""
     return Path(index_path).with_suffix(".ids.npz")
+
+
+SEARCH_SETTINGS: Final = ("ef_search", "nprobe", "refine_factor")  # how, not what, is searched
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,8 @@ class IndexConfig:
     # 1M ads, a user encoder's queries, efConstruction 200: recall@100 0.88 at 128, 0.97 at
     # 256, 0.99 at 512 on one build; 0.86, 0.94, 0.97 (at 384), 0.985 on a rebuild with another
     # encoder (docs/BENCHMARKS.md, serving ensemble): export a large corpus with --ef-search
-    # chosen on its own queries. The content index keeps this default: its recall vs exact is
-    # bounded by duplicate ad texts (0.75 at 256, 0.79 at 384 on the benchmark's 20k texts).
+    # chosen on its own queries. The generators step searches its content index with the same
+    # search settings (SEARCH_SETTINGS).
     ef_search: int = 256
     ivf_nlist: int = 0
     ivf_quantizer: str = "flat"
@@ -190,7 +193,7 @@ class AdIndex:
         self._tombstones: set[int] = set()
         self._standing: _Standing | None = None  # see _standing_ids
         self._positions: np.ndarray | None = None  # ad id at each internal position
-        self._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # positions, argsort
+        self._layout = (np.zeros(0, np.int64), SortedIds(np.zeros(0, np.int64)))  # see positions
         self._host: faiss.Index | None = None  # a GPU index's CPU copy (see _host_index)
         self._graph_quantizer: bool | None = None  # IVF's quantizer is HNSW (see _ivf_params)
         self._live: tuple[np.ndarray, int, np.ndarray] | None = None  # see _live_bits
@@ -336,14 +339,10 @@ class AdIndex:
         self._host = None
 
     def _append_layout(self, ids: np.ndarray) -> None:
-        """The cached positions with ``ids`` appended, their order merged in: O(corpus) copies
-        instead of an argsort of the whole corpus (a second at 10M ads) on every add."""
-        old, order = self._layout
-        new_order = np.argsort(ids, kind="stable")
-        at = np.searchsorted(old[order], ids[new_order])
-        order = np.insert(order, at, len(old) + new_order)
+        """The cached positions with ``ids`` appended, and merged into their sorted copy."""
+        old, found = self._layout
         positions = np.concatenate([old, ids])
-        self._layout = (positions, order)  # one assignment, as in positions()
+        self._layout = (positions, found.appended(ids))  # one assignment, as in positions()
         self._positions = positions
 
     @property
@@ -376,15 +375,14 @@ class AdIndex:
             id_map = cast("faiss.IndexIDMap", self.index).id_map
             positions = self.faiss.vector_to_array(id_map).astype(np.int64)
             # One assignment: a reader on another thread sees both arrays or neither.
-            self._layout = (positions, np.argsort(positions, kind="stable"))
+            self._layout = (positions, SortedIds(positions))
             self._positions = positions
         return self._positions
 
     def position_of(self, ids: np.ndarray) -> np.ndarray:
         """Each ad's internal position, -1 for an ad the index does not hold."""
         self.positions()
-        positions, order = self._layout
-        return position_of(positions, order, ids)
+        return self._layout[1].rows(ids)
 
     def search(
         self,
@@ -770,7 +768,7 @@ class AdIndex:
         obj._tombstones = set(meta["tombstones"].tolist())
         obj._standing = None
         obj._positions = None
-        obj._layout = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        obj._layout = (np.zeros(0, np.int64), SortedIds(np.zeros(0, np.int64)))
         obj._graph_quantizer = None
         obj._live = obj._standing_bitmap = None
         obj.exact_fallbacks = 0
@@ -915,7 +913,8 @@ class VectorFile:
         return self.shape[0]
 
     def read(self, rows: slice | np.ndarray) -> np.ndarray:
-        """The rows of a slice (step 1) or of sorted row numbers."""
+        """The rows of a slice (step 1) or of row numbers (in any order; sorted reads are
+        the quickest)."""
         width = self.shape[1] * 4
         with self.path.open("rb") as f:
             if isinstance(rows, slice):
@@ -926,6 +925,8 @@ class VectorFile:
                 )
             out = np.empty((len(rows), self.shape[1]), np.float32)
             fd = f.fileno()
+            if len(rows) < self.shape[0] // 2 and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # scattered rows: no readahead
             for i, row in enumerate(np.asarray(rows, np.int64).tolist()):
                 out[i] = np.frombuffer(os.pread(fd, width, self.offset + row * width), np.float32)
             return out
