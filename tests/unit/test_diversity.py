@@ -363,3 +363,33 @@ def test_the_first_window_admitted_holds_at_most_the_cap_so_spread_never_ends_ea
     assert sum(a <= 10 for a in admitted[:25]) <= 6
     chosen = [Candidate(a, 1.0, "popularity") for a in admitted[:25]]
     assert len(spread(chosen, catalog, config)) == 25
+
+
+def test_duplicate_groups_read_a_memory_map_in_blocks_and_agree_with_the_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule, ad by ad: each ad joins the first earlier leader of its advertiser near it."""
+    import candgen.serving.diversity as diversity
+
+    rng = np.random.default_rng(4)
+    n = 700
+    advertisers = rng.integers(0, 5, n)
+    centres = rng.normal(size=(30, 8))
+    emb = (centres[rng.integers(0, 30, n)] + 0.2 * rng.normal(size=(n, 8))).astype(np.float32)
+    emb[rng.random(n) < 0.05] = 0.0
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    expected = np.where(np.linalg.norm(emb, axis=1) > 0, np.arange(n), -1)
+    leaders: dict[int, list[int]] = {}
+    for j in np.flatnonzero(expected >= 0).tolist():
+        mine = leaders.setdefault(int(advertisers[j]), [])
+        near = [i for i in mine if unit[i] @ unit[j] >= 0.9]
+        if near:
+            expected[j] = near[0]
+        else:
+            mine.append(j)
+    np.save(tmp_path / "emb.npy", emb)
+    monkeypatch.setattr(diversity, "_GROUP_BLOCK", 50)  # blocks smaller than an advertiser
+    mapped = np.load(tmp_path / "emb.npy", mmap_mode="r")
+    groups = duplicate_groups(advertisers, mapped, 0.9)
+    assert (groups != np.arange(n)).sum() > 50  # many near-duplicates: the rule is exercised
+    assert groups.tolist() == expected.tolist()

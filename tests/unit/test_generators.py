@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from candgen.errors import ConfigError
+from candgen.index.ann import VectorFile
 from candgen.serving.generators import ContentGenerator, PacingPopularity
 
 AD = 1_000_000_000
@@ -142,7 +143,7 @@ def test_text_vectors_are_read_from_disk_by_row_and_new_ads_join_them(tmp_path: 
     gen = ContentGenerator(ids, text, np.array([0, 1, 0]), 2)
     gen.save(tmp_path)
     loaded = ContentGenerator.load(tmp_path)
-    assert isinstance(loaded.text.vectors, np.memmap)  # not read into memory
+    assert isinstance(loaded.text.vectors, VectorFile)  # read by row, not into memory
     assert sorted(loaded.text) == sorted(ids.tolist()) and len(loaded.text) == 3
     for ad, vec in zip(ids.tolist(), text, strict=True):
         assert np.allclose(loaded.text[ad], vec / np.linalg.norm(vec))
@@ -158,3 +159,48 @@ def test_text_vectors_are_read_from_disk_by_row_and_new_ads_join_them(tmp_path: 
     )
     with pytest.raises(ConfigError, match=r"^ad_ids: an ad id appears more than once"):
         TextVectors.of(np.array([1, 1]), np.zeros((2, 8)))
+
+
+def test_a_generator_built_from_a_text_file_answers_as_one_built_in_memory(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(3)
+    n, cats = 500, 4
+    ids = AD + 2 * np.arange(n)
+    categories = rng.integers(0, cats, n)
+    text = (3.0 * rng.standard_normal((n, 16))).astype(np.float32)  # not unit length
+    in_memory = ContentGenerator(ids, text, categories, cats)
+    folder = tmp_path / "content"
+    folder.mkdir()
+    from candgen.serving.generators import TEXT_FILE
+
+    np.save(folder / TEXT_FILE, text)
+    from_file = ContentGenerator.from_file(ids, folder / TEXT_FILE, categories, cats)
+    assert np.allclose(np.linalg.norm(np.load(folder / TEXT_FILE), axis=1), 1.0, atol=1e-5)
+    assert np.allclose(from_file.centroids, in_memory.centroids, atol=1e-5)
+    assert isinstance(from_file.text.vectors, VectorFile)
+    for recent in ([ids[0], ids[9]], [ids[42]]):
+        assert from_file.candidates(recent, None, 20) == in_memory.candidates(recent, None, 20)
+    before = (folder / TEXT_FILE).stat().st_mtime_ns
+    from_file.save(folder)  # its own text file: no second copy is written over it
+    assert (folder / TEXT_FILE).stat().st_mtime_ns == before
+    loaded = ContentGenerator.load(folder)
+    assert loaded.candidates([ids[42]], None, 20) == in_memory.candidates([ids[42]], None, 20)
+    with pytest.raises(ConfigError, match=r"^ad_ids: text vectors' ad ids must be sorted"):
+        ContentGenerator.from_file(ids[::-1].copy(), folder / TEXT_FILE, categories, cats)
+    with pytest.raises(ConfigError, match=r"^categories: must lie in 0..3"):
+        ContentGenerator.from_file(ids, folder / TEXT_FILE, categories + cats, cats)
+
+
+def test_category_sums_equal_adding_each_vector_to_its_category(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import candgen.serving.generators as generators
+
+    rng = np.random.default_rng(6)
+    categories = rng.integers(0, 5, 1_000)
+    vectors = rng.standard_normal((1_000, 12)).astype(np.float32)
+    expected = np.zeros((5, 12), np.float32)
+    np.add.at(expected, categories, vectors)
+    monkeypatch.setattr(generators, "_SUM_BLOCK", 64)  # many blocks, a short last one
+    assert np.allclose(generators._category_sums(categories, vectors, 5), expected, atol=1e-4)

@@ -6,35 +6,40 @@ the user encoder plus the ad index (``candgen.models.retriever`` / ``candgen.ind
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from candgen.data.ids import SortedIds
 from candgen.errors import ConfigError
-from candgen.index.ann import AdIndex, IndexConfig
+from candgen.index.ann import AdIndex, IndexConfig, VectorFile
 
-TEXT_FILE = "text_vectors.npy"  # beside content.npz: memory-mapped when a generator loads
+TEXT_FILE = "text_vectors.npy"  # beside content.npz: read by row when a generator loads
 
 
 class TextVectors(Mapping[int, np.ndarray]):
     """The ads' text vectors by ad id: sorted ids over one array, which a loaded generator
-    memory-maps, so that its process holds only the rows its requests read (the whole array is
-    1.5 GB of float32 at 1M ads of 384-d MiniLM text, 15 GB at 10M; a dict of per-ad arrays held
-    all of it), and a dict of the ads added since.
+    reads from disk a row at a time (``VectorFile``), so that its process holds only the rows
+    a request reads (the whole array is 1.5 GB of float32 at 1M ads of 384-d MiniLM text, 15 GB
+    at 10M; a dict of per-ad arrays held all of it), and a dict of the ads added since. Not a
+    memory map: with this machine's 8 MB readahead each row read through one added about 1.6
+    MB of mapped pages to the process, 33 MB a request (serving_notes.md, 17).
 
     Args:
         ad_ids: (N,) ad ids, sorted and unique.
-        vectors: (N, T) their vectors, in the same order (an array or a memory map).
+        vectors: (N, T) their vectors, in the same order (in memory, or a ``VectorFile``).
     """
 
-    def __init__(self, ad_ids: np.ndarray, vectors: np.ndarray) -> None:
+    def __init__(self, ad_ids: np.ndarray, vectors: np.ndarray | VectorFile) -> None:
         ids = np.asarray(ad_ids, np.int64)
         if len(ids) != len(vectors):
             raise ConfigError("ad_ids", f"{len(ids)} ad ids for {len(vectors)} text vectors")
         if len(ids) > 1 and not (np.diff(ids) > 0).all():
             raise ConfigError("ad_ids", "text vectors' ad ids must be sorted and unique")
         self.ids, self.vectors = ids, vectors
+        self._find = SortedIds(ids)
         self.added: dict[int, np.ndarray] = {}
 
     @classmethod
@@ -47,8 +52,7 @@ class TextVectors(Mapping[int, np.ndarray]):
         return cls(ids[order], np.asarray(vectors)[order])
 
     def _row(self, ad_id: int) -> int:
-        at = int(np.searchsorted(self.ids, ad_id))
-        return at if at < len(self.ids) and self.ids[at] == ad_id else -1
+        return int(self._find.rows(np.asarray([ad_id]))[0])
 
     def __getitem__(self, ad_id: int) -> np.ndarray:
         ad_id = int(ad_id)
@@ -57,7 +61,13 @@ class TextVectors(Mapping[int, np.ndarray]):
         row = self._row(ad_id)
         if row < 0:
             raise KeyError(ad_id)
-        return np.asarray(self.vectors[row], np.float32)
+        vector: np.ndarray = self._read(np.asarray([row]))[0]
+        return vector
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        if isinstance(self.vectors, VectorFile):
+            return self.vectors.read(rows)
+        return np.asarray(self.vectors[rows], np.float32)
 
     def __contains__(self, ad_id: object) -> bool:
         if not isinstance(ad_id, int | np.integer):
@@ -76,10 +86,10 @@ class TextVectors(Mapping[int, np.ndarray]):
         took seconds over a million)."""
         ids = np.asarray(ad_ids, np.int64)
         out = np.zeros((len(ids), self.vectors.shape[1]), np.float32)
-        if len(self.ids):
-            at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-            found = self.ids[at] == ids
-            out[found] = self.vectors[at[found]]
+        rows = self._find.rows(ids)
+        found = rows >= 0
+        if found.any():
+            out[found] = self._read(rows[found])
         if self.added:
             for i, ad in enumerate(ids.tolist()):
                 if ad in self.added:
@@ -93,9 +103,38 @@ class TextVectors(Mapping[int, np.ndarray]):
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Every ad's id and vector, ids sorted (the stored ones read in full)."""
         if not self.added:
+            if isinstance(self.vectors, VectorFile):
+                return self.ids, self.vectors.read(slice(0, len(self.ids)))
             return self.ids, np.asarray(self.vectors, np.float32)
         ids = np.fromiter(self, np.int64, len(self))
         return TextVectors.of(ids, np.stack([self[i] for i in ids.tolist()])).arrays()
+
+
+def _check_inputs(
+    ad_ids: np.ndarray,
+    text: np.ndarray | VectorFile,
+    categories: np.ndarray,
+    num_categories: int,
+) -> None:
+    if not len(ad_ids) == len(text) == len(categories):
+        raise ConfigError("ad_ids", "ad_ids, text_embeddings and categories differ in length")
+    if len(categories) and (categories.min() < 0 or categories.max() >= num_categories):
+        raise ConfigError("categories", f"must lie in 0..{num_categories - 1}")
+
+
+def _category_sums(categories: np.ndarray, vectors: np.ndarray, n: int) -> np.ndarray:
+    """(n, T): the sum of each category's vectors, as products with the categories' one-hot
+    matrix a block of rows at a time (``np.add.at`` over 500,000 rows of 384-d text took
+    seconds)."""
+    categories = np.asarray(categories)
+    sums = np.zeros((n, vectors.shape[1]), np.float32)
+    for lo in range(0, len(categories), _SUM_BLOCK):  # the one-hot block: at most 6 MB at C 24
+        one_hot = np.eye(n, dtype=np.float32)[categories[lo : lo + _SUM_BLOCK]]
+        sums += one_hot.T @ np.asarray(vectors[lo : lo + _SUM_BLOCK], np.float32)
+    return sums
+
+
+_SUM_BLOCK = 65_536
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -126,39 +165,90 @@ class ContentGenerator:
         num_categories: int,
         config: IndexConfig | None = None,
     ) -> None:
-        if not len(ad_ids) == len(text_embeddings) == len(categories):
-            raise ConfigError("ad_ids", "ad_ids, text_embeddings and categories differ in length")
-        if len(categories) and (categories.min() < 0 or categories.max() >= num_categories):
-            raise ConfigError("categories", f"must lie in 0..{num_categories - 1}")
+        _check_inputs(ad_ids, text_embeddings, categories, num_categories)
         vectors = _normalise(np.asarray(text_embeddings, dtype=np.float32))
         self.index = AdIndex.build(np.asarray(ad_ids, np.int64), vectors, config)
         self.text = TextVectors.of(np.asarray(ad_ids, np.int64), vectors)
-        self.centroids = np.zeros((num_categories, vectors.shape[1]), dtype=np.float32)
-        np.add.at(self.centroids, categories, vectors)
-        self.centroids = _normalise(self.centroids)
+        self.centroids = _normalise(_category_sums(categories, vectors, num_categories))
+
+    @classmethod
+    def from_file(
+        cls,
+        ad_ids: np.ndarray,
+        text_file: Path,
+        categories: np.ndarray,
+        num_categories: int,
+        config: IndexConfig | None = None,
+        progress: bool = False,
+    ) -> ContentGenerator:
+        """A generator over more text than memory holds (15 GB at 10M ads of 384-d MiniLM).
+
+        ``text_file`` becomes its text store: a (N, T) float32 .npy whose rows follow
+        ``ad_ids`` (sorted), normalised in place a block at a time where they are not unit
+        length, indexed from disk (``AdIndex.build`` over a ``VectorFile``) and read a row at
+        a time. ``save`` into the folder that holds it writes no second copy.
+
+        Args:
+            ad_ids: (N,) ad ids, sorted and unique.
+            text_file: the ads' text embeddings.
+            categories: (N,) category index of each ad, in 0..C-1.
+            num_categories: C.
+            config: index settings.
+            progress: progress bars while normalising and indexing.
+        """
+        from tqdm.auto import tqdm
+
+        text_file = Path(text_file)
+        source = VectorFile(text_file)
+        ids = np.asarray(ad_ids, np.int64)
+        _check_inputs(ids, source, categories, num_categories)
+        text = TextVectors(ids, source)  # refuses unsorted ids
+        centroids = np.zeros((num_categories, source.shape[1]), dtype=np.float32)
+        step = (config or IndexConfig()).build_chunk
+        for lo in tqdm(range(0, len(ids), step), desc="text vectors", disable=not progress):
+            block = source.read(slice(lo, lo + step))
+            unit = _normalise(block)
+            if not np.allclose(unit, block, atol=1e-6):  # written only where not unit length
+                stored = np.load(text_file, mmap_mode="r+")
+                stored[lo : lo + len(unit)] = unit
+                stored.flush()
+                del stored
+            centroids += _category_sums(categories[lo : lo + step], unit, num_categories)
+        obj = cls.__new__(cls)
+        obj.index = AdIndex.build(ids, source, config, progress=progress)
+        obj.text = text
+        obj.centroids = _normalise(centroids)
+        return obj
 
     def save(self, folder: Path) -> None:
         """Writes the index, the normalised text vectors (``TEXT_FILE``, ids sorted) and the
         category centroids."""
         folder = Path(folder)
         self.index.save(folder / "content.faiss")
-        ids, vectors = self.text.arrays()
-        if not len(ids):
-            vectors = self.centroids[:0]
-        np.save(folder / TEXT_FILE, np.ascontiguousarray(vectors, np.float32))
+        target = folder / TEXT_FILE
+        stored = self.text.vectors
+        if isinstance(stored, VectorFile) and not self.text.added:
+            if stored.path.resolve() != target.resolve():
+                shutil.copyfile(stored.path, target)  # streamed: never whole in memory
+            ids = self.text.ids
+        else:
+            ids, vectors = self.text.arrays()
+            if not len(ids):
+                vectors = self.centroids[:0]
+            np.save(target, np.ascontiguousarray(vectors, np.float32))
         np.savez(folder / "content.npz", ad_ids=ids, centroids=self.centroids)
 
     @classmethod
     def load(cls, folder: Path, config: IndexConfig | None = None) -> ContentGenerator:
         """Reads what ``save`` wrote (no rebuild: a large HNSW index loads in seconds); the
-        text vectors stay on disk, memory-mapped (an older export's, inside content.npz, are
-        read in full)."""
+        text vectors stay on disk, read a row at a time (an older export's, inside content.npz,
+        are read in full)."""
         folder = Path(folder)
         arrays = np.load(folder / "content.npz")
         obj = cls.__new__(cls)
         obj.index = AdIndex.load(folder / "content.faiss", config)
         if (folder / TEXT_FILE).exists():
-            obj.text = TextVectors(arrays["ad_ids"], np.load(folder / TEXT_FILE, mmap_mode="r"))
+            obj.text = TextVectors(arrays["ad_ids"], VectorFile(folder / TEXT_FILE))
         else:
             obj.text = TextVectors.of(arrays["ad_ids"], arrays["vectors"])
         obj.centroids = arrays["centroids"]
@@ -174,9 +264,9 @@ class ContentGenerator:
         self, recent_ids: Iterable[int], category_affinity: Iterable[float] | None
     ) -> np.ndarray | None:
         """The content query for a user, or None when nothing is known about them."""
-        known = [self.text[i] for i in map(int, recent_ids) if i in self.text]
-        if known:
-            return _normalise(np.mean(known, axis=0))
+        recent = [i for i in map(int, recent_ids) if i in self.text]
+        if recent:  # one read for all of them (each row alone opened the file again)
+            return _normalise(self.text.take(np.asarray(recent, np.int64)).mean(axis=0))
         if category_affinity is not None:
             aff = np.asarray(list(category_affinity), dtype=np.float32)
             if aff.shape == (len(self.centroids),) and aff.sum() > 0:
@@ -232,7 +322,7 @@ class PacingPopularity:
         order = np.lexsort((np.asarray(ad_ids), -score))  # ties: lower id first
         order = order[score[order] > 0]
         self.ids = np.asarray(ad_ids, np.int64)[order]
-        self.scores = score[order]
+        self.scores = score[order].astype(np.float32)  # served as float32: half the memory
 
     def candidates(
         self,
