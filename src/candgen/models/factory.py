@@ -11,6 +11,7 @@ from typing import TypedDict
 
 import torch
 
+from candgen.errors import CandgenError
 from candgen.models.base import RetrievalModel
 from candgen.models.config import ModelConfig
 from candgen.models.saved import LoadedModel, read_header
@@ -109,26 +110,36 @@ def load_model(path: Path | str, map_location: str = "cpu") -> LoadedModel:
     """Loads a ``model.pt`` written by ``train``: the model (eval mode) and its header.
 
     Raises:
-        CandgenError: the file is missing, foreign, of another format version or damaged.
+        CandgenError: the file is missing, foreign, of another format version or damaged, or
+            it leaves a tensor of the model without a value.
     """
     header, state = read_header(path, map_location)
     n = header.num_items
-    model = build_model(
-        header.model,
-        n,
-        state.get("item_attributes", torch.zeros(n + 1, 1, dtype=torch.long)),
-        state.get("item_text"),
-        header.user_feature_cardinalities,
-        header.has_timestamps,
-        header.has_labels,
-        None,  # the cold-item mask is part of the state
-        header.long_term_dim,
-        header.has_surfaces,
-        header.query_text_dim,
-        header.has_context_items,
-    )
-    # The saved tensors themselves (memory-mapped by read_header), not copies into the freshly
-    # built ones: the process holds only the pages it reads (serving_notes.md, 16).
+    attributes = state.get("item_attributes")
+    if attributes is None:  # made only when missing: 80 MB at 10M items
+        attributes = torch.zeros(n + 1, 1, dtype=torch.long)
+    # Built on the meta device (shapes, no memory), then given the saved tensors themselves,
+    # memory-mapped by read_header, not copies: the process holds only the pages it reads. A
+    # model built in memory first held its own 2.6 GB item table at 10M ads until the assignment
+    # (serving_notes.md, 16 and 17).
+    with torch.device("meta"):
+        model = build_model(
+            header.model,
+            n,
+            attributes,
+            state.get("item_text"),  # read: whether any item has text shapes the model
+            header.user_feature_cardinalities,
+            header.has_timestamps,
+            header.has_labels,
+            None,  # the cold-item mask is part of the state
+            header.long_term_dim,
+            header.has_surfaces,
+            header.query_text_dim,
+            header.has_context_items,
+        )
     model.load_state_dict(state, assign=True)
+    unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unset:
+        raise CandgenError(f"{path}: the saved model has no values for {unset[:5]}")
     model.eval()
     return LoadedModel(model, header)

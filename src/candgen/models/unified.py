@@ -212,7 +212,8 @@ class UnifiedHSTU(HSTU):
                 raise ConfigError(
                     "item_text", f"{item_text.shape[0]} rows, expected {num_items + 1}"
                 )
-            cold = torch.zeros(num_items + 1, dtype=torch.bool)
+            # on the text's device: load_model builds the model on the meta device
+            cold = torch.zeros(num_items + 1, dtype=torch.bool, device=item_text.device)
             if cold_items is not None:
                 if cold_items.shape != cold.shape:
                     raise ConfigError(
