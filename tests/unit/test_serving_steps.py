@@ -305,3 +305,36 @@ def test_the_encoder_passes_the_context_only_to_a_model_that_reads_it() -> None:
     assert not np.allclose(related[0], related[1])
     # An item the model does not know is not passed: the answer is the one without an item.
     assert np.array_equal(related[0], related[2])
+
+
+def test_the_generators_search_their_text_index_with_the_versions_search_settings(
+    tmp_path: Path,
+) -> None:
+    from candgen.endpoint.export import stage_generators
+    from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig
+    from candgen.serving.eligibility import AdTable, DeliveryState, save_eligibility
+    from candgen.serving.generators import ContentGenerator
+    from candgen.serving.steps import Generators
+
+    rng = np.random.default_rng(0)
+    ads = 1_000_000_000 + np.arange(1, 401, dtype=np.int64)
+    vectors = rng.standard_normal((len(ads), 8)).astype(np.float32)
+    AdIndex.build(ads, vectors, IndexConfig(kind="flat")).save(tmp_path / INDEX_FILE)
+    text = rng.standard_normal((len(ads), 16)).astype(np.float32)
+    built = IndexConfig(kind="ivfpq", pq_m=4, ivf_nlist=8, refine="none")
+    content = ContentGenerator(ads, text, np.zeros(len(ads), np.int64), 1, built)
+    delivery = {"ad_ids": ads, "impressions": np.ones(len(ads)), "clicks": np.ones(len(ads)),
+                "budget_left_fraction": np.ones(len(ads)), "ineligible": ads[:0]}  # fmt: skip
+    stage_generators(tmp_path, content, delivery)
+    campaigns = np.array([7], np.int64)
+    save_eligibility(
+        tmp_path,
+        AdTable(ads, np.full(len(ads), 7), np.ones(len(ads), np.int64), ads[:0]),
+        DeliveryState(campaigns, np.zeros(1, np.int64), np.ones(1, bool), np.ones(1, np.float32)),
+    )
+    served = IndexConfig(kind="flat", nprobe=3, ef_search=77, refine_factor=5)
+    loaded = Generators.load(tmp_path, served)
+    text_index = loaded.content.index
+    assert text_index.kind == "ivfpq"  # its own kind, the version's way of searching it
+    assert (text_index.config.nprobe, text_index.config.ef_search) == (3, 77)
+    assert text_index.config.refine_factor == 5 and text_index.config.device == "cpu"
