@@ -19,7 +19,7 @@ help:
 	@echo "make train-ddp         the same as a 2-process TorchX job (DDP over gloo)"
 	@echo "make benchmark-quality SASRec and HSTU on Beauty and Games -> docs/BENCHMARKS.md"
 	@echo "make benchmark-serving FAISS index and the live Triton ensemble on 1M ads -> docs/BENCHMARKS.md"
-	@echo "make benchmark-scale   compressed indexes at 1M and 10M ads, shards, updates while serving"
+	@echo "make benchmark-scale   compressed indexes at 1M and 10M ads, shards, updates, the 10M ensemble"
 	@echo "make benchmark-constraints filtered ANN on real targeting, the ensemble with/without constraints"
 	@echo "make benchmark-ablation unified vs single-task, scenario, long/short-term, cold start, quotas"
 	@echo "make mlflow-ui         browse runs and registered models (http://127.0.0.1:5000)"
@@ -85,6 +85,9 @@ benchmark-scale: setup
 		--nprobe 8 --refine-factor 4
 	$(BIN)/python benchmarks/scale.py --stage updates --ads 10000000 --configs ivf4k-pq32-fp16 \
 		--nprobe 8 --refine-factor 4
+	$(BIN)/python benchmarks/serving.py --stage ensemble --ads 10000000 --machine cpu-10M \
+		--ad-index ivf4k-pq32-fp16 --content-index ivf4k-hnsw-pq48 --nprobe 8 --refine-factor 4 \
+		--workdir data/bench_serving_10m --concurrency 1 4 --seconds 20
 
 benchmark-constraints: setup
 	$(BIN)/python benchmarks/constraints.py --stage recall

@@ -90,6 +90,7 @@ def constraints_of(market: Path):  # type: ignore[no-untyped-def]  # -> (AdTable
 
 
 ID_OFFSET = 10_000_000  # the 1M-ad marketplace's campaigns and advertisers, beside the market's
+MARKETPLACE_ADS = 1_000_000  # a larger corpus repeats its ads' campaigns (10 ads each at 10M)
 
 
 def write_constraints(
@@ -105,7 +106,9 @@ def write_constraints(
 
     The corpus' first ads are the small market's (``work/market``, with its online features: the
     ones a pause is pushed to); the rest borrow the campaigns, advertisers and targeting of the
-    1M-ad marketplace's ads at the same positions, under ids ``ID_OFFSET`` above the market's.
+    1M-ad marketplace's ads at the same positions (modulo its size: past 1M ads, each of its
+    campaigns and advertisers owns 10 times as many ads at 10M), under ids ``ID_OFFSET`` above
+    the market's. ``text`` may be a memory map (``duplicate_groups`` reads it in blocks).
     """
     import pandas as pd
 
@@ -118,7 +121,7 @@ def write_constraints(
     n_market = len(market)
     if ad_ids[:n_market].tolist() != market["ad_id"].tolist():
         raise SystemExit("write_constraints: the corpus must begin with the market's ads")
-    big = bench_market(work, len(ad_ids), seed)
+    big = bench_market(work, min(len(ad_ids), MARKETPLACE_ADS), seed)
     manifest = json.loads((big / "manifest.json").read_text())
     big_campaigns = pd.read_parquet(big / "campaigns.parquet")
     big_delivery = campaign_delivery_table(
@@ -139,11 +142,14 @@ def write_constraints(
          )],
         ignore_index=True,
     )  # fmt: skip
+    at = np.arange(n_market, len(ad_ids)) % len(big_ads)  # past 1M: the marketplace again
     ads = pd.DataFrame({
         "ad_id": ad_ids,
-        "campaign_id": np.r_[market["campaign_id"], big_ads["campaign_id"][n_market:] + ID_OFFSET],
+        "campaign_id": np.r_[
+            market["campaign_id"], big_ads["campaign_id"].to_numpy()[at] + ID_OFFSET
+        ],
         "advertiser_id": np.r_[
-            market["advertiser_id"], big_ads["advertiser_id"][n_market:] + ID_OFFSET
+            market["advertiser_id"], big_ads["advertiser_id"].to_numpy()[at] + ID_OFFSET
         ],
     })  # fmt: skip
     state = delivery_state(delivery)
