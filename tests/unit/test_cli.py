@@ -90,6 +90,18 @@ def test_argparse_type_errors_exit_2() -> None:
         (["train", "--num-heads", "3"], "num_heads: 3 does not divide dim 64"),
         (["train", "--protocol", "sampled50"], "protocol: 'sampled50' is not one of"),
         (["train", "--data-dir", "/nonexistent", "--no-track"], "Beauty.txt: no such file"),
+        (["train", "--dataset", "sequences", "--no-track"], "data_dir: the sequences data set"),
+        (
+            [
+                "train",
+                "--dataset",
+                "sequences",
+                "--data-dir",
+                "/nonexistent/Toys.txt",
+                "--no-track",
+            ],
+            "/nonexistent/Toys.txt: no such file",
+        ),
         (["evaluate", "--model", "/nonexistent/model.pt"], "/nonexistent/model.pt: no such"),
     ],
 )

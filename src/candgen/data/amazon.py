@@ -119,14 +119,33 @@ def load_beauty(data_dir: Path | None = None) -> pd.DataFrame:
 
 def load_beauty_attributes(data_dir: Path | None = None) -> dict[int, list[int]]:
     """Beauty's item attributes (brand and category ids), keyed by item id."""
-    path = (data_dir or shared_data_dir()) / BEAUTY_ATTRIBUTES_FILE
+    return load_item_attributes((data_dir or shared_data_dir()) / BEAUTY_ATTRIBUTES_FILE)
+
+
+def attributes_beside(path: Path) -> Path:
+    """Where a sequence file's item attributes are kept: ``<name>_item2attributes.json``
+    beside ``<name>.txt`` (as Beauty's are)."""
+    return path.with_name(f"{path.stem}_item2attributes.json")
+
+
+def load_item_attributes(path: Path) -> dict[int, list[int]]:
+    """A ``{item_id: [attribute ids]}`` JSON file, keyed by item id.
+
+    Raises:
+        DataFormatError: the file is not that JSON object.
+    """
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataFormatError(str(path), e.lineno, f"invalid JSON: {e.msg}") from None
     if not isinstance(raw, dict):
         raise DataFormatError(str(path), None, "expected a JSON object {item_id: [attribute ids]}")
-    return {int(k): [int(a) for a in v] for k, v in raw.items()}
+    try:
+        return {int(k): [int(a) for a in v] for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise DataFormatError(
+            str(path), None, "expected integer item ids, each with a list of integer attributes"
+        ) from None
 
 
 def load_games(data_dir: Path | None = None) -> pd.DataFrame:

@@ -30,6 +30,8 @@ def load_data(config: DataConfig, seed: int = 0) -> SequenceData:
     """The data set a config names; ``seed`` draws the planted set."""
     if config.dataset in ("beauty", "games"):
         return load_amazon(config.dataset, Path(config.data_dir) if config.data_dir else None)
+    if config.dataset == "sequences":
+        return load_sequence_file(Path(config.data_dir))
     if config.dataset == "marketplace":
         root = Path(config.data_dir or "data/marketplace")
         feats = Path(config.features_dir) if config.features_dir else None
@@ -375,6 +377,40 @@ def load_amazon(dataset: str, data_dir: Path | None = None) -> SequenceData:
             amazon.load_games(root), "games", file_snapshot(root / amazon.GAMES_FILE)
         )
     raise CandgenError(f"dataset: unknown Amazon set {dataset!r}; expected beauty or games")
+
+
+def load_sequence_file(path: Path) -> SequenceData:
+    """Any file in Beauty.txt's format (one line per user, ``user item1 item2 ...`` in time
+    order), split leave-one-out, with ``<name>_item2attributes.json`` beside it as the items'
+    attributes where it exists.
+
+    Args:
+        path: the file, or a folder holding exactly one ``.txt`` file.
+
+    Raises:
+        DataFormatError: no such file, a folder without exactly one .txt, or a malformed line.
+    """
+    from candgen.data import amazon
+
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.txt"))
+        if len(found) != 1:
+            raise DataFormatError(
+                str(path),
+                None,
+                f"expected one .txt sequence file in the folder, found {len(found)}",
+            )
+        path = found[0]
+    if not path.is_file():
+        raise DataFormatError(str(path), None, "no such file (data_dir of the sequences set)")
+    attributes = amazon.attributes_beside(path)
+    return from_interactions(
+        amazon.load_user_lines(path),
+        path.stem,
+        file_snapshot(path),
+        item_attributes=amazon.load_item_attributes(attributes) if attributes.exists() else None,
+    )
 
 
 def planted_interactions(
