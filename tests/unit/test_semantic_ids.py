@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,51 @@ def test_bad_input_names_the_field(tmp_path: Path) -> None:
     # a level never has more centroids than items
     few = SemanticIds.fit(x[:3], SemanticIdConfig(levels=2, codebook_size=256))
     assert few.codebooks[0].shape == (3, 16)
+
+
+def _scorer(vocab: int, seed: int) -> Callable[[list[tuple[int, ...]]], np.ndarray]:
+    """A fixed next-token distribution per prefix, as a generative model's step would give."""
+
+    def next_log_probs(prefixes: list[tuple[int, ...]]) -> np.ndarray:
+        rows = []
+        for prefix in prefixes:
+            rng = np.random.default_rng([seed, len(prefix), *prefix])
+            logits = rng.standard_normal(vocab)
+            rows.append(logits - np.log(np.exp(logits).sum()))
+        return np.stack(rows)
+
+    return next_log_probs
+
+
+def test_beam_search_generates_only_ids_that_exist_and_a_wide_beam_finds_the_best() -> None:
+    from candgen.models.semantic_ids import IdTrie, constrained_beam_search
+
+    x = _embeddings(300)
+    ids = SemanticIds.fit(x, SemanticIdConfig(levels=2, codebook_size=6))
+    items = np.arange(1, 301) * 7
+    table = ids.assign(items, x)
+    trie = IdTrie(table, items)
+    vocab = int(table.max()) + 1
+    score = _scorer(vocab, seed=1)
+    # brute force: every existing ID's summed log-probability
+    exact = []
+    for row, item in zip(table.tolist(), items.tolist(), strict=True):
+        total = sum(float(score([tuple(row[:i])])[0][row[i]]) for i in range(len(row)))
+        exact.append((item, total))
+    exact.sort(key=lambda pair: -pair[1])
+    wide = constrained_beam_search(score, trie, beam_width=len(items), k=10)
+    assert [item for item, _ in wide] == [item for item, _ in exact[:10]]
+    assert [s for _, s in wide] == pytest.approx([s for _, s in exact[:10]])
+    narrow = constrained_beam_search(score, trie, beam_width=10, k=10)
+    assert len(narrow) == 10 and {item for item, _ in narrow} <= set(items.tolist())
+    # a subset (say, the ads a request may get) generates only from the subset
+    allowed = items[::3]
+    sub = IdTrie(table[::3], allowed)
+    found = constrained_beam_search(score, sub, beam_width=20, k=20)
+    assert {item for item, _ in found} <= set(allowed.tolist()) and len(found) == 20
+    with pytest.raises(ConfigError, match=r"^beam_width: must be >= k >= 1"):
+        constrained_beam_search(score, trie, beam_width=5, k=10)
+    with pytest.raises(ConfigError, match=r"^ids: items 7 and 14 share the ID"):
+        IdTrie(np.array([[1, 2], [1, 2]]), np.array([7, 14]))
+    with pytest.raises(ConfigError, match=r"^next_log_probs: 2 tokens a step"):
+        constrained_beam_search(_scorer(2, seed=0), trie, beam_width=10, k=5)

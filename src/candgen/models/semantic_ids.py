@@ -5,13 +5,15 @@ what the first centroid leaves unexplained, and so on for ``levels`` levels (res
 quantisation, as TIGER's RQ-VAE without the learned encoder). Items that end up with the same
 codes get one more token, 0, 1, 2, ... in id order, so that every item has its own ID
 (TIGER's collision token). Codes come from the embedding alone, so an item (or ad) that has
-never been seen gets its ID from its content embedding on its first day.
+never been seen gets its ID from its content embedding on its first day. ``IdTrie`` and
+``constrained_beam_search`` generate only IDs that exist (or, from a subset, only eligible ones).
 
 numpy and FAISS's k-means only: the ID table is built at training and read at serving.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,3 +157,82 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         block = x[lo : lo + 65_536]
         out[lo : lo + len(block)] = np.argmin(norms[None] - 2.0 * block @ centroids.T, axis=1)
     return out
+
+
+class IdTrie:
+    """The semantic IDs that exist, as a prefix tree: which tokens may follow a prefix, so that
+    a generator's beam search only ever builds IDs of real items (and, given a subset, of the
+    ads a request may get).
+
+    Args:
+        ids: (n, length) semantic IDs (``SemanticIds.assign``), one row per item.
+        items: (n,) the item id of each row.
+    """
+
+    def __init__(self, ids: np.ndarray, items: np.ndarray) -> None:
+        ids = np.asarray(ids, np.int64)
+        items = np.asarray(items, np.int64)
+        if ids.ndim != 2 or len(ids) != len(items):
+            raise ConfigError("ids", f"need (n, length) IDs, one per item, got {ids.shape}")
+        self.length = int(ids.shape[1])
+        self._next: dict[tuple[int, ...], np.ndarray] = {}
+        self._item: dict[tuple[int, ...], int] = {}
+        for row, item in zip(ids.tolist(), items.tolist(), strict=True):
+            key = tuple(row)
+            if key in self._item:
+                raise ConfigError("ids", f"items {self._item[key]} and {item} share the ID {row}")
+            self._item[key] = item
+        for level in range(self.length):
+            prefixes: dict[tuple[int, ...], set[int]] = {}
+            for key in self._item:
+                prefixes.setdefault(key[:level], set()).add(key[level])
+            for prefix, tokens in prefixes.items():
+                self._next[prefix] = np.asarray(sorted(tokens), np.int64)
+
+    def allowed(self, prefix: tuple[int, ...]) -> np.ndarray:
+        """The tokens that may follow ``prefix`` (none: no item's ID starts so)."""
+        return self._next.get(tuple(prefix), np.zeros(0, np.int64))
+
+    def item(self, full_id: tuple[int, ...]) -> int | None:
+        """The item a complete ID names, or None."""
+        return self._item.get(tuple(full_id))
+
+
+def constrained_beam_search(
+    next_log_probs: Callable[[list[tuple[int, ...]]], np.ndarray],
+    trie: IdTrie,
+    beam_width: int,
+    k: int,
+) -> list[tuple[int, float]]:
+    """The ``k`` best items by the summed log-probability of their IDs' tokens, found by beam
+    search that extends each prefix only with the tokens ``trie`` allows.
+
+    Args:
+        next_log_probs: prefixes (all of one length) -> (len(prefixes), vocab) log-probabilities
+            of the next token (the generative model's step).
+        trie: the IDs that may be generated.
+        beam_width: prefixes kept after each step (at least ``k``).
+        k: items returned.
+
+    Returns:
+        Up to ``k`` (item id, score) pairs, best first.
+    """
+    if k < 1 or beam_width < k:
+        raise ConfigError("beam_width", f"must be >= k >= 1, got beam {beam_width}, k {k}")
+    beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
+    for _ in range(trie.length):
+        scores = np.asarray(next_log_probs([prefix for prefix, _ in beams]), np.float64)
+        grown: list[tuple[tuple[int, ...], float]] = []
+        for (prefix, score), row in zip(beams, scores, strict=True):
+            tokens = trie.allowed(prefix)
+            if len(tokens) and tokens[-1] >= len(row):
+                raise ConfigError(
+                    "next_log_probs", f"{len(row)} tokens a step, but the IDs use {tokens[-1]}"
+                )
+            grown += [((*prefix, int(t)), score + float(row[t])) for t in tokens.tolist()]
+        grown.sort(key=lambda beam: -beam[1])
+        beams = grown[:beam_width]
+        if not beams:
+            return []
+    found = [(trie.item(prefix), score) for prefix, score in beams]
+    return [(item, score) for item, score in found if item is not None][:k]
