@@ -304,15 +304,18 @@ def index_config(name: str, args: argparse.Namespace) -> IndexConfig:
     """An index named by ``--ad-index``/``--content-index``: hnsw (built with
     ``--ef-construction``) or one of benchmarks/scale.py's compressed ``CONFIGS``, searched with
     this run's ``--ef-search``, ``--nprobe`` and ``--refine-factor``."""
-    from scale import CONFIGS
-
     built = {"kind": "hnsw", "ef_construction": args.ef_construction}
     return IndexConfig(
-        **(built if name == "hnsw" else (CONFIGS | TEXT_INDEXES)[name]),  # type: ignore[arg-type]
-        ef_search=args.ef_search,
-        nprobe=args.nprobe,
-        refine_factor=args.refine_factor,
+        **(built if name == "hnsw" else _built(name)),  # type: ignore[arg-type]
+        **{setting: getattr(args, setting) for setting in SEARCH_SETTINGS},
     )
+
+
+def _built(name: str) -> dict[str, object]:
+    """A compressed index's build settings: benchmarks/scale.py's or ``TEXT_INDEXES``."""
+    from scale import CONFIGS
+
+    return (CONFIGS | TEXT_INDEXES)[name]
 
 
 def _build_repository(
@@ -735,9 +738,7 @@ def _index_name(index: AdIndex, built: str) -> str:
     the stages name them."""
     if index.kind == "hnsw":
         return f"HNSW efSearch={index.config.ef_search}"
-    from scale import CONFIGS
-
-    refined = (CONFIGS | TEXT_INDEXES)[built]["refine"] != "none"
+    refined = _built(built)["refine"] != "none"
     refine = f", refine x {index.config.refine_factor}" if refined else ""
     return f"{built}, nprobe={index.config.nprobe}{refine}"
 
@@ -768,10 +769,9 @@ def _query_generator_stage(
     from candgen.index.ann import VectorFile
     from candgen.serving.generators import TEXT_FILE, ContentGenerator
 
-    # As the generators step loads it: the version's search settings (SEARCH_SETTINGS).
+    # As the generators step loads it: the version's search settings.
     index = read_serving_file(version / GeneratorsStep.MODEL / "1")[1]
-    settings = {name: getattr(index, name) for name in SEARCH_SETTINGS}
-    served = ContentGenerator.load(folder, IndexConfig(**settings))
+    served = ContentGenerator.load(folder, index.searching())
     rows = exact_top_k(VectorFile(folder / TEXT_FILE), qs, K)
     truth = list(served.text.ids[rows])
     ann = served.index

@@ -153,6 +153,8 @@ def test_text_vectors_are_read_from_disk_by_row_and_new_ads_join_them(tmp_path: 
     assert 1_000_000_040 in loaded.text and len(loaded.text) == 4
     taken = loaded.text.take(np.array([1_000_000_040, 5, ids[0]]))
     assert np.allclose(taken[0], new / np.linalg.norm(new)) and not taken[1].any()
+    same, found = loaded.text.lookup(np.array([1_000_000_040, 5, ids[0]]))
+    assert np.array_equal(same, taken) and found.tolist() == [True, False, True]
     loaded.save(tmp_path / "again")
     assert sorted(ContentGenerator.load(tmp_path / "again").text) == sorted(
         [*ids.tolist(), 1_000_000_040]

@@ -141,6 +141,11 @@ class IndexConfig:
         if not isinstance(self.opq, bool):
             raise ConfigError("opq", f"must be true or false, got {self.opq!r}")
 
+    def searching(self) -> IndexConfig:
+        """Only how this config searches (``SEARCH_SETTINGS``), on the CPU: for another index
+        whose kind is its own, as the generators step's text index beside its ads index."""
+        return IndexConfig(**{name: getattr(self, name) for name in SEARCH_SETTINGS})
+
     @property
     def overfetch(self) -> bool:
         """Whether searches keep to the allowed ads by over-fetching (see ``filter_mode``)."""

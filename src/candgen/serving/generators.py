@@ -84,6 +84,11 @@ class TextVectors(Mapping[int, np.ndarray]):
     def take(self, ad_ids: np.ndarray) -> np.ndarray:
         """The vectors of these ads, zeros for an ad without one (vectorised: a lookup per ad
         took seconds over a million)."""
+        return self.lookup(ad_ids)[0]
+
+    def lookup(self, ad_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors of these ads (zeros for an ad without one) and which ads have one, in
+        one search and one read."""
         ids = np.asarray(ad_ids, np.int64)
         out = np.zeros((len(ids), self.vectors.shape[1]), np.float32)
         rows = self._find.rows(ids)
@@ -94,7 +99,8 @@ class TextVectors(Mapping[int, np.ndarray]):
             for i, ad in enumerate(ids.tolist()):
                 if ad in self.added:
                     out[i] = self.added[ad]
-        return out
+                    found[i] = True
+        return out, found
 
     def add(self, ad_id: int, vector: np.ndarray) -> None:
         """An ad's text vector, new or replacing its stored one."""
@@ -264,9 +270,9 @@ class ContentGenerator:
         self, recent_ids: Iterable[int], category_affinity: Iterable[float] | None
     ) -> np.ndarray | None:
         """The content query for a user, or None when nothing is known about them."""
-        recent = [i for i in map(int, recent_ids) if i in self.text]
-        if recent:  # one read for all of them (each row alone opened the file again)
-            return _normalise(self.text.take(np.asarray(recent, np.int64)).mean(axis=0))
+        vectors, known = self.text.lookup(np.fromiter(map(int, recent_ids), np.int64))
+        if known.any():  # one search and one read for all of them
+            return _normalise(vectors[known].mean(axis=0))
         if category_affinity is not None:
             aff = np.asarray(list(category_affinity), dtype=np.float32)
             if aff.shape == (len(self.centroids),) and aff.sum() > 0:

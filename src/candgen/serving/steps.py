@@ -44,7 +44,7 @@ import numpy as np
 
 from candgen.errors import CandgenError, ConfigError
 from candgen.features.client import FeatureServerClient
-from candgen.index.ann import INDEX_FILE, SEARCH_SETTINGS, AdIndex, IndexConfig
+from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig
 from candgen.serving.admission import Admission, InflightLimit, Overloaded, admission_tensor
 from candgen.serving.contract import (
     UNKNOWN_CONTEXT_ITEM,
@@ -743,8 +743,7 @@ class Generators:
         delivery = np.load(folder / DELIVERY_FILE)
         # The version's search settings apply to its text index too (its kind is its own, and
         # it stays on the CPU): at 10M ads its IVF's default 32 cells were a third of the step.
-        settings = {name: getattr(index_config, name) for name in SEARCH_SETTINGS}
-        content = ContentGenerator.load(folder / CONTENT_DIR, IndexConfig(**settings))
+        content = ContentGenerator.load(folder / CONTENT_DIR, index_config.searching())
         ad_index: AdIndex | ShardedIndex
         indexes: dict[str, AdIndex] = {CONTENT_INDEX: content.index}
         if config.ad_shard_urls:
