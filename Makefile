@@ -17,7 +17,7 @@ help:
 	@echo "make demo              the KFP pipeline locally, then the live Triton ensemble per surface"
 	@echo "make train             SASRec on Amazon Beauty in this process (MODEL=hstu, DATASET=games)"
 	@echo "make train-ddp         the same as a 2-process TorchX job (DDP over gloo)"
-	@echo "make benchmark-quality SASRec and HSTU on Beauty and Games -> docs/BENCHMARKS.md"
+	@echo "make benchmark-quality SASRec, HSTU, BSARec and generative retrieval on Beauty and Games -> docs/BENCHMARKS.md"
 	@echo "make benchmark-serving FAISS index and the live Triton ensemble on 1M ads -> docs/BENCHMARKS.md"
 	@echo "make benchmark-scale   compressed indexes at 1M and 10M ads, shards, updates, the 10M ensemble"
 	@echo "make benchmark-constraints filtered ANN on real targeting, the ensemble with/without constraints"

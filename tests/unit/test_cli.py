@@ -103,6 +103,14 @@ def test_argparse_type_errors_exit_2() -> None:
             "/nonexistent/Toys.txt: no such file",
         ),
         (["evaluate", "--model", "/nonexistent/model.pt"], "/nonexistent/model.pt: no such"),
+        (["train", "--model", "generative", "--no-track"], "semantic_ids: the generative model"),
+        (["train", "--model", "bsarec", "--no-track"], "examples: bsarec's frequency filter"),
+        (
+            ["train", "--model", "generative", "--semantic-ids", "/nonexistent/ids.npz"],
+            "/nonexistent/ids.npz: not a semantic ID table",
+        ),
+        (["semantic-ids", "--model", "/nonexistent/model.pt"], "/nonexistent/model.pt: no such"),
+        (["semantic-ids", "--model", "m.pt", "--levels", "0"], "levels: must be an integer >= 1"),
     ],
 )
 def test_bad_train_arguments_exit_2_naming_the_field(

@@ -42,6 +42,7 @@ BAD_VALUES: dict[str, tuple[list[str], str]] = {
     "registry promote": (["--name", ""], "name: must not be empty"),
     "registry show": (["--name", " "], "name: must not be empty"),
     "index build": (["--model-uri", "models:/m@champion", "--kind", "lsh"], "kind: 'lsh'"),
+    "semantic-ids": (["--model", "{tmp}/m.pt", "--codebook-size", "0"], "codebook_size: must be"),
     "serve": (["--http-port", "0"], "http_port: must be a TCP port"),
     "serving export": (
         ["--model-uri", "models:/m@champion", "--keep-versions", "0"],

@@ -51,6 +51,7 @@ def test_the_parser_has_every_command() -> None:
         "registry promote",
         "registry show",
         "index build",
+        "semantic-ids",
         "serve",
         "serving export",
         "serving swap",

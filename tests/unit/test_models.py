@@ -112,3 +112,19 @@ def test_an_id_index_finds_rows_by_binary_search_and_skips_the_padding_row() -> 
     assert list(index) == [30, 10, 20] and dict(index) == {30: 1, 10: 2, 20: 3}
     with pytest.raises(KeyError):
         index[0]  # the padding row is no item
+
+
+def test_fast_dropout_zeroes_its_share_keeps_the_mean_and_follows_the_seed() -> None:
+    from candgen.models.sequential import FastDropout
+
+    x = torch.ones(200_000)
+    drop = FastDropout(0.5).train()
+    torch.manual_seed(3)
+    y = drop(x)
+    assert abs(float((y == 0).float().mean()) - 0.5) < 0.01
+    assert abs(float(y.mean()) - 1.0) < 0.02 and set(y.unique().tolist()) == {0.0, 2.0}
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(FastDropout(0.0).train()(x), x)
+    assert abs(float((FastDropout(0.2).train()(x) == 0).float().mean()) - 0.2) < 0.01

@@ -73,16 +73,16 @@ def test_bad_input_names_the_field(tmp_path: Path) -> None:
     assert few.codebooks[0].shape == (3, 16)
 
 
-def _scorer(vocab: int, seed: int) -> Callable[[list[tuple[int, ...]]], np.ndarray]:
-    """A fixed next-token distribution per prefix, as a generative model's step would give."""
+def _scorer(vocab: int, seed: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A fixed next-token distribution per query and prefix, as a generative model's step."""
 
-    def next_log_probs(prefixes: list[tuple[int, ...]]) -> np.ndarray:
-        rows = []
-        for prefix in prefixes:
-            rng = np.random.default_rng([seed, len(prefix), *prefix])
+    def next_log_probs(rows: np.ndarray, prefixes: np.ndarray) -> np.ndarray:
+        out = []
+        for row, prefix in zip(rows.tolist(), prefixes.tolist(), strict=True):
+            rng = np.random.default_rng([seed, row, len(prefix), *prefix])
             logits = rng.standard_normal(vocab)
-            rows.append(logits - np.log(np.exp(logits).sum()))
-        return np.stack(rows)
+            out.append(logits - np.log(np.exp(logits).sum()))
+        return np.stack(out)
 
     return next_log_probs
 
@@ -94,28 +94,63 @@ def test_beam_search_generates_only_ids_that_exist_and_a_wide_beam_finds_the_bes
     ids = SemanticIds.fit(x, SemanticIdConfig(levels=2, codebook_size=6))
     items = np.arange(1, 301) * 7
     table = ids.assign(items, x)
-    trie = IdTrie(table, items)
     vocab = int(table.max()) + 1
+    trie = IdTrie(table, items, (vocab,) * table.shape[1])
     score = _scorer(vocab, seed=1)
-    # brute force: every existing ID's summed log-probability
-    exact = []
-    for row, item in zip(table.tolist(), items.tolist(), strict=True):
-        total = sum(float(score([tuple(row[:i])])[0][row[i]]) for i in range(len(row)))
-        exact.append((item, total))
-    exact.sort(key=lambda pair: -pair[1])
-    wide = constrained_beam_search(score, trie, beam_width=len(items), k=10)
-    assert [item for item, _ in wide] == [item for item, _ in exact[:10]]
-    assert [s for _, s in wide] == pytest.approx([s for _, s in exact[:10]])
-    narrow = constrained_beam_search(score, trie, beam_width=10, k=10)
-    assert len(narrow) == 10 and {item for item, _ in narrow} <= set(items.tolist())
+    wide_items, wide_scores = constrained_beam_search(score, trie, 3, beam_width=300, k=10)
+    for query in range(3):
+        # brute force: every existing ID's summed log-probability
+        exact = []
+        for row, item in zip(table.tolist(), items.tolist(), strict=True):
+            steps = [score(np.array([query]), np.array([row[:i]]))[0][row[i]] for i in range(3)]
+            exact.append((item, float(sum(steps))))
+        exact.sort(key=lambda pair: -pair[1])
+        assert wide_items[query].tolist() == [item for item, _ in exact[:10]]
+        assert wide_scores[query] == pytest.approx([s for _, s in exact[:10]])
+    narrow, _ = constrained_beam_search(score, trie, 3, beam_width=10, k=10)
+    assert set(narrow.ravel().tolist()) <= set(items.tolist())
     # a subset (say, the ads a request may get) generates only from the subset
     allowed = items[::3]
-    sub = IdTrie(table[::3], allowed)
-    found = constrained_beam_search(score, sub, beam_width=20, k=20)
-    assert {item for item, _ in found} <= set(allowed.tolist()) and len(found) == 20
+    sub = IdTrie(table[::3], allowed, trie.vocab_sizes)
+    found, _ = constrained_beam_search(score, sub, 2, beam_width=20, k=20)
+    assert set(found.ravel().tolist()) <= set(allowed.tolist())
+    # fewer IDs than k: the rest is -1 at -inf
+    tiny = IdTrie(table[:2], items[:2], trie.vocab_sizes)
+    few, few_scores = constrained_beam_search(score, tiny, 1, beam_width=5, k=5)
+    assert sorted(few[0, :2].tolist()) == sorted(items[:2].tolist())
+    assert few[0, 2:].tolist() == [-1] * 3 and np.isneginf(few_scores[0, 2:]).all()
     with pytest.raises(ConfigError, match=r"^beam_width: must be >= k >= 1"):
-        constrained_beam_search(score, trie, beam_width=5, k=10)
+        constrained_beam_search(score, trie, 1, beam_width=5, k=10)
     with pytest.raises(ConfigError, match=r"^ids: items 7 and 14 share the ID"):
         IdTrie(np.array([[1, 2], [1, 2]]), np.array([7, 14]))
-    with pytest.raises(ConfigError, match=r"^next_log_probs: 2 tokens a step"):
-        constrained_beam_search(_scorer(2, seed=0), trie, beam_width=10, k=5)
+    with pytest.raises(ConfigError, match=r"^vocab_sizes: \(2, 2\) do not hold"):
+        IdTrie(np.array([[1, 2]]), np.array([7]), (2, 2))
+    with pytest.raises(ConfigError, match=r"^next_log_probs: returned \(2, 2\)"):
+        constrained_beam_search(_scorer(2, seed=0), trie, 2, beam_width=10, k=5)
+
+
+def test_an_id_table_round_trips_and_a_bad_one_names_the_file(tmp_path: Path) -> None:
+    from candgen.models.semantic_ids import SemanticIdTable
+
+    x = _embeddings(40)
+    books = SemanticIds.fit(x, SemanticIdConfig(levels=2, codebook_size=4))
+    items = np.arange(1, 41) * 3
+    table = SemanticIdTable(items, books.assign(items, x), books, source="m.pt")
+    table.save(tmp_path / "ids.npz")
+    back = SemanticIdTable.load(tmp_path / "ids.npz")
+    assert back.source == "m.pt" and np.array_equal(back.ids, table.ids)
+    # aligned to a data set's ids: padding row first, any order
+    wanted = np.array([0, 9, 3, 120])
+    assert np.array_equal(back.aligned(wanted)[1:], table.ids[[2, 0, 39]])
+    assert (back.aligned(wanted)[0] == 0).all()
+    with pytest.raises(ConfigError, match=r"^semantic_ids: 1 items have no ID in the table"):
+        back.aligned(np.array([0, 3, 4]))
+    bad = [
+        (SemanticIdTable(items, -table.ids, books), "ids hold negative tokens"),
+        (SemanticIdTable(np.ones(40, np.int64), table.ids, books), "item_ids repeat"),
+        (SemanticIdTable(items[:5], table.ids, books), "ids and item_ids do not match"),
+    ]
+    for i, (broken, message) in enumerate(bad):
+        broken.save(tmp_path / f"bad{i}.npz")
+        with pytest.raises(DataFormatError, match=rf"bad{i}\.npz: {message}"):
+            SemanticIdTable.load(tmp_path / f"bad{i}.npz")

@@ -1,4 +1,5 @@
-"""``candgen index build``: the FAISS serving index of a registered version."""
+"""``candgen index build``: the FAISS serving index of a registered version; ``candgen
+semantic-ids``: the semantic ID table a generative model trains on."""
 
 from __future__ import annotations
 
@@ -31,6 +32,17 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_semantic_ids(args: argparse.Namespace) -> int:
+    from candgen.models.semantic_ids import SemanticIdConfig
+
+    check_not_empty("model", str(args.model))
+    cfg = config_from_args(SemanticIdConfig, args)
+    from candgen.index.semantic import build_semantic_ids
+
+    print_json(build_semantic_ids(args.model, args.out, cfg))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     from candgen.index.ann import IndexConfig
 
@@ -54,3 +66,16 @@ def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     ib.add_argument("--tracking-uri", default="", help=TRACKING_HELP)
     add_config_flags(ib, IndexConfig)
     ib.set_defaults(func=cmd_index_build)
+
+    from candgen.models.semantic_ids import SemanticIdConfig
+
+    sid = sub.add_parser(
+        "semantic-ids",
+        help="give every item of a trained model a semantic ID (for --model generative)",
+    )
+    sid.add_argument("--model", type=Path, required=True, help="a model.pt of the data set")
+    sid.add_argument(
+        "--out", type=Path, default=Path("data/semantic_ids.npz"), help="the ID table file"
+    )
+    add_config_flags(sid, SemanticIdConfig)
+    sid.set_defaults(func=cmd_semantic_ids)

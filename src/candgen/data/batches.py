@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +20,11 @@ class TrainingWindows:
     """Next-item training examples: input window -> the same window shifted by one.
 
     A user whose sequence is longer than ``max_len + 1`` gives several non-overlapping windows,
-    newest first, so that long histories are not thrown away. Where the data has them,
-    ``target_labels`` and ``target_surfaces`` give each target's label code and the surface it
-    happened on (the scenario of the request that the position's query answers), and
+    newest first, so that long histories are not thrown away; built with ``prefixes``, each
+    target has its own window, trained at its last position only (``training_windows``).
+    Where the data has them, ``target_labels`` and ``target_surfaces`` give each target's
+    label code and the surface it happened on (the scenario of the request that the position's
+    query answers), and
     ``long_term_rows`` each position's row in ``SequenceData.long_term.vectors`` (the user's
     long-term embedding published before that position's day; 0: none yet), and
     ``target_queries`` / ``target_contexts`` the search query code and context item of the request
@@ -47,6 +51,45 @@ class TrainingWindows:
     def __len__(self) -> int:
         return len(self.user_rows)
 
+    def take(self, idx: np.ndarray) -> TrainingWindows:
+        """The windows ``idx``, less the leading positions that are padding in all of them (the
+        models read positions from the right, so the states of the rest do not change, and a
+        batch of short windows costs what short windows cost)."""
+        occupied = (self.inputs[idx] > 0).any(axis=0)
+        first = int(occupied.argmax()) if occupied.any() else self.inputs.shape[1] - 1
+        changes: dict[str, Any] = {
+            name: None if value is None else value[idx, first:]
+            for name, value in self._per_window().items()
+        }
+        return dataclasses.replace(self, **changes, user_rows=self.user_rows[idx])
+
+    def by_length(
+        self, order: np.ndarray, batch_size: int, rng: np.random.Generator, chunk: int = 64
+    ) -> np.ndarray:
+        """``order`` rearranged so that each run of ``batch_size`` holds windows of similar
+        length: each chunk of ``chunk`` batches is sorted by length and cut into batches, and
+        the batches are shuffled (so that ``take`` trims most of the padding)."""
+        lengths = (self.inputs > 0).sum(axis=1)
+        # What does not fill a batch is set aside first, at random, and stays last, where a
+        # trainer that takes whole batches leaves it (sorted, it would be the longest windows).
+        whole = len(order) - len(order) % batch_size
+        span = batch_size * chunk
+        parts = [
+            part[np.argsort(lengths[part], kind="stable")]
+            for part in (order[i : min(i + span, whole)] for i in range(0, whole, span))
+        ]
+        ordered = np.concatenate([*parts, order[:0]])
+        batches = [ordered[i : i + batch_size] for i in range(0, whole, batch_size)]
+        shuffled = [batches[i] for i in rng.permutation(len(batches))]
+        return np.concatenate([*shuffled, order[whole:]])
+
+    def _per_window(self) -> dict[str, np.ndarray | None]:
+        """The (windows, positions) arrays."""
+        skip = ("flat_items", "user_rows")
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
+        }
+
     def all_action_targets(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """(len(idx), L) targets of PinnerFormer's dense all-action objective: for each position,
         one of the user's actions in its future window, drawn uniformly (0 where none)."""
@@ -60,11 +103,39 @@ class TrainingWindows:
         return np.where(span > 0, self.flat_items[pick], 0)
 
 
+def _last_only(values: np.ndarray, prefixes: bool) -> np.ndarray:
+    """A window's per-target values; with ``prefixes``, zero (no target) but at the last."""
+    if not prefixes or len(values) < 2:
+        return values
+    out = np.zeros_like(values)
+    out[-1] = values[-1]
+    return out
+
+
+def _spans(length: int, max_len: int, prefixes: bool) -> Iterator[tuple[int, int]]:
+    """The (start, end) spans of one user's training windows: inputs ``seq[start:end - 1]``,
+    targets ``seq[start + 1:end]``. Without ``prefixes``, non-overlapping windows, newest first;
+    with them, one window per target, ending at it, that holds up to ``max_len`` items before it."""
+    if prefixes:
+        for end in range(length, 1, -1):
+            yield max(0, end - max_len - 1), end
+        return
+    end = length
+    while end >= 2:
+        start = max(0, end - max_len - 1)
+        yield start, end
+        end = start + 1 if start > 0 else 0
+
+
 def training_windows(
-    data: SequenceData, max_len: int, all_action_days: float = 0.0
+    data: SequenceData, max_len: int, all_action_days: float = 0.0, prefixes: bool = False
 ) -> TrainingWindows:
     """The next-item training windows of ``data`` (and, with ``all_action_days``, each
-    position's future window of actions)."""
+    position's future window of actions).
+
+    With ``prefixes``, each target is its own example and only its window's last position is
+    trained (FMLP-Rec's and BSARec's examples): the model learns to predict from the last
+    position alone, where serving reads it, at the cost of one forward pass per target."""
     if all_action_days and data.train_times is None:
         raise ConfigError("objective", f"all_action needs timestamps; {data.name} has none")
     ins, outs, times, rows, labels, surfaces, lt_rows, lo_s, hi_s, queries, contexts = (
@@ -78,11 +149,9 @@ def training_windows(
             # The window of position j is (j, last index within all_action_days of it].
             future_hi = offset + np.searchsorted(secs, secs + all_action_days * 86_400, "right")
             future_lo = offset + np.arange(1, len(seq) + 1)
-        end = len(seq)
-        while end >= 2:
-            start = max(0, end - max_len - 1)
+        for start, end in _spans(len(seq), max_len, prefixes):
             ins.append(seq[start : end - 1])
-            outs.append(seq[start + 1 : end])
+            outs.append(_last_only(seq[start + 1 : end], prefixes))
             if secs is not None:
                 times.append(secs[start : end - 1])
                 if data.long_term is not None:
@@ -91,15 +160,14 @@ def training_windows(
                 lo_s.append(future_lo[start : end - 1])
                 hi_s.append(future_hi[start : end - 1])
             if data.train_labels is not None:
-                labels.append(data.train_labels[r][start + 1 : end])
+                labels.append(_last_only(data.train_labels[r][start + 1 : end], prefixes))
             if data.train_surfaces is not None:
-                surfaces.append(data.train_surfaces[r][start + 1 : end])
+                surfaces.append(_last_only(data.train_surfaces[r][start + 1 : end], prefixes))
             if data.train_queries is not None:
-                queries.append(data.train_queries[r][start + 1 : end])
+                queries.append(_last_only(data.train_queries[r][start + 1 : end], prefixes))
             if data.train_contexts is not None:
-                contexts.append(data.train_contexts[r][start + 1 : end])
+                contexts.append(_last_only(data.train_contexts[r][start + 1 : end], prefixes))
             rows.append(r)
-            end = start + 1 if start > 0 else 0
         offset += len(seq)
     if not rows:
         raise ConfigError(

@@ -25,6 +25,7 @@ from candgen.evaluation.metrics import (
     user_recall,
 )
 from candgen.models.base import RetrievalModel
+from candgen.models.generative import GenerativeRetriever
 from candgen.models.retriever import chunked_topk
 
 PROTOCOLS = ("full", "sampled100")
@@ -80,6 +81,34 @@ def evaluate_vectors(
     topk = chunked_topk(queries, item_table, max(ks), eval_set.histories).numpy()
     ranks = target_ranks(topk, eval_set.target_user, eval_set.target_item)
     return _full_metrics(ranks, topk, data, eval_set, ks)
+
+
+def generated_topk(
+    model: GenerativeRetriever,
+    queries: torch.Tensor,
+    histories: list[np.ndarray],
+    k: int = 0,
+    chunk: int = 512,
+) -> np.ndarray:
+    """(M, max(beam_width, k)) the items a generative model writes for each user state, best
+    first, less the user's history (-1 fills a list that comes up short), as ``chunked_topk``
+    ranks a dense model's. The search keeps the list's length plus the longest history of its
+    chunk of users, so that dropping the history still leaves a full list (users go in order of
+    history length, so a chunk's longest is near its shortest)."""
+    if len(histories) != queries.shape[0]:
+        raise ConfigError("histories", f"{len(histories)} lists for {queries.shape[0]} queries")
+    width = max(model.beam_width, k)
+    out = np.full((queries.shape[0], width), -1, np.int64)
+    trie = model.trie()
+    by_length = np.argsort([len(h) for h in histories], kind="stable")
+    for start in range(0, len(by_length), chunk):
+        rows = by_length[start : start + chunk]
+        longest = max(len(histories[r]) for r in rows)
+        items, _ = model.generate(queries[torch.from_numpy(rows)], width + longest, trie)
+        for row, found in zip(rows.tolist(), items, strict=True):
+            kept = found[(found > 0) & ~np.isin(found, histories[row])][:width]
+            out[row, : len(kept)] = kept
+    return out
 
 
 def _cutoffs(ks: tuple[int, ...], most: int) -> tuple[int, ...]:
@@ -212,7 +241,10 @@ def full_ranks(
         if model.contextual and eval_set.target_surface is not None:
             return _contextual_ranks(model, data, eval_set, max_len, k, context)[0]
         queries = user_queries(model, data, eval_set, max_len)
-        topk = chunked_topk(queries, model.item_table(), k, eval_set.histories).numpy()
+        if isinstance(model, GenerativeRetriever):
+            topk = generated_topk(model, queries, eval_set.histories, k)[:, :k]
+        else:
+            topk = chunked_topk(queries, model.item_table(), k, eval_set.histories).numpy()
     return target_ranks(topk, eval_set.target_user, eval_set.target_item)
 
 
@@ -333,6 +365,14 @@ def evaluate_model(
         if model.contextual and protocol == "full" and eval_set.target_surface is not None:
             return evaluate_contextual(model, data, eval_set, max_len, context=context)
         queries = user_queries(model, data, eval_set, max_len)
+        if isinstance(model, GenerativeRetriever):
+            if protocol != "full":
+                raise ConfigError(
+                    "protocol", "a generative model retrieves from the whole catalogue: use full"
+                )
+            topk = generated_topk(model, queries, eval_set.histories)
+            ranks = target_ranks(topk, eval_set.target_user, eval_set.target_item)
+            return _full_metrics(ranks, topk, data, eval_set, _cutoffs(KS, topk.shape[1]))
         table = model.item_table()
     return evaluate_vectors(queries, table, data, eval_set, protocol, seed=seed)
 

@@ -60,8 +60,10 @@ def ranking_metrics(
 
 
 def coverage(topk: np.ndarray, num_items: int, k: int) -> float:
-    """Share of the catalogue that appears in at least one user's top ``k``."""
-    return float(len(np.unique(topk[:, :k])) / num_items)
+    """Share of the catalogue that appears in at least one user's top ``k`` (ids <= 0 fill
+    lists that came up short and are not items)."""
+    shown = np.unique(topk[:, :k])
+    return float((shown > 0).sum() / num_items)
 
 
 def sampled_ranks(

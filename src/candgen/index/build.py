@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from candgen.data.synth import AD_ID_OFFSET
-from candgen.errors import CandgenError
+from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig, ad_rows, exact_search, recall_at_k
 
 
@@ -46,6 +46,12 @@ def load_registered_embeddings(model_uri: str, tracking_uri: str = "") -> Regist
     art = root / "artifacts"
     table = np.load(art / "item_embeddings.npy")
     _, saved = load_model(art / "model.pt")
+    if saved.model.model == "generative":
+        raise ConfigError(
+            "model_uri",
+            f"{model_uri} is a generative model: it retrieves by beam search over semantic "
+            "IDs, and its item table is not a space to search",
+        )
     return RegisteredEmbeddings(
         item_ids=np.asarray(saved.item_ids, dtype=np.int64),
         table=table,

@@ -13,8 +13,16 @@ from typing import Any
 from candgen.errors import ConfigError
 from candgen.vocab import LABELS
 
-MODELS = ("sasrec", "hstu", "two_tower", "unified")
-DEFAULT_TEMPERATURE = {"sasrec": 1.0, "hstu": 0.05, "two_tower": 0.05, "unified": 0.05}
+MODELS = ("sasrec", "bsarec", "hstu", "two_tower", "unified", "generative")
+BACKBONES = ("sasrec", "bsarec", "hstu")
+DEFAULT_TEMPERATURE = {
+    "sasrec": 1.0,
+    "bsarec": 1.0,
+    "hstu": 0.05,
+    "two_tower": 0.05,
+    "unified": 0.05,
+    "generative": 1.0,
+}
 
 
 @dataclass(frozen=True)
@@ -22,8 +30,10 @@ class ModelConfig:
     """Which retrieval model, and its shape.
 
     Attributes:
-        model: sasrec, hstu, two_tower or unified (HSTU with a scenario-adaptive mixture and
-            one query head per label, trained multi-task).
+        model: sasrec, bsarec (SASRec's attention beside a frequency filter; trains on
+            prefix examples), hstu, two_tower, unified (HSTU with a scenario-adaptive mixture and
+            one query head per label, trained multi-task) or generative (a transducer that
+            writes the next item's semantic ID; retrieval by beam search).
         dim: embedding width.
         num_blocks: attention blocks (sequential models).
         num_heads: attention heads; must divide dim.
@@ -52,6 +62,14 @@ class ModelConfig:
             embedding) and the item a related-items request is about.
         context_dropout: unified only: the probability that a training position's query or
             context item is hidden, so the model also answers requests that come without one.
+        frequency_cutoff: bsarec only: the low-pass keeps frequency_cutoff // 2 + 1
+            frequencies of the window (BSARec's c).
+        frequency_weight: bsarec only: the filter's share of each layer against attention's
+            (BSARec's alpha).
+        backbone: generative only: the transducer that reads the sequence (sasrec, bsarec or
+            hstu).
+        beam_width: generative only: beams kept per step of the ID search (at least the
+            number of items asked for).
     """
 
     model: str = "sasrec"
@@ -71,6 +89,10 @@ class ModelConfig:
     long_term_dropout: float = 0.0
     context: bool = True
     context_dropout: float = 0.1
+    frequency_cutoff: int = 5
+    frequency_weight: float = 0.7
+    backbone: str = "sasrec"
+    beam_width: int = 50
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -78,6 +100,14 @@ class ModelConfig:
         for name in ("dim", "num_blocks", "num_heads", "max_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        if self.backbone not in BACKBONES:
+            raise ConfigError("backbone", f"{self.backbone!r} is not one of {BACKBONES}")
+        if self.frequency_cutoff < 1:
+            raise ConfigError("frequency_cutoff", f"must be >= 1, got {self.frequency_cutoff}")
+        if not 0.0 <= self.frequency_weight <= 1.0:
+            raise ConfigError("frequency_weight", f"must be in [0, 1], got {self.frequency_weight}")
+        if self.beam_width < 1:
+            raise ConfigError("beam_width", f"must be >= 1, got {self.beam_width}")
         if self.temperature < 0:
             raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
         if self.num_experts < 1:

@@ -11,11 +11,12 @@ from typing import TypedDict
 
 import torch
 
-from candgen.errors import CandgenError
+from candgen.errors import CandgenError, ConfigError
 from candgen.models.base import RetrievalModel
 from candgen.models.config import ModelConfig
+from candgen.models.generative import GenerativeRetriever, vocab_sizes_of
 from candgen.models.saved import LoadedModel, read_header
-from candgen.models.sequential import HSTU, SASRec
+from candgen.models.sequential import HSTU, BSARec, SASRec
 from candgen.models.two_tower import TwoTower
 from candgen.models.unified import UnifiedHSTU
 from candgen.vocab import LABELS, NUM_SCENARIOS
@@ -44,6 +45,7 @@ def build_model(
     has_surfaces: bool = True,
     query_text_dim: int = 0,
     has_context_items: bool = False,
+    semantic_ids: torch.Tensor | None = None,
 ) -> RetrievalModel:
     """The model a config names, sized for the data.
 
@@ -57,7 +59,8 @@ def build_model(
     a gradient would stall DDP's gradient reduction. The unified model serves the click head
     where the data has ad labels, else the organic one, unless ``serve_label`` says otherwise;
     it has label heads only where the data has labels and a scenario mixture only where it has
-    surfaces (without either it is HSTU).
+    surfaces (without either it is HSTU). The generative model needs ``semantic_ids``, each
+    item's ID ((num_items + 1, levels) with row 0 for padding).
     """
     common: _CommonArgs = {
         "num_items": num_items,
@@ -69,12 +72,38 @@ def build_model(
     time_buckets = 64 if has_timestamps and config.time_bias else 0
     if config.model == "sasrec":
         return SASRec(num_blocks=config.num_blocks, num_heads=config.num_heads, **common)
+    if config.model == "bsarec":
+        return BSARec(
+            num_blocks=config.num_blocks,
+            num_heads=config.num_heads,
+            cutoff=config.frequency_cutoff,
+            weight=config.frequency_weight,
+            **common,
+        )
     if config.model == "hstu":
         return HSTU(
             num_blocks=config.num_blocks,
             num_heads=config.num_heads,
             time_buckets=time_buckets,
             **common,
+        )
+    if config.model == "generative":
+        if semantic_ids is None:
+            raise ConfigError("semantic_ids", "the generative model needs the items' semantic IDs")
+        return GenerativeRetriever(
+            num_items,
+            semantic_ids,
+            vocab_sizes_of(semantic_ids),
+            backbone=config.backbone,
+            dim=config.dim,
+            max_len=config.max_len,
+            num_blocks=config.num_blocks,
+            num_heads=config.num_heads,
+            dropout=config.dropout,
+            beam_width=config.beam_width,
+            frequency_cutoff=config.frequency_cutoff,
+            frequency_weight=config.frequency_weight,
+            time_buckets=time_buckets,
         )
     if config.model == "unified":
         serve = config.serve_label or ("click" if has_labels else "organic")
@@ -136,6 +165,7 @@ def load_model(path: Path | str, map_location: str = "cpu") -> LoadedModel:
             header.has_surfaces,
             header.query_text_dim,
             header.has_context_items,
+            state.get(GenerativeRetriever.IDS_KEY),
         )
     model.load_state_dict(state, assign=True)
     unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]

@@ -119,6 +119,14 @@ class Retriever:
         max_len: int = 50,
         device: str | torch.device = "cpu",
     ) -> None:
+        from candgen.models.generative import GenerativeRetriever
+
+        if isinstance(model, GenerativeRetriever):
+            raise ConfigError(
+                "model",
+                "a generative model retrieves by beam search over semantic IDs "
+                "(GenerativeRetriever.generate), not by its item table",
+            )
         self.device = device if isinstance(device, torch.device) else torch_device(device)
         self.model = model.eval().to(self.device)
         self.item_ids = np.asarray(item_ids, dtype=np.int64)

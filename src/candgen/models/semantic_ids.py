@@ -160,79 +160,188 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 class IdTrie:
-    """The semantic IDs that exist, as a prefix tree: which tokens may follow a prefix, so that
-    a generator's beam search only ever builds IDs of real items (and, given a subset, of the
-    ads a request may get).
+    """The semantic IDs that exist, as sorted integer keys of every prefix: which tokens may
+    follow a prefix, so that a generator's beam search only ever builds IDs of real items (and,
+    given a subset, of the ads a request may get).
+
+    A prefix is one integer, its tokens in mixed radix (``vocab_sizes``), so that a batch of
+    beams is checked against the IDs with one ``searchsorted`` a level.
 
     Args:
         ids: (n, length) semantic IDs (``SemanticIds.assign``), one row per item.
         items: (n,) the item id of each row.
+        vocab_sizes: tokens per position (default: what ``ids`` uses); a generator's step
+            returns that many log-probabilities.
     """
 
-    def __init__(self, ids: np.ndarray, items: np.ndarray) -> None:
+    def __init__(
+        self, ids: np.ndarray, items: np.ndarray, vocab_sizes: tuple[int, ...] | None = None
+    ) -> None:
         ids = np.asarray(ids, np.int64)
         items = np.asarray(items, np.int64)
-        if ids.ndim != 2 or len(ids) != len(items):
+        if ids.ndim != 2 or len(ids) != len(items) or not len(ids):
             raise ConfigError("ids", f"need (n, length) IDs, one per item, got {ids.shape}")
-        self.length = int(ids.shape[1])
-        self._next: dict[tuple[int, ...], np.ndarray] = {}
-        self._item: dict[tuple[int, ...], int] = {}
-        for row, item in zip(ids.tolist(), items.tolist(), strict=True):
-            key = tuple(row)
-            if key in self._item:
-                raise ConfigError("ids", f"items {self._item[key]} and {item} share the ID {row}")
-            self._item[key] = item
-        for level in range(self.length):
-            prefixes: dict[tuple[int, ...], set[int]] = {}
-            for key in self._item:
-                prefixes.setdefault(key[:level], set()).add(key[level])
-            for prefix, tokens in prefixes.items():
-                self._next[prefix] = np.asarray(sorted(tokens), np.int64)
+        if ids.min() < 0:
+            raise ConfigError("ids", "tokens must be >= 0")
+        sizes = tuple(int(v) for v in (vocab_sizes or ids.max(axis=0) + 1))
+        if len(sizes) != ids.shape[1] or (ids >= np.asarray(sizes)).any():
+            raise ConfigError("vocab_sizes", f"{sizes} do not hold the IDs' tokens")
+        if np.prod(np.asarray(sizes, np.float64)) >= 2.0**62:
+            raise ConfigError("vocab_sizes", f"{sizes}: too many IDs for one int64 key")
+        self.length = ids.shape[1]
+        self.vocab_sizes = sizes
+        keys = np.zeros(len(ids), np.int64)
+        self._prefixes: list[np.ndarray] = []
+        for level, size in enumerate(sizes):
+            keys = keys * size + ids[:, level]
+            self._prefixes.append(np.unique(keys))
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._items = keys[order], items[order]
+        repeated = np.flatnonzero(self._keys[1:] == self._keys[:-1])
+        if len(repeated):
+            i = repeated[0]
+            raise ConfigError(
+                "ids",
+                f"items {self._items[i]} and {self._items[i + 1]} share the ID {ids[order[i]]}",
+            )
 
-    def allowed(self, prefix: tuple[int, ...]) -> np.ndarray:
-        """The tokens that may follow ``prefix`` (none: no item's ID starts so)."""
-        return self._next.get(tuple(prefix), np.zeros(0, np.int64))
+    def allowed(self, prefixes: np.ndarray, level: int) -> np.ndarray:
+        """(n, vocab_sizes[level]) which tokens may follow each of ``prefixes`` (n keys of
+        ``level`` tokens; 0 is the empty prefix)."""
+        size = self.vocab_sizes[level]
+        grown = np.asarray(prefixes, np.int64)[:, None] * size + np.arange(size)
+        known = self._prefixes[level]
+        at = np.minimum(np.searchsorted(known, grown), len(known) - 1)
+        found: np.ndarray = known[at] == grown
+        return found
 
-    def item(self, full_id: tuple[int, ...]) -> int | None:
-        """The item a complete ID names, or None."""
-        return self._item.get(tuple(full_id))
+    def items(self, keys: np.ndarray) -> np.ndarray:
+        """The item each complete ID key names (-1: none)."""
+        keys = np.asarray(keys, np.int64)
+        at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+        return np.where(self._keys[at] == keys, self._items[at], -1)
 
 
 def constrained_beam_search(
-    next_log_probs: Callable[[list[tuple[int, ...]]], np.ndarray],
+    next_log_probs: Callable[[np.ndarray, np.ndarray], np.ndarray],
     trie: IdTrie,
+    queries: int,
     beam_width: int,
     k: int,
-) -> list[tuple[int, float]]:
-    """The ``k`` best items by the summed log-probability of their IDs' tokens, found by beam
-    search that extends each prefix only with the tokens ``trie`` allows.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best items of each query by the summed log-probability of their IDs' tokens,
+    found by beam search that extends each prefix only with the tokens ``trie`` allows.
 
     Args:
-        next_log_probs: prefixes (all of one length) -> (len(prefixes), vocab) log-probabilities
-            of the next token (the generative model's step).
+        next_log_probs: (rows, prefixes) -> log-probabilities of the next token: ``rows`` (n,)
+            says which query each of the ``prefixes`` (n, level) belongs to; the result is
+            (n, trie.vocab_sizes[level]) (the generative model's step).
         trie: the IDs that may be generated.
-        beam_width: prefixes kept after each step (at least ``k``).
-        k: items returned.
+        queries: how many queries to search for.
+        beam_width: prefixes kept per query after each step (at least ``k``).
+        k: items returned per query.
 
     Returns:
-        Up to ``k`` (item id, score) pairs, best first.
+        (queries, k) item ids, best first (-1 where fewer than ``k`` IDs exist), and their
+        (queries, k) scores (-inf there).
     """
     if k < 1 or beam_width < k:
         raise ConfigError("beam_width", f"must be >= k >= 1, got beam {beam_width}, k {k}")
-    beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
-    for _ in range(trie.length):
-        scores = np.asarray(next_log_probs([prefix for prefix, _ in beams]), np.float64)
-        grown: list[tuple[tuple[int, ...], float]] = []
-        for (prefix, score), row in zip(beams, scores, strict=True):
-            tokens = trie.allowed(prefix)
-            if len(tokens) and tokens[-1] >= len(row):
-                raise ConfigError(
-                    "next_log_probs", f"{len(row)} tokens a step, but the IDs use {tokens[-1]}"
+    scores = np.zeros((queries, 1))
+    keys = np.zeros((queries, 1), np.int64)
+    tokens = np.zeros((queries, 1, 0), np.int64)
+    for level, size in enumerate(trie.vocab_sizes):
+        beams = scores.shape[1]
+        rows = np.repeat(np.arange(queries), beams)
+        step = np.asarray(next_log_probs(rows, tokens.reshape(queries * beams, level)), np.float64)
+        if step.shape != (queries * beams, size):
+            raise ConfigError(
+                "next_log_probs",
+                f"returned {step.shape}; level {level} needs ({queries * beams}, {size})",
+            )
+        total = scores.reshape(-1, 1) + step
+        total[~trie.allowed(keys.ravel(), level)] = -np.inf
+        total = total.reshape(queries, beams * size)
+        keep = min(beam_width, total.shape[1])
+        top = np.argpartition(-total, keep - 1, axis=1)[:, :keep]
+        q = np.arange(queries)[:, None]
+        scores = total[q, top]
+        beam, token = top // size, top % size
+        keys = keys[q, beam] * size + token
+        tokens = np.concatenate([tokens[q, beam], token[:, :, None]], axis=2)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    q = np.arange(queries)[:, None]
+    best, items = scores[q, order], trie.items(keys[q, order])
+    items[~np.isfinite(best)] = -1
+    best[items < 0] = -np.inf
+    if best.shape[1] < k:
+        pad = k - best.shape[1]
+        items = np.pad(items, ((0, 0), (0, pad)), constant_values=-1)
+        best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return items, best
+
+
+@dataclass(frozen=True)
+class SemanticIdTable:
+    """Every item's semantic ID, as a file: what a generative model trains on and serves.
+
+    Args:
+        item_ids: (n,) the items' external ids.
+        ids: (n, levels + 1) their IDs (``SemanticIds.assign``).
+        codebooks: the codebooks that gave them (new items get theirs from these).
+        source: where the embeddings came from (the model file), for lineage.
+    """
+
+    item_ids: np.ndarray
+    ids: np.ndarray
+    codebooks: SemanticIds
+    source: str = ""
+
+    def save(self, path: Path) -> None:
+        arrays: dict[str, np.ndarray] = {
+            f"codebook_{i}": c for i, c in enumerate(self.codebooks.codebooks)
+        }
+        arrays.update(item_ids=self.item_ids, ids=self.ids, source=np.array(self.source))
+        with Path(path).open("wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: Path | str) -> SemanticIdTable:
+        try:
+            with np.load(Path(path)) as stored:
+                levels = sum(name.startswith("codebook_") for name in stored.files)
+                books = [stored[f"codebook_{i}"] for i in range(levels)]
+                table = cls(
+                    stored["item_ids"], stored["ids"], SemanticIds(books), str(stored["source"])
                 )
-            grown += [((*prefix, int(t)), score + float(row[t])) for t in tokens.tolist()]
-        grown.sort(key=lambda beam: -beam[1])
-        beams = grown[:beam_width]
-        if not beams:
-            return []
-    found = [(trie.item(prefix), score) for prefix, score in beams]
-    return [(item, score) for item, score in found if item is not None][:k]
+        except (OSError, ValueError, KeyError) as e:
+            raise DataFormatError(str(path), None, f"not a semantic ID table: {e}") from None
+        if table.ids.ndim != 2 or len(table.ids) != len(table.item_ids):
+            raise DataFormatError(str(path), None, "ids and item_ids do not match")
+        if len(table.ids) and table.ids.min() < 0:
+            raise DataFormatError(str(path), None, "ids hold negative tokens")
+        if len(np.unique(table.item_ids)) != len(table.item_ids):
+            raise DataFormatError(str(path), None, "item_ids repeat")
+        return table
+
+    def aligned(self, item_ids: np.ndarray) -> np.ndarray:
+        """(len(item_ids), levels + 1) the IDs of ``item_ids`` (a data set's (N + 1,) external
+        ids; row 0, padding, gets zeros).
+
+        Raises:
+            ConfigError: an item has no ID in this table.
+        """
+        wanted = np.asarray(item_ids, np.int64)[1:]
+        order = np.argsort(self.item_ids, kind="stable")
+        known = self.item_ids[order]
+        at = np.minimum(np.searchsorted(known, wanted), len(known) - 1)
+        missing = known[at] != wanted
+        if missing.any():
+            raise ConfigError(
+                "semantic_ids",
+                f"{int(missing.sum())} items have no ID in the table (first: "
+                f"{int(wanted[missing][0])}); build it from a model of this data set",
+            )
+        out = np.zeros((len(wanted) + 1, self.ids.shape[1]), np.int64)
+        out[1:] = self.ids[order[at]]
+        return out

@@ -14,6 +14,8 @@ from candgen.vocab import DEVICES, LABELS
 
 LOSSES = ("sampled", "full")
 OBJECTIVES = ("next_item", "all_action")
+EXAMPLES = ("positions", "prefixes")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,18 @@ class TrainConfig(DataConfig, ModelConfig):
             position predicts a random one of the user's actions in the next all_action_days:
             PinnerFormer's dense all-action objective, which trains the long-term summariser).
         all_action_days: the future window of the all_action objective, in days.
+        examples: positions (each window trains every position on its next item: one forward
+            pass per window) or prefixes (each target is one example, trained at the last
+            position of the window that ends before it, where serving reads the user state:
+            FMLP-Rec's and BSARec's examples, one forward pass per target).
+        lr_schedule: constant, or cosine (the rate falls from lr to 0 along a half cosine over
+            the epochs, step by step: a run that has to stop at a fixed budget ends on small
+            steps).
+        semantic_ids: generative only: the semantic ID table (`candgen semantic-ids`) of
+            every item of the data set.
+        batch_by_length: draw each batch from windows of similar length (sorted within chunks
+            of 64 batches, the batches shuffled), so that a batch of short windows is not
+            padded to the longest one in the data.
     """
 
     loss: str = "sampled"
@@ -80,6 +94,10 @@ class TrainConfig(DataConfig, ModelConfig):
     train_labels: tuple[str, ...] = LABELS
     objective: str = "next_item"
     all_action_days: float = 7.0
+    examples: str = "positions"
+    batch_by_length: bool = False
+    lr_schedule: str = "constant"
+    semantic_ids: str = ""
 
     def __post_init__(self) -> None:
         DataConfig.__post_init__(self)
@@ -89,6 +107,8 @@ class TrainConfig(DataConfig, ModelConfig):
             "device": DEVICES,
             "protocol": ("", "full", "sampled100"),
             "objective": OBJECTIVES,
+            "examples": EXAMPLES,
+            "lr_schedule": LR_SCHEDULES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -132,6 +152,41 @@ class TrainConfig(DataConfig, ModelConfig):
         if metric not in ("hr", "ndcg", "recall") or not k.isdigit():
             raise ConfigError(
                 "primary_metric", f"expected hr@K, ndcg@K or recall@K, got {self.primary_metric!r}"
+            )
+        reads_window = self.model == "bsarec" or (
+            self.model == "generative" and self.backbone == "bsarec"
+        )
+        if reads_window and self.examples != "prefixes":
+            raise ConfigError(
+                "examples",
+                "bsarec's frequency filter reads the whole window, so only its last position "
+                "may train: use prefixes",
+            )
+        if self.model == "generative":
+            if not self.semantic_ids:
+                raise ConfigError(
+                    "semantic_ids",
+                    "the generative model trains on the items' semantic IDs: build the "
+                    "table with `candgen semantic-ids` and pass its path",
+                )
+            if self.objective != "next_item":
+                raise ConfigError("objective", "the generative model trains next_item only")
+            if self.effective_protocol != "full":
+                raise ConfigError(
+                    "protocol",
+                    "a generative model writes its candidates, so it is evaluated by full "
+                    "ranking; set protocol to full",
+                )
+            if self.beam_width < int(k):
+                raise ConfigError(
+                    "beam_width",
+                    f"{self.beam_width} candidates cannot answer {self.primary_metric}",
+                )
+        if self.examples == "prefixes" and self.objective == "all_action":
+            raise ConfigError(
+                "examples",
+                "all_action trains every position on its future window; prefixes trains the "
+                "last position only: use positions",
             )
 
     @property

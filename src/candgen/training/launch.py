@@ -119,7 +119,8 @@ def stage_on_volume(config: TrainConfig, job: JobConfig, name: str = "") -> Trai
     """Copies the job's inputs onto the shared volume and points the config at them.
 
     Returns:
-        ``config`` with data_dir, features_dir and out_dir under ``<work_dir>/jobs/<name>``.
+        ``config`` with data_dir, features_dir, semantic_ids and out_dir under
+        ``<work_dir>/jobs/<name>``.
     """
     root = Path(job.work_dir)
     if not root.is_dir():
@@ -130,9 +131,14 @@ def stage_on_volume(config: TrainConfig, job: JobConfig, name: str = "") -> Trai
         )
     staged = root / "jobs" / (name or f"train-{uuid.uuid4().hex[:12]}")
     changes: dict[str, Any] = {"out_dir": str(staged / "out")}
-    for field in ("data_dir", "features_dir"):
-        source = getattr(config, field)
-        if source:
+    for field in ("data_dir", "features_dir", "semantic_ids"):
+        source = Path(getattr(config, field))
+        if not getattr(config, field):
+            continue
+        if source.is_file():  # a sequence file, or the generative model's ID table
+            (staged / field).mkdir(parents=True, exist_ok=True)
+            changes[field] = str(shutil.copy2(source, staged / field / source.name))
+        else:
             shutil.copytree(source, staged / field, dirs_exist_ok=True)
             changes[field] = str(staged / field)
     return replace(config, **changes)

@@ -29,9 +29,11 @@ from candgen.errors import ConfigError
 from candgen.evaluation.evaluate import evaluate_model
 from candgen.models.base import RetrievalModel
 from candgen.models.factory import build_model
+from candgen.models.generative import GenerativeRetriever
 from candgen.models.losses import full_softmax_loss, sampled_softmax_loss
 from candgen.models.retriever import torch_device
 from candgen.models.saved import ModelHeader, save_model
+from candgen.models.semantic_ids import SemanticIdTable
 from candgen.paths import replace_atomically
 from candgen.training.config import TrainConfig
 from candgen.vocab import LABELS
@@ -114,6 +116,8 @@ class _TrainingLoss(nn.Module):
         # Multi-task: each target trains its own label's head, weighted by its label.
         weighted = "labels" in batch
         reduction = "none" if weighted else "mean"
+        if isinstance(self.model, GenerativeRetriever):
+            return self.model.id_loss(q, pos)
         if cfg.loss == "full":
             table = self.model.embed_items(torch.arange(self.model.num_items + 1, device=q.device))
             loss = full_softmax_loss(q, pos, table, self.model.temperature, reduction=reduction)
@@ -190,9 +194,16 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
     if config.batch_size < world:
         raise ConfigError("batch_size", f"{config.batch_size} < {world} processes")
 
+    # The generative model's ID table, read before the data so that a bad file fails fast.
+    id_table = SemanticIdTable.load(config.semantic_ids) if config.model == "generative" else None
     data = data if data is not None else load_data(config, seed=config.seed)
     all_action = config.objective == "all_action"
-    windows = training_windows(data, config.max_len, config.all_action_days if all_action else 0)
+    windows = training_windows(
+        data,
+        config.max_len,
+        config.all_action_days if all_action else 0,
+        prefixes=config.examples == "prefixes",
+    )
     if set(config.train_labels) != set(LABELS):
         if all_action:
             raise ConfigError(
@@ -219,6 +230,9 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         long_term_dim(config, data),
         data.train_surfaces is not None,
         *context_dims,
+        semantic_ids=None
+        if id_table is None
+        else torch.from_numpy(id_table.aligned(data.item_ids)),
     ).to(device)
     pop = np.bincount(windows.targets.ravel(), minlength=data.num_items + 1).astype(np.float64)
     pop[0] = 0
@@ -247,17 +261,11 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
     # Only a contextual model reads labels, scenarios and the requests' context; the others
     # train exactly as before.
     heads = (
-        (windows.target_labels, windows.target_surfaces)
-        if model.contextual
+        model.contextual
         and windows.target_labels is not None
         and windows.target_surfaces is not None
-        else None
     )
-    requests = (
-        (windows.target_queries, windows.target_contexts)
-        if heads is not None and any(context_dims)
-        else (None, None)
-    )
+    requests = heads and any(context_dims)
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -273,34 +281,43 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         # Every random draw of an epoch derives from (seed, epoch), so a resumed run repeats
         # exactly the epochs it would have run.
         torch.manual_seed(config.seed * 100_003 + epoch * 7 + rank)
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(windows))
+        draw = np.random.default_rng([config.seed, epoch])
+        order = draw.permutation(len(windows))
+        if config.batch_by_length:
+            order = windows.by_length(order, config.batch_size, draw)
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 131 + rank)
         total = 0.0
         for step in range(steps):
             global_idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             idx = global_idx[rank::world]
-            labels, scenarios = (heads[0][idx], heads[1][idx]) if heads else (None, None)
+            part = windows.take(idx)
+            labels, scenarios = (
+                (part.target_labels, part.target_surfaces) if heads else (None, None)
+            )
             batch = make_batch(
                 data,
-                windows.inputs[idx],
-                windows.times[idx] if windows.times is not None else None,
-                windows.user_rows[idx],
+                part.inputs,
+                part.times,
+                part.user_rows,
                 device,
                 labels,
                 scenarios,
-                long_term_rows=None
-                if windows.long_term_rows is None
-                else windows.long_term_rows[idx],
-                queries=None if requests[0] is None else requests[0][idx],
-                contexts=None if requests[1] is None else requests[1][idx],
+                long_term_rows=part.long_term_rows,
+                queries=part.target_queries if requests else None,
+                contexts=part.target_contexts if requests else None,
             )
             if all_action:
                 # Drawn for the global batch, so one and two processes train on the same targets.
-                draw = np.random.default_rng([config.seed, epoch, step])
-                step_targets = windows.all_action_targets(global_idx, draw)[rank::world]
+                step_draw = np.random.default_rng([config.seed, epoch, step])
+                step_targets = windows.all_action_targets(global_idx, step_draw)[rank::world]
+                step_targets = step_targets[:, -part.inputs.shape[1] :]
             else:
-                step_targets = windows.targets[idx]
+                step_targets = part.targets
             targets = torch.from_numpy(step_targets).to(device)
+            if config.lr_schedule == "cosine":
+                done = ((epoch - 1) * steps + step) / (config.epochs * steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * done))
             loss = wrapped(batch, targets, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

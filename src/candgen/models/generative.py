@@ -1,0 +1,224 @@
+"""Generative retrieval: a sequential transducer that writes the next item's semantic ID.
+
+The user's items enter as the sum of their semantic-ID token embeddings (and their own id
+embedding), so that an item never trained on still reads as its content; the transducer's last
+state conditions a small decoder that gives the ID's tokens one at a time (TIGER's objective,
+with a decoder-only transducer in place of T5). Retrieval is beam search over the IDs that
+exist (``candgen.models.semantic_ids``): every candidate is a real item, or, with a subset's
+trie, an eligible ad.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from candgen.data.tensors import Batch
+from candgen.errors import ConfigError
+from candgen.models.base import RetrievalModel
+from candgen.models.config import BACKBONES
+from candgen.models.semantic_ids import IdTrie, constrained_beam_search
+from candgen.models.sequential import HSTU, BSARec, SASRec
+
+
+def vocab_sizes_of(ids: torch.Tensor) -> tuple[int, ...]:
+    """Tokens per position of an ID table: one more than the largest token used."""
+    return tuple(int(v) + 1 for v in ids.amax(dim=0).tolist())
+
+
+class SemanticItemEmbedding(nn.Module):
+    """An item's input vector: its id embedding plus the embeddings of its ID's tokens.
+
+    Args:
+        ids: (num_items + 1, levels) each item's semantic ID (row 0, padding, is ignored).
+        vocab_sizes: tokens per position of an ID.
+        dim: embedding width.
+    """
+
+    def __init__(self, ids: torch.Tensor, vocab_sizes: tuple[int, ...], dim: int) -> None:
+        super().__init__()
+        self.register_buffer("semantic_ids", ids.to(torch.long))
+        self.item = nn.Embedding(ids.shape[0], dim, padding_idx=0)
+        self.tokens = nn.ModuleList(nn.Embedding(v, dim) for v in vocab_sizes)
+        for table in (self.item, *self.tokens):
+            nn.init.normal_(table.weight, std=1.0 / math.sqrt(dim))
+        with torch.no_grad():
+            self.item.weight[0].zero_()
+
+    semantic_ids: torch.Tensor
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """(..., D) the vectors of ``items`` (zero at padding)."""
+        codes = self.semantic_ids[items]
+        out: torch.Tensor = self.item(items)
+        for level, table in enumerate(self.tokens):
+            out = out + table(codes[..., level])
+        return out * (items > 0).unsqueeze(-1)
+
+
+class IdDecoder(nn.Module):
+    """The next token's logits given a user state and the tokens generated so far.
+
+    Each position has its own head (a feed-forward layer 4x as wide, as a transformer's) over
+    ``state + sum of the earlier tokens' embeddings``.
+
+    Args:
+        dim: state width.
+        vocab_sizes: tokens per position.
+        dropout: dropout inside each head.
+    """
+
+    def __init__(self, dim: int, vocab_sizes: tuple[int, ...], dropout: float) -> None:
+        super().__init__()
+        self.tokens = nn.ModuleList(nn.Embedding(v, dim) for v in vocab_sizes[:-1])
+        self.heads = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(dim),
+                nn.Linear(dim, 4 * dim),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(4 * dim, v),
+            )
+            for v in vocab_sizes
+        )
+
+    def forward(self, states: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
+        """(N, vocab_sizes[level]) logits of token ``level = prefixes.shape[1]``.
+
+        Args:
+            states: (N, D) user states.
+            prefixes: (N, level) the tokens so far.
+        """
+        z = states
+        for level in range(prefixes.shape[1]):
+            z = z + self.tokens[level](prefixes[:, level])
+        logits: torch.Tensor = self.heads[prefixes.shape[1]](z)
+        return logits
+
+
+class GenerativeRetriever(RetrievalModel):
+    """A sequential transducer (SASRec, BSARec or HSTU) that generates the next item's semantic
+    ID.
+
+    Trained by teacher forcing (``id_loss``: the cross-entropy of each token of the target's
+    ID); it retrieves by ``generate``. ``raw_item_embeddings`` gives the input vectors, so the
+    model still has an item table, but its scores come from the decoder.
+
+    Args:
+        num_items: catalogue size (ids 1..num_items, 0 = padding).
+        semantic_ids: (num_items + 1, levels) each item's ID; row 0 is padding.
+        vocab_sizes: tokens per position of an ID.
+        backbone: sasrec, bsarec (which then trains on prefix examples only) or hstu.
+        dim: embedding width.
+        max_len: longest input sequence.
+        num_blocks: transducer layers.
+        num_heads: attention heads.
+        dropout: dropout rate.
+        beam_width: beams kept per step when generating.
+        frequency_cutoff, frequency_weight: the bsarec backbone's filter (BSARec's c, alpha).
+        time_buckets: the hstu backbone's time-gap buckets (0: no time bias).
+    """
+
+    IDS_KEY = "encoder.item_emb.semantic_ids"  # where the state dict keeps the ID table
+
+    def __init__(
+        self,
+        num_items: int,
+        semantic_ids: torch.Tensor,
+        vocab_sizes: tuple[int, ...],
+        backbone: str = "sasrec",
+        dim: int = 64,
+        max_len: int = 50,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        beam_width: int = 50,
+        frequency_cutoff: int = 5,
+        frequency_weight: float = 0.7,
+        time_buckets: int = 0,
+    ) -> None:
+        super().__init__(num_items, "dot", 1.0)
+        if semantic_ids.shape[0] != num_items + 1:
+            raise ConfigError(
+                "semantic_ids", f"{semantic_ids.shape[0]} rows for {num_items} items (+ padding)"
+            )
+        encoder: SASRec | BSARec | HSTU
+        if backbone == "sasrec":
+            encoder = SASRec(num_items, dim, max_len, num_blocks, num_heads, dropout)
+        elif backbone == "bsarec":
+            encoder = BSARec(
+                num_items, dim, max_len, num_blocks, num_heads, dropout,
+                cutoff=frequency_cutoff, weight=frequency_weight,
+            )  # fmt: skip
+        elif backbone == "hstu":
+            encoder = HSTU(
+                num_items, dim, max_len, num_blocks, num_heads, dropout, time_buckets=time_buckets
+            )
+        else:
+            raise ConfigError("backbone", f"{backbone!r} is not one of {BACKBONES}")
+        encoder.item_emb = SemanticItemEmbedding(semantic_ids, vocab_sizes, dim)  # type: ignore[assignment]
+        self.encoder = encoder
+        self.decoder = IdDecoder(dim, vocab_sizes, dropout)
+        self.vocab_sizes = tuple(vocab_sizes)
+        self.beam_width = beam_width
+
+    @property
+    def semantic_ids(self) -> torch.Tensor:
+        table = self.encoder.item_emb
+        assert isinstance(table, SemanticItemEmbedding)
+        return table.semantic_ids
+
+    def encode_positions(self, batch: Batch) -> torch.Tensor:
+        states: torch.Tensor = self.encoder.encode_positions(batch)
+        return states
+
+    def raw_item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        vectors: torch.Tensor = self.encoder.item_emb(ids)
+        return vectors
+
+    def id_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of every token of each target's ID (teacher forcing).
+
+        Args:
+            states: (N, D) the states that predict the targets.
+            targets: (N,) item ids in 1..num_items.
+        """
+        codes = self.semantic_ids[targets]
+        losses = [
+            F.cross_entropy(self.decoder(states, codes[:, :level]), codes[:, level])
+            for level in range(len(self.vocab_sizes))
+        ]
+        return torch.stack(losses).sum()
+
+    def trie(self) -> IdTrie:
+        """The IDs of every item (build it once for many ``generate`` calls)."""
+        ids = self.semantic_ids[1:].cpu().numpy()
+        return IdTrie(ids, np.arange(1, self.num_items + 1), self.vocab_sizes)
+
+    @torch.no_grad()
+    def generate(
+        self, states: torch.Tensor, k: int, trie: IdTrie | None = None, beam_width: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(len(states), k) the items whose IDs the decoder finds most likely, best first, and
+        their log-probabilities (call in eval mode).
+
+        Args:
+            states: (Q, D) user states (``user_embedding``).
+            k: items per state.
+            trie: the IDs that may be generated (default: every item's).
+            beam_width: beams kept per step (default: the model's; at least ``k``).
+        """
+
+        def step(rows: np.ndarray, prefixes: np.ndarray) -> np.ndarray:
+            logits = self.decoder(
+                states[torch.from_numpy(rows).to(states.device)],
+                torch.from_numpy(prefixes).to(states.device),
+            )
+            return F.log_softmax(logits.float(), dim=-1).cpu().numpy()
+
+        width = max(beam_width or self.beam_width, k)
+        return constrained_beam_search(step, trie or self.trie(), len(states), width, k)

@@ -1,0 +1,185 @@
+"""Prefix examples, padding-free batches, and generative retrieval over semantic IDs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from candgen.data.batches import training_windows
+from candgen.data.sequences import SequenceData, load_planted
+from candgen.errors import ConfigError
+from candgen.evaluation.evaluate import evaluate_model, evaluate_popularity
+from candgen.index.semantic import build_semantic_ids
+from candgen.models.factory import load_model
+from candgen.models.generative import GenerativeRetriever
+from candgen.models.semantic_ids import SemanticIdConfig, SemanticIdTable
+from candgen.models.sequential import HSTU, BSARec, SASRec
+from candgen.training.config import TrainConfig
+from candgen.training.trainer import train
+
+SEED = 42
+
+
+@pytest.fixture(scope="module")
+def planted() -> SequenceData:
+    return load_planted(seed=SEED)
+
+
+def _config(out: Path, **kw: object) -> TrainConfig:
+    base = {"dataset": "planted", "seed": SEED, "epochs": 12, "batch_size": 64, "max_len": 20,
+            "eval_every": 4, "progress": False, "track": False, "out_dir": str(out)}  # fmt: skip
+    return TrainConfig(**(base | kw))  # type: ignore[arg-type]
+
+
+def test_prefix_examples_train_each_target_once_from_the_items_before_it(
+    planted: SequenceData,
+) -> None:
+    windows = training_windows(planted, max_len=5, prefixes=True)
+    targets = sum(len(seq) - 1 for seq in planted.train)
+    assert len(windows) == targets
+    assert (windows.targets[:, :-1] == 0).all() and (windows.targets[:, -1] > 0).all()
+    # the user's first window: every item before the last, right-aligned, at most max_len
+    seq = planted.train[0]
+    first = np.flatnonzero(windows.user_rows == 0)[0]
+    assert windows.targets[first, -1] == seq[-1]
+    before = seq[:-1][-5:]
+    assert windows.inputs[first, -len(before) :].tolist() == before.tolist()
+    # positions: fewer windows, every position a target
+    positions = training_windows(planted, max_len=5)
+    assert (positions.targets > 0).sum() == targets and len(positions) < targets
+
+
+def test_batches_shed_shared_padding_and_length_order_keeps_every_window(
+    planted: SequenceData,
+) -> None:
+    windows = training_windows(planted, max_len=20, prefixes=True)
+    lengths = (windows.inputs > 0).sum(axis=1)
+    short = np.flatnonzero(lengths <= 3)[:64]
+    part = windows.take(short)
+    assert part.inputs.shape == (64, int(lengths[short].max()))
+    assert part.targets.shape == part.inputs.shape and (part.targets[:, -1] > 0).all()
+    assert (part.user_rows == windows.user_rows[short]).all()
+    rng = np.random.default_rng(0)
+    shuffled = rng.permutation(len(windows))
+    order = windows.by_length(shuffled, 64, rng, chunk=4)
+    assert sorted(order.tolist()) == list(range(len(windows)))
+
+    def mean_width(o: np.ndarray) -> float:
+        return float(np.mean([lengths[o[i : i + 64]].max() for i in range(0, len(o), 64)]))
+
+    assert mean_width(order) < 0.8 * mean_width(shuffled)
+
+
+@pytest.mark.parametrize("model_class", [SASRec, BSARec, HSTU])
+def test_a_state_does_not_depend_on_the_padding_before_it(
+    model_class: type[SASRec] | type[BSARec] | type[HSTU],
+) -> None:
+    torch.manual_seed(0)
+    model = model_class(num_items=30, dim=16, max_len=12).eval()
+    items = torch.tensor([[0, 0, 3, 7, 9], [0, 4, 5, 6, 2]])
+    padded = torch.cat([torch.zeros(2, 7, dtype=torch.long), items], dim=1)
+    with torch.no_grad():
+        short, long = model({"items": items}), model({"items": padded})
+    assert torch.allclose(short[:, -1], long[:, -1], atol=1e-5)
+    assert torch.allclose(short[:, 2:], long[:, 9:], atol=1e-5)
+
+
+def test_generative_retrieval_learns_planted_structure_and_writes_only_real_items(
+    planted: SequenceData, tmp_path: Path
+) -> None:
+    dense = train(
+        _config(tmp_path / "dense", model="sasrec", epochs=8, eval_every=8, batch_size=128),
+        planted,
+    )
+    table_path = tmp_path / "ids.npz"
+    summary = build_semantic_ids(
+        dense.model_path, table_path, SemanticIdConfig(levels=2, codebook_size=8)
+    )
+    assert summary["items"] == planted.num_items
+    assert summary["distinct_prefixes"][-1] == planted.num_items  # every ID is unique
+    result = train(
+        _config(
+            tmp_path / "gen",
+            model="generative",
+            semantic_ids=str(table_path),
+            examples="prefixes",
+            batch_by_length=True,
+            beam_width=20,
+            batch_size=128,
+            eval_every=12,
+        ),
+        planted,
+    )
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+    pop = evaluate_popularity(planted, "test")["hr@10"]
+    hr = result.test_metrics["hr@10"]
+    assert hr > pop + 0.2, (hr, pop)
+    # the saved model carries its ID table and generates the same lists
+    model, header = load_model(result.model_path)
+    assert isinstance(model, GenerativeRetriever) and header.model.model == "generative"
+    again = evaluate_model(model, planted, "test", "full", 20, seed=SEED)
+    assert again["hr@10"] == pytest.approx(hr)
+    states = torch.randn(5, 64)
+    items, scores = model.generate(states, 10)
+    assert ((items >= 1) & (items <= planted.num_items)).all()
+    assert (np.diff(scores, axis=1) <= 1e-9).all()
+    # a subset's trie generates only from the subset (a request's eligible ads)
+    table = SemanticIdTable.load(table_path).aligned(planted.item_ids)
+    from candgen.models.semantic_ids import IdTrie
+
+    chosen = np.arange(1, planted.num_items + 1, 4)
+    sub = IdTrie(table[chosen], chosen, model.vocab_sizes)
+    found, _ = model.generate(states, 10, sub)
+    assert set(found.ravel().tolist()) <= set(chosen.tolist())
+    with pytest.raises(ConfigError, match=r"^protocol: a generative model retrieves"):
+        evaluate_model(model, planted, "test", "sampled100", 20)
+    # an ANN index of its item table is refused
+    from candgen.index.build import load_registered_embeddings
+
+    art = tmp_path / "registered" / "artifacts"
+    art.mkdir(parents=True)
+    (art / "model.pt").write_bytes(result.model_path.read_bytes())
+    np.save(art / "item_embeddings.npy", np.zeros((planted.num_items + 1, 64), np.float32))
+    (art / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"^model_uri: .* is a generative model"):
+        load_registered_embeddings(str(tmp_path / "registered"))
+
+
+def test_generative_settings_and_tables_are_checked(planted: SequenceData, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^semantic_ids: the generative model trains on"):
+        TrainConfig(model="generative")
+    with pytest.raises(ConfigError, match=r"^backbone: 'gru' is not one of"):
+        TrainConfig(model="generative", semantic_ids="x.npz", backbone="gru")
+    with pytest.raises(ConfigError, match=r"^beam_width: must be >= 1"):
+        TrainConfig(beam_width=0)
+    with pytest.raises(ConfigError, match=r"^examples: 'all' is not one of"):
+        TrainConfig(examples="all")
+    # a table built for other items
+    from candgen.models.semantic_ids import SemanticIds
+
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    ids = SemanticIds.fit(x, SemanticIdConfig(levels=1, codebook_size=3))
+    items = np.arange(1, 11) + 10_000
+    SemanticIdTable(items, ids.assign(items, x), ids).save(tmp_path / "other.npz")
+    with pytest.raises(ConfigError, match=r"^semantic_ids: \d+ items have no ID in the table"):
+        train(
+            _config(tmp_path / "g", model="generative", semantic_ids=str(tmp_path / "other.npz")),
+            planted,
+        )
+
+
+def test_a_cosine_schedule_ends_near_zero_and_constant_keeps_the_rate(
+    planted: SequenceData, tmp_path: Path
+) -> None:
+    for schedule in ("cosine", "constant"):
+        out = tmp_path / schedule
+        train(_config(out, model="sasrec", epochs=3, eval_every=3, lr_schedule=schedule), planted)
+        saved = torch.load(out / "checkpoint.pt", weights_only=False)
+        last = saved["optimizer"]["param_groups"][0]["lr"]
+        assert last < 0.02 * 1e-3 if schedule == "cosine" else last == 1e-3
+    with pytest.raises(ConfigError, match=r"^lr_schedule: 'linear' is not one of"):
+        TrainConfig(lr_schedule="linear")
