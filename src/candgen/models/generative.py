@@ -181,7 +181,8 @@ class GenerativeRetriever(RetrievalModel):
         return vectors
 
     def id_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of every token of each target's ID (teacher forcing).
+        """The cross-entropy of each token of the targets' IDs (teacher forcing), averaged over
+        the targets and summed over the tokens.
 
         Args:
             states: (N, D) the states that predict the targets.
