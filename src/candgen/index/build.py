@@ -18,6 +18,7 @@ import numpy as np
 from candgen.data.synth import AD_ID_OFFSET
 from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig, ad_rows, exact_search, recall_at_k
+from candgen.models.generative import GenerativeRetriever
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ def load_registered_embeddings(model_uri: str, tracking_uri: str = "") -> Regist
         raise CandgenError(f"model_uri: cannot load {model_uri!r}: {e.message}") from None
     art = root / "artifacts"
     table = np.load(art / "item_embeddings.npy")
-    _, saved = load_model(art / "model.pt")
-    if saved.model.model == "generative":
+    model, saved = load_model(art / "model.pt")
+    if isinstance(model, GenerativeRetriever):
         raise ConfigError(
             "model_uri",
             f"{model_uri} is a generative model: it retrieves by beam search over semantic "

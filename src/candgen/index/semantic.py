@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.nn.functional as F
 
 from candgen.models.semantic_ids import SemanticIdConfig, SemanticIds, SemanticIdTable
 from candgen.paths import replace_atomically
@@ -32,8 +33,7 @@ def build_semantic_ids(
     config = config or SemanticIdConfig()
     t0 = time.perf_counter()
     loaded = load_model(model_path)
-    table = loaded.model.item_table()[1:].numpy().astype(np.float32)
-    vectors = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+    vectors = F.normalize(loaded.model.item_table()[1:].float(), dim=1).numpy()
     codebooks = SemanticIds.fit(vectors, config)
     item_ids = np.asarray(loaded.header.item_ids[1:], np.int64)
     ids = codebooks.assign(item_ids, vectors)
