@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,39 @@ def test_a_cosine_schedule_ends_near_zero_and_constant_keeps_the_rate(
         assert last < 0.02 * 1e-3 if schedule == "cosine" else last == 1e-3
     with pytest.raises(ConfigError, match=r"^lr_schedule: 'linear' is not one of"):
         TrainConfig(lr_schedule="linear")
+
+
+def test_a_generative_model_on_the_marketplace_joins_the_unified_models_candidates(
+    marketplace, features_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """Semantic IDs from the unified model's items (text where an ad is cold), a generative
+    model over them, and the union of both lists at the same K, paired per user."""
+    from candgen.cli import main
+    from candgen.evaluation.evaluate import compare_union
+
+    common = dict(dataset="marketplace", data_dir=str(marketplace.out_dir),
+                  features_dir=str(features_dir), epochs=1, eval_days=2, max_len=20,
+                  batch_size=64, progress=False, track=False, seed=3)  # fmt: skip
+    unified = train(TrainConfig(model="unified", out_dir=str(tmp_path / "u"), **common))
+    ids = tmp_path / "ids.npz"
+    build_semantic_ids(unified.model_path, ids, SemanticIdConfig(levels=2, codebook_size=16))
+    gen = train(TrainConfig(model="generative", semantic_ids=str(ids), backbone="hstu",
+                            beam_width=40, out_dir=str(tmp_path / "g"), **common))  # fmt: skip
+    assert gen.test_metrics["recall@20"] >= 0.0
+    u, g = unified.model_path, gen.model_path
+    assert main(["evaluate", "--model", str(u), "--union", str(g), "-k", "100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # The share is chosen on validation from the grid; the baseline is the unified model alone.
+    assert set(out["valid_recall_by_share"]) == {"12", "25", "50"}
+    assert out["share"] in (12, 25, 50)
+    assert out["all"]["baseline"] == pytest.approx(unified.test_metrics["recall@100"])
+    click = unified.test_metrics["label.click.recall@100"]
+    assert out["label.click"]["baseline"] == pytest.approx(click)
+    assert "ads.cold" in out and out["ads.cold"]["n"] > 0
+    # The model joined with itself, every slot the second list's: the same lists on every user.
+    whole = compare_union(u, u, k=40, share=40)
+    assert whole["all"]["mean"] == whole["all"]["low"] == whole["all"]["high"] == 0.0
+    with pytest.raises(ConfigError, match=r"^share: must lie in 0..40"):
+        compare_union(u, g, k=40, share=41)
+    assert main(["evaluate", "--model", str(u), "--union", str(g), "--against", str(u)]) == 2
+    assert "union: --union and --against are two comparisons" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from candgen.evaluation.metrics import (
     ranking_metrics,
     sampled_ranks,
     target_ranks,
+    union_lists,
     user_recall,
 )
 from candgen.models.retriever import chunked_topk
@@ -113,3 +114,21 @@ def test_user_recall_is_each_users_share_of_targets_in_the_top_k() -> None:
     assert got[:2].tolist() == [pytest.approx(2 / 3), 0.0] and np.isnan(got[2])
     # Its mean over users with targets is ranking_metrics' recall.
     assert np.nanmean(got) == pytest.approx(ranking_metrics(ranks, users, (5,))["recall@5"])
+
+
+def test_a_union_gives_the_second_list_its_share_and_refills_duplicates_from_the_first() -> None:
+    first = np.array([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [1, 2, -1, -1, -1]])
+    second = np.array([[9, 8, 7], [2, 8, -1], [9, -1, -1]])
+    got = union_lists(first, second, 2)
+    assert got[0].tolist() == [1, 2, 3, 9, 8]  # the first's top 3, the second's top 2
+    assert got[1].tolist() == [1, 2, 3, 8, 4]  # 2 is held already: the first's next refills
+    assert got[2].tolist() == [1, 2, 9, -1, -1]  # gaps stay gaps when both lists run out
+    none = union_lists(first, second, 0)  # no slots: the first list, its gaps refilled
+    assert (none[:2] == first[:2]).all() and none[2].tolist() == [1, 2, 9, -1, -1]
+    assert union_lists(first, second, 5)[0].tolist() == [9, 8, 7, 1, 2]
+    from candgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^share: must lie in 0..5, got 6"):
+        union_lists(first, second, 6)
+    with pytest.raises(ConfigError, match=r"^second: 2 lists for 3"):
+        union_lists(first, second[:2], 1)

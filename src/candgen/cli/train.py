@@ -10,6 +10,7 @@ from typing import Any
 
 from candgen.cli import Parser, add_config_flags, config_from_args, print_json
 from candgen.cli.flags import check_at_least
+from candgen.errors import ConfigError
 
 HEADLINE = ("hr@10", "ndcg@10", "recall@50", "recall@100", "coverage@100", "users")
 
@@ -60,9 +61,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     check_at_least("k", args.k, 1)
-    from candgen.evaluation.evaluate import compare_saved_models, evaluate_saved_model
+    from candgen.evaluation.evaluate import (
+        compare_saved_models,
+        compare_union,
+        evaluate_saved_model,
+    )
 
     context = not args.no_context
+    if args.against is not None and args.union is not None:
+        raise ConfigError("union", "--union and --against are two comparisons: give one")
+    if args.union is not None:
+        print_json(compare_union(args.model, args.union, args.split, args.k, args.share))
+        return 0
     if args.against is not None:
         print_json(
             compare_saved_models(
@@ -116,7 +126,22 @@ def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
         help="another model.pt on the same data: print recall@K of --model minus its, per user, "
         "overall and per label and surface, with 95%% paired bootstrap intervals",
     )
-    ev.add_argument("-k", type=int, default=100, help="K of the --against comparison")
+    ev.add_argument(
+        "--union",
+        type=Path,
+        default=None,
+        help="a generative model.pt on the same data: print recall@K of --model's top K-S "
+        "joined with its top S minus --model's top K alone, per user, overall and per label, "
+        "surface and cold-start ads, with 95%% paired bootstrap intervals",
+    )
+    ev.add_argument(
+        "--share",
+        type=int,
+        default=0,
+        help="S of --union: the generative model's slots of K (default 0: chosen on the "
+        "validation window)",
+    )
+    ev.add_argument("-k", type=int, default=100, help="K of the --against or --union comparison")
     ev.add_argument(
         "--no-context",
         action="store_true",

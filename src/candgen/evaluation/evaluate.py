@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from candgen.evaluation.metrics import (
     ranking_metrics,
     sampled_ranks,
     target_ranks,
+    union_lists,
     user_recall,
 )
 from candgen.models.base import RetrievalModel
@@ -225,6 +226,31 @@ def _contextual_ranks(
 
 
 @torch.no_grad()
+def target_lists(
+    model: RetrievalModel,
+    data: SequenceData,
+    split: str,
+    max_len: int,
+    k: int,
+    context: bool = True,
+) -> np.ndarray:
+    """(T, k) the top ``k`` each target of ``split`` is ranked in, as ``evaluate_model`` ranks
+    it (a contextual model by the query for the target's own request: label, surface and, with
+    ``context``, query and context item; any other model by its user's list; a generative model
+    by what it writes, -1 where that comes up short)."""
+    eval_set = _eval_set(data, split)
+    with _eval_mode(model):
+        if model.contextual and eval_set.target_surface is not None:
+            return _contextual_ranks(model, data, eval_set, max_len, k, context)[1]
+        queries = user_queries(model, data, eval_set, max_len)
+        if isinstance(model, GenerativeRetriever):
+            topk = generated_topk(model, queries, eval_set.histories, k)[:, :k]
+        else:
+            topk = chunked_topk(queries, model.item_table(), k, eval_set.histories).numpy()
+    lists: np.ndarray = topk[eval_set.target_user]
+    return lists
+
+
 def full_ranks(
     model: RetrievalModel,
     data: SequenceData,
@@ -234,18 +260,93 @@ def full_ranks(
     context: bool = True,
 ) -> np.ndarray:
     """(T,) each target's 0-based rank in a full ranking of the catalogue cut at ``k`` (``k``
-    where absent), ranked as ``evaluate_model`` ranks it (a contextual model by the query for
-    the target's own request: label, surface and, with ``context``, query and context item)."""
-    eval_set = _eval_set(data, split)
-    with _eval_mode(model):
-        if model.contextual and eval_set.target_surface is not None:
-            return _contextual_ranks(model, data, eval_set, max_len, k, context)[0]
-        queries = user_queries(model, data, eval_set, max_len)
-        if isinstance(model, GenerativeRetriever):
-            topk = generated_topk(model, queries, eval_set.histories, k)[:, :k]
-        else:
-            topk = chunked_topk(queries, model.item_table(), k, eval_set.histories).numpy()
-    return target_ranks(topk, eval_set.target_user, eval_set.target_item)
+    where absent), ranked as ``evaluate_model`` ranks it (``target_lists``)."""
+    lists = target_lists(model, data, split, max_len, k, context)
+    return target_ranks(lists, np.arange(len(lists)), _eval_set(data, split).target_item)
+
+
+def _same_data(paths: Sequence[Path | str]) -> list[Any]:
+    """The saved models at ``paths``, checked to be trained on the same data, evaluation windows
+    and (full) protocol, so that their targets pair up.
+
+    Raises:
+        ConfigError: a field on which they differ, named.
+    """
+    from candgen.models.factory import load_model
+
+    runs = [load_model(Path(path)) for path in paths]
+    ours_h = runs[0].header
+    for run in runs[1:]:
+        theirs_h = run.header
+        for name in ("dataset", "data_dir", "eval_days"):
+            ours, theirs = getattr(ours_h.data, name), getattr(theirs_h.data, name)
+            if ours != theirs:
+                raise ConfigError(
+                    name, f"the models were trained on different data: {ours!r} vs {theirs!r}"
+                )
+        if ours_h.protocol != theirs_h.protocol:
+            raise ConfigError(
+                "protocol",
+                f"the models were selected with different protocols: "
+                f"{ours_h.protocol!r} vs {theirs_h.protocol!r}",
+            )
+    if ours_h.protocol != "full":
+        raise ConfigError("protocol", "paired comparisons need the full protocol")
+    return runs
+
+
+def _data_of(runs: Sequence[Any]) -> list[SequenceData]:
+    """Each run's data (each model reads its own features: a summary one model fuses and the
+    other ignores); the same data is loaded once."""
+    loaded: dict[DataConfig, SequenceData] = {}
+    for run in runs:
+        key = run.header.data
+        loaded[key] = loaded.get(key) or load_data(key, seed=run.header.seed)
+    return [loaded[run.header.data] for run in runs]
+
+
+def _same_targets(datas: Sequence[SequenceData], split: str) -> EvalSet:
+    targets = _eval_set(datas[0], split)
+    for data in datas[1:]:
+        if not np.array_equal(targets.target_item, _eval_set(data, split).target_item):
+            raise ConfigError(
+                "data_dir", "the two models' evaluation windows hold different targets"
+            )
+    return targets
+
+
+def _paired_groups(
+    targets: EvalSet, data: SequenceData, ours: np.ndarray, theirs: np.ndarray, k: int
+) -> dict[str, Any]:
+    """Recall@K of two rankings of the same targets (their ranks), paired per user: overall,
+    per label, per surface, per label on each surface, and on cold-start and warm ad targets."""
+    groups: dict[str, np.ndarray] = {"all": np.ones(len(targets.target_item), dtype=bool)}
+    for kind, values in (("label", targets.target_label), ("surface", targets.target_surface)):
+        if values is not None and len(set(values.tolist())) > 1:
+            groups.update({f"{kind}.{v}": values == v for v in sorted(set(values.tolist()))})
+    if targets.target_surface is not None and len(set(targets.target_surface.tolist())) > 1:
+        # Each label on each surface (what the request's context is worth differs by both).
+        for surface in sorted(set(targets.target_surface.tolist())):
+            for label in sorted(set(targets.target_label.tolist())):
+                chosen = (targets.target_surface == surface) & (targets.target_label == label)
+                if chosen.any():
+                    groups[f"surface.{surface}.label.{label}"] = chosen
+    if data.ad_items is not None:
+        is_ad, cold = data.ad_items[targets.target_item], data.cold_ads[targets.target_item]
+        for name, chosen in (("cold", is_ad & cold), ("warm", is_ad & ~cold)):
+            if chosen.any():
+                groups[f"ads.{name}"] = chosen
+    out: dict[str, Any] = {}
+    n_users = len(targets)
+    for name, chosen in groups.items():
+        users = targets.target_user[chosen]
+        a, b = (user_recall(r[chosen], users, k, n_users) for r in (ours, theirs))
+        out[name] = {
+            "model": float(np.nanmean(a)),
+            "baseline": float(np.nanmean(b)),
+            **paired_difference(a, b),
+        }
+    return out
 
 
 def compare_saved_models(
@@ -258,77 +359,93 @@ def compare_saved_models(
     """Recall@K of one ``model.pt`` minus another's, per user, on the same evaluation window:
     overall and per target label (and surface), each with a 95% paired bootstrap interval and
     the users each model wins (``candgen.evaluation.metrics.paired_difference``); per label on
-    each surface too (``surface.search.label.click``). With
+    each surface too (``surface.search.label.click``), and on cold-start and warm ads. With
     ``baseline_context=False`` the baseline ranks without the requests' search query and
     context item: against the same file, what the context is worth.
 
     Raises:
         ConfigError: the two models were not trained on the same data and split (named field).
     """
-    from candgen.models.factory import load_model
-
     if k < 1:
         raise ConfigError("k", f"must be >= 1, got {k}")
-    runs = [load_model(Path(path)) for path in (model_path, baseline_path)]
-    ours_h, theirs_h = runs[0].header, runs[1].header
-    for name in ("dataset", "data_dir", "eval_days"):
-        ours, theirs = getattr(ours_h.data, name), getattr(theirs_h.data, name)
-        if ours != theirs:
-            raise ConfigError(
-                name, f"the models were trained on different data: {ours!r} vs {theirs!r}"
-            )
-    if ours_h.protocol != theirs_h.protocol:
-        raise ConfigError(
-            "protocol",
-            f"the models were selected with different protocols: "
-            f"{ours_h.protocol!r} vs {theirs_h.protocol!r}",
-        )
-    if ours_h.protocol != "full":
-        raise ConfigError("protocol", "paired comparisons need the full protocol")
-    ranks, targets = [], None
-    loaded: dict[DataConfig, SequenceData] = {}
-    for (m, h), context in zip(runs, (True, baseline_context), strict=True):
-        # Each model reads its own features (a summary one model fuses and the other ignores);
-        # the same data is loaded once.
-        key = h.data
-        data = loaded[key] = loaded.get(key) or load_data(h.data, seed=h.seed)
-        eval_set = _eval_set(data, split)
-        ranks.append(full_ranks(m, data, split, h.model.max_len, min(k, data.num_items), context))
-        if targets is None:
-            targets = eval_set
-        elif not np.array_equal(targets.target_item, eval_set.target_item):
-            raise ConfigError(
-                "data_dir", "the two models' evaluation windows hold different targets"
-            )
-    assert targets is not None
-    groups: dict[str, np.ndarray] = {"all": np.ones(len(targets.target_item), dtype=bool)}
-    for kind, values in (("label", targets.target_label), ("surface", targets.target_surface)):
-        if values is not None and len(set(values.tolist())) > 1:
-            groups.update({f"{kind}.{v}": values == v for v in sorted(set(values.tolist()))})
-    if targets.target_surface is not None and len(set(targets.target_surface.tolist())) > 1:
-        # Each label on each surface (what the request's context is worth differs by both).
-        for surface in sorted(set(targets.target_surface.tolist())):
-            for label in sorted(set(targets.target_label.tolist())):
-                chosen = (targets.target_surface == surface) & (targets.target_label == label)
-                if chosen.any():
-                    groups[f"surface.{surface}.label.{label}"] = chosen
-    out: dict[str, Any] = {
+    runs = _same_data([model_path, baseline_path])
+    datas = _data_of(runs)
+    targets = _same_targets(datas, split)
+    ranks = [
+        full_ranks(m, data, split, h.model.max_len, min(k, data.num_items), context)
+        for (m, h), data, context in zip(runs, datas, (True, baseline_context), strict=True)
+    ]
+    return {
         "model": str(model_path),
         "baseline": str(baseline_path),
         "split": split,
         "k": k,
         "baseline_context": baseline_context,
+        **_paired_groups(targets, datas[0], ranks[0], ranks[1], k),
     }
-    n_users = len(targets)
-    for name, chosen in groups.items():
-        users = targets.target_user[chosen]
-        ours, theirs = (user_recall(r[chosen], users, k, n_users) for r in ranks)
-        out[name] = {
-            "model": float(np.nanmean(ours)),
-            "baseline": float(np.nanmean(theirs)),
-            **paired_difference(ours, theirs),
-        }
-    return out
+
+
+UNION_SHARES = (0.125, 0.25, 0.5)  # the generative list's share of K that validation chooses from
+
+
+def compare_union(
+    model_path: Path | str,
+    generative_path: Path | str,
+    split: str = "test",
+    k: int = 200,
+    share: int = 0,
+) -> dict[str, Any]:
+    """What a second generator adds to a model's candidates at the same budget: recall@K of
+    the model's top ``K - s`` joined with ``generative_path``'s top ``s`` (``union_lists``: a
+    quota of ``s`` slots, duplicates refilled from the model's list) minus the model's top K
+    alone, paired per user (the groups of ``compare_saved_models``, cold-start ads among them).
+
+    Args:
+        share: ``s``; 0 chooses it on the validation window (the best overall recall@K of
+            ``UNION_SHARES`` of K), never on the test window.
+
+    Raises:
+        ConfigError: k or share out of range, or models trained on different data (named).
+    """
+    if k < 1:
+        raise ConfigError("k", f"must be >= 1, got {k}")
+    if not 0 <= share <= k:
+        raise ConfigError("share", f"must lie in 0..{k} (0: chosen on validation), got {share}")
+    runs = _same_data([model_path, generative_path])
+    datas = _data_of(runs)
+
+    def lists(on: str) -> tuple[EvalSet, np.ndarray, np.ndarray]:
+        targets = _same_targets(datas, on)
+        first, second = (
+            target_lists(m, data, on, h.model.max_len, min(k, data.num_items))
+            for (m, h), data in zip(runs, datas, strict=True)
+        )
+        return targets, first, second
+
+    def ranks_of(targets: EvalSet, ranked: np.ndarray) -> np.ndarray:
+        return target_ranks(ranked, np.arange(len(ranked)), targets.target_item)
+
+    chosen_on: dict[str, float] = {}
+    if share == 0:
+        targets, first, second = lists("valid")
+        users = len(targets)
+        for s in sorted({max(1, round(f * k)) for f in UNION_SHARES}):
+            joined = ranks_of(targets, union_lists(first, second, s))
+            recall = user_recall(joined, targets.target_user, k, users)
+            chosen_on[str(s)] = float(np.nanmean(recall))
+        share = int(max(chosen_on, key=lambda s: (chosen_on[s], -int(s))))
+    targets, first, second = lists(split)
+    alone = ranks_of(targets, first)
+    joined = ranks_of(targets, union_lists(first, second, share))
+    return {
+        "model": str(model_path),
+        "generative": str(generative_path),
+        "split": split,
+        "k": k,
+        "share": share,
+        "valid_recall_by_share": chosen_on,
+        **_paired_groups(targets, datas[0], joined, alone, k),
+    }
 
 
 @contextmanager

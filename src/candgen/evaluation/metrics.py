@@ -115,6 +115,37 @@ def sampled_ranks(
     return (scores[:, 1:] > scores[:, :1]).sum(1).cpu().numpy()
 
 
+def union_lists(first: np.ndarray, second: np.ndarray, share: int) -> np.ndarray:
+    """(T, K) each row's candidates when a second generator gets ``share`` of K slots: the
+    first list's top ``K - share``, then the second's top ``share`` that are new, then both
+    lists' next ones (the first's, then the second's) until K are held or both run out
+    (-1 fills; negative entries in either list are gaps).
+
+    Args:
+        first: (T, K) the main generator's lists, best first.
+        second: (T, M) the second generator's lists, best first.
+        share: slots of K the second generator fills first.
+    """
+    if first.shape[0] != second.shape[0]:
+        raise ConfigError("second", f"{second.shape[0]} lists for {first.shape[0]}")
+    k = first.shape[1]
+    if not 0 <= share <= k:
+        raise ConfigError("share", f"must lie in 0..{k}, got {share}")
+    out = np.full(first.shape, -1, np.int64)
+    for row, (a, b) in enumerate(zip(first.tolist(), second.tolist(), strict=True)):
+        held = dict.fromkeys(x for x in a[: k - share] if x >= 0)
+        for x in b[:share]:
+            if x >= 0 and len(held) < k:
+                held.setdefault(x)
+        for x in (*a[k - share :], *b[share:]):
+            if len(held) == k:
+                break
+            if x >= 0:
+                held.setdefault(x)
+        out[row, : len(held)] = list(held)
+    return out
+
+
 def user_recall(ranks: np.ndarray, target_user: np.ndarray, k: int, num_users: int) -> np.ndarray:
     """(num_users,) each user's Recall@K over its targets; NaN for a user with none."""
     counts = np.bincount(target_user, minlength=num_users).astype(np.float64)
