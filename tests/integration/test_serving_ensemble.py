@@ -146,21 +146,41 @@ def test_learned_quotas_and_an_override_are_served_with_per_source_counts(
 ) -> None:
     import json
 
+    from candgen.index.semantic import build_semantic_ids
+    from candgen.models.semantic_ids import SemanticIdConfig
     from candgen.quotas.learning import QuotaLearnConfig, learn_quotas
     from candgen.serving.quota import LearnedQuotas
 
     version = pinned_version(served.repo)
     model = served.repo / "candgen_user_encoder" / str(version) / "model.pt"
+    # A generative model over the served model's items' semantic IDs, registered beside it.
+    ids = tmp_path / "semantic_ids.npz"
+    build_semantic_ids(model, ids, SemanticIdConfig(levels=2, codebook_size=16))
+    generative = train(TrainConfig(
+        dataset="marketplace", data_dir=str(served.marketplace.out_dir),
+        features_dir=str(served.features_dir), model="generative", backbone="hstu",
+        semantic_ids=str(ids), beam_width=50, epochs=1, max_len=20, batch_size=64, eval_days=2,
+        progress=False, tracking_uri=served.uri, experiment="serve", register_as="serve-gen",
+        seed=0, out_dir=str(tmp_path / "generative")))  # fmt: skip
     table = learn_quotas(model, served.marketplace.out_dir, served.features_dir,
-                         QuotaLearnConfig(eval_days=2, max_rank=MAX_K), progress=False)  # fmt: skip
+                         QuotaLearnConfig(eval_days=2, max_rank=MAX_K), progress=False,
+                         generative_path=generative.model_path)  # fmt: skip
+    assert table.fitted["requests_with_candidates"]["generative"] > 0
     table.save(tmp_path / "quotas.json")
-    (tmp_path / "overrides.json").write_text(json.dumps({"related": {"popularity": 1.0}}))
+    (tmp_path / "overrides.json").write_text(
+        json.dumps({"related": {"popularity": 0.5, "generative": 0.5}}))  # fmt: skip
     repo = tmp_path / "repo"
     assert main(["serving", "export", "--model-uri", "models:/serve-m@champion", "--out",
                  str(repo), "--features-dir", str(served.features_dir), "--tracking-uri",
                  served.uri, "--feature-server-url", served.features.url, "--max-k", str(MAX_K),
                  "--quotas", str(tmp_path / "quotas.json"), "--quota-overrides",
-                 str(tmp_path / "overrides.json")]) == 0  # fmt: skip
+                 str(tmp_path / "overrides.json"),
+                 "--generative-uri", "models:/serve-gen@challenger"]) == 0  # fmt: skip
+    body = json.loads((repo / "retrieve" / str(version) / "serving.json").read_text())
+    prov, mv = body["provenance"], tracking.client(served.uri).get_model_version("serve-gen", "1")
+    assert prov["generative_model_uri"] == "models:/serve-gen@challenger"
+    assert prov["generative_run_id"] == mv.run_id and prov["generative_ads"] > 0
+    assert prov["generative_git_commit"] == mv.tags["git_commit"] != ""
     http, grpc, metrics = free_ports(3)
     server = ServerConfig(model_repository=str(repo), http_port=http, grpc_port=grpc,
                           metrics_port=metrics, state_dir=str(tmp_path / "triton"),
@@ -180,8 +200,10 @@ def test_learned_quotas_and_an_override_are_served_with_per_source_counts(
                 assert got.quota_policy == "learned" and sum(got.source_counts.values()) == 100
             overridden = client.retrieve(user, "related", 50)
             assert overridden.quota_policy == "override"
-            assert overridden.source_counts == {
-                "sequential": 0, "content": 0, "query": 0, "item": 0, "popularity": 50}  # fmt: skip
+            _same(overridden, offline.retrieve(user, "related", 50))
+            assert overridden.source_counts == {"sequential": 0, "content": 0, "query": 0,
+                                                "item": 0, "popularity": 25,
+                                                "generative": 25}  # fmt: skip
     finally:
         stop(server)
 

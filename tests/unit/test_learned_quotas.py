@@ -211,7 +211,8 @@ def test_the_select_step_serves_the_learned_quotas_and_reports_each_source(tmp_p
     out = step(_select_tensors(b"related", 0))
     assert out["QUOTA_POLICY"].tolist() == [b"override"]
     assert dict(zip(GENERATORS, out["SOURCE_COUNTS"].tolist(), strict=True)) == {
-        "sequential": 0, "content": 10, "query": 0, "item": 0, "popularity": 10}  # fmt: skip
+        "sequential": 0, "content": 10, "query": 0, "item": 0, "popularity": 10,
+        "generative": 0}  # fmt: skip
     (tmp_path / QUOTA_FILE).unlink()
     with pytest.raises(ConfigError, match=r"^quota_policy: learned needs a learned quota table"):
         SelectStep(tmp_path)
@@ -528,7 +529,8 @@ def test_the_quota_commands_learn_show_and_reject_bad_input(
     assert main(["quotas", "show", str(out), "-k", "0"]) == 2
     assert "k: must be >= 1" in capsys.readouterr().err
 
-    # compare: every policy over the five generators, on requests replayed with their context
+    # compare: every policy over the generators that found ads (no generative model given),
+    # on requests replayed with their context
     result = tmp_path / "compare.json"
     compare = [*learn[:1], "compare", *learn[2:], "-k", "20", "50", "--max-rank", "50"]
     assert main([*compare, "--out", str(result), "--quiet"]) == 0
@@ -541,7 +543,8 @@ def test_the_quota_commands_learn_show_and_reject_bad_input(
         assert 0.0 <= metrics["ads.recall@50"] <= 1.0, name
     for k in (20, 50):
         split = policies["best fixed"][f"split@{k}"]
-        assert list(split) == list(GENERATORS) and sum(split.values()) == pytest.approx(1.0)
+        assert list(split) == [g for g in GENERATORS if g != "generative"]
+        assert sum(split.values()) == pytest.approx(1.0)
         assert all(round(v * 5) == pytest.approx(v * 5) for v in split.values())  # fifths
     assert main([*compare, "--fixed-step", "0.3"]) == 2
     assert "fixed_step: must divide 1 into whole parts" in capsys.readouterr().err
@@ -599,4 +602,6 @@ def test_the_recall_table_equals_each_splits_own_allocation() -> None:
                 np.testing.assert_array_equal(table[label][s], values)
     with pytest.raises(ConfigError, match=r"^fixed_step: must divide 1 into whole parts"):
         fixed_grid(0.3)
-    assert len(fixed_grid()) == 126 and len(fixed_grid(0.1)) == 1001
+    five = GENERATORS[:5]  # every generator but the generative one
+    assert len(fixed_grid(generators=five)) == 126 and len(fixed_grid(0.1, five)) == 1001
+    assert len(fixed_grid()) == 252

@@ -111,3 +111,53 @@ def test_bad_requests_name_the_field(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         pipeline.retrieve(7, scenario, k)
+
+
+def test_the_generative_generator_writes_only_ads_a_request_may_be_shown(
+    pipeline: RetrievalPipeline, tmp_path: Path
+) -> None:
+    """Semantic IDs from a dense model's items, a generative model over them; its beam search
+    writes only ads, and the generators step keeps those not ineligible and not in the history."""
+    from candgen.index.semantic import build_semantic_ids
+    from candgen.models.semantic_ids import SemanticIdConfig
+    from candgen.serving.generative import GenerativeAds
+    from candgen.serving.pipeline import UserContext, written_ads
+    from candgen.serving.quota import QuotaConfig, QuotaPolicy
+
+    result = train(TrainConfig(dataset="planted", model="sasrec", epochs=1, max_len=20,
+                               batch_size=128, progress=False, track=False,
+                               out_dir=str(tmp_path / "dense")))  # fmt: skip
+    ids_file = tmp_path / "ids.npz"
+    build_semantic_ids(result.model_path, ids_file, SemanticIdConfig(levels=2, codebook_size=8))
+    gen = train(TrainConfig(dataset="planted", model="generative", semantic_ids=str(ids_file),
+                            examples="prefixes", batch_by_length=True, epochs=2, max_len=20,
+                            batch_size=128, beam_width=60, progress=False, track=False,
+                            out_dir=str(tmp_path / "gen")))  # fmt: skip
+    ads = np.arange(FIRST_AD, 301)
+    generative = GenerativeAds.load(gen.model_path, np.r_[ads, 10**9], depth=60)
+    assert generative.unknown_ads == 1  # an ad the model never saw has no ID to write
+    written = written_ads(generative, [UserContext(history=[1, 2, 3]), UserContext(history=[-5])])
+    assert written[1] is None  # nothing known of the user: no state to write from
+    assert written[0] is not None
+    found, scores = written[0]
+    assert len(found) == 60 and set(found.tolist()) <= set(ads.tolist())
+    assert (np.diff(scores) <= 1e-6).all()
+    # Half of home's slots to it; one ad it writes is already seen, the best it then writes
+    # is ineligible.
+    second = int(found[1])
+    now = written_ads(generative, [UserContext(history=[1, 2, 3, second])])[0]
+    assert now is not None
+    first = int(now[0][0])
+    shares = {"home": {"generative": 0.5, "sequential": 0.5}}
+    pipeline.quotas = QuotaPolicy("fixed", QuotaConfig(), shares)
+    pipeline.generative = generative
+    pipeline.ineligible = {first}
+    try:
+        res = pipeline.retrieve(7, "home", 20, recent_item_ids=[second])
+    finally:
+        pipeline.quotas, pipeline.generative, pipeline.ineligible = QuotaPolicy(), None, set()
+    assert res.sources.count("generative") == 10 and res.source_counts["generative"] == 10
+    assert not {first, second} & set(res.ad_ids)
+    mine = [a for a, s in zip(res.ad_ids, res.sources, strict=True) if s == "generative"]
+    kept = [a for a in now[0].tolist() if a not in (first, second)]
+    assert mine == [a for a in kept if a in mine]  # in the order written

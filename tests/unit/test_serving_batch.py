@@ -114,6 +114,7 @@ def test_one_encoder_forward_gives_each_request_its_own_vector() -> None:
 def test_a_request_that_breaks_the_encoder_batch_fails_alone() -> None:
     step = EncoderStep.__new__(EncoderStep)  # the model without an exported folder
     step.retriever = _unified()  # type: ignore[assignment]
+    step.generative = None  # a version without a generative generator
 
     def request(context: UserContext) -> dict[str, np.ndarray]:
         return context_tensors(context) | {

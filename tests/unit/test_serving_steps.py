@@ -338,3 +338,15 @@ def test_the_generators_search_their_text_index_with_the_versions_search_setting
     assert text_index.kind == "ivfpq"  # its own kind, the version's way of searching it
     assert (text_index.config.nprobe, text_index.config.ef_search) == (3, 77)
     assert text_index.config.refine_factor == 5 and text_index.config.device == "cpu"
+
+
+def test_the_generators_step_reads_the_written_ads_only_with_their_scores() -> None:
+    from candgen.serving.steps import written_of
+
+    assert written_of({}) is None
+    assert written_of({"GENERATED_IDS": np.zeros(0, np.int64)}) is None  # none written
+    ids, scores = np.array([5, 9], np.int64), np.array([-0.1, -0.4], np.float32)
+    got = written_of({"GENERATED_IDS": ids, "GENERATED_SCORES": scores})
+    assert got is not None and got[0].tolist() == [5, 9] and np.allclose(got[1], scores)
+    with pytest.raises(ConfigError, match=r"^GENERATED_SCORES: needs one score per"):
+        written_of({"GENERATED_IDS": ids, "GENERATED_SCORES": scores[:1]})

@@ -25,6 +25,7 @@ def cmd_quotas_learn(args: argparse.Namespace) -> int:
         config,
         args.index_dir,
         progress=not args.quiet,
+        generative_path=args.generative,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     learned.save(Path(args.out))
@@ -40,7 +41,7 @@ def cmd_quotas_compare(args: argparse.Namespace) -> int:
         fixed_grid,
         replay_window,
     )
-    from candgen.serving.quota import DEFAULT_WEIGHTS
+    from candgen.serving.quota import DEFAULT_WEIGHTS, QuotaPolicy, describe
 
     ks = sorted(set(args.k))
     check_at_least("k", ks[0], 1)
@@ -57,6 +58,7 @@ def cmd_quotas_compare(args: argparse.Namespace) -> int:
             w,
             args.index_dir,
             progress=not args.quiet,
+            generative_path=args.generative,
         )
         for w in ("valid", "test")
     }
@@ -69,6 +71,14 @@ def cmd_quotas_compare(args: argparse.Namespace) -> int:
         "policies": compare_policies(
             replays["valid"], replays["test"], learned, ks, DEFAULT_WEIGHTS, args.fixed_step
         ),
+        # What the learned table gives each generator, per context, at each K.
+        "learned_slots": {
+            str(k): [
+                {key: row[key] for key in ("surface", "activity", "slots")}
+                for row in describe(QuotaPolicy("learned", learned=learned), k)
+            ]
+            for k in ks
+        },
     }
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2))
@@ -118,6 +128,12 @@ def _add_replay_inputs(sp: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="the model's index (candgen index build); default: exact search",
+    )
+    sp.add_argument(
+        "--generative",
+        type=Path,
+        default=None,
+        help="a generative model.pt of the same marketplace: its ads join the generators",
     )
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from candgen.data.ids import IdIndex
 from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import INDEX_FILE, MAX_FETCH, AdIndex, IndexConfig, ids_file
 from candgen.paths import REPO_ROOT, replace_atomically
@@ -51,6 +52,8 @@ from candgen.serving.steps import (
     CONTENT_DIR,
     DELIVERY_FILE,
     ENSEMBLE,
+    GENERATIVE_ADS_FILE,
+    GENERATIVE_DIR,
     MODEL_FILE,
     SERVING_FILE,
     STEPS,
@@ -110,6 +113,9 @@ class ExportConfig:
         ad_shards_out: where the ads index's shards go when ``serving.ad_shard_urls`` names
             their servers: one Triton repository per shard, ``shard-<i>``, for the server at
             position i (empty: ``ad_shards`` beside ``out``).
+        generative_uri: a registered generative model of the same data
+            (``models:/<name>@<alias>``, trained with ``--model generative``): the ads it
+            writes join the generators (``candgen.serving.generative``); empty: none.
     """
 
     model_uri: str
@@ -123,6 +129,7 @@ class ExportConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     ad_shards_out: str = ""
+    generative_uri: str = ""
 
     @property
     def shards_dir(self) -> Path:
@@ -139,6 +146,11 @@ class ExportConfig:
                 "model_uri",
                 f"must be a registry URI (models:/<name>@<alias> or "
                 f"models:/<name>/<version>), got {self.model_uri!r}",
+            )
+        if self.generative_uri and not self.generative_uri.startswith("models:/"):
+            raise ConfigError(
+                "generative_uri",
+                f"must be a registry URI (models:/<name>@<alias>), got {self.generative_uri!r}",
             )
         if self.keep_versions < 1:
             raise ConfigError("keep_versions", f"must be >= 1, got {self.keep_versions}")
@@ -350,6 +362,45 @@ def stage_generators(
     content.save(folder / CONTENT_DIR)
     # allow_pickle as savez's default, named so that no key of delivery can be taken for it
     np.savez(folder / DELIVERY_FILE, allow_pickle=True, **delivery)
+
+
+def stage_generative(
+    folder: Path, generative_uri: str, ad_ids: np.ndarray, tracking_uri: str = ""
+) -> dict[str, Any]:
+    """Writes a registered generative model and the ads it may write (``ad_ids``) into the
+    encoder step's ``folder``; returns its lineage and how many of the ads it holds an ID for.
+
+    Raises:
+        ConfigError: naming generative_uri, for a model that is not generative.
+    """
+    from candgen.index.build import registered_artifacts
+    from candgen.models.factory import load_model
+    from candgen.models.generative import GenerativeRetriever
+    from candgen.registry.tracking import resolve_version
+
+    mv = resolve_version(generative_uri, tracking_uri)
+    assert mv is not None  # ExportConfig accepts only models:/ URIs
+    art = registered_artifacts(generative_uri, tracking_uri, "generative_uri")
+    model, saved = load_model(art / "model.pt")
+    if not isinstance(model, GenerativeRetriever):
+        raise ConfigError(
+            "generative_uri",
+            f"{generative_uri} is a {saved.model.model} model; the generative generator needs "
+            "one trained with --model generative",
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(art / "model.pt", folder / MODEL_FILE)
+    ads = np.asarray(ad_ids, np.int64)
+    np.save(folder / GENERATIVE_ADS_FILE, ads)
+    vocabulary = IdIndex(np.asarray(saved.item_ids, np.int64), skip_first=True)
+    held = int((vocabulary.rows(ads) >= 0).sum())
+    return {
+        "generative_model_uri": generative_uri,
+        "generative_model_version": int(mv.version),
+        "generative_run_id": mv.run_id,
+        **{f"generative_{k}": mv.tags.get(k, "") for k in ("git_commit", "data_snapshot")},
+        "generative_ads": held,
+    }
 
 
 def stage_query_encoder(folder: Path, precision: str = "int8") -> dict[str, Any]:
@@ -724,6 +775,16 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
         f"content generator: {len(content.text):,} ads' text embeddings; "
         f"{len(delivery['ineligible']):,} of {len(delivery['ad_ids']):,} ads ineligible now"
     )
+    generative: dict[str, Any] = {}
+    if config.generative_uri:
+        generative = stage_generative(
+            encoder / GENERATIVE_DIR, config.generative_uri, content.text.ids, config.tracking_uri
+        )
+        say(
+            f"generative generator: {config.generative_uri} (run "
+            f"{generative['generative_run_id']}) writes {generative['generative_ads']:,} of "
+            f"{len(content.text):,} ads"
+        )
     for step in STEPS:  # the steps with no assets of their own get an empty folder
         (staging / step.MODEL).mkdir(parents=True, exist_ok=True)
     ads, state, catalog = ad_constraints(features_dir, content, config.serving)
@@ -755,6 +816,7 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
         "index_recall": recall,
         "quota_policy": config.serving.effective_policy(bool(config.quotas)),
         "quotas_fitted_on": quota_fit.get("window", []),
+        **generative,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = publish(

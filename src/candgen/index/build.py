@@ -31,20 +31,31 @@ class RegisteredEmbeddings:
     model_dir: Path
 
 
-def load_registered_embeddings(model_uri: str, tracking_uri: str = "") -> RegisteredEmbeddings:
-    """Downloads a registered pyfunc's artifacts (``models:/name@alias`` or ``runs:/...``)."""
+def registered_artifacts(model_uri: str, tracking_uri: str = "", field: str = "model_uri") -> Path:
+    """Downloads a registered pyfunc's artifacts (``models:/name@alias`` or ``runs:/...``) and
+    returns their folder (``model.pt``, ``item_embeddings.npy``, ``config.json``).
+
+    Raises:
+        CandgenError: naming ``field``, where the URI cannot be loaded.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from candgen.models.factory import load_model
     from candgen.registry.tracking import client
 
     client(tracking_uri)
     try:
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     except MlflowException as e:
-        raise CandgenError(f"model_uri: cannot load {model_uri!r}: {e.message}") from None
-    art = root / "artifacts"
+        raise CandgenError(f"{field}: cannot load {model_uri!r}: {e.message}") from None
+    return root / "artifacts"
+
+
+def load_registered_embeddings(model_uri: str, tracking_uri: str = "") -> RegisteredEmbeddings:
+    """Downloads a registered pyfunc's artifacts (``models:/name@alias`` or ``runs:/...``)."""
+    from candgen.models.factory import load_model
+
+    art = registered_artifacts(model_uri, tracking_uri)
     table = np.load(art / "item_embeddings.npy")
     model, saved = load_model(art / "model.pt")
     if isinstance(model, GenerativeRetriever):

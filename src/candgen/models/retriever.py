@@ -121,17 +121,16 @@ class Retriever:
     ) -> None:
         from candgen.models.generative import GenerativeRetriever
 
-        if isinstance(model, GenerativeRetriever):
-            raise ConfigError(
-                "model",
-                "a generative model retrieves by beam search over semantic IDs "
-                "(GenerativeRetriever.generate), not by its item table",
-            )
+        # A generative model's states start its decoder (``GenerativeAds``); its item table is
+        # its input embeddings, nothing to rank by, so it gets none and ``retrieve`` refuses.
+        self.generative = isinstance(model, GenerativeRetriever)
         self.device = device if isinstance(device, torch.device) else torch_device(device)
         self.model = model.eval().to(self.device)
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
         self.index = IdIndex(self.item_ids, skip_first=True)  # row 0: padding
-        if item_table is None:
+        if self.generative:
+            table = torch.zeros(len(self.item_ids), 0)
+        elif item_table is None:
             table = model.item_table()
         else:  # a memory-mapped table is read only; torch's warning about it is about writes
             with warnings.catch_warnings():
@@ -227,6 +226,12 @@ class Retriever:
         self, histories: list[list[int]], k: int = DEFAULT_K, times: list[list[float]] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Returns (item ids, scores), each (len(histories), k), best first, history excluded."""
+        if self.generative:
+            raise ConfigError(
+                "model",
+                "a generative model retrieves by beam search over semantic IDs "
+                "(GenerativeRetriever.generate, candgen.serving.generative), not by an item table",
+            )
         if not 0 < k <= len(self.index):
             raise CandgenError(f"k: must be in 1..{len(self.index)}, got {k}")
         internal = self.encode(histories)

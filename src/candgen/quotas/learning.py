@@ -48,6 +48,7 @@ from candgen.serving.pipeline import (
     context_item_vector,
     generate,
     user_context,
+    written_ads,
 )
 from candgen.serving.pipeline import user_vector as encode_user
 from candgen.serving.quota import (
@@ -271,6 +272,7 @@ def replay(
         query = queries.get(surface.query) if surface.query is not None else None
         context = user_context(pipeline.features, req.user_id)
         vector = encode_user(pipeline.retriever, context, req.surface, query, surface.context_item)
+        written = written_ads(pipeline.generative, [context])[0] if pipeline.generative else None
         found = generate(
             context,
             vector,
@@ -281,6 +283,7 @@ def replay(
             pipeline.ineligible,
             query,
             context_item_vector(pipeline.retriever, surface.context_item),
+            written=written,
         )
         out.append(ReplayedRequest(req, context.activity, found))
     return out
@@ -452,14 +455,16 @@ def _mean_recalls(recalls: dict[str, np.ndarray], k: int) -> dict[str, float]:
 FIXED_STEP = 0.2
 
 
-def fixed_grid(step: float = FIXED_STEP) -> list[dict[str, float]]:
-    """Every split of the slots among the generators in multiples of ``step``."""
+def fixed_grid(
+    step: float = FIXED_STEP, generators: Sequence[str] = GENERATORS
+) -> list[dict[str, float]]:
+    """Every split of the slots among ``generators`` in multiples of ``step``."""
     n = round(1 / step)
     if n < 1 or not np.isclose(n * step, 1.0):
         raise ConfigError("fixed_step", f"must divide 1 into whole parts, got {step}")
     return [
-        {g: round(i * step, 6) for g, i in zip(GENERATORS, parts, strict=True)}
-        for parts in itertools.product(range(n + 1), repeat=len(GENERATORS))
+        {g: round(i * step, 6) for g, i in zip(generators, parts, strict=True)}
+        for parts in itertools.product(range(n + 1), repeat=len(generators))
         if sum(parts) == n
     ]
 
@@ -533,8 +538,8 @@ def compare_policies(
     learned values were fitted there); the best fixed split of each context (chosen the same way
     on that context's requests alone); the fixed split that is best on ``test_set`` itself (an
     upper bound no fixed split can beat); snake merge; and ``hand_set`` per-surface weights.
-    Fixed splits are the grid of ``step`` over every generator (``fixed_grid``), sequential,
-    content, query, item and popularity. The learned policy's entry also holds, per label and K,
+    Fixed splits are the grid of ``step`` over every generator that found candidates in either
+    window (``fixed_grid``). The learned policy's entry also holds, per label and K,
     its paired difference from the best fixed split (``conversion.vs_best_fixed@100``: mean,
     95% bootstrap interval, requests won and lost;
     ``candgen.evaluation.metrics.paired_difference``)."""
@@ -547,7 +552,10 @@ def compare_policies(
     def snake(r: ReplayedRequest, k: int) -> list[Candidate]:
         return snake_merge(r.candidates, GENERATORS, k)
 
-    grid = fixed_grid(step)
+    # Splits among the generators that found anything: a version without a generative model
+    # (or a window without searches) is not charged a grid six generators wide.
+    found = [g for g in GENERATORS if any(r.candidates.get(g) for r in (*fit_set, *test_set))]
+    grid = fixed_grid(step, found or GENERATORS)
     contexts: dict[str, list[int]] = {}
     for i, r in enumerate(fit_set):
         contexts.setdefault(learned.context_key(r.request.surface, r.activity), []).append(i)
@@ -602,11 +610,14 @@ def assemble_pipeline(
     features_dir: Path,
     as_of: pd.Timestamp,
     index_dir: Path | None = None,
+    generative_path: Path | None = None,
+    depth: int = 0,
 ) -> RetrievalPipeline:
     """The retrieval pipeline of a trained model (``model.pt``) with its generators as they
     stood at ``as_of``: features, delivery state and popularity from the offline tables as of
     then. The sequential index is the one built for the model (``index_dir``) or exact search
-    over the model's ad embeddings."""
+    over the model's ad embeddings. With ``generative_path`` (a generative ``model.pt`` of the
+    same data) the generative generator writes ``depth`` ads per request (default: its own)."""
     from candgen.data.synth import AD_ID_OFFSET
     from candgen.endpoint.export import ad_side
     from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig, ad_rows
@@ -622,6 +633,13 @@ def assemble_pipeline(
         ids, vectors = ad_rows(saved.item_ids, retriever.item_table.numpy(), AD_ID_OFFSET)
         ad_index = AdIndex.build(ids, vectors, IndexConfig(kind="flat"))
     content, delivery, _ = ad_side(Path(features_dir), as_of)
+    generative = None
+    if generative_path is not None:
+        from candgen.serving.generative import DEFAULT_DEPTH, GenerativeAds
+
+        generative = GenerativeAds.load(
+            Path(generative_path), content.text.ids, depth or DEFAULT_DEPTH
+        )
     return RetrievalPipeline(
         retriever=retriever,
         ad_index=ad_index,
@@ -634,6 +652,7 @@ def assemble_pipeline(
         ),
         features=OfflineFeatures(Path(features_dir), as_of),
         ineligible=frozenset(delivery["ineligible"].tolist()),
+        generative=generative,
     )
 
 
@@ -656,9 +675,11 @@ def replay_window(
     window: str = "valid",
     index_dir: Path | None = None,
     progress: bool = True,
+    generative_path: Path | None = None,
 ) -> list[ReplayedRequest]:
     """The logged requests of the model's ``valid`` or ``test`` window, each with its logged
-    query or context item, replayed through its pipeline as it stood when the window began."""
+    query or context item, replayed through its pipeline as it stood when the window began
+    (with ``generative_path``'s generator among its generators)."""
     valid_start, test_start, end = windows(data_dir, config.eval_days)
     if window not in ("valid", "test"):
         raise ConfigError("window", f"must be 'valid' or 'test', got {window!r}")
@@ -670,7 +691,11 @@ def replay_window(
             len(requests), config.max_requests, replace=False
         )
         requests = [requests[i] for i in sorted(pick)]
-    pipeline = assemble_pipeline(model_path, features_dir, start, index_dir)
+    # The generative generator writes twice the deepest rank replayed: the window's
+    # ineligible ads and the user's history are dropped after it writes.
+    pipeline = assemble_pipeline(
+        model_path, features_dir, start, index_dir, generative_path, 2 * config.max_rank
+    )
     return replay(pipeline, requests, config.max_rank, progress, queries)
 
 
@@ -681,16 +706,19 @@ def learn_quotas(
     config: QuotaLearnConfig = QuotaLearnConfig(),
     index_dir: Path | None = None,
     progress: bool = True,
+    generative_path: Path | None = None,
 ) -> LearnedQuotas:
-    """Fits the quotas on the logged outcomes of the model's validation window."""
+    """Fits the quotas on the logged outcomes of the model's validation window (with
+    ``generative_path``, the generative generator's slots too)."""
     t0 = time.perf_counter()
     replayed = replay_window(
-        model_path, data_dir, features_dir, config, "valid", index_dir, progress
+        model_path, data_dir, features_dir, config, "valid", index_dir, progress, generative_path
     )
     valid_start, test_start, _ = windows(data_dir, config.eval_days)
     meta = {
         "window": [valid_start.isoformat(), test_start.isoformat()],
         "model": str(model_path),
+        **({"generative": str(generative_path)} if generative_path is not None else {}),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return fit(replayed, config, meta)

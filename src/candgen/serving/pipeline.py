@@ -43,6 +43,7 @@ from candgen.vocab import USER_SERVING_SERVICE
 
 if TYPE_CHECKING:  # torch and onnxruntime are imported only by the step that encodes
     from candgen.models.retriever import Retriever
+    from candgen.serving.generative import GenerativeAds
     from candgen.serving.query_encoder import QueryEncoder
 
 USER_SERVICE = USER_SERVING_SERVICE
@@ -289,6 +290,17 @@ def user_vectors(
     return out
 
 
+def written_ads(
+    generative: GenerativeAds, contexts: Sequence[UserContext]
+) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Step 2 of the generative generator, for a batch of requests: each user's ads as its
+    transducer writes them over the history items it knows (``user_vectors``), best first,
+    with their log-probabilities; None for a user it knows nothing of."""
+    n = len(contexts)
+    states = user_vectors(generative.retriever, contexts, [""] * n, [None] * n, [None] * n)
+    return generative.write(states)
+
+
 def check_context_item(
     item: int | None, ad_index: AdIndex | ShardedIndex, content: ContentGenerator
 ) -> None:
@@ -326,8 +338,12 @@ def generate(
     item_vector: np.ndarray | None = None,
     eligibility: RequestEligibility | None = None,
     per_advertiser: int = 0,
+    written: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, list[tuple[int, float]]]:
     """Step 3: up to ``k`` eligible candidates per generator, best first.
+
+    ``generative`` takes the ads the generative model ``written`` for the user (``written_ads``),
+    keeping those the request may be shown, in the order written.
 
     ``query`` (search) takes the query's MiniLM embedding against the content generator's index
     of the ads' text vectors; ``item`` (related) takes the context item's vector in the model's
@@ -378,6 +394,13 @@ def generate(
         candidates["query"] = search(content.index, CONTENT_INDEX, query_embedding)
     if item_vector is not None:
         candidates["item"] = search(ad_index, AD_INDEX, item_vector)
+    if written is not None:
+        ads, scores = written
+        keep = eligibility.allows(ads) if eligibility is not None else outside(ineligible)(ads)
+        if history:
+            keep &= ~np.isin(ads, np.fromiter(history, np.int64, len(history)))
+        kept = np.flatnonzero(keep)[:k]
+        candidates["generative"] = list(zip(ads[kept].tolist(), scores[kept].tolist(), strict=True))
     # Popularity is the floor under every answer (all a cold-start user gets), and costs next
     # to nothing to read deeper: deep enough that the select step's per-advertiser cap and
     # near-duplicate collapse can refill the answer from it.
@@ -456,6 +479,7 @@ class RetrievalPipeline:
         caps: the frequency caps.
         catalog: the ads' advertisers and near-duplicate groups (None: no diversity step).
         diversity: per surface, the advertiser cap and near-duplicate collapse.
+        generative: the generative generator (None: the version has none).
     """
 
     retriever: Retriever
@@ -472,6 +496,7 @@ class RetrievalPipeline:
     caps: FrequencyCaps = field(default_factory=FrequencyCaps)
     catalog: AdCatalog | None = None
     diversity: dict[str, DiversityConfig] = field(default_factory=dict)
+    generative: GenerativeAds | None = None
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -511,6 +536,7 @@ class RetrievalPipeline:
             self.retriever, context, scenario, query_embedding, surface.context_item
         )
         item_vector = context_item_vector(self.retriever, surface.context_item)
+        written = written_ads(self.generative, [context])[0] if self.generative else None
         candidates = generate(
             context,
             vector,
@@ -527,6 +553,7 @@ class RetrievalPipeline:
             2 * self.diversity[scenario].limit(k)  # as GeneratorsStep: room for duplicates
             if self.catalog is not None and scenario in self.diversity
             else 0,
+            written,
         )
         chosen = select(
             self.quotas,

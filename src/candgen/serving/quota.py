@@ -38,15 +38,20 @@ from candgen.vocab import SURFACES
 
 # query: the search query's text embedding against the ads' text (search only); item: the
 # related page's item against the ad index (related only). Each finds nothing without its context.
-GENERATORS = ("sequential", "content", "query", "item", "popularity")
+# generative: the ads a generative model writes (a version with one; its slots are learned).
+GENERATORS = ("sequential", "content", "query", "item", "popularity", "generative")
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
     # The home feed follows the user's history. Search follows the query first, then the user;
     # related follows the item on the page first. A search without a query (or a related page
-    # without an item) hands the context generator's slots to the others (``allocate``).
-    "home": {"sequential": 0.6, "content": 0.25, "query": 0.0, "item": 0.0, "popularity": 0.15},
-    "search": {"sequential": 0.25, "content": 0.2, "query": 0.4, "item": 0.0, "popularity": 0.15},
-    "related": {"sequential": 0.3, "content": 0.2, "query": 0.0, "item": 0.35, "popularity": 0.15},
-}
+    # without an item) hands the context generator's slots to the others (``allocate``). The
+    # generative generator gets slots from a learned table (or an override), not by hand.
+    "home": {"sequential": 0.6, "content": 0.25, "query": 0.0, "item": 0.0, "popularity": 0.15,
+             "generative": 0.0},
+    "search": {"sequential": 0.25, "content": 0.2, "query": 0.4, "item": 0.0, "popularity": 0.15,
+               "generative": 0.0},
+    "related": {"sequential": 0.3, "content": 0.2, "query": 0.0, "item": 0.35, "popularity": 0.15,
+                "generative": 0.0},
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

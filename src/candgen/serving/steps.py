@@ -79,6 +79,7 @@ from candgen.serving.pipeline import (
     select,
     user_contexts,
     user_vectors,
+    written_ads,
 )
 from candgen.serving.query_encoder import QUERY_ENCODER_DIR, TextEncoder
 from candgen.serving.quota import (
@@ -98,9 +99,12 @@ from candgen.vocab import DEVICES, SURFACES
 
 if TYPE_CHECKING:  # the retriever loads with the model, in load_retriever
     from candgen.models.retriever import Retriever
+    from candgen.serving.generative import GenerativeAds
     from candgen.serving.query_encoder import QueryEncoder
 
 SERVING_FILE = "serving.json"
+# In the encoder step's folder: the generative model (model.pt) and the ads it may write.
+GENERATIVE_DIR, GENERATIVE_ADS_FILE = "generative", "ad_ids.npy"
 GENERATOR_CODES = {name: code for code, name in enumerate(GENERATORS)}
 MODEL_FILE, TABLE_FILE = "model.pt", "item_embeddings.npy"
 CONTENT_DIR, DELIVERY_FILE = "content", "delivery.npz"
@@ -180,6 +184,9 @@ class ServingConfig:
             with their vectors, expired ads) that whoever holds the ads index (the generators
             step, or each shard) applies as they arrive, without a rebuild (empty: none).
         ad_updates_poll_s: how often that folder is looked at.
+        generative_depth: ads the generative generator (a version exported with a generative
+            model) writes per request, in the encoder step: more than an answer takes from it,
+            since the generators step then drops the ads the request may not be shown.
     """
 
     feature_server_url: str = "http://127.0.0.1:6566"
@@ -212,6 +219,7 @@ class ServingConfig:
     ad_shard_timeout_s: float = 0.5
     ad_updates_dir: str = ""
     ad_updates_poll_s: float = 1.0
+    generative_depth: int = 400
 
     def feature_client(self) -> FeatureServerClient:
         refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
@@ -234,6 +242,7 @@ class ServingConfig:
             ("max_queue_size", 1, 100_000),
             ("queue_timeout_ms", 1, 60_000),
             ("max_inflight", 0, 100_000),
+            ("generative_depth", 1, 100_000),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -623,6 +632,17 @@ class FeaturesStep(Step):
         return out
 
 
+def written_of(tensors: Tensors) -> tuple[np.ndarray, np.ndarray] | None:
+    """The generative generator's ads and scores as the encoder step sent them (None: none)."""
+    ids = tensors.get("GENERATED_IDS")
+    if ids is None or not ids.size:
+        return None
+    scores = tensors.get("GENERATED_SCORES")
+    if scores is None or scores.shape != ids.shape:
+        raise ConfigError("GENERATED_SCORES", "needs one score per GENERATED_IDS entry")
+    return np.asarray(ids, np.int64).ravel(), np.asarray(scores, np.float32).ravel()
+
+
 def load_retriever(folder: Path, device: str = "cpu") -> Retriever:
     """The registered version's user encoder and item table (as its pyfunc loads them), the
     encoder on ``device`` (``ServingConfig.encoder_device``).
@@ -637,6 +657,20 @@ def load_retriever(folder: Path, device: str = "cpu") -> Retriever:
     model, saved = load_model(Path(folder) / MODEL_FILE)
     table = np.load(Path(folder) / TABLE_FILE, mmap_mode="r")  # read by the rows looked up
     return Retriever(model, saved.item_ids, table, saved.model.max_len, where)
+
+
+def load_generative(folder: Path, config: ServingConfig) -> GenerativeAds | None:
+    """The version's generative generator (``generative/`` in the encoder step's folder: the
+    model and the ads it may write), or None where it was exported without one."""
+    where = Path(folder) / GENERATIVE_DIR
+    if not where.is_dir():
+        return None
+    from candgen.serving.generative import GenerativeAds
+
+    ads = np.load(where / GENERATIVE_ADS_FILE)
+    return GenerativeAds.load(
+        where / MODEL_FILE, ads, config.generative_depth, config.encoder_device
+    )
 
 
 def load_query_encoder(folder: Path, config: ServingConfig) -> QueryEncoder:
@@ -684,6 +718,8 @@ class EncoderStep(Step):
     OUTPUTS: ClassVar[Spec] = {
         "USER_VECTOR": (F32, [-1], False),
         "CONTEXT_VECTOR": (F32, [-1], False),
+        "GENERATED_IDS": (I64, [-1], False),
+        "GENERATED_SCORES": (F32, [-1], False),
     }
 
     def __init__(self, folder: Path) -> None:
@@ -694,6 +730,7 @@ class EncoderStep(Step):
         # processes for the cores (0.72 vs 0.85 ms per request measured in-process, 2 cores).
         torch.set_num_threads(1)
         self.retriever = load_retriever(self.folder, self.config.encoder_device)
+        self.generative = load_generative(self.folder, self.config)
 
     def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
         """One encoder forward for the batch (two where some histories carry timestamps and
@@ -708,6 +745,11 @@ class EncoderStep(Step):
                 [_optional_vector(t, "QUERY_EMBEDDING") for t in requests],
                 items,
             )
+            written = (
+                written_ads(self.generative, contexts)
+                if self.generative is not None
+                else [None] * len(requests)
+            )
         except Exception as e:
             if len(requests) == 1:
                 return [e]
@@ -716,8 +758,10 @@ class EncoderStep(Step):
             {
                 "USER_VECTOR": _empty(vector),
                 "CONTEXT_VECTOR": _empty(context_item_vector(self.retriever, item)),
+                "GENERATED_IDS": ads[0] if ads is not None else np.zeros(0, np.int64),
+                "GENERATED_SCORES": ads[1] if ads is not None else np.zeros(0, np.float32),
             }
-            for vector, item in zip(vectors, items, strict=True)
+            for vector, item, ads in zip(vectors, items, written, strict=True)
         ]
 
 
@@ -785,6 +829,8 @@ class GeneratorsStep(Step):
         "AUDIENCE": (STR, [3], False),
         "BLOCKED_AD_IDS": (I64, [-1], False),
         "BLOCKED_ADVERTISER_IDS": (I64, [-1], False),
+        "GENERATED_IDS": (I64, [-1], False),
+        "GENERATED_SCORES": (F32, [-1], False),
         "ADMISSION": (I64, [2], True),
     }
     OUTPUTS: ClassVar[Spec] = {
@@ -868,6 +914,7 @@ class GeneratorsStep(Step):
             request_eligibility(g.eligibility, context, scenario) if enforce else None,
             # twice the select step's limit: room for the near-duplicates it collapses
             2 * self.config.diversity(scenario).limit(k) if enforce else 0,
+            written_of(tensors),
         )
 
 
@@ -1050,4 +1097,5 @@ def load_pipeline(
         caps=config.caps,
         diversity={s: config.diversity(s) for s in SURFACES},
         catalog=AdCatalog.load(folder[SelectStep.MODEL]) if config.enforce_constraints else None,
+        generative=load_generative(folder[EncoderStep.MODEL], config),
     )
