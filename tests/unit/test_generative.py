@@ -202,7 +202,7 @@ def test_a_generative_model_on_the_marketplace_joins_the_unified_models_candidat
     build_semantic_ids(unified.model_path, ids, SemanticIdConfig(levels=2, codebook_size=16))
     gen = train(TrainConfig(model="generative", semantic_ids=str(ids), backbone="hstu",
                             beam_width=40, out_dir=str(tmp_path / "g"), **common))  # fmt: skip
-    assert gen.test_metrics["recall@20"] >= 0.0
+    assert 0.0 < gen.test_metrics["recall@20"] <= 1.0  # it wrote some of the targets
     u, g = unified.model_path, gen.model_path
     assert main(["evaluate", "--model", str(u), "--union", str(g), "-k", "100"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -218,5 +218,7 @@ def test_a_generative_model_on_the_marketplace_joins_the_unified_models_candidat
     assert whole["all"]["mean"] == whole["all"]["low"] == whole["all"]["high"] == 0.0
     with pytest.raises(ConfigError, match=r"^share: must lie in 0..40"):
         compare_union(u, g, k=40, share=41)
+    with pytest.raises(ConfigError, match=r"^share: choosing it on the validation window"):
+        compare_union(u, g, split="valid", k=40)
     assert main(["evaluate", "--model", str(u), "--union", str(g), "--against", str(u)]) == 2
     assert "union: --union and --against are two comparisons" in capsys.readouterr().err

@@ -121,14 +121,35 @@ def test_a_union_gives_the_second_list_its_share_and_refills_duplicates_from_the
     second = np.array([[9, 8, 7], [2, 8, -1], [9, -1, -1]])
     got = union_lists(first, second, 2)
     assert got[0].tolist() == [1, 2, 3, 9, 8]  # the first's top 3, the second's top 2
-    assert got[1].tolist() == [1, 2, 3, 8, 4]  # 2 is held already: the first's next refills
+    assert got[1].tolist() == [1, 2, 3, 8, 4]  # 2 is held: the second reads on, then runs out
     assert got[2].tolist() == [1, 2, 9, -1, -1]  # gaps stay gaps when both lists run out
     none = union_lists(first, second, 0)  # no slots: the first list, its gaps refilled
     assert (none[:2] == first[:2]).all() and none[2].tolist() == [1, 2, 9, -1, -1]
     assert union_lists(first, second, 5)[0].tolist() == [9, 8, 7, 1, 2]
     from candgen.errors import ConfigError
 
+    # As the quotas share slots: the second generator's S slots go to S ads not yet held.
+    deeper = union_lists(np.array([[1, 2, 3, 4]]), np.array([[1, 5, 6, 7]]), 2)
+    assert deeper[0].tolist() == [1, 2, 5, 6]
     with pytest.raises(ConfigError, match=r"^share: must lie in 0..5, got 6"):
         union_lists(first, second, 6)
     with pytest.raises(ConfigError, match=r"^second: 2 lists for 3"):
         union_lists(first, second[:2], 1)
+
+
+def test_a_union_at_most_half_shared_is_what_the_serving_quotas_give() -> None:
+    from candgen.serving.quota import allocate
+
+    rng = np.random.default_rng(0)
+    k, compared = 20, 0
+    for _ in range(300):
+        share = int(rng.integers(1, k // 2 + 1))
+        first, second = rng.choice(60, k, replace=False), rng.choice(60, 30, replace=False)
+        if len(set(second) - set(first[: k - share])) < share:
+            continue  # the second list runs out: allocate's refill goes by weight
+        lists = {"first": [(int(a), 0.0) for a in first], "second": [(int(a), 0.0) for a in second]}
+        served = allocate(lists, {"first": (k - share) / k, "second": share / k}, k)
+        assert union_lists(first[None], second[None], share)[0].tolist() == [
+            c.ad_id for c in served]  # fmt: skip
+        compared += 1
+    assert compared > 200

@@ -160,4 +160,4 @@ def test_the_generative_generator_writes_only_ads_a_request_may_be_shown(
     assert not {first, second} & set(res.ad_ids)
     mine = [a for a, s in zip(res.ad_ids, res.sources, strict=True) if s == "generative"]
     kept = [a for a in now[0].tolist() if a not in (first, second)]
-    assert mine == [a for a in kept if a in mine]  # in the order written
+    assert mine == kept[:10]  # in the order written (equal weights: it goes first)

@@ -269,3 +269,58 @@ def test_one_users_unreadable_row_fails_only_that_request(tmp_path: Path) -> Non
     step = FeaturesStep(tmp_path, Broken(), _Encoder())
     good, broken = step.batch([_request(b"home"), _request(b"home", USER_ID=np.array([5]))])
     assert isinstance(good, dict) and isinstance(broken, ValueError)
+
+
+def _generative_ads(ads: np.ndarray) -> Any:
+    """A random-weight generative model over items 1..40 (IDs: two tokens of 8, unique)."""
+    import torch
+
+    from candgen.models.generative import GenerativeRetriever
+    from candgen.models.retriever import Retriever
+    from candgen.serving.generative import GenerativeAds
+
+    items = np.arange(1, 41)
+    ids = torch.from_numpy(np.stack([np.r_[0, items // 8], np.r_[0, items % 8]], 1))
+    torch.manual_seed(0)
+    model = GenerativeRetriever(40, ids, (8, 8), backbone="hstu", dim=16, max_len=8,
+                                num_blocks=1, dropout=0.0, beam_width=10)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^model: a generative model retrieves by beam"):
+        Retriever(model, np.r_[0, items], max_len=8)  # a dense use of it is refused
+    return GenerativeAds(Retriever(model, np.r_[0, items], max_len=8, states_only=True), ads, 10)
+
+
+def test_the_encoder_step_writes_the_generative_ads_and_answers_without_them_on_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    step = EncoderStep.__new__(EncoderStep)
+    step.retriever = _unified()  # type: ignore[assignment]
+    ads = np.arange(21, 41)
+    step.generative = _generative_ads(ads)
+
+    def request(history: list[int]) -> dict[str, np.ndarray]:
+        return context_tensors(UserContext(history=history)) | {
+            "SCENARIO": np.array([b"home"], object),
+            "QUERY_EMBEDDING": np.zeros(0, np.float32),
+            "CONTEXT_ITEM": np.zeros(0, np.int64),
+        }
+
+    answers = step.batch([request([5, 6]), request([404])])  # the second: nothing known
+    first, unknown = answers
+    assert isinstance(first, dict) and isinstance(unknown, dict)
+    assert len(first["GENERATED_IDS"]) == 10 == len(first["GENERATED_SCORES"])
+    assert set(first["GENERATED_IDS"].tolist()) <= set(ads.tolist())
+    assert (
+        first["GENERATED_IDS"].dtype == np.int64 and first["GENERATED_SCORES"].dtype == np.float32
+    )
+    assert unknown["GENERATED_IDS"].size == 0 == unknown["USER_VECTOR"].size
+    with pytest.raises(ConfigError, match=r"^ad_ids: the generative model knows none of the 2"):
+        _generative_ads(np.array([500, 501]))
+
+    def broken(states: object) -> object:
+        raise RuntimeError("beam search ran out of memory")
+
+    step.generative.write = broken  # type: ignore[method-assign]
+    again = step.batch([request([5, 6])])[0]
+    assert isinstance(again, dict) and again["GENERATED_IDS"].size == 0
+    assert np.allclose(again["USER_VECTOR"], first["USER_VECTOR"], atol=1e-6)
+    assert "generative generator failed" in caplog.text

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from candgen.data.ids import IdIndex
 from candgen.errors import CandgenError, ConfigError
 from candgen.index.ann import INDEX_FILE, MAX_FETCH, AdIndex, IndexConfig, ids_file
 from candgen.paths import REPO_ROOT, replace_atomically
@@ -365,41 +364,55 @@ def stage_generators(
 
 
 def stage_generative(
-    folder: Path, generative_uri: str, ad_ids: np.ndarray, tracking_uri: str = ""
+    folder: Path,
+    generative_uri: str,
+    ad_ids: np.ndarray,
+    data_snapshot: str,
+    depth: int,
+    tracking_uri: str = "",
 ) -> dict[str, Any]:
     """Writes a registered generative model and the ads it may write (``ad_ids``) into the
-    encoder step's ``folder``; returns its lineage and how many of the ads it holds an ID for.
+    encoder step's ``folder``, loaded once as the step will load it; returns its lineage and
+    how many of the ads it has an ID for.
 
     Raises:
-        ConfigError: naming generative_uri, for a model that is not generative.
+        ConfigError: naming generative_uri, for a model that is not generative or was trained
+            on another data snapshot than ``data_snapshot`` (the served model's); naming
+            ad_ids, for one that knows none of the ads.
     """
     from candgen.index.build import registered_artifacts
-    from candgen.models.factory import load_model
-    from candgen.models.generative import GenerativeRetriever
+    from candgen.models.saved import read_header
     from candgen.registry.tracking import resolve_version
+    from candgen.serving.generative import GenerativeAds
 
     mv = resolve_version(generative_uri, tracking_uri)
     assert mv is not None  # ExportConfig accepts only models:/ URIs
     art = registered_artifacts(generative_uri, tracking_uri, "generative_uri")
-    model, saved = load_model(art / "model.pt")
-    if not isinstance(model, GenerativeRetriever):
+    saved, _ = read_header(art / MODEL_FILE)
+    if saved.model.model != "generative":
         raise ConfigError(
             "generative_uri",
             f"{generative_uri} is a {saved.model.model} model; the generative generator needs "
             "one trained with --model generative",
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(art / "model.pt", folder / MODEL_FILE)
+    theirs = mv.tags.get("data_snapshot", "")
+    if theirs != data_snapshot:
+        raise ConfigError(
+            "generative_uri",
+            f"{generative_uri} was trained on data snapshot {theirs!r}, the served model on "
+            f"{data_snapshot!r}: their item ids need not mean the same items",
+        )
     ads = np.asarray(ad_ids, np.int64)
+    known = len(ads) - GenerativeAds.load(art / MODEL_FILE, ads, depth).unknown_ads
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(art / MODEL_FILE, folder / MODEL_FILE)
     np.save(folder / GENERATIVE_ADS_FILE, ads)
-    vocabulary = IdIndex(np.asarray(saved.item_ids, np.int64), skip_first=True)
-    held = int((vocabulary.rows(ads) >= 0).sum())
     return {
         "generative_model_uri": generative_uri,
         "generative_model_version": int(mv.version),
         "generative_run_id": mv.run_id,
         **{f"generative_{k}": mv.tags.get(k, "") for k in ("git_commit", "data_snapshot")},
-        "generative_ads": held,
+        "generative_ads": known,
     }
 
 
@@ -778,7 +791,12 @@ def export(config: ExportConfig, progress: bool = True) -> dict[str, Any]:
     generative: dict[str, Any] = {}
     if config.generative_uri:
         generative = stage_generative(
-            encoder / GENERATIVE_DIR, config.generative_uri, content.text.ids, config.tracking_uri
+            encoder / GENERATIVE_DIR,
+            config.generative_uri,
+            content.text.ids,
+            mv.tags.get("data_snapshot", ""),
+            config.serving.generative_depth,
+            config.tracking_uri,
         )
         say(
             f"generative generator: {config.generative_uri} (run "

@@ -411,6 +411,10 @@ def compare_union(
         raise ConfigError("k", f"must be >= 1, got {k}")
     if not 0 <= share <= k:
         raise ConfigError("share", f"must lie in 0..{k} (0: chosen on validation), got {share}")
+    if share == 0 and split == "valid":
+        raise ConfigError(
+            "share", "choosing it on the validation window and reporting that window overfits it"
+        )
     runs = _same_data([model_path, generative_path])
     datas = _data_of(runs)
 

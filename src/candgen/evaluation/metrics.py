@@ -117,9 +117,12 @@ def sampled_ranks(
 
 def union_lists(first: np.ndarray, second: np.ndarray, share: int) -> np.ndarray:
     """(T, K) each row's candidates when a second generator gets ``share`` of K slots: the
-    first list's top ``K - share``, then the second's top ``share`` that are new, then both
-    lists' next ones (the first's, then the second's) until K are held or both run out
-    (-1 fills; negative entries in either list are gaps).
+    first list's top ``K - share``, then the second list's first ``share`` ads not already held
+    (read as deep as it takes), then both lists' next ones (the first's, then the second's)
+    until K are held or both run out (-1 fills; negative entries in either list are gaps).
+    With ``share`` at most K / 2 and enough new ads in the second list, these are the ads and
+    the order the serving quotas give (``candgen.serving.quota.allocate``: the larger share
+    takes first; its refill of a list that runs out goes by weight).
 
     Args:
         first: (T, K) the main generator's lists, best first.
@@ -134,10 +137,15 @@ def union_lists(first: np.ndarray, second: np.ndarray, share: int) -> np.ndarray
     out = np.full(first.shape, -1, np.int64)
     for row, (a, b) in enumerate(zip(first.tolist(), second.tolist(), strict=True)):
         held = dict.fromkeys(x for x in a[: k - share] if x >= 0)
-        for x in b[:share]:
-            if x >= 0 and len(held) < k:
-                held.setdefault(x)
-        for x in (*a[k - share :], *b[share:]):
+        taken, rest = 0, len(b)
+        for i, x in enumerate(b):
+            if taken == share:
+                rest = i
+                break
+            if x >= 0 and x not in held:
+                held[x] = None
+                taken += 1
+        for x in (*a[k - share :], *b[rest:]):
             if len(held) == k:
                 break
             if x >= 0:

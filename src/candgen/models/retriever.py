@@ -109,6 +109,10 @@ class Retriever:
         item_ids: (N + 1,) external id of each internal id (row 0 is padding).
         item_table: (N + 1, D) item embeddings; computed from the model when None.
         max_len: the longest history the model reads.
+        states_only: the model is a generative one whose user states start its decoder
+            (``candgen.serving.generative``): it gets no item table (its input embeddings are
+            nothing to rank by) and ``retrieve`` refuses. A generative model is refused
+            without it.
     """
 
     def __init__(
@@ -118,12 +122,17 @@ class Retriever:
         item_table: np.ndarray | None = None,
         max_len: int = 50,
         device: str | torch.device = "cpu",
+        states_only: bool = False,
     ) -> None:
         from candgen.models.generative import GenerativeRetriever
 
-        # A generative model's states start its decoder (``GenerativeAds``); its item table is
-        # its input embeddings, nothing to rank by, so it gets none and ``retrieve`` refuses.
         self.generative = isinstance(model, GenerativeRetriever)
+        if self.generative and not states_only:
+            raise ConfigError(
+                "model",
+                "a generative model retrieves by beam search over semantic IDs "
+                "(GenerativeRetriever.generate, candgen.serving.generative), not by an item table",
+            )
         self.device = device if isinstance(device, torch.device) else torch_device(device)
         self.model = model.eval().to(self.device)
         self.item_ids = np.asarray(item_ids, dtype=np.int64)

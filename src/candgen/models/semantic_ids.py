@@ -204,15 +204,27 @@ class IdTrie:
                 "ids",
                 f"items {self._items[i]} and {self._items[i + 1]} share the ID {ids[order[i]]}",
             )
+        # Per level, each prefix's next tokens as one row of bits: a beam's tokens are then
+        # one search and one row read (searching every beam x token key was a third of a
+        # request's beam search at width 400; docs/benchmarks/serving_notes.md, 18). A million
+        # 4-token IDs with 256-token levels hold about 40 MB of rows.
+        self._parents: list[np.ndarray] = [np.zeros(1, np.int64), *self._prefixes[:-1]]
+        self._children: list[np.ndarray] = []
+        for level, size in enumerate(sizes):
+            parents, keys = self._parents[level], self._prefixes[level]
+            rows = np.searchsorted(parents, keys // size)
+            bits = np.zeros((len(parents), size), bool)
+            bits[rows, keys % size] = True
+            self._children.append(np.packbits(bits, axis=1))
 
     def allowed(self, prefixes: np.ndarray, level: int) -> np.ndarray:
         """(n, vocab_sizes[level]) which tokens may follow each of ``prefixes`` (n keys of
         ``level`` tokens; 0 is the empty prefix)."""
-        size = self.vocab_sizes[level]
-        grown = np.asarray(prefixes, np.int64)[:, None] * size + np.arange(size)
-        known = self._prefixes[level]
-        at = np.minimum(np.searchsorted(known, grown), len(known) - 1)
-        found: np.ndarray = known[at] == grown
+        prefixes = np.asarray(prefixes, np.int64)
+        parents = self._parents[level]
+        at = np.minimum(np.searchsorted(parents, prefixes), len(parents) - 1)
+        bits = np.unpackbits(self._children[level][at], axis=1, count=self.vocab_sizes[level])
+        found: np.ndarray = bits.astype(bool) & (parents[at] == prefixes)[:, None]
         return found
 
     def items(self, keys: np.ndarray) -> np.ndarray:

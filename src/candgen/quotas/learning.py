@@ -450,7 +450,8 @@ def _mean_recalls(recalls: dict[str, np.ndarray], k: int) -> dict[str, float]:
 # the test marketplace (45 fit and 33 test requests, K = 50, 100, 200, max rank 200, two shared
 # cores): 117 s in tenths as first written, 53 s with one recall table per window, 8 s in
 # fifths (126 splits). The ablation's windows hold about 1,100 requests each: by the same rate
-# about 4 min in fifths, half an hour in tenths. The learned table and the hand-set weights are
+# about 4 min in fifths, half an hour in tenths (five generators; six, the generative one among
+# them, double the fifths: 252 splits). The learned table and the hand-set weights are
 # bound to no grid; `--fixed-step 0.1` still gives tenths where the time is there.
 FIXED_STEP = 0.2
 
@@ -617,7 +618,7 @@ def assemble_pipeline(
     stood at ``as_of``: features, delivery state and popularity from the offline tables as of
     then. The sequential index is the one built for the model (``index_dir``) or exact search
     over the model's ad embeddings. With ``generative_path`` (a generative ``model.pt`` of the
-    same data) the generative generator writes ``depth`` ads per request (default: its own)."""
+    same data) the generative generator writes ``depth`` ads per request (default: serving's)."""
     from candgen.data.synth import AD_ID_OFFSET
     from candgen.endpoint.export import ad_side
     from candgen.index.ann import INDEX_FILE, AdIndex, IndexConfig, ad_rows
@@ -635,11 +636,11 @@ def assemble_pipeline(
     content, delivery, _ = ad_side(Path(features_dir), as_of)
     generative = None
     if generative_path is not None:
-        from candgen.serving.generative import DEFAULT_DEPTH, GenerativeAds
+        from candgen.serving.generative import GenerativeAds
+        from candgen.serving.steps import ServingConfig
 
-        generative = GenerativeAds.load(
-            Path(generative_path), content.text.ids, depth or DEFAULT_DEPTH
-        )
+        depth = depth or ServingConfig().generative_depth
+        generative = GenerativeAds.load(Path(generative_path), content.text.ids, depth)
     return RetrievalPipeline(
         retriever=retriever,
         ad_index=ad_index,

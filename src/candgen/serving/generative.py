@@ -19,8 +19,6 @@ from candgen.models.generative import GenerativeRetriever
 from candgen.models.retriever import Retriever
 from candgen.models.semantic_ids import IdTrie
 
-DEFAULT_DEPTH = 400  # ads written per request: twice the largest answer share measured (K 200)
-
 
 class GenerativeAds:
     """Ads written by a generative model, constrained to this version's ads.
@@ -37,7 +35,7 @@ class GenerativeAds:
         self,
         retriever: Retriever,
         ad_ids: np.ndarray,
-        depth: int = DEFAULT_DEPTH,
+        depth: int,
         beam_width: int = 0,
     ) -> None:
         model = retriever.model
@@ -53,13 +51,19 @@ class GenerativeAds:
         self.retriever, self.model, self.depth = retriever, model, depth
         self.beam_width = max(beam_width or model.beam_width, depth)
         self.unknown_ads = int((~known).sum())
+        if not known.any():
+            raise ConfigError(
+                "ad_ids",
+                f"the generative model knows none of the {len(ids):,} ads: it has no semantic "
+                "ID to write for any (was it trained on this catalogue?)",
+            )
         codes = model.semantic_ids[torch.from_numpy(rows[known])].cpu().numpy()
         self.ad_ids = ids[known]
         self.trie = IdTrie(codes, self.ad_ids, model.vocab_sizes)
 
     @classmethod
     def load(
-        cls, model_file: Path, ad_ids: np.ndarray, depth: int = DEFAULT_DEPTH, device: str = "cpu"
+        cls, model_file: Path, ad_ids: np.ndarray, depth: int, device: str = "cpu"
     ) -> GenerativeAds:
         """The generative model saved as ``model_file`` (a ``model.pt``), over ``ad_ids``."""
         from candgen.models.factory import load_model
@@ -67,7 +71,9 @@ class GenerativeAds:
 
         where = torch_device(device, "encoder_device")
         model, saved = load_model(Path(model_file))
-        retriever = Retriever(model, saved.item_ids, None, saved.model.max_len, where)
+        retriever = Retriever(
+            model, saved.item_ids, None, saved.model.max_len, where, states_only=True
+        )
         return cls(retriever, ad_ids, depth)
 
     @torch.no_grad()
@@ -78,7 +84,7 @@ class GenerativeAds:
         no state: the model knew none of the user's items). One search for the batch."""
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(states)
         given = [(row, state) for row, state in enumerate(states) if state is not None]
-        if not given or not len(self.ad_ids):
+        if not given:
             return out
         rows = [row for row, _ in given]
         batch = torch.from_numpy(np.stack([state for _, state in given]).astype(np.float32))

@@ -34,6 +34,7 @@ no query embedding, no context vector (the model does not know the item), no fla
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -109,6 +110,7 @@ GENERATOR_CODES = {name: code for code, name in enumerate(GENERATORS)}
 MODEL_FILE, TABLE_FILE = "model.pt", "item_embeddings.npy"
 CONTENT_DIR, DELIVERY_FILE = "content", "delivery.npz"
 
+log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 # name -> (numpy dtype, Triton dims, optional)
 Spec = dict[str, tuple[Any, list[int], bool]]
@@ -219,7 +221,7 @@ class ServingConfig:
     ad_shard_timeout_s: float = 0.5
     ad_updates_dir: str = ""
     ad_updates_poll_s: float = 1.0
-    generative_depth: int = 400
+    generative_depth: int = 400  # twice the largest K measured (200): room for what is dropped
 
     def feature_client(self) -> FeatureServerClient:
         refs = {USER_SERVICE: list(self.user_feature_refs)} if self.user_feature_refs else {}
@@ -702,7 +704,9 @@ def _empty(vector: np.ndarray | None) -> np.ndarray:
 class EncoderStep(Step):
     """The sequential model's user encoder (torch) over the history items it knows, for the
     request's surface and its context (a contextual model conditions its query on them, the
-    search query's embedding among them); looks up the context item's vector."""
+    search query's embedding among them); looks up the context item's vector. In a version
+    exported with a generative model, that model writes the user's ads too (``GENERATED_IDS``,
+    best first, and their log-probabilities; empty otherwise)."""
 
     MODEL = "candgen_user_encoder"
     SHARES_WORK = True
@@ -732,9 +736,21 @@ class EncoderStep(Step):
         self.retriever = load_retriever(self.folder, self.config.encoder_device)
         self.generative = load_generative(self.folder, self.config)
 
+    def _written(self, contexts: list[UserContext]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """The generative generator's ads for the batch; none where it fails, so that the
+        requests are answered by the other generators (the failure is logged)."""
+        if self.generative is None:
+            return [None] * len(contexts)
+        try:
+            return written_ads(self.generative, contexts)
+        except Exception:
+            log.exception("generative generator failed; answering without it")
+            return [None] * len(contexts)
+
     def batch(self, requests: list[Tensors]) -> list[Tensors | Exception]:
         """One encoder forward for the batch (two where some histories carry timestamps and
-        others none); should it fail, each request alone, so that the error is its own."""
+        others none); should it fail, each request alone, so that the error is its own. The
+        generative generator's ads ride along (``_written``)."""
         try:
             contexts = [context_from(t) for t in requests]
             items = [_optional_item(t) for t in requests]
@@ -745,15 +761,11 @@ class EncoderStep(Step):
                 [_optional_vector(t, "QUERY_EMBEDDING") for t in requests],
                 items,
             )
-            written = (
-                written_ads(self.generative, contexts)
-                if self.generative is not None
-                else [None] * len(requests)
-            )
         except Exception as e:
             if len(requests) == 1:
                 return [e]
             return [answer for t in requests for answer in self.batch([t])]
+        written = self._written(contexts)
         return [
             {
                 "USER_VECTOR": _empty(vector),
