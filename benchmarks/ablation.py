@@ -47,13 +47,23 @@ VARIANTS: list[tuple[str, list[str]]] = [
         ["--model", "two_tower", "--train-labels", "click", "conversion"],
     ),
     ("unified", ["--model", "unified"]),
+    # Its semantic IDs come from the unified model's item table (``IDS``, built after that row):
+    # behaviour for trained items, text for cold ads. A beam of 200 answers recall@200.
+    (
+        "generative, semantic IDs",
+        ["--model", "generative", "--backbone", "hstu", "--beam-width", "200", "--semantic-ids"],
+    ),
     ("unified, no scenario adaptation", ["--model", "unified", "--no-scenario-adaptive"]),
     ("unified, no context", ["--model", "unified", "--no-context"]),
     ("unified, no long-term summary", ["--model", "unified", "--no-long-term"]),
     ("unified, no short-term sequence", ["--model", "unified", "--no-short-term"]),
 ]
 UNIFIED = "unified"
+GENERATIVE = "generative, semantic IDs"
+IDS = "semantic-ids.npz"  # in the runs folder
 POPULARITY = "popularity"
+UNION_K = 200  # the budget at which the generative list joins the unified one
+GENERATIVE_SOURCE = "generative"  # the generator's name in the quotas
 # The paired comparison of the unified model with itself ranked without the request's context.
 WITHOUT_CONTEXT = "unified, ranked without its context"
 
@@ -61,6 +71,14 @@ WITHOUT_CONTEXT = "unified, ranked without its context"
 def _run(cmd: list[str]) -> None:
     print("+ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def _printed(cmd: list[str]) -> tuple[dict, float]:
+    """Runs a command that prints JSON: what it printed, and its wall seconds."""
+    print("+ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+    return json.loads(done.stdout), round(time.perf_counter() - t0, 1)
 
 
 def _command_text(cmd: list[str]) -> str:
@@ -135,8 +153,13 @@ def run(args: argparse.Namespace) -> dict:
     if args.resume and summarised:  # reused: the stored time, if the earlier run stored one
         setup_seconds = before.get("data", {}).get("setup_seconds")
     rows = []
+    semantic_ids: dict = {}
     for name, extra in VARIANTS:
         out = work / "runs" / _slug(name)
+        if name == GENERATIVE:
+            ids = work / "runs" / IDS
+            semantic_ids = _semantic_ids(work, ids, args.resume)
+            extra = [*extra, str(ids)]
         cmd = [
             *CANDGEN,
             "train",
@@ -187,6 +210,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{name}: " + ", ".join(said), flush=True)
     rows.append(_popularity_row(work))
     paired = _paired_comparisons(rows, work)
+    union = _union(work)
     quota_out = work / "quotas_compare.json"
     quotas = [
         *CANDGEN,
@@ -204,6 +228,8 @@ def run(args: argparse.Namespace) -> dict:
         *map(str, KS),
         "--max-rank",
         str(max(KS)),
+        "--generative",
+        str(work / "runs" / _slug(GENERATIVE) / "model.pt"),
         "--out",
         str(quota_out),
         "--quiet",
@@ -232,6 +258,8 @@ def run(args: argparse.Namespace) -> dict:
         "nproc": args.nproc,
         "rows": rows,
         "paired": paired,
+        "semantic_ids": semantic_ids,
+        "union": union,
         "quotas": {
             "command": _command_text(quotas),
             "seconds": round(time.perf_counter() - t0, 1),
@@ -250,6 +278,50 @@ ABLATED = (
 )
 
 
+def _semantic_ids(work: Path, out: Path, resume: bool) -> dict:
+    """The unified model's items' semantic IDs (what the generative row trains on)."""
+    cmd = [
+        *CANDGEN,
+        "semantic-ids",
+        "--model",
+        str(work / "runs" / _slug(UNIFIED) / "model.pt"),
+        "--out",
+        str(out),
+    ]
+    summary_file = out.with_suffix(".json")
+    if resume and summary_file.exists():
+        return json.loads(summary_file.read_text())
+    printed, seconds = _printed(cmd)
+    summary = {"command": _command_text(cmd), "seconds": seconds, **printed}
+    summary_file.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _paired_command(work: Path, how: str, other: str, k: int) -> list[str]:
+    """`candgen evaluate` of the unified model paired with the ``other`` row's (``how``:
+    --against or --union) on the test window at ``k``."""
+    return [
+        *CANDGEN,
+        "evaluate",
+        "--model",
+        str(work / "runs" / _slug(UNIFIED) / "model.pt"),
+        how,
+        str(work / "runs" / _slug(other) / "model.pt"),
+        "--split",
+        "test",
+        "-k",
+        str(k),
+    ]
+
+
+def _union(work: Path) -> dict:
+    """The unified model's top 200 against its top 200 - S joined with the generative model's
+    top S (S chosen on the validation window), paired per user on the test window."""
+    cmd = _paired_command(work, "--union", GENERATIVE, UNION_K)
+    printed, seconds = _printed(cmd)
+    return {"command": _command_text(cmd), "seconds": seconds, "result": printed}
+
+
 def _popularity_row(work: Path) -> dict:
     """The trivial baseline on the same test window: every user gets the items most popular in
     training (`candgen evaluate` prints it beside the model)."""
@@ -261,22 +333,23 @@ def _popularity_row(work: Path) -> dict:
         "--split",
         "test",
     ]
-    print("+ " + " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    out = json.loads(
-        subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout
-    )
+    out, seconds = _printed(cmd)
     return {
         "name": POPULARITY,
         "command": _command_text(cmd) + "  (its popularity block)",
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": seconds,
         "reused": False,
         "test": out["popularity"],
     }
 
 
+_NOT_SINGLE = (POPULARITY, GENERATIVE)  # not the single-task models the unified one must beat
+
+
 def _best_single_task(rows: list[dict], label: str) -> str:
-    singles = [r for r in rows if not r["name"].startswith("unified") and r["name"] != POPULARITY]
+    singles = [
+        r for r in rows if r["name"] not in _NOT_SINGLE and not r["name"].startswith("unified")
+    ]
     key = f"label.{label}.recall@100"
     return max(singles, key=lambda r: r["test"].get(key, 0.0))["name"]
 
@@ -294,26 +367,9 @@ def _paired_comparisons(rows: list[dict], work: Path) -> list[dict]:
         if other not in done:
             # Without its context: the same file as baseline, ranked by --no-context.
             against = UNIFIED if other == WITHOUT_CONTEXT else other
-            cmd = [
-                *CANDGEN,
-                "evaluate",
-                "--model",
-                str(work / "runs" / _slug(UNIFIED) / "model.pt"),
-                "--against",
-                str(work / "runs" / _slug(against) / "model.pt"),
-                "--split",
-                "test",
-                "-k",
-                "100",
-                *(["--no-context"] if other == WITHOUT_CONTEXT else []),
-            ]
-            print("+ " + " ".join(cmd), flush=True)
-            done[other] = (
-                cmd,
-                json.loads(
-                    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout
-                ),
-            )
+            cmd = _paired_command(work, "--against", against, 100)
+            cmd += ["--no-context"] if other == WITHOUT_CONTEXT else []
+            done[other] = (cmd, _printed(cmd)[0])
         cmd, result = done[other]
         out.append(
             {
@@ -396,6 +452,7 @@ def render(result: dict) -> str:
             + f" | {_value(t, 'ads.warm.recall@100')} | {ratio} |"
         )
     lines += _paired_table(result.get("paired", []))
+    lines += _union_table(result)
     lines += _quota_table(result.get("quotas"))
     lines += ["", "Commands:", ""]
     lines += [f"- {row['name']}: `{row['command']}`" for row in rows]
@@ -404,7 +461,19 @@ def render(result: dict) -> str:
     lines += [
         f"- unified vs {p['against']}: `{p['command']}`" for p in _unique(result.get("paired", []))
     ]
+    if result.get("semantic_ids"):
+        lines.append(f"- semantic IDs: `{result['semantic_ids']['command']}`")
+    if result.get("union"):
+        lines.append(f"- unified joined with the generative model: `{result['union']['command']}`")
     lines += ["", *_targets(rows, result.get("quotas"), result.get("paired", []))]
+    union_figures = generative_figures(result)
+    if union_figures:
+        lines += ["", "Targets (issue 18, generative retrieval):", ""]
+        lines += [
+            f"- {f['how']}: {f['value']} vs target {f['target']}: "
+            + ("met" if f["met"] else "missed")
+            for f in union_figures.values()
+        ]
     figures = context_figures(result)
     lines += ["", "Targets (issue 14, surface context):", ""]
     lines += [
@@ -434,6 +503,76 @@ def _paired_table(paired: list[dict]) -> list[str]:
         cells = [_paired(p["result"].get(f"label.{lab}")) for lab in LABELS]
         lines.append(f"| {p['against']} | " + " | ".join(cells) + " |")
     return lines
+
+
+UNION_GROUPS = (
+    ("all", "every target"),
+    ("label.organic", "organic"),
+    ("label.click", "ad click"),
+    ("label.conversion", "conversion"),
+    ("surface.home", "home"),
+    ("surface.search", "search"),
+    ("surface.related", "related"),
+    ("ads.cold", "cold-start ads"),
+    ("ads.warm", "warm ads"),
+)
+
+
+def _union_table(result: dict) -> list[str]:
+    union = result.get("union")
+    if not union:
+        return []
+    u, ids = union["result"], result.get("semantic_ids", {})
+    k, share = u["k"], u["share"]
+    chosen = ", ".join(f"S={s}: {v:.4f}" for s, v in u["valid_recall_by_share"].items())
+    lines = [
+        "",
+        f"Generative retrieval joined with the unified model (issue 18), at the same budget: "
+        f"recall@{k} of the unified model's top {k - share} plus the generative model's top "
+        f"{share} (its new ads first; a duplicate's slot refilled from the unified list) "
+        f"minus the unified model's top {k} alone, paired per user on the test window. S "
+        f"was chosen on the validation window (union recall@{k} there: {chosen}). The IDs: "
+        f"residual k-means over the unified model's item table (behaviour where trained, "
+        f"the ad's text where cold), {ids.get('levels', '?')} levels of "
+        f"{ids.get('codebook_size', '?')} codes and a collision token; distinct prefixes "
+        f"per level {ids.get('distinct_prefixes', '?')}, residual variance share "
+        f"{ids.get('residual_variance_share', '?')}.",
+        "",
+        f"| targets | unified R@{k} | joined R@{k} | joined minus unified (95% interval; users "
+        "won / lost of n) |",
+        "|---|---|---|---|",
+    ]
+    for key, name in UNION_GROUPS:
+        d = u.get(key)
+        if d:
+            lines.append(f"| {name} | {d['baseline']:.4f} | {d['model']:.4f} | {_paired(d)} |")
+    return lines
+
+
+def generative_figures(result: dict) -> dict[str, dict]:
+    """The issue-18 figure of an ablation run: what the generative list adds to the unified
+    model's candidates (what docs/benchmarks/headline.json gets)."""
+    union = result.get("union")
+    if not union:
+        return {}
+    u = union["result"]
+    d, cold = u["all"], u.get("ads.cold")
+    on_cold = (
+        f"; on cold-start ads {cold['baseline']:.4f} -> {cold['model']:.4f}{_noise(cold)}"
+        if cold
+        else ""
+    )
+    return {
+        "ablation.generative_union_recall200_gain": {
+            "value": round(d["mean"], 4),
+            "target": "> 0 and beyond noise",
+            "met": bool(d["mean"] > 0 and _beyond_noise(d)),
+            "how": f"recall@{u['k']} of the unified model's top {u['k'] - u['share']} joined "
+            f"with the generative model's top {u['share']} ({d['model']:.4f}) minus the "
+            f"unified model's top {u['k']} ({d['baseline']:.4f}){_noise(d)}{on_cold} "
+            f"(`{union['command']}`, the marketplace ablation)",
+        }
+    }
 
 
 def _quota_table(quotas: dict | None) -> list[str]:
@@ -478,6 +617,22 @@ def _quota_table(quotas: dict | None) -> list[str]:
         if isinstance(strength, dict)
         else ""
     )
+    slots = quotas.get("learned_slots", {})
+    if isinstance(strength, dict) and GENERATIVE_SOURCE in strength:
+        for k in (str(k) for k in KS if str(k) in slots):
+            by_surface = {}
+            for row in slots[k]:
+                by_surface.setdefault(row["surface"], []).append(row["slots"][GENERATIVE_SOURCE])
+            said = ", ".join(
+                f"{surface} {min(v)}-{max(v)}" if min(v) != max(v) else f"{surface} {v[0]}"
+                for surface, v in by_surface.items()
+            )
+            lines += [
+                "",
+                f"The generative generator's slots of K={k} in the learned table, per surface "
+                f"across the activity buckets (before a request's missing generators hand "
+                f"theirs on): {said}.",
+            ]
     lines += [
         "",
         f"The best fixed split (chosen per K by conversion recall on the validation "
@@ -540,7 +695,7 @@ def _targets(rows: list[dict], quotas: dict | None, paired: list[dict]) -> list[
     vs = {p["against"]: p["result"] for p in paired}
     unified = by.get(UNIFIED, {})
     out = ["Targets (issue 6):", ""]
-    singles = [n for n in by if not n.startswith("unified")]
+    singles = [n for n in by if n not in _NOT_SINGLE and not n.startswith("unified")]
     for lab in LABELS:
         key = f"label.{lab}.recall@100"
         if not unified.get(f"label.{lab}.users"):
@@ -716,7 +871,7 @@ def main() -> int:
         store.write_text(json.dumps(run(args), indent=2))
     result = json.loads(store.read_text())
     write_section("ablation", render(result))
-    write_headline(context_figures(result))
+    write_headline(context_figures(result) | generative_figures(result))
     print(render(result))
     print("wrote docs/BENCHMARKS.md")
     return 0

@@ -192,6 +192,51 @@ def _model_file(
         np.save(path.parent / "item_embeddings.npy", model.item_table().numpy())
 
 
+def _generative_model(
+    folder: Path,
+    item_ids: np.ndarray,
+    item_vectors: np.ndarray,
+    ad_ids: np.ndarray,
+    max_len: int,
+    beam_width: int,
+) -> dict[str, object]:
+    """A generative model over the corpus, saved as the export stages one (``model.pt`` and the
+    ads it may write): every item's semantic ID fitted on its corpus vector as `candgen
+    semantic-ids` fits a trained model's items, an HSTU transducer and a decoder with random
+    weights. Its speed does not depend on training: the beam search's work is set by its width,
+    the decoder's vocabularies and the trie of the ads' IDs."""
+    import torch
+
+    from candgen.models.factory import build_model
+    from candgen.models.saved import ModelHeader, save_model
+    from candgen.models.semantic_ids import SemanticIds
+    from candgen.serving.steps import GENERATIVE_ADS_FILE, MODEL_FILE
+    from candgen.training.config import TrainConfig
+
+    t0 = time.perf_counter()
+    unit = item_vectors / np.linalg.norm(item_vectors, axis=1, keepdims=True)
+    codebooks = SemanticIds.fit(unit)
+    codes = codebooks.assign(item_ids[1:], unit)
+    table = torch.from_numpy(np.concatenate([np.zeros((1, codes.shape[1]), np.int64), codes]))
+    cfg = TrainConfig(dataset="marketplace", model="generative", backbone="hstu",
+                      semantic_ids="(the benchmark's)", dim=item_vectors.shape[1],
+                      max_len=max_len, beam_width=beam_width, track=False)  # fmt: skip
+    torch.manual_seed(0)
+    n = len(item_ids) - 1
+    model = build_model(cfg, n, torch.zeros(n + 1, 1, dtype=torch.long), has_timestamps=True,
+                        semantic_ids=table)  # fmt: skip
+    header = ModelHeader(model=cfg.model_config(), data=cfg.data_config(), item_ids=item_ids,
+                         has_timestamps=True, training=cfg.to_dict())  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(folder / MODEL_FILE, model, header)
+    np.save(folder / GENERATIVE_ADS_FILE, np.asarray(ad_ids, np.int64))
+    return {
+        "generative_ids_levels": int(codes.shape[1]),
+        "generative_vocab_sizes": [int(v) + 1 for v in codes.max(axis=0)],
+        "generative_build_s": time.perf_counter() - t0,
+    }
+
+
 AD_TEXTS = 20_000  # distinct marketplace ad texts whose MiniLM embeddings centre the ads' text
 TEXT_SPREAD = 0.33  # an ad's text vector: its centre plus noise of this norm (cosine about 0.95)
 
@@ -351,6 +396,19 @@ def _build_repository(
         args.max_len,
         args.encoder_block_scale,
     )
+    generative: dict[str, object] = {}
+    if args.generative:
+        from candgen.serving.steps import GENERATIVE_DIR
+
+        generative = _generative_model(
+            staging / EncoderStep.MODEL / GENERATIVE_DIR,
+            item_ids,
+            everything,
+            ad_ids,
+            args.max_len,
+            args.generative_depth,
+        )
+        print(f"generative model: {generative}", flush=True)
     del everything
     query_model = stage_query_encoder(staging / FeaturesStep.MODEL, args.query_encoder_precision)
     if args.text_dim != query_model["dim"]:
@@ -406,6 +464,7 @@ def _build_repository(
         "seq_index_build_s": seq_build,
         "content_index_build_s": content_build,
         "constraints": constraints,
+        **generative,
     }
     return info, ad_ids, vectors
 
@@ -692,6 +751,7 @@ SERVE_FIELDS = (
     "max_queue_size",
     "queue_timeout_ms",
     "max_inflight",
+    "generative_depth",
 )
 
 
@@ -727,6 +787,7 @@ def _build_args(args: argparse.Namespace) -> dict[str, object]:
     """What the built repository depends on (a reused one must have been built with these)."""
     names = ("ads", "dim", "text_dim", "seed", "ef_construction", "ad_index", "content_index")
     names += ("max_len", "encoder_block_scale", "query_encoder_precision", "feature_port")
+    names += ("generative",)
     return {n: getattr(args, n) for n in names} | {
         "ad_text": f"minilm {AD_TEXTS} {TEXT_SPREAD}, categories apart",
         "constraints": "market + 1M-ad marketplace targeting, issue 15",
@@ -798,6 +859,7 @@ def prepare(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         stored = json.loads(built.read_text())["args"]
         stored.setdefault("ad_index", "hnsw")  # a run before --ad-index and --content-index
         stored.setdefault("content_index", "hnsw")
+        stored.setdefault("generative", False)  # a run before --generative
         for setting in ("instances", "door_instances", "ef_search"):  # see _apply_serving
             stored.pop(setting, None)
         if stored != _build_args(args):
@@ -950,7 +1012,8 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
     print(stages, flush=True)
     by = {(r["traffic"], r["concurrency"]): r["p99_ms"] for r in levels}
     rise_unseen, rise_logged = rises["unseen queries"], rises["logged context"]
-    if args.ads < SCALE_ADS:  # issue 14's and 16's figures are the 1M run's (10M: main)
+    # issue 14's and 16's figures are the 1M run's (10M: main), without the generative generator
+    if args.ads < SCALE_ADS and not args.generative:
         write_headline(
             {
                 "context.query_encoder_p99_ms_added": {
@@ -993,6 +1056,18 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         "instances": args.instances,
         "door_instances": args.door_instances,
         "encoder_block_scale": args.encoder_block_scale,
+        "generative": args.generative,
+        "generative_depth": args.generative_depth if args.generative else 0,
+        "note": (
+            f"With the generative generator: the encoder step also runs a random-weight HSTU "
+            f"transducer and beam search (width {args.generative_depth}) over the semantic IDs "
+            f"of the {args.ads:,} ads ({build.get('generative_ids_levels')} tokens, vocabularies "
+            f"{build.get('generative_vocab_sizes')}), writing {args.generative_depth} ads per "
+            "request, which the generators step filters; the fixed quotas give it no slots, so "
+            "the answers are those of a version without it and the cost is all it adds"
+        )
+        if args.generative
+        else "",
         "ef_construction": args.ef_construction,
         "ef_search": args.ef_search,
         "seconds_per_level": args.seconds,
@@ -1483,6 +1558,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="data/bench_serving", help="ensemble: scratch folder")
     p.add_argument("--seconds", type=float, default=20.0, help="ensemble: seconds per level")
     p.add_argument(
+        "--generative",
+        action="store_true",
+        help="ensemble: the version also serves a generative generator (a random-weight HSTU "
+        "transducer writing the ads' semantic IDs, fitted on the corpus); its figures go to "
+        "the --machine label with -generative added, never to the headline",
+    )
+    p.add_argument(
         "--trace",
         action="store_true",
         help="ensemble: trace every request (Triton TIMESTAMPS) and report where the slowest "
@@ -1538,6 +1620,7 @@ def parser() -> argparse.ArgumentParser:
         ("max_queue_size", "requests a step holds waiting before it rejects more"),
         ("queue_timeout_ms", "a request waiting longer in a step's queue is rejected"),
         ("max_inflight", "requests the ensemble holds at once; the next are refused at the door"),
+        ("generative_depth", "ads the generative generator writes (with --generative)"),
     ):
         p.add_argument(
             f"--{name.replace('_', '-')}",
@@ -1586,13 +1669,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = parser().parse_args()
+    if args.generative and not args.machine.endswith("-generative"):
+        args.machine += "-generative"  # never in place of the run without it
     name = f"serving_{args.stage}_{args.machine}.json"
     if not args.render_only:
         stage = {"index": stage_index, "ensemble": stage_ensemble, "features": stage_features}
         result = stage[args.stage](args)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / name).write_text(json.dumps(result, indent=2))
-        if args.stage == "ensemble" and args.ads >= SCALE_ADS:
+        if args.stage == "ensemble" and args.ads >= SCALE_ADS and not args.generative:
             from scale import headline
 
             write_headline(headline())
