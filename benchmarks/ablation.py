@@ -528,9 +528,9 @@ def _union_table(result: dict) -> list[str]:
     lines = [
         "",
         f"Generative retrieval joined with the unified model (issue 18), at the same budget: "
-        f"recall@{k} of the unified model's top {k - share} plus the generative model's top "
-        f"{share} (its new ads first; a duplicate's slot refilled from the unified list) "
-        f"minus the unified model's top {k} alone, paired per user on the test window. S "
+        f"recall@{k} of the unified model's top {k - share} plus the generative model's first "
+        f"{share} items not already among them (as the quotas share slots) minus the unified "
+        f"model's top {k} alone, paired per user on the test window. S "
         f"was chosen on the validation window (union recall@{k} there: {chosen}). The IDs: "
         f"residual k-means over the unified model's item table (behaviour where trained, "
         f"the ad's text where cold), {ids.get('levels', '?')} levels of "
@@ -623,7 +623,7 @@ def _quota_table(quotas: dict | None) -> list[str]:
             by_surface = {}
             for row in slots[k]:
                 by_surface.setdefault(row["surface"], []).append(row["slots"][GENERATIVE_SOURCE])
-            said = ", ".join(
+            ranges = ", ".join(
                 f"{surface} {min(v)}-{max(v)}" if min(v) != max(v) else f"{surface} {v[0]}"
                 for surface, v in by_surface.items()
             )
@@ -631,7 +631,7 @@ def _quota_table(quotas: dict | None) -> list[str]:
                 "",
                 f"The generative generator's slots of K={k} in the learned table, per surface "
                 f"across the activity buckets (before a request's missing generators hand "
-                f"theirs on): {said}.",
+                f"theirs on): {ranges}.",
             ]
     lines += [
         "",
