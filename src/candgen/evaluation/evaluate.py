@@ -262,7 +262,13 @@ def full_ranks(
     """(T,) each target's 0-based rank in a full ranking of the catalogue cut at ``k`` (``k``
     where absent), ranked as ``evaluate_model`` ranks it (``target_lists``)."""
     lists = target_lists(model, data, split, max_len, k, context)
-    return target_ranks(lists, np.arange(len(lists)), _eval_set(data, split).target_item)
+    return _ranks_in(lists, _eval_set(data, split))
+
+
+def _ranks_in(lists: np.ndarray, targets: EvalSet) -> np.ndarray:
+    """(T,) each target's rank in its own list (``target_lists``' rows; the length where
+    absent)."""
+    return target_ranks(lists, np.arange(len(lists)), targets.target_item)
 
 
 def _same_data(paths: Sequence[Path | str]) -> list[Any]:
@@ -426,21 +432,18 @@ def compare_union(
         )
         return targets, first, second
 
-    def ranks_of(targets: EvalSet, ranked: np.ndarray) -> np.ndarray:
-        return target_ranks(ranked, np.arange(len(ranked)), targets.target_item)
-
     chosen_on: dict[str, float] = {}
     if share == 0:
         targets, first, second = lists("valid")
         users = len(targets)
         for s in sorted({max(1, round(f * k)) for f in UNION_SHARES}):
-            joined = ranks_of(targets, union_lists(first, second, s))
+            joined = _ranks_in(union_lists(first, second, s), targets)
             recall = user_recall(joined, targets.target_user, k, users)
             chosen_on[str(s)] = float(np.nanmean(recall))
         share = int(max(chosen_on, key=lambda s: (chosen_on[s], -int(s))))
     targets, first, second = lists(split)
-    alone = ranks_of(targets, first)
-    joined = ranks_of(targets, union_lists(first, second, share))
+    alone = _ranks_in(first, targets)
+    joined = _ranks_in(union_lists(first, second, share), targets)
     return {
         "model": str(model_path),
         "generative": str(generative_path),
