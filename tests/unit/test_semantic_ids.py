@@ -107,8 +107,20 @@ def test_beam_search_generates_only_ids_that_exist_and_a_wide_beam_finds_the_bes
         exact.sort(key=lambda pair: -pair[1])
         assert wide_items[query].tolist() == [item for item, _ in exact[:10]]
         assert wide_scores[query] == pytest.approx([s for _, s in exact[:10]])
-    narrow, _ = constrained_beam_search(score, trie, 3, beam_width=10, k=10)
+    narrow, narrow_scores = constrained_beam_search(score, trie, 3, beam_width=10, k=10)
     assert set(narrow.ravel().tolist()) <= set(items.tolist())
+    # a narrow beam keeps, at each level, the best beam_width of every beam x allowed token
+    for query in range(3):
+        beams: list[tuple[float, list[int]]] = [(0.0, [])]
+        for level in range(3):
+            grown = [
+                (total + float(score(np.array([query]), np.array([p]))[0][t]), [*p, t])
+                for total, p in beams
+                for t in range(vocab)
+                if any(row[: level + 1] == [*p, t] for row in table.tolist())
+            ]
+            beams = sorted(grown, key=lambda pair: -pair[0])[:10]
+        assert narrow_scores[query] == pytest.approx([total for total, _ in beams])
     # a subset (say, the ads a request may get) generates only from the subset
     allowed = items[::3]
     sub = IdTrie(table[::3], allowed, trie.vocab_sizes)
