@@ -70,6 +70,8 @@ MODEL_SETTINGS: dict[str, dict[str, dict[str, object]]] = {
     },
     # The generative transducer on BSARec's encoder and settings, validated every 5 epochs (a
     # validation writes 22k users' candidates by beam search: about a minute), inside 45 min.
+    # Attempt 3 adds the dense head (LIGER's hybrid: the beam of 50 chooses the candidates, the
+    # dense score orders them); quality_notes.md has the attempts and their validation.
     "generative": {
         "beauty": dict(
             examples="prefixes",
@@ -80,6 +82,7 @@ MODEL_SETTINGS: dict[str, dict[str, dict[str, object]]] = {
             epochs=45,
             eval_every=5,
             patience=3,
+            dense_weight=1.0,
         ),
     },
 }
@@ -263,12 +266,18 @@ def headline(all_rows: dict[str, list[dict]]) -> dict[str, dict[str, object]]:
             "met": r["hr@10"] > t_hr
             and r["ndcg@10"] > t_ndcg
             and r["wall_seconds"] <= GENERATIVE_TIME_LIMIT_S,
-            "how": f"Recall@10 (= HR@10, leave-one-out) of beam search over semantic IDs, "
-            f"history excluded; NDCG@10 {r['ndcg@10']:.4f}; {r['wall_seconds'] / 60:.1f} min "
+            "how": "Recall@10 (= HR@10, leave-one-out) of beam search over semantic IDs"
+            + (", the beam's candidates ordered by the dense head" if _dense(r) else "")
+            + f", history excluded; NDCG@10 {r['ndcg@10']:.4f}; {r['wall_seconds'] / 60:.1f} min "
             f"including its IDs ({r['semantic_ids']['seconds']} s, from the "
             f"{r['semantic_ids']['from']} row's model, trained in its own row); `{r['command']}`",
         }
     return figures
+
+
+def _dense(row: dict) -> bool:
+    """Whether a generative row orders its beam by the dense head (``dense_weight``)."""
+    return bool(row.get("config", {}).get("dense_weight"))
 
 
 def render(all_rows: dict[str, list[dict]]) -> str:
@@ -321,8 +330,9 @@ def render(all_rows: dict[str, list[dict]]) -> str:
                 mem = f"{r['peak_memory_mb']:,.0f} MB " + (
                     "GPU" if str(r["device"]).startswith("cuda") else "RSS"
                 )
+                label = r["model"] + (", dense order" if _dense(r) else "")
                 lines.append(
-                    f"| candgen {r['model']} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | "
+                    f"| candgen {label} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | "
                     f"{r['hr@20']:.4f} | {r['ndcg@20']:.4f} | {r['best_epoch']} / "
                     f"{r['epochs_run']} | {r['wall_seconds'] / 60:.1f} min | {mem} | "
                     f"{_verdict(r)} |"

@@ -12,7 +12,7 @@ import torch
 from candgen.data.batches import training_windows
 from candgen.data.sequences import SequenceData, load_planted
 from candgen.errors import ConfigError
-from candgen.evaluation.evaluate import evaluate_model, evaluate_popularity
+from candgen.evaluation.evaluate import evaluate_model, evaluate_popularity, generated_topk
 from candgen.index.semantic import build_semantic_ids
 from candgen.models.factory import load_model
 from candgen.models.generative import GenerativeRetriever
@@ -171,6 +171,64 @@ def test_generative_settings_and_tables_are_checked(planted: SequenceData, tmp_p
             _config(tmp_path / "g", model="generative", semantic_ids=str(tmp_path / "other.npz")),
             planted,
         )
+
+
+def test_a_dense_head_trains_beside_the_ids_and_orders_the_beams_candidates() -> None:
+    from candgen.models.config import ModelConfig
+    from candgen.models.losses import full_softmax_loss
+    from candgen.training.trainer import _TrainingLoss
+
+    with pytest.raises(ConfigError, match=r"^dense_weight: must be >= 0"):
+        ModelConfig(model="generative", dense_weight=-1.0)
+    with pytest.raises(ConfigError, match=r"^dense_weight: only the generative model"):
+        ModelConfig(model="sasrec", dense_weight=1.0)
+    n = 30
+    codes = torch.tensor([[0, 0]] + [[i // 6, i % 6] for i in range(n)])
+    torch.manual_seed(SEED)
+    plain = GenerativeRetriever(n, codes, (5, 6), dim=16, max_len=8, beam_width=12).eval()
+    torch.manual_seed(SEED)
+    hybrid = GenerativeRetriever(
+        n, codes, (5, 6), dim=16, max_len=8, beam_width=12, dense_weight=0.5
+    ).eval()
+    states = torch.randn(4, 16)
+    written, _ = plain.generate(states, 12)
+    assert np.array_equal(hybrid.generate(states, 12)[0], written)
+    # evaluation: the search chooses the candidates (less the history), the dense head orders
+    histories = [np.array([int(written[0, 0])]), np.zeros(0, np.int64)] + [np.zeros(0)] * 2
+    ordered = generated_topk(hybrid, states, histories, 12)
+    wide, _ = plain.generate(states, 13)  # the search of the chunk: 12 and its longest history
+    for row, found in enumerate(wide.tolist()):
+        kept = [item for item in found if item not in histories[row].tolist()][:12]
+        assert sorted(ordered[row].tolist()) == sorted(kept)
+    assert int(written[0, 0]) not in ordered[0].tolist()
+    table = hybrid.raw_item_embeddings(torch.arange(n + 1))
+    dense = np.take_along_axis((states @ table.T).detach().numpy(), np.maximum(ordered, 0), 1)
+    assert (np.diff(np.where(ordered > 0, dense, -np.inf), axis=1) <= 1e-6).all()
+    assert not np.array_equal(ordered[1:], written[1:])
+    none = np.array([[3, -1]])
+    assert hybrid.dense_order(states[:1], none)[0].tolist() == [[3, -1]]
+    # training adds the full softmax over the same table, weighted
+    config = _config(Path("unused"), model="generative", semantic_ids="x.npz")
+    queries, targets = torch.randn(6, 16), torch.randint(1, n + 1, (6,))
+    loss = _TrainingLoss(hybrid, config, torch.zeros(n + 1))
+    only_ids = hybrid.id_loss(queries, targets)
+    hybrid.dense_weight = 0.0
+    assert torch.allclose(loss.model.id_loss(queries, targets), only_ids)
+    hybrid.dense_weight = 0.5
+    dense_loss = full_softmax_loss(queries, targets, table, hybrid.temperature)
+    assert torch.allclose(only_ids + 0.5 * dense_loss, _total(loss, queries, targets))
+
+
+def _total(loss: torch.nn.Module, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss of ``queries`` as the model's own output (a stand-in forward)."""
+    model = loss.model
+    original = model.forward
+    model.forward = lambda batch: queries[:, None]  # type: ignore[method-assign]
+    try:
+        out: torch.Tensor = loss({}, targets[:, None], torch.Generator())
+        return out
+    finally:
+        model.forward = original  # type: ignore[method-assign]
 
 
 def test_a_cosine_schedule_ends_near_zero_and_constant_keeps_the_rate(

@@ -271,22 +271,41 @@ def test_one_users_unreadable_row_fails_only_that_request(tmp_path: Path) -> Non
     assert isinstance(good, dict) and isinstance(broken, ValueError)
 
 
-def _generative_ads(ads: np.ndarray) -> Any:
-    """A random-weight generative model over items 1..40 (IDs: two tokens of 8, unique)."""
+def _generative_ads(ads: np.ndarray, first_id: int = 1, dense_weight: float = 0.0) -> Any:
+    """A random-weight generative model over 40 items, ids ``first_id``.. (IDs: two tokens of
+    8, unique)."""
     import torch
 
     from candgen.models.generative import GenerativeRetriever
     from candgen.models.retriever import Retriever
     from candgen.serving.generative import GenerativeAds
 
-    items = np.arange(1, 41)
-    ids = torch.from_numpy(np.stack([np.r_[0, items // 8], np.r_[0, items % 8]], 1))
+    rows = np.arange(1, 41)
+    ids = torch.from_numpy(np.stack([np.r_[0, rows // 8], np.r_[0, rows % 8]], 1))
     torch.manual_seed(0)
     model = GenerativeRetriever(40, ids, (8, 8), backbone="hstu", dim=16, max_len=8,
-                                num_blocks=1, dropout=0.0, beam_width=10)  # fmt: skip
+                                num_blocks=1, dropout=0.0, beam_width=10,
+                                dense_weight=dense_weight)  # fmt: skip
+    items = np.r_[0, rows - 1 + first_id]
     with pytest.raises(ConfigError, match=r"^model: a generative model retrieves by beam"):
-        Retriever(model, np.r_[0, items], max_len=8)  # a dense use of it is refused
-    return GenerativeAds(Retriever(model, np.r_[0, items], max_len=8, states_only=True), ads, 10)
+        Retriever(model, items, max_len=8)  # a dense use of it is refused
+    return GenerativeAds(Retriever(model, items, max_len=8, states_only=True), ads, 10)
+
+
+def test_generative_ads_are_written_by_their_own_ids_and_a_dense_head_orders_them() -> None:
+    import torch
+
+    ads = np.arange(1020, 1040)  # rows 21..40 of a model whose items are 1000..1039
+    generative = _generative_ads(ads, first_id=1000, dense_weight=1.0)
+    state = np.random.default_rng(0).standard_normal(16).astype(np.float32)
+    written, none = generative.write([state, None])
+    assert none is None and written is not None
+    found, scores = written
+    assert len(found) == 10 and set(found.tolist()) <= set(ads.tolist())
+    rows = torch.from_numpy(found - 999)
+    dense = generative.model.raw_item_embeddings(rows) @ torch.from_numpy(state)
+    assert np.allclose(scores, dense.detach().numpy(), atol=1e-5)
+    assert (np.diff(scores) <= 1e-6).all()
 
 
 def test_the_encoder_step_writes_the_generative_ads_and_answers_without_them_on_failure(

@@ -95,7 +95,8 @@ def generated_topk(
     first, less the user's history (-1 fills a list that comes up short), as ``chunked_topk``
     ranks a dense model's. The search keeps the list's length plus the longest history of its
     chunk of users, so that dropping the history still leaves a full list (users go in order of
-    history length, so a chunk's longest is near its shortest)."""
+    history length, so a chunk's longest is near its shortest). A model with a dense head then
+    orders each list by it: every user's candidates are the same number."""
     if len(histories) != queries.shape[0]:
         raise ConfigError("histories", f"{len(histories)} lists for {queries.shape[0]} queries")
     width = max(model.beam_width, k)
@@ -109,6 +110,8 @@ def generated_topk(
         for row, found in zip(rows.tolist(), items, strict=True):
             kept = found[(found > 0) & ~np.isin(found, histories[row])][:width]
             out[row, : len(kept)] = kept
+        if model.dense_weight:
+            out[rows], _ = model.dense_order(queries[torch.from_numpy(rows)], out[rows])
     return out
 
 

@@ -70,6 +70,10 @@ class ModelConfig:
             hstu).
         beam_width: generative only: beams kept per step of the ID search (at least the
             number of items asked for).
+        dense_weight: generative only: the weight of a dense next-item loss (the full softmax
+            over the item table the transducer reads) beside the ID loss; above 0, the beam's
+            candidates are also ordered by that dense score (LIGER's hybrid: the search
+            chooses the candidates, the dense head ranks them).
     """
 
     model: str = "sasrec"
@@ -93,6 +97,7 @@ class ModelConfig:
     frequency_weight: float = 0.7
     backbone: str = "sasrec"
     beam_width: int = 50
+    dense_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -108,6 +113,10 @@ class ModelConfig:
             raise ConfigError("frequency_weight", f"must be in [0, 1], got {self.frequency_weight}")
         if self.beam_width < 1:
             raise ConfigError("beam_width", f"must be >= 1, got {self.beam_width}")
+        if self.dense_weight < 0:
+            raise ConfigError("dense_weight", f"must be >= 0, got {self.dense_weight}")
+        if self.dense_weight and self.model != "generative":
+            raise ConfigError("dense_weight", "only the generative model has a dense head to add")
         if self.temperature < 0:
             raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
         if self.num_experts < 1:

@@ -101,6 +101,7 @@ def build_model(
             num_heads=config.num_heads,
             dropout=config.dropout,
             beam_width=config.beam_width,
+            dense_weight=config.dense_weight,
             frequency_cutoff=config.frequency_cutoff,
             frequency_weight=config.frequency_weight,
             time_buckets=time_buckets,

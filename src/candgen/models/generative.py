@@ -119,6 +119,8 @@ class GenerativeRetriever(RetrievalModel):
         num_heads: attention heads.
         dropout: dropout rate.
         beam_width: beams kept per step when generating.
+        dense_weight: above 0, the dense head trains beside the ID loss (with this weight, by
+            the trainer), and the beam's candidates are ordered by it (``dense_order``).
         frequency_cutoff, frequency_weight: the bsarec backbone's filter (BSARec's c, alpha).
         time_buckets: the hstu backbone's time-gap buckets (0: no time bias).
     """
@@ -137,6 +139,7 @@ class GenerativeRetriever(RetrievalModel):
         num_heads: int = 1,
         dropout: float = 0.2,
         beam_width: int = 50,
+        dense_weight: float = 0.0,
         frequency_cutoff: int = 5,
         frequency_weight: float = 0.7,
         time_buckets: int = 0,
@@ -165,6 +168,7 @@ class GenerativeRetriever(RetrievalModel):
         self.decoder = IdDecoder(dim, vocab_sizes, dropout)
         self.vocab_sizes = tuple(vocab_sizes)
         self.beam_width = beam_width
+        self.dense_weight = dense_weight
 
     @property
     def semantic_ids(self) -> torch.Tensor:
@@ -205,12 +209,14 @@ class GenerativeRetriever(RetrievalModel):
         self, states: torch.Tensor, k: int, trie: IdTrie | None = None, beam_width: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
         """(len(states), k) the items whose IDs the decoder finds most likely, best first, and
-        their log-probabilities (call in eval mode).
+        their log-probabilities (call in eval mode). A model with a dense head
+        (``dense_weight``) then orders them by it (``dense_order``).
 
         Args:
             states: (Q, D) user states (``user_embedding``).
             k: items per state.
-            trie: the IDs that may be generated (default: every item's).
+            trie: the IDs that may be generated, naming items by their row here (default:
+                every item's).
             beam_width: beams kept per step (default: the model's; at least ``k``).
         """
 
@@ -223,3 +229,16 @@ class GenerativeRetriever(RetrievalModel):
 
         width = max(beam_width or self.beam_width, k)
         return constrained_beam_search(step, trie or self.trie(), len(states), width, k)
+
+    @torch.no_grad()
+    def dense_order(self, states: torch.Tensor, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``items`` (Q, k item rows; -1: none) ordered by each state's dense score (the dot
+        product with the item table the transducer reads, as the dense loss trains it), with
+        it (-inf for none): LIGER's hybrid, the search chooses the candidates and the dense head
+        ranks them."""
+        found = torch.from_numpy(np.maximum(items, 0)).to(states.device)
+        vectors = self.raw_item_embeddings(found)
+        dense = (vectors * states[:, None, :]).sum(-1).float().cpu().numpy()
+        dense[items < 0] = -np.inf
+        order = np.argsort(-dense, axis=1, kind="stable")
+        return np.take_along_axis(items, order, 1), np.take_along_axis(dense, order, 1)

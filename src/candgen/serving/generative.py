@@ -59,7 +59,8 @@ class GenerativeAds:
             )
         codes = model.semantic_ids[torch.from_numpy(rows[known])].cpu().numpy()
         self.ad_ids = ids[known]
-        self.trie = IdTrie(codes, self.ad_ids, model.vocab_sizes)
+        # The trie names ads by their row in the model, as its dense head reads them.
+        self.trie = IdTrie(codes, rows[known], model.vocab_sizes)
 
     @classmethod
     def load(
@@ -80,8 +81,9 @@ class GenerativeAds:
     def write(
         self, states: Sequence[np.ndarray | None]
     ) -> list[tuple[np.ndarray, np.ndarray] | None]:
-        """Each user state's ads, best first, and their log-probabilities (None where there is
-        no state: the model knew none of the user's items). One search for the batch."""
+        """Each user state's ads, best first, and their log-probabilities (their dense scores
+        with a dense head; None where there is no state: the model knew none of the user's
+        items). One search for the batch."""
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(states)
         given = [(row, state) for row, state in enumerate(states) if state is not None]
         if not given:
@@ -89,10 +91,12 @@ class GenerativeAds:
         rows = [row for row, _ in given]
         batch = torch.from_numpy(np.stack([state for _, state in given]).astype(np.float32))
         depth = min(self.depth, len(self.ad_ids))
-        items, scores = self.model.generate(
-            batch.to(self.retriever.device), depth, self.trie, self.beam_width
-        )
+        queries = batch.to(self.retriever.device)
+        items, scores = self.model.generate(queries, depth, self.trie, self.beam_width)
+        if self.model.dense_weight:
+            items, scores = self.model.dense_order(queries, items)
         for row, found, score in zip(rows, items, scores, strict=True):
             kept = found >= 0
-            out[row] = (found[kept].astype(np.int64), score[kept].astype(np.float32))
+            ads = self.retriever.item_ids[found[kept]]
+            out[row] = (ads.astype(np.int64), score[kept].astype(np.float32))
         return out

@@ -117,7 +117,13 @@ class _TrainingLoss(nn.Module):
         weighted = "labels" in batch
         reduction = "none" if weighted else "mean"
         if isinstance(self.model, GenerativeRetriever):
-            return self.model.id_loss(q, pos)
+            loss = self.model.id_loss(q, pos)
+            if self.model.dense_weight:
+                everything = torch.arange(self.model.num_items + 1, device=q.device)
+                table = self.model.raw_item_embeddings(everything)
+                dense = full_softmax_loss(q, pos, table, self.model.temperature)
+                loss = loss + self.model.dense_weight * dense
+            return loss
         if cfg.loss == "full":
             table = self.model.embed_items(torch.arange(self.model.num_items + 1, device=q.device))
             loss = full_softmax_loss(q, pos, table, self.model.temperature, reduction=reduction)
