@@ -73,7 +73,8 @@ class ModelConfig:
         dense_weight: generative only: the weight of a dense next-item loss (the full softmax
             over the item table the transducer reads) beside the ID loss; above 0, the beam's
             candidates are also ordered by that dense score (LIGER's hybrid: the search
-            chooses the candidates, the dense head ranks them).
+            chooses the candidates, the dense head ranks them). The loss is a softmax over
+            every item each step: sized for catalogues of up to some hundred thousand items.
     """
 
     model: str = "sasrec"

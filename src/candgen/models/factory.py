@@ -102,6 +102,7 @@ def build_model(
             dropout=config.dropout,
             beam_width=config.beam_width,
             dense_weight=config.dense_weight,
+            temperature=config.effective_temperature,
             frequency_cutoff=config.frequency_cutoff,
             frequency_weight=config.frequency_weight,
             time_buckets=time_buckets,

@@ -121,6 +121,7 @@ class GenerativeRetriever(RetrievalModel):
         beam_width: beams kept per step when generating.
         dense_weight: above 0, the dense head trains beside the ID loss (with this weight, by
             the trainer), and the beam's candidates are ordered by it (``dense_order``).
+        temperature: the dense loss's softmax temperature.
         frequency_cutoff, frequency_weight: the bsarec backbone's filter (BSARec's c, alpha).
         time_buckets: the hstu backbone's time-gap buckets (0: no time bias).
     """
@@ -140,11 +141,12 @@ class GenerativeRetriever(RetrievalModel):
         dropout: float = 0.2,
         beam_width: int = 50,
         dense_weight: float = 0.0,
+        temperature: float = 1.0,
         frequency_cutoff: int = 5,
         frequency_weight: float = 0.7,
         time_buckets: int = 0,
     ) -> None:
-        super().__init__(num_items, "dot", 1.0)
+        super().__init__(num_items, "dot", temperature)
         if semantic_ids.shape[0] != num_items + 1:
             raise ConfigError(
                 "semantic_ids", f"{semantic_ids.shape[0]} rows for {num_items} items (+ padding)"
@@ -209,8 +211,8 @@ class GenerativeRetriever(RetrievalModel):
         self, states: torch.Tensor, k: int, trie: IdTrie | None = None, beam_width: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
         """(len(states), k) the items whose IDs the decoder finds most likely, best first, and
-        their log-probabilities (call in eval mode). A model with a dense head
-        (``dense_weight``) then orders them by it (``dense_order``).
+        their log-probabilities (call in eval mode). Where the model has a dense head
+        (``dense_weight``), callers order them by it with ``dense_order``.
 
         Args:
             states: (Q, D) user states (``user_embedding``).

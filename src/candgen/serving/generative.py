@@ -45,7 +45,7 @@ class GenerativeAds:
             )
         if depth < 1:
             raise ConfigError("depth", f"must be >= 1, got {depth}")
-        ids = np.asarray(ad_ids, np.int64)
+        ids = np.unique(np.asarray(ad_ids, np.int64))  # an ad listed twice is one ad
         rows = retriever.index.rows(ids)
         known = rows >= 0
         self.retriever, self.model, self.depth = retriever, model, depth

@@ -295,7 +295,8 @@ def written_ads(
 ) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """Step 2 of the generative generator, for a batch of requests: each user's ads as its
     transducer writes them over the history items it knows (``user_vectors``), best first,
-    with their log-probabilities; None for a user it knows nothing of."""
+    with their scores (log-probabilities, or a dense head's); None for a user it knows
+    nothing of."""
     n = len(contexts)
     states = user_vectors(generative.retriever, contexts, [""] * n, [None] * n, [None] * n)
     return generative.write(states)

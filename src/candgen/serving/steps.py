@@ -706,7 +706,7 @@ class EncoderStep(Step):
     request's surface and its context (a contextual model conditions its query on them, the
     search query's embedding among them); looks up the context item's vector. In a version
     exported with a generative model, that model writes the user's ads too (``GENERATED_IDS``,
-    best first, and their log-probabilities; empty otherwise)."""
+    best first, and their scores: log-probabilities, or a dense head's; empty otherwise)."""
 
     MODEL = "candgen_user_encoder"
     SHARES_WORK = True
