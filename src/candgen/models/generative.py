@@ -235,11 +235,11 @@ class GenerativeRetriever(RetrievalModel):
     @torch.no_grad()
     def dense_order(self, states: torch.Tensor, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``items`` (Q, k item rows; -1: none) ordered by each state's dense score (the dot
-        product with the item table the transducer reads, as the dense loss trains it), with
+        product with the items' embeddings, as the dense loss trains it), with
         it (-inf for none): LIGER's hybrid, the search chooses the candidates and the dense head
         ranks them."""
         found = torch.from_numpy(np.maximum(items, 0)).to(states.device)
-        vectors = self.raw_item_embeddings(found)
+        vectors = self.embed_items(found)
         dense = (vectors * states[:, None, :]).sum(-1).float().cpu().numpy()
         dense[items < 0] = -np.inf
         order = np.argsort(-dense, axis=1, kind="stable")

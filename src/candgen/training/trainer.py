@@ -119,14 +119,10 @@ class _TrainingLoss(nn.Module):
         if isinstance(self.model, GenerativeRetriever):
             loss = self.model.id_loss(q, pos)
             if self.model.dense_weight:
-                everything = torch.arange(self.model.num_items + 1, device=q.device)
-                table = self.model.raw_item_embeddings(everything)
-                dense = full_softmax_loss(q, pos, table, self.model.temperature)
-                loss = loss + self.model.dense_weight * dense
+                loss = loss + self.model.dense_weight * self._full_softmax(q, pos, "mean")
             return loss
         if cfg.loss == "full":
-            table = self.model.embed_items(torch.arange(self.model.num_items + 1, device=q.device))
-            loss = full_softmax_loss(q, pos, table, self.model.temperature, reduction=reduction)
+            loss = self._full_softmax(q, pos, reduction)
         else:
             loss = sampled_softmax_loss(
                 q,
@@ -145,6 +141,11 @@ class _TrainingLoss(nn.Module):
         weights = torch.tensor(cfg.label_weights, dtype=loss.dtype, device=loss.device)
         w = weights[batch["labels"][keep]]
         return (w * loss).sum() / w.sum().clamp(min=1e-12)
+
+    def _full_softmax(self, q: torch.Tensor, pos: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The softmax over every item's embedding in the scoring space."""
+        table = self.model.embed_items(torch.arange(self.model.num_items + 1, device=q.device))
+        return full_softmax_loss(q, pos, table, self.model.temperature, reduction=reduction)
 
 
 def _dist_env() -> tuple[int, int, int]:
