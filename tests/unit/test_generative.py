@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -185,10 +186,10 @@ def test_a_dense_head_trains_beside_the_ids_and_orders_the_beams_candidates() ->
     n = 30
     codes = torch.tensor([[0, 0]] + [[i // 6, i % 6] for i in range(n)])
     torch.manual_seed(SEED)
-    plain = GenerativeRetriever(n, codes, (5, 6), dim=16, max_len=8, beam_width=12).eval()
+    plain = GenerativeRetriever(SASRec(n, 16, 8), codes, (5, 6), beam_width=12).eval()
     torch.manual_seed(SEED)
     hybrid = GenerativeRetriever(
-        n, codes, (5, 6), dim=16, max_len=8, beam_width=12, dense_weight=0.5
+        SASRec(n, 16, 8), codes, (5, 6), beam_width=12, dense_weight=0.5
     ).eval()
     states = torch.randn(4, 16)
     written, _ = plain.generate(states, 12)
@@ -244,20 +245,33 @@ def test_a_cosine_schedule_ends_near_zero_and_constant_keeps_the_rate(
         TrainConfig(lr_schedule="linear")
 
 
+def _marketplace_settings(marketplace, features_dir: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    return dict(dataset="marketplace", data_dir=str(marketplace.out_dir),
+                features_dir=str(features_dir), epochs=1, eval_days=2, max_len=20,
+                batch_size=64, progress=False, track=False, seed=3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def unified_ids(marketplace, features_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A unified model trained one epoch on the small marketplace, and its items' semantic IDs."""
+    out = tmp_path_factory.mktemp("unified")
+    common = _marketplace_settings(marketplace, features_dir)
+    unified = train(TrainConfig(model="unified", out_dir=str(out / "u"), **common))
+    ids = out / "ids.npz"
+    build_semantic_ids(unified.model_path, ids, SemanticIdConfig(levels=2, codebook_size=16))
+    return unified, ids
+
+
 def test_a_generative_model_on_the_marketplace_joins_the_unified_models_candidates(
-    marketplace, features_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    marketplace, features_dir: Path, unified_ids, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
     """Semantic IDs from the unified model's items (text where an ad is cold), a generative
     model over them, and the union of both lists at the same K, paired per user."""
     from candgen.cli import main
     from candgen.evaluation.evaluate import compare_union
 
-    common = dict(dataset="marketplace", data_dir=str(marketplace.out_dir),
-                  features_dir=str(features_dir), epochs=1, eval_days=2, max_len=20,
-                  batch_size=64, progress=False, track=False, seed=3)  # fmt: skip
-    unified = train(TrainConfig(model="unified", out_dir=str(tmp_path / "u"), **common))
-    ids = tmp_path / "ids.npz"
-    build_semantic_ids(unified.model_path, ids, SemanticIdConfig(levels=2, codebook_size=16))
+    common = _marketplace_settings(marketplace, features_dir)
+    unified, ids = unified_ids
     gen = train(TrainConfig(model="generative", semantic_ids=str(ids), backbone="hstu",
                             beam_width=40, out_dir=str(tmp_path / "g"), **common))  # fmt: skip
     assert 0.0 < gen.test_metrics["recall@20"] <= 1.0  # it wrote some of the targets
@@ -280,3 +294,51 @@ def test_a_generative_model_on_the_marketplace_joins_the_unified_models_candidat
         compare_union(u, g, split="valid", k=40)
     assert main(["evaluate", "--model", str(u), "--union", str(g), "--against", str(u)]) == 2
     assert "union: --union and --against are two comparisons" in capsys.readouterr().err
+
+
+def test_a_generative_model_on_the_unified_transducer_writes_for_the_request(
+    marketplace, features_dir: Path, unified_ids, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """With the unified model's transducer the state, and so the ID written, depends on the
+    request's label, surface and context: it trains on each target's own, is evaluated on each
+    target's own (as saved and reloaded), and serving writes for the request's surface."""
+    from candgen.cli import main
+    from candgen.models.unified import UnifiedHSTU
+    from candgen.serving.generative import GenerativeAds
+    from candgen.serving.pipeline import UserContext, written_ads
+
+    common = _marketplace_settings(marketplace, features_dir)
+    _, ids = unified_ids
+    gen = train(TrainConfig(model="generative", semantic_ids=str(ids), backbone="unified",
+                            beam_width=40, out_dir=str(tmp_path / "g"), **common))  # fmt: skip
+    assert 0.0 < gen.test_metrics["recall@20"] <= 1.0
+    assert "surface.search.recall@20" in gen.test_metrics  # ranked per request, as the unified
+    loaded = load_model(gen.model_path)
+    model = loaded.model
+    assert isinstance(model, GenerativeRetriever) and model.contextual
+    assert isinstance(model.encoder, UnifiedHSTU) and model.encoder.query_tower is not None
+    assert loaded.header.query_text_dim > 0 and loaded.header.has_context_items
+    # The saved model evaluates as the run did: the same per-target queries and lists.
+    assert main(["evaluate", "--model", str(gen.model_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"]["recall@20"] == pytest.approx(gen.test_metrics["recall@20"])
+    # One user state, asked for by each surface: different queries, different IDs written.
+    state = torch.randn(1, model.encoder.dim).expand(3, -1)
+    with torch.no_grad():
+        queries = model.context_queries(state, {"scenarios": torch.tensor([1, 2, 3])})
+    assert not torch.allclose(queries[0], queries[1])
+    lists = model.generate(queries, 40)[0]
+    assert not (np.array_equal(lists[0], lists[1]) and np.array_equal(lists[1], lists[2]))
+    # Serving passes the request's surface to it.
+    generative = GenerativeAds.load(gen.model_path, loaded.header.item_ids[1:], depth=40)
+    known = [int(i) for i in loaded.header.item_ids[1:6]]
+    users = [UserContext(history=known)] * 3
+    surfaces = ["home", "search", "related"]
+    written = written_ads(generative, users, surfaces, [None] * 3, [None] * 3)
+    again = written_ads(generative, users, ["home"] * 3, [None] * 3, [None] * 3)
+    assert all(w is not None for w in (*written, *again))
+    assert np.array_equal(again[0][0], again[1][0])  # type: ignore[index]
+    assert not all(
+        np.array_equal(written[0][0], w[0])  # type: ignore[index]
+        for w in written[1:]
+    )

@@ -136,7 +136,8 @@ def test_the_generative_generator_writes_only_ads_a_request_may_be_shown(
     ads = np.arange(FIRST_AD, 301)
     generative = GenerativeAds.load(gen.model_path, np.r_[ads, 10**9], depth=60)
     assert generative.unknown_ads == 1  # an ad the model never saw has no ID to write
-    written = written_ads(generative, [UserContext(history=[1, 2, 3]), UserContext(history=[-5])])
+    users = [UserContext(history=[1, 2, 3]), UserContext(history=[-5])]
+    written = written_ads(generative, users, ["home"] * 2, [None] * 2, [None] * 2)
     assert written[1] is None  # nothing known of the user: no state to write from
     assert written[0] is not None
     found, scores = written[0]
@@ -145,7 +146,9 @@ def test_the_generative_generator_writes_only_ads_a_request_may_be_shown(
     # Half of home's slots to it; one ad it writes is already seen, the best it then writes
     # is ineligible.
     second = int(found[1])
-    now = written_ads(generative, [UserContext(history=[1, 2, 3, second])])[0]
+    now = written_ads(
+        generative, [UserContext(history=[1, 2, 3, second])], ["home"], [None], [None]
+    )[0]
     assert now is not None
     first = int(now[0][0])
     shares = {"home": {"generative": 0.5, "sequential": 0.5}}

@@ -278,13 +278,14 @@ def _generative_ads(ads: np.ndarray, first_id: int = 1, dense_weight: float = 0.
 
     from candgen.models.generative import GenerativeRetriever
     from candgen.models.retriever import Retriever
+    from candgen.models.sequential import HSTU
     from candgen.serving.generative import GenerativeAds
 
     rows = np.arange(1, 41)
     ids = torch.from_numpy(np.stack([np.r_[0, rows // 8], np.r_[0, rows % 8]], 1))
     torch.manual_seed(0)
-    model = GenerativeRetriever(40, ids, (8, 8), backbone="hstu", dim=16, max_len=8,
-                                num_blocks=1, dropout=0.0, beam_width=10,
+    encoder = HSTU(40, dim=16, max_len=8, num_blocks=1, dropout=0.0)
+    model = GenerativeRetriever(encoder, ids, (8, 8), dropout=0.0, beam_width=10,
                                 dense_weight=dense_weight)  # fmt: skip
     items = np.r_[0, rows - 1 + first_id]
     with pytest.raises(ConfigError, match=r"^model: a generative model retrieves by beam"):

@@ -14,7 +14,7 @@ from candgen.errors import ConfigError
 from candgen.vocab import LABELS
 
 MODELS = ("sasrec", "bsarec", "hstu", "two_tower", "unified", "generative")
-BACKBONES = ("sasrec", "bsarec", "hstu")
+BACKBONES = ("sasrec", "bsarec", "hstu", "unified")
 DEFAULT_TEMPERATURE = {
     "sasrec": 1.0,
     "bsarec": 1.0,
@@ -66,8 +66,9 @@ class ModelConfig:
             frequencies of the window (BSARec's c).
         frequency_weight: bsarec only: the filter's share of each layer against attention's
             (BSARec's alpha).
-        backbone: generative only: the transducer that reads the sequence (sasrec, bsarec or
-            hstu).
+        backbone: generative only: the transducer that reads the sequence (sasrec, bsarec,
+            hstu, or unified: the unified model's, whose state, and so the ID written, depends
+            on the request's label, surface and context; the unified settings above apply).
         beam_width: generative only: beams kept per step of the ID search (at least the
             number of items asked for).
         dense_weight: generative only: the weight of a dense next-item loss (the full softmax
@@ -131,11 +132,17 @@ class ModelConfig:
         for name in ("dropout", "content_dropout", "long_term_dropout", "context_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
-        if not self.short_term and not (self.model == "unified" and self.long_term):
+        if not self.short_term and not (self.encoder == "unified" and self.long_term):
             raise ConfigError(
                 "short_term",
                 "only the unified model with long_term can leave out the short-term sequence",
             )
+
+    @property
+    def encoder(self) -> str:
+        """The model that reads the history: the model itself, or a generative model's
+        backbone (whose settings then apply as they would to that model)."""
+        return self.backbone if self.model == "generative" else self.model
 
     @property
     def effective_temperature(self) -> float:

@@ -60,8 +60,57 @@ def build_model(
     where the data has ad labels, else the organic one, unless ``serve_label`` says otherwise;
     it has label heads only where the data has labels and a scenario mixture only where it has
     surfaces (without either it is HSTU). The generative model needs ``semantic_ids``, each
-    item's ID ((num_items + 1, levels) with row 0 for padding).
+    item's ID ((num_items + 1, levels) with row 0 for padding); its transducer is the model its
+    ``backbone`` names, built as that model would be.
     """
+    if config.model == "generative" and semantic_ids is None:
+        raise ConfigError("semantic_ids", "the generative model needs the items' semantic IDs")
+    model = _dense_model(
+        config.encoder,
+        config,
+        num_items,
+        item_attributes,
+        item_text,
+        user_feature_cardinalities,
+        has_timestamps,
+        has_labels,
+        cold_items,
+        long_term_dim,
+        has_surfaces,
+        query_text_dim,
+        has_context_items,
+    )
+    if config.model != "generative":
+        return model
+    assert semantic_ids is not None and isinstance(model, SASRec | BSARec | HSTU)
+    return GenerativeRetriever(
+        model,
+        semantic_ids,
+        vocab_sizes_of(semantic_ids),
+        dropout=config.dropout,
+        beam_width=config.beam_width,
+        dense_weight=config.dense_weight,
+        temperature=config.effective_temperature,
+    )
+
+
+def _dense_model(
+    name: str,
+    config: ModelConfig,
+    num_items: int,
+    item_attributes: torch.Tensor,
+    item_text: torch.Tensor | None,
+    user_feature_cardinalities: tuple[int, ...],
+    has_timestamps: bool,
+    has_labels: bool,
+    cold_items: torch.Tensor | None,
+    long_term_dim: int,
+    has_surfaces: bool,
+    query_text_dim: int,
+    has_context_items: bool,
+) -> RetrievalModel:
+    """The sequence or two-tower model called ``name`` (the config's model, or a generative
+    model's backbone) with the config's settings, as ``build_model`` describes."""
     common: _CommonArgs = {
         "num_items": num_items,
         "dim": config.dim,
@@ -70,9 +119,9 @@ def build_model(
         "temperature": config.effective_temperature,
     }
     time_buckets = 64 if has_timestamps and config.time_bias else 0
-    if config.model == "sasrec":
+    if name == "sasrec":
         return SASRec(num_blocks=config.num_blocks, num_heads=config.num_heads, **common)
-    if config.model == "bsarec":
+    if name == "bsarec":
         return BSARec(
             num_blocks=config.num_blocks,
             num_heads=config.num_heads,
@@ -80,34 +129,14 @@ def build_model(
             weight=config.frequency_weight,
             **common,
         )
-    if config.model == "hstu":
+    if name == "hstu":
         return HSTU(
             num_blocks=config.num_blocks,
             num_heads=config.num_heads,
             time_buckets=time_buckets,
             **common,
         )
-    if config.model == "generative":
-        if semantic_ids is None:
-            raise ConfigError("semantic_ids", "the generative model needs the items' semantic IDs")
-        return GenerativeRetriever(
-            num_items,
-            semantic_ids,
-            vocab_sizes_of(semantic_ids),
-            backbone=config.backbone,
-            dim=config.dim,
-            max_len=config.max_len,
-            num_blocks=config.num_blocks,
-            num_heads=config.num_heads,
-            dropout=config.dropout,
-            beam_width=config.beam_width,
-            dense_weight=config.dense_weight,
-            temperature=config.effective_temperature,
-            frequency_cutoff=config.frequency_cutoff,
-            frequency_weight=config.frequency_weight,
-            time_buckets=time_buckets,
-        )
-    if config.model == "unified":
+    if name == "unified":
         serve = config.serve_label or ("click" if has_labels else "organic")
         return UnifiedHSTU(
             num_labels=len(LABELS) if has_labels else 1,
@@ -158,7 +187,9 @@ def load_model(path: Path | str, map_location: str = "cpu") -> LoadedModel:
             header.model,
             n,
             attributes,
-            state.get("item_text"),  # read: whether any item has text shapes the model
+            # read: whether any item has text shapes the model (a generative model's transducer
+            # keeps the text as the unified model does, under ``encoder.``)
+            state.get("item_text", state.get("encoder.item_text")),
             header.user_feature_cardinalities,
             header.has_timestamps,
             header.has_labels,

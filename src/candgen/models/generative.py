@@ -20,9 +20,9 @@ from torch import nn
 from candgen.data.tensors import Batch
 from candgen.errors import ConfigError
 from candgen.models.base import RetrievalModel
-from candgen.models.config import BACKBONES
 from candgen.models.semantic_ids import IdTrie, constrained_beam_search
 from candgen.models.sequential import HSTU, BSARec, SASRec
+from candgen.models.unified import UnifiedHSTU
 
 
 def vocab_sizes_of(ids: torch.Tensor) -> tuple[int, ...]:
@@ -101,73 +101,49 @@ class IdDecoder(nn.Module):
 
 
 class GenerativeRetriever(RetrievalModel):
-    """A sequential transducer (SASRec, BSARec or HSTU) that generates the next item's semantic
-    ID.
+    """A sequential transducer (SASRec, BSARec, HSTU or the unified model's HSTU) that
+    generates the next item's semantic ID.
 
     Trained by teacher forcing (``id_loss``: the cross-entropy of each token of the target's
     ID); it retrieves by ``generate``. ``raw_item_embeddings`` gives the input vectors, so the
-    model still has an item table, but its scores come from the decoder.
+    model still has an item table, but its scores come from the decoder. With the unified
+    model's transducer the state, and so the ID written, depends on the request (its label,
+    surface, search query and context item), as the unified model's query does.
 
     Args:
-        num_items: catalogue size (ids 1..num_items, 0 = padding).
+        encoder: the transducer that reads the sequence (built by ``build_model``); its item
+            table is replaced by the semantic-ID embedding.
         semantic_ids: (num_items + 1, levels) each item's ID; row 0 is padding.
         vocab_sizes: tokens per position of an ID.
-        backbone: sasrec, bsarec (which then trains on prefix examples only) or hstu.
-        dim: embedding width.
-        max_len: longest input sequence.
-        num_blocks: transducer layers.
-        num_heads: attention heads.
-        dropout: dropout rate.
+        dropout: dropout inside the decoder's heads.
         beam_width: beams kept per step when generating.
         dense_weight: above 0, the dense head trains beside the ID loss (with this weight, by
             the trainer), and the beam's candidates are ordered by it (``dense_order``).
         temperature: the dense loss's softmax temperature.
-        frequency_cutoff, frequency_weight: the bsarec backbone's filter (BSARec's c, alpha).
-        time_buckets: the hstu backbone's time-gap buckets (0: no time bias).
     """
 
     IDS_KEY = "encoder.item_emb.semantic_ids"  # where the state dict keeps the ID table
 
     def __init__(
         self,
-        num_items: int,
+        encoder: SASRec | BSARec | HSTU,
         semantic_ids: torch.Tensor,
         vocab_sizes: tuple[int, ...],
-        backbone: str = "sasrec",
-        dim: int = 64,
-        max_len: int = 50,
-        num_blocks: int = 2,
-        num_heads: int = 1,
         dropout: float = 0.2,
         beam_width: int = 50,
         dense_weight: float = 0.0,
         temperature: float = 1.0,
-        frequency_cutoff: int = 5,
-        frequency_weight: float = 0.7,
-        time_buckets: int = 0,
     ) -> None:
-        super().__init__(num_items, "dot", temperature)
-        if semantic_ids.shape[0] != num_items + 1:
+        super().__init__(encoder.num_items, "dot", temperature)
+        if semantic_ids.shape[0] != encoder.num_items + 1:
             raise ConfigError(
-                "semantic_ids", f"{semantic_ids.shape[0]} rows for {num_items} items (+ padding)"
+                "semantic_ids",
+                f"{semantic_ids.shape[0]} rows for {encoder.num_items} items (+ padding)",
             )
-        encoder: SASRec | BSARec | HSTU
-        if backbone == "sasrec":
-            encoder = SASRec(num_items, dim, max_len, num_blocks, num_heads, dropout)
-        elif backbone == "bsarec":
-            encoder = BSARec(
-                num_items, dim, max_len, num_blocks, num_heads, dropout,
-                cutoff=frequency_cutoff, weight=frequency_weight,
-            )  # fmt: skip
-        elif backbone == "hstu":
-            encoder = HSTU(
-                num_items, dim, max_len, num_blocks, num_heads, dropout, time_buckets=time_buckets
-            )
-        else:
-            raise ConfigError("backbone", f"{backbone!r} is not one of {BACKBONES}")
-        encoder.item_emb = SemanticItemEmbedding(semantic_ids, vocab_sizes, dim)  # type: ignore[assignment]
+        encoder.item_emb = SemanticItemEmbedding(semantic_ids, vocab_sizes, encoder.dim)  # type: ignore[assignment]
         self.encoder = encoder
-        self.decoder = IdDecoder(dim, vocab_sizes, dropout)
+        self.contextual = encoder.contextual
+        self.decoder = IdDecoder(encoder.dim, vocab_sizes, dropout)
         self.vocab_sizes = tuple(vocab_sizes)
         self.beam_width = beam_width
         self.dense_weight = dense_weight
@@ -183,23 +159,37 @@ class GenerativeRetriever(RetrievalModel):
         return states
 
     def raw_item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        vectors: torch.Tensor = self.encoder.item_emb(ids)
-        return vectors
+        return self.encoder.raw_item_embeddings(ids)
 
-    def id_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The cross-entropy of each token of the targets' IDs (teacher forcing), averaged over
-        the targets and summed over the tokens.
+    def user_states(self, batch: Batch) -> torch.Tensor:
+        return self.encoder.user_states(batch)
+
+    def context_queries(self, states: torch.Tensor, context: Batch) -> torch.Tensor:
+        # The encoder's own context_queries would apply its similarity; the decoder reads the
+        # state as the trainer gives it (``forward``: this model's dot-product finish).
+        if not isinstance(self.encoder, UnifiedHSTU):
+            return super().context_queries(states, context)
+        return self._finish(self.encoder.contextualise(states[:, None, :], context)[:, 0])
+
+    def id_loss(
+        self, states: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """The cross-entropy of each token of the targets' IDs (teacher forcing), summed over
+        the tokens: averaged over the targets (``mean``) or one per target (``none``).
 
         Args:
             states: (N, D) the states that predict the targets.
             targets: (N,) item ids in 1..num_items.
+            reduction: ``mean`` or ``none``.
         """
         codes = self.semantic_ids[targets]
         losses = [
-            F.cross_entropy(self.decoder(states, codes[:, :level]), codes[:, level])
+            F.cross_entropy(
+                self.decoder(states, codes[:, :level]), codes[:, level], reduction=reduction
+            )
             for level in range(len(self.vocab_sizes))
         ]
-        return torch.stack(losses).sum()
+        return torch.stack(losses).sum(0)
 
     def trie(self) -> IdTrie:
         """The IDs of every item (build it once for many ``generate`` calls)."""

@@ -226,6 +226,11 @@ class UnifiedHSTU(HSTU):
             self.register_buffer("cold_items", cold & has_text, persistent=True)
             self.content = ContentTower(item_text.shape[1], dim, float(hstu.get("dropout", 0.2)))
 
+    @property
+    def _device(self) -> torch.device:
+        # Not the item table's: in a generative model that is a semantic-ID embedding.
+        return next(self.parameters()).device
+
     def _item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         vectors: torch.Tensor = self.item_emb(ids)
         if self.content is None:
@@ -248,7 +253,7 @@ class UnifiedHSTU(HSTU):
     def _codes(
         self, batch: Batch, key: str, shape: torch.Size, default: int, high: int
     ) -> torch.Tensor:
-        device = self.item_emb.weight.device
+        device = self._device
         codes = batch.get(key)
         if codes is None:
             return torch.full(tuple(shape), default, dtype=torch.long, device=device)
@@ -274,7 +279,7 @@ class UnifiedHSTU(HSTU):
     def _request_context(self, batch: Batch, shape: torch.Size) -> torch.Tensor | float:
         """(B, L, D) what the request's query text and context item add to its surface's
         context vector (0 where the model reads neither or the batch has neither)."""
-        device = self.item_emb.weight.device
+        device = self._device
         extra: torch.Tensor | float = 0.0
         text = batch.get("query_text")
         if self.query_tower is not None and text is not None:

@@ -272,7 +272,13 @@ def replay(
         query = queries.get(surface.query) if surface.query is not None else None
         context = user_context(pipeline.features, req.user_id)
         vector = encode_user(pipeline.retriever, context, req.surface, query, surface.context_item)
-        written = written_ads(pipeline.generative, [context])[0] if pipeline.generative else None
+        written = (
+            written_ads(
+                pipeline.generative, [context], [req.surface], [query], [surface.context_item]
+            )[0]
+            if pipeline.generative
+            else None
+        )
         found = generate(
             context,
             vector,

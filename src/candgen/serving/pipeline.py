@@ -291,14 +291,20 @@ def user_vectors(
 
 
 def written_ads(
-    generative: GenerativeAds, contexts: Sequence[UserContext]
+    generative: GenerativeAds,
+    contexts: Sequence[UserContext],
+    scenarios: Sequence[str],
+    query_embeddings: Sequence[np.ndarray | None],
+    context_items: Sequence[int | None],
 ) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """Step 2 of the generative generator, for a batch of requests: each user's ads as its
-    transducer writes them over the history items it knows (``user_vectors``), best first,
-    with their scores (log-probabilities, or a dense head's); None for a user it knows
-    nothing of."""
-    n = len(contexts)
-    states = user_vectors(generative.retriever, contexts, [""] * n, [None] * n, [None] * n)
+    transducer writes them over the history items it knows, for the request's surface and
+    context as ``user_vectors`` reads them (a generative model on the unified transducer
+    conditions on them; the others ignore them), best first, with their scores
+    (log-probabilities, or a dense head's); None for a user it knows nothing of."""
+    states = user_vectors(
+        generative.retriever, contexts, scenarios, query_embeddings, context_items
+    )
     return generative.write(states)
 
 
@@ -537,7 +543,13 @@ class RetrievalPipeline:
             self.retriever, context, scenario, query_embedding, surface.context_item
         )
         item_vector = context_item_vector(self.retriever, surface.context_item)
-        written = written_ads(self.generative, [context])[0] if self.generative else None
+        written = (
+            written_ads(
+                self.generative, [context], [scenario], [query_embedding], [surface.context_item]
+            )[0]
+            if self.generative
+            else None
+        )
         candidates = generate(
             context,
             vector,

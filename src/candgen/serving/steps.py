@@ -736,13 +736,19 @@ class EncoderStep(Step):
         self.retriever = load_retriever(self.folder, self.config.encoder_device)
         self.generative = load_generative(self.folder, self.config)
 
-    def _written(self, contexts: list[UserContext]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    def _written(
+        self,
+        contexts: list[UserContext],
+        scenarios: list[str],
+        queries: list[np.ndarray | None],
+        items: list[int | None],
+    ) -> list[tuple[np.ndarray, np.ndarray] | None]:
         """The generative generator's ads for the batch; none where it fails, so that the
         requests are answered by the other generators (the failure is logged)."""
         if self.generative is None:
             return [None] * len(contexts)
         try:
-            return written_ads(self.generative, contexts)
+            return written_ads(self.generative, contexts, scenarios, queries, items)
         except Exception:
             log.exception("generative generator failed; answering without it")
             return [None] * len(contexts)
@@ -754,18 +760,14 @@ class EncoderStep(Step):
         try:
             contexts = [context_from(t) for t in requests]
             items = [_optional_item(t) for t in requests]
-            vectors = user_vectors(
-                self.retriever,
-                contexts,
-                [_strings(t["SCENARIO"])[0] for t in requests],
-                [_optional_vector(t, "QUERY_EMBEDDING") for t in requests],
-                items,
-            )
+            scenarios = [_strings(t["SCENARIO"])[0] for t in requests]
+            queries = [_optional_vector(t, "QUERY_EMBEDDING") for t in requests]
+            vectors = user_vectors(self.retriever, contexts, scenarios, queries, items)
         except Exception as e:
             if len(requests) == 1:
                 return [e]
             return [answer for t in requests for answer in self.batch([t])]
-        written = self._written(contexts)
+        written = self._written(contexts, scenarios, queries, items)
         return [
             {
                 "USER_VECTOR": _empty(vector),

@@ -142,7 +142,7 @@ class TrainConfig(DataConfig, ModelConfig):
             )
         if not self.all_action_days > 0:
             raise ConfigError("all_action_days", f"must be > 0, got {self.all_action_days}")
-        if self.objective == "all_action" and self.model == "unified":
+        if self.objective == "all_action" and self.encoder == "unified":
             raise ConfigError(
                 "objective",
                 "all_action trains a long-term summariser (hstu, "
@@ -153,10 +153,7 @@ class TrainConfig(DataConfig, ModelConfig):
             raise ConfigError(
                 "primary_metric", f"expected hr@K, ndcg@K or recall@K, got {self.primary_metric!r}"
             )
-        reads_window = self.model == "bsarec" or (
-            self.model == "generative" and self.backbone == "bsarec"
-        )
-        if reads_window and self.examples != "prefixes":
+        if self.encoder == "bsarec" and self.examples != "prefixes":
             raise ConfigError(
                 "examples",
                 "bsarec's frequency filter reads the whole window, so only its last position "

@@ -67,7 +67,7 @@ class TrainResult:
 
 def long_term_dim(config: TrainConfig, data: SequenceData) -> int:
     """The width of the long-term embedding the model reads (0: it reads none)."""
-    if config.model != "unified" or not config.long_term or data.long_term is None:
+    if config.encoder != "unified" or not config.long_term or data.long_term is None:
         if not config.short_term:
             raise ConfigError(
                 "short_term",
@@ -80,9 +80,9 @@ def long_term_dim(config: TrainConfig, data: SequenceData) -> int:
 
 def request_context(config: TrainConfig, data: SequenceData) -> tuple[int, bool]:
     """What request context the model reads: (the width of the query text embedding, 0 for
-    none; whether it reads the context item). Only the unified model with ``context`` on reads
-    any, and only what the data logs."""
-    if config.model != "unified" or not config.context or data.train_surfaces is None:
+    none; whether it reads the context item). Only the unified model (or a generative one on its
+    transducer) with ``context`` on reads any, and only what the data logs."""
+    if config.encoder != "unified" or not config.context or data.train_surfaces is None:
         return 0, False
     width = 0 if data.query_embeddings is None else int(data.query_embeddings.shape[1])
     return width, data.train_contexts is not None
@@ -117,11 +117,10 @@ class _TrainingLoss(nn.Module):
         weighted = "labels" in batch
         reduction = "none" if weighted else "mean"
         if isinstance(self.model, GenerativeRetriever):
-            loss = self.model.id_loss(q, pos)
+            loss = self.model.id_loss(q, pos, reduction)
             if self.model.dense_weight:
-                loss = loss + self.model.dense_weight * self._full_softmax(q, pos, "mean")
-            return loss
-        if cfg.loss == "full":
+                loss = loss + self.model.dense_weight * self._full_softmax(q, pos, reduction)
+        elif cfg.loss == "full":
             loss = self._full_softmax(q, pos, reduction)
         else:
             loss = sampled_softmax_loss(
