@@ -342,3 +342,13 @@ def test_a_generative_model_on_the_unified_transducer_writes_for_the_request(
         np.array_equal(written[0][0], w[0])  # type: ignore[index]
         for w in written[1:]
     )
+    # ... and the request's context, as the model was trained and evaluated.
+    reader = generative.retriever
+    assert reader.query_text_dim == loaded.header.query_text_dim and reader.reads_context_items
+    query = np.random.default_rng(0).normal(size=reader.query_text_dim).astype(np.float32)
+    viewed = int(loaded.header.item_ids[7])
+    plain = written_ads(generative, users[:2], ["search", "related"], [None] * 2, [None] * 2)
+    given = written_ads(generative, users[:2], ["search", "related"], [query, None], [None, viewed])
+    for before, after in zip(plain, given, strict=True):
+        assert before is not None and after is not None
+        assert not np.array_equal(before[0], after[0])

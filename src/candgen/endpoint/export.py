@@ -395,6 +395,9 @@ def stage_generative(
             f"{generative_uri} is a {saved.model.model} model; the generative generator needs "
             "one trained with --model generative",
         )
+    from candgen.features.text import EMBEDDING_DIM, MODEL_NAME
+
+    check_query_width(saved.query_text_dim, EMBEDDING_DIM, MODEL_NAME)  # on the unified backbone
     theirs = mv.tags.get("data_snapshot", "")
     if theirs != data_snapshot:
         raise ConfigError(

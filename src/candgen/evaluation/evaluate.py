@@ -125,10 +125,11 @@ def _generated_per_request(
     """(T, k) ``generated_topk`` for T targets' queries, searched once per distinct request:
     the targets of one request (the same user and the same query) share their list, and the
     beam search costs far more than a dense model's scoring."""
-    keys = torch.cat([torch.from_numpy(users).to(queries)[:, None], queries], dim=1)
-    _, first, inverse = np.unique(
-        keys.cpu().numpy(), axis=0, return_index=True, return_inverse=True
+    # float64 holds every int64 user id below 2**53 and every float32 query exactly
+    keys = np.concatenate(
+        [users.astype(np.float64)[:, None], queries.cpu().numpy().astype(np.float64)], axis=1
     )
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
     lists = generated_topk(
         model, queries[torch.from_numpy(first)], [histories[i] for i in first], k
     )
@@ -187,7 +188,9 @@ def evaluate_contextual(
     context item, for a paired comparison), then the metrics aggregate per user as for any
     model. Coverage counts every such list.
     """
-    ks = _cutoffs(ks, data.num_items)
+    # A generative model ranks only what its beam writes, as for a model without context.
+    most = model.beam_width if isinstance(model, GenerativeRetriever) else data.num_items
+    ks = _cutoffs(ks, most)
     ranks, lists = _contextual_ranks(model, data, eval_set, max_len, max(ks), context)
     return _full_metrics(ranks, lists, data, eval_set, ks)
 

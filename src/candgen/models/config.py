@@ -27,7 +27,8 @@ DEFAULT_TEMPERATURE = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which retrieval model, and its shape.
+    """Which retrieval model, and its shape. What says "unified only" also applies to a
+    generative model on the unified backbone.
 
     Attributes:
         model: sasrec, bsarec (SASRec's attention beside a frequency filter; trains on
@@ -68,7 +69,7 @@ class ModelConfig:
             (BSARec's alpha).
         backbone: generative only: the transducer that reads the sequence (sasrec, bsarec,
             hstu, or unified: the unified model's, whose state, and so the ID written, depends
-            on the request's label, surface and context; the unified settings above apply).
+            on the request's label, surface and context; the unified-only settings apply).
         beam_width: generative only: beams kept per step of the ID search (at least the
             number of items asked for).
         dense_weight: generative only: the weight of a dense next-item loss (the full softmax

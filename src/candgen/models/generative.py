@@ -108,7 +108,9 @@ class GenerativeRetriever(RetrievalModel):
     ID); it retrieves by ``generate``. ``raw_item_embeddings`` gives the input vectors, so the
     model still has an item table, but its scores come from the decoder. With the unified
     model's transducer the state, and so the ID written, depends on the request (its label,
-    surface, search query and context item), as the unified model's query does.
+    surface, search query and context item), as the unified model's query does; an ad with text
+    then enters as there, its content vector beside its semantic-ID embedding (which stands in
+    for the id embedding: a cold ad's is left out, a warm ad's dropped with content_dropout).
 
     Args:
         encoder: the transducer that reads the sequence (built by ``build_model``); its item
@@ -165,8 +167,9 @@ class GenerativeRetriever(RetrievalModel):
         return self.encoder.user_states(batch)
 
     def context_queries(self, states: torch.Tensor, context: Batch) -> torch.Tensor:
-        # The encoder's own context_queries would apply its similarity; the decoder reads the
-        # state as the trainer gives it (``forward``: this model's dot-product finish).
+        # UnifiedHSTU.context_queries but for the finish: the encoder's would apply its own
+        # similarity, while the decoder reads the state as the trainer gives it (``forward``:
+        # this model's dot-product finish).
         if not isinstance(self.encoder, UnifiedHSTU):
             return super().context_queries(states, context)
         return self._finish(self.encoder.contextualise(states[:, None, :], context)[:, 0])

@@ -147,14 +147,16 @@ class Retriever:
                 table = torch.from_numpy(item_table)
         self.item_table = table.float().cpu()  # exact top-K and lookups run on the CPU
         self.max_len = max_len
-        projection = getattr(model, "long_term", None)
+        # A generative model reads the request through its transducer (the unified one's).
+        reader = model.encoder if isinstance(model, GenerativeRetriever) else model
+        projection = getattr(reader, "long_term", None)
         # The width of the long-term embedding the model fuses (0: it reads none).
         self.long_term_dim = int(projection.in_features) if projection is not None else 0
         # The request context the model reads: the query text's width (0: none) and whether
         # it reads the context item.
-        tower = getattr(model, "query_tower", None)
+        tower = getattr(reader, "query_tower", None)
         self.query_text_dim = int(tower.net[0].in_features) if tower is not None else 0
-        self.reads_context_items = getattr(model, "context_item", None) is not None
+        self.reads_context_items = getattr(reader, "context_item", None) is not None
 
     def encode(self, histories: list[list[int]]) -> list[np.ndarray]:
         """Maps external ids to internal ones; rejects ids outside the vocabulary."""

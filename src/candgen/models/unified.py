@@ -112,7 +112,8 @@ class UnifiedHSTU(HSTU):
             any non-zero row the model gets an ad content tower (cold start).
         cold_items: (num_items + 1,) True where an item had no training interaction: its vector
             is its content vector alone (only items with text are affected).
-        content_dropout: in training, the probability of dropping a warm ad's id embedding.
+        content_dropout: in training, the probability of dropping a warm ad's id embedding (in a
+            generative model, its semantic-ID embedding, which stands in for it).
         long_term_dim: width of the long-term embedding (``batch["long_term"]``: (B, L, T) per
             position or (B, T) per user; absent or zero rows: none yet) fused into the state by
             a linear projection; 0: the model reads none.

@@ -48,7 +48,7 @@ from candgen.serving.pipeline import (
     context_item_vector,
     generate,
     user_context,
-    written_ads,
+    written_ad,
 )
 from candgen.serving.pipeline import user_vector as encode_user
 from candgen.serving.quota import (
@@ -272,13 +272,7 @@ def replay(
         query = queries.get(surface.query) if surface.query is not None else None
         context = user_context(pipeline.features, req.user_id)
         vector = encode_user(pipeline.retriever, context, req.surface, query, surface.context_item)
-        written = (
-            written_ads(
-                pipeline.generative, [context], [req.surface], [query], [surface.context_item]
-            )[0]
-            if pipeline.generative
-            else None
-        )
+        written = written_ad(pipeline.generative, context, req.surface, query, surface.context_item)
         found = generate(
             context,
             vector,

@@ -308,6 +308,19 @@ def written_ads(
     return generative.write(states)
 
 
+def written_ad(
+    generative: GenerativeAds | None,
+    context: UserContext,
+    scenario: str = "",
+    query_embedding: np.ndarray | None = None,
+    context_item: int | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``written_ads`` for one request; None where the version has no generative generator."""
+    if generative is None:
+        return None
+    return written_ads(generative, [context], [scenario], [query_embedding], [context_item])[0]
+
+
 def check_context_item(
     item: int | None, ad_index: AdIndex | ShardedIndex, content: ContentGenerator
 ) -> None:
@@ -543,12 +556,8 @@ class RetrievalPipeline:
             self.retriever, context, scenario, query_embedding, surface.context_item
         )
         item_vector = context_item_vector(self.retriever, surface.context_item)
-        written = (
-            written_ads(
-                self.generative, [context], [scenario], [query_embedding], [surface.context_item]
-            )[0]
-            if self.generative
-            else None
+        written = written_ad(
+            self.generative, context, scenario, query_embedding, surface.context_item
         )
         candidates = generate(
             context,

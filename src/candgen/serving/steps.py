@@ -1093,9 +1093,11 @@ def load_pipeline(
     g = Generators.load(folder[GeneratorsStep.MODEL], index_config, config)
     retriever = load_retriever(folder[EncoderStep.MODEL], config.encoder_device)
     query_encoder = load_query_encoder(folder[FeaturesStep.MODEL], config)
-    check_query_width(
-        getattr(retriever, "query_text_dim", 0), query_encoder.dim, query_encoder.model
-    )
+    generative = load_generative(folder[EncoderStep.MODEL], config)
+    for reader in (retriever, *([generative.retriever] if generative else [])):
+        check_query_width(
+            getattr(reader, "query_text_dim", 0), query_encoder.dim, query_encoder.model
+        )
     return RetrievalPipeline(
         retriever=retriever,
         ad_index=g.ad_index,
@@ -1111,5 +1113,5 @@ def load_pipeline(
         caps=config.caps,
         diversity={s: config.diversity(s) for s in SURFACES},
         catalog=AdCatalog.load(folder[SelectStep.MODEL]) if config.enforce_constraints else None,
-        generative=load_generative(folder[EncoderStep.MODEL], config),
+        generative=generative,
     )

@@ -48,7 +48,8 @@ class TrainConfig(DataConfig, ModelConfig):
         tracking_uri: MLflow tracking URI; empty means sqlite:///<repo>/mlflow.db.
         experiment: MLflow experiment name.
         register_as: if set, register the model under this name with alias challenger.
-        label_weights: unified only: loss weight of organic, click and conversion targets.
+        label_weights: unified (or generative on its backbone) only: loss weight of organic,
+            click and conversion targets.
         train_labels: the labels whose targets train the model (all by default; one label
             gives a single-task baseline). Items of other labels still count as history.
         objective: next_item (each position predicts the next item) or all_action (each
