@@ -48,10 +48,22 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ),
     ("unified", ["--model", "unified"]),
     # Its semantic IDs come from the unified model's item table (``IDS``, built after that row):
-    # behaviour for trained items, text for cold ads. A beam of 200 answers recall@200.
+    # behaviour for trained items, text for cold ads. A beam of 200 answers recall@200. The
+    # unified transducer and the dense head were chosen on the validation window's union recall
+    # (ablation_notes.md: an HSTU transducer, context-free, took recall from the union).
     (
         "generative, semantic IDs",
-        ["--model", "generative", "--backbone", "hstu", "--beam-width", "200", "--semantic-ids"],
+        [
+            "--model",
+            "generative",
+            "--backbone",
+            "unified",
+            "--dense-weight",
+            "1",
+            "--beam-width",
+            "200",
+            "--semantic-ids",
+        ],
     ),
     ("unified, no scenario adaptation", ["--model", "unified", "--no-scenario-adaptive"]),
     ("unified, no context", ["--model", "unified", "--no-context"]),
@@ -196,12 +208,14 @@ def run(args: argparse.Namespace) -> dict:
         else:
             _run(cmd)
             seconds = time.perf_counter() - t0
-        test = json.loads(metrics.read_text())["test"]
+        trained = json.loads(metrics.read_text())
+        test = trained["test"]
         rows.append(
             {
                 "name": name,
                 "command": _command_text(cmd),
                 "seconds": round(seconds, 1),
+                "peak_memory_mb": round(trained["peak_memory_mb"]),
                 "reused": reused,
                 "test": test,
             }
@@ -425,15 +439,22 @@ def render(result: dict) -> str:
     lines += [
         "",
         "Recall@K per surface (seconds: the wall time of the row's command; for a row "
-        "reused by `--resume`, the trainer's own):",
+        "reused by `--resume`, the trainer's own; peak memory: the peak RSS of one training "
+        "process, rank 0 of the row's processes, as the trainer measures it):",
         "",
-        "| variant | " + " | ".join(f"{s} R@{k}" for s in SURFACES for k in KS) + " | seconds |",
-        "|---|" + "---|" * (len(SURFACES) * len(KS) + 1),
+        "| variant | "
+        + " | ".join(f"{s} R@{k}" for s in SURFACES for k in KS)
+        + " | seconds | peak memory |",
+        "|---|" + "---|" * (len(SURFACES) * len(KS) + 2),
     ]
     for row in rows:
         t = row["test"]
         cells = [_value(t, f"surface.{s}.recall@{k}") for s in SURFACES for k in KS]
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {row['seconds']} |")
+        peak = row.get("peak_memory_mb")
+        memory = f"{peak:,} MB" if peak is not None else "not measured"
+        lines.append(
+            f"| {row['name']} | " + " | ".join(cells) + f" | {row['seconds']} | {memory} |"
+        )
     lines += [
         "",
         "Cold-start ads (no training interaction) against warm ads, ad targets only:",

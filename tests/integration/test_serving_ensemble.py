@@ -153,12 +153,13 @@ def test_learned_quotas_and_an_override_are_served_with_per_source_counts(
 
     version = pinned_version(served.repo)
     model = served.repo / "candgen_user_encoder" / str(version) / "model.pt"
-    # A generative model over the served model's items' semantic IDs, registered beside it.
+    # A generative model over the served model's items' semantic IDs, registered beside it; on
+    # the unified transducer, so the ads it writes depend on the request's surface.
     ids = tmp_path / "semantic_ids.npz"
     build_semantic_ids(model, ids, SemanticIdConfig(levels=2, codebook_size=16))
     generative = train(TrainConfig(
         dataset="marketplace", data_dir=str(served.marketplace.out_dir),
-        features_dir=str(served.features_dir), model="generative", backbone="hstu",
+        features_dir=str(served.features_dir), model="generative", backbone="unified",
         semantic_ids=str(ids), beam_width=50, epochs=1, max_len=20, batch_size=64, eval_days=2,
         progress=False, tracking_uri=served.uri, experiment="serve", register_as="serve-gen",
         seed=0, out_dir=str(tmp_path / "generative")))  # fmt: skip
