@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from candgen.data.sequences import SequenceData, from_interactions, load_planted
 from candgen.errors import CandgenError, ConfigError
 from candgen.evaluation.evaluate import evaluate_popularity
 from candgen.models.factory import load_model
 from candgen.training.config import TrainConfig
-from candgen.training.trainer import CHECKPOINT, train
+from candgen.training.trainer import CHECKPOINT, WeightAverage, train
 
 PLANTED_SEED = 42
 
@@ -66,6 +67,49 @@ def test_same_config_same_metrics_and_resume_repeats_the_run(
     assert (tmp_path / "c" / "run" / CHECKPOINT).exists()
 
 
+def test_a_weight_average_moves_by_one_minus_its_decay_and_swaps_back() -> None:
+    layer = torch.nn.Linear(2, 1)
+    start = layer.weight.detach().clone()
+    average = WeightAverage(layer, decay=0.75)
+    with torch.no_grad():
+        layer.weight.add_(4.0)
+    average.update()
+    assert torch.allclose(average.average[0], start + 1.0)
+    with average.swapped_in():
+        assert torch.allclose(layer.weight, start + 1.0)
+    assert torch.allclose(layer.weight, start + 4.0)
+
+
+def test_training_with_a_weight_average_validates_and_saves_the_average(
+    planted: SequenceData, tmp_path: Path
+) -> None:
+    ema = _config(tmp_path, model="sasrec", epochs=2, eval_every=2, weight_average=0.9)
+    result = train(ema, planted)
+    saved = torch.load(result.out_dir / CHECKPOINT, weights_only=False)
+    served = {n: p.detach() for n, p in load_model(result.model_path).model.named_parameters()}
+    for (name, weights), mean in zip(served.items(), saved["weight_average"], strict=True):
+        assert torch.equal(weights, mean), name
+    assert any(not torch.equal(saved["model"][n], w) for n, w in served.items())
+    # the model saved is the one validated: the average, not the weights as trained
+    assert result.valid_metrics["ndcg@10"] == pytest.approx(result.history[-1]["valid.ndcg@10"])
+
+
+def test_resume_continues_the_weight_average_and_refuses_another_decay(
+    planted: SequenceData, tmp_path: Path
+) -> None:
+    ema = {"model": "sasrec", "eval_every": 2, "weight_average": 0.9}
+    full = train(_config(tmp_path / "a", epochs=4, **ema), planted)
+    train(_config(tmp_path / "b", epochs=2, **ema), planted)
+    resumed = train(_config(tmp_path / "b", epochs=4, resume=True, **ema), planted)
+    assert resumed.test_metrics == pytest.approx(full.test_metrics)
+    kept = [torch.load(r.out_dir / CHECKPOINT, weights_only=False)["weight_average"]
+            for r in (full, resumed)]  # fmt: skip
+    assert all(torch.allclose(a, b) for a, b in zip(*kept, strict=True))
+    with pytest.raises(ConfigError, match=r"weight_average: the checkpoint was trained with 0\.9"):
+        train(_config(tmp_path / "b", epochs=5, resume=True, **(ema | {"weight_average": 0.0})),
+              planted)  # fmt: skip
+
+
 def test_resume_refuses_a_different_model_shape(planted: SequenceData, tmp_path: Path) -> None:
     train(_config(tmp_path, model="sasrec", epochs=1), planted)
     with pytest.raises(ConfigError, match="dim: the checkpoint was trained with 64"):
@@ -81,6 +125,7 @@ def test_resume_refuses_a_different_model_shape(planted: SequenceData, tmp_path:
         ("dropout", 1.0, "dropout: must be in"),
         ("primary_metric", "auc", "primary_metric: expected hr@K"),
         ("lr", -1.0, "lr: must be > 0"),
+        ("weight_average", 1.0, r"weight_average: must be in \[0, 1\), got 1.0"),
     ],
 )
 def test_invalid_config_values_name_the_field(field: str, value: object, message: str) -> None:

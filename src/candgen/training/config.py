@@ -68,6 +68,9 @@ class TrainConfig(DataConfig, ModelConfig):
         batch_by_length: draw each batch from windows of similar length (sorted within chunks
             of 64 batches, the batches shuffled), so that a batch of short windows is not
             padded to the longest one in the data.
+        weight_average: the decay of an exponential moving average of the weights, updated
+            after every step; validation reads the average, and the saved model is the best
+            validated average (0: off, the weights as trained).
     """
 
     loss: str = "sampled"
@@ -99,6 +102,7 @@ class TrainConfig(DataConfig, ModelConfig):
     batch_by_length: bool = False
     lr_schedule: str = "constant"
     semantic_ids: str = ""
+    weight_average: float = 0.0
 
     def __post_init__(self) -> None:
         DataConfig.__post_init__(self)
@@ -137,6 +141,8 @@ class TrainConfig(DataConfig, ModelConfig):
             )
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if not 0.0 <= self.weight_average < 1.0:
+            raise ConfigError("weight_average", f"must be in [0, 1), got {self.weight_average}")
         if self.loss == "sampled" and self.num_negatives == 0 and not self.in_batch_negatives:
             raise ConfigError(
                 "num_negatives", "the sampled loss needs negatives: set > 0 or --in-batch-negatives"

@@ -8,11 +8,13 @@ Rank 0 validates, writes checkpoints and logs to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -97,6 +99,51 @@ class _Best(TypedDict):
     stale: int
 
 
+class WeightAverage:
+    """An exponential moving average of a model's trained parameters: it smooths the noise of
+    the last steps out of the weights (Polyak averaging), as a falling rate does, without
+    shrinking the steps themselves. It starts at the weights it is given, with no warm-up, so
+    a decay near 1 suits runs of many steps.
+
+    Args:
+        model: the model whose parameters it follows (by reference).
+        decay: how much of the average each update keeps, in [0, 1).
+        average: an average to continue (a checkpoint's), one tensor per trained parameter.
+    """
+
+    def __init__(
+        self, model: nn.Module, decay: float, average: list[torch.Tensor] | None = None
+    ) -> None:
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if average is None:
+            self.average = [p.detach().clone() for p in self.params]
+            return
+        if [a.shape for a in average] != [p.shape for p in self.params]:
+            raise ConfigError("weight_average", "the checkpoint's average is of another model")
+        self.average = [a.to(p.device) for a, p in zip(average, self.params, strict=True)]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Moves the average ``1 - decay`` of the way to the current weights."""
+        for mean, param in zip(self.average, self.params, strict=True):
+            mean.lerp_(param, 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The model holds the average inside the block and its trained weights after it."""
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            for param, mean in zip(self.params, self.average, strict=True):
+                param.copy_(mean)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, weights in zip(self.params, trained, strict=True):
+                    param.copy_(weights)
+
+
 class _TrainingLoss(nn.Module):
     """Wraps a model so that DDP sees one forward that returns the loss."""
 
@@ -166,7 +213,8 @@ def _check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
     before = TrainConfig.from_dict(saved["config"])
 
     def shape(c: TrainConfig) -> dict[str, Any]:
-        return {"dataset": c.dataset, **c.model_fields()}
+        # the weight average is part of the state a resumed run continues
+        return {"dataset": c.dataset, "weight_average": c.weight_average, **c.model_fields()}
 
     before_shape = shape(before)
     for key, value in shape(config).items():
@@ -255,6 +303,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
     history: list[dict[str, float]] = []
     best: _Best = {"metric": -math.inf, "epoch": 0, "state": None, "stale": 0}
     start_epoch = 1
+    resumed_average: list[torch.Tensor] | None = None
     ckpt_path = out_dir / CHECKPOINT
     if config.resume and ckpt_path.exists():
         saved = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -262,6 +311,12 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         history, best, start_epoch = saved["history"], saved["best"], saved["epoch"] + 1
+        resumed_average = saved.get("weight_average")
+    average = (
+        WeightAverage(model, config.weight_average, resumed_average)
+        if config.weight_average
+        else None
+    )
 
     steps = max(1, len(windows) // config.batch_size)
     # Only a contextual model reads labels, scenarios and the requests' context; the others
@@ -328,6 +383,8 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update()
             total += float(loss.detach())
         mean_loss = total / steps
         if world > 1:
@@ -338,25 +395,24 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
         stop = False
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             if rank == 0:
-                metrics = evaluate_model(
-                    model,
-                    data,
-                    "valid",
-                    config.effective_protocol,
-                    config.max_len,
-                    seed=config.seed,
-                )
+                with average.swapped_in() if average is not None else contextlib.nullcontext():
+                    metrics = evaluate_model(
+                        model,
+                        data,
+                        "valid",
+                        config.effective_protocol,
+                        config.max_len,
+                        seed=config.seed,
+                    )
+                    value = metrics[config.primary_metric]
+                    state = (
+                        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                        if value > best["metric"]
+                        else None
+                    )
                 record.update({f"valid.{k}": v for k, v in metrics.items() if "." not in k})
-                value = metrics[config.primary_metric]
-                if value > best["metric"]:
-                    best = {
-                        "metric": value,
-                        "epoch": epoch,
-                        "stale": 0,
-                        "state": {
-                            k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                        },
-                    }
+                if state is not None:
+                    best = {"metric": value, "epoch": epoch, "stale": 0, "state": state}
                 else:
                     best["stale"] = int(best["stale"]) + 1
                 stop = bool(config.patience) and best["stale"] >= config.patience
@@ -375,6 +431,7 @@ def train(config: TrainConfig, data: SequenceData | None = None) -> TrainResult:
                     "history": history,
                     "best": best,
                     "config": config.to_dict(),
+                    "weight_average": None if average is None else average.average,
                 },
                 ckpt_path,
             )
