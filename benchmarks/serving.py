@@ -192,6 +192,12 @@ def _model_file(
         np.save(path.parent / "item_embeddings.npy", model.item_table().numpy())
 
 
+# What ``_generative_model`` builds, as the results and a reused repository's build record say.
+GENERATIVE_TRANSDUCER = (
+    "unified transducer (request surface, query and context item; the dense head orders the beam)"
+)
+
+
 def _generative_model(
     folder: Path,
     item_ids: np.ndarray,
@@ -199,12 +205,16 @@ def _generative_model(
     ad_ids: np.ndarray,
     max_len: int,
     beam_width: int,
+    query_text_dim: int,
 ) -> dict[str, object]:
     """A generative model over the corpus, saved as the export stages one (``model.pt`` and the
     ads it may write): every item's semantic ID fitted on its corpus vector as `candgen
-    semantic-ids` fits a trained model's items, an HSTU transducer and a decoder with random
-    weights. Its speed does not depend on training: the beam search's work is set by its width,
-    the decoder's vocabularies and the trie of the ads' IDs."""
+    semantic-ids` fits a trained model's items, and the transducer the ablation chose (the
+    unified model's, reading each request's surface, query and context item, with the dense
+    head ordering the beam) and a decoder, with random weights. Its speed does not depend on
+    training: the beam search's work is set by its width, the decoder's vocabularies and the
+    trie of the ads' IDs. It has no item text and no long-term summary (a cold ad's text
+    enters the table, not the request path)."""
     import torch
 
     from candgen.models.factory import build_model
@@ -218,15 +228,19 @@ def _generative_model(
     codebooks = SemanticIds.fit(unit)
     codes = codebooks.assign(item_ids[1:], unit)
     table = torch.from_numpy(np.concatenate([np.zeros((1, codes.shape[1]), np.int64), codes]))
-    cfg = TrainConfig(dataset="marketplace", model="generative", backbone="hstu",
-                      semantic_ids="(the benchmark's)", dim=item_vectors.shape[1],
-                      max_len=max_len, beam_width=beam_width, track=False)  # fmt: skip
+    cfg = TrainConfig(dataset="marketplace", model="generative", backbone="unified",
+                      dense_weight=1.0, semantic_ids="(the benchmark's)",
+                      dim=item_vectors.shape[1], max_len=max_len, beam_width=beam_width,
+                      track=False)  # fmt: skip
     torch.manual_seed(0)
     n = len(item_ids) - 1
+    # the request context the marketplace logs: labels, surfaces, queries and context items
     model = build_model(cfg, n, torch.zeros(n + 1, 1, dtype=torch.long), has_timestamps=True,
+                        has_labels=True, query_text_dim=query_text_dim, has_context_items=True,
                         semantic_ids=table)  # fmt: skip
     header = ModelHeader(model=cfg.model_config(), data=cfg.data_config(), item_ids=item_ids,
-                         has_timestamps=True, training=cfg.to_dict())  # fmt: skip
+                         has_timestamps=True, has_labels=True, query_text_dim=query_text_dim,
+                         has_context_items=True, training=cfg.to_dict())  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     save_model(folder / MODEL_FILE, model, header)
     np.save(folder / GENERATIVE_ADS_FILE, np.asarray(ad_ids, np.int64))
@@ -407,6 +421,7 @@ def _build_repository(
             ad_ids,
             args.max_len,
             args.generative_depth,
+            args.text_dim,
         )
         print(f"generative model: {generative}", flush=True)
     del everything
@@ -791,6 +806,7 @@ def _build_args(args: argparse.Namespace) -> dict[str, object]:
     return {n: getattr(args, n) for n in names} | {
         "ad_text": f"minilm {AD_TEXTS} {TEXT_SPREAD}, categories apart",
         "constraints": "market + 1M-ad marketplace targeting, issue 15",
+        **({"generative_model": GENERATIVE_TRANSDUCER} if args.generative else {}),
     }
 
 
@@ -1059,12 +1075,13 @@ def stage_ensemble(args: argparse.Namespace) -> dict[str, object]:
         "generative": args.generative,
         "generative_depth": args.generative_depth if args.generative else 0,
         "note": (
-            f"With the generative generator: the encoder step also runs a random-weight HSTU "
-            f"transducer and beam search (width {args.generative_depth}) over the semantic IDs "
-            f"of the {args.ads:,} ads ({build.get('generative_ids_levels')} tokens, vocabularies "
-            f"{build.get('generative_vocab_sizes')}), writing {args.generative_depth} ads per "
-            "request, which the generators step filters; the fixed quotas give it no slots, so "
-            "the answers are those of a version without it and the cost is all it adds"
+            f"With the generative generator: the encoder step also runs a random-weight "
+            f"{GENERATIVE_TRANSDUCER} and beam search (width {args.generative_depth}) over the "
+            f"semantic IDs of the {args.ads:,} ads ({build.get('generative_ids_levels')} "
+            f"tokens, vocabularies {build.get('generative_vocab_sizes')}), writing "
+            f"{args.generative_depth} ads per request, which the generators step filters; the "
+            "fixed quotas give it no slots, so the answers are those of a version without it "
+            "and the cost is all it adds"
         )
         if args.generative
         else "",
@@ -1560,8 +1577,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--generative",
         action="store_true",
-        help="ensemble: the version also serves a generative generator (a random-weight HSTU "
-        "transducer writing the ads' semantic IDs, fitted on the corpus); its figures go to "
+        help="ensemble: the version also serves a generative generator (a random-weight "
+        f"{GENERATIVE_TRANSDUCER} writing the ads' semantic IDs, fitted on the corpus); its "
+        "figures go to "
         "the --machine label with -generative added, never to the headline",
     )
     p.add_argument(
