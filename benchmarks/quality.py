@@ -67,7 +67,7 @@ MODEL_SETTINGS: dict[str, dict[str, dict[str, object]]] = {
         # decay over 40 epochs (NDCG@10 0.0739 against 0.0736, quality_notes.md)
         "beauty": dict(PREFIX_SETTINGS, lr=5e-4, epochs=30, weight_average=0.999),
         # a Games epoch of prefixes measured about 80 s (one epoch, 106.6 s with loading and
-        # evaluation): 20 epochs fit 30 minutes. Half Beauty's epochs at twice its rate: 1e-3
+        # evaluation): 20 epochs fit 30 minutes. For so few epochs, twice Beauty's rate: 1e-3
         # won on validation over 5e-4 (NDCG@10 0.6022 against 0.5957, quality_notes.md).
         "games": dict(PREFIX_SETTINGS, lr=1e-3, epochs=20, lr_schedule="cosine"),
     },
