@@ -1579,8 +1579,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ensemble: the version also serves a generative generator (a random-weight "
         f"{GENERATIVE_TRANSDUCER} writing the ads' semantic IDs, fitted on the corpus); its "
-        "figures go to "
-        "the --machine label with -generative added, never to the headline",
+        "figures go to the --machine label with -generative added, never to the headline",
     )
     p.add_argument(
         "--trace",

@@ -116,12 +116,11 @@ class WeightAverage:
     ) -> None:
         self.decay = decay
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if average is None:
-            self.average = [p.detach().clone() for p in self.params]
-            return
-        if [a.shape for a in average] != [p.shape for p in self.params]:
-            raise ConfigError("weight_average", "the checkpoint's average is of another model")
-        self.average = [a.to(p.device) for a, p in zip(average, self.params, strict=True)]
+        # a checkpoint's average is of this model: _check_resume compares the model's settings
+        start: list[torch.Tensor] = list(self.params) if average is None else average
+        self.average = [
+            t.detach().clone().to(p.device) for t, p in zip(start, self.params, strict=True)
+        ]
 
     @torch.no_grad()
     def update(self) -> None:
